@@ -1,0 +1,169 @@
+//! The environment of a worker process: torchrun / DeepSpeed names, so existing scripts run
+//! unchanged (DESIGN.md's interface contract).
+
+use ringmaster_proto as pb;
+
+/// Everything the agent knows when it builds a worker's environment.
+pub struct EnvInput<'a> {
+    pub start: &'a pb::StartWorkers,
+    pub entry: &'a pb::RankEntry,
+    /// This node's entries of the rank table, in local-rank order.
+    pub local: &'a [&'a pb::RankEntry],
+    /// host:port trainers dial for the rendezvous service.
+    pub coordinator: &'a str,
+    /// The agent's own environment already sets OMP_NUM_THREADS.
+    pub inherited_omp: bool,
+    pub node_name: &'a str,
+    pub work_dir: &'a str,
+}
+
+/// The variables the launcher sets, then the job's own `env:` (which may not override them;
+/// the coordinator refuses such a spec).
+pub fn worker_env(i: &EnvInput<'_>) -> Vec<(String, String)> {
+    let s = i.start;
+    let e = i.entry;
+    let visible: Vec<String> = i.local.iter().map(|r| r.slot.to_string()).collect();
+    let mut env: Vec<(String, String)> = vec![
+        ("RANK", e.rank.to_string()),
+        ("LOCAL_RANK", e.local_rank.to_string()),
+        ("WORLD_SIZE", s.world_size.to_string()),
+        ("LOCAL_WORLD_SIZE", i.local.len().to_string()),
+        ("NODE_RANK", e.node_rank.to_string()),
+        ("GROUP_RANK", e.node_rank.to_string()),
+        ("GROUP_WORLD_SIZE", s.nnodes.to_string()),
+        ("ROLE_RANK", e.rank.to_string()),
+        ("ROLE_WORLD_SIZE", s.world_size.to_string()),
+        ("ROLE_NAME", "default".to_owned()),
+        ("NNODES", s.nnodes.to_string()),
+        ("MASTER_ADDR", s.master_addr.clone()),
+        ("MASTER_PORT", s.master_port.to_string()),
+        ("CUDA_VISIBLE_DEVICES", visible.join(",")),
+        ("TORCHELASTIC_RESTART_COUNT", s.restart_count.to_string()),
+        ("RINGMASTER_RESTART_COUNT", s.restart_count.to_string()),
+        ("TORCHELASTIC_MAX_RESTARTS", s.max_restarts.to_string()),
+        ("TORCHELASTIC_RUN_ID", s.job_id.clone()),
+        ("RINGMASTER_JOB_ID", s.job_id.clone()),
+        ("RINGMASTER_JOB_NAME", s.job_name.clone()),
+        ("RINGMASTER_GENERATION", s.generation.to_string()),
+        ("RINGMASTER_COORDINATOR", i.coordinator.to_owned()),
+        ("RINGMASTER_NODE", i.node_name.to_owned()),
+        ("RINGMASTER_WORK_DIR", i.work_dir.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    if !s.resume_from.is_empty() {
+        env.push(("RINGMASTER_RESUME_FROM".into(), s.resume_from.clone()));
+    }
+    if !i.inherited_omp && !s.env.contains_key("OMP_NUM_THREADS") {
+        env.push(("OMP_NUM_THREADS".into(), "1".into()));
+    }
+    let mut user: Vec<(&String, &String)> = s.env.iter().collect();
+    user.sort();
+    for (k, v) in user {
+        if !env.iter().any(|(ek, _)| ek == k) {
+            env.push((k.clone(), v.clone()));
+        }
+    }
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(rank: u32, local_rank: u32, node_rank: u32, node: &str, slot: u32) -> pb::RankEntry {
+        pb::RankEntry {
+            rank,
+            local_rank,
+            node_rank,
+            node: node.into(),
+            slot,
+        }
+    }
+
+    #[test]
+    fn contract_variables() {
+        let ranks = vec![
+            entry(0, 0, 0, "w0", 0),
+            entry(1, 0, 1, "w1", 0),
+            entry(2, 1, 1, "w1", 2),
+        ];
+        let mut start = pb::StartWorkers {
+            job_id: "job-7".into(),
+            generation: 2,
+            restart_count: 2,
+            max_restarts: 3,
+            world_size: 3,
+            nnodes: 2,
+            master_addr: "10.0.0.1".into(),
+            master_port: 29400,
+            ranks: ranks.clone(),
+            ..Default::default()
+        };
+        start.env.insert("NCCL_DEBUG".into(), "INFO".into());
+        let local: Vec<&pb::RankEntry> = ranks.iter().filter(|r| r.node == "w1").collect();
+        let env = worker_env(&EnvInput {
+            start: &start,
+            entry: &ranks[2],
+            local: &local,
+            coordinator: "127.0.0.1:29500",
+            inherited_omp: false,
+            node_name: "w1",
+            work_dir: "/w",
+        });
+        let get = |k: &str| env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("RANK"), Some("2"));
+        assert_eq!(get("LOCAL_RANK"), Some("1"));
+        assert_eq!(get("WORLD_SIZE"), Some("3"));
+        assert_eq!(get("LOCAL_WORLD_SIZE"), Some("2"));
+        assert_eq!(get("NODE_RANK"), Some("1"));
+        assert_eq!(get("GROUP_RANK"), Some("1"));
+        assert_eq!(get("NNODES"), Some("2"));
+        assert_eq!(get("MASTER_ADDR"), Some("10.0.0.1"));
+        assert_eq!(get("MASTER_PORT"), Some("29400"));
+        assert_eq!(get("CUDA_VISIBLE_DEVICES"), Some("0,2"));
+        assert_eq!(get("TORCHELASTIC_RESTART_COUNT"), Some("2"));
+        assert_eq!(get("RINGMASTER_RESTART_COUNT"), Some("2"));
+        assert_eq!(get("TORCHELASTIC_MAX_RESTARTS"), Some("3"));
+        assert_eq!(get("TORCHELASTIC_RUN_ID"), Some("job-7"));
+        assert_eq!(get("RINGMASTER_JOB_ID"), Some("job-7"));
+        assert_eq!(get("RINGMASTER_GENERATION"), Some("2"));
+        assert_eq!(get("RINGMASTER_COORDINATOR"), Some("127.0.0.1:29500"));
+        assert_eq!(get("RINGMASTER_RESUME_FROM"), None);
+        assert_eq!(get("OMP_NUM_THREADS"), Some("1"));
+        assert_eq!(get("NCCL_DEBUG"), Some("INFO"));
+    }
+
+    #[test]
+    fn omp_is_left_alone_when_set() {
+        let ranks = vec![entry(0, 0, 0, "w0", 0)];
+        let mut start = pb::StartWorkers {
+            ranks: ranks.clone(),
+            resume_from: "/ckpt/checkpoint-10".into(),
+            ..Default::default()
+        };
+        let local: Vec<&pb::RankEntry> = ranks.iter().collect();
+        let mk = |start: &pb::StartWorkers, inherited| {
+            worker_env(&EnvInput {
+                start,
+                entry: &ranks[0],
+                local: &local,
+                coordinator: "c:1",
+                inherited_omp: inherited,
+                node_name: "w0",
+                work_dir: "/w",
+            })
+        };
+        let env = mk(&start, true);
+        assert!(!env.iter().any(|(k, _)| k == "OMP_NUM_THREADS"));
+        assert!(env.contains(&(
+            "RINGMASTER_RESUME_FROM".into(),
+            "/ckpt/checkpoint-10".into()
+        )));
+        start.env.insert("OMP_NUM_THREADS".into(), "8".into());
+        let env = mk(&start, false);
+        let omp: Vec<_> = env.iter().filter(|(k, _)| k == "OMP_NUM_THREADS").collect();
+        assert_eq!(omp, vec![&("OMP_NUM_THREADS".to_owned(), "8".to_owned())]);
+    }
+}

@@ -1,0 +1,473 @@
+//! Ringmaster's node agent: `agent --join coordinator:29500`.
+//!
+//! One agent per node. It joins the coordinator over one bidirectional gRPC stream, starts one
+//! worker per slot when told, supervises them, and kills whole process trees on stop, cancel and
+//! shutdown. When the coordinator is unreachable, workers keep running; the agent reconnects
+//! with capped backoff and reports what runs and what exited meanwhile.
+//!
+//! Layout:
+//! - [`env`] — the worker environment (torchrun / DeepSpeed names).
+//! - [`supervisor`] — spawning, log capture, process-group signals.
+//! - [`logging`] — tracing setup shared by every Ringmaster binary.
+//! - this file — [`Config`] and [`run`], the connection loop.
+
+pub mod env;
+pub mod logging;
+pub mod supervisor;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ringmaster_proto as pb;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use supervisor::Supervisor;
+
+/// Largest message the agent accepts from the coordinator.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Everything an agent needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// host:port of the coordinator.
+    pub join: String,
+    pub name: String,
+    pub slots: u32,
+    pub work_dir: PathBuf,
+    pub token: Option<String>,
+    /// Address other nodes reach this one at; empty: the address the coordinator sees.
+    pub advertise_addr: String,
+    /// The `trainer` program started for `train:` jobs.
+    pub trainer: PathBuf,
+    /// Longest wait between reconnect attempts.
+    pub max_backoff: Duration,
+    /// Grace between SIGTERM and SIGKILL when the agent itself shuts down.
+    pub shutdown_grace: Duration,
+}
+
+/// Why an agent stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the coordinator at {addr} refused this agent: {message}")]
+    Refused { addr: String, message: String },
+    #[error("invalid coordinator address '{0}': expected HOST:PORT")]
+    BadAddress(String),
+    #[error("work dir {path}: {source}")]
+    WorkDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+enum ConnectError {
+    Fatal(String),
+    Retry(String),
+}
+
+struct Up {
+    tx: mpsc::Sender<pb::AgentMessage>,
+    inbound: tonic::Streaming<pb::CoordinatorMessage>,
+    heartbeat: tokio::time::Interval,
+}
+
+struct Agent {
+    cfg: Config,
+    incarnation: String,
+    sup: Supervisor,
+    /// Exits not yet delivered to the coordinator.
+    undelivered: Vec<pb::WorkerExited>,
+    fetches: HashMap<u64, CancellationToken>,
+    hb_seq: u64,
+}
+
+/// The advertised address: the one given, else the local address of a route to the
+/// coordinator (what the coordinator itself would see).
+fn default_advertise(join: &str) -> String {
+    use std::net::ToSocketAddrs;
+    let Some(target) = join.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+        return String::new();
+    };
+    let bind = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    std::net::UdpSocket::bind(bind)
+        .and_then(|s| {
+            s.connect(target)?;
+            s.local_addr()
+        })
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default()
+}
+
+/// Runs the agent until `shutdown` resolves (then stops every worker) or the coordinator
+/// refuses it.
+///
+/// # Errors
+/// A refusal (wrong token, unknown node...), a bad address or an unusable work dir.
+pub async fn run(
+    mut cfg: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    if !cfg.join.contains(':') {
+        return Err(AgentError::BadAddress(cfg.join.clone()));
+    }
+    std::fs::create_dir_all(&cfg.work_dir).map_err(|source| AgentError::WorkDir {
+        path: cfg.work_dir.clone(),
+        source,
+    })?;
+    cfg.work_dir = cfg
+        .work_dir
+        .canonicalize()
+        .map_err(|source| AgentError::WorkDir {
+            path: cfg.work_dir.clone(),
+            source,
+        })?;
+    let killed = supervisor::kill_leftovers(&cfg.work_dir);
+    if killed > 0 {
+        tracing::warn!(groups = killed, "killed workers left by an earlier agent");
+    }
+    if cfg.advertise_addr.is_empty() {
+        cfg.advertise_addr = default_advertise(&cfg.join);
+    }
+    let (exit_tx, mut exit_rx) = mpsc::channel::<pb::WorkerExited>(1024);
+    let sup = Supervisor::new(
+        cfg.work_dir.clone(),
+        cfg.trainer.clone(),
+        cfg.name.clone(),
+        cfg.join.clone(),
+        exit_tx,
+    );
+    let incarnation = format!("{:016x}", rand::random::<u64>());
+    let mut agent = Agent {
+        cfg,
+        incarnation,
+        sup,
+        undelivered: Vec::new(),
+        fetches: HashMap::new(),
+        hb_seq: 0,
+    };
+    tracing::info!(name = %agent.cfg.name, slots = agent.cfg.slots, coordinator = %agent.cfg.join, work_dir = %agent.cfg.work_dir.display(), "agent starting");
+
+    let initial_backoff = Duration::from_millis(100);
+    let mut backoff = initial_backoff;
+    let mut up: Option<Up> = None;
+    let mut retry_at = Instant::now();
+    tokio::pin!(shutdown);
+    let result = loop {
+        match up.as_mut() {
+            None => {
+                tokio::select! {
+                    _ = &mut shutdown => break Ok(()),
+                    Some(e) = exit_rx.recv() => agent.worker_exited(e, None).await,
+                    _ = tokio::time::sleep_until(retry_at) => {
+                        match agent.connect().await {
+                            Ok(u) => {
+                                backoff = initial_backoff;
+                                up = Some(u);
+                            }
+                            Err(ConnectError::Fatal(message)) => {
+                                break Err(AgentError::Refused { addr: agent.cfg.join.clone(), message });
+                            }
+                            Err(ConnectError::Retry(why)) => {
+                                tracing::warn!(coordinator = %agent.cfg.join, retry_in_ms = backoff.as_millis() as u64, "coordinator unreachable: {why}");
+                                retry_at = Instant::now() + backoff;
+                                backoff = (backoff * 2).min(agent.cfg.max_backoff);
+                            }
+                        }
+                    }
+                }
+            }
+            Some(u) => {
+                let tx = u.tx.clone();
+                tokio::select! {
+                    _ = &mut shutdown => break Ok(()),
+                    Some(e) = exit_rx.recv() => agent.worker_exited(e, Some(&tx)).await,
+                    msg = u.inbound.message() => match msg {
+                        Ok(Some(m)) => {
+                            if let Some(m) = m.msg {
+                                agent.handle(m, &tx).await;
+                            }
+                        }
+                        Ok(None) => {
+                            tracing::warn!("coordinator closed the stream; reconnecting (workers keep running)");
+                            up = None;
+                            retry_at = Instant::now() + initial_backoff;
+                        }
+                        Err(s) => {
+                            tracing::warn!(code = ?s.code(), "lost the coordinator: {}; reconnecting (workers keep running)", s.message());
+                            up = None;
+                            retry_at = Instant::now() + initial_backoff;
+                        }
+                    },
+                    _ = u.heartbeat.tick() => {
+                        agent.hb_seq += 1;
+                        let hb = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
+                            seq: agent.hb_seq,
+                            running_workers: agent.sup.len() as u32,
+                        }))};
+                        if tx.try_send(hb).is_err() {
+                            tracing::debug!("heartbeat not queued");
+                        }
+                    }
+                }
+            }
+        }
+    };
+
+    // Shutdown (or refusal): stop every worker, wait for them, report if still connected.
+    for f in agent.fetches.values() {
+        f.cancel();
+    }
+    if !agent.sup.is_empty() {
+        tracing::info!(workers = agent.sup.len(), "stopping all workers");
+        agent.sup.stop_all(agent.cfg.shutdown_grace);
+        let deadline = Instant::now() + agent.cfg.shutdown_grace + Duration::from_secs(3);
+        while !agent.sup.is_empty() {
+            match tokio::time::timeout_at(deadline, exit_rx.recv()).await {
+                Ok(Some(e)) => {
+                    let tx = up.as_ref().map(|u| u.tx.clone());
+                    agent.worker_exited(e, tx.as_ref()).await;
+                }
+                _ => break,
+            }
+        }
+    }
+    if let Some(u) = up {
+        // Give the stream a moment to carry the last exits.
+        drop(u.tx);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!("agent stopped");
+    result
+}
+
+impl Agent {
+    async fn connect(&mut self) -> Result<Up, ConnectError> {
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.cfg.join))
+            .map_err(|e| ConnectError::Fatal(format!("bad address: {e}")))?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| ConnectError::Retry(error_chain(&e)))?;
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let (tx, rx) = mpsc::channel(1024);
+        let join = pb::Join {
+            name: self.cfg.name.clone(),
+            slots: self.cfg.slots,
+            advertise_addr: self.cfg.advertise_addr.clone(),
+            version: ringmaster_proto::PROTOCOL_VERSION.to_owned(),
+            token: self.cfg.token.clone().unwrap_or_default(),
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            running: self.sup.inventory(),
+            exited_while_away: self.undelivered.clone(),
+            incarnation: self.incarnation.clone(),
+        };
+        tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Join(join)),
+        })
+        .await
+        .expect("the receiver is alive until the call starts");
+        let classify = |s: tonic::Status| {
+            use tonic::Code;
+            match s.code() {
+                Code::Unauthenticated
+                | Code::PermissionDenied
+                | Code::FailedPrecondition
+                | Code::InvalidArgument => ConnectError::Fatal(s.message().to_owned()),
+                _ => ConnectError::Retry(format!("{:?}: {}", s.code(), s.message())),
+            }
+        };
+        let mut inbound = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.session(ReceiverStream::new(rx)),
+        )
+        .await
+        .map_err(|_| ConnectError::Retry("no answer to Join within 10s".into()))?
+        .map_err(classify)?
+        .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| ConnectError::Retry("no JoinAck within 10s".into()))?
+            .map_err(classify)?;
+        let ack = match first.and_then(|m| m.msg) {
+            Some(pb::coordinator_message::Msg::JoinAck(a)) => a,
+            other => {
+                return Err(ConnectError::Retry(format!(
+                    "expected JoinAck, got {other:?}"
+                )));
+            }
+        };
+        self.undelivered.clear();
+        tracing::info!(
+            slots = ack.slots,
+            heartbeat_ms = ack.heartbeat_interval_ms,
+            running = self.sup.len(),
+            "joined the coordinator"
+        );
+        let mut heartbeat =
+            tokio::time::interval(Duration::from_millis(ack.heartbeat_interval_ms.max(20)));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(Up {
+            tx,
+            inbound,
+            heartbeat,
+        })
+    }
+
+    async fn worker_exited(
+        &mut self,
+        e: pb::WorkerExited,
+        tx: Option<&mpsc::Sender<pb::AgentMessage>>,
+    ) {
+        tracing::info!(job = %e.job_id, generation = e.generation, rank = e.rank, exit_code = ?e.exit_code, signal = ?e.signal, "worker exited");
+        self.sup.reap(&(e.job_id.clone(), e.generation, e.rank));
+        let msg = pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::WorkerExited(e.clone())),
+        };
+        let delivered = match tx {
+            Some(tx) => tx.send(msg).await.is_ok(),
+            None => false,
+        };
+        if !delivered {
+            self.undelivered.push(e);
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        m: pb::coordinator_message::Msg,
+        tx: &mpsc::Sender<pb::AgentMessage>,
+    ) {
+        use pb::coordinator_message::Msg;
+        match m {
+            Msg::JoinAck(_) => {}
+            Msg::StartWorkers(sw) => {
+                tracing::info!(job = %sw.job_id, generation = sw.generation, world_size = sw.world_size, "start workers");
+                for msg in self.sup.start(&sw) {
+                    let _ = tx.send(pb::AgentMessage { msg: Some(msg) }).await;
+                }
+            }
+            Msg::StopWorkers(s) => {
+                tracing::info!(job = %s.job_id, generation = s.generation, reason = %s.reason, "stop workers");
+                self.sup
+                    .stop(&s.job_id, s.generation, Duration::from_millis(s.grace_ms));
+            }
+            Msg::AllocatePort(a) => {
+                let bind = if self.cfg.advertise_addr.is_empty() {
+                    "0.0.0.0:0".to_owned()
+                } else if self.cfg.advertise_addr.contains(':') {
+                    format!("[{}]:0", self.cfg.advertise_addr)
+                } else {
+                    format!("{}:0", self.cfg.advertise_addr)
+                };
+                let r = std::net::TcpListener::bind(&bind)
+                    .or_else(|_| std::net::TcpListener::bind("0.0.0.0:0"))
+                    .and_then(|l| l.local_addr());
+                let (port, error) = match r {
+                    Ok(a) => (a.port() as u32, String::new()),
+                    Err(e) => (0, format!("binding a port on {bind}: {e}")),
+                };
+                let _ = tx
+                    .send(pb::AgentMessage {
+                        msg: Some(pb::agent_message::Msg::PortAllocated(pb::PortAllocated {
+                            request_id: a.request_id,
+                            port,
+                            error,
+                        })),
+                    })
+                    .await;
+            }
+            Msg::FetchLog(f) => {
+                let cancel = CancellationToken::new();
+                self.fetches.retain(|_, c| !c.is_cancelled());
+                self.fetches.insert(f.request_id, cancel.clone());
+                let key = (f.job_id.clone(), f.generation, f.rank);
+                match self.sup.log_path(&f.job_id, f.generation, f.rank) {
+                    Ok(path) => {
+                        let running = self.sup.running_flag(&key);
+                        let out = tx.clone();
+                        tokio::spawn(async move {
+                            supervisor::logs::serve(
+                                f.request_id,
+                                path,
+                                f.tail_bytes,
+                                f.follow,
+                                running,
+                                out,
+                                cancel.clone(),
+                            )
+                            .await;
+                            cancel.cancel();
+                        });
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(pb::AgentMessage {
+                                msg: Some(pb::agent_message::Msg::LogChunk(pb::LogChunk {
+                                    request_id: f.request_id,
+                                    data: Vec::new(),
+                                    eof: true,
+                                    error: e,
+                                })),
+                            })
+                            .await;
+                    }
+                }
+            }
+            Msg::CancelFetch(c) => {
+                if let Some(t) = self.fetches.remove(&c.request_id) {
+                    t.cancel();
+                }
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Slots to announce when `--slots` is not given: `CUDA_VISIBLE_DEVICES` when set, else the
+/// GPUs `nvidia-smi -L` lists, else 1.
+pub fn detect_slots() -> u32 {
+    if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        let n = v.split(',').filter(|s| !s.trim().is_empty()).count() as u32;
+        if n > 0 {
+            return n;
+        }
+    }
+    if let Ok(out) = std::process::Command::new("nvidia-smi").arg("-L").output()
+        && out.status.success()
+    {
+        let n = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("GPU "))
+            .count() as u32;
+        if n > 0 {
+            return n;
+        }
+    }
+    1
+}

@@ -1,0 +1,386 @@
+//! Worker supervision: start one process per local rank, watch it, stop whole process trees.
+//!
+//! Layout:
+//! - `spawn` — one worker process (own process group, dies with the agent).
+//! - `kill` — signals to process groups.
+//! - `logs` — rank log files, the agent-log copy, the failure tail, and serving logs.
+//!
+//! Each worker gets a monitor task that waits for it, kills what is left of its process group
+//! (so that no grandchild outlives it), drains its pipes and reports the exit on a channel
+//! the agent's loop reads — also while the coordinator is unreachable.
+
+pub mod kill;
+pub mod logs;
+pub mod spawn;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use ringmaster_proto as pb;
+use tokio::sync::mpsc;
+
+use crate::env::{EnvInput, worker_env};
+
+/// (job id, generation, rank)
+pub type WorkerKey = (String, u64, u32);
+
+/// Environment variable that marks a worker as this agent's, so that a restarted agent can
+/// find and kill what a killed predecessor left behind.
+pub const AGENT_ROOT_ENV: &str = "RINGMASTER_AGENT_ROOT";
+
+struct Worker {
+    pid: u32,
+    running: Arc<AtomicBool>,
+}
+
+/// Owns the workers of this node.
+pub struct Supervisor {
+    work_dir: PathBuf,
+    trainer: PathBuf,
+    node: String,
+    /// host:port of the coordinator as this agent dials it; trainers use it for rendezvous.
+    coordinator: String,
+    workers: BTreeMap<WorkerKey, Worker>,
+    exits: mpsc::Sender<pb::WorkerExited>,
+}
+
+/// True for names safe as one path component: `[A-Za-z0-9._-]`, not starting with `.`/`-`.
+pub fn is_safe_component(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('.')
+        && !s.starts_with('-')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn exited(
+    key: &WorkerKey,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    tail: Vec<String>,
+) -> pb::WorkerExited {
+    pb::WorkerExited {
+        job_id: key.0.clone(),
+        generation: key.1,
+        rank: key.2,
+        exit_code,
+        signal,
+        log_tail: tail,
+    }
+}
+
+impl Supervisor {
+    pub fn new(
+        work_dir: PathBuf,
+        trainer: PathBuf,
+        node: String,
+        coordinator: String,
+        exits: mpsc::Sender<pb::WorkerExited>,
+    ) -> Supervisor {
+        Supervisor {
+            work_dir,
+            trainer,
+            node,
+            coordinator,
+            workers: BTreeMap::new(),
+            exits,
+        }
+    }
+
+    /// The directory of one generation of a job: `<work-dir>/<job>/gen-<g>`.
+    ///
+    /// # Errors
+    /// A job id that is not a safe path component (never lets a job write outside the work dir).
+    pub fn generation_dir(&self, job: &str, generation: u64) -> Result<PathBuf, String> {
+        if !is_safe_component(job) {
+            return Err(format!("job id '{job}' is not a safe directory name"));
+        }
+        Ok(self.work_dir.join(job).join(format!("gen-{generation}")))
+    }
+
+    pub fn log_path(&self, job: &str, generation: u64, rank: u32) -> Result<PathBuf, String> {
+        Ok(self
+            .generation_dir(job, generation)?
+            .join(format!("rank-{rank}.log")))
+    }
+
+    /// Whether a worker is alive, for log following.
+    pub fn running_flag(&self, key: &WorkerKey) -> Option<Arc<AtomicBool>> {
+        self.workers.get(key).map(|w| w.running.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    /// The workers alive now, reported when (re)joining.
+    pub fn inventory(&self) -> Vec<pb::RunningWorker> {
+        self.workers
+            .iter()
+            .map(|(k, w)| pb::RunningWorker {
+                job_id: k.0.clone(),
+                generation: k.1,
+                rank: k.2,
+                pid: w.pid,
+            })
+            .collect()
+    }
+
+    /// Forgets a worker whose exit was reported.
+    pub fn reap(&mut self, key: &WorkerKey) {
+        self.workers.remove(key);
+    }
+
+    /// Starts this node's ranks of `sw`. Returns what to tell the coordinator for each.
+    pub fn start(&mut self, sw: &pb::StartWorkers) -> Vec<pb::agent_message::Msg> {
+        let mut out = Vec::new();
+        let mut local: Vec<&pb::RankEntry> =
+            sw.ranks.iter().filter(|r| r.node == self.node).collect();
+        local.sort_by_key(|r| r.local_rank);
+        let fail = |rank: u32, message: String| {
+            pb::agent_message::Msg::StartFailed(pb::StartFailed {
+                job_id: sw.job_id.clone(),
+                generation: sw.generation,
+                rank,
+                message,
+            })
+        };
+        let gen_dir = match self.generation_dir(&sw.job_id, sw.generation) {
+            Ok(d) => d,
+            Err(e) => return local.iter().map(|r| fail(r.rank, e.clone())).collect(),
+        };
+        if let Err(e) = std::fs::create_dir_all(&gen_dir) {
+            let msg = format!("creating {}: {e}", gen_dir.display());
+            return local.iter().map(|r| fail(r.rank, msg.clone())).collect();
+        }
+        let program = if sw.program.is_empty() {
+            match self.write_train_config(sw, &gen_dir) {
+                Ok(cfg) => vec![
+                    self.trainer.display().to_string(),
+                    cfg.display().to_string(),
+                ],
+                Err(e) => return local.iter().map(|r| fail(r.rank, e.clone())).collect(),
+            }
+        } else {
+            sw.program.clone()
+        };
+        let inherited_omp = std::env::var_os("OMP_NUM_THREADS").is_some();
+        let gen_dir_text = gen_dir.display().to_string();
+        let root = self.work_dir.display().to_string();
+        for entry in &local {
+            let key: WorkerKey = (sw.job_id.clone(), sw.generation, entry.rank);
+            if self.workers.contains_key(&key) {
+                tracing::warn!(job = %sw.job_id, generation = sw.generation, rank = entry.rank, "start for a worker already running ignored");
+                continue;
+            }
+            let mut env = worker_env(&EnvInput {
+                start: sw,
+                entry,
+                local: &local,
+                coordinator: &self.coordinator,
+                inherited_omp,
+                node_name: &self.node,
+                work_dir: &gen_dir_text,
+            });
+            env.push((AGENT_ROOT_ENV.into(), root.clone()));
+            let log_path = gen_dir.join(format!("rank-{}.log", entry.rank));
+            let file = match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    out.push(fail(
+                        entry.rank,
+                        format!("opening {}: {e}", log_path.display()),
+                    ));
+                    continue;
+                }
+            };
+            let mut child = match spawn::spawn(&program, &env, None) {
+                Ok(c) => c,
+                Err(e) => {
+                    out.push(fail(entry.rank, format!("starting {:?}: {e}", program[0])));
+                    continue;
+                }
+            };
+            let pid = child.id().expect("a just-spawned child has a pid");
+            tracing::info!(job = %sw.job_id, generation = sw.generation, rank = entry.rank, pid, log = %log_path.display(), "worker started");
+            let running = Arc::new(AtomicBool::new(true));
+            let sink = Arc::new(logs::LogSink {
+                file: Mutex::new(file),
+                tail: Mutex::new(VecDeque::new()),
+                job: sw.job_id.clone(),
+                generation: sw.generation,
+                rank: entry.rank,
+            });
+            let stdout = child.stdout.take().expect("stdout is piped");
+            let stderr = child.stderr.take().expect("stderr is piped");
+            let exits = self.exits.clone();
+            let flag = running.clone();
+            let k = key.clone();
+            tokio::spawn(async move {
+                let pumps = tokio::spawn({
+                    let sink = sink.clone();
+                    async move {
+                        tokio::join!(logs::pump(stdout, sink.clone()), logs::pump(stderr, sink));
+                    }
+                });
+                let status = child.wait().await;
+                flag.store(false, Ordering::Release);
+                // Nothing of the worker outlives it: kill what is left of its group.
+                kill::signal_group(pid, Signal::SIGKILL);
+                let _ = tokio::time::timeout(Duration::from_secs(2), pumps).await;
+                let (code, sig) = match status {
+                    Ok(s) => (s.code(), s.signal()),
+                    Err(e) => {
+                        tracing::error!(error = %e, "waiting for a worker failed");
+                        (None, None)
+                    }
+                };
+                let _ = exits.send(exited(&k, code, sig, sink.tail())).await;
+            });
+            self.workers.insert(key, Worker { pid, running });
+            out.push(pb::agent_message::Msg::WorkerStarted(pb::WorkerStarted {
+                job_id: sw.job_id.clone(),
+                generation: sw.generation,
+                rank: entry.rank,
+                pid,
+            }));
+        }
+        out
+    }
+
+    /// Writes the training config and its files into the generation's directory, with the
+    /// config's references pointing at the written copies.
+    fn write_train_config(&self, sw: &pb::StartWorkers, gen_dir: &Path) -> Result<PathBuf, String> {
+        let mut cfg: serde_json::Value = serde_json::from_str(&sw.train_config)
+            .map_err(|e| format!("training config from the coordinator is not JSON: {e}"))?;
+        let files_dir = gen_dir.join("files");
+        let mut written: BTreeMap<&str, PathBuf> = BTreeMap::new();
+        for (i, (name, bytes)) in sw.files.iter().enumerate() {
+            std::fs::create_dir_all(&files_dir)
+                .map_err(|e| format!("creating {}: {e}", files_dir.display()))?;
+            let base: String = Path::new(name)
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let path = files_dir.join(format!("{i}-{}", base.trim_start_matches('.')));
+            std::fs::write(&path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            written.insert(name.as_str(), path);
+        }
+        if let serde_json::Value::Object(map) = &mut cfg {
+            for v in map.values_mut() {
+                if let serde_json::Value::String(s) = v
+                    && let Some(p) = written.get(s.as_str())
+                {
+                    *s = p.display().to_string();
+                }
+            }
+        }
+        let path = gen_dir.join("train.yaml");
+        let text = serde_json::to_string_pretty(&cfg).expect("JSON value serializes");
+        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Stops the workers of `job` with generation ≤ `generation`: SIGTERM to each process
+    /// group now, SIGKILL after `grace` to whatever is left.
+    pub fn stop(&mut self, job: &str, generation: u64, grace: Duration) {
+        let keys: Vec<WorkerKey> = self
+            .workers
+            .keys()
+            .filter(|k| k.0 == job && k.1 <= generation)
+            .cloned()
+            .collect();
+        for k in keys {
+            self.stop_one(&k, grace);
+        }
+    }
+
+    /// Stops every worker (agent shutdown).
+    pub fn stop_all(&mut self, grace: Duration) {
+        let keys: Vec<WorkerKey> = self.workers.keys().cloned().collect();
+        for k in keys {
+            self.stop_one(&k, grace);
+        }
+    }
+
+    fn stop_one(&self, key: &WorkerKey, grace: Duration) {
+        let Some(w) = self.workers.get(key) else {
+            return;
+        };
+        let pgid = w.pid;
+        tracing::info!(job = %key.0, generation = key.1, rank = key.2, pid = pgid, grace_ms = grace.as_millis() as u64, "stopping worker");
+        if grace.is_zero() {
+            kill::signal_group(pgid, Signal::SIGKILL);
+            return;
+        }
+        kill::signal_group(pgid, Signal::SIGTERM);
+        let running = w.running.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if running.load(Ordering::Acquire) || kill::group_alive(pgid) {
+                kill::signal_group(pgid, Signal::SIGKILL);
+            }
+        });
+    }
+}
+
+/// Kills process groups left by an earlier agent on the same work dir (one killed with
+/// SIGKILL: its direct children died with it, their children may not have).
+pub fn kill_leftovers(work_dir: &Path) -> usize {
+    let marker = format!("{AGENT_ROOT_ENV}={}", work_dir.display());
+    let me = std::process::id();
+    let mut groups = std::collections::BTreeSet::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if !environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()) {
+            continue;
+        }
+        if let Ok(pgid) = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid as i32))) {
+            groups.insert(pgid.as_raw() as u32);
+        }
+    }
+    let own = nix::unistd::getpgrp().as_raw() as u32;
+    groups.remove(&own);
+    for g in &groups {
+        tracing::warn!(
+            pgid = g,
+            "killing a worker process group left by an earlier agent"
+        );
+        kill::signal_group(*g, Signal::SIGKILL);
+    }
+    groups.len()
+}

@@ -1,0 +1,393 @@
+//! `ringctl`: the operator's CLI.
+//!
+//! Exit codes (DESIGN.md): 0 success, 1 the job or request failed, 2 bad usage or bad input.
+//!
+//! Layout:
+//! - this file — flags, the client connection, and one function per subcommand.
+//! - `render` — human-readable tables and status blocks.
+
+mod render;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use ringmaster_agent::logging::LogFormat;
+use ringmaster_proto as pb;
+use tonic::transport::Channel;
+
+use crate::spec;
+use crate::status;
+
+/// What `ringctl` exits with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Ok = 0,
+    Failed = 1,
+    Usage = 2,
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub struct CliError {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn usage(m: impl Into<String>) -> CliError {
+        CliError {
+            exit: Exit::Usage,
+            message: m.into(),
+        }
+    }
+    pub fn failed(m: impl Into<String>) -> CliError {
+        CliError {
+            exit: Exit::Failed,
+            message: m.into(),
+        }
+    }
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> CliError {
+        use tonic::Code;
+        let exit = match s.code() {
+            Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::OutOfRange => {
+                Exit::Usage
+            }
+            _ => Exit::Failed,
+        };
+        CliError {
+            exit,
+            message: s.message().to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Ringmaster operator CLI.
+#[derive(Parser, Debug)]
+#[command(name = "ringctl", version)]
+pub struct Args {
+    /// Coordinator address. Default: $RINGMASTER_COORDINATOR, then 127.0.0.1:29500.
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    pub coordinator: Option<String>,
+    /// Log format of ringctl's own diagnostics.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Submit a job spec or a bare training config.
+    Submit {
+        file: PathBuf,
+        /// Watch the job until it ends (exit code: 0 if it succeeded).
+        #[arg(long)]
+        watch: bool,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List jobs.
+    Jobs {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one job.
+    Status {
+        job: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Follow a job until it ends (exit code: 0 if it succeeded, 1 otherwise).
+    Watch {
+        job: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Print a rank's log, fetched from its node's agent.
+    Logs {
+        job: String,
+        #[arg(long, default_value_t = 0)]
+        rank: u32,
+        /// Generation (default: the current one).
+        #[arg(long)]
+        generation: Option<u64>,
+        /// Keep streaming while the rank runs.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only the last BYTES bytes.
+        #[arg(long, value_name = "BYTES")]
+        tail: Option<u64>,
+    },
+    /// Cancel a job: every process of it is stopped (SIGTERM, grace, SIGKILL).
+    Cancel {
+        job: String,
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        grace: Duration,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List nodes.
+    Nodes {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Run FILE on a whole cluster started on this machine, then tear it down.
+    Local {
+        file: PathBuf,
+        /// Agents to start (node-0, node-1, ...).
+        #[arg(long, default_value_t = 1)]
+        nodes: u32,
+        /// Slots per agent.
+        #[arg(long, default_value_t = 1)]
+        slots: u32,
+        /// Keep state and logs here instead of a temporary directory.
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+/// Resolves the coordinator address from the flag, the environment, or the default.
+pub fn coordinator_addr(flag: Option<&str>) -> String {
+    flag.map(str::to_owned)
+        .or_else(|| {
+            std::env::var("RINGMASTER_COORDINATOR")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_else(|| "127.0.0.1:29500".to_owned())
+}
+
+/// Connects to the job service.
+///
+/// # Errors
+/// A bad address (exit 2) or an unreachable coordinator (exit 1).
+pub async fn connect(
+    addr: &str,
+) -> Result<pb::job_service_client::JobServiceClient<Channel>, CliError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| CliError::usage(format!("--coordinator '{addr}': {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.map_err(|e| {
+        CliError::failed(format!(
+            "cannot reach the coordinator at {addr}: {}",
+            chain(&e)
+        ))
+    })?;
+    Ok(pb::job_service_client::JobServiceClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string(v).expect("JSON value serializes")
+    );
+}
+
+/// Runs one `ringctl` command.
+///
+/// # Errors
+/// Any failure, with the exit code it maps to.
+pub async fn run(args: Args) -> Result<Exit, CliError> {
+    let addr = coordinator_addr(args.coordinator.as_deref());
+    match args.command {
+        Command::Local {
+            file,
+            nodes,
+            slots,
+            work_dir,
+            output,
+        } => crate::local::run(&file, nodes, slots, work_dir, output).await,
+        Command::Submit {
+            file,
+            watch,
+            output,
+        } => {
+            let sub = spec::load_submission(&file).map_err(|e| CliError::usage(e.to_string()))?;
+            let mut client = connect(&addr).await?;
+            let job = submit(&mut client, &sub).await?;
+            if output == Output::Json && !watch {
+                print_json(&status::to_json(&job));
+            } else if output == Output::Text {
+                println!("submitted {} ({})", job.id, job.state);
+            }
+            if watch {
+                return watch_job(&mut client, &job.id, output).await;
+            }
+            Ok(Exit::Ok)
+        }
+        Command::Jobs { output } => {
+            let mut client = connect(&addr).await?;
+            let jobs = client.list(pb::ListJobsRequest {}).await?.into_inner().jobs;
+            match output {
+                Output::Json => print_json(&serde_json::Value::Array(
+                    jobs.iter().map(status::to_json).collect(),
+                )),
+                Output::Text => print!("{}", render::jobs_table(&jobs)),
+            }
+            Ok(Exit::Ok)
+        }
+        Command::Status { job, output } => {
+            let mut client = connect(&addr).await?;
+            let st = client
+                .get(pb::GetJobRequest { job_id: job })
+                .await?
+                .into_inner();
+            match output {
+                Output::Json => print_json(&status::to_json(&st)),
+                Output::Text => print!("{}", render::status_block(&st)),
+            }
+            Ok(Exit::Ok)
+        }
+        Command::Watch { job, output } => {
+            let mut client = connect(&addr).await?;
+            watch_job(&mut client, &job, output).await
+        }
+        Command::Logs {
+            job,
+            rank,
+            generation,
+            follow,
+            tail,
+        } => {
+            let mut client = connect(&addr).await?;
+            let mut stream = client
+                .logs(pb::LogsRequest {
+                    job_id: job,
+                    rank,
+                    generation,
+                    follow,
+                    tail_bytes: tail.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            let mut out = std::io::stdout().lock();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                if !chunk.error.is_empty() {
+                    return Err(CliError::failed(chunk.error));
+                }
+                out.write_all(&chunk.data)
+                    .and_then(|_| out.flush())
+                    .map_err(|e| CliError::failed(format!("writing to stdout: {e}")))?;
+                if chunk.eof {
+                    break;
+                }
+            }
+            Ok(Exit::Ok)
+        }
+        Command::Cancel { job, grace, output } => {
+            let mut client = connect(&addr).await?;
+            let st = client
+                .cancel(pb::CancelRequest {
+                    job_id: job,
+                    grace_ms: grace.as_millis().max(1) as u64,
+                })
+                .await?
+                .into_inner();
+            match output {
+                Output::Json => print_json(&status::to_json(&st)),
+                Output::Text => println!("{} {}", st.id, st.state),
+            }
+            Ok(Exit::Ok)
+        }
+        Command::Nodes { output } => {
+            let mut client = connect(&addr).await?;
+            let nodes = client.nodes(pb::NodesRequest {}).await?.into_inner().nodes;
+            match output {
+                Output::Json => print_json(&serde_json::Value::Array(
+                    nodes.iter().map(status::node_json).collect(),
+                )),
+                Output::Text => print!("{}", render::nodes_table(&nodes)),
+            }
+            Ok(Exit::Ok)
+        }
+    }
+}
+
+/// Sends a submission.
+///
+/// # Errors
+/// The coordinator refused the spec (exit 2) or could not be reached (exit 1).
+pub async fn submit(
+    client: &mut pb::job_service_client::JobServiceClient<Channel>,
+    sub: &spec::Submission,
+) -> Result<pb::JobStatus, CliError> {
+    let resp = client
+        .submit(pb::SubmitRequest {
+            spec_json: serde_json::to_string(&sub.spec).expect("job spec serializes"),
+            files: sub.files.clone().into_iter().collect(),
+        })
+        .await?
+        .into_inner();
+    resp.job
+        .ok_or_else(|| CliError::failed("coordinator answered without a job"))
+}
+
+/// Follows a job until it ends; exit 0 if it succeeded, 1 otherwise.
+///
+/// # Errors
+/// Unknown job (exit 2) or a lost connection (exit 1).
+pub async fn watch_job(
+    client: &mut pb::job_service_client::JobServiceClient<Channel>,
+    job: &str,
+    output: Output,
+) -> Result<Exit, CliError> {
+    let mut stream = client
+        .watch(pb::WatchRequest {
+            job_id: job.to_owned(),
+        })
+        .await?
+        .into_inner();
+    let mut last: Option<pb::JobStatus> = None;
+    let mut printer = render::WatchPrinter::default();
+    while let Some(st) = stream.next().await {
+        let st = st?;
+        match output {
+            Output::Json => print_json(&status::to_json(&st)),
+            Output::Text => printer.update(&st),
+        }
+        last = Some(st);
+    }
+    let Some(last) = last else {
+        return Err(CliError::failed("watch ended without a status"));
+    };
+    match last.state.as_str() {
+        "SUCCEEDED" => Ok(Exit::Ok),
+        "FAILED" | "CANCELLED" => {
+            if output == Output::Text {
+                print!("{}", render::status_block(&last));
+            }
+            Ok(Exit::Failed)
+        }
+        other => Err(CliError::failed(format!(
+            "lost the coordinator while the job was {other}"
+        ))),
+    }
+}

@@ -1,0 +1,235 @@
+//! Human-readable output of `ringctl`.
+
+use std::fmt::Write;
+
+use ringmaster_proto as pb;
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// Formats rows as left-aligned columns.
+fn table(rows: Vec<Vec<String>>) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{:<w$}  ", cell, w = widths[i]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn jobs_table(jobs: &[pb::JobStatus]) -> String {
+    let mut rows = vec![
+        [
+            "ID", "NAME", "STATE", "GEN", "RESTARTS", "WORLD", "STEP", "LOSS", "REASON",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for j in jobs {
+        let p = j.progress.clone().unwrap_or_default();
+        rows.push(vec![
+            j.id.clone(),
+            j.name.clone(),
+            j.state.clone(),
+            j.generation.to_string(),
+            format!("{}/{}", j.restart_count, j.max_restarts),
+            j.world_size.to_string(),
+            opt(p.step),
+            p.loss
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or_else(|| "-".into()),
+            j.pending_reason.clone().unwrap_or_default(),
+        ]);
+    }
+    table(rows)
+}
+
+pub fn nodes_table(nodes: &[pb::NodeStatus]) -> String {
+    let mut rows = vec![
+        ["NAME", "STATE", "SLOTS", "ADDRESS", "HEARTBEAT", "WORKERS"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for n in nodes {
+        rows.push(vec![
+            n.name.clone(),
+            n.state.clone(),
+            n.slots.to_string(),
+            if n.advertise_addr.is_empty() {
+                "-".into()
+            } else {
+                n.advertise_addr.clone()
+            },
+            n.last_heartbeat_ms_ago
+                .map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into()),
+            n.running_workers.to_string(),
+        ]);
+    }
+    table(rows)
+}
+
+fn failure_text(f: &pb::Failure) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "failure (generation {}): {}{}",
+        f.generation,
+        f.message,
+        match (f.exit_code, f.signal) {
+            (_, Some(sig)) => format!(" [signal {sig}]"),
+            (Some(c), None) => format!(" [exit code {c}]"),
+            _ => String::new(),
+        }
+    );
+    for l in &f.log_tail {
+        let _ = writeln!(s, "  | {l}");
+    }
+    s
+}
+
+pub fn status_block(j: &pb::JobStatus) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "job:      {} ({})", j.id, j.name);
+    let _ = writeln!(
+        s,
+        "state:    {}   generation {}   restarts {}/{}   world size {}",
+        j.state, j.generation, j.restart_count, j.max_restarts, j.world_size
+    );
+    if let Some(r) = &j.pending_reason {
+        let _ = writeln!(s, "reason:   {r}");
+    }
+    if let (Some(a), Some(p)) = (&j.master_addr, j.master_port) {
+        let _ = writeln!(s, "master:   {a}:{p}");
+    }
+    if let Some(p) = &j.progress
+        && p.step.is_some()
+    {
+        let _ = writeln!(
+            s,
+            "progress: step {}/{}   loss {}   {} tokens/s",
+            opt(p.step),
+            opt(p.total_steps),
+            p.loss
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or_else(|| "-".into()),
+            p.tokens_per_second
+                .map(|t| format!("{t:.0}"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    if let Some(c) = &j.last_checkpoint {
+        let _ = writeln!(s, "checkpoint: step {} at {}", c.step, c.path);
+    }
+    if !j.ranks.is_empty() {
+        let mut rows = vec![
+            ["RANK", "NODE", "LOCAL", "STATE", "PID", "EXIT", "STEP"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for r in &j.ranks {
+            rows.push(vec![
+                r.rank.to_string(),
+                r.node.clone(),
+                r.local_rank.to_string(),
+                r.state.clone(),
+                opt(r.pid),
+                match (r.exit_code, r.signal) {
+                    (_, Some(sig)) => format!("sig {sig}"),
+                    (Some(c), None) => c.to_string(),
+                    _ => "-".into(),
+                },
+                opt(r.step),
+            ]);
+        }
+        for line in table(rows).lines() {
+            let _ = writeln!(s, "  {line}");
+        }
+    }
+    if let Some(f) = &j.failure {
+        s.push_str(&failure_text(f));
+    }
+    s
+}
+
+/// Prints a line when a job's state, generation or progress changes.
+#[derive(Default)]
+pub struct WatchPrinter {
+    last: Option<(String, u64, Option<String>)>,
+    last_step: Option<u64>,
+}
+
+impl WatchPrinter {
+    pub fn update(&mut self, j: &pb::JobStatus) {
+        let key = (j.state.clone(), j.generation, j.pending_reason.clone());
+        if self.last.as_ref() != Some(&key) {
+            let reason = j
+                .pending_reason
+                .as_ref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default();
+            println!(
+                "{} {} generation {} restarts {}/{} world {}{}",
+                j.id, j.state, j.generation, j.restart_count, j.max_restarts, j.world_size, reason
+            );
+            if matches!(j.state.as_str(), "RESTARTING" | "FAILED")
+                && let Some(f) = &j.failure
+                && f.generation == j.generation
+                && self.last.as_ref().map(|l| &l.0) != Some(&j.state)
+            {
+                print!("{}", failure_text(f));
+            }
+            self.last = Some(key);
+        }
+        if let Some(p) = &j.progress
+            && p.step.is_some()
+            && p.step != self.last_step
+        {
+            println!(
+                "{} step {}/{} loss {} tokens/s {}",
+                j.id,
+                opt(p.step),
+                opt(p.total_steps),
+                p.loss
+                    .map(|l| format!("{l:.4}"))
+                    .unwrap_or_else(|| "-".into()),
+                p.tokens_per_second
+                    .map(|t| format!("{t:.0}"))
+                    .unwrap_or_else(|| "-".into())
+            );
+            self.last_step = p.step;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(vec![
+            vec!["A".into(), "BB".into(), "C".into()],
+            vec!["long".into(), "x".into(), "y".into()],
+        ]);
+        assert_eq!(t, "A     BB  C\nlong  x   y\n");
+    }
+}

@@ -1,0 +1,875 @@
+//! The job state machine: a pure transition function, apart from all I/O.
+//!
+//! `PENDING → STARTING → RUNNING → (RESTARTING → STARTING)* → SUCCEEDED | FAILED | CANCELLED`.
+//!
+//! [`next`] takes a job and an [`Event`] and returns the new job and the [`Action`]s the
+//! coordinator's loop must carry out (allocate a port, start or stop workers). The loop owns
+//! sockets, timers and persistence; everything that decides lives here and is table-tested.
+
+use std::collections::BTreeMap;
+
+use ringmaster_hostfile::{RankSlot, Selected};
+use serde::{Deserialize, Serialize};
+
+use crate::spec::JobSpec;
+
+/// Log lines kept of a failed rank.
+pub const LOG_TAIL_LINES: usize = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobState {
+    Pending,
+    Starting,
+    Running,
+    Restarting,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "PENDING",
+            JobState::Starting => "STARTING",
+            JobState::Running => "RUNNING",
+            JobState::Restarting => "RESTARTING",
+            JobState::Succeeded => "SUCCEEDED",
+            JobState::Failed => "FAILED",
+            JobState::Cancelled => "CANCELLED",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    /// States in which workers of the current generation may be alive.
+    pub fn has_workers(self) -> bool {
+        matches!(
+            self,
+            JobState::Starting | JobState::Running | JobState::Restarting
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RankState {
+    /// Start sent (or about to be), no pid yet.
+    Starting,
+    Running,
+    /// Exited 0.
+    Exited,
+    /// Exited non-zero or by a signal on its own.
+    Failed,
+    /// Ended by the launcher (gang abort, cancel).
+    Stopped,
+    /// Its node was lost or the worker vanished.
+    Lost,
+    /// After a coordinator restart, until its agent reports it.
+    Unknown,
+}
+
+impl RankState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RankState::Starting => "STARTING",
+            RankState::Running => "RUNNING",
+            RankState::Exited => "EXITED",
+            RankState::Failed => "FAILED",
+            RankState::Stopped => "STOPPED",
+            RankState::Lost => "LOST",
+            RankState::Unknown => "UNKNOWN",
+        }
+    }
+
+    /// The rank's process is gone.
+    pub fn is_done(self) -> bool {
+        matches!(
+            self,
+            RankState::Exited | RankState::Failed | RankState::Stopped | RankState::Lost
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankRecord {
+    pub rank: u32,
+    pub local_rank: u32,
+    pub node_rank: u32,
+    pub node: String,
+    pub slot: u32,
+    pub state: RankState,
+    pub pid: Option<u32>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub step: Option<u64>,
+    pub collective_seq: Option<u64>,
+}
+
+/// Why a generation ended: the root cause, not the ranks the launcher stopped afterwards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub generation: u64,
+    pub rank: Option<u32>,
+    pub node: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub message: String,
+    pub log_tail: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub step: Option<u64>,
+    pub total_steps: Option<u64>,
+    pub loss: Option<f64>,
+    pub tokens_per_second: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRef {
+    pub step: u64,
+    pub path: String,
+}
+
+/// Everything the coordinator knows of one job; persisted as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub name: String,
+    pub spec: JobSpec,
+    #[serde(default)]
+    pub files: BTreeMap<String, Vec<u8>>,
+    pub state: JobState,
+    pub generation: u64,
+    pub restart_count: u32,
+    pub pending_reason: Option<String>,
+    /// Nodes and slots of the current generation, in node-rank order.
+    pub placement: Vec<Selected>,
+    pub ranks: Vec<RankRecord>,
+    pub master_addr: Option<String>,
+    pub master_port: Option<u32>,
+    pub failure: Option<Failure>,
+    pub failures: Vec<Failure>,
+    pub progress: Progress,
+    pub last_checkpoint: Option<CheckpointRef>,
+    /// Set while the current generation is being torn down (gang abort or cancel).
+    pub stopping: bool,
+    pub created_unix_ms: u64,
+    pub updated_unix_ms: u64,
+    /// The node of every rank, per generation started (for logs of older generations).
+    #[serde(default)]
+    pub rank_nodes: BTreeMap<u64, Vec<String>>,
+}
+
+impl Job {
+    pub fn new(id: String, spec: JobSpec, files: BTreeMap<String, Vec<u8>>, now_ms: u64) -> Job {
+        Job {
+            name: spec.name.clone().unwrap_or_else(|| id.clone()),
+            id,
+            spec,
+            files,
+            state: JobState::Pending,
+            generation: 0,
+            restart_count: 0,
+            pending_reason: Some("waiting for placement".into()),
+            placement: Vec::new(),
+            ranks: Vec::new(),
+            master_addr: None,
+            master_port: None,
+            failure: None,
+            failures: Vec::new(),
+            progress: Progress::default(),
+            last_checkpoint: None,
+            stopping: false,
+            created_unix_ms: now_ms,
+            updated_unix_ms: now_ms,
+            rank_nodes: BTreeMap::new(),
+        }
+    }
+
+    /// The node of every rank of a generation that was started.
+    pub fn past_nodes(&self, generation: u64) -> Option<&Vec<String>> {
+        self.rank_nodes.get(&generation)
+    }
+
+    pub fn world_size(&self) -> u32 {
+        self.placement.iter().map(|s| s.slots.len() as u32).sum()
+    }
+
+    /// Nodes of the current generation, in node-rank order.
+    pub fn nodes(&self) -> Vec<String> {
+        self.placement.iter().map(|s| s.name.clone()).collect()
+    }
+
+    fn all_ranks_done(&self) -> bool {
+        self.ranks.iter().all(|r| r.state.is_done())
+    }
+
+    fn rank_mut(&mut self, rank: u32) -> Option<&mut RankRecord> {
+        self.ranks.get_mut(rank as usize).filter(|r| r.rank == rank)
+    }
+}
+
+/// What happened. Events of an older generation than the job's are ignored by [`next`]
+/// (the loop stops their workers).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The loop evaluated where the job could run: nodes and slots, or why it must wait.
+    Placement(Result<Vec<Selected>, String>),
+    PortAllocated {
+        generation: u64,
+        addr: String,
+        port: u32,
+    },
+    PortFailed {
+        generation: u64,
+        message: String,
+    },
+    WorkerStarted {
+        generation: u64,
+        rank: u32,
+        pid: u32,
+    },
+    StartFailed {
+        generation: u64,
+        rank: u32,
+        message: String,
+    },
+    WorkerExited {
+        generation: u64,
+        rank: u32,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        log_tail: Vec<String>,
+    },
+    /// A node stopped heartbeating, or its agent came back without a worker it should have.
+    RanksLost {
+        node: String,
+        ranks: Vec<u32>,
+        message: String,
+    },
+    Cancel {
+        grace_ms: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Ask node 0's agent for a free port (MASTER_PORT) for this generation.
+    AllocatePort { generation: u64, node: String },
+    /// Send StartWorkers for this generation to every node of the placement.
+    StartWorkers { generation: u64 },
+    /// Stop every worker of this generation on these nodes.
+    StopWorkers {
+        generation: u64,
+        nodes: Vec<String>,
+        grace_ms: u64,
+    },
+    /// The generation is over: the loop closes its rendezvous scope.
+    CloseGeneration { generation: u64 },
+}
+
+/// Grace between SIGTERM and SIGKILL in a gang abort.
+pub const ABORT_GRACE_MS: u64 = 3_000;
+
+/// The transition function. Pure: same inputs, same outputs.
+pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
+    let mut actions = Vec::new();
+    let stale = |g: u64| g != job.generation;
+    match event {
+        Event::Placement(placement) => match (job.state, placement) {
+            (JobState::Pending, Ok(sel)) => {
+                start_generation(&mut job, sel, &mut actions);
+            }
+            (JobState::Restarting, Ok(sel)) if job.all_ranks_done() => {
+                job.generation += 1;
+                start_generation(&mut job, sel, &mut actions);
+            }
+            (JobState::Pending | JobState::Restarting, Err(reason)) => {
+                job.pending_reason = Some(reason);
+            }
+            _ => {}
+        },
+        Event::PortAllocated {
+            generation,
+            addr,
+            port,
+        } => {
+            if job.state == JobState::Starting && !stale(generation) && job.master_port.is_none() {
+                job.master_addr = Some(addr);
+                job.master_port = Some(port);
+                actions.push(Action::StartWorkers { generation });
+            }
+        }
+        Event::PortFailed {
+            generation,
+            message,
+        } => {
+            if job.state == JobState::Starting && !stale(generation) {
+                let node = job
+                    .placement
+                    .first()
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default();
+                let failure = Failure {
+                    generation,
+                    rank: None,
+                    node,
+                    exit_code: None,
+                    signal: None,
+                    message: format!("could not allocate MASTER_PORT: {message}"),
+                    log_tail: Vec::new(),
+                };
+                fail_generation(&mut job, failure, &mut actions);
+            }
+        }
+        Event::WorkerStarted {
+            generation,
+            rank,
+            pid,
+        } => {
+            if stale(generation) {
+                return (job, actions);
+            }
+            let stopping = job.stopping;
+            if let Some(r) = job.rank_mut(rank)
+                && matches!(r.state, RankState::Starting | RankState::Unknown)
+            {
+                r.state = RankState::Running;
+                r.pid = Some(pid);
+            }
+            if stopping {
+                // Raced with an abort: the stop already sent covers this worker.
+            } else if job.state == JobState::Starting
+                && job
+                    .ranks
+                    .iter()
+                    .all(|r| r.state == RankState::Running || r.state == RankState::Exited)
+            {
+                job.state = JobState::Running;
+            }
+        }
+        Event::StartFailed {
+            generation,
+            rank,
+            message,
+        } => {
+            if stale(generation) {
+                return (job, actions);
+            }
+            let node = match job.rank_mut(rank) {
+                Some(r) => {
+                    r.state = RankState::Failed;
+                    r.node.clone()
+                }
+                None => return (job, actions),
+            };
+            if job.state.has_workers() && !job.stopping {
+                let failure = Failure {
+                    generation,
+                    rank: Some(rank),
+                    node,
+                    exit_code: None,
+                    signal: None,
+                    message: format!("rank {rank} could not start: {message}"),
+                    log_tail: Vec::new(),
+                };
+                fail_generation(&mut job, failure, &mut actions);
+            } else {
+                finish_teardown(&mut job);
+            }
+        }
+        Event::WorkerExited {
+            generation,
+            rank,
+            exit_code,
+            signal,
+            log_tail,
+        } => {
+            if stale(generation) {
+                return (job, actions);
+            }
+            let stopping = job.stopping;
+            let ok = exit_code == Some(0) && signal.is_none();
+            let node = match job.rank_mut(rank) {
+                Some(r) if !r.state.is_done() => {
+                    r.exit_code = exit_code;
+                    r.signal = signal;
+                    r.state = if stopping {
+                        RankState::Stopped
+                    } else if ok {
+                        RankState::Exited
+                    } else {
+                        RankState::Failed
+                    };
+                    r.node.clone()
+                }
+                _ => return (job, actions),
+            };
+            if stopping || job.state.is_terminal() {
+                finish_teardown(&mut job);
+            } else if ok {
+                if job.ranks.iter().all(|r| r.state == RankState::Exited) {
+                    job.state = JobState::Succeeded;
+                    job.pending_reason = None;
+                    actions.push(Action::CloseGeneration { generation });
+                }
+            } else {
+                let how = match (exit_code, signal) {
+                    (_, Some(s)) => format!("was killed by signal {s}"),
+                    (Some(c), None) => format!("exited with code {c}"),
+                    (None, None) => "exited".to_owned(),
+                };
+                let failure = Failure {
+                    generation,
+                    rank: Some(rank),
+                    node: node.clone(),
+                    exit_code,
+                    signal,
+                    message: format!("rank {rank} on {node} {how}"),
+                    log_tail: tail(log_tail),
+                };
+                fail_generation(&mut job, failure, &mut actions);
+            }
+        }
+        Event::RanksLost {
+            node,
+            ranks,
+            message,
+        } => {
+            let mut first = None;
+            for rank in &ranks {
+                if let Some(r) = job.rank_mut(*rank)
+                    && !r.state.is_done()
+                {
+                    r.state = RankState::Lost;
+                    first.get_or_insert(*rank);
+                }
+            }
+            let Some(first) = first else {
+                return (job, actions);
+            };
+            if job.state.has_workers() && !job.stopping {
+                let failure = Failure {
+                    generation: job.generation,
+                    rank: Some(first),
+                    node,
+                    exit_code: None,
+                    signal: None,
+                    message,
+                    log_tail: Vec::new(),
+                };
+                fail_generation(&mut job, failure, &mut actions);
+            } else {
+                finish_teardown(&mut job);
+            }
+        }
+        Event::Cancel { grace_ms } => match job.state {
+            JobState::Pending => {
+                job.state = JobState::Cancelled;
+                job.pending_reason = None;
+            }
+            JobState::Starting | JobState::Running | JobState::Restarting => {
+                job.state = JobState::Cancelled;
+                job.pending_reason = None;
+                if !job.all_ranks_done() {
+                    job.stopping = true;
+                    actions.push(Action::StopWorkers {
+                        generation: job.generation,
+                        nodes: job.nodes(),
+                        grace_ms,
+                    });
+                }
+                actions.push(Action::CloseGeneration {
+                    generation: job.generation,
+                });
+            }
+            _ => {}
+        },
+    }
+    (job, actions)
+}
+
+fn tail(mut lines: Vec<String>) -> Vec<String> {
+    if lines.len() > LOG_TAIL_LINES {
+        lines.drain(..lines.len() - LOG_TAIL_LINES);
+    }
+    lines
+}
+
+fn start_generation(job: &mut Job, sel: Vec<Selected>, actions: &mut Vec<Action>) {
+    let table: Vec<RankSlot> = ringmaster_hostfile::rank_table(&sel);
+    job.ranks = table
+        .into_iter()
+        .map(|r| RankRecord {
+            rank: r.rank,
+            local_rank: r.local_rank,
+            node_rank: r.node_rank,
+            node: r.node,
+            slot: r.slot,
+            state: RankState::Starting,
+            pid: None,
+            exit_code: None,
+            signal: None,
+            step: None,
+            collective_seq: None,
+        })
+        .collect();
+    let node0 = sel[0].name.clone();
+    job.rank_nodes.insert(
+        job.generation,
+        job.ranks.iter().map(|r| r.node.clone()).collect(),
+    );
+    job.placement = sel;
+    job.state = JobState::Starting;
+    job.pending_reason = None;
+    job.master_addr = None;
+    job.master_port = None;
+    job.stopping = false;
+    actions.push(Action::AllocatePort {
+        generation: job.generation,
+        node: node0,
+    });
+}
+
+/// Records the root cause and ends the generation everywhere (gang abort).
+fn fail_generation(job: &mut Job, failure: Failure, actions: &mut Vec<Action>) {
+    job.failure = Some(failure.clone());
+    job.failures.push(failure);
+    let alive = !job.all_ranks_done();
+    if alive {
+        job.stopping = true;
+        actions.push(Action::StopWorkers {
+            generation: job.generation,
+            nodes: job.nodes(),
+            grace_ms: ABORT_GRACE_MS,
+        });
+    }
+    actions.push(Action::CloseGeneration {
+        generation: job.generation,
+    });
+    if job.restart_count < job.spec.max_restarts {
+        job.restart_count += 1;
+        job.state = JobState::Restarting;
+        job.pending_reason = Some(if alive {
+            "stopping the failed generation".into()
+        } else {
+            "restarting".into()
+        });
+    } else {
+        job.state = JobState::Failed;
+        job.pending_reason = None;
+    }
+}
+
+/// After a rank of a stopping generation ended: once all are gone, the teardown is over.
+fn finish_teardown(job: &mut Job) {
+    if job.stopping && job.all_ranks_done() {
+        job.stopping = false;
+        if job.state == JobState::Restarting {
+            job.pending_reason = Some("restarting".into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sel(name: &str, slots: &[u32]) -> Selected {
+        Selected {
+            name: name.into(),
+            slots: slots.to_vec(),
+        }
+    }
+
+    fn job(max_restarts: u32) -> Job {
+        let spec = JobSpec {
+            command: Some(vec!["true".into()]),
+            max_restarts,
+            ..JobSpec::default()
+        };
+        Job::new("j-1".into(), spec, BTreeMap::new(), 0)
+    }
+
+    fn two_by_two() -> Vec<Selected> {
+        vec![sel("w0", &[0, 1]), sel("w1", &[0, 1])]
+    }
+
+    fn exited(generation: u64, rank: u32, code: i32) -> Event {
+        Event::WorkerExited {
+            generation,
+            rank,
+            exit_code: Some(code),
+            signal: None,
+            log_tail: vec![format!("line of rank {rank}")],
+        }
+    }
+
+    /// Drives a fresh job to RUNNING on 2×2.
+    fn running(max_restarts: u32) -> Job {
+        let (j, a) = next(job(max_restarts), Event::Placement(Ok(two_by_two())));
+        assert_eq!(
+            a,
+            vec![Action::AllocatePort {
+                generation: 0,
+                node: "w0".into()
+            }]
+        );
+        let (mut j, a) = next(
+            j,
+            Event::PortAllocated {
+                generation: 0,
+                addr: "10.0.0.1".into(),
+                port: 29400,
+            },
+        );
+        assert_eq!(a, vec![Action::StartWorkers { generation: 0 }]);
+        for r in 0..4 {
+            assert_eq!(j.state, JobState::Starting);
+            (j, _) = next(
+                j,
+                Event::WorkerStarted {
+                    generation: 0,
+                    rank: r,
+                    pid: 100 + r,
+                },
+            );
+        }
+        assert_eq!(j.state, JobState::Running);
+        j
+    }
+
+    #[test]
+    fn pending_waits_with_a_reason() {
+        let (j, a) = next(
+            job(0),
+            Event::Placement(Err("waiting for nodes: 1/2".into())),
+        );
+        assert_eq!(j.state, JobState::Pending);
+        assert_eq!(j.pending_reason.as_deref(), Some("waiting for nodes: 1/2"));
+        assert!(a.is_empty());
+    }
+
+    #[test]
+    fn rank_table_follows_placement_order() {
+        let j = running(0);
+        let got: Vec<(u32, &str, u32, u32)> = j
+            .ranks
+            .iter()
+            .map(|r| (r.rank, r.node.as_str(), r.local_rank, r.node_rank))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, "w0", 0, 0),
+                (1, "w0", 1, 0),
+                (2, "w1", 0, 1),
+                (3, "w1", 1, 1)
+            ]
+        );
+        assert_eq!(j.world_size(), 4);
+    }
+
+    #[test]
+    fn all_zero_exits_succeed() {
+        let mut j = running(0);
+        for r in 0..4 {
+            assert_eq!(j.state, JobState::Running);
+            let a;
+            (j, a) = next(j, exited(0, r, 0));
+            if r == 3 {
+                assert_eq!(a, vec![Action::CloseGeneration { generation: 0 }]);
+            }
+        }
+        assert_eq!(j.state, JobState::Succeeded);
+    }
+
+    #[test]
+    fn failure_without_restarts_fails_and_gang_aborts() {
+        let j = running(0);
+        let (j, a) = next(j, exited(0, 2, 1));
+        assert_eq!(j.state, JobState::Failed);
+        assert_eq!(
+            a,
+            vec![
+                Action::StopWorkers {
+                    generation: 0,
+                    nodes: vec!["w0".into(), "w1".into()],
+                    grace_ms: ABORT_GRACE_MS
+                },
+                Action::CloseGeneration { generation: 0 }
+            ]
+        );
+        let f = j.failure.clone().unwrap();
+        assert_eq!(
+            (f.rank, f.node.as_str(), f.exit_code),
+            (Some(2), "w1", Some(1))
+        );
+        assert_eq!(f.log_tail, vec!["line of rank 2"]);
+        // The ranks the abort kills are STOPPED, and do not replace the root cause.
+        let (j, a) = next(
+            j,
+            Event::WorkerExited {
+                generation: 0,
+                rank: 0,
+                exit_code: None,
+                signal: Some(15),
+                log_tail: vec![],
+            },
+        );
+        assert!(a.is_empty());
+        assert_eq!(j.ranks[0].state, RankState::Stopped);
+        assert_eq!(j.failure.as_ref().unwrap().rank, Some(2));
+        assert_eq!(j.state, JobState::Failed);
+    }
+
+    #[test]
+    fn failure_with_restarts_restarts_after_teardown() {
+        let j = running(1);
+        let (j, _) = next(j, exited(0, 2, 1));
+        assert_eq!(j.state, JobState::Restarting);
+        assert_eq!(j.restart_count, 1);
+        // Placement before the teardown finished does nothing.
+        let (mut j, a) = next(j, Event::Placement(Ok(two_by_two())));
+        assert!(a.is_empty());
+        assert_eq!(j.generation, 0);
+        for r in [0, 1, 3] {
+            (j, _) = next(j, exited(0, r, 143));
+        }
+        assert!(!j.stopping);
+        let (j, a) = next(j, Event::Placement(Ok(two_by_two())));
+        assert_eq!(j.generation, 1);
+        assert_eq!(j.state, JobState::Starting);
+        assert_eq!(
+            a,
+            vec![Action::AllocatePort {
+                generation: 1,
+                node: "w0".into()
+            }]
+        );
+        assert!(j.ranks.iter().all(|r| r.state == RankState::Starting));
+        // A second failure exhausts the restarts.
+        let (mut j, _) = next(
+            j,
+            Event::PortAllocated {
+                generation: 1,
+                addr: "a".into(),
+                port: 1,
+            },
+        );
+        for r in 0..4 {
+            (j, _) = next(
+                j,
+                Event::WorkerStarted {
+                    generation: 1,
+                    rank: r,
+                    pid: r,
+                },
+            );
+        }
+        let (j, _) = next(j, exited(1, 0, 3));
+        assert_eq!(j.state, JobState::Failed);
+        assert_eq!(j.failures.len(), 2);
+    }
+
+    #[test]
+    fn stale_generation_events_are_ignored() {
+        let j = running(1);
+        let before = j.clone();
+        let (j, a) = next(j, exited(7, 0, 1));
+        assert!(a.is_empty());
+        assert_eq!(j, before);
+    }
+
+    #[test]
+    fn node_loss_fails_the_generation_naming_the_node() {
+        let j = running(0);
+        let (j, a) = next(
+            j,
+            Event::RanksLost {
+                node: "w1".into(),
+                ranks: vec![2, 3],
+                message: "node w1 lost: no heartbeat for 10s".into(),
+            },
+        );
+        assert_eq!(j.state, JobState::Failed);
+        let f = j.failure.unwrap();
+        assert_eq!(f.node, "w1");
+        assert_eq!(f.rank, Some(2));
+        assert!(f.message.contains("lost"));
+        assert!(matches!(a[0], Action::StopWorkers { .. }));
+    }
+
+    #[test]
+    fn cancel_in_each_state() {
+        let (j, a) = next(job(0), Event::Cancel { grace_ms: 5 });
+        assert_eq!(j.state, JobState::Cancelled);
+        assert!(a.is_empty());
+        let (j, a) = next(running(0), Event::Cancel { grace_ms: 5 });
+        assert_eq!(j.state, JobState::Cancelled);
+        assert_eq!(
+            a[0],
+            Action::StopWorkers {
+                generation: 0,
+                nodes: vec!["w0".into(), "w1".into()],
+                grace_ms: 5
+            }
+        );
+        // Cancel of a finished job changes nothing.
+        let (j2, a) = next(j.clone(), Event::Cancel { grace_ms: 5 });
+        assert_eq!(j2, j);
+        assert!(a.is_empty());
+    }
+
+    #[test]
+    fn start_failure_and_port_failure_fail_the_generation() {
+        let (j, _) = next(job(0), Event::Placement(Ok(two_by_two())));
+        let (j, _) = next(
+            j,
+            Event::PortFailed {
+                generation: 0,
+                message: "no agent".into(),
+            },
+        );
+        assert_eq!(j.state, JobState::Failed);
+        assert!(j.failure.unwrap().message.contains("MASTER_PORT"));
+
+        let (j, _) = next(job(0), Event::Placement(Ok(two_by_two())));
+        let (j, _) = next(
+            j,
+            Event::StartFailed {
+                generation: 0,
+                rank: 1,
+                message: "no such file".into(),
+            },
+        );
+        assert_eq!(j.state, JobState::Failed);
+        assert_eq!(j.failure.unwrap().rank, Some(1));
+    }
+
+    #[test]
+    fn log_tail_is_capped() {
+        let j = running(0);
+        let (j, _) = next(
+            j,
+            Event::WorkerExited {
+                generation: 0,
+                rank: 0,
+                exit_code: Some(1),
+                signal: None,
+                log_tail: (0..50).map(|i| i.to_string()).collect(),
+            },
+        );
+        let t = j.failure.unwrap().log_tail;
+        assert_eq!(t.len(), LOG_TAIL_LINES);
+        assert_eq!(t.last().unwrap(), "49");
+    }
+}

@@ -1,0 +1,21 @@
+//! Ringmaster's control plane: the coordinator daemon and the `ringctl` operator CLI.
+//!
+//! Layout:
+//! - [`spec`] — job specs: parsing, inlining the training config, validation.
+//! - [`job`] — the job state machine, a pure transition function.
+//! - [`placement`] — where a job can run: hostfile, filters, joined nodes, busy slots.
+//! - [`persist`] — the state writer thread over a `StateStore`.
+//! - [`status`] — job status in wire and JSON form.
+//! - [`server`] — the daemon: the loop and its gRPC services.
+//! - [`cli`] — `ringctl`.
+//! - [`local`] — `ringctl local`: a whole cluster on this machine.
+//! - [`logging`] — tracing setup shared by the binaries.
+
+pub mod cli;
+pub mod job;
+pub mod local;
+pub mod persist;
+pub mod placement;
+pub mod server;
+pub mod spec;
+pub mod status;

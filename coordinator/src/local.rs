@@ -1,0 +1,161 @@
+//! `ringctl local FILE --nodes N --slots S`: the whole cluster on this machine.
+//!
+//! Starts a coordinator (temporary data dir, free loopback port, a generated hostfile naming
+//! node-0…node-N-1 and a random join token) and N agents in this process, submits FILE,
+//! watches it, and tears everything down: agents stop their workers (SIGTERM, grace,
+//! SIGKILL) before the command returns. The exit code is the job's result. Ctrl-C cancels the
+//! job first.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ringmaster_hostfile::{Host, Hostfile};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{self, CliError, Exit, Output};
+use crate::server;
+use crate::spec;
+
+/// Upper bounds that keep a typo from forking thousands of processes.
+const MAX_LOCAL_NODES: u32 = 64;
+const MAX_LOCAL_SLOTS: u32 = 64;
+
+/// Runs FILE on a local cluster.
+///
+/// # Errors
+/// Bad arguments or spec (exit 2), or a cluster that cannot start (exit 1).
+pub async fn run(
+    file: &Path,
+    nodes: u32,
+    slots: u32,
+    work_dir: Option<PathBuf>,
+    output: Output,
+) -> Result<Exit, CliError> {
+    if nodes == 0 || nodes > MAX_LOCAL_NODES {
+        return Err(CliError::usage(format!(
+            "--nodes must be in 1..={MAX_LOCAL_NODES}, got {nodes}"
+        )));
+    }
+    if slots == 0 || slots > MAX_LOCAL_SLOTS {
+        return Err(CliError::usage(format!(
+            "--slots must be in 1..={MAX_LOCAL_SLOTS}, got {slots}"
+        )));
+    }
+    let sub = spec::load_submission(file).map_err(|e| CliError::usage(e.to_string()))?;
+
+    let (_tmp, root) = match work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d)
+                .map_err(|e| CliError::usage(format!("--work-dir {}: {e}", d.display())))?;
+            (None, d)
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("ringmaster-local-")
+                .tempdir()
+                .map_err(|e| CliError::failed(format!("creating a temporary directory: {e}")))?;
+            let p = t.path().to_owned();
+            (Some(t), p)
+        }
+    };
+    let names: Vec<String> = (0..nodes).map(|i| format!("node-{i}")).collect();
+    let hostfile = Hostfile {
+        hosts: names
+            .iter()
+            .map(|n| Host {
+                name: n.clone(),
+                slots,
+            })
+            .collect(),
+    };
+    let token = format!("{:032x}", rand::random::<u128>());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| CliError::failed(format!("binding a loopback port: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::failed(e.to_string()))?
+        .to_string();
+
+    let stop_coordinator = CancellationToken::new();
+    let coord_cfg = server::Config {
+        hostfile: Some(hostfile),
+        data_dir: root.join("coordinator"),
+        store_url: "embedded".into(),
+        join_token: Some(token.clone()),
+        heartbeat_timeout: Duration::from_secs(10),
+    };
+    let stop = stop_coordinator.clone();
+    let coordinator = tokio::spawn(async move {
+        server::run(coord_cfg, listener, async move { stop.cancelled().await }).await
+    });
+
+    let trainer = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("trainer")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("trainer"));
+    let stop_agents = CancellationToken::new();
+    let mut agents = Vec::new();
+    for name in &names {
+        let cfg = ringmaster_agent::Config {
+            join: addr.clone(),
+            name: name.clone(),
+            slots,
+            work_dir: root.join(name),
+            token: Some(token.clone()),
+            advertise_addr: "127.0.0.1".into(),
+            trainer: trainer.clone(),
+            max_backoff: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(5),
+        };
+        let stop = stop_agents.clone();
+        agents.push(tokio::spawn(async move {
+            ringmaster_agent::run(cfg, async move { stop.cancelled().await }).await
+        }));
+    }
+    if output == Output::Text {
+        eprintln!(
+            "local cluster: coordinator {addr}, {nodes} node(s) x {slots} slot(s), state in {}",
+            root.display()
+        );
+    }
+
+    let result = drive(&addr, &sub, output).await;
+
+    stop_agents.cancel();
+    for a in agents {
+        match tokio::time::timeout(Duration::from_secs(15), a).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "agent ended with an error"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("an agent did not stop within 15s"),
+        }
+    }
+    stop_coordinator.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), coordinator).await;
+    result
+}
+
+/// Submits and watches; Ctrl-C cancels the job and waits for it to end.
+async fn drive(addr: &str, sub: &spec::Submission, output: Output) -> Result<Exit, CliError> {
+    let mut client = cli::connect(addr).await?;
+    let job = cli::submit(&mut client, sub).await?;
+    if output == Output::Text {
+        eprintln!("submitted {}", job.id);
+    }
+    let mut watch_client = client.clone();
+    let id = job.id.clone();
+    let watch = cli::watch_job(&mut watch_client, &id, output);
+    tokio::pin!(watch);
+    tokio::select! {
+        r = &mut watch => r,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted: cancelling {id}");
+            let _ = client
+                .cancel(ringmaster_proto::CancelRequest { job_id: id.clone(), grace_ms: 5_000 })
+                .await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), &mut watch).await;
+            Ok(Exit::Failed)
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The coordinator daemon: gRPC services over one loop that owns the state.
+//!
+//! Layout:
+//! - `core` — the loop (membership, jobs, agent connections) and its [`core::Handle`].
+//! - `agent_svc` — `AgentService`: join authentication and the agent stream bridge.
+//! - `job_svc` — `JobService` for operators.
+//! - `rendezvous` — `RendezvousService`: the trainers' store, barrier and progress.
+
+pub mod agent_svc;
+pub mod core;
+pub mod job_svc;
+pub mod rendezvous;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use ringmaster_hostfile::Hostfile;
+use ringmaster_proto as pb;
+use tokio::net::TcpListener;
+
+use crate::persist::Persister;
+
+/// Request size limit of the agent and rendezvous services.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// Request size limit of the job service (a spec with its inlined files).
+pub const MAX_SUBMIT_BYTES: usize = 8 << 20;
+
+/// Everything `coordinator` needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub hostfile: Option<Hostfile>,
+    pub data_dir: PathBuf,
+    /// `embedded` (default), `memory`, or `etcd://...` once implemented.
+    pub store_url: String,
+    pub join_token: Option<String>,
+    pub heartbeat_timeout: Duration,
+}
+
+/// Runs the coordinator on `listener` until `shutdown` resolves.
+///
+/// # Errors
+/// The state store cannot be opened or read, or the server fails.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = ringmaster_store::open_url(&config.store_url, &config.data_dir)
+        .with_context(|| format!("opening the state store in {}", config.data_dir.display()))?;
+    let (persist, loaded) = Persister::start(store, &["jobs/", "nodes/", "meta/"])
+        .context("reading the state store")?;
+    let rendezvous = rendezvous::Rendezvous::default();
+    let core_cfg = core::CoreConfig {
+        hostfile: config.hostfile.clone(),
+        heartbeat_timeout: config.heartbeat_timeout,
+    };
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let core = core::Core::new(core_cfg, persist, loaded.records, rendezvous.clone());
+    let (handle, core_task) = core::spawn(core, stopping.clone());
+
+    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel::<pb::Progress>(4096);
+    let h2 = handle.clone();
+    let progress_task = tokio::spawn(async move {
+        while let Some(p) = progress_rx.recv().await {
+            h2.send(core::Cmd::Progress(p)).await;
+        }
+    });
+
+    let (health_reporter, health_svc) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::agent_service_server::AgentServiceServer<agent_svc::AgentSvc>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::job_service_server::JobServiceServer<job_svc::JobSvc>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::rendezvous_service_server::RendezvousServiceServer<rendezvous::RendezvousSvc>>()
+        .await;
+
+    let agent = pb::agent_service_server::AgentServiceServer::new(agent_svc::AgentSvc {
+        core: handle.clone(),
+        token: config.join_token.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let jobs = pb::job_service_server::JobServiceServer::new(job_svc::JobSvc {
+        core: handle.clone(),
+    })
+    .max_decoding_message_size(MAX_SUBMIT_BYTES);
+    let rdzv =
+        pb::rendezvous_service_server::RendezvousServiceServer::new(rendezvous::RendezvousSvc {
+            store: rendezvous,
+            progress: progress_tx,
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, hostfile_hosts = config.hostfile.as_ref().map(|h| h.hosts.len()), data_dir = %config.data_dir.display(), "coordinator listening");
+    if config.join_token.is_none() {
+        tracing::warn!("no --join-token-file: any agent that reaches this port can join");
+    }
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let stop = stopping.clone();
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_svc)
+        .add_service(agent)
+        .add_service(jobs)
+        .add_service(rdzv)
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            tracing::info!("coordinator shutting down");
+            // The loop ends agent streams and watches, so that graceful shutdown can finish.
+            stop.cancel();
+        });
+    tokio::pin!(server);
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = async {
+            stopping.cancelled().await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        } => {
+            tracing::warn!("requests still open 5s after shutdown began; closing them");
+            Ok(())
+        }
+    };
+    drop(handle);
+    progress_task.abort();
+    // The loop ends once every handle is gone (the services were dropped with the server).
+    let _ = tokio::time::timeout(Duration::from_secs(5), core_task).await;
+    result.context("gRPC server")
+}

@@ -1,0 +1,492 @@
+//! The trainers' rendezvous store: a key-value store per job generation, a barrier, and the
+//! progress stream.
+//!
+//! A scope (job id + generation) is opened by the coordinator's loop when it starts the
+//! generation's workers and closed when the generation ends; requests for a closed or stale
+//! scope fail at once, and a call waiting on a scope that closes fails too. Locks are plain
+//! mutexes never held across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ringmaster_proto as pb;
+use tokio::sync::{Notify, mpsc};
+use tonic::{Request, Response, Status};
+
+/// Largest key and value the store accepts.
+pub const MAX_KEY_BYTES: usize = 1024;
+pub const MAX_VALUE_BYTES: usize = 1 << 20;
+/// Most keys one generation may hold.
+pub const MAX_KEYS: usize = 100_000;
+/// Longest a Get or Barrier may wait.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+#[derive(Default)]
+struct Scope {
+    kv: HashMap<String, Vec<u8>>,
+    closed: bool,
+    notify: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct Inner {
+    scopes: HashMap<(String, u64), Scope>,
+    /// The newest generation opened per job.
+    current: HashMap<String, u64>,
+}
+
+/// Shared between the gRPC service and the coordinator's loop.
+#[derive(Clone, Default)]
+pub struct Rendezvous {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Rendezvous {
+    /// Opens the store of a generation (idempotent).
+    pub fn open(&self, job: &str, generation: u64) {
+        let mut inner = self.inner.lock().expect("rendezvous lock poisoned");
+        inner
+            .scopes
+            .entry((job.to_owned(), generation))
+            .or_default();
+        let cur = inner.current.entry(job.to_owned()).or_insert(generation);
+        *cur = (*cur).max(generation);
+    }
+
+    /// Closes a generation's store: its data is dropped and waiters fail.
+    pub fn close(&self, job: &str, generation: u64) {
+        let mut inner = self.inner.lock().expect("rendezvous lock poisoned");
+        if let Some(mut s) = inner.scopes.remove(&(job.to_owned(), generation)) {
+            s.closed = true;
+            s.notify.notify_waiters();
+        }
+    }
+
+    /// Forgets a job entirely.
+    pub fn forget(&self, job: &str) {
+        let mut inner = self.inner.lock().expect("rendezvous lock poisoned");
+        inner.current.remove(job);
+        let keys: Vec<_> = inner
+            .scopes
+            .keys()
+            .filter(|k| k.0 == job)
+            .cloned()
+            .collect();
+        for k in keys {
+            if let Some(s) = inner.scopes.remove(&k) {
+                s.notify.notify_waiters();
+            }
+        }
+    }
+
+    fn check_scope(scope: &Option<pb::Scope>) -> Result<(String, u64), Status> {
+        let s = scope
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("missing scope (job_id, generation)"))?;
+        if s.job_id.is_empty() {
+            return Err(Status::invalid_argument("scope.job_id is empty"));
+        }
+        Ok((s.job_id.clone(), s.generation))
+    }
+
+    fn check_key(key: &str) -> Result<(), Status> {
+        if key.is_empty() || key.len() > MAX_KEY_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "key must be 1..={MAX_KEY_BYTES} bytes, got {}",
+                key.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on an open scope, or explains why the scope is not open.
+    fn with_scope<T>(
+        &self,
+        scope: &(String, u64),
+        f: impl FnOnce(&mut Scope) -> Result<T, Status>,
+    ) -> Result<T, Status> {
+        let mut inner = self.inner.lock().expect("rendezvous lock poisoned");
+        let current = inner.current.get(&scope.0).copied();
+        match inner.scopes.get_mut(scope) {
+            Some(s) => f(s),
+            None => Err(match current {
+                Some(c) if c > scope.1 => Status::failed_precondition(format!(
+                    "job {} generation {} is stale (current generation is {c})",
+                    scope.0, scope.1
+                )),
+                Some(_) => Status::failed_precondition(format!(
+                    "job {} generation {} is not running",
+                    scope.0, scope.1
+                )),
+                None => Status::not_found(format!("job {} has no running generation", scope.0)),
+            }),
+        }
+    }
+
+    pub fn set(&self, scope: &(String, u64), key: &str, value: Vec<u8>) -> Result<(), Status> {
+        Self::check_key(key)?;
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "value of {key} is {} bytes, above the limit of {MAX_VALUE_BYTES}",
+                value.len()
+            )));
+        }
+        self.with_scope(scope, |s| {
+            if !s.kv.contains_key(key) && s.kv.len() >= MAX_KEYS {
+                return Err(Status::resource_exhausted(format!(
+                    "generation store holds {MAX_KEYS} keys already"
+                )));
+            }
+            s.kv.insert(key.to_owned(), value);
+            s.notify.notify_waiters();
+            Ok(())
+        })
+    }
+
+    /// Gets a key, waiting up to `wait` for it to appear.
+    pub async fn get(
+        &self,
+        scope: &(String, u64),
+        key: &str,
+        wait: Duration,
+    ) -> Result<Option<Vec<u8>>, Status> {
+        Self::check_key(key)?;
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        loop {
+            let notify = self.with_scope(scope, |s| {
+                if s.closed {
+                    return Err(Status::aborted("generation ended"));
+                }
+                Ok(match s.kv.get(key) {
+                    Some(v) => Err(v.clone()),
+                    None => Ok(s.notify.clone()),
+                })
+            })?;
+            let notify = match notify {
+                Err(found) => return Ok(Some(found)),
+                Ok(n) => n,
+            };
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Re-check after registering, so that a set between the check and enable() is seen.
+            let again = self.with_scope(scope, |s| Ok(s.kv.get(key).cloned()))?;
+            if again.is_some() {
+                return Ok(again);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+
+    pub fn add(&self, scope: &(String, u64), key: &str, delta: i64) -> Result<i64, Status> {
+        Self::check_key(key)?;
+        self.with_scope(scope, |s| {
+            let cur = match s.kv.get(key) {
+                None => 0,
+                Some(v) => std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|t| t.parse::<i64>().ok())
+                    .ok_or_else(|| {
+                        Status::failed_precondition(format!("{key} does not hold an integer"))
+                    })?,
+            };
+            let new = cur
+                .checked_add(delta)
+                .ok_or_else(|| Status::out_of_range(format!("{key}: {cur} + {delta} overflows")))?;
+            s.kv.insert(key.to_owned(), new.to_string().into_bytes());
+            s.notify.notify_waiters();
+            Ok(new)
+        })
+    }
+
+    pub fn compare_and_set(
+        &self,
+        scope: &(String, u64),
+        key: &str,
+        expected: Option<Vec<u8>>,
+        desired: Vec<u8>,
+    ) -> Result<(bool, Option<Vec<u8>>), Status> {
+        Self::check_key(key)?;
+        if desired.len() > MAX_VALUE_BYTES {
+            return Err(Status::invalid_argument(
+                "desired value above the size limit",
+            ));
+        }
+        self.with_scope(scope, |s| {
+            let cur = s.kv.get(key).cloned();
+            if cur == expected {
+                s.kv.insert(key.to_owned(), desired.clone());
+                s.notify.notify_waiters();
+                Ok((true, Some(desired)))
+            } else {
+                Ok((false, cur))
+            }
+        })
+    }
+
+    pub fn delete(&self, scope: &(String, u64), key: &str) -> Result<bool, Status> {
+        Self::check_key(key)?;
+        self.with_scope(scope, |s| Ok(s.kv.remove(key).is_some()))
+    }
+
+    /// Waits until `world_size` ranks have entered the barrier `name`.
+    pub async fn barrier(
+        &self,
+        scope: &(String, u64),
+        name: &str,
+        rank: u32,
+        world_size: u32,
+        timeout: Duration,
+    ) -> Result<(), Status> {
+        if world_size == 0 || rank >= world_size {
+            return Err(Status::invalid_argument(format!(
+                "barrier {name}: rank {rank} is not below world size {world_size}"
+            )));
+        }
+        let arrived_key = format!("__barrier/{name}/rank/{rank}");
+        let count_key = format!("__barrier/{name}/count");
+        let first = self.with_scope(scope, |s| Ok(!s.kv.contains_key(&arrived_key)))?;
+        if first {
+            self.set(scope, &arrived_key, b"1".to_vec())?;
+            self.add(scope, &count_key, 1)?;
+        }
+        let deadline = tokio::time::Instant::now() + timeout.min(MAX_WAIT);
+        loop {
+            let (count, notify) = self.with_scope(scope, |s| {
+                if s.closed {
+                    return Err(Status::aborted("generation ended"));
+                }
+                let c =
+                    s.kv.get(&count_key)
+                        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
+                        .unwrap_or(0);
+                Ok((c, s.notify.clone()))
+            })?;
+            if count >= world_size {
+                return Ok(());
+            }
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let count = self.with_scope(scope, |s| {
+                Ok(s.kv
+                    .get(&count_key)
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
+                    .unwrap_or(0))
+            })?;
+            if count >= world_size {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let missing: Vec<String> = self.with_scope(scope, |s| {
+                    Ok((0..world_size)
+                        .filter(|r| !s.kv.contains_key(&format!("__barrier/{name}/rank/{r}")))
+                        .map(|r| r.to_string())
+                        .collect())
+                })?;
+                return Err(Status::deadline_exceeded(format!(
+                    "barrier {name}: {count}/{world_size} ranks arrived; missing ranks {}",
+                    missing.join(",")
+                )));
+            }
+        }
+    }
+}
+
+/// The gRPC face of [`Rendezvous`]; progress reports go to the coordinator's loop.
+pub struct RendezvousSvc {
+    pub store: Rendezvous,
+    pub progress: mpsc::Sender<pb::Progress>,
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+#[tonic::async_trait]
+impl pb::rendezvous_service_server::RendezvousService for RendezvousSvc {
+    async fn set(&self, req: Request<pb::SetRequest>) -> Result<Response<pb::SetResponse>, Status> {
+        let r = req.into_inner();
+        let scope = Rendezvous::check_scope(&r.scope)?;
+        self.store.set(&scope, &r.key, r.value)?;
+        Ok(Response::new(pb::SetResponse {}))
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let r = req.into_inner();
+        let scope = Rendezvous::check_scope(&r.scope)?;
+        let v = self.store.get(&scope, &r.key, ms(r.wait_ms)).await?;
+        Ok(Response::new(pb::GetResponse {
+            found: v.is_some(),
+            value: v.unwrap_or_default(),
+        }))
+    }
+
+    async fn add(&self, req: Request<pb::AddRequest>) -> Result<Response<pb::AddResponse>, Status> {
+        let r = req.into_inner();
+        let scope = Rendezvous::check_scope(&r.scope)?;
+        let value = self.store.add(&scope, &r.key, r.delta)?;
+        Ok(Response::new(pb::AddResponse { value }))
+    }
+
+    async fn compare_and_set(
+        &self,
+        req: Request<pb::CompareAndSetRequest>,
+    ) -> Result<Response<pb::CompareAndSetResponse>, Status> {
+        let r = req.into_inner();
+        let scope = Rendezvous::check_scope(&r.scope)?;
+        let (swapped, current) = self
+            .store
+            .compare_and_set(&scope, &r.key, r.expected, r.desired)?;
+        Ok(Response::new(pb::CompareAndSetResponse {
+            swapped,
+            current,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let r = req.into_inner();
+        let scope = Rendezvous::check_scope(&r.scope)?;
+        let deleted = self.store.delete(&scope, &r.key)?;
+        Ok(Response::new(pb::DeleteResponse { deleted }))
+    }
+
+    async fn barrier(
+        &self,
+        req: Request<pb::BarrierRequest>,
+    ) -> Result<Response<pb::BarrierResponse>, Status> {
+        let r = req.into_inner();
+        let scope = Rendezvous::check_scope(&r.scope)?;
+        self.store
+            .barrier(&scope, &r.name, r.rank, r.world_size, ms(r.timeout_ms))
+            .await?;
+        Ok(Response::new(pb::BarrierResponse {}))
+    }
+
+    async fn report_progress(
+        &self,
+        req: Request<tonic::Streaming<pb::Progress>>,
+    ) -> Result<Response<pb::ProgressAck>, Status> {
+        let mut s = req.into_inner();
+        while let Some(p) = s.message().await? {
+            let scope = Rendezvous::check_scope(&p.scope)?;
+            self.store.with_scope(&scope, |_| Ok(()))?;
+            // Progress is advisory: drop an update rather than stall a trainer.
+            let _ = self.progress.try_send(p);
+        }
+        Ok(Response::new(pb::ProgressAck {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(g: u64) -> (String, u64) {
+        ("job-1".to_owned(), g)
+    }
+
+    #[tokio::test]
+    async fn set_get_add_cas_delete() {
+        let r = Rendezvous::default();
+        r.open("job-1", 0);
+        let s = scope(0);
+        r.set(&s, "a", b"1".to_vec()).unwrap();
+        assert_eq!(
+            r.get(&s, "a", Duration::ZERO).await.unwrap(),
+            Some(b"1".to_vec())
+        );
+        assert_eq!(r.get(&s, "b", Duration::ZERO).await.unwrap(), None);
+        assert_eq!(r.add(&s, "n", 2).unwrap(), 2);
+        assert_eq!(r.add(&s, "n", -5).unwrap(), -3);
+        assert!(r.add(&s, "a", 1).is_ok());
+        r.set(&s, "x", b"nope".to_vec()).unwrap();
+        assert!(r.add(&s, "x", 1).is_err());
+        assert_eq!(
+            r.compare_and_set(&s, "c", None, b"v1".to_vec()).unwrap(),
+            (true, Some(b"v1".to_vec()))
+        );
+        assert_eq!(
+            r.compare_and_set(&s, "c", None, b"v2".to_vec()).unwrap(),
+            (false, Some(b"v1".to_vec()))
+        );
+        assert!(
+            r.compare_and_set(&s, "c", Some(b"v1".to_vec()), b"v2".to_vec())
+                .unwrap()
+                .0
+        );
+        assert!(r.delete(&s, "c").unwrap());
+        assert!(!r.delete(&s, "c").unwrap());
+        assert!(r.set(&s, "", vec![]).is_err());
+    }
+
+    #[tokio::test]
+    async fn get_waits_for_a_later_set() {
+        let r = Rendezvous::default();
+        r.open("job-1", 0);
+        let r2 = r.clone();
+        let waiter =
+            tokio::spawn(async move { r2.get(&scope(0), "k", Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        r.set(&scope(0), "k", b"v".to_vec()).unwrap();
+        assert_eq!(waiter.await.unwrap().unwrap(), Some(b"v".to_vec()));
+        // And a wait with nothing coming times out empty.
+        let got = r.get(&scope(0), "never", Duration::from_millis(20)).await;
+        assert_eq!(got.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn stale_and_closed_generations_are_refused() {
+        let r = Rendezvous::default();
+        r.open("job-1", 0);
+        let r2 = r.clone();
+        let waiter =
+            tokio::spawn(async move { r2.get(&scope(0), "k", Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        r.close("job-1", 0);
+        r.open("job-1", 1);
+        let err = waiter.await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                err.code(),
+                tonic::Code::Aborted | tonic::Code::FailedPrecondition
+            ),
+            "{err:?}"
+        );
+        let err = r.set(&scope(0), "k", vec![]).unwrap_err();
+        assert!(err.message().contains("stale"), "{err:?}");
+        let err = r.set(&("other".into(), 0), "k", vec![]).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+    }
+
+    #[tokio::test]
+    async fn barrier_releases_all_and_names_missing_ranks() {
+        let r = Rendezvous::default();
+        r.open("job-1", 0);
+        let mut handles = Vec::new();
+        for rank in 0..3 {
+            let r = r.clone();
+            handles.push(tokio::spawn(async move {
+                r.barrier(&scope(0), "b", rank, 3, Duration::from_secs(10))
+                    .await
+            }));
+        }
+        for h in handles {
+            h.await.unwrap().unwrap();
+        }
+        let err = r
+            .barrier(&scope(0), "b2", 0, 2, Duration::from_millis(30))
+            .await
+            .unwrap_err();
+        assert!(err.message().contains("missing ranks 1"), "{err:?}");
+    }
+}

@@ -1,0 +1,436 @@
+//! Job specs: what an operator submits.
+//!
+//! `ringctl submit FILE` accepts a job spec (a mapping with `train:` or `command:`) or a bare
+//! training config (then the job defaults apply, as `llamafactory-cli train config.yaml` does).
+//! The client inlines the training config and the files it names ([`load_submission`]); the
+//! coordinator validates the whole spec again with [`JobSpec::validate`] before anything starts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ringmaster_config::TrainConfig;
+use serde::{Deserialize, Serialize};
+
+/// Largest spec (with its inlined files) a coordinator accepts.
+pub const MAX_SPEC_BYTES: usize = 4 << 20;
+
+/// Environment variables the launcher owns; a job's `env:` may not set them.
+pub const RESERVED_ENV: &[&str] = &[
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "NNODES",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CUDA_VISIBLE_DEVICES",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_RUN_ID",
+    "RINGMASTER_RESTART_COUNT",
+    "RINGMASTER_JOB_ID",
+    "RINGMASTER_GENERATION",
+    "RINGMASTER_COORDINATOR",
+    "RINGMASTER_RESUME_FROM",
+];
+
+/// A job as submitted. Field names are part of the interface contract (DESIGN.md).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A training config: a path (client side only) or, once inlined, a mapping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<serde_json::Value>,
+    /// Any program, started with torchrun-style environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus_per_node: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude: Option<String>,
+    #[serde(default)]
+    pub max_restarts: u32,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Why a spec was refused. Each message names the field or file.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: not valid YAML: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+    #[error("{origin}: training config: {source}")]
+    Train {
+        origin: String,
+        source: ringmaster_config::ConfigError,
+    },
+}
+
+impl SpecError {
+    fn invalid(origin: &str, message: impl Into<String>) -> SpecError {
+        SpecError::Invalid {
+            origin: origin.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// True for names safe as one path component and as an id: `[A-Za-z0-9._-]`, not starting
+/// with `.` or `-`, at most 63 characters.
+pub fn is_safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('.')
+        && !s.starts_with('-')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn is_env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+impl JobSpec {
+    /// Validates a spec whose `train:` is inlined. `origin` names the spec in messages.
+    ///
+    /// # Errors
+    /// The first problem found, naming the field.
+    pub fn validate(&self, origin: &str) -> Result<Option<TrainConfig>, SpecError> {
+        if let Some(name) = &self.name
+            && !is_safe_name(name)
+        {
+            return Err(SpecError::invalid(
+                origin,
+                format!(
+                    "name '{name}': use 1-63 characters of A-Z a-z 0-9 . _ - (not starting with . or -)"
+                ),
+            ));
+        }
+        let train = match (&self.train, &self.command) {
+            (Some(_), Some(_)) => {
+                return Err(SpecError::invalid(
+                    origin,
+                    "give either `train:` or `command:`, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(SpecError::invalid(
+                    origin,
+                    "a job spec needs `train:` or `command:`",
+                ));
+            }
+            (None, Some(cmd)) => {
+                if cmd.is_empty() || cmd[0].trim().is_empty() {
+                    return Err(SpecError::invalid(
+                        origin,
+                        "`command:` must be a non-empty list whose first item is the program",
+                    ));
+                }
+                if cmd.iter().any(|a| a.contains('\0')) {
+                    return Err(SpecError::invalid(
+                        origin,
+                        "`command:` items may not contain NUL bytes",
+                    ));
+                }
+                None
+            }
+            (Some(serde_json::Value::String(p)), None) => {
+                return Err(SpecError::invalid(
+                    origin,
+                    format!("`train: {p}` was not inlined (submit the spec with ringctl)"),
+                ));
+            }
+            (Some(v), None) => {
+                Some(
+                    TrainConfig::from_value(v).map_err(|source| SpecError::Train {
+                        origin: origin.to_owned(),
+                        source,
+                    })?,
+                )
+            }
+        };
+        if self.include.is_some() && self.exclude.is_some() {
+            return Err(SpecError::invalid(
+                origin,
+                "`include:` and `exclude:` are mutually exclusive",
+            ));
+        }
+        for (field, f) in [("include", &self.include), ("exclude", &self.exclude)] {
+            if let Some(f) = f {
+                if self.nodes.is_some() || self.gpus_per_node.is_some() {
+                    return Err(SpecError::invalid(
+                        origin,
+                        format!("`{field}:` cannot be combined with `nodes:` or `gpus_per_node:`"),
+                    ));
+                }
+                ringmaster_hostfile::parse_filter(f)
+                    .map_err(|e| SpecError::invalid(origin, format!("`{field}:` {e}")))?;
+            }
+        }
+        if self.nodes == Some(0) {
+            return Err(SpecError::invalid(origin, "`nodes:` must be at least 1"));
+        }
+        if self.gpus_per_node == Some(0) {
+            return Err(SpecError::invalid(
+                origin,
+                "`gpus_per_node:` must be at least 1",
+            ));
+        }
+        if self.max_restarts > 10_000 {
+            return Err(SpecError::invalid(
+                origin,
+                format!("`max_restarts: {}` is above 10000", self.max_restarts),
+            ));
+        }
+        for (k, v) in &self.env {
+            if !is_env_name(k) {
+                return Err(SpecError::invalid(
+                    origin,
+                    format!("`env:` key '{k}' is not a valid environment variable name"),
+                ));
+            }
+            if RESERVED_ENV.contains(&k.as_str()) {
+                return Err(SpecError::invalid(
+                    origin,
+                    format!("`env:` may not set {k}: the launcher sets it for every rank"),
+                ));
+            }
+            if v.contains('\0') {
+                return Err(SpecError::invalid(
+                    origin,
+                    format!("`env:` value of {k} contains a NUL byte"),
+                ));
+            }
+        }
+        Ok(train)
+    }
+}
+
+/// A spec ready to send: `train:` inlined, plus the files its training config names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submission {
+    pub spec: JobSpec,
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+fn parse_yaml(text: &str, origin: &str) -> Result<serde_json::Value, SpecError> {
+    serde_yaml::from_str::<serde_json::Value>(text).map_err(|e| SpecError::Syntax {
+        origin: origin.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, SpecError> {
+    std::fs::read(path).map_err(|source| SpecError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Reads a job spec or a bare training config from `path`, inlines the training config and
+/// the files it names, and validates the result.
+///
+/// Relative paths inside a spec resolve against the spec's directory, then the working
+/// directory (where LLaMA-Factory users keep them).
+///
+/// # Errors
+/// Unreadable files, bad YAML, unknown keys, bad values: each naming the file and the field.
+pub fn load_submission(path: &Path) -> Result<Submission, SpecError> {
+    let bytes = read(path)?;
+    let origin = path.display().to_string();
+    let text =
+        String::from_utf8(bytes).map_err(|_| SpecError::invalid(&origin, "not UTF-8 text"))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    submission_from_text(&text, &origin, base)
+}
+
+/// As [`load_submission`], from text already read.
+///
+/// # Errors
+/// As [`load_submission`].
+pub fn submission_from_text(
+    text: &str,
+    origin: &str,
+    base: &Path,
+) -> Result<Submission, SpecError> {
+    let value = parse_yaml(text, origin)?;
+    let map = match &value {
+        serde_json::Value::Object(m) => m,
+        serde_json::Value::Null => return Err(SpecError::invalid(origin, "the file is empty")),
+        _ => {
+            return Err(SpecError::invalid(
+                origin,
+                "expected a mapping (a job spec or a training config)",
+            ));
+        }
+    };
+    let is_spec = map.contains_key("train") || map.contains_key("command");
+    let mut spec: JobSpec = if is_spec {
+        serde_json::from_value(value.clone())
+            .map_err(|e| SpecError::invalid(origin, format!("job spec: {e}")))?
+    } else {
+        JobSpec {
+            train: Some(value.clone()),
+            ..JobSpec::default()
+        }
+    };
+    let mut train_origin = origin.to_owned();
+    let mut train_base = base.to_owned();
+    if let Some(serde_json::Value::String(p)) = &spec.train {
+        let tpath = resolve(base, p);
+        let bytes = read(&tpath)?;
+        train_origin = tpath.display().to_string();
+        let text = String::from_utf8(bytes)
+            .map_err(|_| SpecError::invalid(&train_origin, "not UTF-8 text"))?;
+        spec.train = Some(parse_yaml(&text, &train_origin)?);
+        train_base = tpath.parent().unwrap_or(Path::new(".")).to_owned();
+    }
+    let mut files = BTreeMap::new();
+    if let Some(train) = &spec.train {
+        let cfg = TrainConfig::from_value(train).map_err(|source| SpecError::Train {
+            origin: train_origin.clone(),
+            source,
+        })?;
+        for f in cfg.referenced_files() {
+            let p = resolve(&train_base, &f);
+            files.insert(f, read(&p)?);
+        }
+    }
+    spec.validate(origin)?;
+    Ok(Submission { spec, files })
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        return p.to_owned();
+    }
+    let beside = base.join(p);
+    if beside.exists() {
+        beside
+    } else {
+        p.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(text: &str) -> Result<Submission, SpecError> {
+        submission_from_text(text, "job.yaml", Path::new("."))
+    }
+
+    #[test]
+    fn command_spec_parses() {
+        let s = sub("name: envdump\ncommand: [sh, -c, env]\nnodes: 2\nmax_restarts: 3\nenv: {NCCL_DEBUG: INFO}\n")
+            .unwrap();
+        assert_eq!(s.spec.name.as_deref(), Some("envdump"));
+        assert_eq!(s.spec.command.as_ref().unwrap()[0], "sh");
+        assert_eq!(s.spec.max_restarts, 3);
+        assert_eq!(s.spec.env["NCCL_DEBUG"], "INFO");
+    }
+
+    #[test]
+    fn bare_training_config_becomes_a_train_job() {
+        let s = sub("stage: sft\nlearning_rate: 1.0e-4\n").unwrap();
+        assert!(s.spec.command.is_none());
+        assert_eq!(s.spec.train.unwrap()["stage"], "sft");
+    }
+
+    #[test]
+    fn inline_train_mapping_and_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("ds.json"),
+            b"{\"zero_optimization\":{\"stage\":3}}",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("t.yaml"),
+            "stage: sft\ndeepspeed: ds.json\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("job.yaml"), "train: t.yaml\nnodes: 1\n").unwrap();
+        let s = load_submission(&dir.path().join("job.yaml")).unwrap();
+        assert_eq!(s.spec.train.as_ref().unwrap()["deepspeed"], "ds.json");
+        assert!(s.files["ds.json"].starts_with(b"{\"zero"));
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let cases: &[(&str, &str)] = &[
+            ("", "empty"),
+            ("- a\n", "expected a mapping"),
+            ("command: [a]\ntrain: {stage: sft}\n", "not both"),
+            ("command: []\n", "non-empty"),
+            ("command: [a]\nbogus: 1\n", "unknown field `bogus`"),
+            ("command: [a]\nname: a/b\n", "name 'a/b'"),
+            (
+                "command: [a]\ninclude: a\nexclude: b\n",
+                "mutually exclusive",
+            ),
+            ("command: [a]\ninclude: a\nnodes: 1\n", "cannot be combined"),
+            ("command: [a]\ninclude: 'a@'\n", "`include:`"),
+            ("command: [a]\nnodes: 0\n", "`nodes:`"),
+            ("command: [a]\ngpus_per_node: 0\n", "`gpus_per_node:`"),
+            ("command: [a]\nenv: {RANK: '3'}\n", "may not set RANK"),
+            (
+                "command: [a]\nenv: {'1X': a}\n",
+                "not a valid environment variable",
+            ),
+            (
+                "stage: sft\nlearnin_rate: 1\n",
+                "unknown key(s): learnin_rate",
+            ),
+            ("train: {stage: xx}\n", "`stage`"),
+            ("train: missing.yaml\n", "missing.yaml"),
+            ("command: [a\n", "not valid YAML"),
+        ];
+        for (text, want) in cases {
+            let err = sub(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: {err:?} lacks {want:?}");
+            assert!(
+                err.starts_with("job.yaml") || err.contains("missing.yaml"),
+                "{err}"
+            );
+            assert!(!err.contains('\n'), "one line: {err:?}");
+        }
+    }
+
+    #[test]
+    fn safe_names() {
+        for ok in ["a", "job-1", "llama3.sft_2"] {
+            assert!(is_safe_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "-x",
+            ".hidden",
+            "a b",
+            &"x".repeat(64),
+        ] {
+            assert!(!is_safe_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The coordinator's persistent state: a small key/value [`StateStore`] with
+//! versioned compare-and-swap, shaped like etcd so that an etcd backend can
+//! implement the same trait later.
+//!
+//! Every write of a key gets a new [`Version`], taken from a store-wide
+//! revision counter (like etcd's `mod_revision`): versions are `> 0`, never
+//! reused, and grow with every write, also across restarts. Writes carry a
+//! [`Precondition`]; a failed one is a [`StoreError::Conflict`], which is
+//! retryable after re-reading the key. [`StateStore::commit`] applies several
+//! operations atomically; like an etcd transaction, all of its operations get
+//! the same new version.
+//!
+//! The API is blocking; the coordinator calls it from a dedicated thread.
+//!
+//! # Layout
+//!
+//! - `lib.rs`: the shared types ([`Version`], [`Versioned`], [`Precondition`],
+//!   [`Op`]), [`StoreError`], the [`StateStore`] trait and [`open_url`].
+//! - `plan.rs`: validation shared by the backends (key checks, preconditions
+//!   checked against the state before a commit).
+//! - `memory.rs`: [`MemoryStore`], a `Mutex<BTreeMap>` for unit tests.
+//! - `redb_store.rs`: [`RedbStore`], the embedded, durable store in
+//!   `<data dir>/state.redb`.
+//! - `conformance.rs` (tests only): one behavioural test suite run against
+//!   every backend.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+mod memory;
+mod plan;
+mod redb_store;
+
+#[cfg(test)]
+mod conformance;
+
+pub use memory::MemoryStore;
+pub use redb_store::{DB_FILE_NAME, RedbStore};
+
+/// A version `> 0` identifies one write of a key; it grows with every write of
+/// that key. It is taken from a store-wide revision counter (like etcd's
+/// `mod_revision`), so it also grows across keys and survives restarts.
+pub type Version = u64;
+
+/// A stored value and the version of the write that stored it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub value: Vec<u8>,
+    pub version: Version,
+}
+
+/// What a write expects of the key's current state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Precondition {
+    /// Write unconditionally.
+    Any,
+    /// The key must not exist.
+    Absent,
+    /// The key must exist with exactly this version. Versions are `> 0`, so
+    /// `Version(0)` never matches: use [`Precondition::Absent`] instead.
+    Version(Version),
+}
+
+impl Precondition {
+    /// Whether a key whose current version is `current` (`None`: absent)
+    /// satisfies this precondition.
+    pub fn matches(self, current: Option<Version>) -> bool {
+        match self {
+            Precondition::Any => true,
+            Precondition::Absent => current.is_none(),
+            Precondition::Version(v) => current == Some(v),
+        }
+    }
+}
+
+impl fmt::Display for Precondition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Precondition::Any => f.write_str("any"),
+            Precondition::Absent => f.write_str("absent"),
+            Precondition::Version(v) => write!(f, "version {v}"),
+        }
+    }
+}
+
+/// One operation of an atomic [`StateStore::commit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        expect: Precondition,
+    },
+    Delete {
+        key: String,
+        expect: Precondition,
+    },
+}
+
+impl Op {
+    /// Shorthand for [`Op::Put`].
+    pub fn put(key: impl Into<String>, value: impl Into<Vec<u8>>, expect: Precondition) -> Op {
+        Op::Put {
+            key: key.into(),
+            value: value.into(),
+            expect,
+        }
+    }
+
+    /// Shorthand for [`Op::Delete`].
+    pub fn delete(key: impl Into<String>, expect: Precondition) -> Op {
+        Op::Delete {
+            key: key.into(),
+            expect,
+        }
+    }
+
+    /// The key this operation writes.
+    pub fn key(&self) -> &str {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key, .. } => key,
+        }
+    }
+
+    /// The precondition of this operation.
+    pub fn expect(&self) -> Precondition {
+        match self {
+            Op::Put { expect, .. } | Op::Delete { expect, .. } => *expect,
+        }
+    }
+}
+
+/// Shows an optional current version as "absent" or "version N".
+struct Current(Option<Version>);
+
+impl fmt::Display for Current {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            None => f.write_str("absent"),
+            Some(v) => write!(f, "version {v}"),
+        }
+    }
+}
+
+/// Errors of a [`StateStore`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A precondition failed (compare-and-swap lost). Retryable after
+    /// re-reading the key. In a commit, nothing was written.
+    #[error("conflict on key {key:?}: expected {expected}, found {}", Current(*current))]
+    Conflict {
+        key: String,
+        expected: Precondition,
+        /// The key's version when the precondition was checked (`None`: absent).
+        current: Option<Version>,
+    },
+    /// Opening, creating, reading or writing a file failed.
+    #[error("state store I/O error at {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database file is locked by another open store.
+    #[error(
+        "state store {} is already open (locked); another coordinator may be using the data dir {}",
+        path.display(),
+        data_dir.display()
+    )]
+    Locked { path: PathBuf, data_dir: PathBuf },
+    /// The stored data is damaged or not in a format this build understands.
+    #[error("state store is corrupt: {detail}")]
+    Corrupt { detail: String },
+    /// The request itself is invalid (empty key, a key twice in one commit).
+    #[error("invalid state store request: {0}")]
+    Invalid(String),
+    /// The store URL is not one this build can open.
+    #[error("state store URL {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    /// Any other backend failure, with context.
+    #[error("state store backend error: {0}")]
+    Backend(String),
+}
+
+impl StoreError {
+    /// Whether this is a failed precondition ([`StoreError::Conflict`]).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict { .. })
+    }
+}
+
+/// A versioned key/value store with compare-and-swap writes.
+///
+/// Keys are non-empty strings, ordered bytewise.
+pub trait StateStore: Send + Sync + 'static {
+    /// The current value and version of `key`, if present.
+    fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
+
+    /// All keys with the prefix, sorted by key (`""` lists everything).
+    fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError>;
+
+    /// Put with a precondition; returns the new version.
+    fn put(&self, key: &str, value: &[u8], expect: Precondition) -> Result<Version, StoreError>;
+
+    /// Delete with a precondition; returns whether the key existed.
+    /// Deleting an absent key with [`Precondition::Any`] or
+    /// [`Precondition::Absent`] succeeds and returns `false`.
+    fn delete(&self, key: &str, expect: Precondition) -> Result<bool, StoreError>;
+
+    /// Apply all ops atomically: all preconditions are checked first, against
+    /// the state before the commit; one conflict means nothing is written.
+    /// A key may appear only once per commit. Returns the new version of each
+    /// op (0 for deletes); all puts of one commit get the same version.
+    fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, StoreError>;
+}
+
+/// Open the store named by `url`:
+///
+/// - `""`, `"embedded"` or `"redb"`: a [`RedbStore`] in `data_dir`;
+/// - `"memory"`: a [`MemoryStore`] (nothing persists);
+/// - `"etcd://..."`: not built yet, an error;
+/// - anything else: an error naming the URL.
+pub fn open_url(url: &str, data_dir: &Path) -> Result<Box<dyn StateStore>, StoreError> {
+    match url.trim() {
+        "" | "embedded" | "redb" => Ok(Box::new(RedbStore::open(data_dir)?)),
+        "memory" => Ok(Box::new(MemoryStore::new())),
+        u if u.starts_with("etcd://") => Err(StoreError::Url {
+            url: url.to_string(),
+            reason: "etcd store not built yet".to_string(),
+        }),
+        _ => Err(StoreError::Url {
+            url: url.to_string(),
+            reason: "unknown store; expected \"embedded\", \"redb\", \"memory\" or \"etcd://...\""
+                .to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_url_variants() {
+        let dir = tempfile::tempdir().unwrap();
+
+        for url in ["", "embedded", "redb"] {
+            let store = open_url(url, dir.path()).unwrap();
+            let v = store.put("k", b"v", Precondition::Any).unwrap();
+            assert!(v > 0);
+            drop(store);
+            assert!(dir.path().join(DB_FILE_NAME).is_file());
+        }
+
+        let mem = open_url("memory", dir.path()).unwrap();
+        assert_eq!(mem.get("k").unwrap(), None);
+
+        let err = open_url("etcd://10.0.0.1:2379", dir.path())
+            .err()
+            .expect("etcd is not built yet");
+        let msg = err.to_string();
+        assert!(msg.contains("etcd store not built yet"), "{msg}");
+        assert!(msg.contains("etcd://10.0.0.1:2379"), "{msg}");
+
+        let err = open_url("postgres://db", dir.path())
+            .err()
+            .expect("unknown scheme");
+        assert!(matches!(err, StoreError::Url { .. }));
+        assert!(err.to_string().contains("postgres://db"), "{err}");
+    }
+
+    #[test]
+    fn error_messages() {
+        let e = StoreError::Conflict {
+            key: "jobs/a".into(),
+            expected: Precondition::Version(3),
+            current: Some(7),
+        };
+        assert!(e.is_conflict());
+        assert_eq!(
+            e.to_string(),
+            "conflict on key \"jobs/a\": expected version 3, found version 7"
+        );
+        let e = StoreError::Conflict {
+            key: "x".into(),
+            expected: Precondition::Version(3),
+            current: None,
+        };
+        assert_eq!(
+            e.to_string(),
+            "conflict on key \"x\": expected version 3, found absent"
+        );
+        assert!(!StoreError::Backend("x".into()).is_conflict());
+    }
+
+    #[test]
+    fn precondition_matches() {
+        assert!(Precondition::Any.matches(None));
+        assert!(Precondition::Any.matches(Some(4)));
+        assert!(Precondition::Absent.matches(None));
+        assert!(!Precondition::Absent.matches(Some(4)));
+        assert!(Precondition::Version(4).matches(Some(4)));
+        assert!(!Precondition::Version(4).matches(Some(5)));
+        assert!(!Precondition::Version(4).matches(None));
+        assert!(!Precondition::Version(0).matches(None));
+    }
+
+    #[test]
+    fn trait_objects_are_shareable() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<Box<dyn StateStore>>();
+        assert_send_sync::<std::sync::Arc<dyn StateStore>>();
+        assert_send_sync::<MemoryStore>();
+        assert_send_sync::<RedbStore>();
+    }
+}

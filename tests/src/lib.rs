@@ -1,0 +1,349 @@
+//! Helpers for the cross-crate integration tests: real binaries on 127.0.0.1.
+//!
+//! Layout:
+//! - [`bin`] — path of a workspace binary (built by `cargo test --workspace`).
+//! - [`Proc`] — a child in its own process group, killed (whole group) on drop, output kept
+//!   in a log file that is printed when a test fails.
+//! - [`Cluster`] — a coordinator with a hostfile and join token, agents, and `ringctl` calls.
+//! - [`wait_until`] — poll a condition with a deadline, never a bare sleep.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Path of a binary of this workspace, next to the test executable's `deps/` folder.
+///
+/// # Panics
+/// If the binary was not built (run `cargo test --workspace` or `cargo build --bins` first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("target directory");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace --bins` (cargo test --workspace builds it)",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process in its own process group; the group is SIGKILLed on drop.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+    reaped: bool,
+}
+
+impl Proc {
+    /// Starts `cmd` with output to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let f = std::fs::File::create(&log).expect("creating a process log");
+        let f2 = f.try_clone().expect("cloning a log handle");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(f))
+            .stderr(Stdio::from(f2))
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+            reaped: false,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    /// Waits for the process to exit, up to `timeout`; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                self.reaped = true;
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        if !self.reaped {
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "----- log of {} ({}) -----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(s) => {
+            // The state follows the parenthesised command name.
+            let state = s
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X"))
+        }
+    }
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding a free port")
+        .port()
+}
+
+/// A coordinator, its agents and a scratch directory.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    pub coordinator: Option<Proc>,
+    pub agents: Vec<Proc>,
+    pub token_file: PathBuf,
+    pub hostfile: Option<PathBuf>,
+    pub heartbeat_timeout: String,
+}
+
+impl Cluster {
+    /// Starts a coordinator with `hostfile` (None: no hostfile) and a join token.
+    pub fn start(hostfile: Option<&str>, heartbeat_timeout: &str) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("ringmaster-test-")
+            .tempdir()
+            .expect("temp dir");
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "s3cret-token\n").expect("writing the token");
+        let hostfile = hostfile.map(|text| {
+            let p = dir.path().join("hostfile");
+            std::fs::write(&p, text).expect("writing the hostfile");
+            p
+        });
+        let mut c = Cluster {
+            addr: String::new(),
+            dir,
+            coordinator: None,
+            agents: Vec::new(),
+            token_file,
+            hostfile,
+            heartbeat_timeout: heartbeat_timeout.to_owned(),
+        };
+        c.start_coordinator(None);
+        c
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// (Re)starts the coordinator on the same data dir; on the same port when given.
+    pub fn start_coordinator(&mut self, port: Option<u16>) {
+        for attempt in 0..20 {
+            let port = port.unwrap_or_else(free_port);
+            let addr = format!("127.0.0.1:{port}");
+            let mut cmd = Command::new(bin("coordinator"));
+            cmd.args(["--listen", &addr, "--data-dir"])
+                .arg(self.path("data"))
+                .arg("--join-token-file")
+                .arg(&self.token_file)
+                .args(["--heartbeat-timeout", &self.heartbeat_timeout]);
+            if let Some(h) = &self.hostfile {
+                cmd.arg("--hostfile").arg(h);
+            }
+            let log = self.path(&format!("coordinator-{attempt}-{port}.log"));
+            let mut p = Proc::spawn("coordinator", cmd, log);
+            // Ready once the health port answers.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut up = false;
+            while Instant::now() < deadline {
+                if std::net::TcpStream::connect(&addr).is_ok() {
+                    up = true;
+                    break;
+                }
+                if p.wait_exit(Duration::from_millis(50)).is_some() {
+                    break;
+                }
+            }
+            if up {
+                self.addr = addr;
+                self.coordinator = Some(p);
+                return;
+            }
+            let log = p.log_text();
+            if !log.contains("Address already in use") {
+                panic!("coordinator did not start:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("no free port for the coordinator");
+    }
+
+    /// Starts an agent named `name` with `slots`; extra flags appended.
+    pub fn start_agent(&mut self, name: &str, slots: u32, extra: &[&str]) -> usize {
+        let mut cmd = Command::new(bin("agent"));
+        cmd.args([
+            "--join",
+            &self.addr,
+            "--name",
+            name,
+            "--slots",
+            &slots.to_string(),
+        ])
+        .arg("--work-dir")
+        .arg(self.path(&format!("work-{name}")))
+        .arg("--join-token-file")
+        .arg(&self.token_file)
+        .args(["--advertise-addr", "127.0.0.1", "--max-backoff", "500ms"])
+        .args(["--shutdown-grace", "2s"])
+        .args(extra);
+        let log = self.path(&format!("agent-{name}-{}.log", self.agents.len()));
+        self.agents
+            .push(Proc::spawn(&format!("agent {name}"), cmd, log));
+        self.agents.len() - 1
+    }
+
+    /// Runs `ringctl --coordinator ADDR args...`.
+    pub fn ringctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("ringctl"))
+            .arg("--coordinator")
+            .arg(&self.addr)
+            .args(args)
+            .output()
+            .expect("running ringctl")
+    }
+
+    /// `ringctl nodes --output json`.
+    pub fn nodes(&self) -> Value {
+        let out = self.ringctl(&["nodes", "--output", "json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// Waits until these nodes are JOINED.
+    pub fn wait_joined(&self, names: &[&str]) {
+        wait_until(Duration::from_secs(30), "agents to join", || {
+            let nodes = self.nodes();
+            let arr = nodes.as_array()?;
+            names
+                .iter()
+                .all(|n| {
+                    arr.iter()
+                        .any(|x| x["name"] == *n && x["state"] == "JOINED")
+                })
+                .then_some(())
+        });
+    }
+
+    /// Writes a job spec file and submits it; returns the job id.
+    pub fn submit(&self, file_name: &str, spec: &str) -> String {
+        let p = self.path(file_name);
+        std::fs::write(&p, spec).expect("writing the job spec");
+        let out = self.ringctl(&[
+            "submit",
+            p.to_str().expect("utf-8 path"),
+            "--output",
+            "json",
+        ]);
+        assert!(
+            out.status.success(),
+            "submit failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("submit prints JSON");
+        v["id"].as_str().expect("job id").to_owned()
+    }
+
+    /// `ringctl status JOB --output json`.
+    pub fn status(&self, job: &str) -> Value {
+        let out = self.ringctl(&["status", job, "--output", "json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// Waits until the job's state is one of `states`; returns the status.
+    pub fn wait_state(&self, job: &str, states: &[&str], timeout: Duration) -> Value {
+        let mut last = Value::Null;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.status(job);
+            if states.iter().any(|s| st["state"] == *s) {
+                return st;
+            }
+            if !st.is_null() {
+                last = st;
+            }
+            if Instant::now() > deadline {
+                panic!("job {job} not in {states:?} after {timeout:?}; last status: {last:#}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Parses `KEY=VALUE` lines (an `env` dump) into pairs.
+pub fn parse_env(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// Reads a file if it exists.
+pub fn read(p: &Path) -> Option<String> {
+    std::fs::read_to_string(p).ok()
+}

@@ -1,0 +1,438 @@
+//! Control-plane acceptance tests: real coordinator, agents and ringctl on 127.0.0.1.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use ringmaster_tests::{Cluster, alive, parse_env, read, wait_until};
+
+const HOSTFILE: &str = "# two nodes\nw0 slots=2\nw1 slots=2\n";
+
+fn two_by_two(heartbeat: &str) -> Cluster {
+    let mut c = Cluster::start(Some(HOSTFILE), heartbeat);
+    // Join in reverse hostfile order: ranks must still follow the hostfile.
+    c.start_agent("w1", 2, &[]);
+    c.wait_joined(&["w1"]);
+    c.start_agent("w0", 2, &[]);
+    c.wait_joined(&["w0", "w1"]);
+    c
+}
+
+fn out_dir(c: &Cluster) -> String {
+    let d = c.path("out");
+    std::fs::create_dir_all(&d).unwrap();
+    d.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn environment_and_rank_order_follow_the_hostfile() {
+    let c = two_by_two("10s");
+    let out = out_dir(&c);
+    let job = c.submit(
+        "env.yaml",
+        &format!(
+            "name: envdump\ncommand: [sh, -c, 'env > {out}/env-$RANK.txt; echo hello from rank $RANK']\n\
+             env: {{MY_FLAG: on}}\n"
+        ),
+    );
+    let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(30));
+    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
+    assert_eq!(st["world_size"], 4);
+
+    let mut ranks = BTreeSet::new();
+    let mut masters = BTreeSet::new();
+    for r in 0..4 {
+        let env = parse_env(&read(&c.path(&format!("out/env-{r}.txt"))).expect("env file"));
+        ranks.insert(env["RANK"].clone());
+        let node = if r < 2 { "w0" } else { "w1" };
+        assert_eq!(env["RINGMASTER_NODE"], node, "rank {r}");
+        assert_eq!(env["WORLD_SIZE"], "4");
+        assert_eq!(env["LOCAL_RANK"], (r % 2).to_string());
+        assert_eq!(env["LOCAL_WORLD_SIZE"], "2");
+        assert_eq!(env["NODE_RANK"], (r / 2).to_string());
+        assert_eq!(env["GROUP_RANK"], (r / 2).to_string());
+        assert_eq!(env["NNODES"], "2");
+        assert_eq!(env["CUDA_VISIBLE_DEVICES"], "0,1");
+        assert_eq!(env["TORCHELASTIC_RESTART_COUNT"], "0");
+        assert_eq!(env["RINGMASTER_RESTART_COUNT"], "0");
+        assert_eq!(env["TORCHELASTIC_MAX_RESTARTS"], "0");
+        assert_eq!(env["TORCHELASTIC_RUN_ID"], job);
+        assert_eq!(env["RINGMASTER_JOB_ID"], job);
+        assert_eq!(env["RINGMASTER_GENERATION"], "0");
+        assert_eq!(env["RINGMASTER_COORDINATOR"], c.addr);
+        assert_eq!(env["OMP_NUM_THREADS"], "1");
+        assert_eq!(env["MY_FLAG"], "on");
+        masters.insert((env["MASTER_ADDR"].clone(), env["MASTER_PORT"].clone()));
+    }
+    assert_eq!(ranks, ["0", "1", "2", "3"].map(String::from).into());
+    assert_eq!(masters.len(), 1, "{masters:?}");
+    let (maddr, mport) = masters.into_iter().next().unwrap();
+    assert_eq!(maddr, "127.0.0.1");
+    assert!(mport.parse::<u16>().unwrap() > 0);
+
+    // The rank's log, fetched through the coordinator from its agent.
+    let logs = c.ringctl(&["logs", &job, "--rank", "3"]);
+    assert!(
+        logs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&logs.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), "hello from rank 3\n");
+    // And in the agent's own log with the [job rank N] prefix.
+    let agent_log = c.agents[0].log_text();
+    assert!(
+        agent_log.contains(&format!("[{job} rank 3] hello from rank 3")),
+        "{agent_log}"
+    );
+
+    // An include filter selects nodes and slots.
+    let job2 = c.submit(
+        "env2.yaml",
+        &format!("command: [sh, -c, 'env > {out}/inc-$RANK.txt']\ninclude: 'w1:1@w0:0'\n"),
+    );
+    let st = c.wait_state(&job2, &["SUCCEEDED", "FAILED"], Duration::from_secs(30));
+    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
+    let e0 = parse_env(&read(&c.path("out/inc-0.txt")).unwrap());
+    let e1 = parse_env(&read(&c.path("out/inc-1.txt")).unwrap());
+    assert_eq!(e0["WORLD_SIZE"], "2");
+    assert_eq!(e0["RINGMASTER_NODE"], "w0");
+    assert_eq!(e0["CUDA_VISIBLE_DEVICES"], "0");
+    assert_eq!(e1["RINGMASTER_NODE"], "w1");
+    assert_eq!(e1["CUDA_VISIBLE_DEVICES"], "1");
+    assert_eq!(e1["LOCAL_RANK"], "0");
+    assert!(read(&c.path("out/inc-2.txt")).is_none());
+
+    // jobs --output json lists both.
+    let jobs = c.ringctl(&["jobs", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&jobs.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+}
+
+/// Rank 2 fails in generation 0 while the others would sleep for a minute.
+fn flaky_spec(out: &str, max_restarts: u32) -> String {
+    format!(
+        "name: flaky\nmax_restarts: {max_restarts}\ncommand:\n  - sh\n  - -c\n  - |\n    \
+         echo \"rank $RANK restart $RINGMASTER_RESTART_COUNT\"\n    \
+         if [ \"$RINGMASTER_RESTART_COUNT\" = 0 ]; then\n      \
+         if [ \"$RANK\" = 2 ]; then echo boom-from-rank-2; exit 1; fi\n      \
+         exec sleep 60\n    \
+         fi\n    \
+         env > {out}/gen1-$RANK.txt\n"
+    )
+}
+
+#[test]
+fn a_failed_rank_restarts_the_whole_gang() {
+    let c = two_by_two("10s");
+    let out = out_dir(&c);
+    let started = Instant::now();
+    let job = c.submit("flaky.yaml", &flaky_spec(&out, 1));
+    let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(40));
+    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
+    // The sleeping ranks of generation 0 were killed, or this would take a minute.
+    assert!(started.elapsed() < Duration::from_secs(40));
+    assert_eq!(st["generation"], 1);
+    assert_eq!(st["restart_count"], 1);
+    for r in 0..4 {
+        let env = parse_env(&read(&c.path(&format!("out/gen1-{r}.txt"))).expect("gen 1 ran"));
+        assert_eq!(env["RINGMASTER_RESTART_COUNT"], "1");
+        assert_eq!(env["TORCHELASTIC_RESTART_COUNT"], "1");
+        assert_eq!(env["RINGMASTER_GENERATION"], "1");
+    }
+    // The generation-0 failure is kept in the history.
+    let f = &st["failures"][0];
+    assert_eq!(f["rank"], 2);
+    assert_eq!(f["node"], "w1");
+    assert_eq!(f["exit_code"], 1);
+}
+
+#[test]
+fn without_restarts_the_job_fails_with_its_root_cause() {
+    let c = two_by_two("10s");
+    let out = out_dir(&c);
+    let job = c.submit("flaky.yaml", &flaky_spec(&out, 0));
+    let st = c.wait_state(&job, &["FAILED", "SUCCEEDED"], Duration::from_secs(30));
+    assert_eq!(st["state"], "FAILED", "{st:#}");
+    let f = &st["failure"];
+    assert_eq!(f["rank"], 2, "{st:#}");
+    assert_eq!(f["node"], "w1");
+    assert_eq!(f["exit_code"], 1);
+    assert!(f["signal"].is_null());
+    let tail: Vec<&str> = f["log_tail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert_eq!(tail, vec!["rank 2 restart 0", "boom-from-rank-2"]);
+    // The other ranks were stopped by the launcher, not failed.
+    wait_until(Duration::from_secs(10), "ranks stopped", || {
+        let st = c.status(&job);
+        let states: Vec<String> = st["ranks"]
+            .as_array()?
+            .iter()
+            .map(|r| r["state"].as_str().unwrap_or("").to_owned())
+            .collect();
+        (states == ["STOPPED", "STOPPED", "FAILED", "STOPPED"]).then_some(())
+    });
+    // ringctl watch of a failed job exits 1 and prints the cause.
+    let w = c.ringctl(&["watch", &job]);
+    assert_eq!(w.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&w.stdout).contains("boom-from-rank-2"));
+}
+
+#[test]
+fn cancel_kills_every_process_including_grandchildren() {
+    let c = two_by_two("10s");
+    let out = out_dir(&c);
+    let job = c.submit(
+        "cancel.yaml",
+        &format!(
+            "command: [sh, -c, 'sleep 1000 & echo $! > {out}/child-$RANK; echo $$ > {out}/worker-$RANK; wait']\n"
+        ),
+    );
+    c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
+    let pids: Vec<u32> = wait_until(Duration::from_secs(10), "pid files", || {
+        let mut v = Vec::new();
+        for r in 0..4 {
+            for kind in ["child", "worker"] {
+                let t = read(&c.path(&format!("out/{kind}-{r}")))?;
+                v.push(t.trim().parse().ok()?);
+            }
+        }
+        Some(v)
+    });
+    assert!(pids.iter().all(|p| alive(*p)));
+    let t0 = Instant::now();
+    let cancel = c.ringctl(&["cancel", &job, "--grace", "1s"]);
+    assert!(
+        cancel.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cancel.stderr)
+    );
+    wait_until(
+        Duration::from_secs(3),
+        "every process gone (grace + 2 s)",
+        || pids.iter().all(|p| !alive(*p)).then_some(()),
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    let st = c.status(&job);
+    assert_eq!(st["state"], "CANCELLED");
+}
+
+#[test]
+fn a_killed_agent_ends_the_generation_and_is_named() {
+    let c = two_by_two("2s");
+    let out = out_dir(&c);
+    let job = c.submit(
+        "long.yaml",
+        &format!("command: [sh, -c, 'echo $$ > {out}/w-$RANK; exec sleep 1000']\n"),
+    );
+    c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
+    // agents[0] is w1 (started first).
+    let t0 = Instant::now();
+    c.agents[0].signal(Signal::SIGKILL);
+    let st = c.wait_state(&job, &["FAILED"], Duration::from_secs(4));
+    assert!(t0.elapsed() < Duration::from_secs(4));
+    let f = &st["failure"];
+    assert_eq!(f["node"], "w1", "{st:#}");
+    assert!(f["message"].as_str().unwrap().contains("w1 lost"), "{st:#}");
+    // The surviving node's workers are stopped; the killed agent's died with it.
+    let pids: Vec<u32> = (0..4)
+        .map(|r| {
+            read(&c.path(&format!("out/w-{r}")))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    wait_until(Duration::from_secs(6), "all workers gone", || {
+        pids.iter().all(|p| !alive(*p)).then_some(())
+    });
+    let nodes = c.nodes();
+    let w1 = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "w1")
+        .unwrap();
+    assert_eq!(w1["state"], "LOST");
+}
+
+#[test]
+fn a_restarted_coordinator_reconciles_running_workers() {
+    let mut c = two_by_two("3s");
+    let out = out_dir(&c);
+    let job = c.submit(
+        "reconcile.yaml",
+        &format!(
+            "command: [sh, -c, 'echo $$ >> {out}/started-$RANK; while [ ! -e {out}/finish ]; do sleep 0.1; done']\n"
+        ),
+    );
+    let before = c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
+    let pids: Vec<u64> = before["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["pid"].as_u64().unwrap())
+        .collect();
+    let port: u16 = c.addr.rsplit(':').next().unwrap().parse().unwrap();
+    c.coordinator.as_ref().unwrap().signal(Signal::SIGKILL);
+    c.coordinator
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+    c.start_coordinator(Some(port));
+    // The job is known again, and its ranks are running with the same pids.
+    let after = wait_until(Duration::from_secs(15), "ranks reconciled", || {
+        let st = c.status(&job);
+        let ok = st["state"] == "RUNNING"
+            && st["ranks"]
+                .as_array()?
+                .iter()
+                .all(|r| r["state"] == "RUNNING");
+        ok.then_some(st)
+    });
+    let pids_after: Vec<u64> = after["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pids, pids_after);
+    std::fs::write(c.path("out/finish"), b"").unwrap();
+    let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(20));
+    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
+    // No worker was launched twice.
+    for r in 0..4 {
+        let started = read(&c.path(&format!("out/started-{r}"))).unwrap();
+        assert_eq!(started.lines().count(), 1, "rank {r} started: {started:?}");
+    }
+}
+
+#[test]
+fn bad_input_is_refused_with_exit_code_2() {
+    let mut c = Cluster::start(Some(HOSTFILE), "10s");
+
+    // Wrong token: the agent exits 2 naming the token; the coordinator logs the refusal.
+    let wrong = c.path("wrong-token");
+    std::fs::write(&wrong, "nope").unwrap();
+    let i = c.start_agent("w0", 2, &["--join-token-file", wrong.to_str().unwrap()]);
+    assert_eq!(c.agents[i].wait_exit(Duration::from_secs(20)), Some(2));
+    let log = c.agents[i].log_text();
+    assert!(log.contains("wrong join token"), "{log}");
+    wait_until(
+        Duration::from_secs(5),
+        "coordinator logs the refusal",
+        || {
+            c.coordinator
+                .as_ref()
+                .unwrap()
+                .log_text()
+                .contains("wrong join token")
+                .then_some(())
+        },
+    );
+
+    // Unknown node.
+    let i = c.start_agent("w9", 1, &[]);
+    assert_eq!(c.agents[i].wait_exit(Duration::from_secs(20)), Some(2));
+    let log = c.agents[i].log_text();
+    assert!(
+        log.contains("'w9' is not in the coordinator's hostfile"),
+        "{log}"
+    );
+
+    // Malformed job spec and bad training config.
+    for (file, text, want) in [
+        (
+            "bad1.yaml",
+            "command: [a]\nbogus: 1\n",
+            "unknown field `bogus`",
+        ),
+        ("bad2.yaml", "stage: sft\nlerning_rate: 1\n", "lerning_rate"),
+        ("bad3.yaml", "command: [a]\ninclude: w7\n", "w7"),
+        ("bad4.yaml", "command: [a\n", "not valid YAML"),
+    ] {
+        let p = c.path(file);
+        std::fs::write(&p, text).unwrap();
+        let out = c.ringctl(&["submit", p.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{file}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{file}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{file}: one line: {err}");
+    }
+
+    // Unknown job.
+    let out = c.ringctl(&["status", "no-such-job"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    // Malformed hostfile: the coordinator refuses to start, naming the line.
+    let hf = c.path("bad-hostfile");
+    std::fs::write(&hf, "w0 slots=2\nw1 slot=4\n").unwrap();
+    let out = std::process::Command::new(ringmaster_tests::bin("coordinator"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--hostfile",
+            hf.to_str().unwrap(),
+        ])
+        .arg("--data-dir")
+        .arg(c.path("data-bad"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hostfile line 2"), "{err}");
+
+    // Unknown flags.
+    for b in ["coordinator", "agent", "ringctl"] {
+        let out = std::process::Command::new(ringmaster_tests::bin(b))
+            .arg("--no-such-flag")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{b}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
+    }
+}
+
+#[test]
+fn ringctl_local_runs_a_job_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let spec = dir.path().join("job.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "command: [sh, -c, 'sleep 300 & echo $! > {o}/bg-$RANK; echo $$ > {o}/w-$RANK; echo rank $RANK of $WORLD_SIZE']\n",
+            o = out.display()
+        ),
+    )
+    .unwrap();
+    let res = std::process::Command::new(ringmaster_tests::bin("ringctl"))
+        .args([
+            "local",
+            spec.to_str().unwrap(),
+            "--nodes",
+            "2",
+            "--slots",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("rank 3 of 4"), "{stderr}");
+    let mut pids = Vec::new();
+    for r in 0..4 {
+        for k in ["bg", "w"] {
+            let t = std::fs::read_to_string(out.join(format!("{k}-{r}"))).unwrap();
+            pids.push(t.trim().parse::<u32>().unwrap());
+        }
+    }
+    // Everything the job started is gone once ringctl returns.
+    assert!(pids.iter().all(|p| !alive(*p)), "left behind: {pids:?}");
+}

@@ -1,0 +1,341 @@
+//! The training-config schema, shared by the coordinator (validation at submit time) and the
+//! trainer (which runs it). Free of burn so that the control plane builds fast and validates a job
+//! with exactly the code the trainer uses.
+//!
+//! Layout:
+//! - [`TrainConfig`] — LLaMA-Factory field names; [`TrainConfig::from_value`] rejects unknown
+//!   keys (listing all of them) and bad values (naming the field).
+//! - [`TrainConfig::referenced_files`] — the DeepSpeed / FSDP files a config names, which
+//!   `ringctl submit` sends inline with the job.
+
+use serde::{Deserialize, Serialize};
+
+/// Every key a training config may hold. Keep sorted; an unknown key is an error that lists it.
+pub const KNOWN_KEYS: &[&str] = &[
+    "bf16",
+    "cutoff_len",
+    "dataset",
+    "dataset_dir",
+    "ddp_timeout",
+    "deepspeed",
+    "do_eval",
+    "do_train",
+    "eval_steps",
+    "finetuning_type",
+    "fp16",
+    "fsdp_config",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "logging_steps",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_rank",
+    "lora_target",
+    "lr_scheduler_type",
+    "max_grad_norm",
+    "max_samples",
+    "max_steps",
+    "model_name_or_path",
+    "num_train_epochs",
+    "output_dir",
+    "overwrite_output_dir",
+    "packing",
+    "per_device_train_batch_size",
+    "plot_loss",
+    "preprocessing_num_workers",
+    "report_to",
+    "resume_from_checkpoint",
+    "save_steps",
+    "save_total_limit",
+    "seed",
+    "stage",
+    "template",
+    "val_size",
+    "warmup_ratio",
+    "warmup_steps",
+    "weight_decay",
+];
+
+/// A training config as LLaMA-Factory users write it. Absent fields take the trainer's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model_name_or_path: Option<String>,
+    pub stage: Option<String>,
+    pub do_train: Option<bool>,
+    pub do_eval: Option<bool>,
+    pub dataset: Option<StringOrList>,
+    pub dataset_dir: Option<String>,
+    pub template: Option<String>,
+    pub finetuning_type: Option<String>,
+    pub lora_rank: Option<u32>,
+    pub lora_alpha: Option<f64>,
+    pub lora_dropout: Option<f64>,
+    pub lora_target: Option<StringOrList>,
+    pub output_dir: Option<String>,
+    pub overwrite_output_dir: Option<bool>,
+    pub per_device_train_batch_size: Option<u32>,
+    pub gradient_accumulation_steps: Option<u32>,
+    pub lr_scheduler_type: Option<String>,
+    pub warmup_ratio: Option<f64>,
+    pub warmup_steps: Option<u64>,
+    pub learning_rate: Option<f64>,
+    pub weight_decay: Option<f64>,
+    pub num_train_epochs: Option<f64>,
+    pub max_steps: Option<i64>,
+    pub max_grad_norm: Option<f64>,
+    pub max_samples: Option<u64>,
+    pub logging_steps: Option<u64>,
+    pub save_steps: Option<u64>,
+    pub save_total_limit: Option<u32>,
+    pub eval_steps: Option<u64>,
+    pub val_size: Option<f64>,
+    pub plot_loss: Option<bool>,
+    pub bf16: Option<bool>,
+    pub fp16: Option<bool>,
+    pub seed: Option<u64>,
+    pub cutoff_len: Option<u32>,
+    pub packing: Option<bool>,
+    pub deepspeed: Option<String>,
+    pub fsdp_config: Option<String>,
+    pub resume_from_checkpoint: Option<String>,
+    pub preprocessing_num_workers: Option<u32>,
+    pub report_to: Option<StringOrList>,
+    pub ddp_timeout: Option<u64>,
+}
+
+/// A field that LLaMA-Factory accepts either as `a,b` or as a YAML list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StringOrList {
+    /// The items, with `a, b` split on commas.
+    pub fn items(&self) -> Vec<String> {
+        match self {
+            StringOrList::One(s) => s
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            StringOrList::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// Why a training config was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("training config is not valid YAML: {0}")]
+    Syntax(String),
+    #[error("training config must be a mapping of keys to values, got {0}")]
+    NotAMapping(&'static str),
+    #[error("training config has unknown key(s): {}", .0.join(", "))]
+    UnknownKeys(Vec<String>),
+    #[error("training config field `{field}`: {message}")]
+    Field { field: String, message: String },
+}
+
+impl TrainConfig {
+    /// Parses YAML text (JSON is YAML too).
+    ///
+    /// # Errors
+    /// Syntax errors, unknown keys (all listed) and bad values (naming the field).
+    pub fn from_yaml(text: &str) -> Result<TrainConfig, ConfigError> {
+        let value: serde_json::Value =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        TrainConfig::from_value(&value)
+    }
+
+    /// Validates a config already parsed into a JSON value.
+    ///
+    /// # Errors
+    /// As [`TrainConfig::from_yaml`].
+    pub fn from_value(value: &serde_json::Value) -> Result<TrainConfig, ConfigError> {
+        let map = match value {
+            serde_json::Value::Object(m) => m,
+            serde_json::Value::Null => return Err(ConfigError::NotAMapping("an empty document")),
+            serde_json::Value::Array(_) => return Err(ConfigError::NotAMapping("a list")),
+            _ => return Err(ConfigError::NotAMapping("a scalar")),
+        };
+        let unknown: Vec<String> = map
+            .keys()
+            .filter(|k| KNOWN_KEYS.binary_search(&k.as_str()).is_err())
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            return Err(ConfigError::UnknownKeys(unknown));
+        }
+        // Deserialize field by field so that a bad value names its field.
+        for (k, v) in map {
+            let mut one = serde_json::Map::new();
+            one.insert(k.clone(), v.clone());
+            if let Err(e) = serde_json::from_value::<TrainConfig>(serde_json::Value::Object(one)) {
+                return Err(ConfigError::Field {
+                    field: k.clone(),
+                    message: e.to_string(),
+                });
+            }
+        }
+        let cfg: TrainConfig =
+            serde_json::from_value(value.clone()).map_err(|e| ConfigError::Field {
+                field: "?".into(),
+                message: e.to_string(),
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let field = |f: &str, m: String| ConfigError::Field {
+            field: f.into(),
+            message: m,
+        };
+        if let Some(s) = &self.stage
+            && !["sft", "pt"].contains(&s.as_str())
+        {
+            return Err(field("stage", format!("expected 'sft' or 'pt', got '{s}'")));
+        }
+        if let Some(s) = &self.finetuning_type
+            && !["full", "lora"].contains(&s.as_str())
+        {
+            return Err(field(
+                "finetuning_type",
+                format!("expected 'full' or 'lora', got '{s}'"),
+            ));
+        }
+        if let Some(s) = &self.lr_scheduler_type
+            && !["linear", "cosine", "constant", "constant_with_warmup"].contains(&s.as_str())
+        {
+            return Err(field(
+                "lr_scheduler_type",
+                format!(
+                    "expected one of linear, cosine, constant, constant_with_warmup, got '{s}'"
+                ),
+            ));
+        }
+        if self.bf16 == Some(true) && self.fp16 == Some(true) {
+            return Err(field("bf16", "bf16 and fp16 cannot both be true".into()));
+        }
+        for (name, v) in [
+            (
+                "per_device_train_batch_size",
+                self.per_device_train_batch_size,
+            ),
+            (
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps,
+            ),
+        ] {
+            if v == Some(0) {
+                return Err(field(name, "must be at least 1".into()));
+            }
+        }
+        if let Some(lr) = self.learning_rate
+            && !(lr.is_finite() && lr >= 0.0)
+        {
+            return Err(field("learning_rate", format!("must be >= 0, got {lr}")));
+        }
+        if let Some(r) = self.warmup_ratio
+            && !(0.0..=1.0).contains(&r)
+        {
+            return Err(field("warmup_ratio", format!("must be in [0, 1], got {r}")));
+        }
+        Ok(())
+    }
+
+    /// Paths of the DeepSpeed JSON and FSDP YAML files this config names, as written.
+    pub fn referenced_files(&self) -> Vec<String> {
+        self.deepspeed
+            .iter()
+            .chain(self.fsdp_config.iter())
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_keys_are_sorted_and_match_the_struct() {
+        let mut sorted = KNOWN_KEYS.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(sorted, KNOWN_KEYS);
+        // Every known key deserializes into the struct (null is accepted by every Option).
+        for k in KNOWN_KEYS {
+            let v = serde_json::json!({ *k: null });
+            serde_json::from_value::<TrainConfig>(v).unwrap_or_else(|e| panic!("{k}: {e}"));
+        }
+    }
+
+    #[test]
+    fn parses_a_llama_factory_config() {
+        let cfg = TrainConfig::from_yaml(
+            "model_name_or_path: m\nstage: sft\ndo_train: true\nfinetuning_type: lora\n\
+             lora_target: all\ndataset: a,b\nlearning_rate: 1.0e-4\nbf16: true\n\
+             deepspeed: examples/ds_z3_config.json\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.dataset.as_ref().unwrap().items(), vec!["a", "b"]);
+        assert_eq!(cfg.learning_rate, Some(1e-4));
+        assert_eq!(cfg.referenced_files(), vec!["examples/ds_z3_config.json"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_all_listed() {
+        let err = TrainConfig::from_yaml("stage: sft\nlearning_rat: 1\nfoo: 2\n").unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::UnknownKeys(vec!["foo".into(), "learning_rat".into()])
+        );
+        assert!(err.to_string().contains("foo, learning_rat"));
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let cases = [
+            ("learning_rate: fast", "learning_rate"),
+            (
+                "per_device_train_batch_size: -1",
+                "per_device_train_batch_size",
+            ),
+            (
+                "per_device_train_batch_size: 0",
+                "per_device_train_batch_size",
+            ),
+            ("stage: dpo", "stage"),
+            ("finetuning_type: qlora", "finetuning_type"),
+            ("lr_scheduler_type: step", "lr_scheduler_type"),
+            ("bf16: true\nfp16: true", "bf16"),
+            ("warmup_ratio: 2", "warmup_ratio"),
+        ];
+        for (text, field) in cases {
+            match TrainConfig::from_yaml(text) {
+                Err(ConfigError::Field { field: f, .. }) => assert_eq!(f, field, "{text}"),
+                other => panic!("{text}: expected a field error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn non_mappings_are_refused() {
+        assert!(matches!(
+            TrainConfig::from_yaml(""),
+            Err(ConfigError::NotAMapping(_))
+        ));
+        assert!(matches!(
+            TrainConfig::from_yaml("- a\n- b\n"),
+            Err(ConfigError::NotAMapping(_))
+        ));
+        assert!(matches!(
+            TrainConfig::from_yaml("a: [b"),
+            Err(ConfigError::Syntax(_))
+        ));
+    }
+}
