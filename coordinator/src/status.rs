@@ -78,7 +78,7 @@ fn failure_json(f: &pb::Failure) -> Value {
 
 /// The JSON object of `ringctl status --output json` (DESIGN.md's contract).
 pub fn to_json(s: &pb::JobStatus) -> Value {
-    let p = s.progress.clone().unwrap_or_default();
+    let p = s.progress.unwrap_or_default();
     json!({
         "id": s.id,
         "name": s.name,

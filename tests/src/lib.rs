@@ -247,12 +247,13 @@ impl Cluster {
             &slots.to_string(),
         ])
         .arg("--work-dir")
-        .arg(self.path(&format!("work-{name}")))
-        .arg("--join-token-file")
-        .arg(&self.token_file)
-        .args(["--advertise-addr", "127.0.0.1", "--max-backoff", "500ms"])
-        .args(["--shutdown-grace", "2s"])
-        .args(extra);
+        .arg(self.path(&format!("work-{name}")));
+        if !extra.contains(&"--join-token-file") {
+            cmd.arg("--join-token-file").arg(&self.token_file);
+        }
+        cmd.args(["--advertise-addr", "127.0.0.1", "--max-backoff", "500ms"])
+            .args(["--shutdown-grace", "2s"])
+            .args(extra);
         let log = self.path(&format!("agent-{name}-{}.log", self.agents.len()));
         self.agents
             .push(Proc::spawn(&format!("agent {name}"), cmd, log));

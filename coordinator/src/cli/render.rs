@@ -44,7 +44,7 @@ pub fn jobs_table(jobs: &[pb::JobStatus]) -> String {
         .to_vec(),
     ];
     for j in jobs {
-        let p = j.progress.clone().unwrap_or_default();
+        let p = j.progress.unwrap_or_default();
         rows.push(vec![
             j.id.clone(),
             j.name.clone(),

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt};
 use ringmaster_proto as pb;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, WatchStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::server::core::{Cmd, Handle};
@@ -69,14 +69,19 @@ impl pb::job_service_server::JobService for JobSvc {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let id = req.into_inner().job_id;
         let rx = self.core.call(|reply| Cmd::Watch { id, reply }).await??;
-        // Every change until (and including) the first terminal status.
-        let stream = WatchStream::new(rx).scan(false, |done, st| {
-            if *done {
-                return futures::future::ready(None);
-            }
-            *done = terminal(&st.state);
-            futures::future::ready(Some(Ok(st)))
-        });
+        // The status now, then every change, until (and including) the first terminal one.
+        let stream =
+            futures::stream::unfold((rx, false, true), |(mut rx, done, first)| async move {
+                if done {
+                    return None;
+                }
+                if !first && rx.changed().await.is_err() {
+                    return None;
+                }
+                let st = rx.borrow_and_update().clone();
+                let done = terminal(&st.state);
+                Some((Ok(st), (rx, done, false)))
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 
