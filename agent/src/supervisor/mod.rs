@@ -384,3 +384,124 @@ pub fn kill_leftovers(work_dir: &Path) -> usize {
     }
     groups.len()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sup(dir: &Path) -> Supervisor {
+        let (tx, _rx) = mpsc::channel(1);
+        Supervisor::new(
+            dir.to_owned(),
+            PathBuf::from("trainer"),
+            "n0".into(),
+            "127.0.0.1:1".into(),
+            tx,
+        )
+    }
+
+    #[test]
+    fn no_job_id_leads_outside_the_work_dir() {
+        let s = sup(Path::new("/w"));
+        for bad in ["..", "../x", "a/b", "/etc", ".hidden", "", "-rf", "a\0b"] {
+            assert!(s.generation_dir(bad, 0).is_err(), "{bad:?}");
+            assert!(s.log_path(bad, 0, 1).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            s.log_path("job-1", 3, 2).unwrap(),
+            PathBuf::from("/w/job-1/gen-3/rank-2.log")
+        );
+    }
+
+    #[tokio::test]
+    async fn train_config_files_are_written_inside_the_generation_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sup(dir.path());
+        let gen_dir = s.generation_dir("job-1", 0).unwrap();
+        std::fs::create_dir_all(&gen_dir).unwrap();
+        let mut sw = pb::StartWorkers {
+            job_id: "job-1".into(),
+            train_config: r#"{"stage":"sft","deepspeed":"../../etc/ds.json"}"#.into(),
+            ..Default::default()
+        };
+        sw.files.insert(
+            "../../etc/ds.json".into(),
+            b"{\"zero_optimization\":{}}".to_vec(),
+        );
+        let cfg = s.write_train_config(&sw, &gen_dir).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        let ds = PathBuf::from(v["deepspeed"].as_str().unwrap());
+        assert!(ds.starts_with(&gen_dir), "{}", ds.display());
+        assert_eq!(std::fs::read(&ds).unwrap(), b"{\"zero_optimization\":{}}");
+    }
+
+    #[tokio::test]
+    async fn a_worker_and_its_children_are_stopped_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut s = Supervisor::new(
+            dir.path().to_owned(),
+            PathBuf::from("trainer"),
+            "n0".into(),
+            "127.0.0.1:1".into(),
+            tx,
+        );
+        let pidfile = dir.path().join("child.pid");
+        let sw = pb::StartWorkers {
+            job_id: "job-1".into(),
+            world_size: 1,
+            nnodes: 1,
+            ranks: vec![pb::RankEntry {
+                node: "n0".into(),
+                ..Default::default()
+            }],
+            program: vec![
+                "sh".into(),
+                "-c".into(),
+                format!(
+                    "sleep 1000 & echo $! > {}; echo started; wait",
+                    pidfile.display()
+                ),
+            ],
+            ..Default::default()
+        };
+        let msgs = s.start(&sw);
+        assert!(matches!(
+            msgs.as_slice(),
+            [pb::agent_message::Msg::WorkerStarted(_)]
+        ));
+        // A second start of the same worker is ignored (no duplicate launch).
+        assert!(s.start(&sw).is_empty());
+        let child: i32 = loop {
+            if let Ok(t) = std::fs::read_to_string(&pidfile)
+                && let Ok(p) = t.trim().parse()
+            {
+                break p;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        s.stop("job-1", 0, Duration::from_millis(500));
+        let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.signal, Some(15));
+        assert_eq!(e.log_tail, vec!["started"]);
+        // The grandchild is gone too.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty()
+                || stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap()
+                    .trim_start()
+                    .starts_with('Z'),
+            "{stat}"
+        );
+        let log = std::fs::read_to_string(s.log_path("job-1", 0, 0).unwrap()).unwrap();
+        assert_eq!(log, "started\n");
+    }
+}

@@ -46,9 +46,9 @@ pub enum HostfileError {
         Shown(.name)
     )]
     InvalidName { line: usize, name: String },
-    /// `slots=` is not followed by an integer in `1..=4294967295`.
+    /// `slots=` is not followed by an integer in `1..=MAX_SLOTS`.
     #[error(
-        "hostfile line {line}: slots for host '{host}' must be a positive integer, got '{}'",
+        "hostfile line {line}: slots for host '{host}' must be an integer in 1..=1024, got '{}'",
         Shown(.value)
     )]
     InvalidSlots {
@@ -173,12 +173,19 @@ fn malformed(line: usize, content: &str) -> HostfileError {
     }
 }
 
-/// ASCII digits only (no sign), no overflow, not zero.
+/// Most slots one host may have: far above any real node, low enough that a typo such as
+/// `slots=4000000000` is an error rather than a multi-gigabyte rank table.
+pub const MAX_SLOTS: u32 = 1024;
+
+/// ASCII digits only (no sign), no overflow, in `1..=MAX_SLOTS`.
 fn parse_positive(value: &str) -> Option<u32> {
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    value.parse::<u32>().ok().filter(|&n| n > 0)
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|&n| (1..=MAX_SLOTS).contains(&n))
 }
 
 #[cfg(test)]
@@ -220,8 +227,8 @@ mod tests {
             ),
             // Name characters, leading zeros, the largest count.
             (
-                "a.b_C-9 slots=007\n10.0.0.1 slots=4294967295",
-                &[("a.b_C-9", 7), ("10.0.0.1", u32::MAX)],
+                "a.b_C-9 slots=007\n10.0.0.1 slots=1024",
+                &[("a.b_C-9", 7), ("10.0.0.1", MAX_SLOTS)],
             ),
             ("localhost slots=2", &[("localhost", 2)]),
         ];
@@ -268,35 +275,39 @@ mod tests {
             ),
             (
                 "worker-0 slots=0",
-                "hostfile line 1: slots for host 'worker-0' must be a positive integer, got '0'",
+                "hostfile line 1: slots for host 'worker-0' must be an integer in 1..=1024, got '0'",
             ),
             (
                 "a slots=1\nworker-0 slots=-1",
-                "hostfile line 2: slots for host 'worker-0' must be a positive integer, got '-1'",
+                "hostfile line 2: slots for host 'worker-0' must be an integer in 1..=1024, got '-1'",
+            ),
+            (
+                "worker-0 slots=1025",
+                "hostfile line 1: slots for host 'worker-0' must be an integer in 1..=1024, got '1025'",
             ),
             (
                 "worker-0 slots=abc",
-                "hostfile line 1: slots for host 'worker-0' must be a positive integer, got 'abc'",
+                "hostfile line 1: slots for host 'worker-0' must be an integer in 1..=1024, got 'abc'",
             ),
             (
                 "worker-0 slots=",
-                "hostfile line 1: slots for host 'worker-0' must be a positive integer, got ''",
+                "hostfile line 1: slots for host 'worker-0' must be an integer in 1..=1024, got ''",
             ),
             (
                 "worker-0 slots=+4",
-                "hostfile line 1: slots for host 'worker-0' must be a positive integer, got '+4'",
+                "hostfile line 1: slots for host 'worker-0' must be an integer in 1..=1024, got '+4'",
             ),
             (
                 "worker-0 slots=4.0",
-                "hostfile line 1: slots for host 'worker-0' must be a positive integer, got '4.0'",
+                "hostfile line 1: slots for host 'worker-0' must be an integer in 1..=1024, got '4.0'",
             ),
             (
                 "worker-0 slots=4294967296",
-                "hostfile line 1: slots for host 'worker-0' must be a positive integer, got '4294967296'",
+                "hostfile line 1: slots for host 'worker-0' must be an integer in 1..=1024, got '4294967296'",
             ),
             (
                 "worker-0 slots=99999999999999999999999",
-                "hostfile line 1: slots for host 'worker-0' must be a positive integer, got '99999999999999999999999'",
+                "hostfile line 1: slots for host 'worker-0' must be an integer in 1..=1024, got '99999999999999999999999'",
             ),
             (
                 "# pool\n\nworker-1 slots=8\nworker-0 slots=8\nworker-1 slots=4\n",
@@ -420,7 +431,7 @@ mod tests {
         std::fs::write(&path, "worker-0 slots=0\n").unwrap();
         assert_eq!(
             Hostfile::load(&path).unwrap_err().to_string(),
-            "hostfile line 1: slots for host 'worker-0' must be a positive integer, got '0'"
+            "hostfile line 1: slots for host 'worker-0' must be an integer in 1..=1024, got '0'"
         );
 
         let missing = dir.join("missing");

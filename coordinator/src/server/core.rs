@@ -321,7 +321,7 @@ impl Core {
                     && n.conn.as_ref().is_some_and(|c| c.id == conn)
                 {
                     n.conn = None;
-                    tracing::warn!(
+                    tracing::info!(
                         node,
                         "agent disconnected; its workers are presumed running until the heartbeat timeout"
                     );
