@@ -436,3 +436,67 @@ fn ringctl_local_runs_a_job_and_leaves_nothing_behind() {
     // Everything the job started is gone once ringctl returns.
     assert!(pids.iter().all(|p| !alive(*p)), "left behind: {pids:?}");
 }
+
+#[test]
+fn logs_follow_streams_until_the_rank_ends() {
+    let c = two_by_two("10s");
+    let job = c.submit(
+        "ticks.yaml",
+        "command: [sh, -c, 'for i in 1 2 3 4 5 6; do echo tick $i; sleep 0.3; done']\n",
+    );
+    c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
+    let t0 = Instant::now();
+    let out = c.ringctl(&["logs", &job, "--rank", "0", "--follow"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want: String = (1..=6).map(|i| format!("tick {i}\n")).collect();
+    assert_eq!(text, want);
+    // It followed (the job takes ~1.8 s), then ended with the rank.
+    assert!(
+        t0.elapsed() > Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    let tail = c.ringctl(&["logs", &job, "--rank", "0", "--tail", "7"]);
+    assert_eq!(String::from_utf8_lossy(&tail.stdout), "tick 6\n");
+}
+
+#[test]
+fn agent_shutdown_stops_its_workers_and_json_logs_carry_job_and_generation() {
+    let mut c = Cluster::start(Some("w0 slots=2\n"), "10s");
+    c.start_agent("w0", 2, &["--log-format", "json"]);
+    c.wait_joined(&["w0"]);
+    let out = out_dir(&c);
+    let job = c.submit(
+        "sleepers.yaml",
+        &format!("command: [sh, -c, 'sleep 1000 & echo $! > {out}/bg-$RANK; echo up; wait']\n"),
+    );
+    c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
+    let pids: Vec<u32> = wait_until(Duration::from_secs(10), "pid files", || {
+        (0..2)
+            .map(|r| read(&c.path(&format!("out/bg-{r}")))?.trim().parse().ok())
+            .collect()
+    });
+    let t0 = Instant::now();
+    c.agents[0].signal(Signal::SIGTERM);
+    assert_eq!(c.agents[0].wait_exit(Duration::from_secs(6)), Some(0));
+    assert!(pids.iter().all(|p| !alive(*p)));
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    // Every line of the agent's log is JSON; lines about the job name it and its generation.
+    let log = c.agents[0].log_text();
+    let mut about_job = 0;
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v.get("job").is_some() {
+            about_job += 1;
+            assert!(v.get("generation").is_some(), "{line}");
+        }
+    }
+    assert!(about_job >= 4, "{log}");
+    assert!(log.contains(&format!("[{job} rank 1] up")), "{log}");
+}

@@ -132,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
     let rate_per_agent = Arc::new(AtomicU64::new(0)); // heartbeats per agent per 1000 s
     let t0 = Instant::now();
     let (done_tx, mut done_rx) = mpsc::channel::<Duration>(args.agents);
+    let last_ack = Arc::new(AtomicU64::new(0));
     let mut first_join: Option<Instant> = None;
     for (i, ch) in channels.into_iter().enumerate() {
         let ready = ready.clone();
@@ -139,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
         let hb_sent = hb_sent.clone();
         let rate = rate_per_agent.clone();
         let started = started.clone();
+        let last_ack = last_ack.clone();
         first_join.get_or_insert_with(Instant::now);
         tokio::spawn(async move {
             let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
@@ -176,6 +178,9 @@ async fn main() -> anyhow::Result<()> {
                     m = inbound.message() => {
                         let Ok(Some(m)) = m else { return };
                         match m.msg {
+                            Some(pb::coordinator_message::Msg::JoinAck(_)) => {
+                                last_ack.fetch_max(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                            }
                             Some(pb::coordinator_message::Msg::AllocatePort(a)) => {
                                 let _ = tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::PortAllocated(pb::PortAllocated {
                                     request_id: a.request_id, port: 29400, error: String::new(),
@@ -226,9 +231,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let join_to_start = last - first_join.map(|f| f - t0).unwrap_or_default();
     println!(
-        "rendezvous: {} agents joined and all got StartWorkers in {:.3} s",
+        "rendezvous: {} agents joined and all got StartWorkers in {:.3} s (last JoinAck at {:.3} s)",
         args.agents,
-        join_to_start.as_secs_f64()
+        join_to_start.as_secs_f64(),
+        last_ack.load(Ordering::Relaxed) as f64 / 1e6
     );
     ready.wait().await;
 

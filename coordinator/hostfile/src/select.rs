@@ -177,9 +177,13 @@ pub fn select(hosts: &[Host], req: &Request) -> Result<Vec<Selected>, SelectErro
         }
     }
 
+    // Linear in the host count: the coordinator runs this for every waiting job whenever
+    // membership changes, with hostfiles of thousands of nodes.
     let mut available: Vec<&Host> = Vec::with_capacity(hosts.len());
+    let mut seen: std::collections::HashSet<&str> =
+        std::collections::HashSet::with_capacity(hosts.len());
     for host in hosts {
-        if host.slots > 0 && !available.iter().any(|h| h.name == host.name) {
+        if host.slots > 0 && seen.insert(host.name.as_str()) {
             available.push(host);
         }
     }

@@ -159,6 +159,10 @@ pub struct Core {
     log_requests: HashMap<u64, (String, LogTx)>,
     /// Placement must be re-evaluated (membership or slots changed).
     dirty: bool,
+    /// Jobs changed since the last flush (to persist and publish).
+    changed: BTreeSet<String>,
+    /// Jobs whose progress changed since the last flush (to publish).
+    progressed: BTreeSet<String>,
     started: Instant,
 }
 
@@ -191,6 +195,8 @@ impl Core {
             port_requests: HashMap::new(),
             log_requests: HashMap::new(),
             dirty: true,
+            changed: BTreeSet::new(),
+            progressed: BTreeSet::new(),
             started: now,
         };
         if let Some(hf) = &core.cfg.hostfile {
@@ -280,7 +286,19 @@ impl Core {
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.handle(cmd),
+                    Some(cmd) => {
+                        self.handle(cmd);
+                        // Handle what queued up meanwhile before re-evaluating placements, so
+                        // that a burst of joins costs one scheduling pass, not one per join.
+                        let mut burst = 0;
+                        while burst < 1024 {
+                            match rx.try_recv() {
+                                Ok(cmd) => self.handle(cmd),
+                                Err(_) => break,
+                            }
+                            burst += 1;
+                        }
+                    }
                     None => break,
                 },
                 _ = tick.tick(), if !stopped => self.check_heartbeats(),
@@ -300,6 +318,7 @@ impl Core {
                 self.dirty = false;
                 self.schedule();
             }
+            self.flush_changed();
         }
         let _ = self.persist.flush().await;
     }
@@ -378,7 +397,7 @@ impl Core {
                 reply,
             } => {
                 let r = if self.jobs.contains_key(&id) {
-                    tracing::info!(job = %id, "cancel requested");
+                    tracing::info!(job = %id, generation = self.jobs[&id].generation, "cancel requested");
                     self.apply(&id, Event::Cancel { grace_ms });
                     Ok(status::job_status(&self.jobs[&id]))
                 } else {
@@ -854,7 +873,8 @@ impl Core {
         }
         job.updated_unix_ms = now_ms();
         let id = job.id.clone();
-        self.publish(&id);
+        // Progress is published, not persisted: it changes every step.
+        self.progressed.insert(id);
     }
 
     // ───────────── jobs ─────────────
@@ -893,6 +913,7 @@ impl Core {
         self.save(&id);
         self.dirty = true;
         self.schedule();
+        self.flush_changed();
         Ok(status::job_status(&self.jobs[&id]))
     }
 
@@ -1110,11 +1131,22 @@ impl Core {
         tracing::info!(job = %id, generation, world_size = msg.world_size, master = %format!("{}:{}", msg.master_addr, msg.master_port), "starting workers");
         let nodes = job.nodes();
         let mut unreachable = Vec::new();
+        // Each agent gets only its own ranks: the message stays O(local ranks), so that a
+        // 1,000-node start is 1,000 small messages, not 1,000 copies of the whole table.
+        let mut by_node: BTreeMap<String, Vec<pb::RankEntry>> = BTreeMap::new();
+        for r in msg.ranks {
+            by_node.entry(r.node.clone()).or_default().push(r);
+        }
+        let template = pb::StartWorkers {
+            ranks: Vec::new(),
+            ..msg
+        };
         for node in nodes {
-            if !self.send_to(
-                &node,
-                pb::coordinator_message::Msg::StartWorkers(msg.clone()),
-            ) {
+            let m = pb::StartWorkers {
+                ranks: by_node.remove(&node).unwrap_or_default(),
+                ..template.clone()
+            };
+            if !self.send_to(&node, pb::coordinator_message::Msg::StartWorkers(m)) {
                 unreachable.push(node);
             }
         }
@@ -1182,13 +1214,27 @@ impl Core {
         Ok(())
     }
 
+    /// Marks a job for persisting and publishing; done once per burst of commands by
+    /// [`Core::flush_changed`], so that 1,000 WorkerStarted in a row cost one write, not 1,000.
     fn save(&mut self, id: &str) {
-        let job = &self.jobs[id];
-        self.persist.put(
-            format!("jobs/{id}"),
-            serde_json::to_vec(job).expect("job serializes"),
-        );
-        self.publish(id);
+        self.changed.insert(id.to_owned());
+    }
+
+    fn flush_changed(&mut self) {
+        for id in std::mem::take(&mut self.progressed) {
+            if !self.changed.contains(&id) && self.jobs.contains_key(&id) {
+                self.publish(&id);
+            }
+        }
+        for id in std::mem::take(&mut self.changed) {
+            if let Some(job) = self.jobs.get(&id) {
+                self.persist.put(
+                    format!("jobs/{id}"),
+                    serde_json::to_vec(job).expect("job serializes"),
+                );
+                self.publish(&id);
+            }
+        }
     }
 
     fn publish(&mut self, id: &str) {

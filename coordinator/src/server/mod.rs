@@ -100,7 +100,18 @@ pub async fn run(
     if config.join_token.is_none() {
         tracing::warn!("no --join-token-file: any agent that reaches this port can join");
     }
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The server's own tcp_nodelay does not reach sockets of a caller-supplied listener: set it
+    // here, or Nagle's algorithm holds small replies for a delayed ACK (~40 ms each).
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |conn| {
+            conn.inspect(|s| {
+                if let Err(e) = s.set_nodelay(true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                }
+            })
+        },
+    );
     let stop = stopping.clone();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
