@@ -9,11 +9,26 @@
 //! - [`env`] — the worker environment (torchrun / DeepSpeed names).
 //! - [`supervisor`] — spawning, log capture, process-group signals.
 //! - [`logging`] — tracing setup shared by every Ringmaster binary.
+//! - [`shutdown_signal`], [`error_chain`] — also shared with the coordinator's binaries.
 //! - this file — [`Config`] and [`run`], the connection loop.
 
 pub mod env;
 pub mod logging;
 pub mod supervisor;
+
+/// Resolves on the first SIGTERM or SIGINT (the binaries' shutdown request).
+///
+/// # Panics
+/// If the signal handlers cannot be installed (no tokio runtime with signals enabled).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -438,7 +453,8 @@ impl Agent {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources on one line, `outer: inner: innermost`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -106,10 +106,10 @@ fn main() -> ExitCode {
         .expect("building the tokio runtime");
     let result = rt.block_on(async move {
         let shutdown = async {
-            shutdown_signal().await;
+            ringmaster_agent::shutdown_signal().await;
             tracing::info!("shutdown requested; stopping workers (a second signal exits at once)");
             tokio::spawn(async {
-                shutdown_signal().await;
+                ringmaster_agent::shutdown_signal().await;
                 eprintln!("agent: second signal, exiting now");
                 std::process::exit(130);
             });
@@ -126,15 +126,5 @@ fn main() -> ExitCode {
                 ringmaster_agent::AgentError::WorkDir { .. } => ExitCode::from(1),
             }
         }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
     }
 }

@@ -93,12 +93,8 @@ impl SpecError {
 /// True for names safe as one path component and as an id: `[A-Za-z0-9._-]`, not starting
 /// with `.` or `-`, at most 63 characters.
 pub fn is_safe_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && !s.starts_with('.')
-        && !s.starts_with('-')
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    // The agent applies the same rule before it builds any path from a job id.
+    ringmaster_agent::supervisor::is_safe_component(s)
 }
 
 fn is_env_name(s: &str) -> bool {

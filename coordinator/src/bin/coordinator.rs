@@ -91,9 +91,9 @@ fn main() -> ExitCode {
             Err(e) => return usage(format!("--listen {}: {e}", args.listen)),
         };
         let shutdown = async {
-            shutdown_signal().await;
+            ringmaster_agent::shutdown_signal().await;
             tokio::spawn(async {
-                shutdown_signal().await;
+                ringmaster_agent::shutdown_signal().await;
                 eprintln!("coordinator: second signal, exiting now");
                 std::process::exit(130);
             });
@@ -106,14 +106,4 @@ fn main() -> ExitCode {
             }
         }
     })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
 }

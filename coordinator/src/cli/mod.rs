@@ -186,21 +186,10 @@ pub async fn connect(
     let channel = endpoint.connect().await.map_err(|e| {
         CliError::failed(format!(
             "cannot reach the coordinator at {addr}: {}",
-            chain(&e)
+            ringmaster_agent::error_chain(&e)
         ))
     })?;
     Ok(pb::job_service_client::JobServiceClient::new(channel).max_decoding_message_size(64 << 20))
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn print_json(v: &serde_json::Value) {

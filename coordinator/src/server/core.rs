@@ -125,6 +125,23 @@ struct Node {
 }
 
 impl Node {
+    /// A node known by name and slot count, not (yet) connected.
+    fn new(slots: u32, now: Instant) -> Node {
+        Node {
+            slots,
+            announced_slots: 0,
+            advertise_addr: String::new(),
+            hostname: String::new(),
+            version: String::new(),
+            incarnation: String::new(),
+            conn: None,
+            last_seen: now,
+            joined: false,
+            lost: false,
+            running_workers: 0,
+        }
+    }
+
     fn alive(&self) -> bool {
         self.conn.is_some() && !self.lost
     }
@@ -201,22 +218,7 @@ impl Core {
         };
         if let Some(hf) = &core.cfg.hostfile {
             for h in &hf.hosts {
-                core.nodes.insert(
-                    h.name.clone(),
-                    Node {
-                        slots: h.slots,
-                        announced_slots: 0,
-                        advertise_addr: String::new(),
-                        hostname: String::new(),
-                        version: String::new(),
-                        incarnation: String::new(),
-                        conn: None,
-                        last_seen: now,
-                        joined: false,
-                        lost: false,
-                        running_workers: 0,
-                    },
-                );
+                core.nodes.insert(h.name.clone(), Node::new(h.slots, now));
             }
         }
         for (key, value) in loaded {
@@ -247,17 +249,8 @@ impl Core {
                     let in_hostfile = core.cfg.hostfile.is_none() || core.nodes.contains_key(name);
                     if in_hostfile {
                         let n = core.nodes.entry(name.to_owned()).or_insert_with(|| Node {
-                            slots: rec.slots,
-                            announced_slots: rec.slots,
-                            advertise_addr: String::new(),
-                            hostname: String::new(),
-                            version: String::new(),
-                            incarnation: String::new(),
-                            conn: None,
-                            last_seen: now,
                             joined: true,
-                            lost: false,
-                            running_workers: 0,
+                            ..Node::new(rec.slots, now)
                         });
                         n.joined = true;
                         n.advertise_addr = rec.advertise_addr;
@@ -472,19 +465,10 @@ impl Core {
         let conn_id = self.next_conn;
         self.next_conn += 1;
         let previous_incarnation = self.nodes.get(&name).map(|n| n.incarnation.clone());
-        let node = self.nodes.entry(name.clone()).or_insert_with(|| Node {
-            slots,
-            announced_slots: join.slots,
-            advertise_addr: String::new(),
-            hostname: String::new(),
-            version: String::new(),
-            incarnation: String::new(),
-            conn: None,
-            last_seen: now,
-            joined: false,
-            lost: false,
-            running_workers: 0,
-        });
+        let node = self
+            .nodes
+            .entry(name.clone())
+            .or_insert_with(|| Node::new(slots, now));
         let rejoin = node.joined;
         node.slots = slots;
         node.announced_slots = join.slots;
