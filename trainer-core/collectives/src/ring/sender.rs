@@ -1,0 +1,97 @@
+//! The send side of a ring rank: one thread that writes queued byte ranges to the right
+//! neighbour, so that sending overlaps with receiving and reducing on the caller's thread.
+//!
+//! Queued ranges point into the caller's buffer. The caller guarantees that a range stays
+//! valid and unwritten until the next [`Sender::fence`] returns; every collective fences before
+//! it returns, on its error paths too (after shutting the sockets down, so that a blocked write
+//! ends).
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+enum Cmd {
+    Data { ptr: usize, len: usize },
+    Fence(mpsc::SyncSender<Result<(), String>>),
+}
+
+pub struct Sender {
+    tx: Option<mpsc::Sender<Cmd>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sender {
+    pub fn start(mut stream: TcpStream, rank: usize) -> Sender {
+        let (tx, rx) = mpsc::channel::<Cmd>();
+        let thread = std::thread::Builder::new()
+            .name(format!("ring-send-{rank}"))
+            .spawn(move || {
+                let mut error: Option<String> = None;
+                while let Ok(cmd) = rx.recv() {
+                    match cmd {
+                        Cmd::Data { ptr, len } => {
+                            if error.is_some() {
+                                continue;
+                            }
+                            // SAFETY: the caller keeps [ptr, ptr+len) valid and unwritten until
+                            // the fence that follows this command (module docs).
+                            let bytes =
+                                unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+                            if let Err(e) = stream.write_all(bytes) {
+                                error = Some(e.to_string());
+                            }
+                        }
+                        Cmd::Fence(reply) => {
+                            let _ = reply.send(match &error {
+                                None => Ok(()),
+                                Some(e) => Err(e.clone()),
+                            });
+                        }
+                    }
+                }
+            })
+            .expect("spawning the ring send thread");
+        Sender {
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Queues `bytes` for sending.
+    ///
+    /// # Safety
+    /// `bytes` must stay valid and must not be written until the next [`Sender::fence`] returns.
+    pub unsafe fn send(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Cmd::Data {
+                ptr: bytes.as_ptr() as usize,
+                len: bytes.len(),
+            });
+        }
+    }
+
+    /// Waits until everything queued is written (or skipped after an error); returns the
+    /// first write error since the sender started, if any.
+    pub fn fence(&self) -> Result<(), String> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        match &self.tx {
+            Some(s) if s.send(Cmd::Fence(tx)).is_ok() => rx
+                .recv()
+                .unwrap_or_else(|_| Err("send thread ended".into())),
+            _ => Err("send thread ended".into()),
+        }
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
