@@ -14,6 +14,8 @@ pub struct EnvInput<'a> {
     /// The agent's own environment already sets OMP_NUM_THREADS.
     pub inherited_omp: bool,
     pub node_name: &'a str,
+    /// The node's advertised address (collectives listen on it).
+    pub node_addr: &'a str,
     pub work_dir: &'a str,
 }
 
@@ -47,6 +49,7 @@ pub fn worker_env(i: &EnvInput<'_>) -> Vec<(String, String)> {
         ("RINGMASTER_GENERATION", s.generation.to_string()),
         ("RINGMASTER_COORDINATOR", i.coordinator.to_owned()),
         ("RINGMASTER_NODE", i.node_name.to_owned()),
+        ("RINGMASTER_NODE_ADDR", i.node_addr.to_owned()),
         ("RINGMASTER_WORK_DIR", i.work_dir.to_owned()),
     ]
     .into_iter()
@@ -110,6 +113,7 @@ mod tests {
             coordinator: "127.0.0.1:29500",
             inherited_omp: false,
             node_name: "w1",
+            node_addr: "10.0.0.2",
             work_dir: "/w",
         });
         let get = |k: &str| env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.as_str());
@@ -131,6 +135,7 @@ mod tests {
         assert_eq!(get("RINGMASTER_GENERATION"), Some("2"));
         assert_eq!(get("RINGMASTER_COORDINATOR"), Some("127.0.0.1:29500"));
         assert_eq!(get("RINGMASTER_RESUME_FROM"), None);
+        assert_eq!(get("RINGMASTER_NODE_ADDR"), Some("10.0.0.2"));
         assert_eq!(get("OMP_NUM_THREADS"), Some("1"));
         assert_eq!(get("NCCL_DEBUG"), Some("INFO"));
     }
@@ -152,6 +157,7 @@ mod tests {
                 coordinator: "c:1",
                 inherited_omp: inherited,
                 node_name: "w0",
+                node_addr: "10.0.0.1",
                 work_dir: "/w",
             })
         };

@@ -157,6 +157,7 @@ pub async fn run(
         cfg.work_dir.clone(),
         cfg.trainer.clone(),
         cfg.name.clone(),
+        cfg.advertise_addr.clone(),
         cfg.join.clone(),
         exit_tx,
     );

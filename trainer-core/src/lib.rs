@@ -6,6 +6,11 @@
 //!
 //! Layout:
 //! - [`load_config`] — reads and validates a training config file.
+//! - [`collective_cli`] — `trainer collective`: one rank of a collective benchmark or check.
+//! - [`rendezvous`] — the coordinator's rendezvous service as a collectives bootstrap store.
+
+pub mod collective_cli;
+pub mod rendezvous;
 
 use std::path::Path;
 

@@ -1,7 +1,8 @@
 //! `trainer CONFIG.yaml`: the worker process an agent starts per slot.
+//! `trainer collective ...`: one rank of a collective benchmark or check.
 //!
-//! The training engine is not built yet; this binary validates its config (so that the
-//! control plane's `train:` path is exercised end to end) and says so.
+//! The training engine is not built yet; `trainer CONFIG.yaml` validates its config (so that
+//! the control plane's `train:` path is exercised end to end) and says so.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +18,18 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    let mut argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("collective") {
+        argv.remove(1);
+        let args = ringmaster_trainer::collective_cli::Args::parse_from(argv);
+        return match ringmaster_trainer::collective_cli::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trainer collective: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let args = Args::parse();
     match ringmaster_trainer::load_config(&args.config) {
         Err(e) => {

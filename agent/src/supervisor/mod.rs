@@ -43,6 +43,8 @@ pub struct Supervisor {
     work_dir: PathBuf,
     trainer: PathBuf,
     node: String,
+    /// This node's advertised address.
+    node_addr: String,
     /// host:port of the coordinator as this agent dials it; trainers use it for rendezvous.
     coordinator: String,
     workers: BTreeMap<WorkerKey, Worker>,
@@ -80,6 +82,7 @@ impl Supervisor {
         work_dir: PathBuf,
         trainer: PathBuf,
         node: String,
+        node_addr: String,
         coordinator: String,
         exits: mpsc::Sender<pb::WorkerExited>,
     ) -> Supervisor {
@@ -87,6 +90,7 @@ impl Supervisor {
             work_dir,
             trainer,
             node,
+            node_addr,
             coordinator,
             workers: BTreeMap::new(),
             exits,
@@ -190,6 +194,7 @@ impl Supervisor {
                 coordinator: &self.coordinator,
                 inherited_omp,
                 node_name: &self.node,
+                node_addr: &self.node_addr,
                 work_dir: &gen_dir_text,
             });
             env.push((AGENT_ROOT_ENV.into(), root.clone()));
@@ -395,6 +400,7 @@ mod tests {
             dir.to_owned(),
             PathBuf::from("trainer"),
             "n0".into(),
+            "127.0.0.1".into(),
             "127.0.0.1:1".into(),
             tx,
         )
@@ -444,6 +450,7 @@ mod tests {
             dir.path().to_owned(),
             PathBuf::from("trainer"),
             "n0".into(),
+            "127.0.0.1".into(),
             "127.0.0.1:1".into(),
             tx,
         );

@@ -1,0 +1,83 @@
+//! The coordinator's RendezvousService as a collectives bootstrap [`Store`]: keys are scoped to
+//! the job generation named by the worker's environment (`RINGMASTER_JOB_ID`,
+//! `RINGMASTER_GENERATION`), so a rank of a stale generation cannot read or overwrite a newer
+//! one's addresses (the coordinator refuses its scope).
+
+use std::time::Duration;
+
+use ringmaster_collectives::{CommError, Store};
+use ringmaster_proto as pb;
+
+/// A blocking store client over gRPC (it owns a small runtime; the collectives are blocking).
+pub struct GrpcStore {
+    rt: tokio::runtime::Runtime,
+    client: pb::rendezvous_service_client::RendezvousServiceClient<tonic::transport::Channel>,
+    scope: pb::Scope,
+}
+
+impl GrpcStore {
+    /// Connects to the coordinator at `addr` (host:port).
+    ///
+    /// # Errors
+    /// The coordinator cannot be reached.
+    pub fn connect(addr: &str, job_id: &str, generation: u64) -> Result<GrpcStore, CommError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CommError::Store(format!("runtime: {e}")))?;
+        let client = rt
+            .block_on(async {
+                let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                    .connect_timeout(Duration::from_secs(10))
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await?;
+                Ok::<_, tonic::transport::Error>(
+                    pb::rendezvous_service_client::RendezvousServiceClient::new(ch),
+                )
+            })
+            .map_err(|e| CommError::Store(format!("coordinator at {addr}: {e}")))?;
+        Ok(GrpcStore {
+            rt,
+            client,
+            scope: pb::Scope {
+                job_id: job_id.to_owned(),
+                generation,
+            },
+        })
+    }
+}
+
+impl Store for GrpcStore {
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), CommError> {
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(c.set(pb::SetRequest {
+                scope: Some(self.scope.clone()),
+                key: key.to_owned(),
+                value: value.to_vec(),
+            }))
+            .map(|_| ())
+            .map_err(|s| CommError::Store(format!("set {key}: {}", s.message())))
+    }
+
+    fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>, CommError> {
+        let mut c = self.client.clone();
+        let r = self
+            .rt
+            .block_on(c.get(pb::GetRequest {
+                scope: Some(self.scope.clone()),
+                key: key.to_owned(),
+                wait_ms: timeout.as_millis() as u64,
+            }))
+            .map_err(|s| CommError::Store(format!("get {key}: {}", s.message())))?
+            .into_inner();
+        if r.found {
+            Ok(r.value)
+        } else {
+            Err(CommError::Store(format!(
+                "key '{key}' not set within {timeout:?}"
+            )))
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Collectives as real processes on loopback (`trainer collective`), bootstrapped through a
+//! shared directory: results checked for 2 and 4 ranks, and a rank killed mid-call.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn spawn_rank(rank: usize, world: usize, store: &Path, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .arg("collective")
+        .args(args)
+        .arg("--store-dir")
+        .arg(store)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("RINGMASTER_JOB_ID", "proc-test")
+        .env("RINGMASTER_GENERATION", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting trainer collective")
+}
+
+struct Ranks(Vec<Child>);
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn every_op_is_correct_across_processes() {
+    for world in [2usize, 4] {
+        for op in [
+            "all-reduce",
+            "reduce-scatter",
+            "all-gather",
+            "broadcast",
+            "barrier",
+        ] {
+            for dtype in ["f32", "bf16"] {
+                let dir = tempfile::tempdir().unwrap();
+                // 1 element, 3 elements, and 1,000,003 elements.
+                let bytes = if dtype == "f32" {
+                    "4,12,4000012"
+                } else {
+                    "2,6,2000006"
+                };
+                let mut ranks = Ranks(
+                    (0..world)
+                        .map(|r| {
+                            spawn_rank(
+                                r,
+                                world,
+                                dir.path(),
+                                &[
+                                    "--op",
+                                    op,
+                                    "--dtype",
+                                    dtype,
+                                    "--bytes",
+                                    bytes,
+                                    "--check",
+                                    "--iters",
+                                    "2",
+                                    "--timeout",
+                                    "60s",
+                                    "--output",
+                                    "json",
+                                ],
+                            )
+                        })
+                        .collect(),
+                );
+                let mut outs = Vec::new();
+                for c in std::mem::take(&mut ranks.0) {
+                    outs.push(c.wait_with_output().unwrap());
+                }
+                for (r, o) in outs.iter().enumerate() {
+                    assert!(
+                        o.status.success(),
+                        "world {world} {op} {dtype} rank {r}: {}",
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                }
+                let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&outs[0].stdout)
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect();
+                assert_eq!(lines.len(), 3);
+                assert!(
+                    lines
+                        .iter()
+                        .all(|l| l["checked"] == true && l["world"] == world)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_killed_rank_fails_every_other_rank_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = 4;
+    let mut ranks = Ranks(
+        (0..world)
+            .map(|r| {
+                spawn_rank(
+                    r,
+                    world,
+                    dir.path(),
+                    &[
+                        "--op",
+                        "all-reduce",
+                        "--bytes",
+                        "16MiB",
+                        "--iters",
+                        "100000",
+                        "--timeout",
+                        "5s",
+                    ],
+                )
+            })
+            .collect(),
+    );
+    // Let them get into the loop.
+    std::thread::sleep(Duration::from_millis(1500));
+    let t0 = Instant::now();
+    ranks.0[2].kill().unwrap();
+    let _ = ranks.0[2].wait();
+    for r in [0usize, 1, 3] {
+        let deadline = t0 + Duration::from_secs(5 + 5);
+        loop {
+            if let Some(st) = ranks.0[r].try_wait().unwrap() {
+                assert!(!st.success(), "rank {r} exited 0");
+                break;
+            }
+            assert!(Instant::now() < deadline, "rank {r} hangs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let took = t0.elapsed();
+    for r in [0usize, 1, 3] {
+        let mut err = String::new();
+        use std::io::Read;
+        ranks.0[r]
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(err.contains("all_reduce #"), "rank {r}: {err}");
+        assert!(err.contains("rank "), "rank {r}: {err}");
+    }
+    assert!(took < Duration::from_secs(6), "{took:?}");
+}
