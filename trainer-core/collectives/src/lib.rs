@@ -222,12 +222,30 @@ pub struct AbortHandle {
 }
 
 impl AbortHandle {
+    /// A handle not tied to sockets (for communicators that poll it, such as NCCL's).
+    pub fn new() -> AbortHandle {
+        AbortHandle {
+            inner: std::sync::Arc::new(ring::AbortState::new()),
+        }
+    }
+
+    /// The reason given to the first [`AbortHandle::abort`].
+    pub fn reason(&self) -> String {
+        self.inner.reason()
+    }
+
     pub fn abort(&self, reason: &str) {
         self.inner.abort(reason);
     }
 
     pub fn is_aborted(&self) -> bool {
         self.inner.is_aborted()
+    }
+}
+
+impl Default for AbortHandle {
+    fn default() -> Self {
+        AbortHandle::new()
     }
 }
 

@@ -73,7 +73,7 @@ pub struct AbortState {
 }
 
 impl AbortState {
-    fn new() -> AbortState {
+    pub(crate) fn new() -> AbortState {
         AbortState {
             aborted: AtomicBool::new(false),
             reason: Mutex::new(String::new()),
@@ -101,7 +101,7 @@ impl AbortState {
         self.aborted.load(Ordering::SeqCst)
     }
 
-    fn reason(&self) -> String {
+    pub(crate) fn reason(&self) -> String {
         self.reason.lock().expect("abort lock").clone()
     }
 }
