@@ -82,6 +82,9 @@ pub struct Args {
     /// Bytes per pipelined chunk.
     #[arg(long, default_value = "512KiB", value_parser = parse_size)]
     pub chunk: u64,
+    /// SO_SNDBUF / SO_RCVBUF of the ring's sockets.
+    #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+    pub socket_buffer: u64,
     /// Address to listen on (default: $RINGMASTER_NODE_ADDR, else 127.0.0.1).
     #[arg(long)]
     pub bind: Option<IpAddr>,
@@ -165,6 +168,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.bind_addr = bind;
     cfg.timeout = args.timeout;
     cfg.chunk_bytes = usize::try_from(args.chunk).context("--chunk")?;
+    cfg.socket_buffer = usize::try_from(args.socket_buffer).context("--socket-buffer")?;
     let mut comm = TcpRing::connect(cfg, store.as_ref())?;
     eprintln!("rank {rank}/{world}: ring connected");
     if rank == 0 && args.output == OutputFormat::Text {

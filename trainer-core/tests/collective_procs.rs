@@ -43,12 +43,12 @@ fn every_op_is_correct_across_processes() {
         ] {
             for dtype in ["f32", "bf16"] {
                 let dir = tempfile::tempdir().unwrap();
-                // 1 element, 3 elements, and 1,000,003 elements.
-                let bytes = if dtype == "f32" {
-                    "4,12,4000012"
-                } else {
-                    "2,6,2000006"
-                };
+                // 0, 1, N-1, N+1, a prime (10,007) and 1,000,003 elements.
+                let esize = if dtype == "f32" { 4 } else { 2 };
+                let bytes = [0, 1, world - 1, world + 1, 10_007, 1_000_003]
+                    .map(|n| (n * esize).to_string())
+                    .join(",");
+                let bytes = bytes.as_str();
                 let mut ranks = Ranks(
                     (0..world)
                         .map(|r| {
@@ -90,7 +90,7 @@ fn every_op_is_correct_across_processes() {
                     .lines()
                     .map(|l| serde_json::from_str(l).unwrap())
                     .collect();
-                assert_eq!(lines.len(), 3);
+                assert_eq!(lines.len(), 6);
                 assert!(
                     lines
                         .iter()
