@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use half::bf16;
 use ringmaster_collectives::{
-    BufMut, Communicator, DirStore, ReduceOp, RingConfig, Store, TcpRing, shard_range,
+    BufMut, Communicator, DirStore, ReduceOp, RingConfig, Store, TcpRing, Transport, shard_range,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -82,6 +82,9 @@ pub struct Args {
     /// Bytes per pipelined chunk.
     #[arg(long, default_value = "512KiB", value_parser = parse_size)]
     pub chunk: u64,
+    /// `auto`: Unix sockets between ranks of one machine, TCP otherwise; `tcp`: TCP only.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub transport: TransportArg,
     /// SO_SNDBUF / SO_RCVBUF of the ring's sockets.
     #[arg(long, default_value = "4MiB", value_parser = parse_size)]
     pub socket_buffer: u64,
@@ -91,6 +94,12 @@ pub struct Args {
     /// Print JSON lines.
     #[arg(long, value_enum, default_value = "text")]
     pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransportArg {
+    Auto,
+    Tcp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -169,8 +178,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.timeout = args.timeout;
     cfg.chunk_bytes = usize::try_from(args.chunk).context("--chunk")?;
     cfg.socket_buffer = usize::try_from(args.socket_buffer).context("--socket-buffer")?;
+    cfg.transport = match args.transport {
+        TransportArg::Auto => Transport::Auto,
+        TransportArg::Tcp => Transport::Tcp,
+    };
     let mut comm = TcpRing::connect(cfg, store.as_ref())?;
-    eprintln!("rank {rank}/{world}: ring connected");
+    let (left, right) = comm.transports();
+    eprintln!(
+        "rank {rank}/{world}: ring connected (from the left: {}, to the right: {})",
+        left.unwrap_or("-"),
+        right.unwrap_or("-")
+    );
     if rank == 0 && args.output == OutputFormat::Text {
         println!(
             "{:>14} {:>8} {:>12} {:>11} {:>11}",
@@ -205,6 +223,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         "bytes": bytes, "dtype": format!("{:?}", args.dtype).to_lowercase(),
                         "seconds": seconds, "algbw_gbs": algbw, "busbw_gbs": busbw,
                         "iters": iters, "checked": args.check,
+                        "transport": format!("{:?}", args.transport).to_lowercase(),
                     })
                 ),
                 OutputFormat::Text => println!(

@@ -70,6 +70,8 @@ fn every_op_is_correct_across_processes() {
                                     "60s",
                                     "--output",
                                     "json",
+                                    "--transport",
+                                    if world == 4 { "tcp" } else { "auto" },
                                 ],
                             )
                         })

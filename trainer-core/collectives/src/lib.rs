@@ -27,7 +27,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 pub use element::{DType, Element, ReduceOp};
-pub use ring::{RingConfig, TcpRing};
+pub use ring::{RingConfig, TcpRing, Transport};
 pub use store::{DirStore, MemStore, Store};
 
 /// A buffer of one of the supported element types.

@@ -10,10 +10,15 @@ use std::time::{Duration, Instant};
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use ringmaster_collectives::{
-    BufMut, CommError, Communicator, MemStore, ReduceOp, RingConfig, TcpRing, shard_range,
+    BufMut, CommError, Communicator, MemStore, ReduceOp, RingConfig, TcpRing, Transport,
+    shard_range,
 };
 
 fn ring(world: usize, job: &str, timeout: Duration) -> Vec<TcpRing> {
+    ring_with(world, job, timeout, Transport::Auto)
+}
+
+fn ring_with(world: usize, job: &str, timeout: Duration, transport: Transport) -> Vec<TcpRing> {
     let store = MemStore::new();
     let handles: Vec<_> = (0..world)
         .map(|rank| {
@@ -22,6 +27,7 @@ fn ring(world: usize, job: &str, timeout: Duration) -> Vec<TcpRing> {
             cfg.timeout = timeout;
             cfg.bootstrap_timeout = Duration::from_secs(20);
             cfg.chunk_bytes = 4096; // many chunks even for small buffers: exercises the pipeline
+            cfg.transport = transport;
             std::thread::spawn(move || TcpRing::connect(cfg, &store).unwrap())
         })
         .collect();
@@ -92,8 +98,27 @@ fn check_f32(got: &[f32], inputs: &[Vec<f32>], op: ReduceOp, range: std::ops::Ra
 
 #[test]
 fn all_reduce_every_world_size_length_and_op() {
+    for transport in [Transport::Auto, Transport::Tcp] {
+        all_reduce_cases(transport);
+    }
+}
+
+fn all_reduce_cases(transport: Transport) {
     for world in [1usize, 2, 3, 4, 8] {
-        let mut comms = ring(world, &format!("ar{world}"), Duration::from_secs(30));
+        let mut comms = ring_with(
+            world,
+            &format!("ar{world}"),
+            Duration::from_secs(30),
+            transport,
+        );
+        if world > 1 {
+            let want = if transport == Transport::Tcp {
+                "tcp"
+            } else {
+                "unix"
+            };
+            assert_eq!(comms[0].transports(), (Some(want), Some(want)));
+        }
         for (li, len_of) in LENGTHS.iter().enumerate() {
             let len = len_of(world);
             for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max] {

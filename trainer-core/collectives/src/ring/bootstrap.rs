@@ -1,14 +1,18 @@
-//! Ring bootstrap: each rank listens on an ephemeral port of its advertised address, publishes
-//! `host:port` in the store under job + generation, connects to its right neighbour and
-//! accepts its left one. The connecting side introduces itself (job id, generation, rank, world
+//! Ring bootstrap: each rank listens on an ephemeral port of its advertised address (and, with
+//! `Transport::Auto`, on an abstract Unix socket), publishes both with its machine identity in
+//! the store under job + generation, connects to its right neighbour — by Unix socket when the
+//! neighbour shares its machine and network namespace, else by TCP — and accepts its left one. The connecting side introduces itself (job id, generation, rank, world
 //! size); the accepting side answers OK or a refusal with the reason and keeps waiting for the
 //! right peer, so that a stale rank from an older generation cannot take a newer one's place.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use super::RingConfig;
+use super::stream::{Stream, Transport};
 use crate::CommError;
 use crate::store::Store;
 
@@ -19,13 +23,6 @@ const MAX_JOB_ID: usize = 256;
 /// The store key of a rank's ring address.
 pub fn addr_key(job: &str, generation: u64, rank: usize) -> String {
     format!("{job}/{generation}/ring/{rank}")
-}
-
-fn tune(s: &TcpStream, cfg: &RingConfig) {
-    let _ = s.set_nodelay(true);
-    let sock = socket2::SockRef::from(s);
-    let _ = sock.set_send_buffer_size(cfg.socket_buffer);
-    let _ = sock.set_recv_buffer_size(cfg.socket_buffer);
 }
 
 fn hello(cfg: &RingConfig) -> Vec<u8> {
@@ -47,7 +44,7 @@ struct Hello {
     world: u64,
 }
 
-fn read_hello(s: &mut TcpStream) -> Result<Hello, String> {
+fn read_hello(s: &mut Stream) -> Result<Hello, String> {
     let mut head = [0u8; 7];
     s.read_exact(&mut head)
         .map_err(|e| format!("reading hello: {e}"))?;
@@ -79,7 +76,7 @@ fn read_hello(s: &mut TcpStream) -> Result<Hello, String> {
     })
 }
 
-fn reply(s: &mut TcpStream, refusal: Option<&str>) {
+fn reply(s: &mut Stream, refusal: Option<&str>) {
     let msg = refusal.unwrap_or("");
     let mut out = vec![u8::from(refusal.is_some())];
     out.extend_from_slice(&(msg.len() as u16).to_le_bytes());
@@ -87,7 +84,7 @@ fn reply(s: &mut TcpStream, refusal: Option<&str>) {
     let _ = s.write_all(&out);
 }
 
-fn read_reply(s: &mut TcpStream) -> Result<Option<String>, std::io::Error> {
+fn read_reply(s: &mut Stream) -> Result<Option<String>, std::io::Error> {
     let mut head = [0u8; 3];
     s.read_exact(&mut head)?;
     let n = u16::from_le_bytes([head[1], head[2]]) as usize;
@@ -96,32 +93,96 @@ fn read_reply(s: &mut TcpStream) -> Result<Option<String>, std::io::Error> {
     Ok((head[0] != 0).then(|| String::from_utf8_lossy(&msg).into_owned()))
 }
 
+/// This machine and network namespace: ranks with equal identities reach each other's
+/// abstract Unix sockets.
+fn machine_identity() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let netns = std::fs::read_link("/proc/self/ns/net")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    if boot.trim().is_empty() || netns.is_empty() {
+        return String::new();
+    }
+    format!("{}/{netns}", boot.trim())
+}
+
+/// What a rank publishes: `tcp=IP:PORT [uds=NAME host=IDENTITY]`.
+struct Published {
+    tcp: SocketAddr,
+    uds: Option<String>,
+    host: String,
+}
+
+fn parse_published(text: &str) -> Result<Published, String> {
+    let mut tcp = None;
+    let mut uds = None;
+    let mut host = String::new();
+    for part in text.split_whitespace() {
+        match part.split_once('=') {
+            Some(("tcp", v)) => tcp = Some(v.parse().map_err(|e| format!("'{v}': {e}"))?),
+            Some(("uds", v)) => uds = Some(v.to_owned()),
+            Some(("host", v)) => host = v.to_owned(),
+            _ => tcp = Some(part.parse().map_err(|e| format!("'{part}': {e}"))?),
+        }
+    }
+    Ok(Published {
+        tcp: tcp.ok_or("no tcp address")?,
+        uds,
+        host,
+    })
+}
+
 /// Connects the ring: returns (left, right) streams.
-pub fn connect(cfg: &RingConfig, store: &dyn Store) -> Result<(TcpStream, TcpStream), CommError> {
+pub fn connect(cfg: &RingConfig, store: &dyn Store) -> Result<(Stream, Stream), CommError> {
     let deadline = Instant::now() + cfg.bootstrap_timeout;
     let listener = TcpListener::bind(SocketAddr::new(cfg.bind_addr, 0))
         .map_err(|e| CommError::Bootstrap(format!("binding {}: {e}", cfg.bind_addr)))?;
     let local = listener
         .local_addr()
         .map_err(|e| CommError::Bootstrap(e.to_string()))?;
+    let identity = machine_identity();
+    let uds = if cfg.transport == Transport::Auto && !identity.is_empty() {
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let name = format!(
+            "ringmaster.{}.{}.{}.{}.{nonce:x}",
+            cfg.job_id.replace(char::is_whitespace, "_"),
+            cfg.generation,
+            cfg.rank,
+            std::process::id()
+        );
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|a| UnixListener::bind_addr(&a))
+            .ok()
+            .map(|l| (l, name))
+    } else {
+        None
+    };
+    let mut published = format!("tcp={local}");
+    if let Some((_, name)) = &uds {
+        published.push_str(&format!(" uds={name} host={identity}"));
+    }
     store.set(
         &addr_key(&cfg.job_id, cfg.generation, cfg.rank),
-        local.to_string().as_bytes(),
+        published.as_bytes(),
     )?;
     let right = (cfg.rank + 1) % cfg.world;
     let left = (cfg.rank + cfg.world - 1) % cfg.world;
 
     // If connecting to the right fails, stop waiting for the left at once.
     let gave_up = std::sync::atomic::AtomicBool::new(false);
+    let uds_listener = uds.as_ref().map(|(l, _)| l);
     std::thread::scope(|scope| {
         let connector = scope.spawn(|| {
-            let r = connect_right(cfg, store, right, deadline);
+            let r = connect_right(cfg, store, right, deadline, &identity);
             if r.is_err() {
                 gave_up.store(true, std::sync::atomic::Ordering::SeqCst);
             }
             r
         });
-        let accepted = accept_left(cfg, &listener, left, deadline, &gave_up);
+        let accepted = accept_left(cfg, &listener, uds_listener, left, deadline, &gave_up);
         let connected = connector.join().expect("connector thread panicked");
         match (accepted, connected) {
             (Ok(l), Ok(r)) => Ok((l, r)),
@@ -130,19 +191,59 @@ pub fn connect(cfg: &RingConfig, store: &dyn Store) -> Result<(TcpStream, TcpStr
     })
 }
 
+/// Introduces this rank on `s` and reads the answer.
+fn handshake(
+    cfg: &RingConfig,
+    mut s: Stream,
+    right: usize,
+    deadline: Instant,
+) -> Result<Stream, CommError> {
+    s.tune(cfg.socket_buffer);
+    let left_time = deadline.saturating_duration_since(Instant::now());
+    let _ = s.set_read_timeout(Some(left_time.max(Duration::from_millis(1))));
+    s.write_all(&hello(cfg))
+        .map_err(|e| CommError::Bootstrap(format!("hello to rank {right}: {e}")))?;
+    match read_reply(&mut s) {
+        Ok(None) => {
+            let _ = s.set_read_timeout(None);
+            Ok(s)
+        }
+        Ok(Some(why)) => Err(CommError::Refused {
+            peer: right,
+            detail: why,
+        }),
+        Err(e) => Err(CommError::Bootstrap(format!(
+            "no answer from rank {right}: {e}"
+        ))),
+    }
+}
+
 fn connect_right(
     cfg: &RingConfig,
     store: &dyn Store,
     right: usize,
     deadline: Instant,
-) -> Result<TcpStream, CommError> {
+    identity: &str,
+) -> Result<Stream, CommError> {
     let remaining = deadline.saturating_duration_since(Instant::now());
-    let addr_bytes = store
+    let bytes = store
         .get(&addr_key(&cfg.job_id, cfg.generation, right), remaining)
         .map_err(|e| CommError::Bootstrap(format!("address of rank {right}: {e}")))?;
-    let addr: SocketAddr = String::from_utf8_lossy(&addr_bytes)
-        .parse()
+    let published = parse_published(&String::from_utf8_lossy(&bytes))
         .map_err(|e| CommError::Bootstrap(format!("address of rank {right}: {e}")))?;
+    // Same machine and network namespace: a Unix socket, falling back to TCP if it fails.
+    if cfg.transport == Transport::Auto
+        && !identity.is_empty()
+        && published.host == identity
+        && let Some(name) = &published.uds
+    {
+        let unix = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|a| UnixStream::connect_addr(&a));
+        if let Ok(u) = unix {
+            return handshake(cfg, Stream::Unix(u), right, deadline);
+        }
+    }
+    let addr = published.tcp;
     let mut wait = Duration::from_millis(5);
     loop {
         let left_time = deadline.saturating_duration_since(Instant::now());
@@ -153,25 +254,7 @@ fn connect_right(
             )));
         }
         match TcpStream::connect_timeout(&addr, left_time.min(Duration::from_secs(5))) {
-            Ok(mut s) => {
-                tune(&s, cfg);
-                let _ = s.set_read_timeout(Some(left_time.max(Duration::from_millis(1))));
-                s.write_all(&hello(cfg))
-                    .map_err(|e| CommError::Bootstrap(format!("hello to rank {right}: {e}")))?;
-                return match read_reply(&mut s) {
-                    Ok(None) => {
-                        let _ = s.set_read_timeout(None);
-                        Ok(s)
-                    }
-                    Ok(Some(why)) => Err(CommError::Refused {
-                        peer: right,
-                        detail: why,
-                    }),
-                    Err(e) => Err(CommError::Bootstrap(format!(
-                        "no answer from rank {right} at {addr}: {e}"
-                    ))),
-                };
-            }
+            Ok(s) => return handshake(cfg, Stream::Tcp(s), right, deadline),
             Err(_) => {
                 std::thread::sleep(wait);
                 wait = (wait * 2).min(Duration::from_millis(200));
@@ -183,67 +266,79 @@ fn connect_right(
 fn accept_left(
     cfg: &RingConfig,
     listener: &TcpListener,
+    uds: Option<&UnixListener>,
     left: usize,
     deadline: Instant,
     gave_up: &std::sync::atomic::AtomicBool,
-) -> Result<TcpStream, CommError> {
+) -> Result<Stream, CommError> {
     listener
         .set_nonblocking(true)
         .map_err(|e| CommError::Bootstrap(e.to_string()))?;
+    if let Some(u) = uds {
+        u.set_nonblocking(true)
+            .map_err(|e| CommError::Bootstrap(e.to_string()))?;
+    }
     loop {
-        match listener.accept() {
-            Ok((mut s, peer)) => {
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let refusal = match read_hello(&mut s) {
-                    Err(e) => Some(e),
-                    Ok(h) if h.job != cfg.job_id => Some(format!(
-                        "job '{}' is not this rank's job '{}'",
-                        h.job, cfg.job_id
-                    )),
-                    Ok(h) if h.generation != cfg.generation => Some(format!(
-                        "generation {} is not this rank's generation {} (stale peer)",
-                        h.generation, cfg.generation
-                    )),
-                    Ok(h) if h.world != cfg.world as u64 => Some(format!(
-                        "world size {} is not this rank's world size {}",
-                        h.world, cfg.world
-                    )),
-                    Ok(h) if h.rank != left as u64 => Some(format!(
-                        "rank {} is not this rank's left neighbour {left}",
-                        h.rank
-                    )),
-                    Ok(_) => None,
-                };
-                match refusal {
-                    None => {
-                        reply(&mut s, None);
-                        let _ = s.set_read_timeout(None);
-                        tune(&s, cfg);
-                        return Ok(s);
-                    }
-                    Some(why) => {
-                        reply(&mut s, Some(&why));
-                        // Keep waiting for the right peer.
-                        let _ = peer;
-                    }
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if gave_up.load(std::sync::atomic::Ordering::SeqCst) {
-                    return Err(CommError::Bootstrap(
-                        "connecting to the right neighbour failed".into(),
-                    ));
-                }
-                if Instant::now() >= deadline {
-                    return Err(CommError::Bootstrap(format!(
-                        "rank {left} did not connect within {:?}",
-                        cfg.bootstrap_timeout
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
+        let mut incoming = match listener.accept() {
+            Ok((s, _)) => Some(Stream::Tcp(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
             Err(e) => return Err(CommError::Bootstrap(format!("accept: {e}"))),
+        };
+        if incoming.is_none()
+            && let Some(u) = uds
+        {
+            incoming = match u.accept() {
+                Ok((s, _)) => Some(Stream::Unix(s)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+                Err(e) => return Err(CommError::Bootstrap(format!("accept: {e}"))),
+            };
+        }
+        let Some(mut s) = incoming else {
+            if gave_up.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(CommError::Bootstrap(
+                    "connecting to the right neighbour failed".into(),
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(CommError::Bootstrap(format!(
+                    "rank {left} did not connect within {:?}",
+                    cfg.bootstrap_timeout
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        };
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let refusal = match read_hello(&mut s) {
+            Err(e) => Some(e),
+            Ok(h) if h.job != cfg.job_id => Some(format!(
+                "job '{}' is not this rank's job '{}'",
+                h.job, cfg.job_id
+            )),
+            Ok(h) if h.generation != cfg.generation => Some(format!(
+                "generation {} is not this rank's generation {} (stale peer)",
+                h.generation, cfg.generation
+            )),
+            Ok(h) if h.world != cfg.world as u64 => Some(format!(
+                "world size {} is not this rank's world size {}",
+                h.world, cfg.world
+            )),
+            Ok(h) if h.rank != left as u64 => Some(format!(
+                "rank {} is not this rank's left neighbour {left}",
+                h.rank
+            )),
+            Ok(_) => None,
+        };
+        match refusal {
+            None => {
+                reply(&mut s, None);
+                let _ = s.set_read_timeout(None);
+                s.tune(cfg.socket_buffer);
+                return Ok(s);
+            }
+            // Keep waiting for the right peer.
+            Some(why) => reply(&mut s, Some(&why)),
         }
     }
 }

@@ -7,19 +7,27 @@
 //! and reduces, and a chunk reduced in step t is queued for step t+1 at once, so sending,
 //! receiving and reducing overlap across steps (a pipeline, not N−1 round trips).
 //!
+//! Between ranks of one machine the connections are Unix-domain sockets (`Transport::Auto`,
+//! the default), elsewhere TCP; the algorithm is the same.
+//!
 //! Every call starts with a 48-byte header to the right and checks the left's: same operation,
 //! sequence number, element type, length and root, or the call fails naming the peer.
 //!
 //! Layout:
 //! - `bootstrap` — listening, publishing the address, connecting, the handshake.
 //! - `sender` — the send thread.
+//! - `stream` — a connection: TCP or Unix socket.
 //! - this file — [`TcpRing`] and the algorithms.
 
 mod bootstrap;
 mod sender;
+mod stream;
+
+use stream::Stream;
+pub use stream::Transport;
 
 use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, Shutdown, TcpStream};
+use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,6 +54,8 @@ pub struct RingConfig {
     pub chunk_bytes: usize,
     /// SO_SNDBUF / SO_RCVBUF.
     pub socket_buffer: usize,
+    /// Unix sockets between ranks of one machine (`Auto`), or TCP only.
+    pub transport: Transport,
 }
 
 impl RingConfig {
@@ -61,6 +71,7 @@ impl RingConfig {
             bootstrap_timeout: Duration::from_secs(300),
             chunk_bytes: 512 << 10,
             socket_buffer: 4 << 20,
+            transport: Transport::Auto,
         }
     }
 }
@@ -69,7 +80,7 @@ impl RingConfig {
 pub struct AbortState {
     aborted: AtomicBool,
     reason: Mutex<String>,
-    sockets: Mutex<Vec<TcpStream>>,
+    sockets: Mutex<Vec<Stream>>,
 }
 
 impl AbortState {
@@ -93,7 +104,7 @@ impl AbortState {
 
     fn close_sockets(&self) {
         for s in self.sockets.lock().expect("abort lock").iter() {
-            let _ = s.shutdown(Shutdown::Both);
+            s.shutdown();
         }
     }
 
@@ -112,8 +123,8 @@ const HEADER_BYTES: usize = 48;
 /// The ring communicator.
 pub struct TcpRing {
     cfg: RingConfig,
-    left: Option<TcpStream>,
-    right: Option<TcpStream>,
+    left: Option<Stream>,
+    right: Option<Stream>,
     sender: Option<sender::Sender>,
     seq: u64,
     timeout: Duration,
@@ -188,6 +199,14 @@ impl TcpRing {
             scratch,
             header_out: [0; HEADER_BYTES],
         })
+    }
+
+    /// The transports of the (left, right) connections: `"tcp"` or `"unix"`; `None` alone.
+    pub fn transports(&self) -> (Option<&'static str>, Option<&'static str>) {
+        (
+            self.left.as_ref().map(Stream::kind),
+            self.right.as_ref().map(Stream::kind),
+        )
     }
 
     fn left_rank(&self) -> usize {

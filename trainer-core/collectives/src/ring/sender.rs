@@ -7,9 +7,10 @@
 //! ends).
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+
+use super::stream::Stream;
 
 enum Cmd {
     Data { ptr: usize, len: usize },
@@ -22,7 +23,7 @@ pub struct Sender {
 }
 
 impl Sender {
-    pub fn start(mut stream: TcpStream, rank: usize) -> Sender {
+    pub fn start(mut stream: Stream, rank: usize) -> Sender {
         let (tx, rx) = mpsc::channel::<Cmd>();
         let thread = std::thread::Builder::new()
             .name(format!("ring-send-{rank}"))
