@@ -12,6 +12,8 @@
 #   SIZES       comma-separated buffer sizes (default 1KiB,4KiB,...,256MiB, powers of 4)
 #   ITERS       timed iterations per size (default: clamp(2^30/bytes, 3, 50), both sides)
 #   TRAINER     our binary (default target/release/trainer; skipped with a message if missing)
+#   OURS_TRANSPORT  --transport for ours when the binary has that flag (default tcp: the same
+#               medium as gloo and the loopback ceiling; "auto" uses Unix sockets on one machine)
 #   SKIP_GLOO=1 / SKIP_OURS=1 / SKIP_LOOPBACK=1   leave a side out
 #   RESULTS     output file (default bench/collectives/results-<UTC date-time>.jsonl)
 #
@@ -93,7 +95,7 @@ EOF
 if [ "${SKIP_LOOPBACK:-0}" != 1 ]; then
     ensure_iperf3
     log "loopback ceiling (one TCP stream)"
-    if ! "$here/loopback.sh" >>"$results"; then
+    if ! "$here/loopback.sh" | tee -a "$results"; then
         log "loopback measurement failed"
         failed=1
     fi
@@ -126,7 +128,8 @@ run_ours() {
     cli_op="${op//_/-}" # clap value names: all-reduce, reduce-scatter, all-gather
     store="$(mktemp -d "$logdir/store-$op-$n.XXXXXX")"
     local extra=()
-    [ -n "${ITERS:-}" ] && extra=(--iters "$ITERS")
+    [ -n "${ITERS:-}" ] && extra+=(--iters "$ITERS")
+    [ -n "$ours_transport" ] && extra+=(--transport "$ours_transport")
     for ((r = n - 1; r >= 0; r--)); do
         local out=/dev/null
         [ "$r" = 0 ] && out="$logdir/ours-$op-$n.jsonl"
@@ -143,11 +146,24 @@ run_ours() {
         log "ours: $op world $n failed (exit $rc)"
         return 1
     fi
-    tee -a "$results" <"$logdir/ours-$op-$n.jsonl"
+    # Record the transport in each line (the summarizer ignores it).
+    OURS_TRANSPORT_TAG="${ours_transport:-default}" python3 -c '
+import json, os, sys
+for line in sys.stdin:
+    line = line.strip()
+    if line.startswith("{"):
+        d = json.loads(line)
+        d.setdefault("transport", os.environ["OURS_TRANSPORT_TAG"])
+        print(json.dumps(d))
+' <"$logdir/ours-$op-$n.jsonl" | tee -a "$results"
 }
 
 if [ "${SKIP_OURS:-0}" != 1 ]; then
     if [ -x "$trainer" ]; then
+        ours_transport=""
+        if [[ "$("$trainer" collective --help 2>&1 || true)" == *--transport* ]]; then
+            ours_transport="${OURS_TRANSPORT:-tcp}"
+        fi
         for n in $worlds; do
             for op in $ops; do
                 log "ringmaster, $op, world $n"

@@ -22,7 +22,12 @@ def human(n):
 
 
 def fmt(x, digits=3):
-    return "—" if x is None else f"{x:.{digits}f}"
+    """Fixed decimals, but enough significant digits for the small sizes' tiny bandwidths."""
+    if x is None:
+        return "—"
+    if x != 0 and abs(x) < 10 ** -(digits - 1):
+        return f"{x:.2g}"
+    return f"{x:.{digits}f}"
 
 
 def main(argv):
