@@ -85,6 +85,9 @@ pub struct Args {
     /// `auto`: Unix sockets between ranks of one machine, TCP otherwise; `tcp`: TCP only.
     #[arg(long, value_enum, default_value = "auto")]
     pub transport: TransportArg,
+    /// Do not copy chunks straight from a same-machine peer's memory (process_vm_readv).
+    #[arg(long)]
+    pub no_cma: bool,
     /// SO_SNDBUF / SO_RCVBUF of the ring's sockets.
     #[arg(long, default_value = "4MiB", value_parser = parse_size)]
     pub socket_buffer: u64,
@@ -178,6 +181,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.timeout = args.timeout;
     cfg.chunk_bytes = usize::try_from(args.chunk).context("--chunk")?;
     cfg.socket_buffer = usize::try_from(args.socket_buffer).context("--socket-buffer")?;
+    cfg.cma = !args.no_cma;
     cfg.transport = match args.transport {
         TransportArg::Auto => Transport::Auto,
         TransportArg::Tcp => Transport::Tcp,
@@ -224,6 +228,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         "seconds": seconds, "algbw_gbs": algbw, "busbw_gbs": busbw,
                         "iters": iters, "checked": args.check,
                         "transport": format!("{:?}", args.transport).to_lowercase(),
+                        "cma": !args.no_cma,
                     })
                 ),
                 OutputFormat::Text => println!(

@@ -15,10 +15,14 @@ use ringmaster_collectives::{
 };
 
 fn ring(world: usize, job: &str, timeout: Duration) -> Vec<TcpRing> {
-    ring_with(world, job, timeout, Transport::Auto)
+    ring_with(world, job, timeout, (Transport::Auto, true))
 }
 
-fn ring_with(world: usize, job: &str, timeout: Duration, transport: Transport) -> Vec<TcpRing> {
+/// (transport, cross-memory attach)
+type Mode = (Transport, bool);
+
+fn ring_with(world: usize, job: &str, timeout: Duration, mode: Mode) -> Vec<TcpRing> {
+    let (transport, cma) = mode;
     let store = MemStore::new();
     let handles: Vec<_> = (0..world)
         .map(|rank| {
@@ -28,6 +32,7 @@ fn ring_with(world: usize, job: &str, timeout: Duration, transport: Transport) -
             cfg.bootstrap_timeout = Duration::from_secs(20);
             cfg.chunk_bytes = 4096; // many chunks even for small buffers: exercises the pipeline
             cfg.transport = transport;
+            cfg.cma = cma;
             std::thread::spawn(move || TcpRing::connect(cfg, &store).unwrap())
         })
         .collect();
@@ -98,24 +103,23 @@ fn check_f32(got: &[f32], inputs: &[Vec<f32>], op: ReduceOp, range: std::ops::Ra
 
 #[test]
 fn all_reduce_every_world_size_length_and_op() {
-    for transport in [Transport::Auto, Transport::Tcp] {
-        all_reduce_cases(transport);
+    for mode in [
+        (Transport::Auto, true),
+        (Transport::Auto, false),
+        (Transport::Tcp, true),
+    ] {
+        all_reduce_cases(mode);
     }
 }
 
-fn all_reduce_cases(transport: Transport) {
+fn all_reduce_cases(mode: Mode) {
     for world in [1usize, 2, 3, 4, 8] {
-        let mut comms = ring_with(
-            world,
-            &format!("ar{world}"),
-            Duration::from_secs(30),
-            transport,
-        );
+        let mut comms = ring_with(world, &format!("ar{world}"), Duration::from_secs(30), mode);
         if world > 1 {
-            let want = if transport == Transport::Tcp {
-                "tcp"
-            } else {
-                "unix"
+            let want = match mode {
+                (Transport::Tcp, _) => "tcp",
+                (Transport::Auto, true) => "unix+cma",
+                (Transport::Auto, false) => "unix",
             };
             assert_eq!(comms[0].transports(), (Some(want), Some(want)));
         }

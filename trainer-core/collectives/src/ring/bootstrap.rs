@@ -17,7 +17,7 @@ use crate::CommError;
 use crate::store::Store;
 
 const HELLO_MAGIC: &[u8; 4] = b"RMRG";
-const PROTOCOL: u8 = 1;
+const PROTOCOL: u8 = 2;
 const MAX_JOB_ID: usize = 256;
 
 /// The store key of a rank's ring address.
@@ -25,8 +25,9 @@ pub fn addr_key(job: &str, generation: u64, rank: usize) -> String {
     format!("{job}/{generation}/ring/{rank}")
 }
 
-fn hello(cfg: &RingConfig) -> Vec<u8> {
-    let mut h = Vec::with_capacity(32 + cfg.job_id.len());
+/// `offer_cma`: the connecting rank invites its peer to read its memory directly.
+fn hello(cfg: &RingConfig, offer_cma: bool) -> Vec<u8> {
+    let mut h = Vec::with_capacity(48 + cfg.job_id.len());
     h.extend_from_slice(HELLO_MAGIC);
     h.push(PROTOCOL);
     h.extend_from_slice(&(cfg.job_id.len() as u16).to_le_bytes());
@@ -34,6 +35,13 @@ fn hello(cfg: &RingConfig) -> Vec<u8> {
     h.extend_from_slice(&cfg.generation.to_le_bytes());
     h.extend_from_slice(&(cfg.rank as u64).to_le_bytes());
     h.extend_from_slice(&(cfg.world as u64).to_le_bytes());
+    h.extend_from_slice(&u64::from(std::process::id()).to_le_bytes());
+    let probe = if offer_cma {
+        super::cma::PROBE.as_ptr() as u64
+    } else {
+        0
+    };
+    h.extend_from_slice(&probe.to_le_bytes());
     h
 }
 
@@ -42,6 +50,8 @@ struct Hello {
     generation: u64,
     rank: u64,
     world: u64,
+    pid: u64,
+    probe: u64,
 }
 
 fn read_hello(s: &mut Stream) -> Result<Hello, String> {
@@ -64,7 +74,7 @@ fn read_hello(s: &mut Stream) -> Result<Hello, String> {
     let mut job = vec![0u8; n];
     s.read_exact(&mut job)
         .map_err(|e| format!("reading hello: {e}"))?;
-    let mut rest = [0u8; 24];
+    let mut rest = [0u8; 40];
     s.read_exact(&mut rest)
         .map_err(|e| format!("reading hello: {e}"))?;
     let u = |i: usize| u64::from_le_bytes(rest[i..i + 8].try_into().expect("8 bytes"));
@@ -73,24 +83,44 @@ fn read_hello(s: &mut Stream) -> Result<Hello, String> {
         generation: u(0),
         rank: u(8),
         world: u(16),
+        pid: u(24),
+        probe: u(32),
     })
 }
 
-fn reply(s: &mut Stream, refusal: Option<&str>) {
+/// Answers a hello: `[refused][len u16][message][cma accepted]`.
+fn reply(s: &mut Stream, refusal: Option<&str>, cma: bool) {
     let msg = refusal.unwrap_or("");
     let mut out = vec![u8::from(refusal.is_some())];
     out.extend_from_slice(&(msg.len() as u16).to_le_bytes());
     out.extend_from_slice(msg.as_bytes());
+    out.push(u8::from(cma));
     let _ = s.write_all(&out);
 }
 
-fn read_reply(s: &mut Stream) -> Result<Option<String>, std::io::Error> {
+/// Reads an answer: `Err(refusal)` or whether the peer will read this rank's memory.
+fn read_reply(s: &mut Stream) -> Result<Result<bool, String>, std::io::Error> {
     let mut head = [0u8; 3];
     s.read_exact(&mut head)?;
     let n = u16::from_le_bytes([head[1], head[2]]) as usize;
-    let mut msg = vec![0u8; n];
+    let mut msg = vec![0u8; n + 1];
     s.read_exact(&mut msg)?;
-    Ok((head[0] != 0).then(|| String::from_utf8_lossy(&msg).into_owned()))
+    let cma = msg.pop() == Some(1);
+    Ok(if head[0] != 0 {
+        Err(String::from_utf8_lossy(&msg).into_owned())
+    } else {
+        Ok(cma)
+    })
+}
+
+/// The two connections of a rank, and whether they move data by cross-memory attach.
+pub struct Links {
+    pub left: Stream,
+    /// The left neighbour's pid when this rank reads its chunks with `process_vm_readv`.
+    pub left_cma_pid: Option<i32>,
+    pub right: Stream,
+    /// The right neighbour reads this rank's chunks with `process_vm_readv`.
+    pub right_cma: bool,
 }
 
 /// This machine and network namespace: ranks with equal identities reach each other's
@@ -132,8 +162,8 @@ fn parse_published(text: &str) -> Result<Published, String> {
     })
 }
 
-/// Connects the ring: returns (left, right) streams.
-pub fn connect(cfg: &RingConfig, store: &dyn Store) -> Result<(Stream, Stream), CommError> {
+/// Connects the ring.
+pub fn connect(cfg: &RingConfig, store: &dyn Store) -> Result<Links, CommError> {
     let deadline = Instant::now() + cfg.bootstrap_timeout;
     let listener = TcpListener::bind(SocketAddr::new(cfg.bind_addr, 0))
         .map_err(|e| CommError::Bootstrap(format!("binding {}: {e}", cfg.bind_addr)))?;
@@ -185,7 +215,12 @@ pub fn connect(cfg: &RingConfig, store: &dyn Store) -> Result<(Stream, Stream), 
         let accepted = accept_left(cfg, &listener, uds_listener, left, deadline, &gave_up);
         let connected = connector.join().expect("connector thread panicked");
         match (accepted, connected) {
-            (Ok(l), Ok(r)) => Ok((l, r)),
+            (Ok((left, left_cma_pid)), Ok((right, right_cma))) => Ok(Links {
+                left,
+                left_cma_pid,
+                right,
+                right_cma,
+            }),
             (_, Err(e)) | (Err(e), _) => Err(e),
         }
     })
@@ -197,18 +232,19 @@ fn handshake(
     mut s: Stream,
     right: usize,
     deadline: Instant,
-) -> Result<Stream, CommError> {
+) -> Result<(Stream, bool), CommError> {
     s.tune(cfg.socket_buffer);
     let left_time = deadline.saturating_duration_since(Instant::now());
     let _ = s.set_read_timeout(Some(left_time.max(Duration::from_millis(1))));
-    s.write_all(&hello(cfg))
+    let offer_cma = cfg.cma && matches!(s, Stream::Unix(_));
+    s.write_all(&hello(cfg, offer_cma))
         .map_err(|e| CommError::Bootstrap(format!("hello to rank {right}: {e}")))?;
     match read_reply(&mut s) {
-        Ok(None) => {
+        Ok(Ok(cma)) => {
             let _ = s.set_read_timeout(None);
-            Ok(s)
+            Ok((s, cma && offer_cma))
         }
-        Ok(Some(why)) => Err(CommError::Refused {
+        Ok(Err(why)) => Err(CommError::Refused {
             peer: right,
             detail: why,
         }),
@@ -224,7 +260,7 @@ fn connect_right(
     right: usize,
     deadline: Instant,
     identity: &str,
-) -> Result<Stream, CommError> {
+) -> Result<(Stream, bool), CommError> {
     let remaining = deadline.saturating_duration_since(Instant::now());
     let bytes = store
         .get(&addr_key(&cfg.job_id, cfg.generation, right), remaining)
@@ -270,7 +306,7 @@ fn accept_left(
     left: usize,
     deadline: Instant,
     gave_up: &std::sync::atomic::AtomicBool,
-) -> Result<Stream, CommError> {
+) -> Result<(Stream, Option<i32>), CommError> {
     listener
         .set_nonblocking(true)
         .map_err(|e| CommError::Bootstrap(e.to_string()))?;
@@ -310,7 +346,15 @@ fn accept_left(
         };
         let _ = s.set_nonblocking(false);
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let refusal = match read_hello(&mut s) {
+        let hello = read_hello(&mut s);
+        let cma_pid = match &hello {
+            Ok(h) if h.probe != 0 && matches!(s, Stream::Unix(_)) => {
+                let pid = h.pid as i32;
+                super::cma::probe(pid, h.probe).then_some(pid)
+            }
+            _ => None,
+        };
+        let refusal = match hello {
             Err(e) => Some(e),
             Ok(h) if h.job != cfg.job_id => Some(format!(
                 "job '{}' is not this rank's job '{}'",
@@ -332,13 +376,13 @@ fn accept_left(
         };
         match refusal {
             None => {
-                reply(&mut s, None);
+                reply(&mut s, None, cma_pid.is_some());
                 let _ = s.set_read_timeout(None);
                 s.tune(cfg.socket_buffer);
-                return Ok(s);
+                return Ok((s, cma_pid));
             }
             // Keep waiting for the right peer.
-            Some(why) => reply(&mut s, Some(&why)),
+            Some(why) => reply(&mut s, Some(&why), false),
         }
     }
 }

@@ -20,6 +20,7 @@
 //! - this file — [`TcpRing`] and the algorithms.
 
 mod bootstrap;
+mod cma;
 mod sender;
 mod stream;
 
@@ -56,6 +57,9 @@ pub struct RingConfig {
     pub socket_buffer: usize,
     /// Unix sockets between ranks of one machine (`Auto`), or TCP only.
     pub transport: Transport,
+    /// Over Unix sockets, let the receiver copy chunks straight from the sender's memory
+    /// (`process_vm_readv`) when the system permits it.
+    pub cma: bool,
 }
 
 impl RingConfig {
@@ -72,6 +76,7 @@ impl RingConfig {
             chunk_bytes: 512 << 10,
             socket_buffer: 4 << 20,
             transport: Transport::Auto,
+            cma: true,
         }
     }
 }
@@ -125,6 +130,11 @@ pub struct TcpRing {
     cfg: RingConfig,
     left: Option<Stream>,
     right: Option<Stream>,
+    /// The left neighbour's pid when its chunks are read from its memory.
+    left_cma_pid: Option<i32>,
+    right_cma: bool,
+    /// The descriptor being consumed from the left (address, bytes left).
+    remote: (u64, u64),
     sender: Option<sender::Sender>,
     seq: u64,
     timeout: Duration,
@@ -164,11 +174,11 @@ impl TcpRing {
             ));
         }
         let abort = Arc::new(AbortState::new());
-        let (left, right) = if cfg.world == 1 {
-            (None, None)
+        let (left, right, left_cma_pid, right_cma) = if cfg.world == 1 {
+            (None, None, None, false)
         } else {
-            let (l, r) = bootstrap::connect(&cfg, store)?;
-            (Some(l), Some(r))
+            let l = bootstrap::connect(&cfg, store)?;
+            (Some(l.left), Some(l.right), l.left_cma_pid, l.right_cma)
         };
         let mut socks = Vec::new();
         for s in [&left, &right].into_iter().flatten() {
@@ -183,6 +193,7 @@ impl TcpRing {
                 r.try_clone()
                     .map_err(|e| CommError::Bootstrap(format!("cloning a socket: {e}")))?,
                 cfg.rank,
+                right_cma,
             )),
             None => None,
         };
@@ -192,6 +203,9 @@ impl TcpRing {
             cfg,
             left,
             right,
+            left_cma_pid,
+            right_cma,
+            remote: (0, 0),
             sender,
             seq: 0,
             abort,
@@ -202,10 +216,14 @@ impl TcpRing {
     }
 
     /// The transports of the (left, right) connections: `"tcp"` or `"unix"`; `None` alone.
+    /// `"unix+cma"` when chunks are copied straight from the peer's memory.
     pub fn transports(&self) -> (Option<&'static str>, Option<&'static str>) {
+        let kind = |s: &Stream, cma: bool| if cma { "unix+cma" } else { s.kind() };
         (
-            self.left.as_ref().map(Stream::kind),
-            self.right.as_ref().map(Stream::kind),
+            self.left
+                .as_ref()
+                .map(|s| kind(s, self.left_cma_pid.is_some())),
+            self.right.as_ref().map(|s| kind(s, self.right_cma)),
         )
     }
 
@@ -278,8 +296,48 @@ impl TcpRing {
         }
     }
 
-    /// Reads exactly `buf.len()` bytes from the left neighbour before the call's deadline.
+    /// Receives exactly `buf.len()` bytes of data from the left neighbour: from the socket,
+    /// or, with cross-memory attach, from the left's memory as its descriptors say.
     fn read_left(&mut self, call: Call, buf: &mut [u8]) -> Result<(), CommError> {
+        let Some(pid) = self.left_cma_pid else {
+            return self.read_left_bytes(call, buf);
+        };
+        let peer = self.left_rank();
+        let mut filled = 0;
+        while filled < buf.len() {
+            if self.remote.1 == 0 {
+                let mut d = [0u8; 16];
+                self.read_left_bytes(call, &mut d)?;
+                let addr = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
+                let len = u64::from_le_bytes(d[8..].try_into().expect("8 bytes"));
+                if len == 0 {
+                    return Err(self.lost(call, peer, "empty chunk descriptor".into()));
+                }
+                self.remote = (addr, len);
+            }
+            let n = (buf.len() - filled).min(self.remote.1 as usize);
+            if let Err(e) = cma::read(pid, self.remote.0, &mut buf[filled..filled + n]) {
+                return Err(self.lost(call, peer, format!("reading its memory: {e}")));
+            }
+            self.remote.0 += n as u64;
+            self.remote.1 -= n as u64;
+            filled += n;
+            if self.remote.1 == 0 {
+                use std::io::Write;
+                let left = self
+                    .left
+                    .as_mut()
+                    .expect("a ring of two or more has a left peer");
+                if let Err(e) = left.write_all(&[1]) {
+                    return Err(self.lost(call, peer, format!("acknowledging: {e}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads exactly `buf.len()` bytes from the left socket before the call's deadline.
+    fn read_left_bytes(&mut self, call: Call, buf: &mut [u8]) -> Result<(), CommError> {
         let peer = self.left_rank();
         let left = self
             .left

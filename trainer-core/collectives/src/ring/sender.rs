@@ -6,7 +6,7 @@
 //! it returns, on its error paths too (after shutting the sockets down, so that a blocked write
 //! ends).
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -23,27 +23,48 @@ pub struct Sender {
 }
 
 impl Sender {
-    pub fn start(mut stream: Stream, rank: usize) -> Sender {
+    /// Starts the send thread. With `cma`, the right neighbour reads the bytes from this
+    /// process itself: only (address, length) descriptors are written, and a fence also waits
+    /// for the neighbour's one-byte ack of each.
+    pub fn start(mut stream: Stream, rank: usize, cma: bool) -> Sender {
         let (tx, rx) = mpsc::channel::<Cmd>();
         let thread = std::thread::Builder::new()
             .name(format!("ring-send-{rank}"))
             .spawn(move || {
                 let mut error: Option<String> = None;
+                let mut unacked = 0usize;
+                let mut acks = Vec::new();
                 while let Ok(cmd) = rx.recv() {
                     match cmd {
                         Cmd::Data { ptr, len } => {
                             if error.is_some() {
                                 continue;
                             }
-                            // SAFETY: the caller keeps [ptr, ptr+len) valid and unwritten until
-                            // the fence that follows this command (module docs).
-                            let bytes =
-                                unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
-                            if let Err(e) = stream.write_all(bytes) {
+                            let res = if cma {
+                                unacked += 1;
+                                let mut d = [0u8; 16];
+                                d[..8].copy_from_slice(&(ptr as u64).to_le_bytes());
+                                d[8..].copy_from_slice(&(len as u64).to_le_bytes());
+                                stream.write_all(&d)
+                            } else {
+                                // SAFETY: the caller keeps [ptr, ptr+len) valid and unwritten
+                                // until the fence that follows this command (module docs).
+                                let bytes =
+                                    unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+                                stream.write_all(bytes)
+                            };
+                            if let Err(e) = res {
                                 error = Some(e.to_string());
                             }
                         }
                         Cmd::Fence(reply) => {
+                            if unacked > 0 && error.is_none() {
+                                acks.resize(unacked, 0u8);
+                                if let Err(e) = stream.read_exact(&mut acks) {
+                                    error = Some(format!("waiting for acks: {e}"));
+                                }
+                            }
+                            unacked = 0;
                             let _ = reply.send(match &error {
                                 None => Ok(()),
                                 Some(e) => Err(e.clone()),
