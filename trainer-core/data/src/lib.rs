@@ -1,0 +1,1 @@
+//! Training data (placeholder; being written).
