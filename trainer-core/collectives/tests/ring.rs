@@ -367,3 +367,35 @@ fn mismatched_calls_are_reported_naming_the_peer() {
         );
     }
 }
+
+#[test]
+fn a_stale_address_in_a_reused_store_is_replaced_not_waited_on() {
+    use ringmaster_collectives::{DirStore, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirStore::new(dir.path()).unwrap();
+    // An earlier run left addresses of processes that are gone.
+    for r in 0..2 {
+        store
+            .set(&format!("job/0/ring/{r}"), b"tcp=127.0.0.1:1")
+            .unwrap();
+    }
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..2)
+        .map(|rank| {
+            let store = DirStore::new(dir.path()).unwrap();
+            std::thread::spawn(move || {
+                let mut cfg = RingConfig::new("job", 0, rank, 2);
+                cfg.bootstrap_timeout = Duration::from_secs(20);
+                // The second rank publishes late, after its peer has read the stale value.
+                if rank == 1 {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                TcpRing::connect(cfg, &store)
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap().unwrap();
+    }
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+}

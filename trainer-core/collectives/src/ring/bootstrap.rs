@@ -261,41 +261,44 @@ fn connect_right(
     deadline: Instant,
     identity: &str,
 ) -> Result<(Stream, bool), CommError> {
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let bytes = store
-        .get(&addr_key(&cfg.job_id, cfg.generation, right), remaining)
-        .map_err(|e| CommError::Bootstrap(format!("address of rank {right}: {e}")))?;
-    let published = parse_published(&String::from_utf8_lossy(&bytes))
-        .map_err(|e| CommError::Bootstrap(format!("address of rank {right}: {e}")))?;
-    // Same machine and network namespace: a Unix socket, falling back to TCP if it fails.
-    if cfg.transport == Transport::Auto
-        && !identity.is_empty()
-        && published.host == identity
-        && let Some(name) = &published.uds
-    {
-        let unix = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-            .and_then(|a| UnixStream::connect_addr(&a));
-        if let Ok(u) = unix {
-            return handshake(cfg, Stream::Unix(u), right, deadline);
-        }
-    }
-    let addr = published.tcp;
+    let key = addr_key(&cfg.job_id, cfg.generation, right);
     let mut wait = Duration::from_millis(5);
+    let mut last_error = String::new();
     loop {
-        let left_time = deadline.saturating_duration_since(Instant::now());
-        if left_time.is_zero() {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
             return Err(CommError::Bootstrap(format!(
-                "could not connect to rank {right} at {addr} within {:?}",
+                "could not connect to rank {right} within {:?}: {last_error}",
                 cfg.bootstrap_timeout
             )));
         }
-        match TcpStream::connect_timeout(&addr, left_time.min(Duration::from_secs(5))) {
-            Ok(s) => return handshake(cfg, Stream::Tcp(s), right, deadline),
-            Err(_) => {
-                std::thread::sleep(wait);
-                wait = (wait * 2).min(Duration::from_millis(200));
+        // Read the address on every attempt: a value left by an earlier run (a reused store
+        // directory) is replaced once the peer publishes its own.
+        let bytes = store
+            .get(&key, remaining)
+            .map_err(|e| CommError::Bootstrap(format!("address of rank {right}: {e}")))?;
+        let published = parse_published(&String::from_utf8_lossy(&bytes))
+            .map_err(|e| CommError::Bootstrap(format!("address of rank {right}: {e}")))?;
+        // Same machine and network namespace: a Unix socket, else TCP.
+        if cfg.transport == Transport::Auto
+            && !identity.is_empty()
+            && published.host == identity
+            && let Some(name) = &published.uds
+        {
+            match std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+                .and_then(|a| UnixStream::connect_addr(&a))
+            {
+                Ok(u) => return handshake(cfg, Stream::Unix(u), right, deadline),
+                Err(e) => last_error = format!("unix socket {name}: {e}"),
             }
         }
+        let addr = published.tcp;
+        match TcpStream::connect_timeout(&addr, remaining.min(Duration::from_secs(2))) {
+            Ok(s) => return handshake(cfg, Stream::Tcp(s), right, deadline),
+            Err(e) => last_error = format!("{addr}: {e}"),
+        }
+        std::thread::sleep(wait.min(deadline.saturating_duration_since(Instant::now())));
+        wait = (wait * 2).min(Duration::from_millis(200));
     }
 }
 
