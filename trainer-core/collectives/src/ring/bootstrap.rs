@@ -280,6 +280,7 @@ fn connect_right(
         let published = parse_published(&String::from_utf8_lossy(&bytes))
             .map_err(|e| CommError::Bootstrap(format!("address of rank {right}: {e}")))?;
         // Same machine and network namespace: a Unix socket, else TCP.
+        let mut unix_error = String::new();
         if cfg.transport == Transport::Auto
             && !identity.is_empty()
             && published.host == identity
@@ -289,13 +290,13 @@ fn connect_right(
                 .and_then(|a| UnixStream::connect_addr(&a))
             {
                 Ok(u) => return handshake(cfg, Stream::Unix(u), right, deadline),
-                Err(e) => last_error = format!("unix socket {name}: {e}"),
+                Err(e) => unix_error = format!("unix socket {name}: {e}; "),
             }
         }
         let addr = published.tcp;
         match TcpStream::connect_timeout(&addr, remaining.min(Duration::from_secs(2))) {
             Ok(s) => return handshake(cfg, Stream::Tcp(s), right, deadline),
-            Err(e) => last_error = format!("{addr}: {e}"),
+            Err(e) => last_error = format!("{unix_error}{addr}: {e}"),
         }
         std::thread::sleep(wait.min(deadline.saturating_duration_since(Instant::now())));
         wait = (wait * 2).min(Duration::from_millis(200));
