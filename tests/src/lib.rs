@@ -15,6 +15,15 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde_json::Value;
 
+/// Serializes the tests that assert time bounds (kill within grace + 2 s, loss within the
+/// heartbeat timeout + 2 s): they keep their margins on a 2-core CI machine when they do not
+/// share it with the other tests of their binary. A panicking holder does not block the rest.
+pub fn timing_sensitive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Path of a binary of this workspace, next to the test executable's `deps/` folder.
 ///
 /// # Panics

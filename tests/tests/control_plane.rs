@@ -183,6 +183,7 @@ fn without_restarts_the_job_fails_with_its_root_cause() {
 
 #[test]
 fn cancel_kills_every_process_including_grandchildren() {
+    let _serial = ringmaster_tests::timing_sensitive();
     let c = two_by_two("10s");
     let out = out_dir(&c);
     let job = c.submit(
@@ -222,6 +223,7 @@ fn cancel_kills_every_process_including_grandchildren() {
 
 #[test]
 fn a_killed_agent_ends_the_generation_and_is_named() {
+    let _serial = ringmaster_tests::timing_sensitive();
     let c = two_by_two("2s");
     let out = out_dir(&c);
     let job = c.submit(
@@ -262,6 +264,7 @@ fn a_killed_agent_ends_the_generation_and_is_named() {
 
 #[test]
 fn a_restarted_coordinator_reconciles_running_workers() {
+    let _serial = ringmaster_tests::timing_sensitive();
     let mut c = two_by_two("3s");
     let out = out_dir(&c);
     let job = c.submit(
@@ -467,6 +470,7 @@ fn logs_follow_streams_until_the_rank_ends() {
 
 #[test]
 fn agent_shutdown_stops_its_workers_and_json_logs_carry_job_and_generation() {
+    let _serial = ringmaster_tests::timing_sensitive();
     let mut c = Cluster::start(Some("w0 slots=2\n"), "10s");
     c.start_agent("w0", 2, &["--log-format", "json"]);
     c.wait_joined(&["w0"]);
