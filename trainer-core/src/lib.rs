@@ -8,8 +8,10 @@
 //! - [`load_config`] — reads and validates a training config file.
 //! - [`collective_cli`] — `trainer collective`: one rank of a collective benchmark or check.
 //! - [`rendezvous`] — the coordinator's rendezvous service as a collectives bootstrap store.
+//! - [`data_cli`] — `trainer tokenizer train`, `trainer data addition`.
 
 pub mod collective_cli;
+pub mod data_cli;
 pub mod rendezvous;
 
 use std::path::Path;

@@ -1,5 +1,6 @@
 //! `trainer CONFIG.yaml`: the worker process an agent starts per slot.
 //! `trainer collective ...`: one rank of a collective benchmark or check.
+//! `trainer tokenizer train ...`, `trainer data addition ...`: data for demos, no downloads.
 //!
 //! The training engine is not built yet; `trainer CONFIG.yaml` validates its config (so that
 //! the control plane's `train:` path is exercised end to end) and says so.
@@ -27,6 +28,31 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("trainer collective: {e:#}");
                 ExitCode::from(1)
+            }
+        };
+    }
+    let sub = argv.get(1).cloned();
+    let result = match sub.as_deref() {
+        Some("tokenizer") => {
+            argv.remove(1);
+            Some(ringmaster_trainer::data_cli::tokenizer(
+                ringmaster_trainer::data_cli::TokenizerArgs::parse_from(argv),
+            ))
+        }
+        Some("data") => {
+            argv.remove(1);
+            Some(ringmaster_trainer::data_cli::data(
+                ringmaster_trainer::data_cli::DataArgs::parse_from(argv),
+            ))
+        }
+        _ => None,
+    };
+    if let Some(r) = result {
+        return match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trainer: {e:#}");
+                ExitCode::from(2)
             }
         };
     }
