@@ -5,7 +5,9 @@
 //! Layout:
 //! - this file — flags, the client connection, and one function per subcommand.
 //! - `render` — human-readable tables and status blocks.
+//! - `estimate` — `ringctl estimate` (memory per plan; no coordinator).
 
+pub mod estimate;
 mod render;
 
 use std::io::Write;
@@ -159,6 +161,8 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Memory per GPU and per node of every plan (DeepSpeed's estimators); no coordinator needed.
+    Estimate(estimate::EstimateArgs),
 }
 
 /// Resolves the coordinator address from the flag, the environment, or the default.
@@ -206,6 +210,7 @@ fn print_json(v: &serde_json::Value) {
 pub async fn run(args: Args) -> Result<Exit, CliError> {
     let addr = coordinator_addr(args.coordinator.as_deref());
     match args.command {
+        Command::Estimate(a) => estimate::run(&a),
         Command::Local {
             file,
             nodes,

@@ -7,6 +7,24 @@
 //!   keys (listing all of them) and bad values (naming the field).
 //! - [`TrainConfig::referenced_files`] — the DeepSpeed / FSDP files a config names, which
 //!   `ringctl submit` sends inline with the job.
+//! - [`deepspeed`] — DeepSpeed JSON as written for DeepSpeed (`"auto"` values included).
+//! - [`accelerate`] — accelerate YAML (`distributed_type`, `deepspeed_config.*`, `fsdp_config.*`)
+//!   and the bare `fsdp_config` mapping.
+//! - [`plan`] — the engine's [`Plan`] (what is sharded, what is offloaded, precision, batch,
+//!   buckets) resolved from the training config and those files by the HF Trainer rules.
+//! - [`estimate`] — DeepSpeed's memory estimators, model sizes from a Hugging Face Llama
+//!   `config.json` or a preset, and the per-plan table behind `ringctl estimate`.
+
+pub mod accelerate;
+pub mod deepspeed;
+pub mod estimate;
+pub mod plan;
+mod reader;
+
+pub use accelerate::{AccelerateConfig, FsdpConfig, ShardingStrategy};
+pub use deepspeed::DeepSpeedConfig;
+pub use plan::{Plan, plan_from, plan_from_accelerate, plan_from_files};
+pub use reader::Auto;
 
 use serde::{Deserialize, Serialize};
 
@@ -138,6 +156,82 @@ pub enum ConfigError {
     UnknownKeys(Vec<String>),
     #[error("training config field `{field}`: {message}")]
     Field { field: String, message: String },
+    /// A DeepSpeed / accelerate / FSDP file that does not parse.
+    #[error("{file} is not valid: {message}")]
+    FileSyntax { file: String, message: String },
+    /// Unknown keys of a DeepSpeed / accelerate / FSDP file, all of them, as dotted paths.
+    #[error("{file} has unknown key(s): {}", .keys.join(", "))]
+    UnknownKeysIn { file: String, keys: Vec<String> },
+    /// A bad value in a DeepSpeed / accelerate / FSDP file, naming its dotted field.
+    #[error("{file} field `{field}`: {message}")]
+    Invalid {
+        file: String,
+        field: String,
+        message: String,
+    },
+    /// Two files (or a file and the cluster) that contradict each other; the message names both
+    /// values.
+    #[error("{0}")]
+    Mismatch(String),
+    /// A referenced file could not be read.
+    #[error("cannot read {path}: {message}")]
+    Read { path: String, message: String },
+}
+
+/// The standard text of a [`Warning`] for a key our engine accepts without effect.
+pub const NO_EFFECT: &str = "accepted, no effect in Ringmaster";
+
+/// A key accepted from a DeepSpeed / accelerate / FSDP file that does not do what it does there;
+/// the trainer prints all of them once at start ([`warning_lines`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Warning {
+    /// Dotted path, e.g. `zero_optimization.round_robin_gradients`.
+    pub key: String,
+    pub message: String,
+}
+
+impl Warning {
+    /// `key`: accepted, no effect in Ringmaster.
+    pub fn no_effect(key: impl Into<String>) -> Warning {
+        Warning {
+            key: key.into(),
+            message: NO_EFFECT.into(),
+        }
+    }
+
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Warning {
+        Warning {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// The lines to print once at start: every plain "no effect" key on one line
+/// (`accepted, no effect in Ringmaster: a, b, c`), then one line per other warning.
+pub fn warning_lines(warnings: &[Warning]) -> Vec<String> {
+    let plain: Vec<&str> = warnings
+        .iter()
+        .filter(|w| w.message == NO_EFFECT)
+        .map(|w| w.key.as_str())
+        .collect();
+    let mut lines = Vec::new();
+    if !plain.is_empty() {
+        lines.push(format!("{NO_EFFECT}: {}", plain.join(", ")));
+    }
+    lines.extend(
+        warnings
+            .iter()
+            .filter(|w| w.message != NO_EFFECT)
+            .map(Warning::to_string),
+    );
+    lines
 }
 
 impl TrainConfig {
