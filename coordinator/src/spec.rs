@@ -219,6 +219,40 @@ impl JobSpec {
     }
 }
 
+/// Checks the DeepSpeed JSON and FSDP/accelerate YAML files a training config names, as sent
+/// with the job: unknown keys and impossible settings are refused at submit time. (Batch-size
+/// contradictions need the world size and are checked when the job's ranks start.)
+///
+/// # Errors
+/// A missing file, or one that does not parse as what its key says, naming the key and path.
+pub fn validate_files(
+    train: &TrainConfig,
+    files: &BTreeMap<String, Vec<u8>>,
+    origin: &str,
+) -> Result<(), SpecError> {
+    let get = |key: &str, path: &str| -> Result<String, SpecError> {
+        let bytes = files.get(path).ok_or_else(|| {
+            SpecError::invalid(
+                origin,
+                format!("`{key}: {path}`: the file was not sent with the job"),
+            )
+        })?;
+        String::from_utf8(bytes.clone())
+            .map_err(|_| SpecError::invalid(origin, format!("`{key}: {path}`: not UTF-8 text")))
+    };
+    if let Some(path) = &train.deepspeed {
+        let text = get("deepspeed", path)?;
+        ringmaster_config::deepspeed::DeepSpeedConfig::from_json(&text)
+            .map_err(|e| SpecError::invalid(origin, format!("`deepspeed: {path}`: {e}")))?;
+    }
+    if let Some(path) = &train.fsdp_config {
+        let text = get("fsdp_config", path)?;
+        ringmaster_config::accelerate::FsdpConfig::from_yaml(&text)
+            .map_err(|e| SpecError::invalid(origin, format!("`fsdp_config: {path}`: {e}")))?;
+    }
+    Ok(())
+}
+
 /// A spec ready to send: `train:` inlined, plus the files its training config names.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Submission {
@@ -309,7 +343,9 @@ pub fn submission_from_text(
             files.insert(f, read(&p)?);
         }
     }
-    spec.validate(origin)?;
+    if let Some(train) = spec.validate(origin)? {
+        validate_files(&train, &files, origin)?;
+    }
     Ok(Submission { spec, files })
 }
 
@@ -408,6 +444,41 @@ mod tests {
                 "{err}"
             );
             assert!(!err.contains('\n'), "one line: {err:?}");
+        }
+    }
+
+    #[test]
+    fn deepspeed_files_are_checked_at_submit() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("ds.json"),
+            b"{\"zero_optimization\": {\"stage\": 3, \"bogus_knob\": 1}}",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("t.yaml"),
+            "stage: sft\ndeepspeed: ds.json\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("job.yaml"), "train: t.yaml\n").unwrap();
+        let err = load_submission(&dir.path().join("job.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("deepspeed: ds.json") && err.contains("bogus_knob"),
+            "{err}"
+        );
+        // The seed examples all pass.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        for f in std::fs::read_dir(&root).unwrap().flatten() {
+            let p = f.path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("llama3_") && name.ends_with(".yaml") {
+                // Their paths are relative to the repository root, where users run ringctl.
+                let text = std::fs::read_to_string(&p).unwrap();
+                let repo = root.parent().unwrap();
+                submission_from_text(&text, &name, repo).unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
         }
     }
 

@@ -868,8 +868,13 @@ impl Core {
         spec: JobSpec,
         files: BTreeMap<String, Vec<u8>>,
     ) -> Result<pb::JobStatus, Status> {
-        spec.validate("job spec")
+        let train = spec
+            .validate("job spec")
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(train) = &train {
+            crate::spec::validate_files(train, &files, "job spec")
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
         let size: usize = files.values().map(Vec::len).sum();
         if size > MAX_SPEC_BYTES {
             return Err(Status::invalid_argument(format!(
