@@ -286,7 +286,6 @@ fn a_restarted_coordinator_reconciles_running_workers() {
         .as_mut()
         .unwrap()
         .wait_exit(Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(300));
     c.start_coordinator(Some(port));
     // The job is known again, and its ranks are running with the same pids.
     let after = wait_until(Duration::from_secs(15), "ranks reconciled", || {

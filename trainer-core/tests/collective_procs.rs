@@ -103,57 +103,61 @@ fn every_op_is_correct_across_processes() {
     }
 }
 
+/// Polls `f` until it is true, failing after `timeout` with `what`.
+fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_killed_rank_fails_every_other_rank_within_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let world = 4;
+    let log = |r: usize| dir.path().join(format!("rank-{r}.err"));
     let mut ranks = Ranks(
         (0..world)
             .map(|r| {
-                spawn_rank(
-                    r,
-                    world,
-                    dir.path(),
-                    &[
-                        "--op",
-                        "all-reduce",
-                        "--bytes",
-                        "16MiB",
-                        "--iters",
-                        "100000",
-                        "--timeout",
-                        "5s",
-                    ],
-                )
+                Command::new(env!("CARGO_BIN_EXE_trainer"))
+                    .args(["collective", "--op", "all-reduce", "--bytes", "16MiB"])
+                    .args(["--iters", "100000", "--timeout", "5s", "--store-dir"])
+                    .arg(dir.path().join("store"))
+                    .env("RANK", r.to_string())
+                    .env("WORLD_SIZE", world.to_string())
+                    .env("RINGMASTER_JOB_ID", "kill-test")
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(log(r)).unwrap())
+                    .spawn()
+                    .unwrap()
             })
             .collect(),
     );
-    // Let them get into the loop.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Every rank is in the ring (and so in its all_reduce loop).
+    wait_for(Duration::from_secs(30), "every rank connected", || {
+        (0..world)
+            .all(|r| std::fs::read_to_string(log(r)).is_ok_and(|t| t.contains("ring connected")))
+    });
     let t0 = Instant::now();
     ranks.0[2].kill().unwrap();
     let _ = ranks.0[2].wait();
     for r in [0usize, 1, 3] {
-        let deadline = t0 + Duration::from_secs(5 + 5);
-        loop {
-            if let Some(st) = ranks.0[r].try_wait().unwrap() {
-                assert!(!st.success(), "rank {r} exited 0");
-                break;
-            }
-            assert!(Instant::now() < deadline, "rank {r} hangs");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(
+            Duration::from_secs(10),
+            &format!("rank {r} to fail"),
+            || match ranks.0[r].try_wait().unwrap() {
+                Some(st) => {
+                    assert!(!st.success(), "rank {r} exited 0");
+                    true
+                }
+                None => false,
+            },
+        );
     }
     let took = t0.elapsed();
     for r in [0usize, 1, 3] {
-        let mut err = String::new();
-        use std::io::Read;
-        ranks.0[r]
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        let err = std::fs::read_to_string(log(r)).unwrap();
         assert!(err.contains("all_reduce #"), "rank {r}: {err}");
         assert!(err.contains("rank "), "rank {r}: {err}");
     }

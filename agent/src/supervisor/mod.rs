@@ -442,6 +442,20 @@ mod tests {
         assert_eq!(std::fs::read(&ds).unwrap(), b"{\"zero_optimization\":{}}");
     }
 
+    /// Polls `f` every 20 ms until it returns `Some`, for at most 5 s.
+    async fn poll<T>(mut f: impl FnMut() -> Option<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Some(v) = f() {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("condition not met within 5 s")
+    }
+
     #[tokio::test]
     async fn a_worker_and_its_children_are_stopped_and_reported() {
         let dir = tempfile::tempdir().unwrap();
@@ -480,14 +494,12 @@ mod tests {
         ));
         // A second start of the same worker is ignored (no duplicate launch).
         assert!(s.start(&sw).is_empty());
-        let child: i32 = loop {
-            if let Ok(t) = std::fs::read_to_string(&pidfile)
-                && let Ok(p) = t.trim().parse()
-            {
-                break p;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let child: i32 = poll(|| {
+            std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+        })
+        .await;
         s.stop("job-1", 0, Duration::from_millis(500));
         let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
@@ -495,19 +507,17 @@ mod tests {
             .unwrap();
         assert_eq!(e.signal, Some(15));
         assert_eq!(e.log_tail, vec!["started"]);
-        // The grandchild is gone too.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
-        assert!(
-            stat.is_empty()
+        // The grandchild is gone too (killed with the worker's process group).
+        poll(|| {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            let gone = stat.is_empty()
                 || stat
                     .rsplit(')')
                     .next()
-                    .unwrap()
-                    .trim_start()
-                    .starts_with('Z'),
-            "{stat}"
-        );
+                    .is_some_and(|r| r.trim_start().starts_with('Z'));
+            gone.then_some(())
+        })
+        .await;
         let log = std::fs::read_to_string(s.log_path("job-1", 0, 0).unwrap()).unwrap();
         assert_eq!(log, "started\n");
     }

@@ -436,7 +436,8 @@ mod tests {
         let r2 = r.clone();
         let waiter =
             tokio::spawn(async move { r2.get(&scope(0), "k", Duration::from_secs(10)).await });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // On this current-thread runtime, yielding runs the waiter up to its wait.
+        tokio::task::yield_now().await;
         r.set(&scope(0), "k", b"v".to_vec()).unwrap();
         assert_eq!(waiter.await.unwrap().unwrap(), Some(b"v".to_vec()));
         // And a wait with nothing coming times out empty.
@@ -451,7 +452,8 @@ mod tests {
         let r2 = r.clone();
         let waiter =
             tokio::spawn(async move { r2.get(&scope(0), "k", Duration::from_secs(10)).await });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // On this current-thread runtime, yielding runs the waiter up to its wait.
+        tokio::task::yield_now().await;
         r.close("job-1", 0);
         r.open("job-1", 1);
         let err = waiter.await.unwrap().unwrap_err();

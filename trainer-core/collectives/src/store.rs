@@ -149,7 +149,7 @@ mod tests {
         let s = MemStore::new();
         let s2 = s.clone();
         let t = std::thread::spawn(move || s2.get("late", Duration::from_secs(5)));
-        std::thread::sleep(Duration::from_millis(20));
+        // Whether the getter is already waiting or not, it must see the value.
         s.set("late", b"x").unwrap();
         assert_eq!(t.join().unwrap().unwrap(), b"x");
     }

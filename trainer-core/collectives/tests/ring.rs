@@ -235,9 +235,11 @@ fn a_rank_that_leaves_fails_everyone_fast_and_a_silent_one_times_out() {
     // connection, and the failure travels the ring, long before the 30 s timeout.
     let comms = ring(4, "leave", Duration::from_secs(30));
     let t0 = Instant::now();
-    let outs = run(comms, |r, c| {
+    let ready = Arc::new(Barrier::new(4));
+    let outs = run(comms, move |r, c| {
+        // Rank 2 leaves once the others are calling (or about to: either way they must fail).
+        ready.wait();
         if r == 2 {
-            std::thread::sleep(Duration::from_millis(100));
             return None;
         }
         let mut b = vec![1.0f32; 1 << 20];
@@ -256,17 +258,20 @@ fn a_rank_that_leaves_fails_everyone_fast_and_a_silent_one_times_out() {
     // A silent rank: its right neighbour times out naming it.
     let comms = ring(3, "silent", Duration::from_millis(500));
     let gate = Arc::new(Barrier::new(3));
+    // Rank 1 stays connected and silent until the other two have their answers.
+    let answered = Arc::new(Barrier::new(3));
     let outs = run(comms, move |r, c| {
+        gate.wait();
         if r == 1 {
-            gate.wait();
-            std::thread::sleep(Duration::from_secs(2));
+            answered.wait();
             return None;
         }
         let mut b = vec![1.0f32; 1000];
-        gate.wait();
         let t = Instant::now();
         let res = c.all_reduce(BufMut::F32(&mut b), ReduceOp::Sum);
-        Some((res, t.elapsed()))
+        let took = t.elapsed();
+        answered.wait();
+        Some((res, took))
     });
     let (res, took) = outs[2].as_ref().unwrap();
     match res {
@@ -286,10 +291,14 @@ fn abort_from_another_thread_ends_a_blocked_call_at_once() {
     let _c1 = comms.remove(0); // never calls
     let h = c0.abort_handle();
     let t0 = Instant::now();
+    // The call below blocks (rank 1 never answers); the abort ends it whenever it lands.
+    let calling = Arc::new(Barrier::new(2));
+    let c2 = calling.clone();
     let aborter = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(100));
+        c2.wait();
         h.abort("generation ended by the coordinator");
     });
+    calling.wait();
     let mut b = vec![0.0f32; 100];
     let e = c0
         .all_reduce(BufMut::F32(&mut b), ReduceOp::Sum)
@@ -373,12 +382,8 @@ fn a_stale_address_in_a_reused_store_is_replaced_not_waited_on() {
     use ringmaster_collectives::{DirStore, Store};
     let dir = tempfile::tempdir().unwrap();
     let store = DirStore::new(dir.path()).unwrap();
-    // An earlier run left addresses of processes that are gone.
-    for r in 0..2 {
-        store
-            .set(&format!("job/0/ring/{r}"), b"tcp=127.0.0.1:1")
-            .unwrap();
-    }
+    // An earlier run left the address of a rank-1 process that is gone.
+    store.set("job/0/ring/1", b"tcp=127.0.0.1:1").unwrap();
     let t0 = Instant::now();
     let handles: Vec<_> = (0..2)
         .map(|rank| {
@@ -386,9 +391,9 @@ fn a_stale_address_in_a_reused_store_is_replaced_not_waited_on() {
             std::thread::spawn(move || {
                 let mut cfg = RingConfig::new("job", 0, rank, 2);
                 cfg.bootstrap_timeout = Duration::from_secs(20);
-                // The second rank publishes late, after its peer has read the stale value.
+                // Rank 1 publishes only once rank 0 is up, so rank 0 reads the stale value.
                 if rank == 1 {
-                    std::thread::sleep(Duration::from_millis(300));
+                    store.get("job/0/ring/0", Duration::from_secs(20)).unwrap();
                 }
                 TcpRing::connect(cfg, &store)
             })
