@@ -111,28 +111,7 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Parses `64MiB`, `1KiB`, `4096`, `1K` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits: String = t.chars().take_while(|c| c.is_ascii_digit()).collect();
-    let unit = t[digits.len()..].trim();
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}': expected a number with an optional unit (KiB, MiB, GiB)"))?;
-    let mult: u64 = match unit {
-        "" | "B" => 1,
-        "K" | "KiB" | "k" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        other => {
-            return Err(format!(
-                "'{s}': unknown unit '{other}' (use B, KiB, MiB or GiB)"
-            ));
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("'{s}' is too large"))
-}
+pub use ringmaster_config::units::parse_size;
 
 fn env_usize(name: &str) -> anyhow::Result<usize> {
     std::env::var(name)
@@ -376,16 +355,6 @@ fn time_op<T: Value>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("1KiB"), Ok(1024));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert!(parse_size("12 parsecs").is_err());
-        assert!(parse_size("MiB").is_err());
-    }
 
     #[test]
     fn inputs_sum_exactly() {

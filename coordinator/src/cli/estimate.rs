@@ -42,37 +42,15 @@ pub struct EstimateArgs {
     pub output: Output,
 }
 
-/// Parses `80GiB`, `80GB`, `80G`, `1.5TiB`, `512 GiB` or a plain number of bytes.
+/// A memory size for `--gpu-memory` / `--cpu-memory` (see `ringmaster_config::units`); not 0.
 ///
 /// # Errors
-/// Anything else, with the accepted forms.
+/// Not a size, or zero.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let unit = unit.trim().to_ascii_lowercase();
-    let mult: f64 = match unit.as_str() {
-        "" | "b" => 1.0,
-        "k" | "kib" => 1024.0,
-        "m" | "mib" => 1024f64.powi(2),
-        "g" | "gib" => 1024f64.powi(3),
-        "t" | "tib" => 1024f64.powi(4),
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        _ => f64::NAN,
-    };
-    let x: f64 = num.parse().unwrap_or(f64::NAN);
-    let bytes = x * mult;
-    if !(1.0..1.8e19).contains(&bytes) {
-        return Err(format!(
-            "'{s}' is not a size: use e.g. 80GiB, 24GB, 40G or a number of bytes"
-        ));
+    match ringmaster_config::units::parse_size(s)? {
+        0 => Err(format!("'{s}': a memory size must be above 0")),
+        n => Ok(n),
     }
-    Ok(bytes as u64)
 }
 
 /// The model a `--model` value names: a config.json, a directory holding one, or a preset.
@@ -173,33 +151,6 @@ pub fn verdict(row: &estimate::EstimateRow) -> String {
     }
 }
 
-fn columns(rows: &[Vec<String>]) -> String {
-    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| {
-            rows.iter()
-                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let mut line = String::new();
-        for (i, cell) in r.iter().enumerate() {
-            // Sizes right-aligned, names left-aligned.
-            if (3..=6).contains(&i) {
-                let _ = write!(line, "{:>w$}  ", cell, w = widths[i]);
-            } else {
-                let _ = write!(line, "{:<w$}  ", cell, w = widths[i]);
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
-}
-
 /// The human-readable table.
 pub fn render(est: &Estimate) -> String {
     let i = &est.input;
@@ -267,7 +218,10 @@ pub fn render(est: &Estimate) -> String {
             verdict(r),
         ]);
     }
-    out.push_str(&columns(&rows));
+    // Sizes right-aligned, names left-aligned.
+    out.push_str(&super::render::table_aligned(&rows, |i| {
+        (3..=6).contains(&i)
+    }));
     out.push('\n');
     match est.recommended_row() {
         Some(r) => {

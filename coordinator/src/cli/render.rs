@@ -10,6 +10,11 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
 
 /// Formats rows as left-aligned columns.
 fn table(rows: Vec<Vec<String>>) -> String {
+    table_aligned(&rows, |_| false)
+}
+
+/// Formats rows as columns; columns for which `right(i)` holds are right-aligned.
+pub fn table_aligned(rows: &[Vec<String>], right: impl Fn(usize) -> bool) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
         .map(|c| {
@@ -23,8 +28,10 @@ fn table(rows: Vec<Vec<String>>) -> String {
     for r in rows {
         let mut line = String::new();
         for (i, cell) in r.iter().enumerate() {
-            if i + 1 == r.len() {
+            if i + 1 == r.len() && !right(i) {
                 line.push_str(cell);
+            } else if right(i) {
+                let _ = write!(line, "{:>w$}  ", cell, w = widths[i]);
             } else {
                 let _ = write!(line, "{:<w$}  ", cell, w = widths[i]);
             }

@@ -17,6 +17,18 @@
 //! `len % world` one element longer ([`shard_range`]); after `reduce_scatter`, rank r holds the
 //! reduced shard r; `all_gather` starts from each rank's shard r.
 
+/// Evaluates `$e` with `$b` bound to the typed slice inside a [`BufMut`]: every backend turns
+/// the dtype-erased trait calls into its generic implementation through this one match.
+macro_rules! with_buf {
+    ($buf:expr, $b:ident => $e:expr) => {
+        match $buf {
+            $crate::BufMut::F32($b) => $e,
+            $crate::BufMut::Bf16($b) => $e,
+            $crate::BufMut::F16($b) => $e,
+        }
+    };
+}
+
 pub mod element;
 #[cfg(feature = "cuda")]
 pub mod nccl;

@@ -20,6 +20,7 @@ pub mod deepspeed;
 pub mod estimate;
 pub mod plan;
 mod reader;
+pub mod units;
 
 pub use accelerate::{AccelerateConfig, FsdpConfig, ShardingStrategy};
 pub use deepspeed::DeepSpeedConfig;

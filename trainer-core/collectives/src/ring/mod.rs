@@ -684,35 +684,19 @@ impl Communicator for TcpRing {
     }
 
     fn all_reduce(&mut self, buf: BufMut<'_>, op: ReduceOp) -> Result<(), CommError> {
-        match buf {
-            BufMut::F32(b) => self.all_reduce_t(b, op),
-            BufMut::Bf16(b) => self.all_reduce_t(b, op),
-            BufMut::F16(b) => self.all_reduce_t(b, op),
-        }
+        with_buf!(buf, b => self.all_reduce_t(b, op))
     }
 
     fn reduce_scatter(&mut self, buf: BufMut<'_>, op: ReduceOp) -> Result<Range<usize>, CommError> {
-        match buf {
-            BufMut::F32(b) => self.reduce_scatter_t(b, op),
-            BufMut::Bf16(b) => self.reduce_scatter_t(b, op),
-            BufMut::F16(b) => self.reduce_scatter_t(b, op),
-        }
+        with_buf!(buf, b => self.reduce_scatter_t(b, op))
     }
 
     fn all_gather(&mut self, buf: BufMut<'_>) -> Result<(), CommError> {
-        match buf {
-            BufMut::F32(b) => self.all_gather_t(b),
-            BufMut::Bf16(b) => self.all_gather_t(b),
-            BufMut::F16(b) => self.all_gather_t(b),
-        }
+        with_buf!(buf, b => self.all_gather_t(b))
     }
 
     fn broadcast(&mut self, buf: BufMut<'_>, root: usize) -> Result<(), CommError> {
-        match buf {
-            BufMut::F32(b) => self.broadcast_t(b, root),
-            BufMut::Bf16(b) => self.broadcast_t(b, root),
-            BufMut::F16(b) => self.broadcast_t(b, root),
-        }
+        with_buf!(buf, b => self.broadcast_t(b, root))
     }
 
     fn barrier(&mut self) -> Result<(), CommError> {
