@@ -1,0 +1,478 @@
+//! A Llama-family `config.json`, read in both the transformers 4 form (top-level `rope_theta`,
+//! `rope_scaling`, `torch_dtype`) and the transformers 5 form (`rope_parameters` holding
+//! `rope_theta` and the scaling, `dtype`). Saving writes the transformers 4 form plus
+//! `rope_parameters`, which both generations read.
+
+use std::path::Path;
+
+use serde_json::{Map, Value, json};
+
+use crate::error::{ModelError, Result};
+
+/// Storage dtype of weights in a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    /// IEEE float32.
+    F32,
+    /// bfloat16.
+    BF16,
+    /// IEEE float16.
+    F16,
+}
+
+impl DType {
+    /// The transformers spelling (`float32`, `bfloat16`, `float16`).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+        }
+    }
+
+    /// Parses a transformers spelling (also `fp32`, `bf16`, `fp16`, `float`, `half`).
+    pub fn parse(s: &str) -> Option<DType> {
+        match s {
+            "float32" | "fp32" | "f32" | "float" => Some(DType::F32),
+            "bfloat16" | "bf16" => Some(DType::BF16),
+            "float16" | "fp16" | "f16" | "half" => Some(DType::F16),
+            _ => None,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+}
+
+/// RoPE frequency scaling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Llama 3.1's `rope_type: llama3` wavelength-dependent scaling.
+    Llama3 {
+        /// `factor`.
+        factor: f64,
+        /// `low_freq_factor`.
+        low_freq_factor: f64,
+        /// `high_freq_factor`.
+        high_freq_factor: f64,
+        /// `original_max_position_embeddings`.
+        original_max_position_embeddings: usize,
+    },
+    /// `rope_type: linear`: positions divided by `factor`.
+    Linear {
+        /// `factor`.
+        factor: f64,
+    },
+}
+
+/// The architecture of a Llama-family causal LM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// `vocab_size`.
+    pub vocab_size: usize,
+    /// `hidden_size`.
+    pub hidden_size: usize,
+    /// `intermediate_size`.
+    pub intermediate_size: usize,
+    /// `num_hidden_layers`.
+    pub num_hidden_layers: usize,
+    /// `num_attention_heads`.
+    pub num_attention_heads: usize,
+    /// `num_key_value_heads` (defaults to `num_attention_heads`).
+    pub num_key_value_heads: usize,
+    /// `head_dim` (defaults to `hidden_size / num_attention_heads`).
+    pub head_dim: usize,
+    /// `rms_norm_eps`.
+    pub rms_norm_eps: f64,
+    /// `rope_theta`.
+    pub rope_theta: f64,
+    /// `rope_scaling` / `rope_parameters`.
+    pub rope_scaling: RopeScaling,
+    /// `max_position_embeddings`.
+    pub max_position_embeddings: usize,
+    /// `tie_word_embeddings`.
+    pub tie_word_embeddings: bool,
+    /// `bos_token_id`.
+    pub bos_token_id: Option<u32>,
+    /// `eos_token_id` (the first, when a list).
+    pub eos_token_id: Option<u32>,
+    /// Every `eos_token_id` (a list in Llama 3.1 files).
+    pub eos_token_ids: Vec<u32>,
+    /// `pad_token_id`.
+    pub pad_token_id: Option<u32>,
+    /// `initializer_range` (std of the normal init).
+    pub initializer_range: f64,
+    /// `torch_dtype` / `dtype`: the dtype the weights are stored in.
+    pub dtype: DType,
+    /// `attention_bias` / `mlp_bias` are not supported; kept to reject them clearly.
+    pub hidden_act: String,
+}
+
+impl LlamaConfig {
+    /// A small config for tests and the quickstart.
+    pub fn tiny(
+        vocab_size: usize,
+        hidden: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Self {
+        LlamaConfig {
+            vocab_size,
+            hidden_size: hidden,
+            intermediate_size: hidden * 8 / 3,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim: hidden / heads,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::None,
+            max_position_embeddings: 2048,
+            tie_word_embeddings: false,
+            bos_token_id: None,
+            eos_token_id: None,
+            eos_token_ids: Vec::new(),
+            pad_token_id: None,
+            initializer_range: 0.02,
+            dtype: DType::F32,
+            hidden_act: "silu".into(),
+        }
+    }
+
+    /// Reads `config.json`; errors name the file and the field.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_json_str(&text).map_err(|e| e.in_file(path))
+    }
+
+    /// Parses the text of a `config.json`.
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let v: Value = serde_json::from_str(text).map_err(|e| ModelError::Config {
+            file: None,
+            field: "(json)".into(),
+            problem: e.to_string(),
+        })?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| cfg_err("(top level)", "not a JSON object"))?;
+        Self::from_map(obj)
+    }
+
+    fn from_map(o: &Map<String, Value>) -> Result<Self> {
+        if let Some(t) = o.get("model_type").and_then(Value::as_str)
+            && !matches!(t, "llama" | "mistral" | "qwen2")
+        {
+            return Err(cfg_err(
+                "model_type",
+                &format!("`{t}` is not a Llama-family model"),
+            ));
+        }
+        for key in ["attention_bias", "mlp_bias"] {
+            if o.get(key).and_then(Value::as_bool) == Some(true) {
+                return Err(cfg_err(key, "biases in linear layers are not supported"));
+            }
+        }
+        let hidden_act = opt_str(o, "hidden_act")?.unwrap_or_else(|| "silu".into());
+        if hidden_act != "silu" {
+            return Err(cfg_err(
+                "hidden_act",
+                &format!("`{hidden_act}` is not supported (silu)"),
+            ));
+        }
+        let hidden_size = req_usize(o, "hidden_size")?;
+        let heads = req_usize(o, "num_attention_heads")?;
+        let kv_heads = opt_usize(o, "num_key_value_heads")?.unwrap_or(heads);
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(cfg_err(
+                "num_key_value_heads",
+                &format!("{kv_heads} does not divide num_attention_heads {heads}"),
+            ));
+        }
+        let head_dim = match opt_usize(o, "head_dim")? {
+            Some(d) => d,
+            None => {
+                if hidden_size % heads != 0 {
+                    return Err(cfg_err(
+                        "head_dim",
+                        &format!(
+                            "absent and hidden_size {hidden_size} is not a multiple of {heads} heads"
+                        ),
+                    ));
+                }
+                hidden_size / heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(cfg_err(
+                "head_dim",
+                &format!("{head_dim} is odd (RoPE rotates pairs)"),
+            ));
+        }
+        // transformers 5: rope_parameters {rope_type, rope_theta, factor, ...}.
+        let rope_params = o.get("rope_parameters").filter(|v| !v.is_null());
+        let rope_theta = match (opt_f64(o, "rope_theta")?, rope_params) {
+            (Some(t), _) => t,
+            (None, Some(p)) => p
+                .get("rope_theta")
+                .map(|v| {
+                    v.as_f64()
+                        .ok_or_else(|| cfg_err("rope_parameters.rope_theta", "not a number"))
+                })
+                .transpose()?
+                .unwrap_or(10_000.0),
+            (None, None) => 10_000.0,
+        };
+        let scaling_value = o
+            .get("rope_scaling")
+            .filter(|v| !v.is_null())
+            .or(rope_params);
+        let scaling_field = if o.get("rope_scaling").is_some_and(|v| !v.is_null()) {
+            "rope_scaling"
+        } else {
+            "rope_parameters"
+        };
+        let rope_scaling = match scaling_value {
+            None => RopeScaling::None,
+            Some(v) => parse_scaling(v, scaling_field)?,
+        };
+        let dtype = match opt_str(o, "dtype")?.or(opt_str(o, "torch_dtype")?) {
+            None => DType::F32,
+            Some(s) => DType::parse(&s)
+                .ok_or_else(|| cfg_err("torch_dtype", &format!("unknown dtype `{s}`")))?,
+        };
+        let eos_token_ids: Vec<u32> = match o.get("eos_token_id") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_u64()
+                        .map(|n| n as u32)
+                        .ok_or_else(|| cfg_err("eos_token_id", "not a token id"))
+                })
+                .collect::<Result<_>>()?,
+            Some(x) => vec![
+                x.as_u64()
+                    .ok_or_else(|| cfg_err("eos_token_id", "not a token id"))?
+                    as u32,
+            ],
+        };
+        let cfg = LlamaConfig {
+            vocab_size: req_usize(o, "vocab_size")?,
+            hidden_size,
+            intermediate_size: req_usize(o, "intermediate_size")?,
+            num_hidden_layers: req_usize(o, "num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: opt_f64(o, "rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: opt_usize(o, "max_position_embeddings")?.unwrap_or(2048),
+            tie_word_embeddings: match o.get("tie_word_embeddings") {
+                None | Some(Value::Null) => false,
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| cfg_err("tie_word_embeddings", "not a boolean"))?,
+            },
+            bos_token_id: opt_usize(o, "bos_token_id")?.map(|n| n as u32),
+            eos_token_id: eos_token_ids.first().copied(),
+            eos_token_ids,
+            pad_token_id: opt_usize(o, "pad_token_id")?.map(|n| n as u32),
+            initializer_range: opt_f64(o, "initializer_range")?.unwrap_or(0.02),
+            dtype,
+            hidden_act,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks sizes that every part of the model relies on.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            if v == 0 {
+                return Err(cfg_err(name, "must be positive"));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(cfg_err(
+                "num_key_value_heads",
+                "must divide num_attention_heads",
+            ));
+        }
+        if !(self.rms_norm_eps > 0.0) {
+            return Err(cfg_err("rms_norm_eps", "must be positive"));
+        }
+        if !(self.rope_theta > 0.0) {
+            return Err(cfg_err("rope_theta", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// Parameters of the model.
+    pub fn num_parameters(&self) -> usize {
+        crate::params::param_specs(self)
+            .iter()
+            .map(|s| s.numel())
+            .sum()
+    }
+
+    /// The `config.json` text transformers reads (both generations), weights in `dtype`.
+    pub fn to_json(&self, dtype: DType) -> String {
+        let mut o = Map::new();
+        o.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+        o.insert("model_type".into(), json!("llama"));
+        o.insert("attention_bias".into(), json!(false));
+        o.insert("attention_dropout".into(), json!(0.0));
+        o.insert("mlp_bias".into(), json!(false));
+        o.insert("hidden_act".into(), json!("silu"));
+        o.insert("vocab_size".into(), json!(self.vocab_size));
+        o.insert("hidden_size".into(), json!(self.hidden_size));
+        o.insert("intermediate_size".into(), json!(self.intermediate_size));
+        o.insert("num_hidden_layers".into(), json!(self.num_hidden_layers));
+        o.insert(
+            "num_attention_heads".into(),
+            json!(self.num_attention_heads),
+        );
+        o.insert(
+            "num_key_value_heads".into(),
+            json!(self.num_key_value_heads),
+        );
+        o.insert("head_dim".into(), json!(self.head_dim));
+        o.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
+        o.insert("rope_theta".into(), json!(self.rope_theta));
+        o.insert(
+            "max_position_embeddings".into(),
+            json!(self.max_position_embeddings),
+        );
+        o.insert(
+            "tie_word_embeddings".into(),
+            json!(self.tie_word_embeddings),
+        );
+        o.insert("initializer_range".into(), json!(self.initializer_range));
+        o.insert("pretraining_tp".into(), json!(1));
+        o.insert("use_cache".into(), json!(true));
+        o.insert("torch_dtype".into(), json!(dtype.hf_name()));
+        if let Some(b) = self.bos_token_id {
+            o.insert("bos_token_id".into(), json!(b));
+        }
+        match self.eos_token_ids.len() {
+            0 => {}
+            1 => {
+                o.insert("eos_token_id".into(), json!(self.eos_token_ids[0]));
+            }
+            _ => {
+                o.insert("eos_token_id".into(), json!(self.eos_token_ids));
+            }
+        }
+        if let Some(p) = self.pad_token_id {
+            o.insert("pad_token_id".into(), json!(p));
+        }
+        let scaling = match self.rope_scaling {
+            RopeScaling::None => Value::Null,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+            RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
+        };
+        o.insert("rope_scaling".into(), scaling);
+        serde_json::to_string_pretty(&Value::Object(o)).expect("json") + "\n"
+    }
+}
+
+fn parse_scaling(v: &Value, field: &str) -> Result<RopeScaling> {
+    let o = v
+        .as_object()
+        .ok_or_else(|| cfg_err(field, "not an object"))?;
+    let kind = o
+        .get("rope_type")
+        .or_else(|| o.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |k: &str| -> Result<f64> {
+        o.get(k)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| cfg_err(&format!("{field}.{k}"), "missing or not a number"))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+        }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
+        other => Err(cfg_err(
+            &format!("{field}.rope_type"),
+            &format!("`{other}` is not supported (default, llama3, linear)"),
+        )),
+    }
+}
+
+fn cfg_err(field: &str, problem: &str) -> ModelError {
+    ModelError::Config {
+        file: None,
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+fn req_usize(o: &Map<String, Value>, k: &str) -> Result<usize> {
+    opt_usize(o, k)?.ok_or_else(|| cfg_err(k, "missing"))
+}
+
+fn opt_usize(o: &Map<String, Value>, k: &str) -> Result<Option<usize>> {
+    match o.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(|n| Some(n as usize))
+            .ok_or_else(|| cfg_err(k, &format!("`{v}` is not a non-negative integer"))),
+    }
+}
+
+fn opt_f64(o: &Map<String, Value>, k: &str) -> Result<Option<f64>> {
+    match o.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| cfg_err(k, &format!("`{v}` is not a number"))),
+    }
+}
+
+fn opt_str(o: &Map<String, Value>, k: &str) -> Result<Option<String>> {
+    match o.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_str()
+            .map(|s| Some(s.to_string()))
+            .ok_or_else(|| cfg_err(k, &format!("`{v}` is not a string"))),
+    }
+}

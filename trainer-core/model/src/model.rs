@@ -1,0 +1,489 @@
+//! The Llama forward pass on any burn backend, built from a [`ParamStore`].
+//!
+//! Every parameter enters the graph as a flat 1-D leaf (reshaped where used), so its gradient
+//! comes back flat, in the store's layout. The pass is split by unit — embeddings, each block,
+//! final norm + head — so that an engine can run it unit by unit.
+
+use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::lora::LoraConfig;
+use crate::params::{ParamStore, Rng};
+use crate::rope;
+
+/// Label value that carries no loss (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Additive mask value for disallowed attention (finite, so a row never becomes NaN).
+const MASK_VALUE: f32 = -1.0e9;
+
+/// One batch's inputs on the device: ids, RoPE tables and the attention mask.
+#[derive(Debug, Clone)]
+pub struct Inputs<B: Backend> {
+    /// Rows.
+    pub batch: usize,
+    /// Columns.
+    pub seq: usize,
+    /// `[B, T]` token ids.
+    pub ids: Tensor<B, 2, Int>,
+    /// `[B, 1, T, head_dim]`.
+    pub cos: Tensor<B, 4>,
+    /// `[B, 1, T, head_dim]`.
+    pub sin: Tensor<B, 4>,
+    /// `[B, 1, T, T]` additive mask: 0 where `j ≤ i` in the same non-zero segment.
+    pub mask: Tensor<B, 4>,
+}
+
+impl<B: Backend> Inputs<B> {
+    /// Builds the inputs of a `[batch, seq]` row-major batch. `segments` (0 = padding) confine
+    /// attention to a packed sample; `positions` restart per segment.
+    pub fn new(
+        cfg: &LlamaConfig,
+        batch: usize,
+        seq: usize,
+        ids: &[u32],
+        positions: &[u32],
+        segments: &[u32],
+        device: &B::Device,
+    ) -> Result<Self> {
+        let n = batch * seq;
+        if ids.len() != n || positions.len() != n || segments.len() != n {
+            return Err(ModelError::Invalid(format!(
+                "inputs of a {batch}x{seq} batch need {n} ids/positions/segments, got {}/{}/{}",
+                ids.len(),
+                positions.len(),
+                segments.len()
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
+            return Err(ModelError::Invalid(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                cfg.vocab_size
+            )));
+        }
+        let inv = rope::inv_freq(cfg);
+        let (cos, sin) = rope::tables(&inv, positions);
+        let d = cfg.head_dim;
+        let mut mask = vec![MASK_VALUE; batch * seq * seq];
+        for b in 0..batch {
+            let seg = &segments[b * seq..(b + 1) * seq];
+            for i in 0..seq {
+                let row = &mut mask[(b * seq + i) * seq..(b * seq + i + 1) * seq];
+                for j in 0..=i {
+                    if (seg[i] != 0 && seg[j] == seg[i]) || i == j {
+                        row[j] = 0.0;
+                    }
+                }
+            }
+        }
+        let ids_i: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+        Ok(Inputs {
+            batch,
+            seq,
+            ids: Tensor::from_data(TensorData::new(ids_i, [batch, seq]), device),
+            cos: Tensor::from_data(TensorData::new(cos, [batch, 1, seq, d]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [batch, 1, seq, d]), device),
+            mask: Tensor::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device),
+        })
+    }
+
+    /// A batch of unpacked rows: positions 0.., every non-pad token in segment 1; `lens[b]`
+    /// tokens are real in row `b`.
+    pub fn causal(
+        cfg: &LlamaConfig,
+        batch: usize,
+        seq: usize,
+        ids: &[u32],
+        lens: &[usize],
+        device: &B::Device,
+    ) -> Result<Self> {
+        let mut pos = vec![0u32; batch * seq];
+        let mut seg = vec![0u32; batch * seq];
+        for b in 0..batch {
+            for t in 0..lens[b].min(seq) {
+                pos[b * seq + t] = t as u32;
+                seg[b * seq + t] = 1;
+            }
+        }
+        Self::new(cfg, batch, seq, ids, &pos, &seg, device)
+    }
+}
+
+/// A linear layer: frozen or trainable `[out, in]` weight plus an optional LoRA adapter.
+#[derive(Debug, Clone)]
+struct Lin<B: Backend> {
+    w: Tensor<B, 2>,
+    lora: Option<(Tensor<B, 2>, Tensor<B, 2>, f32)>,
+}
+
+impl<B: Backend> Lin<B> {
+    fn forward(&self, x: Tensor<B, 2>, dropout: Option<&mut Dropout>) -> Tensor<B, 2> {
+        let y = x.clone().matmul(self.w.clone().transpose());
+        match &self.lora {
+            None => y,
+            Some((a, b, scale)) => {
+                let xin = match dropout {
+                    Some(d) if d.p > 0.0 => d.apply(x),
+                    _ => x,
+                };
+                y + xin
+                    .matmul(a.clone().transpose())
+                    .matmul(b.clone().transpose())
+                    .mul_scalar(*scale)
+            }
+        }
+    }
+}
+
+/// Seeded inverted dropout with host-generated masks (deterministic across processes).
+#[derive(Debug, Clone)]
+pub struct Dropout {
+    p: f64,
+    rng: Rng,
+}
+
+impl Dropout {
+    /// Dropout with probability `p`, masks drawn from `seed`.
+    pub fn new(p: f64, seed: u64) -> Self {
+        Dropout {
+            p,
+            rng: Rng::new(seed),
+        }
+    }
+
+    fn apply<B: Backend>(&mut self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [n, m] = x.dims();
+        let keep = 1.0 / (1.0 - self.p) as f32;
+        let mask: Vec<f32> = (0..n * m)
+            .map(|_| {
+                if self.rng.uniform() < self.p {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        let device = x.device();
+        x * Tensor::<B, 2>::from_data(TensorData::new(mask, [n, m]), &device)
+    }
+}
+
+/// The weights of one decoder block.
+#[derive(Debug, Clone)]
+pub struct Block<B: Backend> {
+    ln1: Tensor<B, 1>,
+    ln2: Tensor<B, 1>,
+    q: Lin<B>,
+    k: Lin<B>,
+    v: Lin<B>,
+    o: Lin<B>,
+    gate: Lin<B>,
+    up: Lin<B>,
+    down: Lin<B>,
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * w`.
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let var = x.clone().powi_scalar(2).mean_dim(D - 1);
+    let h = w.dims()[0];
+    let mut shape = [1usize; D];
+    shape[D - 1] = h;
+    x.div(var.add_scalar(eps).sqrt()).mul(w.reshape(shape))
+}
+
+/// Rotate-half RoPE of `[B, H, T, d]` with `[B, 1, T, d]` tables.
+pub fn apply_rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let d = x.dims()[3];
+    let half = d / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x.mul(cos).add(rotated.mul(sin))
+}
+
+/// Scaled dot-product attention of `[B, H, T, d]` queries over `[B, KV, T, d]` keys/values
+/// (grouped-query: each KV head serves `H / KV` query heads) with an additive `[B, 1, T, T]`
+/// mask. Returns `[B, H, T, d]`.
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [b, h, t, d] = q.dims();
+    let kv = k.dims()[1];
+    let (k, v) = if kv == h {
+        (k, v)
+    } else {
+        let rep = h / kv;
+        let expand = |x: Tensor<B, 4>| -> Tensor<B, 4> {
+            x.unsqueeze_dim::<5>(2)
+                .expand([b, kv, rep, t, d])
+                .reshape([b, h, t, d])
+        };
+        (expand(k), expand(v))
+    };
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale).add(mask);
+    softmax(scores, 3).matmul(v)
+}
+
+impl<B: Backend> Block<B> {
+    /// The block on `[B·T, hidden]` activations.
+    pub fn forward(
+        &self,
+        cfg: &LlamaConfig,
+        x: Tensor<B, 2>,
+        inp: &Inputs<B>,
+        mut dropout: Option<&mut Dropout>,
+    ) -> Tensor<B, 2> {
+        let (b, t) = (inp.batch, inp.seq);
+        let (nh, nkv, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let h = rms_norm(x.clone(), self.ln1.clone(), cfg.rms_norm_eps);
+        let heads = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
+        let q = heads(self.q.forward(h.clone(), dropout.as_deref_mut()), nh);
+        let k = heads(self.k.forward(h.clone(), dropout.as_deref_mut()), nkv);
+        let v = heads(self.v.forward(h, dropout.as_deref_mut()), nkv);
+        let q = apply_rope(q, inp.cos.clone(), inp.sin.clone());
+        let k = apply_rope(k, inp.cos.clone(), inp.sin.clone());
+        let o = attention(q, k, v, inp.mask.clone())
+            .swap_dims(1, 2)
+            .reshape([b * t, nh * d]);
+        let x = x + self.o.forward(o, dropout.as_deref_mut());
+        let h = rms_norm(x.clone(), self.ln2.clone(), cfg.rms_norm_eps);
+        let g = silu(self.gate.forward(h.clone(), dropout.as_deref_mut()));
+        let u = self.up.forward(h, dropout.as_deref_mut());
+        x + self.down.forward(g * u, dropout)
+    }
+}
+
+/// The model on a device: its weights as graph leaves.
+#[derive(Debug, Clone)]
+pub struct Llama<B: Backend> {
+    cfg: LlamaConfig,
+    /// Flat leaves of the base parameters, in store order.
+    base: Vec<Tensor<B, 1>>,
+    /// Flat leaves of the adapters, in adapter-store order.
+    adapters: Vec<Tensor<B, 1>>,
+    embed: Tensor<B, 2>,
+    blocks: Vec<Block<B>>,
+    norm: Tensor<B, 1>,
+    head: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Builds the model from `base` (trainable when `train_base`) and optional LoRA adapters
+    /// (always trainable).
+    pub fn new(
+        cfg: &LlamaConfig,
+        base: &ParamStore,
+        train_base: bool,
+        lora: Option<(&LoraConfig, &ParamStore)>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let expected = crate::params::param_specs(cfg);
+        if base.specs() != expected.as_slice() {
+            return Err(ModelError::Invalid(
+                "parameter store does not match the model config".into(),
+            ));
+        }
+        let leaf = |data: &[f32], grad: bool| {
+            let t = Tensor::<B, 1>::from_data(TensorData::new(data.to_vec(), [data.len()]), device);
+            if grad { t.require_grad() } else { t }
+        };
+        let base_leaves: Vec<Tensor<B, 1>> =
+            base.iter().map(|(_, d)| leaf(d, train_base)).collect();
+        let adapter_leaves: Vec<Tensor<B, 1>> = match lora {
+            Some((_, store)) => store.iter().map(|(_, d)| leaf(d, true)).collect(),
+            None => Vec::new(),
+        };
+        // Map base tensor index → (A leaf, B leaf) position.
+        let mut lora_of: Vec<Option<(usize, usize, usize)>> = vec![None; base.len()];
+        let mut rank_scale = (0usize, 1.0f32);
+        if let Some((lc, store)) = lora {
+            let specs = lc.specs(cfg);
+            if store.len() != specs.len() {
+                return Err(ModelError::Invalid(
+                    "adapter store does not match the LoRA config".into(),
+                ));
+            }
+            for (j, pair) in specs.chunks(2).enumerate() {
+                lora_of[pair[0].1] = Some((2 * j, 2 * j + 1, lc.rank));
+            }
+            rank_scale = (lc.rank, lc.scale());
+        }
+        let mut it = 0usize;
+        let specs = base.specs();
+        let take2 = |idx: usize| -> Tensor<B, 2> {
+            let s = &specs[idx].shape;
+            base_leaves[idx].clone().reshape([s[0], s[1]])
+        };
+        let lin = |idx: usize, w: Tensor<B, 2>| -> Lin<B> {
+            let lora = lora_of[idx].map(|(a, b, r)| {
+                let out = specs[idx].shape[0];
+                let inp = specs[idx].shape[1];
+                (
+                    adapter_leaves[a].clone().reshape([r, inp]),
+                    adapter_leaves[b].clone().reshape([out, r]),
+                    rank_scale.1,
+                )
+            });
+            Lin { w, lora }
+        };
+        let embed = take2(it);
+        it += 1;
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            let ln1 = base_leaves[it].clone();
+            let ln2 = base_leaves[it + 1].clone();
+            let mut lins = Vec::with_capacity(7);
+            for k in 0..7 {
+                let idx = it + 2 + k;
+                lins.push(lin(idx, take2(idx)));
+            }
+            it += 9;
+            let mut l = lins.into_iter();
+            let mut next = || l.next().expect("seven linears");
+            blocks.push(Block {
+                ln1,
+                ln2,
+                q: next(),
+                k: next(),
+                v: next(),
+                o: next(),
+                gate: next(),
+                up: next(),
+                down: next(),
+            });
+        }
+        let norm = base_leaves[it].clone();
+        it += 1;
+        let head = (!cfg.tie_word_embeddings).then(|| take2(it));
+        let _ = rank_scale.0;
+        Ok(Llama {
+            cfg: cfg.clone(),
+            base: base_leaves,
+            adapters: adapter_leaves,
+            embed,
+            blocks,
+            norm,
+            head,
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Embeddings: `[B·T, hidden]`.
+    pub fn embed(&self, inp: &Inputs<B>) -> Tensor<B, 2> {
+        let x = burn::tensor::module::embedding(self.embed.clone(), inp.ids.clone());
+        x.reshape([inp.batch * inp.seq, self.cfg.hidden_size])
+    }
+
+    /// Block `l`.
+    pub fn block(
+        &self,
+        l: usize,
+        x: Tensor<B, 2>,
+        inp: &Inputs<B>,
+        dropout: Option<&mut Dropout>,
+    ) -> Tensor<B, 2> {
+        self.blocks[l].forward(&self.cfg, x, inp, dropout)
+    }
+
+    /// Final norm and head: logits `[B·T, vocab]`.
+    pub fn head(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let h = rms_norm(x, self.norm.clone(), self.cfg.rms_norm_eps);
+        match &self.head {
+            Some(w) => h.matmul(w.clone().transpose()),
+            None => h.matmul(self.embed.clone().transpose()),
+        }
+    }
+
+    /// Logits `[B·T, vocab]` of the whole model.
+    pub fn forward(&self, inp: &Inputs<B>, mut dropout: Option<&mut Dropout>) -> Tensor<B, 2> {
+        let mut x = self.embed(inp);
+        for l in 0..self.blocks.len() {
+            x = self.block(l, x, inp, dropout.as_deref_mut());
+        }
+        self.head(x)
+    }
+
+    /// Flat base leaves (store order).
+    pub fn base_leaves(&self) -> &[Tensor<B, 1>] {
+        &self.base
+    }
+
+    /// Flat adapter leaves (adapter-store order).
+    pub fn adapter_leaves(&self) -> &[Tensor<B, 1>] {
+        &self.adapters
+    }
+}
+
+/// Summed cross-entropy of `[N, V]` logits against `targets` (next-token labels,
+/// [`IGNORE_INDEX`] = no loss), divided by `normalizer` (the number of targets of the whole
+/// global batch, so that gradients do not depend on how the batch is split).
+pub fn cross_entropy<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: &[i64],
+    normalizer: f64,
+) -> Tensor<B, 1> {
+    let [n, _v] = logits.dims();
+    assert_eq!(n, targets.len(), "one target per logits row");
+    let device = logits.device();
+    let idx: Vec<i64> = targets
+        .iter()
+        .map(|&t| if t == IGNORE_INDEX { 0 } else { t })
+        .collect();
+    let weight: Vec<f32> = targets
+        .iter()
+        .map(|&t| if t == IGNORE_INDEX { 0.0 } else { 1.0 })
+        .collect();
+    let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
+    let w = Tensor::<B, 2>::from_data(TensorData::new(weight, [n, 1]), &device);
+    let logp = log_softmax(logits, 1).gather(1, idx);
+    logp.mul(w).sum().neg().div_scalar(normalizer.max(1.0))
+}
+
+/// Reads a 1-D tensor to the host as f32.
+pub fn to_vec<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 tensor data")
+}
+
+/// Gradients of the leaves after `backward`, flat, in leaf order (zeros for an unused leaf).
+pub fn leaf_grads<B: AutodiffBackend>(
+    leaves: &[Tensor<B, 1>],
+    grads: &B::Gradients,
+) -> Vec<Vec<f32>> {
+    leaves
+        .iter()
+        .map(|leaf| match leaf.grad(grads) {
+            Some(g) => g
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("f32 gradient"),
+            None => vec![0.0; leaf.dims()[0]],
+        })
+        .collect()
+}

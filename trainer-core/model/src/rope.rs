@@ -1,0 +1,75 @@
+//! Rotary position embedding as Hugging Face's Llama applies it ("rotate half": the first and
+//! second halves of each head's dimensions form the rotated pairs), with transformers' inverse
+//! frequencies for default, linear and llama3 scaling. Tables are computed on the host in f64.
+
+use crate::config::{LlamaConfig, RopeScaling};
+
+/// `inv_freq[j]`, `j < head_dim / 2`, as transformers' `ROPE_INIT_FUNCTIONS` compute them.
+pub fn inv_freq(cfg: &LlamaConfig) -> Vec<f64> {
+    let d = cfg.head_dim;
+    let base: Vec<f64> = (0..d / 2)
+        .map(|j| 1.0 / cfg.rope_theta.powf((2 * j) as f64 / d as f64))
+        .collect();
+    match cfg.rope_scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let old = original_max_position_embeddings as f64;
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen > low_wavelen {
+                        f / factor
+                    } else if wavelen < high_wavelen {
+                        f
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// `(cos, sin)` tables of shape `[positions.len(), head_dim]` (row-major), entry
+/// `[t][j] = cos/sin(positions[t] * inv_freq[j mod head_dim/2])`.
+pub fn tables(inv_freq: &[f64], positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    let half = inv_freq.len();
+    let d = 2 * half;
+    let mut cos = vec![0.0f32; positions.len() * d];
+    let mut sin = vec![0.0f32; positions.len() * d];
+    for (t, &p) in positions.iter().enumerate() {
+        for (j, &f) in inv_freq.iter().enumerate() {
+            // transformers multiplies in f32; the angle is rounded to f32 before cos/sin.
+            let angle = (p as f32 * f as f32) as f64;
+            let (s, c) = angle.sin_cos();
+            for k in [j, j + half] {
+                cos[t * d + k] = c as f32;
+                sin[t * d + k] = s as f32;
+            }
+        }
+    }
+    (cos, sin)
+}
+
+/// Reference rotate-half RoPE of one head vector `x` (length `head_dim`) at table row `cos`,
+/// `sin`: `x * cos + rotate_half(x) * sin`, `rotate_half([a, b]) = [-b, a]`.
+pub fn apply_reference(x: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {
+    let d = x.len();
+    let half = d / 2;
+    (0..d)
+        .map(|i| {
+            let rot = if i < half { -x[i + half] } else { x[i - half] };
+            x[i] * cos[i] + rot * sin[i]
+        })
+        .collect()
+}
