@@ -12,7 +12,10 @@
 
 pub mod collective_cli;
 pub mod data_cli;
+pub mod dist;
 pub mod rendezvous;
+pub mod run;
+pub mod train;
 
 use std::path::Path;
 

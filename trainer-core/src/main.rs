@@ -2,8 +2,8 @@
 //! `trainer collective ...`: one rank of a collective benchmark or check.
 //! `trainer tokenizer train ...`, `trainer data addition ...`: data for demos, no downloads.
 //!
-//! The training engine is not built yet; `trainer CONFIG.yaml` validates its config (so that
-//! the control plane's `train:` path is exercised end to end) and says so.
+//! `trainer eval CONFIG.yaml`: exact-match evaluation of the trained model in output_dir.
+//! `trainer generate --model DIR --prompt TEXT`: greedy decoding.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,13 +36,13 @@ fn main() -> ExitCode {
         Some("tokenizer") => {
             argv.remove(1);
             Some(ringmaster_trainer::data_cli::tokenizer(
-                ringmaster_trainer::data_cli::TokenizerArgs::parse_from(argv),
+                ringmaster_trainer::data_cli::TokenizerArgs::parse_from(argv.clone()),
             ))
         }
         Some("data") => {
             argv.remove(1);
             Some(ringmaster_trainer::data_cli::data(
-                ringmaster_trainer::data_cli::DataArgs::parse_from(argv),
+                ringmaster_trainer::data_cli::DataArgs::parse_from(argv.clone()),
             ))
         }
         _ => None,
@@ -56,18 +56,35 @@ fn main() -> ExitCode {
             }
         };
     }
-    let args = Args::parse();
-    match ringmaster_trainer::load_config(&args.config) {
-        Err(e) => {
+    if sub.as_deref() == Some("generate") {
+        argv.remove(1);
+        let args = ringmaster_trainer::run::GenerateArgs::parse_from(argv);
+        return exit(ringmaster_trainer::run::generate(args));
+    }
+    if sub.as_deref() == Some("eval") {
+        argv.remove(1);
+        let args = Args::parse_from(argv);
+        return exit(ringmaster_trainer::run::eval(&args.config));
+    }
+    if sub.as_deref() == Some("train") {
+        argv.remove(1);
+    }
+    let args = Args::parse_from(argv);
+    exit(ringmaster_trainer::run::train(&args.config))
+}
+
+/// Exit codes: 0 success; 2 a bad config, flag or input file (nothing was trained); 1 a
+/// failure while running.
+fn exit(r: Result<(), ringmaster_trainer::run::RunError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(ringmaster_trainer::run::RunError::Usage(e)) => {
             eprintln!("trainer: {e:#}");
             ExitCode::from(2)
         }
-        Ok(_) => {
-            eprintln!(
-                "trainer: {}: config is valid, but the training engine is not part of this build yet",
-                args.config.display()
-            );
-            ExitCode::from(3)
+        Err(ringmaster_trainer::run::RunError::Failed(e)) => {
+            eprintln!("trainer: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

@@ -39,7 +39,9 @@ pub const KNOWN_KEYS: &[&str] = &[
     "deepspeed",
     "do_eval",
     "do_train",
+    "eval_dataset",
     "eval_steps",
+    "eval_strategy",
     "finetuning_type",
     "fp16",
     "fsdp_config",
@@ -52,6 +54,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "lora_target",
     "lr_scheduler_type",
     "max_grad_norm",
+    "max_new_tokens",
     "max_samples",
     "max_steps",
     "model_name_or_path",
@@ -59,8 +62,10 @@ pub const KNOWN_KEYS: &[&str] = &[
     "output_dir",
     "overwrite_output_dir",
     "packing",
+    "per_device_eval_batch_size",
     "per_device_train_batch_size",
     "plot_loss",
+    "predict_with_generate",
     "preprocessing_num_workers",
     "report_to",
     "resume_from_checkpoint",
@@ -69,6 +74,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "seed",
     "stage",
     "template",
+    "train_from_scratch",
+    "trust_remote_code",
     "val_size",
     "warmup_ratio",
     "warmup_steps",
@@ -121,6 +128,21 @@ pub struct TrainConfig {
     pub preprocessing_num_workers: Option<u32>,
     pub report_to: Option<StringOrList>,
     pub ddp_timeout: Option<u64>,
+    /// Initialise the model's weights instead of reading them (LLaMA-Factory's
+    /// `train_from_scratch`): `model_name_or_path` then needs only config.json + tokenizer.json.
+    pub train_from_scratch: Option<bool>,
+    /// Held-out datasets, evaluated at the end of training (and every `eval_steps`).
+    pub eval_dataset: Option<StringOrList>,
+    /// `no`, `steps` or `epoch` (accepted; evaluation runs at the end and every `eval_steps`).
+    pub eval_strategy: Option<String>,
+    /// Evaluate by greedy generation and exact match against the reference answers.
+    pub predict_with_generate: Option<bool>,
+    /// Longest generated answer in evaluation and `trainer generate`.
+    pub max_new_tokens: Option<u32>,
+    /// Rows per evaluation forward pass.
+    pub per_device_eval_batch_size: Option<u32>,
+    /// Accepted for LLaMA-Factory compatibility; no effect (no remote code is ever run).
+    pub trust_remote_code: Option<bool>,
 }
 
 /// A field that LLaMA-Factory accepts either as `a,b` or as a YAML list.
@@ -334,6 +356,14 @@ impl TrainConfig {
             && !(lr.is_finite() && lr >= 0.0)
         {
             return Err(field("learning_rate", format!("must be >= 0, got {lr}")));
+        }
+        if let Some(s) = &self.eval_strategy
+            && !["no", "steps", "epoch"].contains(&s.as_str())
+        {
+            return Err(field(
+                "eval_strategy",
+                format!("expected 'no', 'steps' or 'epoch', got '{s}'"),
+            ));
         }
         if let Some(r) = self.warmup_ratio
             && !(0.0..=1.0).contains(&r)

@@ -1,0 +1,65 @@
+//! The data-parallel group of a training run: rank and world from the torchrun-style
+//! environment the agent sets, the TCP ring bootstrapped through the coordinator's store
+//! (`RINGMASTER_COORDINATOR`) or, for processes started by hand, a directory
+//! (`RINGMASTER_STORE_DIR`).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use ringmaster_collectives::{Communicator, DirStore, RingConfig, Store, TcpRing};
+
+/// Default timeout of one collective call (`ddp_timeout` overrides, in seconds).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`; (0, 1, 1) when unset (a process run by hand).
+pub fn rank_world() -> Result<(usize, usize, usize)> {
+    let get = |k: &str| -> Result<Option<usize>> {
+        match std::env::var(k) {
+            Err(_) => Ok(None),
+            Ok(v) => v
+                .parse()
+                .map(Some)
+                .with_context(|| format!("{k}={v} is not a number")),
+        }
+    };
+    let rank = get("RANK")?.unwrap_or(0);
+    let world = get("WORLD_SIZE")?.unwrap_or(1);
+    let local = get("LOCAL_WORLD_SIZE")?.unwrap_or(world);
+    if world == 0 || rank >= world {
+        bail!("RANK {rank} is not below WORLD_SIZE {world}");
+    }
+    Ok((rank, world, local.max(1)))
+}
+
+/// Connects this rank to the ring of its job and generation.
+pub fn connect(rank: usize, world: usize, timeout: Duration) -> Result<TcpRing> {
+    let job = std::env::var("RINGMASTER_JOB_ID").unwrap_or_else(|_| "local".into());
+    let generation: u64 = std::env::var("RINGMASTER_GENERATION")
+        .ok()
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(0);
+    let store: Box<dyn Store> = match (
+        std::env::var("RINGMASTER_STORE_DIR"),
+        std::env::var("RINGMASTER_COORDINATOR"),
+    ) {
+        (Ok(d), _) if !d.is_empty() => Box::new(DirStore::new(d)?),
+        (_, Ok(addr)) if !addr.is_empty() => Box::new(crate::rendezvous::GrpcStore::connect(
+            &addr, &job, generation,
+        )?),
+        _ => bail!(
+            "WORLD_SIZE is {world} but there is no bootstrap store: run under an agent \
+             (RINGMASTER_COORDINATOR) or set RINGMASTER_STORE_DIR"
+        ),
+    };
+    let bind = std::env::var("RINGMASTER_NODE_ADDR")
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let mut cfg = RingConfig::new(&job, generation, rank, world);
+    cfg.bind_addr = bind;
+    cfg.timeout = timeout;
+    let mut ring = TcpRing::connect(cfg, store.as_ref())?;
+    ring.set_timeout(timeout);
+    Ok(ring)
+}

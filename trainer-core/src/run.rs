@@ -1,0 +1,194 @@
+//! The `trainer` subcommands that run the model: train, eval, generate.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow};
+use clap::Parser;
+use ringmaster_collectives::Communicator;
+use ringmaster_data::template::Template;
+use ringmaster_data::tokenizer::Tokenizer;
+use ringmaster_model::{CpuBackend, Llama, hf, lora};
+
+use crate::train::{self, Parallel, Setup};
+
+/// Why a subcommand failed: bad input (exit 2) or a failure while running (exit 1).
+#[derive(Debug)]
+pub enum RunError {
+    /// Bad config, flag or input file; nothing ran.
+    Usage(anyhow::Error),
+    /// Failed while running.
+    Failed(anyhow::Error),
+}
+
+fn usage<E: Into<anyhow::Error>>(e: E) -> RunError {
+    RunError::Usage(e.into())
+}
+
+fn failed<E: Into<anyhow::Error>>(e: E) -> RunError {
+    RunError::Failed(e.into())
+}
+
+/// Reads the config and resolves the run for this process's rank and world.
+pub fn setup(config: &Path) -> Result<(Setup, usize, usize), RunError> {
+    let cfg = crate::load_config(config).map_err(usage)?;
+    let (rank, world, local) = crate::dist::rank_world().map_err(usage)?;
+    let setup = train::resolve(cfg, config, world, local)
+        .map_err(|e| usage(e.context(format!("{}", config.display()))))?;
+    Ok((setup, rank, world))
+}
+
+/// Broadcasts rank 0's weights (base and adapters) so that every rank starts identical.
+fn broadcast_weights(setup: &mut Setup, comm: &mut dyn Communicator) -> anyhow::Result<()> {
+    for (_, data) in setup.base.iter_mut() {
+        comm.broadcast((&mut data[..]).into(), 0)?;
+    }
+    if let Some((_, a)) = &mut setup.lora {
+        for (_, data) in a.iter_mut() {
+            comm.broadcast((&mut data[..]).into(), 0)?;
+        }
+    }
+    Ok(())
+}
+
+/// `trainer [train] CONFIG.yaml`.
+pub fn train(config: &Path) -> Result<(), RunError> {
+    let (mut setup, rank, world) = setup(config)?;
+    let timeout = setup
+        .cfg
+        .ddp_timeout
+        .map(std::time::Duration::from_secs)
+        .unwrap_or(crate::dist::DEFAULT_TIMEOUT);
+    let mut ring = if world > 1 {
+        Some(crate::dist::connect(rank, world, timeout).map_err(failed)?)
+    } else {
+        None
+    };
+    if let Some(r) = ring.as_mut() {
+        broadcast_weights(&mut setup, r).map_err(failed)?;
+    }
+    let mut par = Parallel {
+        rank,
+        world,
+        comm: ring.as_mut().map(|r| r as &mut dyn Communicator),
+    };
+    let summary = train::train(&mut setup, &mut par).map_err(failed)?;
+    if rank == 0 {
+        println!(
+            "trained {} steps, final loss {:.4}, {:.0} tokens/s{}; model saved to {}",
+            summary.steps,
+            summary.losses.last().copied().unwrap_or(f64::NAN),
+            summary.tokens_per_s,
+            if summary.skipped_steps > 0 {
+                format!(", {} fp16 steps skipped", summary.skipped_steps)
+            } else {
+                String::new()
+            },
+            setup.output_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Replaces the setup's weights with the trained ones in its output_dir.
+pub fn load_trained(setup: &mut Setup) -> anyhow::Result<()> {
+    let dir = setup.output_dir.clone();
+    match &mut setup.lora {
+        Some((lc, adapters)) => {
+            if dir.join(hf::CONFIG_FILE).is_file() {
+                setup.base = hf::load_dir(&dir)?.params;
+            }
+            let (l, a) = lora::load_adapter(&dir, &setup.model)?;
+            *lc = l;
+            *adapters = a;
+        }
+        None => {
+            let m = hf::load_dir(&dir)?;
+            if m.config.num_parameters() != setup.model.num_parameters() {
+                return Err(anyhow!(
+                    "{}: the saved model does not match {}",
+                    dir.display(),
+                    setup.model_dir.display()
+                ));
+            }
+            setup.base = m.params;
+        }
+    }
+    Ok(())
+}
+
+/// `trainer eval CONFIG.yaml`: exact match of the trained model in output_dir on
+/// `eval_dataset`.
+pub fn eval(config: &Path) -> Result<(), RunError> {
+    let (mut setup, _, _) = setup(config)?;
+    if setup.eval.is_empty() {
+        return Err(usage(anyhow!(
+            "{}: `eval_dataset` names no examples",
+            config.display()
+        )));
+    }
+    load_trained(&mut setup).map_err(usage)?;
+    let r = train::eval::evaluate(&setup).map_err(failed)?;
+    println!(
+        "eval: exact match {}/{} = {:.1}%",
+        r.correct,
+        r.total,
+        100.0 * r.accuracy
+    );
+    for (want, got) in &r.samples {
+        println!("  expected {want:?}, generated {got:?}");
+    }
+    Ok(())
+}
+
+/// `trainer generate`: greedy decoding of one prompt.
+#[derive(Parser, Debug)]
+#[command(name = "trainer generate")]
+pub struct GenerateArgs {
+    /// Hugging Face model directory (config.json, weights, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter directory to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Chat template the prompt is wrapped in (`empty`: the raw text).
+    #[arg(long, default_value = "default")]
+    pub template: String,
+    /// The user message.
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+}
+
+/// Runs `trainer generate`.
+pub fn generate(args: GenerateArgs) -> Result<(), RunError> {
+    let m = hf::load_dir(&args.model).map_err(usage)?;
+    let tok = Tokenizer::from_dir(&args.model)
+        .with_context(|| format!("{}", args.model.display()))
+        .map_err(usage)?;
+    let template =
+        Template::by_name(&args.template).map_err(|e| usage(anyhow!("--template: {e}")))?;
+    let adapter = match &args.adapter {
+        Some(dir) => Some(lora::load_adapter(dir, &m.config).map_err(usage)?),
+        None => None,
+    };
+    let prompt = template
+        .encode_generation_prompt(&tok, None, &[], &args.prompt)
+        .map_err(usage)?;
+    let device = Default::default();
+    let model = Llama::<CpuBackend>::new(
+        &m.config,
+        &m.params,
+        false,
+        adapter.as_ref().map(|(l, a)| (l, a)),
+        &device,
+    )
+    .map_err(failed)?;
+    let stops = template.stop_token_ids(&tok);
+    let out =
+        ringmaster_model::generate::greedy(&model, &[prompt], args.max_new_tokens, &stops, &device)
+            .map_err(failed)?;
+    let text = template.decode_response(&tok, &out[0]).map_err(failed)?;
+    println!("{text}");
+    Ok(())
+}

@@ -1,0 +1,440 @@
+//! The training loop: one optimizer step = the global batch's micro-batches forward and
+//! backward, gradients summed (and all-reduced over data-parallel ranks when a communicator is
+//! given), fp16 unscale and overflow skip, global-norm clipping, AdamW on flat fp32 tensors.
+//!
+//! The loss of every micro-batch is divided by the number of target tokens of the whole global
+//! batch, so the summed gradient is the gradient of the global mean loss whatever the split
+//! over ranks and accumulation steps: a run on 4 ranks takes the steps a run on 1 rank takes.
+
+pub mod eval;
+pub mod setup;
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+use burn::tensor::backend::Backend;
+use ringmaster_collectives::{Communicator, ReduceOp};
+use ringmaster_config::plan::{LossScale, Precision};
+use ringmaster_data::batch::collate;
+use ringmaster_data::sampler::{RankLayout, Sampler, SamplerConfig};
+use ringmaster_model::model::{Dropout, Inputs, Llama, cross_entropy, leaf_grads};
+use ringmaster_model::params::ParamKind;
+use ringmaster_model::{CpuAutodiff, ParamStore, hf, lora};
+use ringmaster_optim::adamw::{AdamWConfig, AdamWState, adamw_step};
+use ringmaster_optim::clip::{clip_coef, scale_in_place, sum_squares};
+use ringmaster_optim::scaler::{DynamicLossScaler, LossScalerConfig, has_overflow};
+use ringmaster_optim::schedule::{Scheduler, resolve_warmup};
+use serde::Serialize;
+
+pub use setup::{Setup, resolve};
+
+/// One line of `trainer_log.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogLine {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Steps of the run.
+    pub total_steps: u64,
+    /// Fractional epoch.
+    pub epoch: f64,
+    /// Mean loss over the logging window.
+    pub loss: f64,
+    /// Learning rate of the last step.
+    pub lr: f64,
+    /// Global gradient norm of the last step (before clipping).
+    pub grad_norm: f64,
+    /// Tokens (non-padding, all ranks) per second over the window.
+    pub tokens_per_s: f64,
+    /// Seconds since the start.
+    pub elapsed_s: f64,
+    /// fp16: the loss scale; steps skipped for overflow in the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// fp16: steps skipped in the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped_steps: Option<u64>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Loss of every step (mean over the global batch), in order.
+    pub losses: Vec<f64>,
+    /// Steps skipped for fp16 overflow.
+    pub skipped_steps: u64,
+    /// Tokens per second over the whole run.
+    pub tokens_per_s: f64,
+    /// Exact-match evaluation at the end, when `eval_dataset` is set.
+    pub eval: Option<eval::EvalResult>,
+}
+
+/// Data-parallel context: this process's rank and the communicator (None: one process).
+pub struct Parallel<'a> {
+    /// Rank.
+    pub rank: usize,
+    /// World size.
+    pub world: usize,
+    /// Communicator over all ranks.
+    pub comm: Option<&'a mut dyn Communicator>,
+}
+
+impl Parallel<'_> {
+    /// A single process.
+    pub fn single() -> Parallel<'static> {
+        Parallel {
+            rank: 0,
+            world: 1,
+            comm: None,
+        }
+    }
+}
+
+/// The loss scale of a step and what to do with its gradients.
+enum Scaling {
+    None,
+    Static(f64),
+    Dynamic(DynamicLossScaler),
+}
+
+impl Scaling {
+    fn scale(&self) -> f64 {
+        match self {
+            Scaling::None => 1.0,
+            Scaling::Static(s) => *s,
+            Scaling::Dynamic(d) => d.scale(),
+        }
+    }
+}
+
+/// The trainable tensors: the base weights (full fine-tuning) or the adapters (LoRA).
+fn trainable_mut(setup: &mut Setup) -> &mut ParamStore {
+    match &mut setup.lora {
+        Some((_, a)) => a,
+        None => &mut setup.base,
+    }
+}
+
+/// Total optimizer steps: `max_steps` when positive, else `ceil(epochs × steps_per_epoch)`.
+pub fn total_steps(setup: &Setup, steps_per_epoch: u64) -> u64 {
+    match setup.cfg.max_steps {
+        Some(m) if m > 0 => m as u64,
+        _ => {
+            let epochs = setup.cfg.num_train_epochs.unwrap_or(3.0);
+            ((epochs * steps_per_epoch as f64).ceil() as u64).max(1)
+        }
+    }
+}
+
+/// Trains `setup` on this rank. Rank 0 writes the log, the plots and the saved model.
+pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
+    let device = Default::default();
+    let plan = setup.plan.clone();
+    let layout = RankLayout::new(
+        plan.micro_batch as usize,
+        plan.grad_accum as usize,
+        par.world,
+    )?;
+    let sampler = Sampler::new(SamplerConfig::new(
+        setup.samples.len(),
+        layout.global_batch_size(),
+        setup.seed,
+    ))?;
+    let spe = sampler.steps_per_epoch();
+    let total = total_steps(setup, spe);
+    let warmup = resolve_warmup(setup.cfg.warmup_steps, setup.cfg.warmup_ratio, total);
+    let sched = Scheduler {
+        kind: setup.scheduler,
+        base_lr: setup.learning_rate,
+        warmup_steps: warmup,
+        total_steps: total,
+    };
+    let adam = AdamWConfig {
+        beta1: setup.betas.0,
+        beta2: setup.betas.1,
+        eps: setup.eps,
+        weight_decay: setup.weight_decay,
+    };
+    let mut scaling = match plan.precision {
+        Precision::Fp16(LossScale::Static(s)) => Scaling::Static(s),
+        Precision::Fp16(LossScale::Dynamic {
+            initial_scale_power,
+            loss_scale_window,
+            hysteresis,
+            consecutive_hysteresis,
+            min_loss_scale,
+        }) => Scaling::Dynamic(DynamicLossScaler::new(LossScalerConfig {
+            initial_scale_power,
+            loss_scale_window: loss_scale_window as u64,
+            hysteresis,
+            min_loss_scale,
+            consecutive_hysteresis,
+        })),
+        _ => Scaling::None,
+    };
+    let max_grad_norm = plan.clip.unwrap_or(0.0);
+    let pad_id = setup.tokenizer.pad_id_or_eos();
+    let logging_steps = setup.cfg.logging_steps.unwrap_or(10).max(1);
+    let save_steps = setup.cfg.save_steps.unwrap_or(0);
+    let lora_dropout = setup.lora.as_ref().map(|(l, _)| l.dropout).unwrap_or(0.0);
+    let is_lora = setup.lora.is_some();
+
+    let (offsets, decay, numel) = {
+        let t = trainable_mut(setup);
+        let mut offsets = Vec::with_capacity(t.len());
+        let mut decay = Vec::with_capacity(t.len());
+        let mut n = 0;
+        for (spec, data) in t.iter() {
+            offsets.push(n);
+            n += data.len();
+            // HF's Trainer exempts biases and norm weights from weight decay.
+            decay.push(!matches!(spec.kind, ParamKind::Norm));
+        }
+        (offsets, decay, n)
+    };
+    let mut states: Vec<AdamWState> = trainable_mut(setup)
+        .iter()
+        .map(|(_, d)| AdamWState::new(d.len()))
+        .collect();
+    let mut grads = vec![0.0f32; numel];
+
+    if par.rank == 0 {
+        std::fs::create_dir_all(&setup.output_dir)
+            .with_context(|| format!("creating {}", setup.output_dir.display()))?;
+        for w in &setup.warnings {
+            eprintln!("trainer: warning: {w}");
+        }
+        eprintln!(
+            "trainer: {} parameters ({} trainable), {} samples, global batch {} ({} x {} accumulation x {} ranks), {} steps, plan {}, {}",
+            setup.base.numel(),
+            numel,
+            setup.samples.len(),
+            layout.global_batch_size(),
+            layout.per_device_batch_size,
+            layout.gradient_accumulation_steps,
+            par.world,
+            total,
+            plan.label(),
+            plan.precision.name(),
+        );
+    }
+    let log_path = setup.output_dir.join("trainer_log.jsonl");
+    let mut log_file = if par.rank == 0 {
+        Some(
+            std::fs::File::create(&log_path)
+                .with_context(|| format!("creating {}", log_path.display()))?,
+        )
+    } else {
+        None
+    };
+
+    let start = Instant::now();
+    let mut window_start = Instant::now();
+    let mut window_tokens = 0usize;
+    let mut window_loss = 0.0f64;
+    let mut window_steps = 0u64;
+    let mut window_skipped = 0u64;
+    let mut all_tokens = 0usize;
+    let mut losses = Vec::with_capacity(total as usize);
+    let mut skipped_total = 0u64;
+    let mut epoch_plan = sampler.epoch(0);
+
+    for step in 0..total {
+        let pos = sampler.position_at(step);
+        if epoch_plan.epoch() != pos.epoch {
+            epoch_plan = sampler.epoch(pos.epoch);
+        }
+        let global = epoch_plan.global_batch(pos.step);
+        let normalizer: usize = global.iter().map(|&i| setup.samples[i].num_targets()).sum();
+        let step_tokens: usize = global
+            .iter()
+            .map(|&i| setup.samples[i].num_real_tokens())
+            .sum();
+        let micro = epoch_plan.rank_batches(pos.step, &layout, par.rank)?;
+        let scale = scaling.scale();
+        grads.iter_mut().for_each(|g| *g = 0.0);
+        let mut local_loss = 0.0f64;
+        {
+            let lora_ref = setup.lora.as_ref().map(|(l, a)| (l, a));
+            let model =
+                Llama::<CpuAutodiff>::new(&setup.model, &setup.base, !is_lora, lora_ref, &device)?;
+            let leaves = if is_lora {
+                model.adapter_leaves()
+            } else {
+                model.base_leaves()
+            };
+            let mut dropout = (lora_dropout > 0.0)
+                .then(|| Dropout::new(lora_dropout, setup.seed ^ (step << 16) ^ par.rank as u64));
+            for idx in micro.iter().filter(|m| !m.is_empty()) {
+                let batch = collate(idx.iter().map(|&i| &setup.samples[i]), pad_id, 1);
+                let targets = batch.shifted_labels();
+                let inp = Inputs::<CpuAutodiff>::new(
+                    &setup.model,
+                    batch.batch_size,
+                    batch.seq_len,
+                    &batch.input_ids,
+                    &batch.position_ids,
+                    &batch.segment_ids,
+                    &device,
+                )?;
+                let logits = model.forward(&inp, dropout.as_mut());
+                let loss = cross_entropy(logits, &targets, normalizer as f64);
+                let loss = if scale != 1.0 {
+                    loss.mul_scalar(scale)
+                } else {
+                    loss
+                };
+                let g = loss.backward();
+                local_loss += scalar(loss.inner()) / scale;
+                for (k, gk) in leaf_grads(leaves, &g).into_iter().enumerate() {
+                    let dst = &mut grads[offsets[k]..offsets[k] + gk.len()];
+                    dst.iter_mut().zip(&gk).for_each(|(d, s)| *d += s);
+                }
+            }
+        }
+        let mut step_loss = local_loss;
+        if let Some(comm) = par.comm.as_deref_mut() {
+            comm.all_reduce((&mut grads[..]).into(), ReduceOp::Sum)
+                .map_err(|e| anyhow!("step {step}: {e}"))?;
+            let mut l = [local_loss as f32];
+            comm.all_reduce((&mut l[..]).into(), ReduceOp::Sum)
+                .map_err(|e| anyhow!("step {step}: {e}"))?;
+            step_loss = l[0] as f64;
+        }
+        // fp16: unscale, then skip the step on overflow (DeepSpeed's dynamic loss scaling).
+        if scale != 1.0 {
+            scale_in_place(&mut grads, (1.0 / scale) as f32);
+        }
+        let apply = match &mut scaling {
+            Scaling::Dynamic(d) => d.update(has_overflow(&grads)),
+            _ => true,
+        };
+        let lr = sched.lr(step);
+        let mut grad_norm = f64::NAN;
+        if apply {
+            grad_norm = sum_squares(&grads).sqrt();
+            if let Some(c) = clip_coef(grad_norm, max_grad_norm) {
+                scale_in_place(&mut grads, c);
+            }
+            let t = trainable_mut(setup);
+            for (k, (_, data)) in t.iter_mut().enumerate() {
+                let n = data.len();
+                let wd = if decay[k] { adam.weight_decay } else { 0.0 };
+                adamw_step(
+                    &adam,
+                    &mut states[k],
+                    data,
+                    &grads[offsets[k]..offsets[k] + n],
+                    lr,
+                    wd,
+                );
+            }
+        } else {
+            skipped_total += 1;
+            window_skipped += 1;
+        }
+        losses.push(step_loss);
+        window_loss += step_loss;
+        window_steps += 1;
+        window_tokens += step_tokens;
+        all_tokens += step_tokens;
+        let done = step + 1;
+        if done % logging_steps == 0 || done == total {
+            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+            let line = LogLine {
+                step: done,
+                total_steps: total,
+                epoch: done as f64 / spe as f64,
+                loss: window_loss / window_steps as f64,
+                lr,
+                grad_norm,
+                tokens_per_s: window_tokens as f64 / secs,
+                elapsed_s: start.elapsed().as_secs_f64(),
+                loss_scale: matches!(plan.precision, Precision::Fp16(_)).then(|| scaling.scale()),
+                skipped_steps: matches!(plan.precision, Precision::Fp16(_))
+                    .then_some(window_skipped),
+            };
+            if let Some(f) = log_file.as_mut() {
+                writeln!(f, "{}", serde_json::to_string(&line)?)
+                    .with_context(|| format!("writing {}", log_path.display()))?;
+                println!(
+                    "step {done}/{total} loss {:.4} lr {:.3e} grad_norm {:.3} tokens/s {:.0}",
+                    line.loss, line.lr, line.grad_norm, line.tokens_per_s
+                );
+            }
+            window_start = Instant::now();
+            window_tokens = 0;
+            window_loss = 0.0;
+            window_steps = 0;
+            window_skipped = 0;
+        }
+        if par.rank == 0 && save_steps > 0 && done % save_steps == 0 && done < total {
+            let dir = setup.output_dir.join(format!("checkpoint-{done}"));
+            save_model(setup, &dir)?;
+        }
+    }
+    let tokens_per_s = all_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    let mut eval_result = None;
+    if par.rank == 0 {
+        save_model(setup, &setup.output_dir.clone())?;
+        if setup.cfg.plot_loss == Some(true) {
+            let points: Vec<(u64, f64)> = losses
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i as u64 + 1, *l))
+                .collect();
+            let png = setup.output_dir.join("training_loss.png");
+            ringmaster_optim::plot::write_loss_png(&png, &points)
+                .with_context(|| format!("writing {}", png.display()))?;
+        }
+        if !setup.eval.is_empty() {
+            let r = eval::evaluate(setup)?;
+            println!(
+                "eval: exact match {}/{} = {:.1}%",
+                r.correct,
+                r.total,
+                100.0 * r.accuracy
+            );
+            let path = setup.output_dir.join("eval_results.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&r)? + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+            eval_result = Some(r);
+        }
+    }
+    Ok(Summary {
+        steps: total,
+        losses,
+        skipped_steps: skipped_total,
+        tokens_per_s,
+        eval: eval_result,
+    })
+}
+
+fn scalar<B: Backend>(t: burn::tensor::Tensor<B, 1>) -> f64 {
+    t.into_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .map(|v| v[0])
+        .unwrap_or(f64::NAN)
+}
+
+/// Writes the model as a Hugging Face directory (config.json, weights, tokenizer files) or,
+/// for LoRA, the PEFT adapter plus the tokenizer.
+pub fn save_model(setup: &Setup, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    match &setup.lora {
+        Some((lc, adapters)) => {
+            let base_name = setup.model_dir.display().to_string();
+            lora::save_adapter(dir, lc, adapters, &base_name, ringmaster_model::DType::F32)?;
+            if setup.cfg.train_from_scratch == Some(true) {
+                hf::save_dir(dir, &setup.model, &setup.base, hf::SaveOptions::default())?;
+            }
+        }
+        None => hf::save_dir(dir, &setup.model, &setup.base, hf::SaveOptions::default())?,
+    }
+    setup.tokenizer.save_dir(dir)?;
+    Ok(())
+}

@@ -1,0 +1,372 @@
+//! Everything a run needs, resolved from a training config: the model and tokenizer, the
+//! datasets (by `dataset_info.json` name or by path), the plan and the hyper-parameters. Every
+//! error names the config field or the file at fault.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use ringmaster_config::{Plan, TrainConfig};
+use ringmaster_data::batch::Sample;
+use ringmaster_data::dataset::{DatasetFormat, DatasetSpec, Record};
+use ringmaster_data::preprocess::{PreprocessConfig, Stage, load_and_preprocess};
+use ringmaster_data::template::Template;
+use ringmaster_data::tokenizer::Tokenizer;
+use ringmaster_model::hf::{self, CONFIG_FILE};
+use ringmaster_model::{LlamaConfig, LoraConfig, ParamStore};
+use ringmaster_optim::schedule::SchedulerKind;
+
+/// LLaMA-Factory's default `cutoff_len`.
+pub const DEFAULT_CUTOFF_LEN: usize = 2048;
+/// HF's default learning rate.
+pub const DEFAULT_LR: f64 = 5e-5;
+/// Default `max_new_tokens` for evaluation and generation.
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 32;
+
+/// A held-out example for generation-based evaluation.
+#[derive(Debug, Clone)]
+pub struct EvalExample {
+    /// The prompt ids (template applied, assistant header included).
+    pub prompt: Vec<u32>,
+    /// The reference answer.
+    pub answer: String,
+}
+
+/// A resolved run.
+pub struct Setup {
+    /// The training config.
+    pub cfg: TrainConfig,
+    /// The plan (batch, precision, clipping, sharding).
+    pub plan: Plan,
+    /// Start-up warnings (accepted keys without effect).
+    pub warnings: Vec<String>,
+    /// The model's architecture.
+    pub model: LlamaConfig,
+    /// Base weights (fp32).
+    pub base: ParamStore,
+    /// LoRA adapters, when `finetuning_type: lora`.
+    pub lora: Option<(LoraConfig, ParamStore)>,
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The chat template.
+    pub template: Template,
+    /// Training samples (tokenised, masked, packed when asked).
+    pub samples: Vec<Sample>,
+    /// Held-out examples (`eval_dataset`).
+    pub eval: Vec<EvalExample>,
+    /// Where results go.
+    pub output_dir: PathBuf,
+    /// The model directory (config.json, tokenizer.json, weights).
+    pub model_dir: PathBuf,
+    /// Learning-rate schedule kind.
+    pub scheduler: SchedulerKind,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// AdamW betas.
+    pub betas: (f64, f64),
+    /// AdamW eps.
+    pub eps: f64,
+    /// Seed.
+    pub seed: u64,
+}
+
+impl std::fmt::Debug for Setup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Setup")
+            .field("model", &self.model)
+            .field("samples", &self.samples.len())
+            .field("eval", &self.eval.len())
+            .field("output_dir", &self.output_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resolves a dataset name or path. Names are looked up in `dataset_dir/dataset_info.json`
+/// (LLaMA-Factory's `file_name`, `formatting`, `columns`); otherwise the item is a file path
+/// (`.json`/`.jsonl` read as alpaca for sft, `.txt` as text for pt).
+pub fn resolve_dataset(item: &str, dataset_dir: &Path, stage: Stage) -> Result<DatasetSpec> {
+    let info_path = dataset_dir.join("dataset_info.json");
+    if info_path.is_file() {
+        let text = std::fs::read_to_string(&info_path)
+            .with_context(|| format!("reading {}", info_path.display()))?;
+        let info: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{}: not valid JSON: {e}", info_path.display()))?;
+        if let Some(entry) = info.get(item) {
+            let file = entry
+                .get("file_name")
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{}: dataset `{item}` has no string `file_name`",
+                        info_path.display()
+                    )
+                })?;
+            let formatting =
+                entry
+                    .get("formatting")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or(match stage {
+                        Stage::Pt => "text",
+                        Stage::Sft => "alpaca",
+                    });
+            let mut format: DatasetFormat = formatting
+                .parse()
+                .map_err(|e| anyhow!("{}: dataset `{item}`: {e}", info_path.display()))?;
+            if let Some(cols) = entry.get("columns") {
+                format = with_columns(format, cols).map_err(|e| {
+                    anyhow!("{}: dataset `{item}`.columns: {e}", info_path.display())
+                })?;
+            }
+            if let Some(tags) = entry.get("tags") {
+                format = with_columns(format, tags)
+                    .map_err(|e| anyhow!("{}: dataset `{item}`.tags: {e}", info_path.display()))?;
+            }
+            return Ok(DatasetSpec::new(dataset_dir.join(file), format));
+        }
+    }
+    let candidates = [PathBuf::from(item), dataset_dir.join(item)];
+    let path = candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            anyhow!(
+                "training config field `dataset`: `{item}` is neither a name in {} nor a file",
+                info_path.display()
+            )
+        })?;
+    let format = match stage {
+        Stage::Pt => DatasetFormat::Text(Default::default()),
+        Stage::Sft => DatasetFormat::Alpaca(Default::default()),
+    };
+    Ok(DatasetSpec::new(path, format))
+}
+
+fn with_columns(format: DatasetFormat, cols: &serde_json::Value) -> Result<DatasetFormat> {
+    let obj = cols.as_object().ok_or_else(|| anyhow!("not an object"))?;
+    let get = |k: &str| obj.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    Ok(match format {
+        DatasetFormat::Alpaca(mut c) => {
+            if let Some(v) = get("prompt") {
+                c.prompt = v;
+            }
+            if let Some(v) = get("query") {
+                c.query = v;
+            }
+            if let Some(v) = get("response") {
+                c.response = v;
+            }
+            if let Some(v) = get("system") {
+                c.system = v;
+            }
+            if let Some(v) = get("history") {
+                c.history = v;
+            }
+            DatasetFormat::Alpaca(c)
+        }
+        DatasetFormat::ShareGpt(mut c) => {
+            if let Some(v) = get("messages") {
+                c.messages = v;
+            }
+            if let Some(v) = get("system") {
+                c.system = v;
+            }
+            for (k, slot) in [
+                ("role_tag", &mut c.role_tag),
+                ("content_tag", &mut c.content_tag),
+                ("user_tag", &mut c.user_tag),
+                ("assistant_tag", &mut c.assistant_tag),
+                ("system_tag", &mut c.system_tag),
+            ] {
+                if let Some(v) = obj.get(k).and_then(|v| v.as_str()) {
+                    *slot = v.to_owned();
+                }
+            }
+            DatasetFormat::ShareGpt(c)
+        }
+        DatasetFormat::Text(mut c) => {
+            if let Some(v) = get("prompt") {
+                c.text = v;
+            }
+            DatasetFormat::Text(c)
+        }
+    })
+}
+
+fn items(v: &Option<ringmaster_config::StringOrList>) -> Vec<String> {
+    v.as_ref().map(|s| s.items()).unwrap_or_default()
+}
+
+/// Resolves a run from a training config (read from `config_path`, whose directory resolves
+/// the DeepSpeed/FSDP files), for `world` ranks with `gpus_per_node` per node.
+pub fn resolve(
+    cfg: TrainConfig,
+    config_path: &Path,
+    world: usize,
+    gpus_per_node: usize,
+) -> Result<Setup> {
+    let model_dir = PathBuf::from(
+        cfg.model_name_or_path
+            .clone()
+            .ok_or_else(|| anyhow!("training config field `model_name_or_path` is required"))?,
+    );
+    if !model_dir.join(CONFIG_FILE).is_file() {
+        bail!(
+            "training config field `model_name_or_path`: {} has no {CONFIG_FILE} (a Hugging Face model directory is expected; \
+             hub ids cannot be downloaded here)",
+            model_dir.display()
+        );
+    }
+    let model = LlamaConfig::from_file(&model_dir.join(CONFIG_FILE))?;
+    let base_dir = config_path.parent().unwrap_or(Path::new("."));
+    let read = |p: &str| {
+        let path = if Path::new(p).is_absolute() || Path::new(p).exists() {
+            PathBuf::from(p)
+        } else {
+            base_dir.join(p)
+        };
+        std::fs::read_to_string(&path).map_err(|e| e.to_string())
+    };
+    let (plan, warns) = ringmaster_config::plan_from_files(
+        &cfg,
+        read,
+        world,
+        gpus_per_node,
+        Some(model.hidden_size),
+    )
+    .map_err(|e| anyhow!("{e}"))?;
+    let warnings = ringmaster_config::warning_lines(&warns);
+    let seed = cfg.seed.unwrap_or(42);
+    let from_scratch = cfg.train_from_scratch.unwrap_or(false);
+    let base = if from_scratch {
+        ParamStore::init_llama(&model, seed)
+    } else {
+        hf::load_dir(&model_dir)?.params
+    };
+    let lora = match cfg.finetuning_type.as_deref().unwrap_or("lora") {
+        "full" => None,
+        _ => {
+            let rank = cfg.lora_rank.unwrap_or(8) as usize;
+            let targets = match items(&cfg.lora_target) {
+                t if t.is_empty() => vec!["all".to_string()],
+                t => t,
+            };
+            let lc = LoraConfig::new(
+                rank,
+                cfg.lora_alpha,
+                cfg.lora_dropout.unwrap_or(0.0),
+                &targets,
+            )
+            .map_err(|e| anyhow!("training config: {e}"))?;
+            let store = lc.init(&model, seed);
+            Some((lc, store))
+        }
+    };
+    let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    if tokenizer.vocab_size() > model.vocab_size {
+        bail!(
+            "{}: tokenizer has {} tokens but config.json's vocab_size is {}",
+            model_dir.display(),
+            tokenizer.vocab_size(),
+            model.vocab_size
+        );
+    }
+    let template_name = cfg.template.clone().unwrap_or_else(|| "default".into());
+    let template = Template::by_name(&template_name)
+        .map_err(|e| anyhow!("training config field `template`: {e}"))?;
+    let stage: Stage = cfg
+        .stage
+        .as_deref()
+        .unwrap_or("sft")
+        .parse()
+        .map_err(|e| anyhow!("training config field `stage`: {e}"))?;
+    let cutoff = cfg
+        .cutoff_len
+        .map(|c| c as usize)
+        .unwrap_or(DEFAULT_CUTOFF_LEN);
+    let mut pcfg = PreprocessConfig::new(stage, cutoff);
+    pcfg.packing = cfg.packing.unwrap_or(false);
+    let dataset_dir = PathBuf::from(cfg.dataset_dir.clone().unwrap_or_else(|| "data".into()));
+    let specs: Vec<DatasetSpec> = items(&cfg.dataset)
+        .iter()
+        .map(|d| resolve_dataset(d, &dataset_dir, stage))
+        .collect::<Result<_>>()?;
+    if specs.is_empty() {
+        bail!("training config field `dataset` is required");
+    }
+    let processed = load_and_preprocess(&specs, &template, &tokenizer, &pcfg)?;
+    let mut samples = processed.samples;
+    if let Some(m) = cfg.max_samples {
+        samples.truncate(m as usize);
+    }
+    let mut eval = Vec::new();
+    for item in items(&cfg.eval_dataset) {
+        let spec = resolve_dataset(&item, &dataset_dir, Stage::Sft)?;
+        for rec in spec.load()? {
+            let Record::Conversation(c) = rec else {
+                bail!(
+                    "{}: evaluation needs conversations (alpaca or sharegpt)",
+                    spec.path.display()
+                );
+            };
+            let Some((last, history)) = c.turns.split_last() else {
+                continue;
+            };
+            let prompt = template.encode_generation_prompt(
+                &tokenizer,
+                c.system.as_deref(),
+                history,
+                &last.user,
+            )?;
+            eval.push(EvalExample {
+                prompt,
+                answer: last.assistant.clone(),
+            });
+        }
+    }
+    let scheduler: SchedulerKind = plan
+        .lr_scheduler_type
+        .clone()
+        .or(cfg.lr_scheduler_type.clone())
+        .unwrap_or_else(|| "linear".into())
+        .parse()
+        .map_err(|e: String| anyhow!("training config field `lr_scheduler_type`: {e}"))?;
+    let learning_rate = plan
+        .optimizer
+        .lr
+        .or(cfg.learning_rate)
+        .unwrap_or(DEFAULT_LR);
+    let weight_decay = plan
+        .optimizer
+        .weight_decay
+        .or(cfg.weight_decay)
+        .unwrap_or(0.0);
+    let betas = plan.optimizer.betas.unwrap_or((0.9, 0.999));
+    let eps = plan.optimizer.eps.unwrap_or(1e-8);
+    let output_dir = PathBuf::from(
+        cfg.output_dir
+            .clone()
+            .ok_or_else(|| anyhow!("training config field `output_dir` is required"))?,
+    );
+    Ok(Setup {
+        cfg,
+        plan,
+        warnings,
+        model,
+        base,
+        lora,
+        tokenizer,
+        template,
+        samples,
+        eval,
+        output_dir,
+        model_dir,
+        scheduler,
+        learning_rate,
+        weight_decay,
+        betas,
+        eps,
+        seed,
+    })
+}
