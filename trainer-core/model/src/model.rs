@@ -6,7 +6,7 @@
 
 use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -90,6 +90,18 @@ impl<B: Backend> Inputs<B> {
         })
     }
 
+    /// The float inputs (RoPE tables, mask) in `dtype`.
+    pub fn cast(&self, dtype: DType) -> Self {
+        Inputs {
+            batch: self.batch,
+            seq: self.seq,
+            ids: self.ids.clone(),
+            cos: self.cos.clone().cast(dtype),
+            sin: self.sin.clone().cast(dtype),
+            mask: self.mask.clone().cast(dtype),
+        }
+    }
+
     /// A batch of unpacked rows: positions 0.., every non-pad token in segment 1; `lens[b]`
     /// tokens are real in row `b`.
     pub fn causal(
@@ -167,7 +179,8 @@ impl Dropout {
             })
             .collect();
         let device = x.device();
-        x * Tensor::<B, 2>::from_data(TensorData::new(mask, [n, m]), &device)
+        let dtype = x.dtype();
+        x * Tensor::<B, 2>::from_data(TensorData::new(mask, [n, m]), &device).cast(dtype)
     }
 }
 
@@ -236,7 +249,14 @@ pub fn attention<B: Backend>(
     };
     let scale = 1.0 / (d as f64).sqrt();
     let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale).add(mask);
-    softmax(scores, 3).matmul(v)
+    // Softmax in f32 whatever the compute dtype (transformers' eager attention does the same).
+    let dtype = scores.dtype();
+    let probs = if dtype == DType::F32 {
+        softmax(scores, 3)
+    } else {
+        softmax(scores.cast(DType::F32), 3).cast(dtype)
+    };
+    probs.matmul(v)
 }
 
 impl<B: Backend> Block<B> {
@@ -284,9 +304,55 @@ pub struct Llama<B: Backend> {
     blocks: Vec<Block<B>>,
     norm: Tensor<B, 1>,
     head: Option<Tensor<B, 2>>,
+    compute: Option<DType>,
 }
 
 impl<B: Backend> Llama<B> {
+    /// As [`Llama::new`], computing in `compute` (bf16/f16) from the f32 leaves: each weight is
+    /// a differentiable cast of its f32 leaf, so gradients arrive in f32 (mixed precision with
+    /// f32 master weights). RMSNorm, softmax and the loss run in f32.
+    pub fn new_mixed(
+        cfg: &LlamaConfig,
+        base: &ParamStore,
+        train_base: bool,
+        lora: Option<(&LoraConfig, &ParamStore)>,
+        device: &B::Device,
+        compute: Option<DType>,
+    ) -> Result<Self> {
+        let mut m = Self::new(cfg, base, train_base, lora, device)?;
+        let Some(dt) = compute.filter(|d| *d != DType::F32) else {
+            return Ok(m);
+        };
+        let c2 = |t: &mut Tensor<B, 2>| *t = t.clone().cast(dt);
+        let c1 = |t: &mut Tensor<B, 1>| *t = t.clone().cast(dt);
+        c2(&mut m.embed);
+        c1(&mut m.norm);
+        if let Some(h) = m.head.as_mut() {
+            c2(h);
+        }
+        for b in &mut m.blocks {
+            c1(&mut b.ln1);
+            c1(&mut b.ln2);
+            for lin in [
+                &mut b.q,
+                &mut b.k,
+                &mut b.v,
+                &mut b.o,
+                &mut b.gate,
+                &mut b.up,
+                &mut b.down,
+            ] {
+                c2(&mut lin.w);
+                if let Some((a, bb, _)) = lin.lora.as_mut() {
+                    c2(a);
+                    c2(bb);
+                }
+            }
+        }
+        m.compute = Some(dt);
+        Ok(m)
+    }
+
     /// Builds the model from `base` (trainable when `train_base`) and optional LoRA adapters
     /// (always trainable).
     pub fn new(
@@ -383,6 +449,7 @@ impl<B: Backend> Llama<B> {
             blocks,
             norm,
             head,
+            compute: None,
         })
     }
 
@@ -408,17 +475,35 @@ impl<B: Backend> Llama<B> {
         self.blocks[l].forward(&self.cfg, x, inp, dropout)
     }
 
-    /// Final norm and head: logits `[B·T, vocab]`.
+    /// Final norm and head: logits `[B·T, vocab]`, always f32.
     pub fn head(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let h = rms_norm(x, self.norm.clone(), self.cfg.rms_norm_eps);
-        match &self.head {
+        let logits = match &self.head {
             Some(w) => h.matmul(w.clone().transpose()),
             None => h.matmul(self.embed.clone().transpose()),
+        };
+        if self.compute.is_some() {
+            logits.cast(DType::F32)
+        } else {
+            logits
         }
+    }
+
+    /// The compute dtype (None: f32).
+    pub fn compute_dtype(&self) -> Option<DType> {
+        self.compute
     }
 
     /// Logits `[B·T, vocab]` of the whole model.
     pub fn forward(&self, inp: &Inputs<B>, mut dropout: Option<&mut Dropout>) -> Tensor<B, 2> {
+        let cast;
+        let inp = match self.compute {
+            Some(dt) => {
+                cast = inp.cast(dt);
+                &cast
+            }
+            None => inp,
+        };
         let mut x = self.embed(inp);
         for l in 0..self.blocks.len() {
             x = self.block(l, x, inp, dropout.as_deref_mut());

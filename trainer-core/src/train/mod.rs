@@ -176,6 +176,11 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
         _ => Scaling::None,
     };
     let max_grad_norm = plan.clip.unwrap_or(0.0);
+    let compute = match plan.precision {
+        Precision::Fp32 => None,
+        Precision::Bf16 => Some(burn::tensor::DType::BF16),
+        Precision::Fp16(_) => Some(burn::tensor::DType::F16),
+    };
     let pad_id = setup.tokenizer.pad_id_or_eos();
     let logging_steps = setup.cfg.logging_steps.unwrap_or(10).max(1);
     let save_steps = setup.cfg.save_steps.unwrap_or(0);
@@ -257,42 +262,49 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
         let scale = scaling.scale();
         grads.iter_mut().for_each(|g| *g = 0.0);
         let mut local_loss = 0.0f64;
-        {
+        let mut dropout = (lora_dropout > 0.0)
+            .then(|| Dropout::new(lora_dropout, setup.seed ^ (step << 16) ^ par.rank as u64));
+        for idx in micro.iter().filter(|m| !m.is_empty()) {
+            // A fresh set of leaves per micro-batch: burn's autodiff frees a graph's nodes on
+            // backward, and leaves reused in a second graph lose their gradients (measured:
+            // accumulation then equals the first micro-batch only).
             let lora_ref = setup.lora.as_ref().map(|(l, a)| (l, a));
-            let model =
-                Llama::<CpuAutodiff>::new(&setup.model, &setup.base, !is_lora, lora_ref, &device)?;
+            let model = Llama::<CpuAutodiff>::new_mixed(
+                &setup.model,
+                &setup.base,
+                !is_lora,
+                lora_ref,
+                &device,
+                compute,
+            )?;
             let leaves = if is_lora {
                 model.adapter_leaves()
             } else {
                 model.base_leaves()
             };
-            let mut dropout = (lora_dropout > 0.0)
-                .then(|| Dropout::new(lora_dropout, setup.seed ^ (step << 16) ^ par.rank as u64));
-            for idx in micro.iter().filter(|m| !m.is_empty()) {
-                let batch = collate(idx.iter().map(|&i| &setup.samples[i]), pad_id, 1);
-                let targets = batch.shifted_labels();
-                let inp = Inputs::<CpuAutodiff>::new(
-                    &setup.model,
-                    batch.batch_size,
-                    batch.seq_len,
-                    &batch.input_ids,
-                    &batch.position_ids,
-                    &batch.segment_ids,
-                    &device,
-                )?;
-                let logits = model.forward(&inp, dropout.as_mut());
-                let loss = cross_entropy(logits, &targets, normalizer as f64);
-                let loss = if scale != 1.0 {
-                    loss.mul_scalar(scale)
-                } else {
-                    loss
-                };
-                let g = loss.backward();
-                local_loss += scalar(loss.inner()) / scale;
-                for (k, gk) in leaf_grads(leaves, &g).into_iter().enumerate() {
-                    let dst = &mut grads[offsets[k]..offsets[k] + gk.len()];
-                    dst.iter_mut().zip(&gk).for_each(|(d, s)| *d += s);
-                }
+            let batch = collate(idx.iter().map(|&i| &setup.samples[i]), pad_id, 1);
+            let targets = batch.shifted_labels();
+            let inp = Inputs::<CpuAutodiff>::new(
+                &setup.model,
+                batch.batch_size,
+                batch.seq_len,
+                &batch.input_ids,
+                &batch.position_ids,
+                &batch.segment_ids,
+                &device,
+            )?;
+            let logits = model.forward(&inp, dropout.as_mut());
+            let loss = cross_entropy(logits, &targets, normalizer as f64);
+            let loss = if scale != 1.0 {
+                loss.mul_scalar(scale)
+            } else {
+                loss
+            };
+            let g = loss.backward();
+            local_loss += scalar(loss.inner()) / scale;
+            for (k, gk) in leaf_grads(leaves, &g).into_iter().enumerate() {
+                let dst = &mut grads[offsets[k]..offsets[k] + gk.len()];
+                dst.iter_mut().zip(&gk).for_each(|(d, s)| *d += s);
             }
         }
         let mut step_loss = local_loss;

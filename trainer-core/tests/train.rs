@@ -1,0 +1,277 @@
+//! The training loop end to end on a tiny Llama and the addition task, in process.
+//!
+//! Bounds: gradient accumulation and a bigger micro-batch take the same steps (fp32, 1e-5
+//! relative: only the summation order differs); bf16 / fp16 compute with f32 master weights
+//! track the fp32 loss within 5% over a few steps.
+
+use std::path::{Path, PathBuf};
+
+use ringmaster_data::synthetic::{AdditionConfig, generate_addition};
+use ringmaster_data::template::Template;
+use ringmaster_data::tokenizer::{BpeTrainingOptions, train_bpe};
+use ringmaster_model::hf;
+use ringmaster_trainer::train::{self, Parallel, Setup};
+
+/// Writes model/ (config.json + a tokenizer trained on the data), data/ and returns the
+/// directory.
+fn fixture(dir: &Path) {
+    let split = generate_addition(&AdditionConfig {
+        seed: 3,
+        min_digits: 1,
+        max_digits: 2,
+        train_size: 512,
+        eval_size: 16,
+    })
+    .unwrap();
+    let data = dir.join("data");
+    split.write_jsonl(&data).unwrap();
+    std::fs::write(
+        data.join("dataset_info.json"),
+        r#"{"addition_train": {"file_name": "train.jsonl", "formatting": "alpaca"},
+            "addition_eval": {"file_name": "eval.jsonl"}}"#,
+    )
+    .unwrap();
+    let texts: Vec<String> = split
+        .train
+        .iter()
+        .flat_map(|r| [r.instruction.clone(), r.output.clone()])
+        .collect();
+    let opts = BpeTrainingOptions::for_template(&Template::empty(), 270);
+    let tok = train_bpe(texts.into_iter(), &opts).unwrap();
+    let model = dir.join("model");
+    tok.save_dir(&model).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        format!(
+            r#"{{"model_type": "llama", "vocab_size": {}, "hidden_size": 32, "intermediate_size": 64,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 64, "tie_word_embeddings": false}}"#,
+            tok.vocab_size()
+        ),
+    )
+    .unwrap();
+}
+
+fn config(dir: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        "model_name_or_path: {m}\ntrain_from_scratch: true\nstage: sft\nfinetuning_type: full\n\
+         dataset: addition_train\neval_dataset: addition_eval\ndataset_dir: {d}\ntemplate: empty\n\
+         cutoff_len: 32\noutput_dir: {o}\nper_device_train_batch_size: 8\nlearning_rate: 3.0e-3\n\
+         lr_scheduler_type: constant\nmax_steps: 6\nlogging_steps: 2\nmax_new_tokens: 4\nseed: 5\n{extra}",
+        m = dir.join("model").display(),
+        d = dir.join("data").display(),
+        o = dir.join("out").display(),
+    );
+    let path = dir.join("train.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn setup(dir: &Path, extra: &str) -> Setup {
+    let path = config(dir, extra);
+    let cfg = ringmaster_trainer::load_config(&path).unwrap();
+    train::resolve(cfg, &path, 1, 1).unwrap()
+}
+
+fn rel_close(a: &[f32], b: &[f32], tol: f32) -> bool {
+    a.iter()
+        .zip(b)
+        .all(|(x, y)| (x - y).abs() <= tol * (1.0 + x.abs().max(y.abs())))
+}
+
+#[test]
+fn trains_logs_saves_and_evaluates() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let mut s = setup(dir.path(), "max_steps: 20\nplot_loss: true\n");
+    let before = s.base.clone();
+    let summary = train::train(&mut s, &mut Parallel::single()).unwrap();
+    assert_eq!(summary.steps, 20);
+    let first: f64 = summary.losses[..4].iter().sum::<f64>() / 4.0;
+    let last: f64 = summary.losses[16..].iter().sum::<f64>() / 4.0;
+    assert!(last < first * 0.8, "loss went from {first} to {last}");
+    // Log: one line per 2 steps, with the fields DESIGN.md names.
+    let log = std::fs::read_to_string(dir.path().join("out/trainer_log.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 10);
+    for k in ["step", "loss", "lr", "grad_norm", "tokens_per_s"] {
+        assert!(
+            lines[0].get(k).is_some(),
+            "log line lacks {k}: {}",
+            lines[0]
+        );
+    }
+    assert_eq!(lines[9]["step"], 20);
+    assert!(dir.path().join("out/training_loss.png").is_file());
+    // The saved model is the trained one, bit for bit.
+    let saved = hf::load_dir(&dir.path().join("out")).unwrap();
+    assert!(saved.params.bit_equal(&s.base));
+    assert!(!saved.params.bit_equal(&before));
+    let eval = summary.eval.expect("eval_dataset was set");
+    assert_eq!(eval.total, 16);
+}
+
+#[test]
+fn gradient_accumulation_equals_a_bigger_micro_batch() {
+    let a_dir = tempfile::tempdir().unwrap();
+    fixture(a_dir.path());
+    let b_dir = tempfile::tempdir().unwrap();
+    fixture(b_dir.path());
+    let mut a = setup(
+        a_dir.path(),
+        "per_device_train_batch_size: 4\ngradient_accumulation_steps: 2\nmax_grad_norm: 0.5\n",
+    );
+    let mut b = setup(
+        b_dir.path(),
+        "per_device_train_batch_size: 8\ngradient_accumulation_steps: 1\nmax_grad_norm: 0.5\n",
+    );
+    assert!(a.base.bit_equal(&b.base), "same seed, same init");
+    let sa = train::train(&mut a, &mut Parallel::single()).unwrap();
+    let sb = train::train(&mut b, &mut Parallel::single()).unwrap();
+    for (x, y) in sa.losses.iter().zip(&sb.losses) {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs(),
+            "losses {:?} vs {:?}",
+            sa.losses,
+            sb.losses
+        );
+    }
+    for ((spec, x), (_, y)) in a.base.iter().zip(b.base.iter()) {
+        assert!(rel_close(x, y, 1e-5), "{} differs", spec.name);
+    }
+}
+
+#[test]
+fn bf16_and_fp16_compute_track_fp32() {
+    let mut losses = Vec::new();
+    for extra in ["", "bf16: true\n", "fp16: true\ndeepspeed: ds.json\n"] {
+        let dir = tempfile::tempdir().unwrap();
+        fixture(dir.path());
+        // A low initial scale: no overflow, so every fp16 step is applied and comparable.
+        std::fs::write(
+            dir.path().join("ds.json"),
+            r#"{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 0},
+                "fp16": {"enabled": "auto", "initial_scale_power": 4, "hysteresis": 1}}"#,
+        )
+        .unwrap();
+        let mut s = setup(dir.path(), extra);
+        let summary = train::train(&mut s, &mut Parallel::single()).unwrap();
+        assert_eq!(summary.skipped_steps, 0, "{extra}");
+        losses.push((extra, summary.losses));
+    }
+    let fp32 = &losses[0].1;
+    for (name, l) in &losses[1..] {
+        for (x, y) in l.iter().zip(fp32) {
+            assert!(
+                (x - y).abs() <= 0.05 * y,
+                "{name}: losses {l:?} vs fp32 {fp32:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fp16_overflow_skips_steps_and_lowers_the_scale() {
+    // DeepSpeed's defaults: scale 2^16, hysteresis 2. The scaled gradients overflow f16 at
+    // first: those steps are skipped and the scale comes down until steps apply.
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let mut s = setup(dir.path(), "fp16: true\nmax_steps: 16\nlogging_steps: 1\n");
+    let before = s.base.clone();
+    let summary = train::train(&mut s, &mut Parallel::single()).unwrap();
+    assert!(
+        summary.skipped_steps >= 2,
+        "skipped {}",
+        summary.skipped_steps
+    );
+    assert!(summary.skipped_steps < 16, "no step was ever applied");
+    assert!(!s.base.bit_equal(&before));
+    let log = std::fs::read_to_string(dir.path().join("out/trainer_log.jsonl")).unwrap();
+    let scales: Vec<f64> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss_scale"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        scales[0] == 65536.0,
+        "first step: overflow absorbed by hysteresis, {scales:?}"
+    );
+    assert!(
+        scales.windows(2).all(|w| w[1] <= w[0]),
+        "scale only falls here: {scales:?}"
+    );
+    assert!(*scales.last().unwrap() < 65536.0, "{scales:?}");
+}
+
+#[test]
+fn lora_trains_only_the_adapters_and_saves_peft_files() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let mut s = setup(
+        dir.path(),
+        "finetuning_type: lora\nlora_rank: 4\nlora_alpha: 8\nlora_target: q_proj,v_proj\n",
+    );
+    let base = s.base.clone();
+    let adapters = s.lora.as_ref().unwrap().1.clone();
+    train::train(&mut s, &mut Parallel::single()).unwrap();
+    assert!(s.base.bit_equal(&base), "base weights are frozen");
+    assert!(
+        !s.lora.as_ref().unwrap().1.bit_equal(&adapters),
+        "adapters were trained"
+    );
+    let out = dir.path().join("out");
+    assert!(out.join("adapter_model.safetensors").is_file());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+    let (_, back) = ringmaster_model::lora::load_adapter(&out, &s.model).unwrap();
+    assert!(back.bit_equal(&s.lora.as_ref().unwrap().1));
+}
+
+#[test]
+fn bad_inputs_are_errors_naming_the_field_or_file() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let path = config(dir.path(), "template: nonesuch\n");
+    // A duplicate key is a YAML error; write the template line only once.
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("template: empty\n", "");
+    std::fs::write(&path, text).unwrap();
+    let cfg = ringmaster_trainer::load_config(&path).unwrap();
+    let err = format!("{:#}", train::resolve(cfg, &path, 1, 1).unwrap_err());
+    assert!(
+        err.contains("template") && err.contains("nonesuch"),
+        "{err}"
+    );
+
+    // A dataset row without its fields names the file and the row.
+    let train_file = dir.path().join("data/train.jsonl");
+    let mut rows = std::fs::read_to_string(&train_file).unwrap();
+    rows.push_str("{\"instruction\": \"What is 1 + 1?\"}\n");
+    std::fs::write(&train_file, rows).unwrap();
+    let path = config(dir.path(), "");
+    let cfg = ringmaster_trainer::load_config(&path).unwrap();
+    let err = format!("{:#}", train::resolve(cfg, &path, 1, 1).unwrap_err());
+    assert!(
+        err.contains("train.jsonl") && err.contains("513") && err.contains("output"),
+        "{err}"
+    );
+
+    // An unknown key is refused, listed.
+    std::fs::write(&path, "model_name_or_path: x\nlerning_rate: 1\n").unwrap();
+    let err = format!("{:#}", ringmaster_trainer::load_config(&path).unwrap_err());
+    assert!(err.contains("lerning_rate"), "{err}");
+}
