@@ -13,6 +13,7 @@
 pub mod collective_cli;
 pub mod data_cli;
 pub mod dist;
+pub mod progress;
 pub mod rendezvous;
 pub mod run;
 pub mod train;

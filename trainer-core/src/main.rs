@@ -4,6 +4,7 @@
 //!
 //! `trainer eval CONFIG.yaml`: exact-match evaluation of the trained model in output_dir.
 //! `trainer generate --model DIR --prompt TEXT`: greedy decoding.
+//! `trainer merge --base DIR --adapter DIR --out DIR`: a LoRA adapter merged into its base.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +61,11 @@ fn main() -> ExitCode {
         argv.remove(1);
         let args = ringmaster_trainer::run::GenerateArgs::parse_from(argv);
         return exit(ringmaster_trainer::run::generate(args));
+    }
+    if sub.as_deref() == Some("merge") {
+        argv.remove(1);
+        let args = ringmaster_trainer::run::MergeArgs::parse_from(argv);
+        return exit(ringmaster_trainer::run::merge(args));
     }
     if sub.as_deref() == Some("eval") {
         argv.remove(1);

@@ -66,10 +66,12 @@ pub fn train(config: &Path) -> Result<(), RunError> {
     if let Some(r) = ring.as_mut() {
         broadcast_weights(&mut setup, r).map_err(failed)?;
     }
+    let progress = crate::progress::ProgressReporter::from_env(rank);
     let mut par = Parallel {
         rank,
         world,
         comm: ring.as_mut().map(|r| r as &mut dyn Communicator),
+        progress: progress.as_ref(),
     };
     let summary = train::train(&mut setup, &mut par).map_err(failed)?;
     if rank == 0 {
@@ -190,5 +192,55 @@ pub fn generate(args: GenerateArgs) -> Result<(), RunError> {
             .map_err(failed)?;
     let text = template.decode_response(&tok, &out[0]).map_err(failed)?;
     println!("{text}");
+    Ok(())
+}
+
+/// `trainer merge`: a PEFT adapter merged into its base model, written as a Hugging Face
+/// directory.
+#[derive(Parser, Debug)]
+#[command(name = "trainer merge")]
+pub struct MergeArgs {
+    /// The base model directory.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// The adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Dtype of the written weights: float32, bfloat16 or float16 (default: the base's).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+/// Runs `trainer merge`.
+pub fn merge(args: MergeArgs) -> Result<(), RunError> {
+    let mut m = hf::load_dir(&args.base).map_err(usage)?;
+    let (lc, adapters) = lora::load_adapter(&args.adapter, &m.config).map_err(usage)?;
+    let dtype = match &args.dtype {
+        None => m.stored_dtype,
+        Some(d) => ringmaster_model::DType::parse(d)
+            .ok_or_else(|| usage(anyhow!("--dtype: unknown dtype `{d}`")))?,
+    };
+    lora::merge(&m.config, &lc, &mut m.params, &adapters).map_err(failed)?;
+    let opts = hf::SaveOptions {
+        dtype,
+        ..hf::SaveOptions::default()
+    };
+    hf::save_dir(&args.out, &m.config, &m.params, opts).map_err(failed)?;
+    let tok_src = [args.adapter.clone(), args.base.clone()]
+        .into_iter()
+        .find(|d| d.join("tokenizer.json").is_file());
+    if let Some(src) = tok_src {
+        let tok = Tokenizer::from_dir(&src).map_err(failed)?;
+        tok.save_dir(&args.out).map_err(failed)?;
+    }
+    println!(
+        "merged {} into {}: {}",
+        args.adapter.display(),
+        args.base.display(),
+        args.out.display()
+    );
     Ok(())
 }

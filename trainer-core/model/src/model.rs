@@ -29,11 +29,16 @@ pub struct Inputs<B: Backend> {
     pub seq: usize,
     /// `[B, T]` token ids.
     pub ids: Tensor<B, 2, Int>,
-    /// `[B, 1, T, head_dim]`.
-    pub cos: Tensor<B, 4>,
-    /// `[B, 1, T, head_dim]`.
-    pub sin: Tensor<B, 4>,
-    /// `[B, 1, T, T]` additive mask: 0 where `j ≤ i` in the same non-zero segment.
+    /// `[B·T, heads · head_dim]` cos table for the queries ([`rope::head_tables`]).
+    pub cos_q: Tensor<B, 2>,
+    /// `[B·T, heads · head_dim]` signed sin table for the queries.
+    pub sin_q: Tensor<B, 2>,
+    /// `[B·T, kv_heads · head_dim]` cos table for the keys.
+    pub cos_k: Tensor<B, 2>,
+    /// `[B·T, kv_heads · head_dim]` signed sin table for the keys.
+    pub sin_k: Tensor<B, 2>,
+    /// `[B, heads, T, T]` additive mask: 0 where `j ≤ i` in the same non-zero segment
+    /// (expanded over heads so that adding it to the scores is a contiguous, same-shape op).
     pub mask: Tensor<B, 4>,
 }
 
@@ -65,18 +70,26 @@ impl<B: Backend> Inputs<B> {
             )));
         }
         let inv = rope::inv_freq(cfg);
-        let (cos, sin) = rope::tables(&inv, positions);
         let d = cfg.head_dim;
-        let mut mask = vec![MASK_VALUE; batch * seq * seq];
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let (cos_q, sin_q) = rope::head_tables(&inv, positions, nh);
+        let (cos_k, sin_k) = rope::head_tables(&inv, positions, nkv);
+        let mut mask = vec![MASK_VALUE; batch * nh * seq * seq];
         for b in 0..batch {
             let seg = &segments[b * seq..(b + 1) * seq];
+            let first = &mut mask[b * nh * seq * seq..(b * nh + 1) * seq * seq];
             for i in 0..seq {
-                let row = &mut mask[(b * seq + i) * seq..(b * seq + i + 1) * seq];
+                let row = &mut first[i * seq..(i + 1) * seq];
                 for j in 0..=i {
                     if (seg[i] != 0 && seg[j] == seg[i]) || i == j {
                         row[j] = 0.0;
                     }
                 }
+            }
+            let (head0, rest) =
+                mask[b * nh * seq * seq..(b + 1) * nh * seq * seq].split_at_mut(seq * seq);
+            for h in rest.chunks_mut(seq * seq) {
+                h.copy_from_slice(head0);
             }
         }
         let ids_i: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
@@ -84,9 +97,11 @@ impl<B: Backend> Inputs<B> {
             batch,
             seq,
             ids: Tensor::from_data(TensorData::new(ids_i, [batch, seq]), device),
-            cos: Tensor::from_data(TensorData::new(cos, [batch, 1, seq, d]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [batch, 1, seq, d]), device),
-            mask: Tensor::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device),
+            cos_q: Tensor::from_data(TensorData::new(cos_q, [n, nh * d]), device),
+            sin_q: Tensor::from_data(TensorData::new(sin_q, [n, nh * d]), device),
+            cos_k: Tensor::from_data(TensorData::new(cos_k, [n, nkv * d]), device),
+            sin_k: Tensor::from_data(TensorData::new(sin_k, [n, nkv * d]), device),
+            mask: Tensor::from_data(TensorData::new(mask, [batch, nh, seq, seq]), device),
         })
     }
 
@@ -96,8 +111,10 @@ impl<B: Backend> Inputs<B> {
             batch: self.batch,
             seq: self.seq,
             ids: self.ids.clone(),
-            cos: self.cos.clone().cast(dtype),
-            sin: self.sin.clone().cast(dtype),
+            cos_q: self.cos_q.clone().cast(dtype),
+            sin_q: self.sin_q.clone().cast(dtype),
+            cos_k: self.cos_k.clone().cast(dtype),
+            sin_k: self.sin_k.clone().cast(dtype),
             mask: self.mask.clone().cast(dtype),
         }
     }
@@ -211,22 +228,25 @@ pub fn rms_norm<B: Backend, const D: usize>(
     x.div(var.add_scalar(eps).sqrt()).mul(w.reshape(shape))
 }
 
-/// Rotate-half RoPE of `[B, H, T, d]` with `[B, 1, T, d]` tables.
+/// Rotate-half RoPE of `[N, heads · head_dim]` activations with [`rope::head_tables`]
+/// tables: `x·cos + swap_halves(x)·sin_signed`, every elementwise operand contiguous.
 pub fn apply_rope<B: Backend>(
-    x: Tensor<B, 4>,
-    cos: Tensor<B, 4>,
-    sin: Tensor<B, 4>,
-) -> Tensor<B, 4> {
-    let d = x.dims()[3];
-    let half = d / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x.mul(cos).add(rotated.mul(sin))
+    x: Tensor<B, 2>,
+    cos: Tensor<B, 2>,
+    sin_signed: Tensor<B, 2>,
+    head_dim: usize,
+) -> Tensor<B, 2> {
+    let [n, width] = x.dims();
+    let half = head_dim / 2;
+    let pairs = x.clone().reshape([n * width / head_dim, 2, half]);
+    let x1 = pairs.clone().narrow(1, 0, 1);
+    let x2 = pairs.narrow(1, 1, 1);
+    let swapped = Tensor::cat(vec![x2, x1], 1).reshape([n, width]);
+    x.mul(cos).add(swapped.mul(sin_signed))
 }
 
 /// Scaled dot-product attention of `[B, H, T, d]` queries over `[B, KV, T, d]` keys/values
-/// (grouped-query: each KV head serves `H / KV` query heads) with an additive `[B, 1, T, T]`
+/// (grouped-query: each KV head serves `H / KV` query heads) with an additive `[B, H, T, T]`
 /// mask. Returns `[B, H, T, d]`.
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
@@ -276,11 +296,21 @@ impl<B: Backend> Block<B> {
         );
         let h = rms_norm(x.clone(), self.ln1.clone(), cfg.rms_norm_eps);
         let heads = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
-        let q = heads(self.q.forward(h.clone(), dropout.as_deref_mut()), nh);
-        let k = heads(self.k.forward(h.clone(), dropout.as_deref_mut()), nkv);
+        let q = apply_rope(
+            self.q.forward(h.clone(), dropout.as_deref_mut()),
+            inp.cos_q.clone(),
+            inp.sin_q.clone(),
+            d,
+        );
+        let k = apply_rope(
+            self.k.forward(h.clone(), dropout.as_deref_mut()),
+            inp.cos_k.clone(),
+            inp.sin_k.clone(),
+            d,
+        );
+        let q = heads(q, nh);
+        let k = heads(k, nkv);
         let v = heads(self.v.forward(h, dropout.as_deref_mut()), nkv);
-        let q = apply_rope(q, inp.cos.clone(), inp.sin.clone());
-        let k = apply_rope(k, inp.cos.clone(), inp.sin.clone());
         let o = attention(q, k, v, inp.mask.clone())
             .swap_dims(1, 2)
             .reshape([b * t, nh * d]);

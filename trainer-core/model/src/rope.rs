@@ -61,6 +61,29 @@ pub fn tables(inv_freq: &[f64], positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
+/// Tables for RoPE on `[tokens, heads · head_dim]` activations (one row per token, heads side
+/// by side): `cos` repeated per head, and `sin` with rotate-half's sign folded in (negative on
+/// the first half of each head), so that `x·cos + swap_halves(x)·sin` is the rotation with
+/// every operand contiguous and of the same shape.
+pub fn head_tables(inv_freq: &[f64], positions: &[u32], heads: usize) -> (Vec<f32>, Vec<f32>) {
+    let (cos, sin) = tables(inv_freq, positions);
+    let d = 2 * inv_freq.len();
+    let half = d / 2;
+    let width = heads * d;
+    let mut c = vec![0.0f32; positions.len() * width];
+    let mut s = vec![0.0f32; positions.len() * width];
+    for t in 0..positions.len() {
+        for h in 0..heads {
+            for i in 0..d {
+                c[t * width + h * d + i] = cos[t * d + i];
+                let v = sin[t * d + i];
+                s[t * width + h * d + i] = if i < half { -v } else { v };
+            }
+        }
+    }
+    (c, s)
+}
+
 /// Reference rotate-half RoPE of one head vector `x` (length `head_dim`) at table row `cos`,
 /// `sin`: `x * cos + rotate_half(x) * sin`, `rotate_half([a, b]) = [-b, a]`.
 pub fn apply_reference(x: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {

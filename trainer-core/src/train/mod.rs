@@ -80,6 +80,8 @@ pub struct Parallel<'a> {
     pub world: usize,
     /// Communicator over all ranks.
     pub comm: Option<&'a mut dyn Communicator>,
+    /// Per-step progress to the coordinator.
+    pub progress: Option<&'a crate::progress::ProgressReporter>,
 }
 
 impl Parallel<'_> {
@@ -89,6 +91,7 @@ impl Parallel<'_> {
             rank: 0,
             world: 1,
             comm: None,
+            progress: None,
         }
     }
 }
@@ -260,6 +263,8 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
             .sum();
         let micro = epoch_plan.rank_batches(pos.step, &layout, par.rank)?;
         let scale = scaling.scale();
+        let step_start = Instant::now();
+        let mut comm_wait = 0.0f64;
         grads.iter_mut().for_each(|g| *g = 0.0);
         let mut local_loss = 0.0f64;
         let mut dropout = (lora_dropout > 0.0)
@@ -309,12 +314,14 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
         }
         let mut step_loss = local_loss;
         if let Some(comm) = par.comm.as_deref_mut() {
+            let t = Instant::now();
             comm.all_reduce((&mut grads[..]).into(), ReduceOp::Sum)
                 .map_err(|e| anyhow!("step {step}: {e}"))?;
             let mut l = [local_loss as f32];
             comm.all_reduce((&mut l[..]).into(), ReduceOp::Sum)
                 .map_err(|e| anyhow!("step {step}: {e}"))?;
             step_loss = l[0] as f64;
+            comm_wait += t.elapsed().as_secs_f64();
         }
         // fp16: unscale, then skip the step on overflow (DeepSpeed's dynamic loss scaling).
         if scale != 1.0 {
@@ -354,6 +361,19 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
         window_tokens += step_tokens;
         all_tokens += step_tokens;
         let done = step + 1;
+        if let Some(p) = par.progress {
+            let secs = step_start.elapsed().as_secs_f64();
+            p.report(crate::progress::StepReport {
+                step: done,
+                total_steps: total,
+                loss: Some(step_loss),
+                tokens_per_second: step_tokens as f64 / secs.max(1e-9),
+                memory_bytes: crate::progress::rss_bytes().0,
+                collective_seq: par.comm.as_deref().map(|c| c.seq()).unwrap_or(0),
+                compute_seconds: secs - comm_wait,
+                collective_wait_seconds: comm_wait,
+            });
+        }
         if done % logging_steps == 0 || done == total {
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
             let line = LogLine {

@@ -1,0 +1,117 @@
+//! Per-step progress to the coordinator (RendezvousService.ReportProgress, one client stream
+//! per trainer), which `ringctl status` shows and which names a lagging rank. Sending never
+//! blocks training: reports go through a bounded channel to a background thread and are dropped
+//! when it is full or the coordinator cannot be reached.
+
+use std::time::Duration;
+
+use ringmaster_proto as pb;
+use tokio::sync::mpsc;
+
+/// One step's report.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepReport {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Steps of the run.
+    pub total_steps: u64,
+    /// Loss of the step (global mean).
+    pub loss: Option<f64>,
+    /// Tokens per second (all ranks).
+    pub tokens_per_second: f64,
+    /// Resident memory of this process.
+    pub memory_bytes: u64,
+    /// Collective calls issued so far.
+    pub collective_seq: u64,
+    /// Seconds of the step spent computing.
+    pub compute_seconds: f64,
+    /// Seconds of the step spent waiting in collectives.
+    pub collective_wait_seconds: f64,
+}
+
+/// Sends [`StepReport`]s of one rank to the coordinator.
+pub struct ProgressReporter {
+    tx: mpsc::Sender<pb::Progress>,
+    scope: pb::Scope,
+    rank: u32,
+}
+
+impl ProgressReporter {
+    /// A reporter when the trainer runs under an agent (`RINGMASTER_COORDINATOR` set).
+    pub fn from_env(rank: usize) -> Option<Self> {
+        let addr = std::env::var("RINGMASTER_COORDINATOR")
+            .ok()
+            .filter(|a| !a.is_empty())?;
+        let job_id = std::env::var("RINGMASTER_JOB_ID").unwrap_or_default();
+        let generation = std::env::var("RINGMASTER_GENERATION")
+            .ok()
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(0);
+        let (tx, rx) = mpsc::channel::<pb::Progress>(64);
+        std::thread::Builder::new()
+            .name("progress".into())
+            .spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async move {
+                    let ch = match tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    {
+                        Ok(e) => e.connect_timeout(Duration::from_secs(10)).tcp_nodelay(true),
+                        Err(_) => return,
+                    };
+                    let Ok(ch) = ch.connect().await else {
+                        eprintln!(
+                            "trainer: progress: coordinator at {addr} unreachable; not reporting"
+                        );
+                        return;
+                    };
+                    let mut client =
+                        pb::rendezvous_service_client::RendezvousServiceClient::new(ch);
+                    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+                    let _ = client.report_progress(stream).await;
+                });
+            })
+            .ok()?;
+        Some(ProgressReporter {
+            tx,
+            scope: pb::Scope { job_id, generation },
+            rank: rank as u32,
+        })
+    }
+
+    /// Queues a report (dropped if the queue is full).
+    pub fn report(&self, r: StepReport) {
+        let _ = self.tx.try_send(pb::Progress {
+            scope: Some(self.scope.clone()),
+            rank: self.rank,
+            step: r.step,
+            total_steps: r.total_steps,
+            loss: r.loss,
+            tokens_per_second: r.tokens_per_second,
+            memory_bytes: r.memory_bytes,
+            collective_seq: r.collective_seq,
+            compute_seconds: r.compute_seconds,
+            collective_wait_seconds: r.collective_wait_seconds,
+        });
+    }
+}
+
+/// `(current, peak)` resident set size of this process in bytes, from /proc/self/status.
+pub fn rss_bytes() -> (u64, u64) {
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
