@@ -90,6 +90,12 @@ pub fn tokenizer(args: TokenizerArgs) -> anyhow::Result<()> {
                     texts.extend(r.texts().into_iter().map(str::to_owned));
                 }
             }
+            // The template's markup, as often as the records, so that it merges into few tokens.
+            let markup = template.markup_texts();
+            let n = texts.len();
+            for _ in 0..n {
+                texts.extend(markup.iter().cloned());
+            }
             let opts = BpeTrainingOptions::for_template(&template, vocab_size);
             let tok = train_bpe(texts.into_iter(), &opts)?;
             tok.save_dir(&out)?;

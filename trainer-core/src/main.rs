@@ -5,6 +5,7 @@
 //! `trainer eval CONFIG.yaml`: exact-match evaluation of the trained model in output_dir.
 //! `trainer generate --model DIR --prompt TEXT`: greedy decoding.
 //! `trainer merge --base DIR --adapter DIR --out DIR`: a LoRA adapter merged into its base.
+//! `trainer init-model`, `trainer logits`: random HF models and their logits (HF parity checks).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,6 +62,16 @@ fn main() -> ExitCode {
         argv.remove(1);
         let args = ringmaster_trainer::run::GenerateArgs::parse_from(argv);
         return exit(ringmaster_trainer::run::generate(args));
+    }
+    if sub.as_deref() == Some("logits") {
+        argv.remove(1);
+        let args = ringmaster_trainer::run::LogitsArgs::parse_from(argv);
+        return exit(ringmaster_trainer::run::logits(args));
+    }
+    if sub.as_deref() == Some("init-model") {
+        argv.remove(1);
+        let args = ringmaster_trainer::run::InitArgs::parse_from(argv);
+        return exit(ringmaster_trainer::run::init_model(args));
     }
     if sub.as_deref() == Some("merge") {
         argv.remove(1);

@@ -244,3 +244,112 @@ pub fn merge(args: MergeArgs) -> Result<(), RunError> {
     );
     Ok(())
 }
+
+/// `trainer logits`: the logits of token rows, as JSON (for checking against transformers:
+/// bench/python/check_hf_logits.py).
+#[derive(Parser, Debug)]
+#[command(name = "trainer logits")]
+pub struct LogitsArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A row of token ids, comma-separated; repeat for more rows (all the same length).
+    #[arg(long = "ids", required = true, value_delimiter = ';')]
+    pub rows: Vec<String>,
+    /// Output JSON file: {"input_ids": [[..]], "logits": [[[..]]]}.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Runs `trainer logits`.
+pub fn logits(args: LogitsArgs) -> Result<(), RunError> {
+    let m = hf::load_dir(&args.model).map_err(usage)?;
+    let mut rows: Vec<Vec<u32>> = Vec::new();
+    for r in &args.rows {
+        let row: Vec<u32> = r
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse::<u32>()
+                    .map_err(|e| usage(anyhow!("--ids `{r}`: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        rows.push(row);
+    }
+    let t = rows[0].len();
+    if t == 0 || rows.iter().any(|r| r.len() != t) {
+        return Err(usage(anyhow!(
+            "--ids: every row needs the same, non-zero length"
+        )));
+    }
+    let b = rows.len();
+    let ids: Vec<u32> = rows.concat();
+    let device = Default::default();
+    let model =
+        Llama::<CpuBackend>::new(&m.config, &m.params, false, None, &device).map_err(failed)?;
+    let inp =
+        ringmaster_model::Inputs::<CpuBackend>::causal(&m.config, b, t, &ids, &vec![t; b], &device)
+            .map_err(usage)?;
+    let v = m.config.vocab_size;
+    let flat: Vec<f32> = model
+        .forward(&inp, None)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| failed(anyhow!("{e:?}")))?;
+    let logits: Vec<Vec<Vec<f32>>> = (0..b)
+        .map(|bi| {
+            (0..t)
+                .map(|ti| flat[(bi * t + ti) * v..(bi * t + ti + 1) * v].to_vec())
+                .collect()
+        })
+        .collect();
+    let json = serde_json::json!({"input_ids": rows, "logits": logits});
+    std::fs::write(&args.out, json.to_string())
+        .with_context(|| format!("{}", args.out.display()))
+        .map_err(failed)?;
+    Ok(())
+}
+
+/// `trainer init-model`: a randomly initialised model (transformers' init) written as a
+/// Hugging Face directory.
+#[derive(Parser, Debug)]
+#[command(name = "trainer init-model")]
+pub struct InitArgs {
+    /// A config.json to take the architecture from.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// float32, bfloat16 or float16.
+    #[arg(long, default_value = "float32")]
+    pub dtype: String,
+    /// Split the weights into shards of at most this many bytes (with an index).
+    #[arg(long)]
+    pub max_shard_bytes: Option<u64>,
+}
+
+/// Runs `trainer init-model`.
+pub fn init_model(args: InitArgs) -> Result<(), RunError> {
+    let cfg = ringmaster_model::LlamaConfig::from_file(&args.config).map_err(usage)?;
+    let dtype = ringmaster_model::DType::parse(&args.dtype)
+        .ok_or_else(|| usage(anyhow!("--dtype: unknown `{}`", args.dtype)))?;
+    let params = ringmaster_model::ParamStore::init_llama(&cfg, args.seed);
+    let mut opts = hf::SaveOptions {
+        dtype,
+        ..hf::SaveOptions::default()
+    };
+    if let Some(m) = args.max_shard_bytes {
+        opts.max_shard_bytes = m;
+    }
+    hf::save_dir(&args.out, &cfg, &params, opts).map_err(failed)?;
+    println!(
+        "{} parameters written to {}",
+        params.numel(),
+        args.out.display()
+    );
+    Ok(())
+}

@@ -280,6 +280,38 @@ impl Template {
         }
     }
 
+    /// The literal markup of the template (`Human: `, `\nAssistant:`, ...), split at
+    /// `{{content}}` and with special tokens left out: text a tokenizer trained for this
+    /// template should see, so that the markup costs few tokens.
+    pub fn markup_texts(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for slots in [
+            &self.format_prefix,
+            &self.format_system,
+            &self.format_user,
+            &self.format_assistant,
+        ] {
+            for slot in slots {
+                if let Slot::Text(t) = slot {
+                    let mut rest = t.as_str();
+                    for special in &self.special_tokens {
+                        rest = rest.trim_start_matches(special.as_str());
+                    }
+                    for part in rest.split("{{content}}") {
+                        let mut p = part.to_string();
+                        for special in &self.special_tokens {
+                            p = p.replace(special.as_str(), "");
+                        }
+                        if !p.trim().is_empty() {
+                            out.push(p);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Every special token the template mentions.
     pub fn special_tokens(&self) -> &[String] {
         &self.special_tokens
