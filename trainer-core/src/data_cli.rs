@@ -37,6 +37,10 @@ pub enum TokenizerCommand {
         vocab_size: usize,
         #[arg(long)]
         out: PathBuf,
+        /// Also train on the template's markup (`Human: `, `\nAssistant:`, ...) so that it
+        /// costs few tokens.
+        #[arg(long)]
+        with_template_markup: bool,
     },
 }
 
@@ -79,6 +83,7 @@ pub fn tokenizer(args: TokenizerArgs) -> anyhow::Result<()> {
             template,
             vocab_size,
             out,
+            with_template_markup,
         } => {
             let format: DatasetFormat = format
                 .parse()
@@ -90,11 +95,14 @@ pub fn tokenizer(args: TokenizerArgs) -> anyhow::Result<()> {
                     texts.extend(r.texts().into_iter().map(str::to_owned));
                 }
             }
-            // The template's markup, as often as the records, so that it merges into few tokens.
-            let markup = template.markup_texts();
-            let n = texts.len();
-            for _ in 0..n {
-                texts.extend(markup.iter().cloned());
+            if with_template_markup {
+                // The template's markup, as often as the records, so that it merges into few
+                // tokens.
+                let markup = template.markup_texts();
+                let n = texts.len();
+                for _ in 0..n {
+                    texts.extend(markup.iter().cloned());
+                }
             }
             let opts = BpeTrainingOptions::for_template(&template, vocab_size);
             let tok = train_bpe(texts.into_iter(), &opts)?;

@@ -86,3 +86,115 @@ fn bad_data_arguments_exit_2_naming_them() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/data.jsonl"));
 }
+
+#[test]
+fn model_subcommands_round_trip_and_refuse_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model_type": "llama", "vocab_size": 40, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "torch_dtype": "bfloat16"}"#,
+    )
+    .unwrap();
+    let trainer = env!("CARGO_BIN_EXE_trainer");
+    let model = dir.path().join("m");
+    let out = Command::new(trainer)
+        .args(["init-model", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&model)
+        .args(["--dtype", "bfloat16"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logits = dir.path().join("l.json");
+    let out = Command::new(trainer)
+        .args(["logits", "--model"])
+        .arg(&model)
+        .args(["--ids", "1,2,3;4,5,6", "--out"])
+        .arg(&logits)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&logits).unwrap()).unwrap();
+    assert_eq!(v["logits"].as_array().unwrap().len(), 2);
+    assert_eq!(v["logits"][0].as_array().unwrap().len(), 3);
+    assert_eq!(v["logits"][0][0].as_array().unwrap().len(), 40);
+    // Bad inputs: exit 2, naming what is wrong.
+    for (args, needle) in [
+        (
+            vec![
+                "logits",
+                "--model",
+                "/nonexistent",
+                "--ids",
+                "1",
+                "--out",
+                "x",
+            ],
+            "config.json",
+        ),
+        (
+            vec![
+                "logits",
+                "--model",
+                model.to_str().unwrap(),
+                "--ids",
+                "1,99",
+                "--out",
+                "x",
+            ],
+            "99",
+        ),
+        (
+            vec![
+                "logits",
+                "--model",
+                model.to_str().unwrap(),
+                "--ids",
+                "1,2;3",
+                "--out",
+                "x",
+            ],
+            "same",
+        ),
+        (
+            vec![
+                "merge",
+                "--base",
+                model.to_str().unwrap(),
+                "--adapter",
+                "/nonexistent",
+                "--out",
+                "x",
+            ],
+            "adapter_config.json",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompt",
+                "hi",
+            ],
+            "tokenizer.json",
+        ),
+    ] {
+        let out = Command::new(trainer).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}

@@ -177,12 +177,17 @@ pub fn status_block(j: &pb::JobStatus) -> String {
     s
 }
 
-/// Prints a line when a job's state, generation or progress changes.
+/// Prints a line when a job's state or generation changes, and its progress at most every
+/// [`PROGRESS_EVERY`] (and at the last step).
 #[derive(Default)]
 pub struct WatchPrinter {
     last: Option<(String, u64, Option<String>)>,
     last_step: Option<u64>,
+    last_progress: Option<std::time::Instant>,
 }
+
+/// Shortest interval between two progress lines of `ringctl watch` / `ringctl local`.
+pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl WatchPrinter {
     pub fn update(&mut self, j: &pb::JobStatus) {
@@ -209,7 +214,12 @@ impl WatchPrinter {
         if let Some(p) = &j.progress
             && p.step.is_some()
             && p.step != self.last_step
+            && (p.step == p.total_steps
+                || self
+                    .last_progress
+                    .is_none_or(|t| t.elapsed() >= PROGRESS_EVERY))
         {
+            self.last_progress = Some(std::time::Instant::now());
             println!(
                 "{} step {}/{} loss {} tokens/s {}",
                 j.id,

@@ -190,7 +190,7 @@ impl LlamaConfig {
         let hidden_size = req_usize(o, "hidden_size")?;
         let heads = req_usize(o, "num_attention_heads")?;
         let kv_heads = opt_usize(o, "num_key_value_heads")?.unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(cfg_err(
                 "num_key_value_heads",
                 &format!("{kv_heads} does not divide num_attention_heads {heads}"),
@@ -199,7 +199,7 @@ impl LlamaConfig {
         let head_dim = match opt_usize(o, "head_dim")? {
             Some(d) => d,
             None => {
-                if hidden_size % heads != 0 {
+                if !hidden_size.is_multiple_of(heads) {
                     return Err(cfg_err(
                         "head_dim",
                         &format!(
@@ -210,7 +210,7 @@ impl LlamaConfig {
                 hidden_size / heads
             }
         };
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(cfg_err(
                 "head_dim",
                 &format!("{head_dim} is odd (RoPE rotates pairs)"),
@@ -308,16 +308,19 @@ impl LlamaConfig {
                 return Err(cfg_err(name, "must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(cfg_err(
                 "num_key_value_heads",
                 "must divide num_attention_heads",
             ));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err(cfg_err("rms_norm_eps", "must be positive"));
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return Err(cfg_err("rope_theta", "must be positive"));
         }
         Ok(())

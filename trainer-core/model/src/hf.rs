@@ -97,8 +97,11 @@ pub fn decode_f32(path: &Path, name: &str, dtype: StDtype, bytes: &[u8]) -> Resu
     })
 }
 
-/// Reads a whole safetensors file into `(name → (dtype, shape, fp32 values))`.
-pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, (DType, Vec<usize>, Vec<f32>)>> {
+/// A tensor read from a file: stored dtype, shape, values as fp32.
+pub type ReadTensor = (DType, Vec<usize>, Vec<f32>);
+
+/// Reads a whole safetensors file into `name → (dtype, shape, fp32 values)`.
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, ReadTensor>> {
     let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| {
         ModelError::weights(

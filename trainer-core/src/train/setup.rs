@@ -236,7 +236,40 @@ pub fn resolve(
         Some(model.hidden_size),
     )
     .map_err(|e| anyhow!("{e}"))?;
-    let warnings = ringmaster_config::warning_lines(&warns);
+    let mut warnings = ringmaster_config::warning_lines(&warns);
+    if plan.shard_optimizer
+        || plan.shard_gradients
+        || plan.shard_params
+        || plan.offload_optimizer
+        || plan.offload_param
+    {
+        warnings.push(format!(
+            "plan {}: sharding and offload are not in this build yet; every rank holds the full \
+             model and optimizer state (DDP). Results are the same; memory is not lowered.",
+            plan.label()
+        ));
+    }
+    for (key, set) in [
+        ("eval_steps", cfg.eval_steps.is_some()),
+        ("val_size", cfg.val_size.is_some()),
+        (
+            "resume_from_checkpoint",
+            cfg.resume_from_checkpoint.is_some(),
+        ),
+        ("save_total_limit", cfg.save_total_limit.is_some()),
+        (
+            "preprocessing_num_workers",
+            cfg.preprocessing_num_workers.is_some(),
+        ),
+        ("report_to", cfg.report_to.is_some()),
+        ("trust_remote_code", cfg.trust_remote_code.is_some()),
+    ] {
+        if set {
+            warnings.push(format!(
+                "training config field `{key}`: accepted, no effect in this build"
+            ));
+        }
+    }
     let seed = cfg.seed.unwrap_or(42);
     let from_scratch = cfg.train_from_scratch.unwrap_or(false);
     let base = if from_scratch {
