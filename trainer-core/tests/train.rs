@@ -275,3 +275,40 @@ fn bad_inputs_are_errors_naming_the_field_or_file() {
     let err = format!("{:#}", ringmaster_trainer::load_config(&path).unwrap_err());
     assert!(err.contains("lerning_rate"), "{err}");
 }
+
+#[test]
+fn pretraining_on_plain_text_with_packing() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let corpus = dir.path().join("data/corpus.jsonl");
+    let lines: Vec<String> = (0..200)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"What is {} + {}? It is {}.\"}}",
+                i % 17,
+                i % 5,
+                i % 17 + i % 5
+            )
+        })
+        .collect();
+    std::fs::write(&corpus, lines.join("\n") + "\n").unwrap();
+    let path = config(dir.path(), "");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("stage: sft", "stage: pt")
+        .replace(
+            "dataset: addition_train",
+            &format!("dataset: {}", corpus.display()),
+        )
+        .replace("eval_dataset: addition_eval\n", "")
+        .replace("max_steps: 6", "max_steps: 20\npacking: true");
+    std::fs::write(&path, text).unwrap();
+    let cfg = ringmaster_trainer::load_config(&path).unwrap();
+    let mut s = train::resolve(cfg, &path, 1, 1).unwrap();
+    // Packed: rows hold several texts, each its own segment.
+    assert!(s.samples.len() < 200, "{} rows", s.samples.len());
+    let summary = train::train(&mut s, &mut Parallel::single()).unwrap();
+    let first: f64 = summary.losses[..4].iter().sum::<f64>() / 4.0;
+    let last: f64 = summary.losses[16..].iter().sum::<f64>() / 4.0;
+    assert!(last < first * 0.8, "loss went from {first} to {last}");
+}
