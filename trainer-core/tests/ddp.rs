@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ringmaster_data::synthetic::{AdditionConfig, generate_addition};
 use ringmaster_data::template::Template;
@@ -98,30 +98,43 @@ fn run(config: &Path, world: usize, store: &Path) {
             .unwrap();
         procs.0.push(child);
     }
-    let deadline = Instant::now() + Duration::from_secs(300);
-    for (rank, child) in procs.0.iter_mut().enumerate() {
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                if !status.success() {
-                    let mut err = String::new();
-                    use std::io::Read;
-                    child
-                        .stderr
-                        .take()
-                        .unwrap()
-                        .read_to_string(&mut err)
-                        .unwrap();
-                    panic!("rank {rank} of {world} failed ({status}): {err}");
-                }
-                break;
+    // Watchdog: a hung rank is killed after 300 s, which ends the blocking waits below.
+    let pids: Vec<i32> = procs.0.iter().map(|c| c.id() as i32).collect();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(Duration::from_secs(300)).is_err() {
+            for pid in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::SIGKILL,
+                );
             }
-            assert!(
-                Instant::now() < deadline,
-                "rank {rank} of {world} did not finish in 300 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            return true;
+        }
+        false
+    });
+    let mut failures = Vec::new();
+    for (rank, child) in procs.0.iter_mut().enumerate() {
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let status = child.wait().unwrap();
+        if !status.success() {
+            failures.push(format!("rank {rank} of {world} failed ({status}): {err}"));
         }
     }
+    let _ = done_tx.send(());
+    let timed_out = watchdog.join().unwrap();
+    assert!(
+        !timed_out,
+        "world {world}: killed after 300 s: {failures:?}"
+    );
+    assert!(failures.is_empty(), "{failures:?}");
 }
 
 fn losses(dir: &Path) -> Vec<f64> {
