@@ -8,6 +8,9 @@
 //! 1e-4 relative + 5e-6 absolute — a wrong gradient term is off by O(1). GQA (2 query heads per
 //! KV head), packed rows and tied embeddings are covered.
 
+mod common;
+use common::{batch, tiny};
+
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::DType;
 use ringmaster_model::model::{Inputs, Llama, cross_entropy, leaf_grads};
@@ -23,23 +26,6 @@ fn use_f64() {
         burn::tensor::set_default_dtypes::<Flex>(&Default::default(), DType::F64, DType::I64)
             .expect("f64 default before any tensor");
     });
-}
-
-fn tiny(tied: bool) -> LlamaConfig {
-    let mut cfg = LlamaConfig::tiny(11, 8, 2, 2, 1);
-    cfg.intermediate_size = 12;
-    cfg.tie_word_embeddings = tied;
-    cfg.initializer_range = 0.3;
-    cfg
-}
-
-fn batch() -> (usize, usize, Vec<u32>, Vec<u32>, Vec<u32>, Vec<i64>) {
-    // Row 0: one sample of 5 tokens; row 1: two packed samples (3 + 2).
-    let ids = vec![1, 4, 2, 9, 3, 5, 7, 10, 6, 8];
-    let pos = vec![0, 1, 2, 3, 4, 0, 1, 2, 0, 1];
-    let seg = vec![1, 1, 1, 1, 1, 1, 1, 1, 2, 2];
-    let targets = vec![4, 2, 9, 3, -100, 7, 10, -100, 8, -100];
-    (2, 5, ids, pos, seg, targets)
 }
 
 fn loss64(cfg: &LlamaConfig, store: &ParamStore) -> f64 {

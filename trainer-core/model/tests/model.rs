@@ -4,6 +4,9 @@
 //! Tolerances: parts in f32 against f64 references within 1e-5 (1e-4 for the MLP) relative to
 //! 1 + the reference value.
 
+mod common;
+use common::{batch, tiny};
+
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
 use ringmaster_model::hf::{SaveOptions, load_dir, save_dir};
@@ -198,23 +201,6 @@ fn swiglu_block_mlp_matches_reference() {
         }
     }
     close(&to_vec(got), &want, 1e-4, "swiglu");
-}
-
-fn tiny(tied: bool) -> LlamaConfig {
-    let mut cfg = LlamaConfig::tiny(11, 8, 2, 2, 1);
-    cfg.intermediate_size = 12;
-    cfg.tie_word_embeddings = tied;
-    cfg.initializer_range = 0.3;
-    cfg
-}
-
-fn batch() -> (usize, usize, Vec<u32>, Vec<u32>, Vec<u32>, Vec<i64>) {
-    // Row 0: one sample of 5 tokens; row 1: two packed samples (3 + 2).
-    let ids = vec![1, 4, 2, 9, 3, 5, 7, 10, 6, 8];
-    let pos = vec![0, 1, 2, 3, 4, 0, 1, 2, 0, 1];
-    let seg = vec![1, 1, 1, 1, 1, 1, 1, 1, 2, 2];
-    let targets = vec![4, 2, 9, 3, -100, 7, 10, -100, 8, -100];
-    (2, 5, ids, pos, seg, targets)
 }
 
 #[test]
