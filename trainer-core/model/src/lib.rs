@@ -19,7 +19,7 @@ pub mod rope;
 pub use config::{DType, LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use lora::LoraConfig;
-pub use model::{IGNORE_INDEX, Inputs, Llama};
+pub use model::{IGNORE_INDEX, Inputs, Llama, UnitWeights};
 pub use params::{ParamSpec, ParamStore};
 
 /// The CPU backend (chosen by measurement: docs/benchmarks.md).

@@ -490,8 +490,7 @@ impl<B: Backend> Llama<B> {
 
     /// Embeddings: `[B·T, hidden]`.
     pub fn embed(&self, inp: &Inputs<B>) -> Tensor<B, 2> {
-        let x = burn::tensor::module::embedding(self.embed.clone(), inp.ids.clone());
-        x.reshape([inp.batch * inp.seq, self.cfg.hidden_size])
+        embed_rows(self.embed.clone(), inp, self.cfg.hidden_size)
     }
 
     /// Block `l`.
@@ -507,16 +506,8 @@ impl<B: Backend> Llama<B> {
 
     /// Final norm and head: logits `[B·T, vocab]`, always f32.
     pub fn head(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let h = rms_norm(x, self.norm.clone(), self.cfg.rms_norm_eps);
-        let logits = match &self.head {
-            Some(w) => h.matmul(w.clone().transpose()),
-            None => h.matmul(self.embed.clone().transpose()),
-        };
-        if self.compute.is_some() {
-            logits.cast(DType::F32)
-        } else {
-            logits
-        }
+        let w = self.head.clone().unwrap_or_else(|| self.embed.clone());
+        head_logits(&self.cfg, self.norm.clone(), w, x, self.compute)
     }
 
     /// The compute dtype (None: f32).
@@ -549,6 +540,127 @@ impl<B: Backend> Llama<B> {
     /// Flat adapter leaves (adapter-store order).
     pub fn adapter_leaves(&self) -> &[Tensor<B, 1>] {
         &self.adapters
+    }
+}
+
+/// Embedding lookup of `inp`'s ids: `[B·T, hidden]`.
+fn embed_rows<B: Backend>(w: Tensor<B, 2>, inp: &Inputs<B>, hidden: usize) -> Tensor<B, 2> {
+    burn::tensor::module::embedding(w, inp.ids.clone()).reshape([inp.batch * inp.seq, hidden])
+}
+
+/// Final RMSNorm and the `[vocab, hidden]` head: logits `[B·T, vocab]`, always f32.
+fn head_logits<B: Backend>(
+    cfg: &LlamaConfig,
+    norm: Tensor<B, 1>,
+    w: Tensor<B, 2>,
+    x: Tensor<B, 2>,
+    compute: Option<DType>,
+) -> Tensor<B, 2> {
+    let logits = rms_norm(x, norm, cfg.rms_norm_eps).matmul(w.transpose());
+    if compute.is_some() {
+        logits.cast(DType::F32)
+    } else {
+        logits
+    }
+}
+
+/// The weights of one flat unit (embeddings, one block, or final norm + head) without the rest
+/// of the model: what a fully sharded engine gathers, runs and drops one at a time.
+#[derive(Debug, Clone)]
+pub enum UnitWeights<B: Backend> {
+    /// Unit 0: the `[vocab, hidden]` table.
+    Embed(Tensor<B, 2>),
+    /// Units 1..=L: a decoder block.
+    Block(Box<Block<B>>),
+    /// Unit L + 1: the final norm and the head (the embedding table when tied).
+    Head { norm: Tensor<B, 1>, w: Tensor<B, 2> },
+}
+
+impl<B: Backend> UnitWeights<B> {
+    /// Builds unit `unit` from its flat leaves in store order ([`crate::params::param_specs`]
+    /// with `spec.unit == unit`). `tied` is the embedding leaf, needed by the head unit of a
+    /// model with tied embeddings. `compute` casts the weights (mixed precision).
+    pub fn new(
+        cfg: &LlamaConfig,
+        unit: usize,
+        leaves: &[Tensor<B, 1>],
+        tied: Option<&Tensor<B, 1>>,
+        compute: Option<DType>,
+    ) -> Result<Self> {
+        let specs: Vec<_> = crate::params::param_specs(cfg)
+            .into_iter()
+            .filter(|s| s.unit == unit)
+            .collect();
+        if specs.is_empty() || specs.len() != leaves.len() {
+            return Err(ModelError::Invalid(format!(
+                "unit {unit}: {} leaves for {} parameters",
+                leaves.len(),
+                specs.len()
+            )));
+        }
+        let cast = |t: Tensor<B, 1>| match compute {
+            Some(dt) if dt != DType::F32 => t.cast(dt),
+            _ => t,
+        };
+        let two = |i: usize| -> Tensor<B, 2> {
+            let s = &specs[i].shape;
+            cast(leaves[i].clone()).reshape([s[0], s[1]])
+        };
+        let last = cfg.num_hidden_layers + 1;
+        Ok(if unit == 0 {
+            UnitWeights::Embed(two(0))
+        } else if unit < last {
+            let lin = |i: usize| Lin {
+                w: two(i),
+                lora: None,
+            };
+            UnitWeights::Block(Box::new(Block {
+                ln1: cast(leaves[0].clone()),
+                ln2: cast(leaves[1].clone()),
+                q: lin(2),
+                k: lin(3),
+                v: lin(4),
+                o: lin(5),
+                gate: lin(6),
+                up: lin(7),
+                down: lin(8),
+            }))
+        } else {
+            let w = if cfg.tie_word_embeddings {
+                let t = tied.ok_or_else(|| {
+                    ModelError::Invalid("tied head unit needs the embedding leaf".into())
+                })?;
+                cast(t.clone()).reshape([cfg.vocab_size, cfg.hidden_size])
+            } else {
+                two(1)
+            };
+            UnitWeights::Head {
+                norm: cast(leaves[0].clone()),
+                w,
+            }
+        })
+    }
+
+    /// Runs the unit: the embeddings of `inp` (x is ignored), a block on `x`, or the head's f32
+    /// logits of `x`. `inp` must already be in the compute dtype ([`Inputs::cast`]).
+    pub fn forward(
+        &self,
+        cfg: &LlamaConfig,
+        x: Option<Tensor<B, 2>>,
+        inp: &Inputs<B>,
+        compute: Option<DType>,
+    ) -> Tensor<B, 2> {
+        match self {
+            UnitWeights::Embed(w) => embed_rows(w.clone(), inp, cfg.hidden_size),
+            UnitWeights::Block(b) => b.forward(cfg, x.expect("block input"), inp, None),
+            UnitWeights::Head { norm, w } => head_logits(
+                cfg,
+                norm.clone(),
+                w.clone(),
+                x.expect("head input"),
+                compute,
+            ),
+        }
     }
 }
 
