@@ -34,7 +34,19 @@ pub fn rank_world() -> Result<(usize, usize, usize)> {
 
 /// Connects this rank to the ring of its job and generation.
 pub fn connect(rank: usize, world: usize, timeout: Duration) -> Result<TcpRing> {
+    connect_group("", rank, world, timeout)
+}
+
+/// Connects to the ring of a subgroup `name` of the job (for example the ranks of one node),
+/// as rank `rank` of `world`. The empty name is the whole job.
+pub fn connect_group(name: &str, rank: usize, world: usize, timeout: Duration) -> Result<TcpRing> {
     let job = std::env::var("RINGMASTER_JOB_ID").unwrap_or_else(|_| "local".into());
+    // The store is the job's; the ring's name (its keys and socket names) is the subgroup's.
+    let ring_name = if name.is_empty() {
+        job.clone()
+    } else {
+        format!("{job}.{name}")
+    };
     let generation: u64 = std::env::var("RINGMASTER_GENERATION")
         .ok()
         .and_then(|g| g.parse().ok())
@@ -56,7 +68,7 @@ pub fn connect(rank: usize, world: usize, timeout: Duration) -> Result<TcpRing> 
         .ok()
         .and_then(|a| a.parse().ok())
         .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-    let mut cfg = RingConfig::new(&job, generation, rank, world);
+    let mut cfg = RingConfig::new(&ring_name, generation, rank, world);
     cfg.bind_addr = bind;
     cfg.timeout = timeout;
     let mut ring = TcpRing::connect(cfg, store.as_ref())?;

@@ -66,11 +66,33 @@ pub fn train(config: &Path) -> Result<(), RunError> {
     if let Some(r) = ring.as_mut() {
         broadcast_weights(&mut setup, r).map_err(failed)?;
     }
+    // Hybrid sharding across several nodes: a ring per node (the shard group) and a ring per
+    // local rank across the nodes (the replica group). Ranks are numbered node by node.
+    let group = setup.plan.shard_group_size();
+    let hybrid = if setup.plan.hybrid && group > 1 && group < world {
+        if world % group != 0 {
+            return Err(usage(anyhow!(
+                "HYBRID_SHARD: world size {world} is not a multiple of {group} ranks per node"
+            )));
+        }
+        let (node, local) = (rank / group, rank % group);
+        let n = crate::dist::connect_group(&format!("node{node}"), local, group, timeout)
+            .map_err(failed)?;
+        let c = crate::dist::connect_group(&format!("local{local}"), node, world / group, timeout)
+            .map_err(failed)?;
+        Some((
+            Box::new(n) as Box<dyn Communicator>,
+            Box::new(c) as Box<dyn Communicator>,
+        ))
+    } else {
+        None
+    };
     let progress = crate::progress::ProgressReporter::from_env(rank);
     let mut par = Parallel {
         rank,
         world,
         comm: ring.as_mut().map(|r| r as &mut dyn Communicator),
+        hybrid,
         progress: progress.as_ref(),
     };
     let summary = train::train(&mut setup, &mut par).map_err(failed)?;

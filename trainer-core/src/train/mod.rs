@@ -6,6 +6,7 @@
 //! batch, so the summed gradient is the gradient of the global mean loss whatever the split
 //! over ranks and accumulation steps: a run on 4 ranks takes the steps a run on 1 rank takes.
 
+pub mod engine;
 pub mod eval;
 pub mod setup;
 
@@ -20,11 +21,10 @@ use ringmaster_config::plan::{LossScale, Precision};
 use ringmaster_data::batch::collate;
 use ringmaster_data::sampler::{RankLayout, Sampler, SamplerConfig};
 use ringmaster_model::model::{Dropout, Inputs, Llama, cross_entropy, leaf_grads};
-use ringmaster_model::params::ParamKind;
 use ringmaster_model::{CpuAutodiff, ParamStore, hf, lora};
-use ringmaster_optim::adamw::{AdamWConfig, AdamWState, adamw_step};
-use ringmaster_optim::clip::{clip_coef, scale_in_place, sum_squares};
-use ringmaster_optim::scaler::{DynamicLossScaler, LossScalerConfig, has_overflow};
+use ringmaster_optim::adamw::AdamWConfig;
+use ringmaster_optim::clip::clip_coef;
+use ringmaster_optim::scaler::{DynamicLossScaler, LossScalerConfig};
 use ringmaster_optim::schedule::{Scheduler, resolve_warmup};
 use serde::Serialize;
 
@@ -80,6 +80,9 @@ pub struct Parallel<'a> {
     pub world: usize,
     /// Communicator over all ranks.
     pub comm: Option<&'a mut dyn Communicator>,
+    /// Hybrid plans on several nodes: the communicators of this node's ranks and of the ranks
+    /// with this local rank on every node.
+    pub hybrid: Option<(Box<dyn Communicator>, Box<dyn Communicator>)>,
     /// Per-step progress to the coordinator.
     pub progress: Option<&'a crate::progress::ProgressReporter>,
 }
@@ -91,8 +94,20 @@ impl Parallel<'_> {
             rank: 0,
             world: 1,
             comm: None,
+            hybrid: None,
             progress: None,
         }
+    }
+}
+
+/// The ZeRO stage the trainable tensors get under `plan`: LoRA keeps the frozen base whole on
+/// every rank, so its adapters are sharded at most as ZeRO-2 (the unit-by-unit path runs the
+/// full model's units).
+pub fn trainable_stage(plan: &ringmaster_config::plan::Plan, lora: bool) -> u8 {
+    if lora {
+        plan.stage().min(2)
+    } else {
+        plan.stage()
     }
 }
 
@@ -190,25 +205,30 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
     let lora_dropout = setup.lora.as_ref().map(|(l, _)| l.dropout).unwrap_or(0.0);
     let is_lora = setup.lora.is_some();
 
-    let (offsets, decay, numel) = {
-        let t = trainable_mut(setup);
-        let mut offsets = Vec::with_capacity(t.len());
-        let mut decay = Vec::with_capacity(t.len());
-        let mut n = 0;
-        for (spec, data) in t.iter() {
-            offsets.push(n);
-            n += data.len();
-            // HF's Trainer exempts biases and norm weights from weight decay.
-            decay.push(!matches!(spec.kind, ParamKind::Norm));
-        }
-        (offsets, decay, n)
+    let numel = trainable_mut(setup).numel();
+    let stage = trainable_stage(&plan, is_lora);
+    if par.rank == 0 && stage < plan.stage() {
+        eprintln!(
+            "trainer: warning: plan {}: LoRA keeps the frozen base model whole on every rank; \
+             the adapters' gradients and optimizer state are sharded as ZeRO-{stage}",
+            plan.label()
+        );
+    }
+    let (node, cross) = match par.hybrid.take() {
+        Some((n, c)) => (Some(n), Some(c)),
+        None => (None, None),
     };
-    let mut states: Vec<AdamWState> = trainable_mut(setup)
-        .iter()
-        .map(|(_, d)| AdamWState::new(d.len()))
-        .collect();
-    let mut grads = vec![0.0f32; numel];
-
+    let groups = engine::Groups {
+        main: par.comm.take(),
+        node,
+        cross,
+        // Hybrid on one node is ZeRO-3 over all ranks; with one rank per node it is DDP.
+        main_shards: stage >= 1 && !(plan.hybrid && plan.shard_group_size() <= 1),
+    };
+    let mut eng = engine::Engine::new(&plan, stage, trainable_mut(setup), groups, adam)?;
+    eng.shard_params(trainable_mut(setup));
+    let frozen = if is_lora { setup.base.numel() } else { 0 };
+    let cfg_model = setup.model.clone();
     if par.rank == 0 {
         std::fs::create_dir_all(&setup.output_dir)
             .with_context(|| format!("creating {}", setup.output_dir.display()))?;
@@ -264,12 +284,33 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
         let micro = epoch_plan.rank_batches(pos.step, &layout, par.rank)?;
         let scale = scaling.scale();
         let step_start = Instant::now();
-        let mut comm_wait = 0.0f64;
-        grads.iter_mut().for_each(|g| *g = 0.0);
+        eng.zero_grads();
         let mut local_loss = 0.0f64;
         let mut dropout = (lora_dropout > 0.0)
             .then(|| Dropout::new(lora_dropout, setup.seed ^ (step << 16) ^ par.rank as u64));
         for idx in micro.iter().filter(|m| !m.is_empty()) {
+            let batch = collate(idx.iter().map(|&i| &setup.samples[i]), pad_id, 1);
+            let targets = batch.shifted_labels();
+            let inp = Inputs::<CpuAutodiff>::new(
+                &setup.model,
+                batch.batch_size,
+                batch.seq_len,
+                &batch.input_ids,
+                &batch.position_ids,
+                &batch.segment_ids,
+                &device,
+            )?;
+            if stage >= 3 {
+                local_loss += eng.sharded_micro_batch(
+                    &cfg_model,
+                    &inp,
+                    &targets,
+                    normalizer as f64,
+                    scale,
+                    compute,
+                )?;
+                continue;
+            }
             // A fresh set of leaves per micro-batch: burn's autodiff frees a graph's nodes on
             // backward, and leaves reused in a second graph lose their gradients (measured:
             // accumulation then equals the first micro-batch only).
@@ -287,17 +328,6 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
             } else {
                 model.base_leaves()
             };
-            let batch = collate(idx.iter().map(|&i| &setup.samples[i]), pad_id, 1);
-            let targets = batch.shifted_labels();
-            let inp = Inputs::<CpuAutodiff>::new(
-                &setup.model,
-                batch.batch_size,
-                batch.seq_len,
-                &batch.input_ids,
-                &batch.position_ids,
-                &batch.segment_ids,
-                &device,
-            )?;
             let logits = model.forward(&inp, dropout.as_mut());
             let loss = cross_entropy(logits, &targets, normalizer as f64);
             let loss = if scale != 1.0 {
@@ -307,54 +337,40 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
             };
             let g = loss.backward();
             local_loss += scalar(loss.inner()) / scale;
-            for (k, gk) in leaf_grads(leaves, &g).into_iter().enumerate() {
-                let dst = &mut grads[offsets[k]..offsets[k] + gk.len()];
-                dst.iter_mut().zip(&gk).for_each(|(d, s)| *d += s);
-            }
+            let grads = leaf_grads(leaves, &g);
+            drop((g, model));
+            eng.accumulate(grads)?;
         }
         let mut step_loss = local_loss;
-        if let Some(comm) = par.comm.as_deref_mut() {
-            let t = Instant::now();
-            comm.all_reduce((&mut grads[..]).into(), ReduceOp::Sum)
-                .map_err(|e| anyhow!("step {step}: {e}"))?;
+        if let Some(comm) = eng.groups.main.as_deref_mut() {
             let mut l = [local_loss as f32];
             comm.all_reduce((&mut l[..]).into(), ReduceOp::Sum)
                 .map_err(|e| anyhow!("step {step}: {e}"))?;
             step_loss = l[0] as f64;
-            comm_wait += t.elapsed().as_secs_f64();
         }
+        eng.reduce().with_context(|| format!("step {step}"))?;
         // fp16: unscale, then skip the step on overflow (DeepSpeed's dynamic loss scaling).
         if scale != 1.0 {
-            scale_in_place(&mut grads, (1.0 / scale) as f32);
+            eng.scale_grads((1.0 / scale) as f32);
         }
         let apply = match &mut scaling {
-            Scaling::Dynamic(d) => d.update(has_overflow(&grads)),
+            Scaling::Dynamic(d) => d.update(eng.overflow()?),
             _ => true,
         };
         let lr = sched.lr(step);
         let mut grad_norm = f64::NAN;
         if apply {
-            grad_norm = sum_squares(&grads).sqrt();
+            grad_norm = eng.grad_norm()?;
             if let Some(c) = clip_coef(grad_norm, max_grad_norm) {
-                scale_in_place(&mut grads, c);
+                eng.scale_grads(c);
             }
-            let t = trainable_mut(setup);
-            for (k, (_, data)) in t.iter_mut().enumerate() {
-                let n = data.len();
-                let wd = if decay[k] { adam.weight_decay } else { 0.0 };
-                adamw_step(
-                    &adam,
-                    &mut states[k],
-                    data,
-                    &grads[offsets[k]..offsets[k] + n],
-                    lr,
-                    wd,
-                );
-            }
+            eng.apply(trainable_mut(setup), lr)
+                .with_context(|| format!("step {step}"))?;
         } else {
             skipped_total += 1;
             window_skipped += 1;
         }
+        let comm_wait = eng.take_comm_seconds();
         losses.push(step_loss);
         window_loss += step_loss;
         window_steps += 1;
@@ -369,7 +385,7 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
                 loss: Some(step_loss),
                 tokens_per_second: step_tokens as f64 / secs.max(1e-9),
                 memory_bytes: crate::progress::rss_bytes().0,
-                collective_seq: par.comm.as_deref().map(|c| c.seq()).unwrap_or(0),
+                collective_seq: eng.groups.main.as_deref().map(|c| c.seq()).unwrap_or(0),
                 compute_seconds: secs - comm_wait,
                 collective_wait_seconds: comm_wait,
             });
@@ -403,11 +419,48 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
             window_steps = 0;
             window_skipped = 0;
         }
-        if par.rank == 0 && save_steps > 0 && done % save_steps == 0 && done < total {
-            let dir = setup.output_dir.join(format!("checkpoint-{done}"));
-            save_model(setup, &dir)?;
+        if save_steps > 0 && done % save_steps == 0 && done < total {
+            eng.gather_full(trainable_mut(setup))?;
+            if par.rank == 0 {
+                let dir = setup.output_dir.join(format!("checkpoint-{done}"));
+                save_model(setup, &dir)?;
+            }
+            eng.release_full(trainable_mut(setup));
         }
     }
+    let (param_bytes, grad_bytes, optimizer_bytes, frozen_bytes) =
+        eng.memory(trainable_mut(setup), frozen);
+    let report = engine::MemoryReport {
+        rank: par.rank,
+        world: par.world,
+        shard_group: eng.layout().group,
+        stage,
+        plan: plan.label(),
+        trainable_elements: numel,
+        padding_elements: eng.layout().padding(),
+        param_bytes,
+        grad_bytes,
+        optimizer_bytes,
+        frozen_bytes,
+        peak_rss_bytes: crate::progress::rss_bytes().1,
+    };
+    let mem_path = setup
+        .output_dir
+        .join(format!("memory-rank{}.json", par.rank));
+    std::fs::create_dir_all(&setup.output_dir)
+        .and_then(|_| std::fs::write(&mem_path, serde_json::to_string_pretty(&report)? + "\n"))
+        .with_context(|| format!("writing {}", mem_path.display()))?;
+    if par.rank == 0 {
+        eprintln!(
+            "trainer: rank 0 holds {:.1} MiB of model state (params {:.1}, grads {:.1}, optimizer {:.1}), peak RSS {:.1} MiB",
+            (param_bytes + grad_bytes + optimizer_bytes) as f64 / 1048576.0,
+            param_bytes as f64 / 1048576.0,
+            grad_bytes as f64 / 1048576.0,
+            optimizer_bytes as f64 / 1048576.0,
+            report.peak_rss_bytes as f64 / 1048576.0
+        );
+    }
+    eng.gather_full(trainable_mut(setup))?;
     let tokens_per_s = all_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9);
     let mut eval_result = None;
     if par.rank == 0 {
@@ -445,7 +498,7 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
     })
 }
 
-fn scalar<B: Backend>(t: burn::tensor::Tensor<B, 1>) -> f64 {
+pub(crate) fn scalar<B: Backend>(t: burn::tensor::Tensor<B, 1>) -> f64 {
     t.into_data()
         .convert::<f64>()
         .to_vec::<f64>()

@@ -237,15 +237,10 @@ pub fn resolve(
     )
     .map_err(|e| anyhow!("{e}"))?;
     let mut warnings = ringmaster_config::warning_lines(&warns);
-    if plan.shard_optimizer
-        || plan.shard_gradients
-        || plan.shard_params
-        || plan.offload_optimizer
-        || plan.offload_param
-    {
+    if plan.offload_optimizer || (plan.offload_param && plan.shard_params) {
         warnings.push(format!(
-            "plan {}: sharding and offload are not in this build yet; every rank holds the full \
-             model and optimizer state (DDP). Results are the same; memory is not lowered.",
+            "plan {}: on the CPU backend parameters, gradients and optimizer state already live \
+             in host memory; offload changes no placement",
             plan.label()
         ));
     }

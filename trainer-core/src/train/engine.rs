@@ -1,0 +1,776 @@
+//! The sharded data-parallel engine: one engine, a plan saying what is sharded.
+//!
+//! The trainable tensors are grouped in flat units (`ParamSpec::unit`: embeddings, one per
+//! block, final norm + head), each padded to a multiple of the shard group's size `N`; rank r of
+//! the group owns the contiguous slice `[r·S, (r+1)·S)` of every unit (`S` = padded / N).
+//!
+//! | plan            | parameters      | gradients (kept)       | AdamW state |
+//! |-----------------|-----------------|------------------------|-------------|
+//! | DDP (N = 1)     | full            | full                   | full        |
+//! | ZeRO-1          | full            | full                   | own shard   |
+//! | ZeRO-2          | full            | own shard              | own shard   |
+//! | ZeRO-3          | own shard       | own shard              | own shard   |
+//!
+//! DDP is the same code with a shard group of one rank and every rank a replica. HYBRID_SHARD
+//! is ZeRO-3 over the ranks of a node, replicated across nodes: gradients are reduce-scattered
+//! inside the node and the shards all-reduced across nodes.
+//!
+//! Gradients: ZeRO-0/1 accumulate full gradients over the micro-batches and reduce-scatter them
+//! at the step (in place: this rank's slice of the full buffer becomes the reduced shard);
+//! ZeRO-2/3 reduce-scatter each unit's gradients after every micro-batch and keep only their
+//! shard. Collectives go in pieces of at most `reduce_bucket_size` / `allgather_bucket_size`
+//! elements (a piece takes the same sub-range of every rank's shard, so any piece size keeps
+//! the layout). Clipping uses the global norm: the sum of squares of the owned shards,
+//! all-reduced over the shard group. AdamW runs on the owned shard, one state per tensor
+//! segment (norm weights are exempt from weight decay); ZeRO-0–2 then all-gather the updated
+//! shards into every rank's full parameters.
+//!
+//! ZeRO-3 runs the model unit by unit ([`Engine::sharded_micro_batch`]): gather a unit, run it
+//! on the previous unit's detached output, keep only unit inputs; backward re-gathers each unit
+//! in reverse order, recomputes it with the upstream gradient injected, reduce-scatters its
+//! gradients and drops it. A rank's peak is its shards, one gathered unit (two for a tied head)
+//! and the unit inputs.
+//!
+//! On the CPU backend the parameters, gradients and optimizer state already live in host
+//! memory, so `offload_optimizer` / `offload_param` change no placement: offload plans run the
+//! code of their twins. Communication is not yet overlapped with compute (each collective
+//! blocks the compute thread).
+
+use std::ops::Range;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use burn::tensor::{DType, Tensor, TensorData};
+use ringmaster_collectives::{CommError, Communicator, ReduceOp};
+use ringmaster_config::plan::Plan;
+use ringmaster_model::model::{Inputs, cross_entropy, leaf_grads};
+use ringmaster_model::params::{ParamKind, ParamSpec};
+use ringmaster_model::{CpuAutodiff, LlamaConfig, ParamStore, UnitWeights};
+use ringmaster_optim::adamw::{AdamWConfig, AdamWState, adamw_step};
+use ringmaster_optim::clip::{scale_in_place, sum_squares};
+use ringmaster_optim::scaler::has_overflow;
+use serde::Serialize;
+
+type AD = CpuAutodiff;
+
+/// Default piece size of a collective when the plan sets no bucket size (DeepSpeed's 5e8).
+const DEFAULT_BUCKET: u64 = 500_000_000;
+
+/// One flat unit: consecutive tensors of the store with the same `ParamSpec::unit`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitLayout {
+    /// The unit number (`ParamSpec::unit`).
+    pub unit: usize,
+    /// The store indices of its tensors.
+    pub tensors: Range<usize>,
+    /// Flat offset of each tensor inside the unit.
+    pub offsets: Vec<usize>,
+    /// Elements without padding.
+    pub numel: usize,
+    /// Elements of one rank's shard (numel padded up to a multiple of the group, divided by it).
+    pub shard: usize,
+}
+
+impl UnitLayout {
+    /// Segments of the flat range `lo..hi`: (store index, range in the tensor, range in `lo..hi`
+    /// coordinates). Padding belongs to no segment.
+    fn segments(
+        &self,
+        sizes: &[usize],
+        lo: usize,
+        hi: usize,
+    ) -> Vec<(usize, Range<usize>, Range<usize>)> {
+        let mut out = Vec::new();
+        for (k, t) in self.tensors.clone().enumerate() {
+            let start = self.offsets[k];
+            let end = start + sizes[t];
+            let (a, b) = (start.max(lo), end.min(hi));
+            if a < b {
+                out.push((t, a - start..b - start, a - lo..b - lo));
+            }
+        }
+        out
+    }
+}
+
+/// The flat units of a store for a shard group of `group` ranks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlatLayout {
+    /// Units in order.
+    pub units: Vec<UnitLayout>,
+    /// Ranks of the shard group.
+    pub group: usize,
+    sizes: Vec<usize>,
+}
+
+impl FlatLayout {
+    /// Groups `specs` (in store order, units non-decreasing) into units padded for `group`.
+    pub fn new(specs: &[ParamSpec], group: usize) -> Result<FlatLayout> {
+        let group = group.max(1);
+        let mut units: Vec<UnitLayout> = Vec::new();
+        for (i, s) in specs.iter().enumerate() {
+            match units.last_mut() {
+                Some(u) if u.unit == s.unit => {
+                    u.offsets.push(u.numel);
+                    u.numel += s.numel();
+                    u.tensors.end = i + 1;
+                }
+                Some(u) if u.unit > s.unit => {
+                    bail!("tensor `{}` is out of unit order", s.name)
+                }
+                _ => units.push(UnitLayout {
+                    unit: s.unit,
+                    tensors: i..i + 1,
+                    offsets: vec![0],
+                    numel: s.numel(),
+                    shard: 0,
+                }),
+            }
+        }
+        for u in &mut units {
+            u.shard = u.numel.div_ceil(group);
+        }
+        Ok(FlatLayout {
+            units,
+            group,
+            sizes: specs.iter().map(ParamSpec::numel).collect(),
+        })
+    }
+
+    /// Elements without padding (Ψ).
+    pub fn numel(&self) -> usize {
+        self.units.iter().map(|u| u.numel).sum()
+    }
+
+    /// Padding elements over all units.
+    pub fn padding(&self) -> usize {
+        self.units
+            .iter()
+            .map(|u| u.shard * self.group - u.numel)
+            .sum()
+    }
+
+    /// Copies unit `u`'s flat elements `lo..hi` of `store` into `out` (padding reads 0).
+    fn read(&self, store: &ParamStore, u: usize, lo: usize, hi: usize, out: &mut [f32]) {
+        out.fill(0.0);
+        for (t, tr, fr) in self.units[u].segments(&self.sizes, lo, hi) {
+            out[fr].copy_from_slice(&store.data(t)[tr]);
+        }
+    }
+
+    /// Writes `src` to unit `u`'s flat elements `lo..hi` of `store` (padding is dropped).
+    fn write(&self, store: &mut ParamStore, u: usize, lo: usize, src: &[f32]) {
+        let hi = lo + src.len();
+        for (t, tr, fr) in self.units[u].segments(&self.sizes, lo, hi) {
+            store.data_mut(t)[tr].copy_from_slice(&src[fr]);
+        }
+    }
+}
+
+/// Who shards with whom and who replicates.
+pub struct Groups<'c> {
+    /// All ranks (loss, broadcasts, and the shard or replica group of non-hybrid plans).
+    pub main: Option<&'c mut dyn Communicator>,
+    /// Hybrid plans: the ranks of this node (the shard group).
+    pub node: Option<Box<dyn Communicator>>,
+    /// Hybrid plans: the ranks with this local rank on every node (the replica group).
+    pub cross: Option<Box<dyn Communicator>>,
+    /// Whether the main communicator is the shard group (ZeRO-1/2/3) or the replica group (DDP).
+    pub main_shards: bool,
+}
+
+impl Groups<'_> {
+    fn shard(&mut self) -> Option<&mut dyn Communicator> {
+        if let Some(n) = self.node.as_deref_mut() {
+            return Some(n);
+        }
+        if self.main_shards
+            && let Some(m) = self.main.as_deref_mut()
+        {
+            return Some(m);
+        }
+        None
+    }
+
+    fn replica(&mut self) -> Option<&mut dyn Communicator> {
+        if self.node.is_some() {
+            return match self.cross.as_deref_mut() {
+                Some(c) => Some(c),
+                None => None,
+            };
+        }
+        if !self.main_shards
+            && let Some(m) = self.main.as_deref_mut()
+        {
+            return Some(m);
+        }
+        None
+    }
+}
+
+/// AdamW state of one tensor's part of the owned shard.
+struct Segment {
+    tensor: usize,
+    /// Range inside the tensor.
+    in_tensor: Range<usize>,
+    /// Range inside the owned shard.
+    in_shard: Range<usize>,
+    decay: bool,
+    state: AdamWState,
+}
+
+/// Bytes of model state one rank holds (what the ZeRO formulas count).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MemoryReport {
+    /// Rank in the job.
+    pub rank: usize,
+    /// World size.
+    pub world: usize,
+    /// Ranks of the shard group.
+    pub shard_group: usize,
+    /// ZeRO stage of the trainable state.
+    pub stage: u8,
+    /// The plan's name.
+    pub plan: String,
+    /// Trainable elements (Ψ).
+    pub trainable_elements: usize,
+    /// Padding elements of the flat units (at most shard group − 1 per unit).
+    pub padding_elements: usize,
+    /// fp32 trainable parameters held between steps.
+    pub param_bytes: usize,
+    /// fp32 gradient accumulators held.
+    pub grad_bytes: usize,
+    /// AdamW state (exp_avg + exp_avg_sq) held.
+    pub optimizer_bytes: usize,
+    /// Frozen parameters held (LoRA's base model).
+    pub frozen_bytes: usize,
+    /// Peak resident set size of the process during training (VmHWM).
+    pub peak_rss_bytes: u64,
+}
+
+/// The engine of one rank.
+pub struct Engine<'c> {
+    /// Communicators.
+    pub groups: Groups<'c>,
+    layout: FlatLayout,
+    stage: u8,
+    /// This rank's index in the shard group.
+    shard_rank: usize,
+    reduce_bucket: usize,
+    gather_bucket: usize,
+    /// ZeRO-3: this rank's parameter shard of every unit.
+    param_shards: Vec<Vec<f32>>,
+    /// Gradient accumulators: the padded full unit (stage ≤ 1) or the owned shard (stage ≥ 2).
+    grads: Vec<Vec<f32>>,
+    segments: Vec<Vec<Segment>>,
+    adam: AdamWConfig,
+    scratch: Vec<f32>,
+    /// Seconds spent in collectives since the last [`Engine::take_comm_seconds`].
+    comm_seconds: f64,
+}
+
+fn comm_err(what: &str) -> impl FnOnce(CommError) -> anyhow::Error + '_ {
+    move |e| anyhow!("{what}: {e}")
+}
+
+/// Reduce-scatters the padded unit `full` (N shards of `shard` elements) in pieces of at most
+/// `bucket` elements. This rank's reduced elements go to `acc` (added) or, without `acc`, back
+/// into its own shard of `full`.
+fn reduce_scatter_pieces(
+    comm: &mut dyn Communicator,
+    full: &mut [f32],
+    shard: usize,
+    bucket: usize,
+    scratch: &mut Vec<f32>,
+    mut acc: Option<&mut [f32]>,
+) -> Result<(), CommError> {
+    let (n, r) = (comm.world_size(), comm.rank());
+    let piece = (bucket / n).max(1);
+    let mut lo = 0;
+    while lo < shard {
+        let hi = (lo + piece).min(shard);
+        let w = hi - lo;
+        scratch.clear();
+        for q in 0..n {
+            scratch.extend_from_slice(&full[q * shard + lo..q * shard + hi]);
+        }
+        comm.reduce_scatter((&mut scratch[..]).into(), ReduceOp::Sum)?;
+        let mine = &scratch[r * w..(r + 1) * w];
+        match acc.as_deref_mut() {
+            Some(a) => a[lo..hi].iter_mut().zip(mine).for_each(|(d, s)| *d += s),
+            None => full[r * shard + lo..r * shard + hi].copy_from_slice(mine),
+        }
+        lo = hi;
+    }
+    Ok(())
+}
+
+/// All-gathers every rank's `shard`-element slice into `full` (N × shard) in pieces of at most
+/// `bucket` elements; this rank's slice is `own`.
+fn all_gather_pieces(
+    comm: &mut dyn Communicator,
+    own: &[f32],
+    full: &mut [f32],
+    bucket: usize,
+    scratch: &mut Vec<f32>,
+) -> Result<(), CommError> {
+    let (n, r) = (comm.world_size(), comm.rank());
+    let shard = own.len();
+    let piece = (bucket / n).max(1);
+    let mut lo = 0;
+    while lo < shard {
+        let hi = (lo + piece).min(shard);
+        let w = hi - lo;
+        scratch.clear();
+        scratch.resize(n * w, 0.0);
+        scratch[r * w..(r + 1) * w].copy_from_slice(&own[lo..hi]);
+        comm.all_gather((&mut scratch[..]).into())?;
+        for q in 0..n {
+            full[q * shard + lo..q * shard + hi].copy_from_slice(&scratch[q * w..(q + 1) * w]);
+        }
+        lo = hi;
+    }
+    Ok(())
+}
+
+/// All-reduces (sum) `buf` in place in pieces of at most `bucket` elements.
+fn all_reduce_pieces(
+    comm: &mut dyn Communicator,
+    buf: &mut [f32],
+    bucket: usize,
+) -> Result<(), CommError> {
+    for piece in buf.chunks_mut(bucket.max(1)) {
+        comm.all_reduce(piece.into(), ReduceOp::Sum)?;
+    }
+    Ok(())
+}
+
+fn leaf(data: &[f32], grad: bool) -> Tensor<AD, 1> {
+    let t = Tensor::<AD, 1>::from_data(
+        TensorData::new(data.to_vec(), [data.len()]),
+        &Default::default(),
+    );
+    if grad { t.require_grad() } else { t }
+}
+
+impl<'c> Engine<'c> {
+    /// The engine for `trainable` under `plan`. `stage` is the plan's stage for the trainable
+    /// tensors (LoRA caps it at 2: the frozen base stays whole on every rank).
+    pub fn new(
+        plan: &Plan,
+        stage: u8,
+        trainable: &ParamStore,
+        groups: Groups<'c>,
+        adam: AdamWConfig,
+    ) -> Result<Engine<'c>> {
+        let mut groups = groups;
+        let (group, shard_rank) = match groups.shard() {
+            Some(c) => (c.world_size(), c.rank()),
+            None => (1, 0),
+        };
+        let layout = FlatLayout::new(trainable.specs(), group)?;
+        let mut segments = Vec::with_capacity(layout.units.len());
+        let mut grads = Vec::with_capacity(layout.units.len());
+        for u in &layout.units {
+            let lo = shard_rank * u.shard;
+            let segs = u
+                .segments(&layout.sizes, lo, lo + u.shard)
+                .into_iter()
+                .map(|(t, tr, fr)| Segment {
+                    tensor: t,
+                    decay: !matches!(trainable.specs()[t].kind, ParamKind::Norm),
+                    state: AdamWState::new(tr.len()),
+                    in_tensor: tr,
+                    in_shard: fr,
+                })
+                .collect();
+            segments.push(segs);
+            grads.push(vec![
+                0.0f32;
+                if stage >= 2 { u.shard } else { u.shard * group }
+            ]);
+        }
+        let elems =
+            |b: Option<u64>| b.unwrap_or(DEFAULT_BUCKET).clamp(1, usize::MAX as u64) as usize;
+        Ok(Engine {
+            groups,
+            layout,
+            stage,
+            shard_rank,
+            reduce_bucket: elems(plan.reduce_bucket_size),
+            gather_bucket: elems(Some(plan.allgather_bucket_size)),
+            param_shards: Vec::new(),
+            grads,
+            segments,
+            adam,
+            scratch: Vec::new(),
+            comm_seconds: 0.0,
+        })
+    }
+
+    /// The flat layout.
+    pub fn layout(&self) -> &FlatLayout {
+        &self.layout
+    }
+
+    /// The stage of the trainable state.
+    pub fn stage(&self) -> u8 {
+        self.stage
+    }
+
+    /// Seconds spent in collectives since the last call.
+    pub fn take_comm_seconds(&mut self) -> f64 {
+        std::mem::take(&mut self.comm_seconds)
+    }
+
+    /// ZeRO-3: keeps this rank's shard of every unit and releases the full tensors of `store`
+    /// (their buffers become empty until [`Engine::gather_full`]).
+    pub fn shard_params(&mut self, store: &mut ParamStore) {
+        if self.stage < 3 {
+            return;
+        }
+        self.param_shards = (0..self.layout.units.len())
+            .map(|u| {
+                let s = self.layout.units[u].shard;
+                let lo = self.shard_rank * s;
+                let mut out = vec![0.0; s];
+                self.layout.read(store, u, lo, lo + s, &mut out);
+                out
+            })
+            .collect();
+        for (_, data) in store.iter_mut() {
+            *data = Vec::new();
+        }
+    }
+
+    /// ZeRO-3: gathers every unit back into `store`'s full tensors on every rank (for saving
+    /// and evaluation). A no-op below stage 3.
+    pub fn gather_full(&mut self, store: &mut ParamStore) -> Result<()> {
+        if self.stage < 3 {
+            return Ok(());
+        }
+        for (t, (spec, data)) in store.iter_mut().enumerate() {
+            if data.len() != spec.numel() {
+                *data = vec![0.0; self.layout.sizes[t]];
+            }
+        }
+        for u in 0..self.layout.units.len() {
+            let full = self.gather_unit(u)?;
+            self.layout
+                .write(store, u, 0, &full[..self.layout.units[u].numel]);
+        }
+        Ok(())
+    }
+
+    /// ZeRO-3: releases the full tensors again after [`Engine::gather_full`].
+    pub fn release_full(&mut self, store: &mut ParamStore) {
+        if self.stage >= 3 {
+            for (_, data) in store.iter_mut() {
+                *data = Vec::new();
+            }
+        }
+    }
+
+    /// ZeRO-3: unit `u`'s full padded flat parameters.
+    fn gather_unit(&mut self, u: usize) -> Result<Vec<f32>> {
+        let unit = &self.layout.units[u];
+        let mut full = vec![0.0f32; unit.shard * self.layout.group];
+        let t = Instant::now();
+        match self.groups.shard() {
+            Some(c) => all_gather_pieces(
+                c,
+                &self.param_shards[u],
+                &mut full,
+                self.gather_bucket,
+                &mut self.scratch,
+            )
+            .map_err(comm_err("gathering parameters"))?,
+            None => full.copy_from_slice(&self.param_shards[u]),
+        }
+        self.comm_seconds += t.elapsed().as_secs_f64();
+        Ok(full)
+    }
+
+    /// Adds one micro-batch's gradients of unit `u` (`grads[k]` for its k-th tensor): into the
+    /// full accumulator (stage ≤ 1), or reduce-scattered into the owned shard (stage ≥ 2).
+    fn accumulate_unit(&mut self, u: usize, grads: &[Vec<f32>]) -> Result<()> {
+        let unit = &self.layout.units[u];
+        if self.stage < 2 {
+            let acc = &mut self.grads[u];
+            for (k, g) in grads.iter().enumerate() {
+                let off = unit.offsets[k];
+                acc[off..off + g.len()]
+                    .iter_mut()
+                    .zip(g)
+                    .for_each(|(d, s)| *d += s);
+            }
+            return Ok(());
+        }
+        let mut full = vec![0.0f32; unit.shard * self.layout.group];
+        for (k, g) in grads.iter().enumerate() {
+            let off = unit.offsets[k];
+            full[off..off + g.len()].copy_from_slice(g);
+        }
+        let shard = unit.shard;
+        let t = Instant::now();
+        match self.groups.shard() {
+            Some(c) => reduce_scatter_pieces(
+                c,
+                &mut full,
+                shard,
+                self.reduce_bucket,
+                &mut self.scratch,
+                Some(&mut self.grads[u]),
+            )
+            .map_err(comm_err("reducing gradients"))?,
+            None => self.grads[u]
+                .iter_mut()
+                .zip(&full)
+                .for_each(|(d, s)| *d += s),
+        }
+        self.comm_seconds += t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Adds a micro-batch's gradients of every trainable tensor (store order), computed by the
+    /// whole model (stages 0–2).
+    pub fn accumulate(&mut self, grads: Vec<Vec<f32>>) -> Result<()> {
+        for u in 0..self.layout.units.len() {
+            let range = self.layout.units[u].tensors.clone();
+            self.accumulate_unit(u, &grads[range])?;
+        }
+        Ok(())
+    }
+
+    /// ZeRO-3: one micro-batch unit by unit; returns its (unscaled) loss. The loss is scaled by
+    /// `scale` before backward (fp16), divided by `normalizer` like the whole-model path.
+    pub fn sharded_micro_batch(
+        &mut self,
+        cfg: &LlamaConfig,
+        inp: &Inputs<AD>,
+        targets: &[i64],
+        normalizer: f64,
+        scale: f64,
+        compute: Option<DType>,
+    ) -> Result<f64> {
+        let units = self.layout.units.len();
+        if units != cfg.num_hidden_layers + 2 {
+            bail!("the unit-by-unit path needs the full model's units (not LoRA adapters)");
+        }
+        let last = units - 1;
+        let inp = match compute {
+            Some(dt) if dt != DType::F32 => inp.cast(dt),
+            _ => inp.clone(),
+        };
+        let build = |this: &mut Self, u: usize, grad: bool| -> Result<Vec<Tensor<AD, 1>>> {
+            let full = this.gather_unit(u)?;
+            let unit = &this.layout.units[u];
+            Ok(unit
+                .tensors
+                .clone()
+                .enumerate()
+                .map(|(k, t)| {
+                    let off = unit.offsets[k];
+                    leaf(&full[off..off + this.layout.sizes[t]], grad)
+                })
+                .collect())
+        };
+        // Forward without a graph, keeping only each unit's input.
+        let mut saved: Vec<Option<Tensor<AD, 2>>> = Vec::with_capacity(last);
+        let mut x: Option<Tensor<AD, 2>> = None;
+        for u in 0..last {
+            let leaves = build(self, u, false)?;
+            let w = UnitWeights::new(cfg, u, &leaves, None, compute)?;
+            drop(leaves);
+            saved.push(x.clone());
+            x = Some(w.forward(cfg, x, &inp, compute).detach());
+        }
+        // The head (with the embedding table when tied) and the loss.
+        let leaves = build(self, last, true)?;
+        let tied = if cfg.tie_word_embeddings {
+            Some(build(self, 0, true)?.remove(0))
+        } else {
+            None
+        };
+        let w = UnitWeights::new(cfg, last, &leaves, tied.as_ref(), compute)?;
+        let xin = x.context("a model without units")?.require_grad();
+        let logits = w.forward(cfg, Some(xin.clone()), &inp, compute);
+        drop(w);
+        let mut loss = cross_entropy(logits, targets, normalizer);
+        if scale != 1.0 {
+            loss = loss.mul_scalar(scale);
+        }
+        let value = super::scalar(loss.clone().inner()) / scale;
+        let g = loss.backward();
+        let head_grads = leaf_grads(&leaves, &g);
+        let mut pending_embed = tied.map(|t| leaf_grads(std::slice::from_ref(&t), &g).remove(0));
+        let mut up = xin
+            .grad(&g)
+            .context("no gradient reached the head's input")?;
+        drop((g, leaves));
+        self.accumulate_unit(last, &head_grads)?;
+        drop(head_grads);
+        // Blocks and embeddings in reverse: recompute with the upstream gradient injected.
+        for u in (0..last).rev() {
+            let leaves = build(self, u, true)?;
+            let w = UnitWeights::new(cfg, u, &leaves, None, compute)?;
+            let xin = saved.pop().flatten().map(Tensor::require_grad);
+            let out = w.forward(cfg, xin.clone(), &inp, compute);
+            drop(w);
+            let g = (out * Tensor::from_inner(up.clone())).sum().backward();
+            let mut grads = leaf_grads(&leaves, &g);
+            if u == 0
+                && let Some(p) = pending_embed.take()
+            {
+                grads[0].iter_mut().zip(&p).for_each(|(d, s)| *d += s);
+            }
+            if let Some(xin) = xin {
+                up = xin
+                    .grad(&g)
+                    .with_context(|| format!("no gradient reached unit {u}'s input"))?;
+            }
+            drop((g, leaves));
+            self.accumulate_unit(u, &grads)?;
+        }
+        Ok(value)
+    }
+
+    /// The range of unit `u`'s gradient accumulator this rank owns.
+    fn owned(&self, u: usize) -> Range<usize> {
+        let s = self.layout.units[u].shard;
+        if self.stage >= 2 {
+            0..s
+        } else {
+            self.shard_rank * s..(self.shard_rank + 1) * s
+        }
+    }
+
+    /// Finishes the step's gradient reduction: ZeRO-0/1 reduce-scatter their full
+    /// accumulators over the shard group; every plan all-reduces the owned shards over the
+    /// replica group.
+    pub fn reduce(&mut self) -> Result<()> {
+        let t = Instant::now();
+        for u in 0..self.layout.units.len() {
+            let shard = self.layout.units[u].shard;
+            if self.stage < 2
+                && let Some(c) = self.groups.shard()
+            {
+                reduce_scatter_pieces(
+                    c,
+                    &mut self.grads[u],
+                    shard,
+                    self.reduce_bucket,
+                    &mut self.scratch,
+                    None,
+                )
+                .map_err(comm_err("reducing gradients"))?;
+            }
+            let owned = self.owned(u);
+            if let Some(c) = self.groups.replica() {
+                all_reduce_pieces(c, &mut self.grads[u][owned], self.reduce_bucket)
+                    .map_err(comm_err("all-reducing gradients"))?;
+            }
+        }
+        self.comm_seconds += t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Multiplies the owned gradients by `factor` (fp16 unscaling, clipping).
+    pub fn scale_grads(&mut self, factor: f32) {
+        for u in 0..self.layout.units.len() {
+            let r = self.owned(u);
+            scale_in_place(&mut self.grads[u][r], factor);
+        }
+    }
+
+    /// Whether any rank's owned gradients hold an inf or NaN.
+    pub fn overflow(&mut self) -> Result<bool> {
+        let local =
+            (0..self.layout.units.len()).any(|u| has_overflow(&self.grads[u][self.owned(u)]));
+        let mut flag = [if local { 1.0f32 } else { 0.0 }];
+        if let Some(c) = self.groups.shard() {
+            c.all_reduce((&mut flag[..]).into(), ReduceOp::Max)
+                .map_err(comm_err("checking overflow"))?;
+        }
+        Ok(flag[0] > 0.0)
+    }
+
+    /// The global gradient norm: owned sums of squares all-reduced over the shard group.
+    pub fn grad_norm(&mut self) -> Result<f64> {
+        let local: f64 = (0..self.layout.units.len())
+            .map(|u| sum_squares(&self.grads[u][self.owned(u)]))
+            .sum();
+        let mut s = [local as f32];
+        if let Some(c) = self.groups.shard() {
+            c.all_reduce((&mut s[..]).into(), ReduceOp::Sum)
+                .map_err(comm_err("all-reducing the gradient norm"))?;
+            return Ok((s[0] as f64).sqrt());
+        }
+        Ok(local.sqrt())
+    }
+
+    /// AdamW on the owned shard at learning rate `lr`, then (stages 0–2) the updated shards
+    /// all-gathered into every rank's full parameters in `store`.
+    pub fn apply(&mut self, store: &mut ParamStore, lr: f64) -> Result<()> {
+        for u in 0..self.layout.units.len() {
+            let owned = self.owned(u);
+            let grads = &self.grads[u][owned];
+            for seg in &mut self.segments[u] {
+                let wd = if seg.decay {
+                    self.adam.weight_decay
+                } else {
+                    0.0
+                };
+                let g = &grads[seg.in_shard.clone()];
+                if self.stage >= 3 {
+                    let p = &mut self.param_shards[u][seg.in_shard.clone()];
+                    adamw_step(&self.adam, &mut seg.state, p, g, lr, wd);
+                } else {
+                    let p = &mut store.data_mut(seg.tensor)[seg.in_tensor.clone()];
+                    adamw_step(&self.adam, &mut seg.state, p, g, lr, wd);
+                }
+            }
+        }
+        if self.stage < 3 && self.layout.group > 1 {
+            let t = Instant::now();
+            for u in 0..self.layout.units.len() {
+                let s = self.layout.units[u].shard;
+                let lo = self.shard_rank * s;
+                let mut own = vec![0.0f32; s];
+                self.layout.read(store, u, lo, lo + s, &mut own);
+                let mut full = vec![0.0f32; s * self.layout.group];
+                let c = self.groups.shard().context("a shard group")?;
+                all_gather_pieces(c, &own, &mut full, self.gather_bucket, &mut self.scratch)
+                    .map_err(comm_err("gathering updated parameters"))?;
+                self.layout
+                    .write(store, u, 0, &full[..self.layout.units[u].numel]);
+            }
+            self.comm_seconds += t.elapsed().as_secs_f64();
+        }
+        Ok(())
+    }
+
+    /// Zeroes the gradient accumulators for the next step.
+    pub fn zero_grads(&mut self) {
+        for g in &mut self.grads {
+            g.fill(0.0);
+        }
+    }
+
+    /// The model-state bytes this rank holds.
+    pub fn memory(&self, trainable: &ParamStore, frozen: usize) -> (usize, usize, usize, usize) {
+        let params = if self.stage >= 3 {
+            self.param_shards.iter().map(Vec::len).sum::<usize>()
+        } else {
+            trainable.iter().map(|(_, d)| d.len()).sum()
+        };
+        let grads: usize = self.grads.iter().map(Vec::len).sum();
+        let opt: usize = self
+            .segments
+            .iter()
+            .flatten()
+            .map(|s| s.state.exp_avg.len() + s.state.exp_avg_sq.len())
+            .sum();
+        (4 * params, 4 * grads, 4 * opt, 4 * frozen)
+    }
+}
