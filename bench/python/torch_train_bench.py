@@ -23,6 +23,35 @@ import statistics
 import sys
 import time
 
+# The two model shapes Ringmaster benchmarks (also used by torch_dist_bench.py). "batch" and
+# "seq" are the per-step defaults used with each.
+PRESETS = {
+    "3.4M": dict(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=688, vocab=512,
+                 batch=8, seq=128),
+    "124.7M": dict(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048, vocab=32000,
+                   batch=2, seq=512),
+}
+
+
+def llama_config(hidden, layers, heads, kv_heads, intermediate, vocab, seq, attn="sdpa"):
+    """The LlamaConfig both benchmarks build: untied embeddings, rms_norm_eps 1e-6, no cache."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max(seq, 2048),
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+    config._attn_implementation = attn
+    return config
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
@@ -70,26 +99,15 @@ def main(argv=None):
 
     import torch
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     torch.manual_seed(args.seed)
 
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(args.seq, 2048),
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-    config._attn_implementation = args.attn
+    config = llama_config(args.hidden, args.layers, args.heads, args.kv_heads,
+                          args.intermediate, args.vocab, args.seq, args.attn)
     torch.set_default_dtype(torch.float32)
     model = LlamaForCausalLM(config).to(dtype=torch.float32, device="cpu")
     attn_used = model.config._attn_implementation
