@@ -373,3 +373,111 @@ fn bf16_zero3_on_two_ranks_stays_close_to_one_process() {
         assert!((a - b).abs() <= 0.05 * b, "bf16 {a} vs fp32 {b}");
     }
 }
+
+/// Runs `config` on `world` ranks expecting every rank to fail; returns their stderr.
+fn run_failing(config: &Path, world: usize, store: &Path) -> String {
+    let mut procs = Procs(Vec::new());
+    for rank in 0..world {
+        procs.0.push(
+            Command::new(TRAINER)
+                .arg(config)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_WORLD_SIZE", world.to_string())
+                .env("RINGMASTER_STORE_DIR", store)
+                .env("RINGMASTER_JOB_ID", "ckpt-test")
+                .env_remove("RINGMASTER_COORDINATOR")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let mut all = String::new();
+    for child in &mut procs.0 {
+        let out = child.stderr.take().unwrap();
+        let mut err = String::new();
+        use std::io::Read;
+        std::io::BufReader::new(out)
+            .read_to_string(&mut err)
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "expected a failure: {err}");
+        all += &err;
+    }
+    all
+}
+
+fn with_steps(path: &Path, text: &str) {
+    let s = std::fs::read_to_string(path)
+        .unwrap()
+        .replace("max_steps: 5\n", text);
+    std::fs::write(path, s).unwrap();
+}
+
+/// A checkpoint saved at step 5 by 4 ranks under ZeRO-3 resumes on 1 process (DDP), 2 ranks
+/// (ZeRO-1), 3 ranks (DDP) and 4 ranks (ZeRO-3): each continues as the uninterrupted run does
+/// (steps 6–10 and the final parameters within 1e-5; fp32, only summation order differs). A
+/// shard with a flipped byte and a checkpoint without its commit marker are refused.
+#[test]
+fn checkpoints_resume_on_any_world_size_and_plan_and_refuse_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    fixture(dir);
+    let z3 = ds(3, false, false);
+    // Global batch 12 in every run.
+    let a = write_config(dir, "a", 3, 1, Some(("deepspeed", &z3)), "");
+    with_steps(&a, "max_steps: 10\nsave_steps: 5\n");
+    run(&a, 4, 4, &dir.join("store-a"));
+    let ckpt = dir.join("a/checkpoint-5");
+    for f in [
+        "manifest.json",
+        "COMMITTED",
+        "rank-00003.safetensors",
+        "config.json",
+    ] {
+        assert!(ckpt.join(f).is_file(), "{f} in {}", ckpt.display());
+    }
+    let full = losses(&dir.join("a"));
+    assert_eq!(full.len(), 10);
+    let reference = hf::load_dir(&dir.join("a")).unwrap().params;
+    let z1 = ds(1, false, false);
+    let resume = format!(
+        "max_steps: 10\nresume_from_checkpoint: {}\n",
+        ckpt.display()
+    );
+    for (name, world, micro, accum, plan) in [
+        ("r1", 1usize, 3u32, 4u32, None),
+        ("r2", 2, 3, 2, Some(("deepspeed", z1.as_str()))),
+        ("r3", 3, 2, 2, None),
+        ("r4", 4, 3, 1, Some(("deepspeed", z3.as_str()))),
+    ] {
+        let cfg = write_config(dir, name, micro, accum, plan, "");
+        with_steps(&cfg, &resume);
+        run(&cfg, world, world, &dir.join(format!("store-{name}")));
+        assert_close(name, dir, &full[5..], &reference, 1e-5);
+    }
+    // A flipped byte in one shard: refused, naming the shard.
+    let bad = dir.join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    for e in std::fs::read_dir(&ckpt).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), bad.join(e.file_name())).unwrap();
+    }
+    let shard = bad.join("rank-00001.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x40;
+    std::fs::write(&shard, bytes).unwrap();
+    let cfg = write_config(dir, "bad-run", 3, 4, None, "");
+    with_steps(
+        &cfg,
+        &format!("max_steps: 10\nresume_from_checkpoint: {}\n", bad.display()),
+    );
+    let err = run_failing(&cfg, 1, &dir.join("store-bad"));
+    assert!(err.contains("rank-00001.safetensors is corrupt"), "{err}");
+    // Without the commit marker (a rank never finished): refused.
+    std::fs::remove_file(bad.join("COMMITTED")).unwrap();
+    let err = run_failing(&cfg, 1, &dir.join("store-bad2"));
+    assert!(err.contains("not committed"), "{err}");
+}

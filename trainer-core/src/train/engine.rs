@@ -774,3 +774,103 @@ impl<'c> Engine<'c> {
         (4 * params, 4 * grads, 4 * opt, 4 * frozen)
     }
 }
+
+/// One unit's part of a checkpoint shard: the owned slice of parameters and AdamW moments
+/// (`shard` elements; padding is zero).
+#[derive(Debug, Clone)]
+pub struct UnitState {
+    pub param: Vec<f32>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+}
+
+impl Engine<'_> {
+    /// This rank's index in the shard group (its shard of every unit).
+    pub fn shard_rank(&self) -> usize {
+        self.shard_rank
+    }
+
+    /// Whether this rank writes its shard to a checkpoint: the first replica of every shard
+    /// (DDP: rank 0 alone; ZeRO: every rank; HYBRID: the ranks of the first node).
+    pub fn writes_shard(&mut self) -> bool {
+        self.groups.replica().is_none_or(|c| c.rank() == 0)
+    }
+
+    /// AdamW steps taken (the same for every segment).
+    pub fn adam_step(&self) -> u64 {
+        self.segments
+            .iter()
+            .flatten()
+            .map(|s| s.state.step)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The owned parameters and AdamW moments of every unit.
+    pub fn export_state(&self, store: &ParamStore) -> Vec<UnitState> {
+        (0..self.layout.units.len())
+            .map(|u| {
+                let s = self.layout.units[u].shard;
+                let param = if self.stage >= 3 {
+                    self.param_shards[u].clone()
+                } else {
+                    let lo = self.shard_rank * s;
+                    let mut out = vec![0.0; s];
+                    self.layout.read(store, u, lo, lo + s, &mut out);
+                    out
+                };
+                let mut exp_avg = vec![0.0; s];
+                let mut exp_avg_sq = vec![0.0; s];
+                for seg in &self.segments[u] {
+                    exp_avg[seg.in_shard.clone()].copy_from_slice(&seg.state.exp_avg);
+                    exp_avg_sq[seg.in_shard.clone()].copy_from_slice(&seg.state.exp_avg_sq);
+                }
+                UnitState {
+                    param,
+                    exp_avg,
+                    exp_avg_sq,
+                }
+            })
+            .collect()
+    }
+
+    /// Loads the unit-flat elements `lo..lo + param.len()` of unit `u` from a checkpoint saved
+    /// with any layout: parameters this rank holds (all of them below stage 3, its shard at
+    /// stage 3) and the AdamW moments of its owned shard. Elements past the unit's size
+    /// (padding) are ignored.
+    pub fn import_range(
+        &mut self,
+        u: usize,
+        lo: usize,
+        state: &UnitState,
+        adam_step: u64,
+        store: &mut ParamStore,
+    ) {
+        let unit = &self.layout.units[u];
+        let hi = (lo + state.param.len()).min(unit.numel);
+        if lo >= hi {
+            return;
+        }
+        let own_lo = self.shard_rank * unit.shard;
+        let own_hi = own_lo + unit.shard;
+        if self.stage >= 3 {
+            let (a, b) = (lo.max(own_lo), hi.min(own_hi));
+            if a < b {
+                self.param_shards[u][a - own_lo..b - own_lo]
+                    .copy_from_slice(&state.param[a - lo..b - lo]);
+            }
+        } else {
+            self.layout.write(store, u, lo, &state.param[..hi - lo]);
+        }
+        for seg in &mut self.segments[u] {
+            let (s0, s1) = (own_lo + seg.in_shard.start, own_lo + seg.in_shard.end);
+            let (a, b) = (lo.max(s0), hi.min(s1));
+            if a < b {
+                seg.state.exp_avg[a - s0..b - s0].copy_from_slice(&state.exp_avg[a - lo..b - lo]);
+                seg.state.exp_avg_sq[a - s0..b - s0]
+                    .copy_from_slice(&state.exp_avg_sq[a - lo..b - lo]);
+            }
+            seg.state.step = adam_step;
+        }
+    }
+}

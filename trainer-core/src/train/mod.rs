@@ -6,6 +6,7 @@
 //! batch, so the summed gradient is the gradient of the global mean loss whatever the split
 //! over ranks and accumulation steps: a run on 4 ranks takes the steps a run on 1 rank takes.
 
+pub mod checkpoint;
 pub mod engine;
 pub mod eval;
 pub mod setup;
@@ -136,6 +137,31 @@ fn trainable_mut(setup: &mut Setup) -> &mut ParamStore {
     }
 }
 
+/// The checkpoint to resume from: `RINGMASTER_RESUME_FROM` (set by the coordinator for a
+/// restarted generation), else the config's `resume_from_checkpoint` (a checkpoint directory,
+/// or `true` for the newest committed one in `output_dir`, as the HF Trainer reads it).
+fn resume_dir(setup: &Setup) -> Result<Option<std::path::PathBuf>> {
+    if let Ok(p) = std::env::var("RINGMASTER_RESUME_FROM")
+        && !p.is_empty()
+    {
+        return Ok(Some(p.into()));
+    }
+    match setup.cfg.resume_from_checkpoint.as_deref() {
+        None | Some("") | Some("false") | Some("False") => Ok(None),
+        Some("true") | Some("True") => {
+            checkpoint::latest(&setup.output_dir)
+                .map(Some)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "resume_from_checkpoint: true, but {} holds no committed checkpoint",
+                        setup.output_dir.display()
+                    )
+                })
+        }
+        Some(p) => Ok(Some(p.into())),
+    }
+}
+
 /// Total optimizer steps: `max_steps` when positive, else `ceil(epochs × steps_per_epoch)`.
 pub fn total_steps(setup: &Setup, steps_per_epoch: u64) -> u64 {
     match setup.cfg.max_steps {
@@ -227,6 +253,33 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
     };
     let mut eng = engine::Engine::new(&plan, stage, trainable_mut(setup), groups, adam)?;
     eng.shard_params(trainable_mut(setup));
+    let trainable_kind = if is_lora { "lora" } else { "full" };
+    let mut start_step = 0u64;
+    if let Some(dir) = resume_dir(setup)? {
+        let m = checkpoint::load(
+            &dir,
+            &mut eng,
+            trainable_mut(setup),
+            trainable_kind,
+            layout.global_batch_size(),
+        )?;
+        start_step = m.step;
+        if let (Scaling::Dynamic(d), Some(saved)) = (&mut scaling, m.scaler) {
+            d.cur_scale = saved.cur_scale;
+            d.cur_iter = saved.cur_iter;
+            d.last_overflow_iter = saved.last_overflow_iter;
+            d.cur_hysteresis = saved.cur_hysteresis;
+        }
+        if par.rank == 0 {
+            eprintln!(
+                "trainer: resumed from {} at step {} (saved by {} ranks under {})",
+                dir.display(),
+                m.step,
+                m.world,
+                m.plan
+            );
+        }
+    }
     let frozen = if is_lora { setup.base.numel() } else { 0 };
     let cfg_model = setup.model.clone();
     if par.rank == 0 {
@@ -251,8 +304,14 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
     }
     let log_path = setup.output_dir.join("trainer_log.jsonl");
     let mut log_file = if par.rank == 0 {
+        // A resumed run continues the log of the run it resumes.
         Some(
-            std::fs::File::create(&log_path)
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(start_step > 0)
+                .truncate(start_step == 0)
+                .open(&log_path)
                 .with_context(|| format!("creating {}", log_path.display()))?,
         )
     } else {
@@ -270,7 +329,7 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
     let mut skipped_total = 0u64;
     let mut epoch_plan = sampler.epoch(0);
 
-    for step in 0..total {
+    for step in start_step..total {
         let pos = sampler.position_at(step);
         if epoch_plan.epoch() != pos.epoch {
             epoch_plan = sampler.epoch(pos.epoch);
@@ -420,12 +479,29 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
             window_skipped = 0;
         }
         if save_steps > 0 && done % save_steps == 0 && done < total {
+            let dir = setup.output_dir.join(format!("checkpoint-{done}"));
             eng.gather_full(trainable_mut(setup))?;
             if par.rank == 0 {
-                let dir = setup.output_dir.join(format!("checkpoint-{done}"));
                 save_model(setup, &dir)?;
             }
             eng.release_full(trainable_mut(setup));
+            let info = checkpoint::SaveInfo {
+                step: done,
+                world: par.world,
+                plan: plan.label(),
+                global_batch: layout.global_batch_size(),
+                seed: setup.seed,
+                trainable: trainable_kind,
+                scaler: match &scaling {
+                    Scaling::Dynamic(d) => Some(d.clone()),
+                    _ => None,
+                },
+            };
+            let t = match &setup.lora {
+                Some((_, a)) => a,
+                None => &setup.base,
+            };
+            checkpoint::save(&dir, &mut eng, t, par.rank, &info)?;
         }
     }
     let (param_bytes, grad_bytes, optimizer_bytes, frozen_bytes) =

@@ -1,0 +1,356 @@
+//! Sharded, reshardable checkpoints: `checkpoint-<step>/` holds a manifest, one safetensors
+//! shard per shard-group rank (its owned slice of every flat unit: fp32 parameters and AdamW
+//! moments) with its sha256, and a `COMMITTED` marker written last. Rank 0 also writes the
+//! model as a Hugging Face directory beside them (for `trainer generate` and transformers).
+//!
+//! Writing: every rank of the first replica writes `rank-<r>.safetensors` (temp name, fsync,
+//! rename) and `rank-<r>.json` (its sha256 and size); after a barrier rank 0 writes
+//! `manifest.json` and then `COMMITTED`. A directory without the marker is never resumed from.
+//!
+//! Resuming: any world size and plan. Every rank reads the shards one at a time, checks each
+//! file's sha256 against the manifest, and keeps the elements its new layout needs (all
+//! parameters below ZeRO-3, its shard at ZeRO-3, the moments of its owned shard). The data
+//! position, the learning-rate schedule and dropout seeds are functions of the step; the fp16
+//! loss scaler's state is in the manifest.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use ringmaster_model::hf::{RawTensor, read_safetensors, save_tensors, write_atomic};
+use ringmaster_model::{DType, ParamStore};
+use ringmaster_optim::scaler::DynamicLossScaler;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::engine::{Engine, UnitState};
+
+/// The manifest's file name.
+pub const MANIFEST: &str = "manifest.json";
+/// The marker written once every shard and the manifest are on disk.
+pub const COMMITTED: &str = "COMMITTED";
+/// Manifest format version.
+pub const FORMAT: u32 = 1;
+
+/// A tensor's place in its flat unit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TensorPlace {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Offset of its first element in the unit.
+    pub offset: usize,
+}
+
+/// One flat unit of the saved layout.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UnitEntry {
+    pub unit: usize,
+    /// Elements without padding.
+    pub numel: usize,
+    /// Elements of each rank's shard.
+    pub shard: usize,
+    pub tensors: Vec<TensorPlace>,
+}
+
+/// One rank's shard file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShardFile {
+    /// Shard index (the rank in the shard group).
+    pub shard: usize,
+    pub file: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Ranks of the run that saved it, and of its shard group.
+    pub world: usize,
+    pub shard_group: usize,
+    /// The plan's name and ZeRO stage.
+    pub plan: String,
+    pub stage: u8,
+    /// Samples per optimizer step and the sampler's seed (the data position is a function of
+    /// the step for these two).
+    pub global_batch: usize,
+    pub seed: u64,
+    /// What the shards hold: `full` (the model's parameters) or `lora` (the adapters).
+    pub trainable: String,
+    /// AdamW steps taken (fewer than `step` when fp16 steps were skipped).
+    pub adam_step: u64,
+    /// The fp16 dynamic loss scaler, when used.
+    pub scaler: Option<DynamicLossScaler>,
+    pub units: Vec<UnitEntry>,
+    pub shards: Vec<ShardFile>,
+}
+
+/// What a run saves besides the engine's state.
+pub struct SaveInfo<'a> {
+    pub step: u64,
+    pub world: usize,
+    pub plan: String,
+    pub global_batch: usize,
+    pub seed: u64,
+    pub trainable: &'a str,
+    pub scaler: Option<DynamicLossScaler>,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn shard_name(k: usize) -> String {
+    format!("rank-{k:05}.safetensors")
+}
+
+/// Writes this rank's shard and, on rank 0 after every shard is written, the manifest and the
+/// commit marker. Every rank calls it at the same step.
+pub fn save(
+    dir: &Path,
+    eng: &mut Engine<'_>,
+    trainable: &ParamStore,
+    rank: usize,
+    info: &SaveInfo<'_>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let k = eng.shard_rank();
+    if eng.writes_shard() {
+        let state = eng.export_state(trainable);
+        let mut tensors = Vec::with_capacity(3 * state.len());
+        for (u, s) in state.iter().enumerate() {
+            for (what, v) in [
+                ("param", &s.param),
+                ("exp_avg", &s.exp_avg),
+                ("exp_avg_sq", &s.exp_avg_sq),
+            ] {
+                tensors.push((
+                    format!("unit{u}.{what}"),
+                    RawTensor::encode(v, vec![v.len()], DType::F32),
+                ));
+            }
+        }
+        let name = shard_name(k);
+        save_tensors(
+            dir,
+            &name,
+            &format!("{name}.index.json"),
+            &format!("rank-{k:05}-part"),
+            &tensors,
+            u64::MAX,
+        )
+        .with_context(|| format!("writing checkpoint shard {}", dir.join(&name).display()))?;
+        drop(tensors);
+        let bytes = std::fs::read(dir.join(&name))
+            .with_context(|| format!("reading back {}", dir.join(&name).display()))?;
+        let entry = ShardFile {
+            shard: k,
+            file: name,
+            sha256: sha256_hex(&bytes),
+            bytes: bytes.len() as u64,
+        };
+        write_atomic(
+            &dir.join(format!("rank-{k:05}.json")),
+            (serde_json::to_string(&entry)? + "\n").as_bytes(),
+        )?;
+    }
+    if let Some(c) = eng.groups.main.as_deref_mut() {
+        c.barrier()
+            .map_err(|e| anyhow!("checkpoint {}: waiting for every shard: {e}", dir.display()))?;
+    }
+    if rank != 0 {
+        return Ok(());
+    }
+    let layout = eng.layout();
+    let mut shards = Vec::with_capacity(layout.group);
+    for k in 0..layout.group {
+        let p = dir.join(format!("rank-{k:05}.json"));
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        shards.push(
+            serde_json::from_str::<ShardFile>(&text)
+                .with_context(|| format!("parsing {}", p.display()))?,
+        );
+    }
+    let specs = trainable.specs();
+    let manifest = Manifest {
+        format: FORMAT,
+        step: info.step,
+        world: info.world,
+        shard_group: layout.group,
+        plan: info.plan.clone(),
+        stage: eng.stage(),
+        global_batch: info.global_batch,
+        seed: info.seed,
+        trainable: info.trainable.to_owned(),
+        adam_step: eng.adam_step(),
+        scaler: info.scaler.clone(),
+        units: layout
+            .units
+            .iter()
+            .map(|u| UnitEntry {
+                unit: u.unit,
+                numel: u.numel,
+                shard: u.shard,
+                tensors: u
+                    .tensors
+                    .clone()
+                    .zip(&u.offsets)
+                    .map(|(t, &offset)| TensorPlace {
+                        name: specs[t].name.clone(),
+                        shape: specs[t].shape.clone(),
+                        offset,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        shards,
+    };
+    write_atomic(
+        &dir.join(MANIFEST),
+        (serde_json::to_string_pretty(&manifest)? + "\n").as_bytes(),
+    )?;
+    write_atomic(&dir.join(COMMITTED), format!("{}\n", info.step).as_bytes())?;
+    Ok(())
+}
+
+/// Reads and checks a committed checkpoint's manifest.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    if !dir.join(COMMITTED).is_file() {
+        bail!(
+            "checkpoint {} is not committed (no {COMMITTED} marker: a rank never finished \
+             writing it)",
+            dir.display()
+        );
+    }
+    let p = dir.join(MANIFEST);
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let m: Manifest =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+    if m.format != FORMAT {
+        bail!(
+            "{}: format {} (this build reads {FORMAT})",
+            p.display(),
+            m.format
+        );
+    }
+    Ok(m)
+}
+
+/// The newest committed `checkpoint-<step>` directory under `output_dir`.
+pub fn latest(output_dir: &Path) -> Option<PathBuf> {
+    let mut best: Option<(u64, PathBuf)> = None;
+    for entry in std::fs::read_dir(output_dir).ok()?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(step) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if entry.path().join(COMMITTED).is_file() && best.as_ref().is_none_or(|(b, _)| step > *b) {
+            best = Some((step, entry.path()));
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+/// Loads `dir` into the engine (any saved layout into the current one); returns the manifest.
+/// `trainable` receives the parameters below ZeRO-3. Checks that the checkpoint is of the same
+/// model and the same global batch.
+pub fn load(
+    dir: &Path,
+    eng: &mut Engine<'_>,
+    trainable: &mut ParamStore,
+    trainable_kind: &str,
+    global_batch: usize,
+) -> Result<Manifest> {
+    let m = read_manifest(dir)?;
+    if m.trainable != trainable_kind {
+        bail!(
+            "checkpoint {} holds `{}` weights but this run trains `{trainable_kind}`",
+            dir.display(),
+            m.trainable
+        );
+    }
+    if m.global_batch != global_batch {
+        bail!(
+            "checkpoint {} was saved with a global batch of {} samples, this run has {} \
+             (world x micro-batch x accumulation): the data position would not carry over",
+            dir.display(),
+            m.global_batch,
+            global_batch
+        );
+    }
+    let layout = eng.layout().clone();
+    let specs = trainable.specs();
+    let same_units = m.units.len() == layout.units.len()
+        && m.units.iter().zip(&layout.units).all(|(a, b)| {
+            a.unit == b.unit
+                && a.numel == b.numel
+                && a.tensors.len() == b.tensors.len()
+                && a.tensors
+                    .iter()
+                    .zip(b.tensors.clone())
+                    .all(|(t, i)| t.name == specs[i].name && t.shape == specs[i].shape)
+        });
+    if !same_units {
+        bail!(
+            "checkpoint {} is of another model (its tensors or units differ from this run's)",
+            dir.display()
+        );
+    }
+    if m.shards.len() != m.shard_group {
+        bail!(
+            "checkpoint {}: the manifest lists {} shards for a shard group of {}",
+            dir.display(),
+            m.shards.len(),
+            m.shard_group
+        );
+    }
+    for s in &m.shards {
+        let path = dir.join(&s.file);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let sum = sha256_hex(&bytes);
+        if sum != s.sha256 {
+            bail!(
+                "checkpoint shard {} is corrupt: sha256 {sum}, the manifest says {}",
+                path.display(),
+                s.sha256
+            );
+        }
+        drop(bytes);
+        let mut tensors = read_safetensors(&path)
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("reading {}", path.display()))?;
+        for (u, unit) in m.units.iter().enumerate() {
+            let mut take = |what: &str| -> Result<Vec<f32>> {
+                let name = format!("unit{u}.{what}");
+                let (_, _, v) = tensors
+                    .remove(&name)
+                    .ok_or_else(|| anyhow!("{}: no tensor `{name}`", path.display()))?;
+                if v.len() != unit.shard {
+                    bail!(
+                        "{}: `{name}` has {} elements, the manifest says {}",
+                        path.display(),
+                        v.len(),
+                        unit.shard
+                    );
+                }
+                Ok(v)
+            };
+            let state = UnitState {
+                param: take("param")?,
+                exp_avg: take("exp_avg")?,
+                exp_avg_sq: take("exp_avg_sq")?,
+            };
+            eng.import_range(u, s.shard * unit.shard, &state, m.adam_step, trainable);
+        }
+    }
+    Ok(m)
+}
