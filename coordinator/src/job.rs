@@ -110,6 +110,9 @@ pub struct RankRecord {
     pub signal: Option<i32>,
     pub step: Option<u64>,
     pub collective_seq: Option<u64>,
+    /// When the rank's trainer last reported progress (Unix ms; not persisted).
+    #[serde(default, skip_serializing)]
+    pub last_report_ms: Option<u64>,
 }
 
 /// Why a generation ended: the root cause, not the ranks the launcher stopped afterwards.
@@ -122,6 +125,10 @@ pub struct Failure {
     pub signal: Option<i32>,
     pub message: String,
     pub log_tail: Vec<String>,
+    /// The rank whose last reported collective sequence number was behind the others' when the
+    /// generation ended (a hung or slow rank), if any was.
+    #[serde(default)]
+    pub lagging_rank: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -326,6 +333,7 @@ pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
                     signal: None,
                     message: format!("could not allocate MASTER_PORT: {message}"),
                     log_tail: Vec::new(),
+                    lagging_rank: None,
                 };
                 fail_generation(&mut job, failure, &mut actions);
             }
@@ -380,6 +388,7 @@ pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
                     signal: None,
                     message: format!("rank {rank} could not start: {message}"),
                     log_tail: Vec::new(),
+                    lagging_rank: None,
                 };
                 fail_generation(&mut job, failure, &mut actions);
             } else {
@@ -435,6 +444,7 @@ pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
                     signal,
                     message: format!("rank {rank} on {node} {how}"),
                     log_tail: tail(log_tail),
+                    lagging_rank: None,
                 };
                 fail_generation(&mut job, failure, &mut actions);
             }
@@ -465,6 +475,7 @@ pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
                     signal: None,
                     message,
                     log_tail: Vec::new(),
+                    lagging_rank: None,
                 };
                 fail_generation(&mut job, failure, &mut actions);
             } else {
@@ -520,6 +531,7 @@ fn start_generation(job: &mut Job, sel: Vec<Selected>, actions: &mut Vec<Action>
             signal: None,
             step: None,
             collective_seq: None,
+            last_report_ms: None,
         })
         .collect();
     let node0 = sel[0].name.clone();
@@ -540,7 +552,55 @@ fn start_generation(job: &mut Job, sel: Vec<Selected>, actions: &mut Vec<Action>
 }
 
 /// Records the root cause and ends the generation everywhere (gang abort).
-fn fail_generation(job: &mut Job, failure: Failure, actions: &mut Vec<Action>) {
+/// Reports older than this, while other ranks reported since, mark a rank as silent (trainers
+/// send a heartbeat every second).
+pub const SILENT_MS: u64 = 3_000;
+
+/// The lagging rank among `(rank, collective seq, last report ms)`: the rank whose collective
+/// sequence number is behind the others' (a hung rank stays behind while the others wait
+/// inside the next call), else the rank whose reports stopped while the others' go on (a
+/// stopped process, whose heartbeat stopped too). Ranks that never reported are not blamed;
+/// ties go to the lowest rank.
+pub fn lagging_rank(
+    ranks: impl IntoIterator<Item = (u32, Option<u64>, Option<u64>)>,
+) -> Option<u32> {
+    let seen: Vec<(u32, u64, u64)> = ranks
+        .into_iter()
+        .filter_map(|(r, s, t)| Some((r, s?, t.unwrap_or(0))))
+        .collect();
+    let max = seen.iter().map(|x| x.1).max()?;
+    let (rank, min, _) = *seen.iter().min_by_key(|x| (x.1, x.0))?;
+    if min < max {
+        return Some(rank);
+    }
+    let newest = seen.iter().map(|x| x.2).max()?;
+    let (rank, _, oldest) = *seen.iter().min_by_key(|x| (x.2, x.0))?;
+    (newest.saturating_sub(oldest) > SILENT_MS).then_some(rank)
+}
+
+impl Job {
+    /// The running rank that lags the others now, if any.
+    pub fn lagging_rank(&self) -> Option<u32> {
+        lagging_rank(
+            self.ranks
+                .iter()
+                .filter(|r| r.state == RankState::Running)
+                .map(|r| (r.rank, r.collective_seq, r.last_report_ms)),
+        )
+    }
+}
+
+fn fail_generation(job: &mut Job, mut failure: Failure, actions: &mut Vec<Action>) {
+    failure.lagging_rank = lagging_rank(
+        job.ranks
+            .iter()
+            .map(|r| (r.rank, r.collective_seq, r.last_report_ms)),
+    );
+    if let Some(l) = failure.lagging_rank {
+        failure.message.push_str(&format!(
+            "; rank {l} was lagging (behind the others' collective calls)"
+        ));
+    }
     job.failure = Some(failure.clone());
     job.failures.push(failure);
     let alive = !job.all_ranks_done();
@@ -806,6 +866,34 @@ mod tests {
         assert_eq!(f.rank, Some(2));
         assert!(f.message.contains("lost"));
         assert!(matches!(a[0], Action::StopWorkers { .. }));
+    }
+
+    #[test]
+    fn lagging_rank_is_the_one_behind_the_others() {
+        let t = Some(100_000);
+        let s = |n| Some(n);
+        assert_eq!(
+            lagging_rank([(0, s(7), t), (1, s(7), t), (2, s(6), t), (3, s(7), t)]),
+            Some(2)
+        );
+        // Everyone level and reporting, or nothing reported: nobody lags.
+        assert_eq!(lagging_rank([(0, s(7), t), (1, s(7), t)]), None);
+        assert_eq!(lagging_rank([(0, None, None), (1, None, None)]), None);
+        // Ranks that never reported are not blamed; ties go to the lowest rank.
+        assert_eq!(
+            lagging_rank([(0, None, None), (1, s(3), t), (2, s(3), t), (3, s(5), t)]),
+            Some(1)
+        );
+        // Level, but one rank's reports stopped (a stopped process): that one.
+        let old = Some(100_000 - SILENT_MS - 1);
+        assert_eq!(
+            lagging_rank([(0, s(9), t), (1, s(9), old), (2, s(9), t)]),
+            Some(1)
+        );
+        assert_eq!(
+            lagging_rank([(0, s(9), t), (1, s(9), Some(100_000 - 500))]),
+            None
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ fn failure(f: &Failure) -> pb::Failure {
         message: f.message.clone(),
         log_tail: f.log_tail.clone(),
         generation: f.generation,
+        lagging_rank: f.lagging_rank,
     }
 }
 
@@ -61,6 +62,7 @@ pub fn job_status(job: &Job) -> pb::JobStatus {
         master_addr: job.master_addr.clone(),
         master_port: job.master_port,
         failures: job.failures.iter().map(failure).collect(),
+        lagging_rank: job.lagging_rank(),
     }
 }
 
@@ -73,6 +75,7 @@ fn failure_json(f: &pb::Failure) -> Value {
         "message": f.message,
         "log_tail": f.log_tail,
         "generation": f.generation,
+        "lagging_rank": f.lagging_rank,
     })
 }
 
@@ -110,6 +113,7 @@ pub fn to_json(s: &pb::JobStatus) -> Value {
         },
         "last_checkpoint": s.last_checkpoint.as_ref().map(|c| json!({"step": c.step, "path": c.path})),
         "failure": s.failure.as_ref().map(failure_json),
+        "lagging_rank": s.lagging_rank,
         "failures": s.failures.iter().map(failure_json).collect::<Vec<_>>(),
         "created_unix_ms": s.created_unix_ms,
         "updated_unix_ms": s.updated_unix_ms,

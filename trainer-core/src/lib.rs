@@ -13,9 +13,11 @@
 pub mod collective_cli;
 pub mod data_cli;
 pub mod dist;
+pub mod export;
 pub mod progress;
 pub mod rendezvous;
 pub mod run;
+pub mod signals;
 pub mod train;
 
 use std::path::Path;

@@ -5,6 +5,8 @@
 //! `trainer eval CONFIG.yaml`: exact-match evaluation of the trained model in output_dir.
 //! `trainer generate --model DIR --prompt TEXT`: greedy decoding.
 //! `trainer merge --base DIR --adapter DIR --out DIR`: a LoRA adapter merged into its base.
+//! `trainer export CHECKPOINT --out DIR [--merge-lora]`: a Hugging Face directory from a
+//! sharded checkpoint, streamed one tensor at a time.
 //! `trainer init-model`, `trainer logits`: random HF models and their logits (HF parity checks).
 
 use std::path::PathBuf;
@@ -78,6 +80,11 @@ fn main() -> ExitCode {
         let args = ringmaster_trainer::run::MergeArgs::parse_from(argv);
         return exit(ringmaster_trainer::run::merge(args));
     }
+    if sub.as_deref() == Some("export") {
+        argv.remove(1);
+        let args = ringmaster_trainer::export::ExportArgs::parse_from(argv);
+        return exit(ringmaster_trainer::export::export(args));
+    }
     if sub.as_deref() == Some("eval") {
         argv.remove(1);
         let args = Args::parse_from(argv);
@@ -91,7 +98,7 @@ fn main() -> ExitCode {
 }
 
 /// Exit codes: 0 success; 2 a bad config, flag or input file (nothing was trained); 1 a
-/// failure while running.
+/// failure while running; 143 stopped by SIGTERM after committing a checkpoint.
 fn exit(r: Result<(), ringmaster_trainer::run::RunError>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -101,6 +108,12 @@ fn exit(r: Result<(), ringmaster_trainer::run::RunError>) -> ExitCode {
         }
         Err(ringmaster_trainer::run::RunError::Failed(e)) => {
             eprintln!("trainer: {e:#}");
+            if e.downcast_ref::<ringmaster_trainer::train::Terminated>()
+                .is_some()
+            {
+                // 128 + SIGTERM, as a shell reports a process ended by the signal.
+                return ExitCode::from(143);
+            }
             ExitCode::from(1)
         }
     }

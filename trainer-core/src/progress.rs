@@ -3,8 +3,12 @@
 //! blocks training: reports go through a bounded channel to a background thread and are dropped
 //! when it is full or the coordinator cannot be reached.
 
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ringmaster_collectives::{AbortHandle, BufMut, CommError, Communicator, ReduceOp};
 use ringmaster_proto as pb;
 use tokio::sync::mpsc;
 
@@ -34,6 +38,72 @@ pub struct ProgressReporter {
     tx: mpsc::Sender<pb::Progress>,
     scope: pb::Scope,
     rank: u32,
+    last: Arc<Mutex<Option<pb::Progress>>>,
+}
+
+/// A communicator that publishes the sequence number of the call it is in (or last made) at
+/// the start of every call, so that a heartbeat can report it while the call blocks: when one
+/// rank hangs, the others are already inside the next collective and the hung rank is the one
+/// whose number stays behind (the coordinator names it as the lagging rank).
+pub struct Tracked<C> {
+    inner: C,
+    seq: Arc<AtomicU64>,
+}
+
+impl<C: Communicator> Tracked<C> {
+    /// Wraps `inner`; the handle reads the published sequence number.
+    pub fn new(inner: C) -> (Self, Arc<AtomicU64>) {
+        let seq = Arc::new(AtomicU64::new(inner.seq()));
+        (
+            Tracked {
+                inner,
+                seq: seq.clone(),
+            },
+            seq,
+        )
+    }
+
+    fn starting(&self) {
+        self.seq.store(self.inner.seq() + 1, Ordering::Relaxed);
+    }
+}
+
+impl<C: Communicator> Communicator for Tracked<C> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn seq(&self) -> u64 {
+        self.inner.seq()
+    }
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.inner.set_timeout(timeout);
+    }
+    fn abort_handle(&self) -> AbortHandle {
+        self.inner.abort_handle()
+    }
+    fn all_reduce(&mut self, buf: BufMut<'_>, op: ReduceOp) -> Result<(), CommError> {
+        self.starting();
+        self.inner.all_reduce(buf, op)
+    }
+    fn reduce_scatter(&mut self, buf: BufMut<'_>, op: ReduceOp) -> Result<Range<usize>, CommError> {
+        self.starting();
+        self.inner.reduce_scatter(buf, op)
+    }
+    fn all_gather(&mut self, buf: BufMut<'_>) -> Result<(), CommError> {
+        self.starting();
+        self.inner.all_gather(buf)
+    }
+    fn broadcast(&mut self, buf: BufMut<'_>, root: usize) -> Result<(), CommError> {
+        self.starting();
+        self.inner.broadcast(buf, root)
+    }
+    fn barrier(&mut self) -> Result<(), CommError> {
+        self.starting();
+        self.inner.barrier()
+    }
 }
 
 impl ProgressReporter {
@@ -80,12 +150,41 @@ impl ProgressReporter {
             tx,
             scope: pb::Scope { job_id, generation },
             rank: rank as u32,
+            last: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// Every `period`, re-sends the last report with the sequence number `seq` holds now (see
+    /// [`Tracked`]), until the reporter is dropped.
+    pub fn start_heartbeat(&self, seq: Arc<AtomicU64>, period: Duration) {
+        let tx = self.tx.clone();
+        let last = self.last.clone();
+        let base = pb::Progress {
+            scope: Some(self.scope.clone()),
+            rank: self.rank,
+            ..Default::default()
+        };
+        let _ = std::thread::Builder::new()
+            .name("progress-heartbeat".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(period);
+                    let mut p = last
+                        .lock()
+                        .map(|l| l.clone())
+                        .unwrap_or(None)
+                        .unwrap_or_else(|| base.clone());
+                    p.collective_seq = seq.load(Ordering::Relaxed);
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(p) {
+                        return;
+                    }
+                }
+            });
     }
 
     /// Queues a report (dropped if the queue is full).
     pub fn report(&self, r: StepReport) {
-        let _ = self.tx.try_send(pb::Progress {
+        let p = pb::Progress {
             scope: Some(self.scope.clone()),
             rank: self.rank,
             step: r.step,
@@ -96,7 +195,11 @@ impl ProgressReporter {
             collective_seq: r.collective_seq,
             compute_seconds: r.compute_seconds,
             collective_wait_seconds: r.collective_wait_seconds,
-        });
+        };
+        if let Ok(mut l) = self.last.lock() {
+            *l = Some(p.clone());
+        }
+        let _ = self.tx.try_send(p);
     }
 }
 

@@ -52,16 +52,20 @@ fn broadcast_weights(setup: &mut Setup, comm: &mut dyn Communicator) -> anyhow::
 
 /// `trainer [train] CONFIG.yaml`.
 pub fn train(config: &Path) -> Result<(), RunError> {
+    crate::signals::install().map_err(failed)?;
     let (mut setup, rank, world) = setup(config)?;
     let timeout = setup
         .cfg
         .ddp_timeout
         .map(std::time::Duration::from_secs)
         .unwrap_or(crate::dist::DEFAULT_TIMEOUT);
-    let mut ring = if world > 1 {
-        Some(crate::dist::connect(rank, world, timeout).map_err(failed)?)
+    let (mut ring, seq) = if world > 1 {
+        let (r, seq) = crate::progress::Tracked::new(
+            crate::dist::connect(rank, world, timeout).map_err(failed)?,
+        );
+        (Some(r), Some(seq))
     } else {
-        None
+        (None, None)
     };
     if let Some(r) = ring.as_mut() {
         broadcast_weights(&mut setup, r).map_err(failed)?;
@@ -88,6 +92,9 @@ pub fn train(config: &Path) -> Result<(), RunError> {
         None
     };
     let progress = crate::progress::ProgressReporter::from_env(rank);
+    if let (Some(p), Some(seq)) = (progress.as_ref(), seq) {
+        p.start_heartbeat(seq, std::time::Duration::from_secs(1));
+    }
     let mut par = Parallel {
         rank,
         world,

@@ -182,9 +182,14 @@ impl Drop for Procs {
 }
 
 fn run(config: &Path, world: usize, local: usize, store: &Path) {
+    run_env(config, world, local, store, &[]);
+}
+
+fn run_env(config: &Path, world: usize, local: usize, store: &Path, env: &[(&str, &str)]) {
     let mut procs = Procs(Vec::new());
     for rank in 0..world {
         let child = Command::new(TRAINER)
+            .envs(env.iter().copied())
             .arg(config)
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", world.to_string())
@@ -440,6 +445,48 @@ fn checkpoints_resume_on_any_world_size_and_plan_and_refuse_corruption() {
     }
     let full = losses(&dir.join("a"));
     assert_eq!(full.len(), 10);
+    // `trainer export` streams the 4 ZeRO-3 shards into one Hugging Face file: the same
+    // tensors, bit for bit, as the directory rank 0 gathered at that step.
+    let exported = dir.join("exported");
+    let out = Command::new(TRAINER)
+        .args([
+            "export",
+            ckpt.to_str().unwrap(),
+            "--out",
+            exported.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = hf::load_dir(&exported).unwrap();
+    let want = hf::load_dir(&ckpt).unwrap();
+    assert!(
+        got.params.bit_equal(&want.params),
+        "export differs from the gathered save"
+    );
+    assert!(exported.join("tokenizer.json").is_file());
+    assert!(
+        !exported.join("manifest.json").exists()
+            && !exported.join("rank-00000.safetensors").exists()
+    );
+    let out = Command::new(TRAINER)
+        .args([
+            "export",
+            dir.join("a").to_str().unwrap(),
+            "--out",
+            exported.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "not a committed checkpoint is a usage error"
+    );
     let reference = hf::load_dir(&dir.join("a")).unwrap().params;
     let z1 = ds(1, false, false);
     let resume = format!(
@@ -480,4 +527,177 @@ fn checkpoints_resume_on_any_world_size_and_plan_and_refuse_corruption() {
     std::fs::remove_file(bad.join("COMMITTED")).unwrap();
     let err = run_failing(&cfg, 1, &dir.join("store-bad2"));
     assert!(err.contains("not committed"), "{err}");
+}
+
+/// `save_total_limit` keeps the newest committed checkpoints; a restarted generation
+/// (`RINGMASTER_GENERATION` > 0) resumes from the newest committed one by itself, and when its
+/// shard is corrupt falls back to the one before, saying so — and still continues as the
+/// uninterrupted run did.
+#[test]
+fn save_total_limit_and_restarted_generation_fall_back_past_a_corrupt_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    fixture(dir);
+    let z2 = ds(2, false, false);
+    let cfg = write_config(dir, "run", 2, 2, Some(("deepspeed", &z2)), "");
+    with_steps(&cfg, "max_steps: 10\nsave_steps: 2\nsave_total_limit: 2\n");
+    run(&cfg, 2, 2, &dir.join("store-1"));
+    let out = dir.join("run");
+    let mut left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    left.sort();
+    assert_eq!(left, ["checkpoint-6", "checkpoint-8"]);
+    let full = losses(&out);
+    let reference = hf::load_dir(&out).unwrap().params;
+    // Corrupt the newest; generation 1 of the same job resumes from checkpoint-6.
+    let shard = out.join("checkpoint-8/rank-00000.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0x01;
+    std::fs::write(&shard, bytes).unwrap();
+    std::fs::rename(out.join("trainer_log.jsonl"), dir.join("first-log.jsonl")).unwrap();
+    let mut procs = Procs(Vec::new());
+    let store = dir.join("store-2");
+    for rank in 0..2 {
+        procs.0.push(
+            Command::new(TRAINER)
+                .arg(&cfg)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("LOCAL_WORLD_SIZE", "2")
+                .env("RINGMASTER_STORE_DIR", &store)
+                .env("RINGMASTER_JOB_ID", "gen-test")
+                .env("RINGMASTER_GENERATION", "1")
+                .env_remove("RINGMASTER_COORDINATOR")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let mut err0 = String::new();
+    for (rank, child) in procs.0.iter_mut().enumerate() {
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "rank {rank}: {err}");
+        if rank == 0 {
+            err0 = err;
+        }
+    }
+    assert!(
+        err0.contains("checkpoint-8/rank-00000.safetensors is corrupt")
+            && err0.contains("trying the previous committed checkpoint")
+            && err0.contains("resumed from")
+            && err0.contains("at step 6"),
+        "{err0}"
+    );
+    assert_close("run", dir, &full[6..], &reference, 1e-5);
+}
+
+/// SIGUSR1 to one rank of two: both commit a checkpoint at the same step and train on. SIGTERM
+/// to the other: both finish the step, commit a checkpoint and exit with 143;
+/// `resume_from_checkpoint: true` continues from the newest.
+#[test]
+fn sigterm_checkpoints_every_rank_then_exits_and_resume_continues() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    fixture(dir);
+    let cfg = write_config(dir, "run", 2, 2, None, "");
+    with_steps(&cfg, "max_steps: 100000\n");
+    let store = dir.join("store-1");
+    let mut procs = Procs(Vec::new());
+    for rank in 0..2 {
+        procs.0.push(
+            Command::new(TRAINER)
+                .arg(&cfg)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("LOCAL_WORLD_SIZE", "2")
+                .env("RINGMASTER_STORE_DIR", &store)
+                .env("RINGMASTER_JOB_ID", "term-test")
+                .env_remove("RINGMASTER_COORDINATOR")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    // Rank 0 prints a line per step: after the third, SIGUSR1 to rank 0 asks for a checkpoint
+    // (training goes on); once it is committed, SIGTERM to rank 1 only.
+    let out = procs.0[0].stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(out).lines();
+    let mut seen = 0;
+    let run_dir = dir.join("run");
+    let committed = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .map(|r| {
+                r.filter_map(|e| e.ok())
+                    .filter(|e| e.path().join("COMMITTED").is_file())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    while committed(&run_dir).is_empty() {
+        let line = lines.next().expect("rank 0 ended early").unwrap();
+        if line.starts_with("step ") {
+            seen += 1;
+            if seen == 3 {
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(procs.0[0].id() as i32),
+                    nix::sys::signal::SIGUSR1,
+                )
+                .unwrap();
+            }
+            assert!(seen < 1000, "no checkpoint after SIGUSR1");
+        }
+    }
+    let first = committed(&run_dir);
+    for _ in 0..2 {
+        lines
+            .next()
+            .expect("training goes on after the checkpoint")
+            .unwrap();
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(procs.0[1].id() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .unwrap();
+    std::thread::spawn(move || for _ in lines {});
+    for (rank, child) in procs.0.iter_mut().enumerate() {
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(143), "rank {rank}: {status}");
+    }
+    let out = dir.join("run");
+    let all = committed(&out);
+    assert_eq!(
+        all.len(),
+        2,
+        "the SIGUSR1 and the SIGTERM checkpoints: {all:?}"
+    );
+    let step_of = |n: &str| n["checkpoint-".len()..].parse::<usize>().unwrap();
+    assert!(step_of(&first[0]) >= 3, "{first:?}");
+    let step = all.iter().map(|n| step_of(n)).max().unwrap();
+    assert!(step > step_of(&first[0]), "{all:?}");
+    assert_eq!(losses(&out).len(), step);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "max_steps: 100000\n",
+        &format!("max_steps: {}\nresume_from_checkpoint: true\n", step + 2),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    run(&cfg, 2, 2, &dir.join("store-2"));
+    assert_eq!(losses(&out).len(), step + 2, "the log continues");
 }

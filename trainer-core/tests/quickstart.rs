@@ -4,7 +4,7 @@
 //!
 //! The shipped config is written for 4 ranks (`ringctl local ... --nodes 2 --slots 2`,
 //! micro-batch 16 each: global batch 64). This test runs one process with micro-batch 64: the
-//! same global batch and, by the data-parallel and accumulation equivalences (tests/ddp.rs,
+//! same global batch and, by the data-parallel and accumulation equivalences (tests/engines.rs,
 //! tests/train.rs), the same optimizer steps, at a quarter of the per-call overhead.
 
 use std::path::PathBuf;
@@ -19,6 +19,9 @@ fn quickstart_reaches_90_percent_exact_match() {
     let abs = |p: &Option<String>| Some(root.join(p.as_deref().unwrap()).display().to_string());
     cfg.model_name_or_path = abs(&cfg.model_name_or_path);
     cfg.dataset_dir = abs(&cfg.dataset_dir);
+    if cfg.deepspeed.is_some() {
+        cfg.deepspeed = abs(&cfg.deepspeed);
+    }
     let out = tempfile::tempdir().unwrap();
     cfg.output_dir = Some(out.path().display().to_string());
     cfg.per_device_train_batch_size = Some(4 * cfg.per_device_train_batch_size.unwrap());

@@ -163,6 +163,19 @@ pub enum Command {
     },
     /// Memory per GPU and per node of every plan (DeepSpeed's estimators); no coordinator needed.
     Estimate(estimate::EstimateArgs),
+    /// A Hugging Face directory from a sharded checkpoint (any world size and plan), written one
+    /// tensor at a time; runs `trainer export` (next to ringctl, else on PATH).
+    Export {
+        checkpoint: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// A LoRA checkpoint: merge the adapters into the base model.
+        #[arg(long)]
+        merge_lora: bool,
+        /// float32 (default), bfloat16 or float16.
+        #[arg(long)]
+        dtype: Option<String>,
+    },
 }
 
 /// Resolves the coordinator address from the flag, the environment, or the default.
@@ -211,6 +224,37 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
     let addr = coordinator_addr(args.coordinator.as_deref());
     match args.command {
         Command::Estimate(a) => estimate::run(&a),
+        Command::Export {
+            checkpoint,
+            out,
+            merge_lora,
+            dtype,
+        } => {
+            let trainer = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(|d| d.join("trainer")))
+                .filter(|p| p.exists())
+                .unwrap_or_else(|| PathBuf::from("trainer"));
+            let mut cmd = std::process::Command::new(&trainer);
+            cmd.arg("export").arg(&checkpoint).arg("--out").arg(&out);
+            if merge_lora {
+                cmd.arg("--merge-lora");
+            }
+            if let Some(d) = dtype {
+                cmd.arg("--dtype").arg(d);
+            }
+            let status = cmd
+                .status()
+                .map_err(|e| CliError::failed(format!("running {}: {e}", trainer.display())))?;
+            match status.code() {
+                Some(0) => Ok(Exit::Ok),
+                Some(2) => Err(CliError::usage("export refused its input (see above)")),
+                _ => Err(CliError::failed(format!(
+                    "{} export: {status}",
+                    trainer.display()
+                ))),
+            }
+        }
         Command::Local {
             file,
             nodes,

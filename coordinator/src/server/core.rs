@@ -848,6 +848,7 @@ impl Core {
         if let Some(r) = job.ranks.get_mut(p.rank as usize) {
             r.step = Some(p.step);
             r.collective_seq = Some(p.collective_seq);
+            r.last_report_ms = Some(now_ms());
         }
         if p.rank == 0 {
             job.progress.step = Some(p.step);

@@ -124,6 +124,9 @@ pub struct TrainConfig {
     pub packing: Option<bool>,
     pub deepspeed: Option<String>,
     pub fsdp_config: Option<String>,
+    /// A checkpoint directory, or `true` for the newest committed one in `output_dir` (the HF
+    /// Trainer's two forms).
+    #[serde(default, deserialize_with = "bool_or_string")]
     pub resume_from_checkpoint: Option<String>,
     pub preprocessing_num_workers: Option<u32>,
     pub report_to: Option<StringOrList>,
@@ -381,6 +384,20 @@ impl TrainConfig {
             .cloned()
             .collect()
     }
+}
+
+/// A YAML value that is either a boolean or a string, read as a string (`true` → "true").
+fn bool_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum V {
+        B(bool),
+        S(String),
+    }
+    Ok(Option::<V>::deserialize(d)?.map(|v| match v {
+        V::B(b) => b.to_string(),
+        V::S(s) => s,
+    }))
 }
 
 #[cfg(test)]

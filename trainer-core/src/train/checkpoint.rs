@@ -119,6 +119,15 @@ pub fn save(
     info: &SaveInfo<'_>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Saving again into a directory (a resumed run reaching the same step): the old marker goes
+    // before any shard changes, so the directory is never committed with mixed shards. Every
+    // rank removes it before writing; rank 0 writes the new one only after the barrier.
+    match std::fs::remove_file(dir.join(COMMITTED)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(anyhow!("removing {}: {e}", dir.join(COMMITTED).display()));
+        }
+        _ => {}
+    }
     let k = eng.shard_rank();
     if eng.writes_shard() {
         let state = eng.export_state(trainable);
@@ -242,22 +251,50 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     Ok(m)
 }
 
-/// The newest committed `checkpoint-<step>` directory under `output_dir`.
-pub fn latest(output_dir: &Path) -> Option<PathBuf> {
-    let mut best: Option<(u64, PathBuf)> = None;
-    for entry in std::fs::read_dir(output_dir).ok()?.flatten() {
+/// The committed `checkpoint-<step>` directories under `output_dir`, newest first.
+pub fn committed(output_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(step) = name
+        if let Some(step) = name
             .strip_prefix("checkpoint-")
             .and_then(|s| s.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        if entry.path().join(COMMITTED).is_file() && best.as_ref().is_none_or(|(b, _)| step > *b) {
-            best = Some((step, entry.path()));
+            && entry.path().join(COMMITTED).is_file()
+        {
+            found.push((step, entry.path()));
         }
     }
-    best.map(|(_, p)| p)
+    found.sort_by_key(|x| std::cmp::Reverse(x.0));
+    found
+}
+
+/// The newest committed `checkpoint-<step>` directory under `output_dir`.
+pub fn latest(output_dir: &Path) -> Option<PathBuf> {
+    committed(output_dir).into_iter().next().map(|(_, p)| p)
+}
+
+/// `save_total_limit`: deletes committed checkpoints beyond the newest `keep`, never `protect`
+/// (the one the run resumed from). Returns the directories removed.
+pub fn prune(output_dir: &Path, keep: usize, protect: Option<&Path>) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for (_, dir) in committed(output_dir).into_iter().skip(keep.max(1)) {
+        let same = |p: &Path| match (p.canonicalize(), dir.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if protect.is_some_and(same) {
+            continue;
+        }
+        // The marker goes first: a half-deleted directory is never taken for a checkpoint.
+        std::fs::remove_file(dir.join(COMMITTED))
+            .and_then(|_| std::fs::remove_dir_all(&dir))
+            .with_context(|| format!("removing old checkpoint {}", dir.display()))?;
+        removed.push(dir);
+    }
+    Ok(removed)
 }
 
 /// Loads `dir` into the engine (any saved layout into the current one); returns the manifest.
@@ -313,6 +350,8 @@ pub fn load(
             m.shard_group
         );
     }
+    // Every shard is checked before anything is loaded, so a failed load leaves the engine as
+    // it was and the caller can fall back to an older checkpoint.
     for s in &m.shards {
         let path = dir.join(&s.file);
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -324,7 +363,9 @@ pub fn load(
                 s.sha256
             );
         }
-        drop(bytes);
+    }
+    for s in &m.shards {
+        let path = dir.join(&s.file);
         let mut tensors = read_safetensors(&path)
             .map_err(|e| anyhow!("{e}"))
             .with_context(|| format!("reading {}", path.display()))?;

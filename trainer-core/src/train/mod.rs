@@ -112,6 +112,13 @@ pub fn trainable_stage(plan: &ringmaster_config::plan::Plan, lora: bool) -> u8 {
     }
 }
 
+/// The run stopped on SIGTERM after committing a checkpoint at `step`.
+#[derive(Debug, thiserror::Error)]
+#[error("terminated by SIGTERM after step {step} (checkpoint committed)")]
+pub struct Terminated {
+    pub step: u64,
+}
+
 /// The loss scale of a step and what to do with its gradients.
 enum Scaling {
     None,
@@ -137,28 +144,42 @@ fn trainable_mut(setup: &mut Setup) -> &mut ParamStore {
     }
 }
 
-/// The checkpoint to resume from: `RINGMASTER_RESUME_FROM` (set by the coordinator for a
-/// restarted generation), else the config's `resume_from_checkpoint` (a checkpoint directory,
-/// or `true` for the newest committed one in `output_dir`, as the HF Trainer reads it).
-fn resume_dir(setup: &Setup) -> Result<Option<std::path::PathBuf>> {
+/// The checkpoints to resume from, in order of preference: `RINGMASTER_RESUME_FROM` (set by
+/// the coordinator), else the config's `resume_from_checkpoint` (a directory, or `true` for the
+/// newest committed one in `output_dir` as the HF Trainer reads it), else — in a restarted
+/// generation (`RINGMASTER_GENERATION` > 0) — the committed checkpoints of `output_dir`, newest
+/// first (a corrupt one falls back to the one before).
+fn resume_candidates(setup: &Setup) -> Result<Vec<std::path::PathBuf>> {
     if let Ok(p) = std::env::var("RINGMASTER_RESUME_FROM")
         && !p.is_empty()
     {
-        return Ok(Some(p.into()));
+        return Ok(vec![p.into()]);
     }
+    let all = || -> Vec<std::path::PathBuf> {
+        checkpoint::committed(&setup.output_dir)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect()
+    };
     match setup.cfg.resume_from_checkpoint.as_deref() {
-        None | Some("") | Some("false") | Some("False") => Ok(None),
-        Some("true") | Some("True") => {
-            checkpoint::latest(&setup.output_dir)
-                .map(Some)
-                .ok_or_else(|| {
-                    anyhow!(
-                        "resume_from_checkpoint: true, but {} holds no committed checkpoint",
-                        setup.output_dir.display()
-                    )
-                })
+        None | Some("") | Some("false") | Some("False") => {
+            let generation: u64 = std::env::var("RINGMASTER_GENERATION")
+                .ok()
+                .and_then(|g| g.parse().ok())
+                .unwrap_or(0);
+            Ok(if generation > 0 { all() } else { Vec::new() })
         }
-        Some(p) => Ok(Some(p.into())),
+        Some("true") | Some("True") => {
+            let found = all();
+            if found.is_empty() {
+                return Err(anyhow!(
+                    "resume_from_checkpoint: true, but {} holds no committed checkpoint",
+                    setup.output_dir.display()
+                ));
+            }
+            Ok(found)
+        }
+        Some(p) => Ok(vec![p.into()]),
     }
 }
 
@@ -255,16 +276,34 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
     eng.shard_params(trainable_mut(setup));
     let trainable_kind = if is_lora { "lora" } else { "full" };
     let mut start_step = 0u64;
-    if let Some(dir) = resume_dir(setup)? {
-        let m = checkpoint::load(
-            &dir,
+    let mut resumed_from = None;
+    let candidates = resume_candidates(setup)?;
+    let automatic = candidates.len() > 1 || std::env::var("RINGMASTER_RESUME_FROM").is_err();
+    for (i, dir) in candidates.iter().enumerate() {
+        let m = match checkpoint::load(
+            dir,
             &mut eng,
             trainable_mut(setup),
             trainable_kind,
             layout.global_batch_size(),
-        )?;
+        ) {
+            Ok(m) => m,
+            // A restarted generation falls back to the previous committed checkpoint when the
+            // newest cannot be used (corrupt shard); an explicit path is an error.
+            Err(e) if automatic && i + 1 < candidates.len() => {
+                eprintln!(
+                    "trainer: warning: rank {}: cannot resume from {}: {e:#}; trying the previous \
+                     committed checkpoint",
+                    par.rank,
+                    dir.display()
+                );
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        resumed_from = Some(dir.clone());
         start_step = m.step;
-        if let (Scaling::Dynamic(d), Some(saved)) = (&mut scaling, m.scaler) {
+        if let (Scaling::Dynamic(d), Some(saved)) = (&mut scaling, m.scaler.clone()) {
             d.cur_scale = saved.cur_scale;
             d.cur_iter = saved.cur_iter;
             d.last_overflow_iter = saved.last_overflow_iter;
@@ -279,7 +318,16 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
                 m.plan
             );
         }
+        break;
     }
+    let dir_of = |d: &std::path::PathBuf| d.display().to_string();
+    if !candidates.is_empty() && resumed_from.is_none() {
+        return Err(anyhow!(
+            "no usable checkpoint among {}",
+            candidates.iter().map(dir_of).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let save_total_limit = setup.cfg.save_total_limit.map(|n| n as usize);
     let frozen = if is_lora { setup.base.numel() } else { 0 };
     let cfg_model = setup.model.clone();
     if par.rank == 0 {
@@ -401,11 +449,18 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
             eng.accumulate(grads)?;
         }
         let mut step_loss = local_loss;
+        // SIGTERM on any rank stops every rank after this step, with a checkpoint: the flag
+        // travels with the loss.
+        let mut stop = crate::signals::terminated();
+        let mut ckpt_now = crate::signals::take_checkpoint_request();
         if let Some(comm) = eng.groups.main.as_deref_mut() {
-            let mut l = [local_loss as f32];
+            let flag = |b: bool| if b { 1.0 } else { 0.0 };
+            let mut l = [local_loss as f32, flag(stop), flag(ckpt_now)];
             comm.all_reduce((&mut l[..]).into(), ReduceOp::Sum)
                 .map_err(|e| anyhow!("step {step}: {e}"))?;
             step_loss = l[0] as f64;
+            stop = l[1] > 0.0;
+            ckpt_now = l[2] > 0.0;
         }
         eng.reduce().with_context(|| format!("step {step}"))?;
         // fp16: unscale, then skip the step on overflow (DeepSpeed's dynamic loss scaling).
@@ -478,7 +533,7 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
             window_steps = 0;
             window_skipped = 0;
         }
-        if save_steps > 0 && done % save_steps == 0 && done < total {
+        if (save_steps > 0 && done % save_steps == 0 || stop || ckpt_now) && done < total {
             let dir = setup.output_dir.join(format!("checkpoint-{done}"));
             eng.gather_full(trainable_mut(setup))?;
             if par.rank == 0 {
@@ -502,6 +557,22 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
                 None => &setup.base,
             };
             checkpoint::save(&dir, &mut eng, t, par.rank, &info)?;
+            if par.rank == 0
+                && let Some(keep) = save_total_limit
+            {
+                for d in checkpoint::prune(&setup.output_dir, keep, resumed_from.as_deref())? {
+                    eprintln!("trainer: save_total_limit {keep}: removed {}", d.display());
+                }
+            }
+            if stop {
+                if par.rank == 0 {
+                    eprintln!(
+                        "trainer: stopped by SIGTERM after step {done}; checkpoint {} committed",
+                        dir.display()
+                    );
+                }
+                return Err(anyhow::Error::new(Terminated { step: done }));
+            }
         }
     }
     let (param_bytes, grad_bytes, optimizer_bytes, frozen_bytes) =

@@ -247,7 +247,6 @@ pub fn resolve(
     for (key, set) in [
         ("eval_steps", cfg.eval_steps.is_some()),
         ("val_size", cfg.val_size.is_some()),
-        ("save_total_limit", cfg.save_total_limit.is_some()),
         (
             "preprocessing_num_workers",
             cfg.preprocessing_num_workers.is_some(),
