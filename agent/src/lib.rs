@@ -383,6 +383,15 @@ impl Agent {
                 self.sup
                     .stop(&s.job_id, s.generation, Duration::from_millis(s.grace_ms));
             }
+            Msg::SignalWorkers(s) => match nix::sys::signal::Signal::try_from(s.signal) {
+                Ok(sig) => {
+                    let n = self.sup.signal(&s.job_id, s.generation, sig);
+                    tracing::info!(job = %s.job_id, generation = s.generation, signal = %sig, workers = n, reason = %s.reason, "signalled workers");
+                }
+                Err(_) => {
+                    tracing::warn!(job = %s.job_id, signal = s.signal, "unknown signal number; ignored")
+                }
+            },
             Msg::AllocatePort(a) => {
                 let bind = if self.cfg.advertise_addr.is_empty() {
                     "0.0.0.0:0".to_owned()

@@ -145,6 +145,9 @@ pub struct CheckpointRef {
     pub path: String,
 }
 
+/// How many checkpoint warnings a job keeps.
+pub const MAX_CHECKPOINT_WARNINGS: usize = 32;
+
 /// Everything the coordinator knows of one job; persisted as JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
@@ -165,7 +168,16 @@ pub struct Job {
     pub failure: Option<Failure>,
     pub failures: Vec<Failure>,
     pub progress: Progress,
+    /// The newest checkpoint a generation committed (every rank's shard written and verified);
+    /// the next generation resumes from it (RINGMASTER_RESUME_FROM).
     pub last_checkpoint: Option<CheckpointRef>,
+    /// Where the current generation started from, as its rank 0 reported it.
+    #[serde(default)]
+    pub resumed_from: Option<CheckpointRef>,
+    /// Checkpoints a resume passed over and why, oldest first (at most
+    /// [`MAX_CHECKPOINT_WARNINGS`], the newest kept).
+    #[serde(default)]
+    pub checkpoint_warnings: Vec<String>,
     /// Set while the current generation is being torn down (gang abort or cancel).
     pub stopping: bool,
     pub created_unix_ms: u64,
@@ -194,6 +206,8 @@ impl Job {
             failures: Vec::new(),
             progress: Progress::default(),
             last_checkpoint: None,
+            resumed_from: None,
+            checkpoint_warnings: Vec::new(),
             stopping: false,
             created_unix_ms: now_ms,
             updated_unix_ms: now_ms,

@@ -63,6 +63,11 @@ pub fn job_status(job: &Job) -> pb::JobStatus {
         master_port: job.master_port,
         failures: job.failures.iter().map(failure).collect(),
         lagging_rank: job.lagging_rank(),
+        resumed_from: job.resumed_from.as_ref().map(|c| pb::CheckpointRef {
+            step: c.step,
+            path: c.path.clone(),
+        }),
+        checkpoint_warnings: job.checkpoint_warnings.clone(),
     }
 }
 
@@ -112,6 +117,8 @@ pub fn to_json(s: &pb::JobStatus) -> Value {
             "tokens_per_second": p.tokens_per_second,
         },
         "last_checkpoint": s.last_checkpoint.as_ref().map(|c| json!({"step": c.step, "path": c.path})),
+        "resumed_from": s.resumed_from.as_ref().map(|c| json!({"step": c.step, "path": c.path})),
+        "checkpoint_warnings": s.checkpoint_warnings,
         "failure": s.failure.as_ref().map(failure_json),
         "lagging_rank": s.lagging_rank,
         "failures": s.failures.iter().map(failure_json).collect::<Vec<_>>(),
@@ -163,6 +170,8 @@ mod tests {
             "ranks",
             "progress",
             "last_checkpoint",
+            "resumed_from",
+            "checkpoint_warnings",
             "failure",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");

@@ -194,3 +194,308 @@ fn a_stopped_rank_times_out_the_others_and_is_named_as_lagging() {
     assert_eq!(st["generation"], 1);
     assert_eq!(losses(&log).len(), 40);
 }
+
+/// `training_config_with`, then `max_steps` and `save_steps` replaced.
+fn config_steps(c: &Cluster, name: &str, max: u64, save: u64, extra: &str) -> std::path::PathBuf {
+    let p = training_config_with(c, name, extra);
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("max_steps: 30", &format!("max_steps: {max}"))
+        .replace("save_steps: 10", &format!("save_steps: {save}"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn text(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+}
+
+fn step_of(st: &serde_json::Value, key: &str) -> Option<u64> {
+    st[key]["step"].as_u64()
+}
+
+/// Issue 6, triggers and acceptance 6: `ringctl checkpoint` makes every rank checkpoint after
+/// the same step and waits for the commit; `ringctl cancel --checkpoint` checkpoints, ends the
+/// job and reports it; both land in the status as `last_checkpoint`. Then a byte flipped in
+/// the newest one: a run resuming from the output dir detects the sha256 mismatch, resumes from
+/// the previous committed checkpoint, and the status says so.
+#[test]
+fn ringctl_checkpoint_and_cancel_checkpoint_commit_and_a_corrupt_one_is_passed_over() {
+    let _serial = ringmaster_tests::timing_sensitive();
+    let mut c = Cluster::start(Some(HOSTFILE), "10s");
+    c.start_agent("w0", 2, &[]);
+    c.start_agent("w1", 2, &[]);
+    c.wait_joined(&["w0", "w1"]);
+    let cfg = config_steps(&c, "k", 400, 0, "");
+    let job = c.submit(
+        "k-job.yaml",
+        &format!("name: k\ntrain: {}\n", cfg.display()),
+    );
+    wait_until(Duration::from_secs(300), "step 3", || {
+        (c.status(&job)["progress"]["step"].as_u64()? >= 3).then_some(())
+    });
+
+    let out = c.ringctl(&["checkpoint", &job]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("committed at"), "{}", text(&out));
+    let st = c.status(&job);
+    let n = step_of(&st, "last_checkpoint").expect("a committed checkpoint");
+    let dir_n = c.path(&format!("k/checkpoint-{n}"));
+    assert_eq!(st["last_checkpoint"]["path"], dir_n.display().to_string());
+    assert!(dir_n.join("COMMITTED").is_file());
+    for r in 0..4 {
+        assert!(dir_n.join(format!("rank-{r:05}.safetensors")).is_file());
+    }
+    assert_eq!(
+        st["state"], "RUNNING",
+        "on-demand checkpoints do not stop the job"
+    );
+
+    wait_until(Duration::from_secs(300), "two more steps", || {
+        (c.status(&job)["progress"]["step"].as_u64()? >= n + 2).then_some(())
+    });
+    let out = c.ringctl(&["cancel", &job, "--checkpoint"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("CANCELLED; checkpoint step"),
+        "{}",
+        text(&out)
+    );
+    let st = c.status(&job);
+    assert_eq!(st["state"], "CANCELLED");
+    let m = step_of(&st, "last_checkpoint").unwrap();
+    assert!(m >= n + 2, "cancel checkpoint at {m}, on-demand one at {n}");
+    assert!(c.path(&format!("k/checkpoint-{m}/COMMITTED")).is_file());
+
+    // A command job cannot be asked to checkpoint: a usage error.
+    let sleeper = c.submit("sleep.yaml", "command: [sleep, '60']\n");
+    c.wait_state(&sleeper, &["RUNNING"], Duration::from_secs(30));
+    let out = c.ringctl(&["checkpoint", &sleeper]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("runs a command"), "{}", text(&out));
+    c.ringctl(&["cancel", &sleeper, "--grace", "0s"]);
+
+    // Corrupt the newest checkpoint; a new job resuming from the output dir passes over it.
+    let shard = c.path(&format!("k/checkpoint-{m}/rank-00002.safetensors"));
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let i = bytes.len() - 10;
+    bytes[i] ^= 0x5a;
+    std::fs::write(&shard, bytes).unwrap();
+    let resume_cfg = c.path("k2.yaml");
+    std::fs::write(
+        &resume_cfg,
+        std::fs::read_to_string(&cfg).unwrap() + "resume_from_checkpoint: true\n",
+    )
+    .unwrap();
+    let job2 = c.submit(
+        "k2-job.yaml",
+        &format!("name: k2\ntrain: {}\n", resume_cfg.display()),
+    );
+    let st = wait_until(Duration::from_secs(120), "the resume report", || {
+        let st = c.status(&job2);
+        step_of(&st, "resumed_from").map(|_| st)
+    });
+    assert_eq!(step_of(&st, "resumed_from"), Some(n), "{st:#}");
+    let warnings = st["checkpoint_warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{st:#}");
+    let w = warnings[0].as_str().unwrap();
+    assert!(
+        w.contains(&format!("checkpoint-{m}")) && w.contains("rank-00002.safetensors is corrupt"),
+        "{w}"
+    );
+    let shown = text(&c.ringctl(&["status", &job2]));
+    assert!(
+        shown.contains("warning:") && shown.contains("is corrupt"),
+        "{shown}"
+    );
+    let out = c.ringctl(&["cancel", &job2]);
+    assert!(out.status.success(), "{}", text(&out));
+    c.wait_state(&job2, &["CANCELLED"], Duration::from_secs(30));
+}
+
+/// Issue 6, acceptance 5: SIGKILL the coordinator mid-training and start it again. Training
+/// goes on meanwhile (the ring is peer to peer); the trainers commit a checkpoint while it is
+/// down (they do not wait for it), and the coordinator records it once their progress streams
+/// reconnect; the job completes in generation 0.
+#[test]
+fn a_restarted_coordinator_learns_of_a_checkpoint_taken_while_it_was_down() {
+    let _serial = ringmaster_tests::timing_sensitive();
+    let mut c = Cluster::start(Some(HOSTFILE), "30s");
+    c.start_agent("w0", 2, &[]);
+    c.start_agent("w1", 2, &[]);
+    c.wait_joined(&["w0", "w1"]);
+    let cfg = config_steps(&c, "d", 40, 10, "");
+    let job = c.submit(
+        "d-job.yaml",
+        &format!("name: d\ntrain: {}\n", cfg.display()),
+    );
+    let log = c.path("d/trainer_log.jsonl");
+    wait_until(Duration::from_secs(300), "step 3", || {
+        (losses(&log).len() >= 3).then_some(())
+    });
+    let port: u16 = c.addr.rsplit(':').next().unwrap().parse().unwrap();
+    c.coordinator.as_ref().unwrap().signal(Signal::SIGKILL);
+    c.coordinator
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(5));
+    wait_until(
+        Duration::from_secs(300),
+        "checkpoint-10 and step 12",
+        || {
+            (c.path("d/checkpoint-10/COMMITTED").is_file() && losses(&log).len() >= 12)
+                .then_some(())
+        },
+    );
+    c.start_coordinator(Some(port));
+    let st = wait_until(Duration::from_secs(30), "the checkpoint recorded", || {
+        let st = c.status(&job);
+        (step_of(&st, "last_checkpoint")? >= 10).then_some(st)
+    });
+    assert!(
+        st["last_checkpoint"]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("/d/checkpoint-10")
+            || step_of(&st, "last_checkpoint").unwrap() > 10,
+        "{st:#}"
+    );
+    let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(300));
+    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
+    assert_eq!(st["generation"], 0, "{st:#}");
+    assert_eq!(losses(&log).len(), 40);
+    assert_eq!(step_of(&st, "last_checkpoint"), Some(30), "{st:#}");
+}
+
+/// Issue 6, acceptance 4: SIGKILL an agent. Its ranks die with it, the generation ends, the
+/// job waits for the node; when the agent comes back the job restarts and resumes from the
+/// last committed checkpoint the coordinator recorded (RINGMASTER_RESUME_FROM).
+#[test]
+fn a_killed_agent_restarts_the_job_when_the_node_rejoins_and_it_resumes() {
+    let _serial = ringmaster_tests::timing_sensitive();
+    let mut c = Cluster::start(Some(HOSTFILE), "3s");
+    c.start_agent("w0", 2, &[]);
+    let w1 = c.start_agent("w1", 2, &[]);
+    c.wait_joined(&["w0", "w1"]);
+    let cfg = config_steps(&c, "n", 30, 10, "");
+    let job = c.submit(
+        "n-job.yaml",
+        &format!("name: n\nmax_restarts: 1\ntrain: {}\n", cfg.display()),
+    );
+    let committed = wait_until(Duration::from_secs(300), "a recorded checkpoint", || {
+        step_of(&c.status(&job), "last_checkpoint")
+    });
+    c.agents[w1].signal(Signal::SIGKILL);
+    c.agents[w1].wait_exit(Duration::from_secs(5));
+    let st = c.wait_state(&job, &["RESTARTING", "FAILED"], Duration::from_secs(30));
+    assert_eq!(st["state"], "RESTARTING", "{st:#}");
+    // The first failure recorded is whichever rank noticed first: often one of w0's ranks,
+    // failing on its lost peers, before the coordinator times w1's heartbeat out.
+    assert!(!st["failures"].as_array().unwrap().is_empty(), "{st:#}");
+    // The job waits for the node rather than fail.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(c.status(&job)["state"], "RESTARTING");
+    c.start_agent("w1", 2, &[]);
+    let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(300));
+    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
+    assert_eq!(st["generation"], 1, "{st:#}");
+    let resumed = step_of(&st, "resumed_from").expect("generation 1 resumed");
+    assert!(
+        resumed >= committed,
+        "resumed at {resumed}, committed {committed}"
+    );
+    assert!(st["checkpoint_warnings"].as_array().unwrap().is_empty());
+    assert_eq!(losses(&c.path("n/trainer_log.jsonl")).len(), 30);
+}
+
+/// Unmounts a test tmpfs on drop.
+struct Mounted(std::path::PathBuf);
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Issue 6, acceptance 7: an output dir that fills up. The output dir is a 40 MiB tmpfs (one
+/// checkpoint of this model is ~26 MiB): checkpoint-5 commits, checkpoint-10 fails with ENOSPC,
+/// named in the failure; the job restarts from checkpoint-5 per its max_restarts, fails the
+/// same way, and ends FAILED with checkpoint-5 intact (it exports). Where the machine does not
+/// allow a tmpfs mount, checkpoint-10's path is taken by a file instead (a save that cannot
+/// create its directory), and the test says which it ran.
+#[test]
+fn a_full_output_dir_fails_the_save_and_keeps_earlier_checkpoints() {
+    let _serial = ringmaster_tests::timing_sensitive();
+    let mut c = Cluster::start(Some(HOSTFILE), "10s");
+    c.start_agent("w0", 2, &[]);
+    c.start_agent("w1", 2, &[]);
+    c.wait_joined(&["w0", "w1"]);
+    let full = c.path("full");
+    std::fs::create_dir_all(&full).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=40m", "tmpfs"])
+        .arg(&full)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let _guard = mounted.then(|| Mounted(full.clone()));
+    let cfg = config_steps(&c, "full/out", 12, 5, "");
+    if !mounted {
+        eprintln!("no tmpfs mount allowed here: checkpoint-10's path is blocked by a file");
+        std::fs::create_dir_all(c.path("full/out")).unwrap();
+        std::fs::write(c.path("full/out/checkpoint-10"), b"in the way").unwrap();
+    }
+    let job = c.submit(
+        "full-job.yaml",
+        &format!("name: full\nmax_restarts: 1\ntrain: {}\n", cfg.display()),
+    );
+    let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(300));
+    assert_eq!(st["state"], "FAILED", "{st:#}");
+    assert_eq!(st["generation"], 1, "it restarted once: {st:#}");
+    assert_eq!(st["failures"].as_array().unwrap().len(), 2, "{st:#}");
+    let why = if mounted {
+        "No space left on device"
+    } else {
+        "exists"
+    };
+    for generation in ["0", "1"] {
+        // The rank that hit the error names the checkpoint and the cause (the others fail on
+        // the lost peer after it).
+        let logs: Vec<String> = (0..4)
+            .map(|r| {
+                text(&c.ringctl(&[
+                    "logs",
+                    &job,
+                    "--rank",
+                    &r.to_string(),
+                    "--generation",
+                    generation,
+                ]))
+            })
+            .collect();
+        assert!(
+            logs.iter()
+                .any(|l| l.contains("saving the checkpoint of step 10")
+                    && l.contains("checkpoint-10")
+                    && l.contains(why)),
+            "generation {generation}: {logs:#?}"
+        );
+    }
+    assert_eq!(step_of(&st, "last_checkpoint"), Some(5), "{st:#}");
+    assert_eq!(step_of(&st, "resumed_from"), Some(5), "{st:#}");
+    assert!(c.path("full/out/checkpoint-5/COMMITTED").is_file());
+    let out = c.ringctl(&[
+        "export",
+        c.path("full/out/checkpoint-5").to_str().unwrap(),
+        "--out",
+        c.path("exported").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "checkpoint-5 is intact: {}",
+        text(&out)
+    );
+    assert!(c.path("exported/model.safetensors").is_file());
+}

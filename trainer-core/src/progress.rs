@@ -33,12 +33,47 @@ pub struct StepReport {
     pub collective_wait_seconds: f64,
 }
 
-/// Sends [`StepReport`]s of one rank to the coordinator.
+/// Sends [`StepReport`]s of one rank to the coordinator. The stream reconnects (every second)
+/// when the coordinator goes away, and the checkpoint and resume facts ride on every report, so
+/// a coordinator restarted mid-run learns of a checkpoint committed while it was down.
 pub struct ProgressReporter {
-    tx: mpsc::Sender<pb::Progress>,
+    tx: Option<mpsc::Sender<pb::Progress>>,
     scope: pb::Scope,
     rank: u32,
     last: Arc<Mutex<Option<pb::Progress>>>,
+    sticky: Arc<Mutex<Sticky>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+/// Facts every report carries once known.
+#[derive(Default, Clone)]
+struct Sticky {
+    committed: Option<pb::CheckpointRef>,
+    resume: Option<pb::ResumeReport>,
+}
+
+impl Sticky {
+    fn apply(&self, p: &mut pb::Progress) {
+        p.committed_checkpoint = self.committed.clone();
+        p.resume = self.resume.clone();
+    }
+}
+
+/// The receiving half of the report queue as a stream that can be handed to one RPC after
+/// another: a broken stream gives the queue back.
+struct Shared(Arc<Mutex<mpsc::Receiver<pb::Progress>>>);
+
+impl tokio_stream::Stream for Shared {
+    type Item = pb::Progress;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<pb::Progress>> {
+        match self.0.lock() {
+            Ok(mut rx) => rx.poll_recv(cx),
+            Err(_) => std::task::Poll::Ready(None),
+        }
+    }
 }
 
 /// A communicator that publishes the sequence number of the call it is in (or last made) at
@@ -118,6 +153,7 @@ impl ProgressReporter {
             .and_then(|g| g.parse().ok())
             .unwrap_or(0);
         let (tx, rx) = mpsc::channel::<pb::Progress>(64);
+        let (done_tx, done) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("progress".into())
             .spawn(move || {
@@ -127,38 +163,28 @@ impl ProgressReporter {
                 else {
                     return;
                 };
-                rt.block_on(async move {
-                    let ch = match tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    {
-                        Ok(e) => e.connect_timeout(Duration::from_secs(10)).tcp_nodelay(true),
-                        Err(_) => return,
-                    };
-                    let Ok(ch) = ch.connect().await else {
-                        eprintln!(
-                            "trainer: progress: coordinator at {addr} unreachable; not reporting"
-                        );
-                        return;
-                    };
-                    let mut client =
-                        pb::rendezvous_service_client::RendezvousServiceClient::new(ch);
-                    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-                    let _ = client.report_progress(stream).await;
-                });
+                rt.block_on(send_loop(addr, rx));
+                let _ = done_tx.send(());
             })
             .ok()?;
         Some(ProgressReporter {
-            tx,
+            tx: Some(tx),
             scope: pb::Scope { job_id, generation },
             rank: rank as u32,
             last: Arc::new(Mutex::new(None)),
+            sticky: Arc::new(Mutex::new(Sticky::default())),
+            done,
         })
     }
 
     /// Every `period`, re-sends the last report with the sequence number `seq` holds now (see
-    /// [`Tracked`]), until the reporter is dropped.
+    /// [`Tracked`]), until the reporter is finished or dropped.
     pub fn start_heartbeat(&self, seq: Arc<AtomicU64>, period: Duration) {
-        let tx = self.tx.clone();
+        let Some(tx) = self.tx.as_ref().map(|t| t.downgrade()) else {
+            return;
+        };
         let last = self.last.clone();
+        let sticky = self.sticky.clone();
         let base = pb::Progress {
             scope: Some(self.scope.clone()),
             rank: self.rank,
@@ -175,6 +201,12 @@ impl ProgressReporter {
                         .unwrap_or(None)
                         .unwrap_or_else(|| base.clone());
                     p.collective_seq = seq.load(Ordering::Relaxed);
+                    if let Ok(s) = sticky.lock() {
+                        s.apply(&mut p);
+                    }
+                    let Some(tx) = tx.upgrade() else {
+                        return;
+                    };
                     if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(p) {
                         return;
                     }
@@ -184,7 +216,7 @@ impl ProgressReporter {
 
     /// Queues a report (dropped if the queue is full).
     pub fn report(&self, r: StepReport) {
-        let p = pb::Progress {
+        let mut p = pb::Progress {
             scope: Some(self.scope.clone()),
             rank: self.rank,
             step: r.step,
@@ -195,11 +227,126 @@ impl ProgressReporter {
             collective_seq: r.collective_seq,
             compute_seconds: r.compute_seconds,
             collective_wait_seconds: r.collective_wait_seconds,
+            ..Default::default()
         };
+        if let Ok(s) = self.sticky.lock() {
+            s.apply(&mut p);
+        }
         if let Ok(mut l) = self.last.lock() {
             *l = Some(p.clone());
         }
-        let _ = self.tx.try_send(p);
+        self.send(p);
+    }
+
+    fn send(&self, p: pb::Progress) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.try_send(p);
+        }
+    }
+
+    /// Re-sends the last report (or an empty one) with the sticky facts updated by `f`.
+    fn update(&self, f: impl FnOnce(&mut Sticky)) {
+        let Ok(mut s) = self.sticky.lock() else {
+            return;
+        };
+        f(&mut s);
+        let mut p = self
+            .last
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or(None)
+            .unwrap_or_else(|| pb::Progress {
+                scope: Some(self.scope.clone()),
+                rank: self.rank,
+                ..Default::default()
+            });
+        s.apply(&mut p);
+        drop(s);
+        if let Ok(mut l) = self.last.lock() {
+            *l = Some(p.clone());
+        }
+        self.send(p);
+    }
+
+    /// Rank 0: every rank's shard of the checkpoint at `dir` is written and the commit marker is
+    /// down. The coordinator records it as the job's last checkpoint.
+    pub fn checkpoint_committed(&self, step: u64, dir: &std::path::Path) {
+        let path = std::path::absolute(dir)
+            .unwrap_or_else(|_| dir.to_path_buf())
+            .display()
+            .to_string();
+        self.update(|s| s.committed = Some(pb::CheckpointRef { step, path }));
+    }
+
+    /// Rank 0: where this generation started from, and the checkpoints it passed over.
+    pub fn resumed(&self, from: Option<(u64, &std::path::Path)>, skipped: Vec<String>) {
+        let from = from.map(|(step, dir)| pb::CheckpointRef {
+            step,
+            path: std::path::absolute(dir)
+                .unwrap_or_else(|_| dir.to_path_buf())
+                .display()
+                .to_string(),
+        });
+        self.update(|s| s.resume = Some(pb::ResumeReport { from, skipped }));
+    }
+
+    /// Sends what is queued and waits (at most `timeout`) until the coordinator has it: a
+    /// trainer that exits right after a checkpoint does so only once the commit is recorded.
+    pub fn finish(mut self, timeout: Duration) {
+        self.tx = None;
+        let _ = self.done.recv_timeout(timeout);
+    }
+}
+
+/// Streams the queue to the coordinator at `addr` until the queue closes, reconnecting every
+/// second while it cannot be reached.
+async fn send_loop(addr: String, rx: mpsc::Receiver<pb::Progress>) {
+    let rx = Arc::new(Mutex::new(rx));
+    let closed = |rx: &Arc<Mutex<mpsc::Receiver<pb::Progress>>>| {
+        rx.lock()
+            .map(|r| r.is_closed() && r.is_empty())
+            .unwrap_or(true)
+    };
+    let mut warned = false;
+    loop {
+        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+            Ok(e) => e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true),
+            Err(e) => {
+                eprintln!(
+                    "trainer: progress: bad coordinator address {addr:?}: {e}; not reporting"
+                );
+                return;
+            }
+        };
+        match endpoint.connect().await {
+            Ok(ch) => {
+                warned = false;
+                let mut client = pb::rendezvous_service_client::RendezvousServiceClient::new(ch);
+                match client.report_progress(Shared(rx.clone())).await {
+                    // The queue closed and everything in it was delivered.
+                    Ok(_) => return,
+                    Err(e) if !warned => {
+                        eprintln!(
+                            "trainer: progress: stream to {addr} broke ({}); reconnecting",
+                            e.message()
+                        );
+                        warned = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+            Err(e) if !warned => {
+                eprintln!(
+                    "trainer: progress: coordinator at {addr} unreachable ({e}); retrying every second"
+                );
+                warned = true;
+            }
+            Err(_) => {}
+        }
+        if closed(&rx) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

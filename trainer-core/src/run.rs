@@ -102,7 +102,13 @@ pub fn train(config: &Path) -> Result<(), RunError> {
         hybrid,
         progress: progress.as_ref(),
     };
-    let summary = train::train(&mut setup, &mut par).map_err(failed)?;
+    let result = train::train(&mut setup, &mut par);
+    drop(par);
+    if let Some(p) = progress {
+        // A checkpoint committed just before the exit (SIGTERM) reaches the coordinator first.
+        p.finish(std::time::Duration::from_secs(5));
+    }
+    let summary = result.map_err(failed)?;
     if rank == 0 {
         println!(
             "trained {} steps, final loss {:.4}, {:.0} tokens/s{}; model saved to {}",

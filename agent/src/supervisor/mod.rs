@@ -323,6 +323,20 @@ impl Supervisor {
         }
     }
 
+    /// Delivers `sig` to the process group of every running worker of `job`'s `generation`;
+    /// returns how many got it.
+    pub fn signal(&self, job: &str, generation: u64, sig: Signal) -> usize {
+        let mut n = 0;
+        for (k, w) in &self.workers {
+            if k.0 == job && k.1 == generation && w.running.load(Ordering::Acquire) {
+                tracing::info!(job = %k.0, generation = k.1, rank = k.2, pid = w.pid, signal = %sig, "signalling worker");
+                kill::signal_group(w.pid, sig);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Stops every worker (agent shutdown).
     pub fn stop_all(&mut self, grace: Duration) {
         let keys: Vec<WorkerKey> = self.workers.keys().cloned().collect();

@@ -136,8 +136,27 @@ pub enum Command {
     /// Cancel a job: every process of it is stopped (SIGTERM, grace, SIGKILL).
     Cancel {
         job: String,
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-        grace: Duration,
+        /// How long processes get between SIGTERM and SIGKILL [default: 5s; 10m with
+        /// --checkpoint].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        grace: Option<Duration>,
+        /// Let the trainers checkpoint first (they do so on SIGTERM), wait until the job has
+        /// ended and report the checkpoint; exit 1 if none was committed.
+        #[arg(long)]
+        checkpoint: bool,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Ask every rank of a running `train:` job to checkpoint after the same next step, and wait
+    /// until the checkpoint is committed.
+    Checkpoint {
+        job: String,
+        /// Return once the request is delivered instead of waiting for the commit.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting (exit 1) after this long.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
@@ -340,20 +359,117 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             }
             Ok(Exit::Ok)
         }
-        Command::Cancel { job, grace, output } => {
+        Command::Cancel {
+            job,
+            grace,
+            checkpoint,
+            output,
+        } => {
             let mut client = connect(&addr).await?;
+            let before = if checkpoint {
+                let st = client
+                    .get(pb::GetJobRequest {
+                        job_id: job.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                Some(st.last_checkpoint)
+            } else {
+                None
+            };
+            let grace = grace.unwrap_or(if checkpoint {
+                Duration::from_secs(600)
+            } else {
+                Duration::from_secs(5)
+            });
             let st = client
                 .cancel(pb::CancelRequest {
-                    job_id: job,
+                    job_id: job.clone(),
                     grace_ms: grace.as_millis().max(1) as u64,
                 })
                 .await?
                 .into_inner();
+            let Some(before) = before else {
+                match output {
+                    Output::Json => print_json(&status::to_json(&st)),
+                    Output::Text => println!("{} {}", st.id, st.state),
+                }
+                return Ok(Exit::Ok);
+            };
+            // Wait until every process has exited: the trainers commit their checkpoint (and
+            // report it) before they exit.
+            let st = wait_for(&mut client, &job, grace + Duration::from_secs(30), |s| {
+                terminal(&s.state)
+                    && s.ranks
+                        .iter()
+                        .all(|r| !matches!(r.state.as_str(), "PENDING" | "STARTING" | "RUNNING"))
+            })
+            .await?;
             match output {
                 Output::Json => print_json(&status::to_json(&st)),
-                Output::Text => println!("{} {}", st.id, st.state),
+                Output::Text => match &st.last_checkpoint {
+                    Some(c) if st.last_checkpoint != before => {
+                        println!(
+                            "{} {}; checkpoint step {} at {}",
+                            st.id, st.state, c.step, c.path
+                        )
+                    }
+                    _ => println!("{} {}; no checkpoint committed", st.id, st.state),
+                },
             }
-            Ok(Exit::Ok)
+            Ok(
+                if st.last_checkpoint != before && st.last_checkpoint.is_some() {
+                    Exit::Ok
+                } else {
+                    Exit::Failed
+                },
+            )
+        }
+        Command::Checkpoint {
+            job,
+            no_wait,
+            timeout,
+            output,
+        } => {
+            let mut client = connect(&addr).await?;
+            let st = client
+                .checkpoint(pb::CheckpointRequest {
+                    job_id: job.clone(),
+                })
+                .await?
+                .into_inner();
+            let before = st.last_checkpoint.clone();
+            let st = if no_wait {
+                st
+            } else {
+                wait_for(&mut client, &job, timeout, |s| {
+                    s.last_checkpoint != before || terminal(&s.state)
+                })
+                .await?
+            };
+            let new = st.last_checkpoint != before && st.last_checkpoint.is_some();
+            match output {
+                Output::Json => print_json(&status::to_json(&st)),
+                Output::Text => match (&st.last_checkpoint, no_wait) {
+                    (_, true) => println!("{} checkpoint requested", st.id),
+                    (Some(c), false) if new => {
+                        println!(
+                            "{} checkpoint step {} committed at {}",
+                            st.id, c.step, c.path
+                        )
+                    }
+                    _ => println!(
+                        "{} {} before a checkpoint was committed",
+                        st.id,
+                        st.state.to_lowercase()
+                    ),
+                },
+            }
+            Ok(if no_wait || new {
+                Exit::Ok
+            } else {
+                Exit::Failed
+            })
         }
         Command::Nodes { output } => {
             let mut client = connect(&addr).await?;
@@ -386,6 +502,53 @@ pub async fn submit(
         .into_inner();
     resp.job
         .ok_or_else(|| CliError::failed("coordinator answered without a job"))
+}
+
+fn terminal(state: &str) -> bool {
+    matches!(state, "SUCCEEDED" | "FAILED" | "CANCELLED")
+}
+
+/// Follows a job's status until `done` holds; an error (exit 1) after `timeout` or when the
+/// stream ends first.
+async fn wait_for(
+    client: &mut pb::job_service_client::JobServiceClient<Channel>,
+    job: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&pb::JobStatus) -> bool,
+) -> Result<pb::JobStatus, CliError> {
+    let mut stream = client
+        .watch(pb::WatchRequest {
+            job_id: job.to_owned(),
+        })
+        .await?
+        .into_inner();
+    let wait = async {
+        while let Some(st) = stream.next().await {
+            let st = st?;
+            if done(&st) {
+                return Ok(st);
+            }
+        }
+        // The stream ends with the job; what follows (processes still exiting) is polled.
+        loop {
+            let st = client
+                .get(pb::GetJobRequest {
+                    job_id: job.to_owned(),
+                })
+                .await?
+                .into_inner();
+            if done(&st) {
+                return Ok::<_, CliError>(st);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(timeout, wait).await.map_err(|_| {
+        CliError::failed(format!(
+            "job {job}: gave up after {}",
+            humantime::format_duration(timeout)
+        ))
+    })?
 }
 
 /// Follows a job until it ends; exit 0 if it succeeded, 1 otherwise.

@@ -146,6 +146,12 @@ pub fn status_block(j: &pb::JobStatus) -> String {
     if let Some(c) = &j.last_checkpoint {
         let _ = writeln!(s, "checkpoint: step {} at {}", c.step, c.path);
     }
+    if let Some(c) = &j.resumed_from {
+        let _ = writeln!(s, "resumed:    step {} from {}", c.step, c.path);
+    }
+    for w in &j.checkpoint_warnings {
+        let _ = writeln!(s, "warning:    {w}");
+    }
     if !j.ranks.is_empty() {
         let mut rows = vec![
             ["RANK", "NODE", "LOCAL", "STATE", "PID", "EXIT", "STEP"]

@@ -14,7 +14,7 @@ use ringmaster_proto as pb;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
-use crate::job::{Action, Event, Job, JobState, RankState};
+use crate::job::{Action, CheckpointRef, Event, Job, JobState, RankState};
 use crate::persist::Persister;
 use crate::placement::{self, Busy, NodeView};
 use crate::server::rendezvous::Rendezvous;
@@ -60,6 +60,10 @@ pub enum Cmd {
     Cancel {
         id: String,
         grace_ms: u64,
+        reply: oneshot::Sender<Result<pb::JobStatus, Status>>,
+    },
+    Checkpoint {
+        id: String,
         reply: oneshot::Sender<Result<pb::JobStatus, Status>>,
     },
     Nodes {
@@ -396,6 +400,10 @@ impl Core {
                 } else {
                     Err(unknown_job(&id))
                 };
+                let _ = reply.send(r);
+            }
+            Cmd::Checkpoint { id, reply } => {
+                let r = self.request_checkpoint(&id);
                 let _ = reply.send(r);
             }
             Cmd::Nodes { reply } => {
@@ -835,6 +843,52 @@ impl Core {
         );
     }
 
+    /// `ringctl checkpoint`: SIGUSR1 to every worker of the running generation. Each trainer
+    /// raises a flag that travels with the next step's loss all-reduce, so that every rank
+    /// checkpoints after the same step; the commit comes back as `last_checkpoint`.
+    fn request_checkpoint(&mut self, id: &str) -> Result<pb::JobStatus, Status> {
+        let Some(job) = self.jobs.get(id) else {
+            return Err(unknown_job(id));
+        };
+        if job.spec.train.is_none() {
+            return Err(Status::invalid_argument(format!(
+                "job {id} runs a command, not the trainer: only `train:` jobs can be asked to                  checkpoint"
+            )));
+        }
+        if job.state != JobState::Running || job.stopping {
+            return Err(Status::failed_precondition(format!(
+                "job {id} is {}{}: a checkpoint can be requested only while it is RUNNING",
+                job.state.as_str(),
+                if job.stopping { " (stopping)" } else { "" }
+            )));
+        }
+        let generation = job.generation;
+        let nodes = job.nodes();
+        tracing::info!(job = %id, generation, "checkpoint requested");
+        let mut unreachable = Vec::new();
+        for node in nodes {
+            let sent = self.send_to(
+                &node,
+                pb::coordinator_message::Msg::SignalWorkers(pb::SignalWorkers {
+                    job_id: id.to_owned(),
+                    generation,
+                    signal: nix::sys::signal::Signal::SIGUSR1 as i32,
+                    reason: "checkpoint requested".into(),
+                }),
+            );
+            if !sent {
+                unreachable.push(node);
+            }
+        }
+        if !unreachable.is_empty() {
+            return Err(Status::unavailable(format!(
+                "node(s) {} not connected: the request did not reach every rank (the ranks that                  got it wait for the others at the next step, so none checkpoints alone)",
+                unreachable.join(", ")
+            )));
+        }
+        Ok(status::job_status(&self.jobs[id]))
+    }
+
     fn progress(&mut self, p: pb::Progress) {
         let Some(scope) = p.scope.as_ref() else {
             return;
@@ -850,6 +904,44 @@ impl Core {
             r.collective_seq = Some(p.collective_seq);
             r.last_report_ms = Some(now_ms());
         }
+        let mut persist = false;
+        if p.rank == 0
+            && let Some(c) = &p.committed_checkpoint
+            && job
+                .last_checkpoint
+                .as_ref()
+                .is_none_or(|l| l.path != c.path)
+        {
+            tracing::info!(job = %job.id, generation = job.generation, step = c.step, path = %c.path, "checkpoint committed");
+            job.last_checkpoint = Some(CheckpointRef {
+                step: c.step,
+                path: c.path.clone(),
+            });
+            persist = true;
+        }
+        if p.rank == 0
+            && let Some(r) = &p.resume
+        {
+            let from = r.from.as_ref().map(|c| CheckpointRef {
+                step: c.step,
+                path: c.path.clone(),
+            });
+            if job.resumed_from != from {
+                job.resumed_from = from;
+                let generation = job.generation;
+                for w in &r.skipped {
+                    tracing::warn!(job = %job.id, generation, "resume skipped {w}");
+                    job.checkpoint_warnings
+                        .push(format!("generation {generation}: skipped {w}"));
+                }
+                let n = job.checkpoint_warnings.len();
+                if n > crate::job::MAX_CHECKPOINT_WARNINGS {
+                    job.checkpoint_warnings
+                        .drain(..n - crate::job::MAX_CHECKPOINT_WARNINGS);
+                }
+                persist = true;
+            }
+        }
         if p.rank == 0 {
             job.progress.step = Some(p.step);
             job.progress.total_steps = (p.total_steps > 0).then_some(p.total_steps);
@@ -858,8 +950,12 @@ impl Core {
         }
         job.updated_unix_ms = now_ms();
         let id = job.id.clone();
-        // Progress is published, not persisted: it changes every step.
-        self.progressed.insert(id);
+        // Progress is published, not persisted: it changes every step. Checkpoints are both.
+        if persist {
+            self.save(&id);
+        } else {
+            self.progressed.insert(id);
+        }
     }
 
     // ───────────── jobs ─────────────
@@ -1075,6 +1171,10 @@ impl Core {
     }
 
     fn start_workers(&mut self, id: &str, generation: u64) {
+        if let Some(j) = self.jobs.get_mut(id) {
+            // The new generation reports where it resumed from.
+            j.resumed_from = None;
+        }
         let job = &self.jobs[id];
         self.rendezvous.open(id, generation);
         let ranks: Vec<pb::RankEntry> = job

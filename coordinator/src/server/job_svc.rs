@@ -102,6 +102,18 @@ impl pb::job_service_server::JobService for JobSvc {
         Ok(Response::new(st))
     }
 
+    async fn checkpoint(
+        &self,
+        req: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let id = req.into_inner().job_id;
+        let st = self
+            .core
+            .call(|reply| Cmd::Checkpoint { id, reply })
+            .await??;
+        Ok(Response::new(st))
+    }
+
     async fn nodes(
         &self,
         _req: Request<pb::NodesRequest>,

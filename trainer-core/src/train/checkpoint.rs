@@ -109,6 +109,32 @@ fn shard_name(k: usize) -> String {
     format!("rank-{k:05}.safetensors")
 }
 
+/// Opens `dir` for a save: creates it, and removes the commit marker of an earlier save into
+/// the same directory before anything in it changes. Every rank calls it before [`save`].
+pub fn begin(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    match std::fs::remove_file(dir.join(COMMITTED)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(anyhow!("removing {}: {e}", dir.join(COMMITTED).display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Removes `dir` after a failed save, unless it is committed (best effort: the save's error is
+/// what gets reported).
+pub fn discard(dir: &Path) {
+    if dir.is_dir()
+        && !dir.join(COMMITTED).exists()
+        && let Err(e) = std::fs::remove_dir_all(dir)
+    {
+        eprintln!(
+            "trainer: warning: removing the uncommitted {}: {e}",
+            dir.display()
+        );
+    }
+}
+
 /// Writes this rank's shard and, on rank 0 after every shard is written, the manifest and the
 /// commit marker. Every rank calls it at the same step.
 pub fn save(
@@ -118,16 +144,10 @@ pub fn save(
     rank: usize,
     info: &SaveInfo<'_>,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // Saving again into a directory (a resumed run reaching the same step): the old marker goes
     // before any shard changes, so the directory is never committed with mixed shards. Every
     // rank removes it before writing; rank 0 writes the new one only after the barrier.
-    match std::fs::remove_file(dir.join(COMMITTED)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(anyhow!("removing {}: {e}", dir.join(COMMITTED).display()));
-        }
-        _ => {}
-    }
+    begin(dir)?;
     let k = eng.shard_rank();
     if eng.writes_shard() {
         let state = eng.export_state(trainable);
@@ -249,6 +269,15 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
         );
     }
     Ok(m)
+}
+
+/// The step in a `checkpoint-<step>` directory's name.
+pub fn step_of(dir: &Path) -> Option<u64> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("checkpoint-")?
+        .parse()
+        .ok()
 }
 
 /// The committed `checkpoint-<step>` directories under `output_dir`, newest first.

@@ -144,42 +144,58 @@ fn trainable_mut(setup: &mut Setup) -> &mut ParamStore {
     }
 }
 
-/// The checkpoints to resume from, in order of preference: `RINGMASTER_RESUME_FROM` (set by
-/// the coordinator), else the config's `resume_from_checkpoint` (a directory, or `true` for the
-/// newest committed one in `output_dir` as the HF Trainer reads it), else — in a restarted
+/// The checkpoints to resume from, in order of preference, and whether only the first may be
+/// used. `RINGMASTER_RESUME_FROM` (set by the coordinator: the job's last committed checkpoint)
+/// comes first, falling back to the older committed checkpoints of `output_dir`; else the
+/// config's `resume_from_checkpoint` (a directory, strict; or `true` for the newest committed
+/// one in `output_dir` as the HF Trainer reads it, with fallback); else — in a restarted
 /// generation (`RINGMASTER_GENERATION` > 0) — the committed checkpoints of `output_dir`, newest
-/// first (a corrupt one falls back to the one before).
-fn resume_candidates(setup: &Setup) -> Result<Vec<std::path::PathBuf>> {
+/// first. A corrupt candidate falls back to the next one.
+fn resume_candidates(setup: &Setup) -> Result<(Vec<std::path::PathBuf>, bool)> {
+    let all = || -> Vec<(u64, std::path::PathBuf)> { checkpoint::committed(&setup.output_dir) };
     if let Ok(p) = std::env::var("RINGMASTER_RESUME_FROM")
         && !p.is_empty()
     {
-        return Ok(vec![p.into()]);
+        let first = std::path::PathBuf::from(&p);
+        let step = checkpoint::step_of(&first);
+        let same = |q: &std::path::Path| {
+            std::fs::canonicalize(q).ok() == std::fs::canonicalize(&first).ok()
+        };
+        // A committed checkpoint newer than the coordinator's record (rank 0 committed it
+        // but died, or the coordinator was down, before the report landed) passed the same
+        // barrier, so it comes first; then the named one; then older ones to fall back on.
+        let found = all();
+        let newer = found
+            .iter()
+            .filter(|(s, q)| step.is_some_and(|st| *s > st) && !same(q))
+            .map(|(_, q)| q.clone());
+        let older = found
+            .iter()
+            .filter(|(s, q)| step.is_none_or(|st| *s < st) && !same(q))
+            .map(|(_, q)| q.clone());
+        let out = newer.chain([first.clone()]).chain(older).collect();
+        return Ok((out, false));
     }
-    let all = || -> Vec<std::path::PathBuf> {
-        checkpoint::committed(&setup.output_dir)
-            .into_iter()
-            .map(|(_, p)| p)
-            .collect()
-    };
+    let paths = || all().into_iter().map(|(_, p)| p).collect::<Vec<_>>();
     match setup.cfg.resume_from_checkpoint.as_deref() {
         None | Some("") | Some("false") | Some("False") => {
             let generation: u64 = std::env::var("RINGMASTER_GENERATION")
                 .ok()
                 .and_then(|g| g.parse().ok())
                 .unwrap_or(0);
-            Ok(if generation > 0 { all() } else { Vec::new() })
+            Ok((if generation > 0 { paths() } else { Vec::new() }, false))
         }
         Some("true") | Some("True") => {
-            let found = all();
+            let found = paths();
             if found.is_empty() {
                 return Err(anyhow!(
                     "resume_from_checkpoint: true, but {} holds no committed checkpoint",
                     setup.output_dir.display()
                 ));
             }
-            Ok(found)
+            Ok((found, false))
         }
-        Some(p) => Ok(vec![p.into()]),
+        Some(p) => Ok((vec![p.into()], true)),
     }
 }
 
@@ -277,8 +293,9 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
     let trainable_kind = if is_lora { "lora" } else { "full" };
     let mut start_step = 0u64;
     let mut resumed_from = None;
-    let candidates = resume_candidates(setup)?;
-    let automatic = candidates.len() > 1 || std::env::var("RINGMASTER_RESUME_FROM").is_err();
+    let (candidates, strict) = resume_candidates(setup)?;
+    let mut skipped = Vec::new();
+    let load_start = Instant::now();
     for (i, dir) in candidates.iter().enumerate() {
         let m = match checkpoint::load(
             dir,
@@ -290,13 +307,14 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
             Ok(m) => m,
             // A restarted generation falls back to the previous committed checkpoint when the
             // newest cannot be used (corrupt shard); an explicit path is an error.
-            Err(e) if automatic && i + 1 < candidates.len() => {
+            Err(e) if !strict && i + 1 < candidates.len() => {
                 eprintln!(
                     "trainer: warning: rank {}: cannot resume from {}: {e:#}; trying the previous \
                      committed checkpoint",
                     par.rank,
                     dir.display()
                 );
+                skipped.push(format!("{}: {e:#}", dir.display()));
                 continue;
             }
             Err(e) => return Err(e),
@@ -311,14 +329,32 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
         }
         if par.rank == 0 {
             eprintln!(
-                "trainer: resumed from {} at step {} (saved by {} ranks under {})",
+                "trainer: resumed from {} at step {} (saved by {} ranks under {}; loaded in \
+                 {:.3} s)",
                 dir.display(),
                 m.step,
                 m.world,
-                m.plan
+                m.plan,
+                load_start.elapsed().as_secs_f64()
             );
         }
         break;
+    }
+    if let Some(p) = par.progress {
+        if par.rank == 0 {
+            p.resumed(
+                resumed_from.as_deref().map(|d| (start_step, d)),
+                skipped.clone(),
+            );
+        }
+        // Every rank says it is ready to train (the status shows the resumed step at once; the
+        // recovery benchmark times "every rank training again" from it).
+        p.report(crate::progress::StepReport {
+            step: start_step,
+            total_steps: total,
+            memory_bytes: crate::progress::rss_bytes().0,
+            ..Default::default()
+        });
     }
     let dir_of = |d: &std::path::PathBuf| d.display().to_string();
     if !candidates.is_empty() && resumed_from.is_none() {
@@ -535,11 +571,6 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
         }
         if (save_steps > 0 && done % save_steps == 0 || stop || ckpt_now) && done < total {
             let dir = setup.output_dir.join(format!("checkpoint-{done}"));
-            eng.gather_full(trainable_mut(setup))?;
-            if par.rank == 0 {
-                save_model(setup, &dir)?;
-            }
-            eng.release_full(trainable_mut(setup));
             let info = checkpoint::SaveInfo {
                 step: done,
                 world: par.world,
@@ -552,11 +583,35 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
                     _ => None,
                 },
             };
-            let t = match &setup.lora {
-                Some((_, a)) => a,
-                None => &setup.base,
-            };
-            checkpoint::save(&dir, &mut eng, t, par.rank, &info)?;
+            let saved = (|| -> Result<()> {
+                checkpoint::begin(&dir)?;
+                eng.gather_full(trainable_mut(setup))?;
+                if par.rank == 0 {
+                    save_model(setup, &dir)?;
+                }
+                eng.release_full(trainable_mut(setup));
+                let t = match &setup.lora {
+                    Some((_, a)) => a,
+                    None => &setup.base,
+                };
+                checkpoint::save(&dir, &mut eng, t, par.rank, &info)
+            })();
+            if let Err(e) = saved {
+                // A failed save (a full disk, an unwritable directory, a lost peer) leaves the
+                // committed checkpoints as they were; rank 0 removes the uncommitted directory
+                // so that a full disk is not left full for the next attempt.
+                if par.rank == 0 {
+                    checkpoint::discard(&dir);
+                }
+                return Err(e.context(format!(
+                    "saving the checkpoint of step {done} (earlier checkpoints are untouched)"
+                )));
+            }
+            if par.rank == 0
+                && let Some(p) = par.progress
+            {
+                p.checkpoint_committed(done, &dir);
+            }
             if par.rank == 0
                 && let Some(keep) = save_total_limit
             {
