@@ -367,9 +367,10 @@ fn a_restarted_coordinator_learns_of_a_checkpoint_taken_while_it_was_down() {
     assert_eq!(step_of(&st, "last_checkpoint"), Some(30), "{st:#}");
 }
 
-/// Issue 6, acceptance 4: SIGKILL an agent. Its ranks die with it, the generation ends, the
-/// job waits for the node; when the agent comes back the job restarts and resumes from the
-/// last committed checkpoint the coordinator recorded (RINGMASTER_RESUME_FROM).
+/// Issue 6, acceptances 4 and 8: SIGKILL an agent. Its ranks die with it, the generation ends,
+/// the job waits for the node; when the agent comes back the job restarts and resumes from the
+/// last committed checkpoint the coordinator recorded (RINGMASTER_RESUME_FROM), passing over a
+/// newer directory that one rank never finished.
 #[test]
 fn a_killed_agent_restarts_the_job_when_the_node_rejoins_and_it_resumes() {
     let _serial = ringmaster_tests::timing_sensitive();
@@ -392,6 +393,17 @@ fn a_killed_agent_restarts_the_job_when_the_node_rejoins_and_it_resumes() {
     // The first failure recorded is whichever rank noticed first: often one of w0's ranks,
     // failing on its lost peers, before the coordinator times w1's heartbeat out.
     assert!(!st["failures"].as_array().unwrap().is_empty(), "{st:#}");
+    // Acceptance 8: a newer checkpoint that one rank never reported (its shard and the
+    // commit marker missing, as when a rank dies mid-save) is never resumed from.
+    let orphan = c.path("n/checkpoint-999");
+    std::fs::create_dir_all(&orphan).unwrap();
+    for e in std::fs::read_dir(c.path(&format!("n/checkpoint-{committed}"))).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != "COMMITTED" && name != "rank-00003.safetensors" {
+            std::fs::copy(e.path(), orphan.join(name)).unwrap();
+        }
+    }
     // The job waits for the node rather than fail.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(c.status(&job)["state"], "RESTARTING");
