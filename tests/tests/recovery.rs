@@ -195,6 +195,74 @@ fn a_stopped_rank_times_out_the_others_and_is_named_as_lagging() {
     assert_eq!(losses(&log).len(), 40);
 }
 
+/// Issue 6, failure detection: when the coordinator ends a generation, in-flight collectives
+/// abort at once. Node w1 freezes (its agent and both its trainers SIGSTOPped: no socket
+/// closes, no rank exits); the collective timeout is 120 s. The coordinator declares w1 lost
+/// after its 3 s heartbeat timeout and ends the generation; w0's ranks, blocked in a collective
+/// on w1's, end their progress streams with ABORTED, abort the ring and exit with an error of
+/// their own (code 1) — without the abort they would wait for the agent's SIGKILL after its
+/// 3 s grace (the SIGTERM before it cannot interrupt a blocked collective).
+#[test]
+fn a_generation_the_coordinator_ends_aborts_waiting_collectives_at_once() {
+    let _serial = ringmaster_tests::timing_sensitive();
+    let mut c = Cluster::start(Some(HOSTFILE), "3s");
+    c.start_agent("w0", 2, &[]);
+    let w1 = c.start_agent("w1", 2, &[]);
+    c.wait_joined(&["w0", "w1"]);
+    let cfg = config_steps(&c, "a", 400, 0, "ddp_timeout: 120\n");
+    let job = c.submit(
+        "a-job.yaml",
+        &format!("name: a\nmax_restarts: 0\ntrain: {}\n", cfg.display()),
+    );
+    let log = c.path("a/trainer_log.jsonl");
+    wait_until(Duration::from_secs(300), "step 3", || {
+        (losses(&log).len() >= 3).then_some(())
+    });
+    let frozen: Vec<i32> = [2, 3]
+        .iter()
+        .map(|r| {
+            wait_until(Duration::from_secs(30), "w1's trainers", || {
+                trainer_pid(&job, *r, 0)
+            })
+        })
+        .collect();
+    c.agents[w1].signal(Signal::SIGSTOP);
+    for pid in &frozen {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGSTOP).unwrap();
+    }
+    let st = c.wait_state(&job, &["FAILED", "SUCCEEDED"], Duration::from_secs(60));
+    assert_eq!(st["state"], "FAILED", "{st:#}");
+    assert!(
+        st["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("node w1 lost"),
+        "{st:#}"
+    );
+    let ranks = wait_until(Duration::from_secs(30), "w0's ranks to exit", || {
+        let st = c.status(&job);
+        let r = st["ranks"].as_array()?.clone();
+        r.iter()
+            .filter(|r| r["node"] == "w0")
+            .all(|r| !r["exit_code"].is_null() || !r["signal"].is_null())
+            .then_some(r)
+    });
+    for r in ranks.iter().filter(|r| r["node"] == "w0") {
+        assert_eq!(r["exit_code"], 1, "aborted, not killed: {r:#}");
+        assert!(r["signal"].is_null(), "aborted, not killed: {r:#}");
+    }
+    let out = c.ringctl(&["logs", &job, "--rank", "0"]);
+    assert!(
+        text(&out).contains("aborting collectives"),
+        "{}",
+        text(&out)
+    );
+    for pid in frozen {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    c.agents[w1].signal(Signal::SIGKILL);
+}
+
 /// `training_config_with`, then `max_steps` and `save_steps` replaced.
 fn config_steps(c: &Cluster, name: &str, max: u64, save: u64, extra: &str) -> std::path::PathBuf {
     let p = training_config_with(c, name, extra);

@@ -43,6 +43,8 @@ pub struct ProgressReporter {
     last: Arc<Mutex<Option<pb::Progress>>>,
     sticky: Arc<Mutex<Sticky>>,
     done: std::sync::mpsc::Receiver<()>,
+    /// Aborted when the coordinator ends this generation on a failure.
+    aborts: Arc<Mutex<Vec<AbortHandle>>>,
 }
 
 /// Facts every report carries once known.
@@ -154,6 +156,8 @@ impl ProgressReporter {
             .unwrap_or(0);
         let (tx, rx) = mpsc::channel::<pb::Progress>(64);
         let (done_tx, done) = std::sync::mpsc::channel();
+        let aborts = Arc::new(Mutex::new(Vec::new()));
+        let to_abort = aborts.clone();
         std::thread::Builder::new()
             .name("progress".into())
             .spawn(move || {
@@ -163,7 +167,7 @@ impl ProgressReporter {
                 else {
                     return;
                 };
-                rt.block_on(send_loop(addr, rx));
+                rt.block_on(send_loop(addr, rx, to_abort));
                 let _ = done_tx.send(());
             })
             .ok()?;
@@ -174,7 +178,17 @@ impl ProgressReporter {
             last: Arc::new(Mutex::new(None)),
             sticky: Arc::new(Mutex::new(Sticky::default())),
             done,
+            aborts,
         })
+    }
+
+    /// Aborts `handle` (every pending and later call fails at once) when the coordinator ends
+    /// this generation on a failure elsewhere: a rank waiting on a peer that is gone stops now
+    /// rather than at its collective timeout.
+    pub fn abort_on_generation_end(&self, handle: AbortHandle) {
+        if let Ok(mut a) = self.aborts.lock() {
+            a.push(handle);
+        }
     }
 
     /// Every `period`, re-sends the last report with the sequence number `seq` holds now (see
@@ -299,8 +313,13 @@ impl ProgressReporter {
 }
 
 /// Streams the queue to the coordinator at `addr` until the queue closes, reconnecting every
-/// second while it cannot be reached.
-async fn send_loop(addr: String, rx: mpsc::Receiver<pb::Progress>) {
+/// second while it cannot be reached. A stream the coordinator ends with `ABORTED` (the
+/// generation ended on a failure) aborts the communicators in `aborts` and ends the loop.
+async fn send_loop(
+    addr: String,
+    rx: mpsc::Receiver<pb::Progress>,
+    aborts: Arc<Mutex<Vec<AbortHandle>>>,
+) {
     let rx = Arc::new(Mutex::new(rx));
     let closed = |rx: &Arc<Mutex<mpsc::Receiver<pb::Progress>>>| {
         rx.lock()
@@ -325,6 +344,16 @@ async fn send_loop(addr: String, rx: mpsc::Receiver<pb::Progress>) {
                 match client.report_progress(Shared(rx.clone())).await {
                     // The queue closed and everything in it was delivered.
                     Ok(_) => return,
+                    Err(e) if e.code() == tonic::Code::Aborted => {
+                        let reason = format!("the coordinator ended it ({})", e.message());
+                        eprintln!("trainer: aborting collectives: {reason}");
+                        if let Ok(a) = aborts.lock() {
+                            for h in a.iter() {
+                                h.abort(&reason);
+                            }
+                        }
+                        return;
+                    }
                     Err(e) if !warned => {
                         eprintln!(
                             "trainer: progress: stream to {addr} broke ({}); reconnecting",

@@ -95,6 +95,13 @@ pub fn train(config: &Path) -> Result<(), RunError> {
     if let (Some(p), Some(seq)) = (progress.as_ref(), seq) {
         p.start_heartbeat(seq, std::time::Duration::from_secs(1));
     }
+    if let Some(p) = progress.as_ref() {
+        let comms = ring.iter().map(|r| r as &dyn Communicator);
+        let groups = hybrid.iter().flat_map(|(n, c)| [n.as_ref(), c.as_ref()]);
+        for c in comms.chain(groups) {
+            p.abort_on_generation_end(c.abort_handle());
+        }
+    }
     let mut par = Parallel {
         rank,
         world,

@@ -77,6 +77,14 @@ fn main() -> anyhow::Result<()> {
         .arg(d.join("data"));
     quiet(&mut c);
     let _coord = Kill(c.spawn().context("coordinator")?);
+    // Wait until it listens, so the first submit does not race its start.
+    let listening = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        if listening.elapsed() > Duration::from_secs(20) {
+            bail!("the coordinator did not listen on {addr} within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut agents = Vec::new();
     for n in ["w0", "w1"] {
         let mut a = Command::new(bin.join("agent"));

@@ -1165,6 +1165,20 @@ impl Core {
                 }
             }
             Action::CloseGeneration { generation } => {
+                // A generation ended by a failure: its trainers abort their collectives at once
+                // (their progress streams end with ABORTED) instead of waiting out a timeout
+                // for a peer that is gone. A cancel lets them checkpoint, a success is done.
+                if let Some(j) = self.jobs.get(id)
+                    && matches!(j.state, JobState::Restarting | JobState::Failed)
+                    && j.generation == generation
+                {
+                    let reason = j
+                        .failure
+                        .as_ref()
+                        .map(|f| f.message.clone())
+                        .unwrap_or_else(|| "the job failed".into());
+                    self.rendezvous.abort(id, generation, &reason);
+                }
                 self.rendezvous.close(id, generation);
             }
         }

@@ -34,12 +34,17 @@ struct Inner {
     scopes: HashMap<(String, u64), Scope>,
     /// The newest generation opened per job.
     current: HashMap<String, u64>,
+    /// Generations ended by a failure, with the reason: their trainers' progress streams end
+    /// with `ABORTED`, on which the trainers abort their in-flight collectives.
+    aborted: HashMap<(String, u64), String>,
 }
 
 /// Shared between the gRPC service and the coordinator's loop.
 #[derive(Clone, Default)]
 pub struct Rendezvous {
     inner: Arc<Mutex<Inner>>,
+    /// Woken on every [`Rendezvous::abort`].
+    aborts: Arc<Notify>,
 }
 
 impl Rendezvous {
@@ -52,6 +57,25 @@ impl Rendezvous {
             .or_default();
         let cur = inner.current.entry(job.to_owned()).or_insert(generation);
         *cur = (*cur).max(generation);
+        inner
+            .aborted
+            .retain(|(j, g), _| j != job || *g >= generation);
+    }
+
+    /// Marks a generation as ended by a failure: the progress streams of its trainers end at
+    /// once with `ABORTED` and `reason`, and so does any later stream of that generation.
+    pub fn abort(&self, job: &str, generation: u64, reason: &str) {
+        let mut inner = self.inner.lock().expect("rendezvous lock poisoned");
+        inner
+            .aborted
+            .insert((job.to_owned(), generation), reason.to_owned());
+        drop(inner);
+        self.aborts.notify_waiters();
+    }
+
+    fn abort_reason(&self, scope: &(String, u64)) -> Option<String> {
+        let inner = self.inner.lock().expect("rendezvous lock poisoned");
+        inner.aborted.get(scope).cloned()
     }
 
     /// Closes a generation's store: its data is dropped and waiters fail.
@@ -67,6 +91,7 @@ impl Rendezvous {
     pub fn forget(&self, job: &str) {
         let mut inner = self.inner.lock().expect("rendezvous lock poisoned");
         inner.current.remove(job);
+        inner.aborted.retain(|(j, _), _| j != job);
         let keys: Vec<_> = inner
             .scopes
             .keys()
@@ -377,12 +402,27 @@ impl pb::rendezvous_service_server::RendezvousService for RendezvousSvc {
         req: Request<tonic::Streaming<pb::Progress>>,
     ) -> Result<Response<pb::ProgressAck>, Status> {
         let mut s = req.into_inner();
-        while let Some(p) = s.message().await? {
-            // Reports of a closed generation still count (a checkpoint committed while the
-            // generation is being cancelled); the loop drops those of a stale one.
-            Rendezvous::check_scope(&p.scope)?;
-            // Progress is advisory: drop an update rather than stall a trainer.
-            let _ = self.progress.try_send(p);
+        let mut scope = None;
+        loop {
+            // Registered before the check, so that an abort between the two is not missed.
+            let aborted = self.store.aborts.notified();
+            if let Some(reason) = scope.as_ref().and_then(|k| self.store.abort_reason(k)) {
+                let (_, generation) = scope.unwrap_or_default();
+                return Err(Status::aborted(format!(
+                    "generation {generation} ended: {reason}"
+                )));
+            }
+            tokio::select! {
+                m = s.message() => {
+                    let Some(p) = m? else { break };
+                    // Reports of a closed generation still count (a checkpoint committed while
+                    // the generation is being cancelled); the loop drops those of a stale one.
+                    scope = Some(Rendezvous::check_scope(&p.scope)?);
+                    // Progress is advisory: drop an update rather than stall a trainer.
+                    let _ = self.progress.try_send(p);
+                }
+                () = aborted => {}
+            }
         }
         Ok(Response::new(pb::ProgressAck {}))
     }
@@ -428,6 +468,28 @@ mod tests {
         assert!(r.delete(&s, "c").unwrap());
         assert!(!r.delete(&s, "c").unwrap());
         assert!(r.set(&s, "", vec![]).is_err());
+    }
+
+    #[tokio::test]
+    async fn an_aborted_generation_is_remembered_until_a_newer_one_opens() {
+        let r = Rendezvous::default();
+        r.open("job-1", 0);
+        let woken = r.aborts.notified();
+        r.abort("job-1", 0, "rank 3 exited with code 9");
+        // The notification reaches a waiter registered before the abort.
+        tokio::time::timeout(Duration::from_secs(1), woken)
+            .await
+            .expect("abort wakes the progress streams");
+        assert_eq!(
+            r.abort_reason(&scope(0)).as_deref(),
+            Some("rank 3 exited with code 9")
+        );
+        assert_eq!(r.abort_reason(&scope(1)), None);
+        r.open("job-1", 1);
+        assert_eq!(r.abort_reason(&scope(0)), None);
+        r.abort("job-1", 1, "node w1 lost");
+        r.forget("job-1");
+        assert_eq!(r.abort_reason(&scope(1)), None);
     }
 
     #[tokio::test]
