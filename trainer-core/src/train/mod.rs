@@ -7,6 +7,7 @@
 //! over ranks and accumulation steps: a run on 4 ranks takes the steps a run on 1 rank takes.
 
 pub mod checkpoint;
+pub mod data_cache;
 pub mod engine;
 pub mod eval;
 pub mod setup;

@@ -15,6 +15,8 @@ use ringmaster_model::hf::{self, CONFIG_FILE};
 use ringmaster_model::{LlamaConfig, LoraConfig, ParamStore};
 use ringmaster_optim::schedule::SchedulerKind;
 
+use super::data_cache;
+
 /// LLaMA-Factory's default `cutoff_len`.
 pub const DEFAULT_CUTOFF_LEN: usize = 2048;
 /// HF's default learning rate.
@@ -318,7 +320,21 @@ pub fn resolve(
     if specs.is_empty() {
         bail!("training config field `dataset` is required");
     }
-    let processed = load_and_preprocess(&specs, &template, &tokenizer, &pcfg)?;
+    // The tokenized set is cached in output_dir: a restarted generation, and every rank after
+    // the first, reads it instead of tokenizing again (see data_cache).
+    let cache = cfg.output_dir.as_deref().and_then(|o| {
+        data_cache::path_for(Path::new(o), &specs, &model_dir, &template_name, &pcfg)
+    });
+    let processed = match cache.as_deref().and_then(data_cache::read) {
+        Some(p) => p,
+        None => {
+            let p = load_and_preprocess(&specs, &template, &tokenizer, &pcfg)?;
+            if let Some(path) = &cache {
+                data_cache::write(path, &p);
+            }
+            p
+        }
+    };
     let mut samples = processed.samples;
     if let Some(m) = cfg.max_samples {
         samples.truncate(m as usize);
