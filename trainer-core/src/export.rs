@@ -5,7 +5,8 @@
 //! The output's safetensors header is computed from the manifest (every tensor's name, shape and
 //! size are known up front), then each tensor is assembled from the byte ranges of the shards
 //! that hold it — read with positioned reads of the shard files, never the whole shard — and
-//! appended. Peak memory: the largest tensor plus one read buffer, whatever the model size.
+//! appended in chunks of 1M elements. Peak memory: a few chunk buffers (about 13 MiB), whatever
+//! the model size and the largest tensor.
 //! Config, tokenizer and adapter-config files are copied from the checkpoint directory (rank 0
 //! writes them there). `--merge-lora` merges a LoRA checkpoint's adapters into the base model
 //! named by its adapter_config.json (that step loads the base model whole).
@@ -117,6 +118,9 @@ impl ShardReader {
     }
 }
 
+/// Elements read, converted and written at a time by the export (4 MiB of f32).
+const EXPORT_CHUNK: usize = 1 << 20;
+
 /// Streams the checkpoint's parameters into `out_file` as one safetensors file; returns its
 /// tensor count. Tensors are written in manifest order (units, then tensors in a unit).
 pub fn write_streamed(dir: &Path, m: &Manifest, out_file: &Path, dtype: DType) -> Result<usize> {
@@ -161,20 +165,24 @@ pub fn write_streamed(dir: &Path, m: &Manifest, out_file: &Path, dtype: DType) -
             let name = format!("unit{ui}.param");
             for t in &u.tensors {
                 let n: usize = t.shape.iter().product();
-                values.clear();
-                values.resize(n, 0.0f32);
                 // The tensor is elements t.offset .. t.offset + n of the unit; shard k holds
-                // k·shard .. (k+1)·shard.
+                // k·shard .. (k+1)·shard, so the shards' pieces in shard order are the tensor
+                // in order: each is streamed in chunks, never assembled whole.
                 let (lo, hi) = (t.offset, t.offset + n);
                 for (k, r) in readers.iter().enumerate() {
                     let (s0, s1) = (k * u.shard, (k + 1) * u.shard);
                     let (a, b) = (lo.max(s0), hi.min(s1));
-                    if a < b {
-                        r.read_into(&name, a - s0, &mut values[a - lo..b - lo], &mut buf)?;
+                    let mut p = a;
+                    while p < b {
+                        let q = (p + EXPORT_CHUNK).min(b);
+                        values.clear();
+                        values.resize(q - p, 0.0f32);
+                        r.read_into(&name, p - s0, &mut values, &mut buf)?;
+                        let raw = hf::RawTensor::encode(&values, vec![q - p], dtype);
+                        w.write_all(&raw.bytes)?;
+                        p = q;
                     }
                 }
-                let raw = hf::RawTensor::encode(&values, t.shape.clone(), dtype);
-                w.write_all(&raw.bytes)?;
                 count += 1;
             }
         }
