@@ -52,7 +52,7 @@ ds() { # stage offload_optimizer offload_param
   echo "{\"train_micro_batch_size_per_gpu\": \"auto\", \"gradient_accumulation_steps\": \"auto\",
    \"zero_optimization\": {\"stage\": $1, \"offload_optimizer\": $oo, \"offload_param\": $op}}"
 }
-PLANS="ddp zero1 zero2 zero2_offload zero3 zero3_offload"
+PLANS=${PLANS:-"ddp zero1 zero2 zero2_offload zero3 zero3_offload"}
 plan_file() {
   case $1 in
     ddp) ds 0 0 0 ;; zero1) ds 1 0 0 ;; zero2) ds 2 0 0 ;; zero2_offload) ds 2 1 0 ;;

@@ -23,6 +23,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Before other threads exist: keep freed activation buffers for reuse (host.rs).
+    ringmaster_model::host::tune_allocator();
     let mut argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("collective") {
         argv.remove(1);

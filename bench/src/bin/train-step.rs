@@ -47,6 +47,7 @@ struct Args {
 }
 
 fn main() {
+    let tuned = ringmaster_model::host::tune_allocator();
     let a = Args::parse();
     let mut cfg = LlamaConfig::tiny(a.vocab, a.hidden, a.layers, a.heads, a.kv_heads);
     cfg.intermediate_size = a.intermediate;
@@ -111,6 +112,7 @@ fn main() {
         serde_json::json!({
             "impl": "ringmaster",
             "backend": backend,
+            "malloc_tuned": tuned,
             "params": store.numel(),
             "batch": a.batch,
             "seq": a.seq,
