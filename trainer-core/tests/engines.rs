@@ -112,6 +112,18 @@ fn plans() -> Vec<PlanCase> {
             bytes: |p, n| 16.0 * p / n,
         },
         PlanCase {
+            // Every collective blocking the compute thread (the overlapped path's twin).
+            name: "zero3_blocking",
+            file: Some((
+                "deepspeed",
+                leak(
+                    ds(3, false, false)
+                        .replace(r#""stage": 3,"#, r#""stage": 3, "overlap_comm": false,"#),
+                ),
+            )),
+            bytes: |p, n| 16.0 * p / n,
+        },
+        PlanCase {
             name: "zero3_offload",
             file: Some(("deepspeed", leak(ds(3, true, true)))),
             bytes: |p, n| 16.0 * p / n,
@@ -128,7 +140,8 @@ fn plans() -> Vec<PlanCase> {
             name: "fsdp_full_shard",
             file: Some((
                 "fsdp_config",
-                "fsdp_sharding_strategy: 1\nfsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n",
+                "fsdp_sharding_strategy: 1\nfsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n\
+                 fsdp_backward_prefetch: BACKWARD_POST\n",
             )),
             bytes: |p, n| 16.0 * p / n,
         },

@@ -33,16 +33,26 @@
 //!
 //! On the CPU backend the parameters, gradients and optimizer state already live in host
 //! memory, so `offload_optimizer` / `offload_param` change no placement: offload plans run the
-//! code of their twins. Communication is not yet overlapped with compute (each collective
-//! blocks the compute thread).
+//! code of their twins.
+//!
+//! ZeRO-3 overlaps communication with compute ([`Overlap`]): a communication thread owns the
+//! shard group for the micro-batch and runs its collectives in the order the compute thread
+//! asks for them (the same order on every rank, so the ring's calls match). The next unit's
+//! all-gather is issued before the current unit computes (forward, and backward with
+//! BACKWARD_PRE; after its gradients with BACKWARD_POST), and a unit's reduce-scatter runs
+//! while the next unit computes. At most two gathered units are alive at once, plus one unit's
+//! gradients in flight. Stages 0–2 reduce at the step, after backward.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use burn::tensor::{DType, Tensor, TensorData};
 use ringmaster_collectives::{CommError, Communicator, ReduceOp};
-use ringmaster_config::plan::Plan;
+use ringmaster_config::accelerate::BackwardPrefetch;
+use ringmaster_config::plan::{Plan, PlanSource};
 use ringmaster_model::model::{Inputs, cross_entropy, leaf_grads};
 use ringmaster_model::params::{ParamKind, ParamSpec};
 use ringmaster_model::{CpuAutodiff, LlamaConfig, ParamStore, UnitWeights};
@@ -265,8 +275,245 @@ pub struct Engine<'c> {
     segments: Vec<Vec<Segment>>,
     adam: AdamWConfig,
     scratch: Vec<f32>,
-    /// Seconds spent in collectives since the last [`Engine::take_comm_seconds`].
+    overlap: Overlap,
+    /// Seconds the compute thread waited for collectives since the last
+    /// [`Engine::take_comm_seconds`].
     comm_seconds: f64,
+}
+
+/// How ZeRO-3 overlaps its collectives with compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overlap {
+    /// Issue the next unit's all-gather before the current unit's forward.
+    pub forward_prefetch: bool,
+    /// When backward issues the next unit's all-gather.
+    pub backward_prefetch: BackwardPrefetch,
+    /// Reduce-scatter a unit's gradients while the next unit computes (otherwise the compute
+    /// thread waits for each).
+    pub async_reduce: bool,
+}
+
+impl Overlap {
+    /// Every collective blocks the compute thread.
+    pub const NONE: Overlap = Overlap {
+        forward_prefetch: false,
+        backward_prefetch: BackwardPrefetch::NoPrefetch,
+        async_reduce: false,
+    };
+    /// Everything overlapped.
+    pub const FULL: Overlap = Overlap {
+        forward_prefetch: true,
+        backward_prefetch: BackwardPrefetch::BackwardPre,
+        async_reduce: true,
+    };
+
+    /// What `plan` asks for. DeepSpeed: `overlap_comm` (default true at stage 3) turns on the
+    /// asynchronous reduce-scatter and, unless `stage3_prefetch_bucket_size` is 0, prefetching.
+    /// FSDP: `fsdp_backward_prefetch` as written; the forward all-gather is always issued one
+    /// unit ahead (on GPUs FSDP gets the same from the CPU running ahead of the device, which
+    /// `fsdp_forward_prefetch` only makes explicit), reduce-scatters are always asynchronous.
+    /// Neither file: everything overlapped.
+    pub fn of(plan: &Plan) -> Overlap {
+        match plan.source {
+            PlanSource::Default => Overlap::FULL,
+            PlanSource::DeepSpeed => {
+                let prefetch = plan.overlap_comm && plan.prefetch_bucket_size != Some(0);
+                Overlap {
+                    forward_prefetch: prefetch,
+                    backward_prefetch: if prefetch {
+                        BackwardPrefetch::BackwardPre
+                    } else {
+                        BackwardPrefetch::NoPrefetch
+                    },
+                    async_reduce: plan.overlap_comm,
+                }
+            }
+            PlanSource::Fsdp => Overlap {
+                forward_prefetch: true,
+                backward_prefetch: plan.backward_prefetch,
+                async_reduce: true,
+            },
+        }
+    }
+}
+
+/// A request to the communication thread of [`Engine::sharded_micro_batch`].
+enum Job {
+    /// All-gather unit `u`; the full padded unit comes back on the results channel.
+    Gather(usize),
+    /// Reduce-scatter unit `u`'s padded full gradients into its owned accumulator.
+    Reduce(usize, Vec<f32>),
+    /// Answer (with an empty buffer) once every earlier job is done.
+    Fence,
+}
+
+/// What the communication thread borrows from the engine.
+struct CommSide<'a> {
+    comm: Option<&'a mut dyn Communicator>,
+    layout: &'a FlatLayout,
+    param_shards: &'a [Vec<f32>],
+    grads: &'a mut [Vec<f32>],
+    scratch: &'a mut Vec<f32>,
+    gather_bucket: usize,
+    reduce_bucket: usize,
+}
+
+impl CommSide<'_> {
+    fn gather(&mut self, u: usize) -> Result<Vec<f32>> {
+        let unit = &self.layout.units[u];
+        let mut full = vec![0.0f32; unit.shard * self.layout.group];
+        match self.comm.as_deref_mut() {
+            Some(c) => all_gather_pieces(
+                c,
+                &self.param_shards[u],
+                &mut full,
+                self.gather_bucket,
+                self.scratch,
+            )
+            .map_err(comm_err("gathering parameters"))?,
+            None => full.copy_from_slice(&self.param_shards[u]),
+        }
+        Ok(full)
+    }
+
+    fn reduce(&mut self, u: usize, mut full: Vec<f32>) -> Result<()> {
+        let shard = self.layout.units[u].shard;
+        match self.comm.as_deref_mut() {
+            Some(c) => reduce_scatter_pieces(
+                c,
+                &mut full,
+                shard,
+                self.reduce_bucket,
+                self.scratch,
+                Some(&mut self.grads[u]),
+            )
+            .map_err(comm_err("reducing gradients"))?,
+            None => self.grads[u]
+                .iter_mut()
+                .zip(&full)
+                .for_each(|(d, s)| *d += s),
+        }
+        Ok(())
+    }
+
+    /// Runs jobs until the queue closes, `cancel` is set or a collective fails. Gathers and
+    /// fences answer on `results`; a failure ends the thread with its error (the compute
+    /// thread then sees the results channel close).
+    fn serve(
+        mut self,
+        jobs: mpsc::Receiver<Job>,
+        results: mpsc::Sender<Vec<f32>>,
+        cancel: &AtomicBool,
+    ) -> Result<()> {
+        for job in jobs {
+            if cancel.load(Ordering::Relaxed) {
+                break;
+            }
+            match job {
+                Job::Gather(u) => {
+                    let full = self.gather(u)?;
+                    if results.send(full).is_err() {
+                        break;
+                    }
+                }
+                Job::Reduce(u, full) => self.reduce(u, full)?,
+                Job::Fence => {
+                    if results.send(Vec::new()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The compute thread's end of the communication thread: issues the gathers of a fixed
+/// schedule of units ahead of their use, as the [`Overlap`] allows.
+struct CommQueue<'q> {
+    jobs: Option<mpsc::Sender<Job>>,
+    results: mpsc::Receiver<Vec<f32>>,
+    overlap: Overlap,
+    /// The units in the order the compute thread uses them, and whether each is a forward use.
+    schedule: Vec<(usize, bool)>,
+    /// Gathers issued so far (a prefix of `schedule`).
+    issued: usize,
+    /// Gathers taken so far.
+    taken: usize,
+    waited: &'q mut f64,
+}
+
+impl CommQueue<'_> {
+    fn send(&mut self, job: Job) -> Result<()> {
+        let ok = self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
+        if !ok {
+            bail!("the communication thread stopped");
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self) -> Result<Vec<f32>> {
+        let t = Instant::now();
+        let r = self.results.recv();
+        *self.waited += t.elapsed().as_secs_f64();
+        r.map_err(|_| anyhow!("the communication thread stopped"))
+    }
+
+    fn issue_next(&mut self) -> Result<()> {
+        if self.issued < self.schedule.len() {
+            let u = self.schedule[self.issued].0;
+            self.issued += 1;
+            self.send(Job::Gather(u))?;
+        }
+        Ok(())
+    }
+
+    /// The next scheduled unit's full padded parameters (it must be unit `u`).
+    fn take(&mut self, u: usize) -> Result<Vec<f32>> {
+        let i = self.taken;
+        debug_assert_eq!(self.schedule.get(i).map(|s| s.0), Some(u));
+        if self.issued <= i {
+            self.issue_next()?;
+        }
+        let full = self.recv()?;
+        self.taken += 1;
+        // Prefetch the use after this one now, or (BACKWARD_POST) after this unit's backward.
+        if let Some(&(_, forward)) = self.schedule.get(i + 1) {
+            let now = if forward {
+                self.overlap.forward_prefetch
+            } else {
+                self.overlap.backward_prefetch == BackwardPrefetch::BackwardPre
+            };
+            if now {
+                self.issue_next()?;
+            }
+        }
+        Ok(full)
+    }
+
+    /// Unit `u`'s gradients of this micro-batch (padded full unit), after its backward.
+    fn reduce(&mut self, u: usize, full: Vec<f32>) -> Result<()> {
+        if self.overlap.backward_prefetch == BackwardPrefetch::BackwardPost
+            && self.issued == self.taken
+            && self.schedule.get(self.taken).is_some_and(|s| !s.1)
+        {
+            self.issue_next()?;
+        }
+        self.send(Job::Reduce(u, full))?;
+        if !self.overlap.async_reduce {
+            self.send(Job::Fence)?;
+            self.recv()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every job issued so far.
+    fn finish(&mut self) -> Result<()> {
+        self.send(Job::Fence)?;
+        self.recv()?;
+        self.jobs = None;
+        Ok(())
+    }
 }
 
 fn comm_err(what: &str) -> impl FnOnce(CommError) -> anyhow::Error + '_ {
@@ -404,6 +651,7 @@ impl<'c> Engine<'c> {
             segments,
             adam,
             scratch: Vec::new(),
+            overlap: Overlap::of(plan),
             comm_seconds: 0.0,
         })
     }
@@ -418,7 +666,17 @@ impl<'c> Engine<'c> {
         self.stage
     }
 
-    /// Seconds spent in collectives since the last call.
+    /// How ZeRO-3 overlaps communication (see [`Overlap::of`]).
+    pub fn overlap(&self) -> Overlap {
+        self.overlap
+    }
+
+    /// Replaces the overlap settings (tests compare overlapped and blocking runs).
+    pub fn set_overlap(&mut self, overlap: Overlap) {
+        self.overlap = overlap;
+    }
+
+    /// Seconds the compute thread waited for collectives since the last call.
     pub fn take_comm_seconds(&mut self) -> f64 {
         std::mem::take(&mut self.comm_seconds)
     }
@@ -471,24 +729,25 @@ impl<'c> Engine<'c> {
         }
     }
 
+    /// The engine's communication state, as the ZeRO-3 communication thread borrows it.
+    fn comm_side(&mut self) -> CommSide<'_> {
+        CommSide {
+            comm: self.groups.shard(),
+            layout: &self.layout,
+            param_shards: &self.param_shards,
+            grads: &mut self.grads,
+            scratch: &mut self.scratch,
+            gather_bucket: self.gather_bucket,
+            reduce_bucket: self.reduce_bucket,
+        }
+    }
+
     /// ZeRO-3: unit `u`'s full padded flat parameters.
     fn gather_unit(&mut self, u: usize) -> Result<Vec<f32>> {
-        let unit = &self.layout.units[u];
-        let mut full = vec![0.0f32; unit.shard * self.layout.group];
         let t = Instant::now();
-        match self.groups.shard() {
-            Some(c) => all_gather_pieces(
-                c,
-                &self.param_shards[u],
-                &mut full,
-                self.gather_bucket,
-                &mut self.scratch,
-            )
-            .map_err(comm_err("gathering parameters"))?,
-            None => full.copy_from_slice(&self.param_shards[u]),
-        }
+        let full = self.comm_side().gather(u);
         self.comm_seconds += t.elapsed().as_secs_f64();
-        Ok(full)
+        full
     }
 
     /// Adds one micro-batch's gradients of unit `u` (`grads[k]` for its k-th tensor): into the
@@ -506,30 +765,11 @@ impl<'c> Engine<'c> {
             }
             return Ok(());
         }
-        let mut full = vec![0.0f32; unit.shard * self.layout.group];
-        for (k, g) in grads.iter().enumerate() {
-            let off = unit.offsets[k];
-            full[off..off + g.len()].copy_from_slice(g);
-        }
-        let shard = unit.shard;
+        let full = pad_unit(&self.layout, u, grads);
         let t = Instant::now();
-        match self.groups.shard() {
-            Some(c) => reduce_scatter_pieces(
-                c,
-                &mut full,
-                shard,
-                self.reduce_bucket,
-                &mut self.scratch,
-                Some(&mut self.grads[u]),
-            )
-            .map_err(comm_err("reducing gradients"))?,
-            None => self.grads[u]
-                .iter_mut()
-                .zip(&full)
-                .for_each(|(d, s)| *d += s),
-        }
+        let done = self.comm_side().reduce(u, full);
         self.comm_seconds += t.elapsed().as_secs_f64();
-        Ok(())
+        done
     }
 
     /// Adds a micro-batch's gradients of every trainable tensor (store order), computed by the
@@ -544,6 +784,7 @@ impl<'c> Engine<'c> {
 
     /// ZeRO-3: one micro-batch unit by unit; returns its (unscaled) loss. The loss is scaled by
     /// `scale` before backward (fp16), divided by `normalizer` like the whole-model path.
+    /// Collectives run on a communication thread, overlapped as [`Engine::overlap`] says.
     pub fn sharded_micro_batch(
         &mut self,
         cfg: &LlamaConfig,
@@ -558,81 +799,52 @@ impl<'c> Engine<'c> {
             bail!("the unit-by-unit path needs the full model's units (not LoRA adapters)");
         }
         let last = units - 1;
-        let inp = match compute {
-            Some(dt) if dt != DType::F32 => inp.cast(dt),
-            _ => inp.clone(),
-        };
-        let build = |this: &mut Self, u: usize, grad: bool| -> Result<Vec<Tensor<AD, 1>>> {
-            let full = this.gather_unit(u)?;
-            let unit = &this.layout.units[u];
-            Ok(unit
-                .tensors
-                .clone()
-                .enumerate()
-                .map(|(k, t)| {
-                    let off = unit.offsets[k];
-                    leaf(&full[off..off + this.layout.sizes[t]], grad)
-                })
-                .collect())
-        };
-        // Forward without a graph, keeping only each unit's input.
-        let mut saved: Vec<Option<Tensor<AD, 2>>> = Vec::with_capacity(last);
-        let mut x: Option<Tensor<AD, 2>> = None;
-        for u in 0..last {
-            let leaves = build(self, u, false)?;
-            let w = UnitWeights::new(cfg, u, &leaves, None, compute)?;
-            drop(leaves);
-            saved.push(x.clone());
-            x = Some(w.forward(cfg, x, &inp, compute).detach());
+        // Forward uses: every unit, the embedding table again for a tied head; backward uses:
+        // the blocks and the embeddings in reverse.
+        let mut schedule: Vec<(usize, bool)> = (0..=last).map(|u| (u, true)).collect();
+        if cfg.tie_word_embeddings {
+            schedule.push((0, true));
         }
-        // The head (with the embedding table when tied) and the loss.
-        let leaves = build(self, last, true)?;
-        let tied = if cfg.tie_word_embeddings {
-            Some(build(self, 0, true)?.remove(0))
-        } else {
-            None
-        };
-        let w = UnitWeights::new(cfg, last, &leaves, tied.as_ref(), compute)?;
-        let xin = x.context("a model without units")?.require_grad();
-        let logits = w.forward(cfg, Some(xin.clone()), &inp, compute);
-        drop(w);
-        let mut loss = cross_entropy(logits, targets, normalizer);
-        if scale != 1.0 {
-            loss = loss.mul_scalar(scale);
-        }
-        let value = super::scalar(loss.clone().inner()) / scale;
-        let g = loss.backward();
-        let head_grads = leaf_grads(&leaves, &g);
-        let mut pending_embed = tied.map(|t| leaf_grads(std::slice::from_ref(&t), &g).remove(0));
-        let mut up = xin
-            .grad(&g)
-            .context("no gradient reached the head's input")?;
-        drop((g, leaves));
-        self.accumulate_unit(last, &head_grads)?;
-        drop(head_grads);
-        // Blocks and embeddings in reverse: recompute with the upstream gradient injected.
-        for u in (0..last).rev() {
-            let leaves = build(self, u, true)?;
-            let w = UnitWeights::new(cfg, u, &leaves, None, compute)?;
-            let xin = saved.pop().flatten().map(Tensor::require_grad);
-            let out = w.forward(cfg, xin.clone(), &inp, compute);
-            drop(w);
-            let g = (out * Tensor::from_inner(up.clone())).sum().backward();
-            let mut grads = leaf_grads(&leaves, &g);
-            if u == 0
-                && let Some(p) = pending_embed.take()
-            {
-                grads[0].iter_mut().zip(&p).for_each(|(d, s)| *d += s);
+        schedule.extend((0..last).rev().map(|u| (u, false)));
+        let overlap = self.overlap;
+        let mut waited = 0.0;
+        let side = self.comm_side();
+        let layout = side.layout;
+        let cancel = AtomicBool::new(false);
+        let out = std::thread::scope(|s| {
+            let (job_tx, job_rx) = mpsc::channel();
+            let (res_tx, res_rx) = mpsc::channel();
+            let cancel = &cancel;
+            let worker = std::thread::Builder::new()
+                .name("zero3-comm".into())
+                .spawn_scoped(s, move || side.serve(job_rx, res_tx, cancel))
+                .context("starting the communication thread")?;
+            let mut queue = CommQueue {
+                jobs: Some(job_tx),
+                results: res_rx,
+                overlap,
+                schedule,
+                issued: 0,
+                taken: 0,
+                waited: &mut waited,
+            };
+            let out = unit_by_unit(
+                layout, cfg, inp, targets, normalizer, scale, compute, &mut queue,
+            )
+            .and_then(|v| queue.finish().map(|()| v));
+            if out.is_err() {
+                cancel.store(true, Ordering::Relaxed);
             }
-            if let Some(xin) = xin {
-                up = xin
-                    .grad(&g)
-                    .with_context(|| format!("no gradient reached unit {u}'s input"))?;
-            }
-            drop((g, leaves));
-            self.accumulate_unit(u, &grads)?;
-        }
-        Ok(value)
+            drop(queue);
+            let served = worker
+                .join()
+                .map_err(|_| anyhow!("the communication thread panicked"))?;
+            // A collective's own error explains a compute-side "thread stopped".
+            served?;
+            out
+        });
+        self.comm_seconds += waited;
+        out
     }
 
     /// The range of unit `u`'s gradient accumulator this rank owns.
@@ -775,6 +987,115 @@ impl<'c> Engine<'c> {
     }
 }
 
+/// The leaves of unit `u` cut from its full padded flat parameters.
+fn unit_leaves(layout: &FlatLayout, u: usize, full: &[f32], grad: bool) -> Vec<Tensor<AD, 1>> {
+    let unit = &layout.units[u];
+    unit.tensors
+        .clone()
+        .enumerate()
+        .map(|(k, t)| {
+            let off = unit.offsets[k];
+            leaf(&full[off..off + layout.sizes[t]], grad)
+        })
+        .collect()
+}
+
+/// The compute side of [`Engine::sharded_micro_batch`]: forward unit by unit keeping only unit
+/// inputs, then backward in reverse, recomputing each unit with the upstream gradient injected
+/// and handing its gradients to the communication thread.
+#[allow(clippy::too_many_arguments)]
+fn unit_by_unit(
+    layout: &FlatLayout,
+    cfg: &LlamaConfig,
+    inp: &Inputs<AD>,
+    targets: &[i64],
+    normalizer: f64,
+    scale: f64,
+    compute: Option<DType>,
+    queue: &mut CommQueue<'_>,
+) -> Result<f64> {
+    let last = layout.units.len() - 1;
+    let inp = match compute {
+        Some(dt) if dt != DType::F32 => inp.cast(dt),
+        _ => inp.clone(),
+    };
+    let mut build = |u: usize, grad: bool| -> Result<Vec<Tensor<AD, 1>>> {
+        let full = queue.take(u)?;
+        Ok(unit_leaves(layout, u, &full, grad))
+    };
+    // Forward without a graph, keeping only each unit's input.
+    let mut saved: Vec<Option<Tensor<AD, 2>>> = Vec::with_capacity(last);
+    let mut x: Option<Tensor<AD, 2>> = None;
+    for u in 0..last {
+        let leaves = build(u, false)?;
+        let w = UnitWeights::new(cfg, u, &leaves, None, compute)?;
+        drop(leaves);
+        saved.push(x.clone());
+        x = Some(w.forward(cfg, x, &inp, compute).detach());
+    }
+    // The head (with the embedding table when tied) and the loss.
+    let leaves = build(last, true)?;
+    let tied = if cfg.tie_word_embeddings {
+        Some(build(0, true)?.remove(0))
+    } else {
+        None
+    };
+    let w = UnitWeights::new(cfg, last, &leaves, tied.as_ref(), compute)?;
+    let xin = x.context("a model without units")?.require_grad();
+    let logits = w.forward(cfg, Some(xin.clone()), &inp, compute);
+    drop(w);
+    let mut loss = cross_entropy(logits, targets, normalizer);
+    if scale != 1.0 {
+        loss = loss.mul_scalar(scale);
+    }
+    let value = super::scalar(loss.clone().inner()) / scale;
+    let g = loss.backward();
+    let head_grads = leaf_grads(&leaves, &g);
+    let mut pending_embed = tied.map(|t| leaf_grads(std::slice::from_ref(&t), &g).remove(0));
+    let mut up = xin
+        .grad(&g)
+        .context("no gradient reached the head's input")?;
+    drop((g, leaves));
+    queue.reduce(last, pad_unit(layout, last, &head_grads))?;
+    drop(head_grads);
+    // Blocks and embeddings in reverse: recompute with the upstream gradient injected.
+    for u in (0..last).rev() {
+        let full = queue.take(u)?;
+        let leaves = unit_leaves(layout, u, &full, true);
+        drop(full);
+        let w = UnitWeights::new(cfg, u, &leaves, None, compute)?;
+        let xin = saved.pop().flatten().map(Tensor::require_grad);
+        let out = w.forward(cfg, xin.clone(), &inp, compute);
+        drop(w);
+        let g = (out * Tensor::from_inner(up.clone())).sum().backward();
+        let mut grads = leaf_grads(&leaves, &g);
+        if u == 0
+            && let Some(p) = pending_embed.take()
+        {
+            grads[0].iter_mut().zip(&p).for_each(|(d, s)| *d += s);
+        }
+        if let Some(xin) = xin {
+            up = xin
+                .grad(&g)
+                .with_context(|| format!("no gradient reached unit {u}'s input"))?;
+        }
+        drop((g, leaves));
+        queue.reduce(u, pad_unit(layout, u, &grads))?;
+    }
+    Ok(value)
+}
+
+/// Unit `u`'s tensors (`grads[k]` for its k-th) laid out as its padded full flat unit.
+fn pad_unit(layout: &FlatLayout, u: usize, grads: &[Vec<f32>]) -> Vec<f32> {
+    let unit = &layout.units[u];
+    let mut full = vec![0.0f32; unit.shard * layout.group];
+    for (k, g) in grads.iter().enumerate() {
+        let off = unit.offsets[k];
+        full[off..off + g.len()].copy_from_slice(g);
+    }
+    full
+}
+
 /// One unit's part of a checkpoint shard: the owned slice of parameters and AdamW moments
 /// (`shard` elements; padding is zero).
 #[derive(Debug, Clone)]
@@ -872,5 +1193,111 @@ impl Engine<'_> {
             }
             seg.state.step = adam_step;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drives a [`CommQueue`] through the uses of a 3-unit model (embeddings, one block, head;
+    /// untied) the way [`unit_by_unit`] does, against a stand-in communication thread that
+    /// answers at once. Returns the jobs in the order the thread received them and, after each
+    /// use, how many gathers had been issued.
+    fn drive(overlap: Overlap) -> (Vec<String>, Vec<usize>) {
+        let (job_tx, job_rx) = mpsc::channel();
+        let (res_tx, res_rx) = mpsc::channel();
+        let server = std::thread::spawn(move || {
+            let mut log = Vec::new();
+            for job in job_rx {
+                log.push(match job {
+                    Job::Gather(u) => {
+                        res_tx.send(vec![u as f32]).unwrap();
+                        format!("G{u}")
+                    }
+                    Job::Reduce(u, _) => format!("R{u}"),
+                    Job::Fence => {
+                        res_tx.send(Vec::new()).unwrap();
+                        "F".into()
+                    }
+                });
+            }
+            log
+        });
+        let mut waited = 0.0;
+        let mut q = CommQueue {
+            jobs: Some(job_tx),
+            results: res_rx,
+            overlap,
+            schedule: vec![(0, true), (1, true), (2, true), (1, false), (0, false)],
+            issued: 0,
+            taken: 0,
+            waited: &mut waited,
+        };
+        let mut issued = Vec::new();
+        for u in [0, 1] {
+            assert_eq!(q.take(u).unwrap(), vec![u as f32]);
+            issued.push(q.issued);
+        }
+        for u in [2, 1, 0] {
+            assert_eq!(q.take(u).unwrap(), vec![u as f32]);
+            issued.push(q.issued);
+            q.reduce(u, Vec::new()).unwrap();
+            issued.push(q.issued);
+        }
+        q.finish().unwrap();
+        drop(q);
+        (server.join().unwrap(), issued)
+    }
+
+    #[test]
+    fn full_overlap_prefetches_one_use_ahead_and_never_waits_for_reductions() {
+        let (log, issued) = drive(Overlap::FULL);
+        assert_eq!(log, ["G0", "G1", "G2", "G1", "R2", "G0", "R1", "R0", "F"]);
+        // The next use's gather is out before the current unit computes.
+        assert_eq!(issued, [2, 3, 4, 4, 5, 5, 5, 5]);
+    }
+
+    #[test]
+    fn backward_post_issues_the_next_gather_after_the_units_backward() {
+        let overlap = Overlap {
+            backward_prefetch: BackwardPrefetch::BackwardPost,
+            ..Overlap::FULL
+        };
+        let (log, issued) = drive(overlap);
+        assert_eq!(log, ["G0", "G1", "G2", "G1", "R2", "G0", "R1", "R0", "F"]);
+        // Taking the head issues nothing; its reduction issues the next block's gather first.
+        assert_eq!(issued, [2, 3, 3, 4, 4, 5, 5, 5]);
+    }
+
+    #[test]
+    fn no_overlap_gathers_on_use_and_waits_for_every_reduction() {
+        let (log, issued) = drive(Overlap::NONE);
+        assert_eq!(
+            log,
+            [
+                "G0", "G1", "G2", "R2", "F", "G1", "R1", "F", "G0", "R0", "F", "F"
+            ]
+        );
+        assert_eq!(issued, [1, 2, 3, 3, 4, 4, 5, 5]);
+    }
+
+    #[test]
+    fn plans_map_to_overlap_settings() {
+        use ringmaster_config::accelerate::ShardingStrategy;
+        assert_eq!(Overlap::of(&Plan::zero3()), Overlap::FULL);
+        let mut ds = Plan::zero3();
+        ds.source = PlanSource::DeepSpeed;
+        assert_eq!(Overlap::of(&ds), Overlap::FULL);
+        ds.prefetch_bucket_size = Some(0);
+        let no_prefetch = Overlap::of(&ds);
+        assert!(!no_prefetch.forward_prefetch && no_prefetch.async_reduce);
+        ds.overlap_comm = false;
+        assert_eq!(Overlap::of(&ds), Overlap::NONE);
+        let mut fsdp = Plan::fsdp(ShardingStrategy::FullShard);
+        fsdp.backward_prefetch = BackwardPrefetch::NoPrefetch;
+        let o = Overlap::of(&fsdp);
+        assert!(o.forward_prefetch && o.async_reduce);
+        assert_eq!(o.backward_prefetch, BackwardPrefetch::NoPrefetch);
     }
 }
