@@ -57,6 +57,8 @@ plan_file() {
   case $1 in
     ddp) ds 0 0 0 ;; zero1) ds 1 0 0 ;; zero2) ds 2 0 0 ;; zero2_offload) ds 2 1 0 ;;
     zero3) ds 3 0 0 ;; zero3_offload) ds 3 1 1 ;;
+    # ZeRO-3 with every collective blocking the compute thread (overlap_comm false).
+    zero3_blocking) ds 3 0 0 | sed 's/"stage": 3,/"stage": 3, "overlap_comm": false,/' ;;
   esac
 }
 
@@ -91,14 +93,17 @@ YAML
   done
   for p in "${pids[@]}"; do wait "$p" || { tail -5 "$dir"/rank*.log; exit 1; }; done
   python3 - "$dir/out" "$3" "$name" "$2" "$1" "$stamp" <<'PY' | tee -a "$OUT"
-import json, statistics, sys
+import json, os, statistics, sys
 out, world, name, plan, model, stamp = sys.argv[1], int(sys.argv[2]), *sys.argv[3:]
 steps = [json.loads(l) for l in open(f"{out}/trainer_log.jsonl")]
 tps = [s["tokens_per_s"] for s in steps[1:]]  # the first step warms up
+wait = [s.get("collective_wait_s", float("nan")) for s in steps[1:]]
 mem = [json.load(open(f"{out}/memory-rank{r}.json")) for r in range(world)]
 print(json.dumps({"when": stamp, "impl": "ringmaster", "plan": plan, "model": model,
                   "world": world, "tokens_per_s_median": round(statistics.median(tps), 1),
                   "timed_steps": len(tps),
+                  "malloc": os.environ.get("RINGMASTER_MALLOC", "tuned"),
+                  "rank0_collective_wait_s_median": round(statistics.median(wait), 3),
                   "peak_rss_bytes": [m["peak_rss_bytes"] for m in mem],
                   "model_state_bytes": [m["param_bytes"] + m["grad_bytes"] + m["optimizer_bytes"]
                                         for m in mem]}))

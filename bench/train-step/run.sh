@@ -23,6 +23,9 @@ for cfg in small large; do
   flags=${!cfg}
   steps=5; [ "$cfg" = large ] && steps=3
   run "$cfg" env RAYON_NUM_THREADS=$T target/release/train-step $flags --steps $steps
+  # The same without the trainer's malloc tuning (Ringmaster's host.rs), for comparison.
+  run "$cfg-malloc-default" env RINGMASTER_MALLOC=default RAYON_NUM_THREADS=$T \
+    target/release/train-step $flags --steps $steps
   if [ -x target/ndarray/release/train-step ]; then
     run "$cfg" env RAYON_NUM_THREADS=$T target/ndarray/release/train-step $flags --steps $steps
   fi

@@ -49,6 +49,9 @@ pub struct LogLine {
     pub grad_norm: f64,
     /// Tokens (non-padding, all ranks) per second over the window.
     pub tokens_per_s: f64,
+    /// Seconds this rank's compute thread waited for collectives over the window (the rest of
+    /// the window's time is compute and overlapped communication).
+    pub collective_wait_s: f64,
     /// Seconds since the start.
     pub elapsed_s: f64,
     /// fp16: the loss scale; steps skipped for overflow in the window.
@@ -406,6 +409,7 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
     let start = Instant::now();
     let mut window_start = Instant::now();
     let mut window_tokens = 0usize;
+    let mut window_wait = 0.0f64;
     let mut window_loss = 0.0f64;
     let mut window_steps = 0u64;
     let mut window_skipped = 0u64;
@@ -522,6 +526,7 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
             window_skipped += 1;
         }
         let comm_wait = eng.take_comm_seconds();
+        window_wait += comm_wait;
         losses.push(step_loss);
         window_loss += step_loss;
         window_steps += 1;
@@ -551,6 +556,7 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
                 lr,
                 grad_norm,
                 tokens_per_s: window_tokens as f64 / secs,
+                collective_wait_s: window_wait,
                 elapsed_s: start.elapsed().as_secs_f64(),
                 loss_scale: matches!(plan.precision, Precision::Fp16(_)).then(|| scaling.scale()),
                 skipped_steps: matches!(plan.precision, Precision::Fp16(_))
@@ -566,6 +572,7 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
             }
             window_start = Instant::now();
             window_tokens = 0;
+            window_wait = 0.0;
             window_loss = 0.0;
             window_steps = 0;
             window_skipped = 0;
