@@ -337,6 +337,30 @@ impl Overlap {
     }
 }
 
+impl std::fmt::Display for Overlap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == Overlap::NONE {
+            return f.write_str("every collective blocks the compute thread");
+        }
+        let on = |b: bool| if b { "on" } else { "off" };
+        let backward = match self.backward_prefetch {
+            BackwardPrefetch::BackwardPre => "before each unit's backward",
+            BackwardPrefetch::BackwardPost => "after each unit's gradients",
+            BackwardPrefetch::NoPrefetch => "off",
+        };
+        write!(
+            f,
+            "forward prefetch {}, backward prefetch {backward}, reduce-scatter {}",
+            on(self.forward_prefetch),
+            if self.async_reduce {
+                "overlapped"
+            } else {
+                "blocking"
+            }
+        )
+    }
+}
+
 /// A request to the communication thread of [`Engine::sharded_micro_batch`].
 enum Job {
     /// All-gather unit `u`; the full padded unit comes back on the results channel.
@@ -1294,6 +1318,15 @@ mod tests {
         assert!(!no_prefetch.forward_prefetch && no_prefetch.async_reduce);
         ds.overlap_comm = false;
         assert_eq!(Overlap::of(&ds), Overlap::NONE);
+        assert_eq!(
+            Overlap::NONE.to_string(),
+            "every collective blocks the compute thread"
+        );
+        assert_eq!(
+            Overlap::FULL.to_string(),
+            "forward prefetch on, backward prefetch before each unit's backward, \
+             reduce-scatter overlapped"
+        );
         let mut fsdp = Plan::fsdp(ShardingStrategy::FullShard);
         fsdp.backward_prefetch = BackwardPrefetch::NoPrefetch;
         let o = Overlap::of(&fsdp);

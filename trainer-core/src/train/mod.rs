@@ -389,6 +389,9 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
             plan.label(),
             plan.precision.name(),
         );
+        if stage >= 3 {
+            eprintln!("trainer: ZeRO-3 communication: {}", eng.overlap());
+        }
     }
     let log_path = setup.output_dir.join("trainer_log.jsonl");
     let mut log_file = if par.rank == 0 {
