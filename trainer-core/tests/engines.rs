@@ -714,3 +714,43 @@ fn sigterm_checkpoints_every_rank_then_exits_and_resume_continues() {
     run(&cfg, 2, 2, &dir.join("store-2"));
     assert_eq!(losses(&out).len(), step + 2, "the log continues");
 }
+
+/// A short last global batch (11 samples, global batch 8: the second step holds 3) leaves rank
+/// 1 with an empty micro-batch while rank 0 has two: the sharded plans' per-micro-batch
+/// collectives must still match (the empty micro-batch takes part with zero gradients), and
+/// the run must equal one process.
+#[test]
+fn an_empty_micro_batch_on_one_rank_still_takes_part_in_the_collectives() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    fixture(dir);
+    let extra = "max_samples: 11\n";
+    let single = write_config(dir, "single", 2, 4, None, extra);
+    run(&single, 1, 1, &dir.join("store-single"));
+    let reference = hf::load_dir(&dir.join("single")).unwrap().params;
+    let ref_losses = losses(&dir.join("single"));
+    assert_eq!(ref_losses.len(), 5);
+    for case in plans()
+        .into_iter()
+        .filter(|c| ["ddp", "zero2", "zero3", "zero3_blocking"].contains(&c.name))
+    {
+        let name = format!("{}-short", case.name);
+        let cfg = write_config(dir, &name, 2, 2, case.file, extra);
+        run(&cfg, 2, 2, &dir.join(format!("store-{name}")));
+        assert_close(&name, dir, &ref_losses, &reference, 1e-5);
+    }
+    // A tied head: ZeRO-3 gathers the embeddings a second time for the head.
+    let config = dir.join("model/config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let tied =
+        text.trim_end().trim_end_matches('}').to_owned() + r#", "tie_word_embeddings": true}"#;
+    std::fs::write(&config, tied).unwrap();
+    let single = write_config(dir, "single-tied", 2, 4, None, extra);
+    run(&single, 1, 1, &dir.join("store-single-tied"));
+    let reference = hf::load_dir(&dir.join("single-tied")).unwrap().params;
+    let ref_losses = losses(&dir.join("single-tied"));
+    let zero3 = plans().into_iter().find(|c| c.name == "zero3").unwrap();
+    let cfg = write_config(dir, "zero3-short-tied", 2, 2, zero3.file, extra);
+    run(&cfg, 2, 2, &dir.join("store-zero3-short-tied"));
+    assert_close("zero3-short-tied", dir, &ref_losses, &reference, 1e-5);
+}

@@ -818,6 +818,54 @@ impl<'c> Engine<'c> {
         scale: f64,
         compute: Option<DType>,
     ) -> Result<f64> {
+        self.with_comm_thread(cfg, |layout, queue| {
+            unit_by_unit(layout, cfg, inp, targets, normalizer, scale, compute, queue)
+        })
+    }
+
+    /// An empty micro-batch (a short last global batch dealt round-robin leaves some ranks
+    /// without samples): takes part in every collective the other ranks' micro-batch makes,
+    /// with zero gradients, so that the ring's calls still match. Stages 0–1 make none.
+    pub fn idle_micro_batch(&mut self, cfg: &LlamaConfig) -> Result<()> {
+        match self.stage {
+            0 | 1 => Ok(()),
+            2 => {
+                for u in 0..self.layout.units.len() {
+                    let zeros = vec![0.0f32; self.layout.units[u].shard * self.layout.group];
+                    let t = Instant::now();
+                    let done = self.comm_side().reduce(u, zeros);
+                    self.comm_seconds += t.elapsed().as_secs_f64();
+                    done?;
+                }
+                Ok(())
+            }
+            _ => self.with_comm_thread(cfg, |layout, queue| {
+                // The calls `unit_by_unit` makes, in its order, without compute.
+                let last = layout.units.len() - 1;
+                let zeros = |u: usize| vec![0.0f32; layout.units[u].shard * layout.group];
+                for u in 0..=last {
+                    queue.take(u)?;
+                }
+                if cfg.tie_word_embeddings {
+                    queue.take(0)?;
+                }
+                queue.reduce(last, zeros(last))?;
+                for u in (0..last).rev() {
+                    queue.take(u)?;
+                    queue.reduce(u, zeros(u))?;
+                }
+                Ok(())
+            }),
+        }
+    }
+
+    /// Runs `work` on this thread with a communication thread serving its [`CommQueue`] for
+    /// one micro-batch (the unit schedule of `cfg`'s model).
+    fn with_comm_thread<T>(
+        &mut self,
+        cfg: &LlamaConfig,
+        work: impl FnOnce(&FlatLayout, &mut CommQueue<'_>) -> Result<T>,
+    ) -> Result<T> {
         let units = self.layout.units.len();
         if units != cfg.num_hidden_layers + 2 {
             bail!("the unit-by-unit path needs the full model's units (not LoRA adapters)");
@@ -852,10 +900,7 @@ impl<'c> Engine<'c> {
                 taken: 0,
                 waited: &mut waited,
             };
-            let out = unit_by_unit(
-                layout, cfg, inp, targets, normalizer, scale, compute, &mut queue,
-            )
-            .and_then(|v| queue.finish().map(|()| v));
+            let out = work(layout, &mut queue).and_then(|v| queue.finish().map(|()| v));
             if out.is_err() {
                 cancel.store(true, Ordering::Relaxed);
             }

@@ -439,7 +439,12 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
         let mut local_loss = 0.0f64;
         let mut dropout = (lora_dropout > 0.0)
             .then(|| Dropout::new(lora_dropout, setup.seed ^ (step << 16) ^ par.rank as u64));
-        for idx in micro.iter().filter(|m| !m.is_empty()) {
+        for idx in &micro {
+            if idx.is_empty() {
+                // Sharded plans still take part in this micro-batch's collectives.
+                eng.idle_micro_batch(&cfg_model)?;
+                continue;
+            }
             let batch = collate(idx.iter().map(|&i| &setup.samples[i]), pad_id, 1);
             let targets = batch.shifted_labels();
             let inp = Inputs::<CpuAutodiff>::new(
