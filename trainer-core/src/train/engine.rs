@@ -495,7 +495,11 @@ impl CommQueue<'_> {
     /// The next scheduled unit's full padded parameters (it must be unit `u`).
     fn take(&mut self, u: usize) -> Result<Vec<f32>> {
         let i = self.taken;
-        debug_assert_eq!(self.schedule.get(i).map(|s| s.0), Some(u));
+        if self.schedule.get(i).map(|s| s.0) != Some(u) {
+            // The schedule and the compute order are written together; a mismatch would hand
+            // a unit another unit's parameters.
+            bail!("unit {u} used out of the communication schedule (use {i})");
+        }
         if self.issued <= i {
             self.issue_next()?;
         }
@@ -695,11 +699,6 @@ impl<'c> Engine<'c> {
         self.overlap
     }
 
-    /// Replaces the overlap settings (tests compare overlapped and blocking runs).
-    pub fn set_overlap(&mut self, overlap: Overlap) {
-        self.overlap = overlap;
-    }
-
     /// Seconds the compute thread waited for collectives since the last call.
     pub fn take_comm_seconds(&mut self) -> f64 {
         std::mem::take(&mut self.comm_seconds)
@@ -790,6 +789,12 @@ impl<'c> Engine<'c> {
             return Ok(());
         }
         let full = pad_unit(&self.layout, u, grads);
+        self.reduce_unit(u, full)
+    }
+
+    /// Reduce-scatters unit `u`'s padded full gradients `full` into its owned accumulator on
+    /// this thread (stage ≥ 2).
+    fn reduce_unit(&mut self, u: usize, full: Vec<f32>) -> Result<()> {
         let t = Instant::now();
         let done = self.comm_side().reduce(u, full);
         self.comm_seconds += t.elapsed().as_secs_f64();
@@ -806,21 +811,10 @@ impl<'c> Engine<'c> {
         Ok(())
     }
 
-    /// ZeRO-3: one micro-batch unit by unit; returns its (unscaled) loss. The loss is scaled by
-    /// `scale` before backward (fp16), divided by `normalizer` like the whole-model path.
-    /// Collectives run on a communication thread, overlapped as [`Engine::overlap`] says.
-    pub fn sharded_micro_batch(
-        &mut self,
-        cfg: &LlamaConfig,
-        inp: &Inputs<AD>,
-        targets: &[i64],
-        normalizer: f64,
-        scale: f64,
-        compute: Option<DType>,
-    ) -> Result<f64> {
-        self.with_comm_thread(cfg, |layout, queue| {
-            unit_by_unit(layout, cfg, inp, targets, normalizer, scale, compute, queue)
-        })
+    /// ZeRO-3: one micro-batch unit by unit; returns its (unscaled) loss. Collectives run on a
+    /// communication thread, overlapped as [`Engine::overlap`] says.
+    pub fn sharded_micro_batch(&mut self, mb: &MicroBatch<'_>) -> Result<f64> {
+        self.with_comm_thread(mb.cfg, |layout, queue| unit_by_unit(layout, mb, queue))
     }
 
     /// An empty micro-batch (a short last global batch dealt round-robin leaves some ranks
@@ -832,10 +826,7 @@ impl<'c> Engine<'c> {
             2 => {
                 for u in 0..self.layout.units.len() {
                     let zeros = vec![0.0f32; self.layout.units[u].shard * self.layout.group];
-                    let t = Instant::now();
-                    let done = self.comm_side().reduce(u, zeros);
-                    self.comm_seconds += t.elapsed().as_secs_f64();
-                    done?;
+                    self.reduce_unit(u, zeros)?;
                 }
                 Ok(())
             }
@@ -1069,20 +1060,36 @@ fn unit_leaves(layout: &FlatLayout, u: usize, full: &[f32], grad: bool) -> Vec<T
         .collect()
 }
 
+/// One micro-batch of the unit-by-unit path ([`Engine::sharded_micro_batch`]).
+pub struct MicroBatch<'a> {
+    pub cfg: &'a LlamaConfig,
+    pub inp: &'a Inputs<AD>,
+    /// Next-token targets of every position.
+    pub targets: &'a [i64],
+    /// The loss is divided by it (the global batch's target count), like the whole-model path.
+    pub normalizer: f64,
+    /// Loss scale applied before backward (fp16; 1 otherwise).
+    pub scale: f64,
+    /// Compute dtype (`None` or F32: fp32).
+    pub compute: Option<DType>,
+}
+
 /// The compute side of [`Engine::sharded_micro_batch`]: forward unit by unit keeping only unit
 /// inputs, then backward in reverse, recomputing each unit with the upstream gradient injected
 /// and handing its gradients to the communication thread.
-#[allow(clippy::too_many_arguments)]
 fn unit_by_unit(
     layout: &FlatLayout,
-    cfg: &LlamaConfig,
-    inp: &Inputs<AD>,
-    targets: &[i64],
-    normalizer: f64,
-    scale: f64,
-    compute: Option<DType>,
+    mb: &MicroBatch<'_>,
     queue: &mut CommQueue<'_>,
 ) -> Result<f64> {
+    let &MicroBatch {
+        cfg,
+        inp,
+        targets,
+        normalizer,
+        scale,
+        compute,
+    } = mb;
     let last = layout.units.len() - 1;
     let inp = match compute {
         Some(dt) if dt != DType::F32 => inp.cast(dt),

@@ -457,14 +457,14 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
                 &device,
             )?;
             if stage >= 3 {
-                local_loss += eng.sharded_micro_batch(
-                    &cfg_model,
-                    &inp,
-                    &targets,
-                    normalizer as f64,
+                local_loss += eng.sharded_micro_batch(&engine::MicroBatch {
+                    cfg: &cfg_model,
+                    inp: &inp,
+                    targets: &targets,
+                    normalizer: normalizer as f64,
                     scale,
                     compute,
-                )?;
+                })?;
                 continue;
             }
             // A fresh set of leaves per micro-batch: burn's autodiff frees a graph's nodes on
