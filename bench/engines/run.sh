@@ -7,12 +7,17 @@
 # One thread per rank (RAYON_NUM_THREADS / torch.set_num_threads). Run on an idle machine.
 #
 #   cargo build --release -p ringmaster-trainer
-#   bench/engines/run.sh [small] [large] [rss] [torch]    # default: all; appends results.jsonl
+#   bench/engines/run.sh [small] [large] [rss] [torch] [torch_small]
+#                          # default: small large rss torch; appends results.jsonl
+#   PLANS="ddp zero3" ...  # a subset of the plans
+#   TRAINER=/path/to/other/trainer LABEL=base ...   # another build, named in the results
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 OUT=$ROOT/bench/engines/results.jsonl
-TRAINER=$ROOT/target/release/trainer
+# TRAINER= another build of the trainer (paired comparisons); LABEL= names it in the results.
+TRAINER=${TRAINER:-$ROOT/target/release/trainer}
+LABEL=${LABEL:-}
 PY=$ROOT/bench/.venv/bin/python
 W=$(mktemp -d /tmp/rm-engines.XXXXXX)
 trap 'rm -rf "$W"' EXIT
@@ -92,14 +97,15 @@ YAML
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p" || { tail -5 "$dir"/rank*.log; exit 1; }; done
-  python3 - "$dir/out" "$3" "$name" "$2" "$1" "$stamp" <<'PY' | tee -a "$OUT"
+  python3 - "$dir/out" "$3" "$name" "$2" "$1" "$stamp" "$LABEL" <<'PY' | tee -a "$OUT"
 import json, os, statistics, sys
-out, world, name, plan, model, stamp = sys.argv[1], int(sys.argv[2]), *sys.argv[3:]
+out, world, name, plan, model, stamp, label = sys.argv[1], int(sys.argv[2]), *sys.argv[3:]
 steps = [json.loads(l) for l in open(f"{out}/trainer_log.jsonl")]
 tps = [s["tokens_per_s"] for s in steps[1:]]  # the first step warms up
 wait = [s.get("collective_wait_s", float("nan")) for s in steps[1:]]
 mem = [json.load(open(f"{out}/memory-rank{r}.json")) for r in range(world)]
-print(json.dumps({"when": stamp, "impl": "ringmaster", "plan": plan, "model": model,
+print(json.dumps({"when": stamp, "impl": "ringmaster", **({"build": label} if label else {}),
+                  "plan": plan, "model": model,
                   "world": world, "tokens_per_s_median": round(statistics.median(tps), 1),
                   "timed_steps": len(tps),
                   "malloc": os.environ.get("RINGMASTER_MALLOC", "tuned"),
@@ -126,5 +132,6 @@ for w in $what; do
       for m in ddp fsdp; do torch "$m" small 2 8 128 7; done
       for m in ddp fsdp; do torch "$m" large 2 2 512 3; done
       for m in ddp fsdp; do torch "$m" large 4 1 128 2; done ;;
+    torch_small) for m in ddp fsdp; do torch "$m" small 2 8 128 7; done ;;
   esac
 done

@@ -1,6 +1,5 @@
 //! Greedy decoding (batched, no KV cache: each step runs the model over the rows so far).
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::error::Result;
@@ -8,7 +7,7 @@ use crate::model::{Inputs, Llama};
 
 /// Greedily extends every prompt by up to `max_new_tokens`, stopping a row at any of `eos`
 /// (the eos is kept) or at `max_position_embeddings`. Returns only the generated ids.
-pub fn greedy<B: Backend>(
+pub fn greedy<B: crate::fused::Fused>(
     model: &Llama<B>,
     prompts: &[Vec<u32>],
     max_new_tokens: usize,

@@ -4,12 +4,12 @@
 //! comes back flat, in the store's layout. The pass is split by unit — embeddings, each block,
 //! final norm + head — so that an engine can run it unit by unit.
 
-use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
+use crate::fused::{self, Fused};
 use crate::lora::LoraConfig;
 use crate::params::{ParamStore, Rng};
 use crate::rope;
@@ -215,17 +215,14 @@ pub struct Block<B: Backend> {
     down: Lin<B>,
 }
 
-/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * w`.
-pub fn rms_norm<B: Backend, const D: usize>(
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * w` (one fused node:
+/// [`fused::rms_norm`]).
+pub fn rms_norm<B: Fused, const D: usize>(
     x: Tensor<B, D>,
     w: Tensor<B, 1>,
     eps: f64,
 ) -> Tensor<B, D> {
-    let var = x.clone().powi_scalar(2).mean_dim(D - 1);
-    let h = w.dims()[0];
-    let mut shape = [1usize; D];
-    shape[D - 1] = h;
-    x.div(var.add_scalar(eps).sqrt()).mul(w.reshape(shape))
+    fused::rms_norm(x, w, eps)
 }
 
 /// Rotate-half RoPE of `[N, heads · head_dim]` activations with [`rope::head_tables`]
@@ -248,7 +245,7 @@ pub fn apply_rope<B: Backend>(
 /// Scaled dot-product attention of `[B, H, T, d]` queries over `[B, KV, T, d]` keys/values
 /// (grouped-query: each KV head serves `H / KV` query heads) with an additive `[B, H, T, T]`
 /// mask. Returns `[B, H, T, d]`.
-pub fn attention<B: Backend>(
+pub fn attention<B: Fused>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -272,14 +269,14 @@ pub fn attention<B: Backend>(
     // Softmax in f32 whatever the compute dtype (transformers' eager attention does the same).
     let dtype = scores.dtype();
     let probs = if dtype == DType::F32 {
-        softmax(scores, 3)
+        fused::softmax_last(scores)
     } else {
-        softmax(scores.cast(DType::F32), 3).cast(dtype)
+        fused::softmax_last(scores.cast(DType::F32)).cast(dtype)
     };
     probs.matmul(v)
 }
 
-impl<B: Backend> Block<B> {
+impl<B: Fused> Block<B> {
     /// The block on `[B·T, hidden]` activations.
     pub fn forward(
         &self,
@@ -316,9 +313,9 @@ impl<B: Backend> Block<B> {
             .reshape([b * t, nh * d]);
         let x = x + self.o.forward(o, dropout.as_deref_mut());
         let h = rms_norm(x.clone(), self.ln2.clone(), cfg.rms_norm_eps);
-        let g = silu(self.gate.forward(h.clone(), dropout.as_deref_mut()));
+        let g = self.gate.forward(h.clone(), dropout.as_deref_mut());
         let u = self.up.forward(h, dropout.as_deref_mut());
-        x + self.down.forward(g * u, dropout)
+        x + self.down.forward(B::swiglu(g, u), dropout)
     }
 }
 
@@ -337,7 +334,7 @@ pub struct Llama<B: Backend> {
     compute: Option<DType>,
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: Fused> Llama<B> {
     /// As [`Llama::new`], computing in `compute` (bf16/f16) from the f32 leaves: each weight is
     /// a differentiable cast of its f32 leaf, so gradients arrive in f32 (mixed precision with
     /// f32 master weights). RMSNorm, softmax and the loss run in f32.
@@ -549,7 +546,7 @@ fn embed_rows<B: Backend>(w: Tensor<B, 2>, inp: &Inputs<B>, hidden: usize) -> Te
 }
 
 /// Final RMSNorm and the `[vocab, hidden]` head: logits `[B·T, vocab]`, always f32.
-fn head_logits<B: Backend>(
+fn head_logits<B: Fused>(
     cfg: &LlamaConfig,
     norm: Tensor<B, 1>,
     w: Tensor<B, 2>,
@@ -576,7 +573,7 @@ pub enum UnitWeights<B: Backend> {
     Head { norm: Tensor<B, 1>, w: Tensor<B, 2> },
 }
 
-impl<B: Backend> UnitWeights<B> {
+impl<B: Fused> UnitWeights<B> {
     /// Builds unit `unit` from its flat leaves in store order ([`crate::params::param_specs`]
     /// with `spec.unit == unit`). `tied` is the embedding leaf, needed by the head unit of a
     /// model with tied embeddings. `compute` casts the weights (mixed precision).
@@ -666,27 +663,16 @@ impl<B: Backend> UnitWeights<B> {
 
 /// Summed cross-entropy of `[N, V]` logits against `targets` (next-token labels,
 /// [`IGNORE_INDEX`] = no loss), divided by `normalizer` (the number of targets of the whole
-/// global batch, so that gradients do not depend on how the batch is split).
-pub fn cross_entropy<B: Backend>(
+/// global batch, so that gradients do not depend on how the batch is split). One fused node
+/// ([`Fused::cross_entropy_rows`]): backward keeps the logits and one log-sum-exp per row.
+pub fn cross_entropy<B: Fused>(
     logits: Tensor<B, 2>,
     targets: &[i64],
     normalizer: f64,
 ) -> Tensor<B, 1> {
     let [n, _v] = logits.dims();
     assert_eq!(n, targets.len(), "one target per logits row");
-    let device = logits.device();
-    let idx: Vec<i64> = targets
-        .iter()
-        .map(|&t| if t == IGNORE_INDEX { 0 } else { t })
-        .collect();
-    let weight: Vec<f32> = targets
-        .iter()
-        .map(|&t| if t == IGNORE_INDEX { 0.0 } else { 1.0 })
-        .collect();
-    let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
-    let w = Tensor::<B, 2>::from_data(TensorData::new(weight, [n, 1]), &device);
-    let logp = log_softmax(logits, 1).gather(1, idx);
-    logp.mul(w).sum().neg().div_scalar(normalizer.max(1.0))
+    B::cross_entropy_rows(logits, targets, normalizer)
 }
 
 /// Reads a 1-D tensor to the host as f32.

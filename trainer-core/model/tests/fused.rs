@@ -1,0 +1,246 @@
+//! The fused operations (`ringmaster_model::fused`) against burn's composite ops on random
+//! inputs: values and gradients, f32, through `Autodiff<Flex>` (the training path) and on bare
+//! `Flex` (inference).
+//!
+//! Tolerance: 2e-6 · (1 + |reference|) per element for values and gradients. The fused
+//! kernels sum in eight lanes and use a polynomial `exp` (≤ 2 ulp), so they differ from the
+//! composite ops by f32 rounding only; a wrong backward term is off by O(1).
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::{Int, Tensor, TensorData};
+use ringmaster_model::fused::{self, Fused};
+use ringmaster_model::params::Rng;
+
+type AD = Autodiff<Flex>;
+
+const TOL: f32 = 2e-6;
+
+fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() * scale).collect()
+}
+
+fn t2<B: burn::tensor::backend::Backend>(data: &[f32], shape: [usize; 2]) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(data.to_vec(), shape), &Default::default())
+}
+
+fn t1<B: burn::tensor::backend::Backend>(data: &[f32]) -> Tensor<B, 1> {
+    Tensor::from_data(
+        TensorData::new(data.to_vec(), [data.len()]),
+        &Default::default(),
+    )
+}
+
+fn host<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+fn close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= TOL * (1.0 + w.abs()),
+            "{what}[{i}]: fused {g} vs composite {w}"
+        );
+    }
+}
+
+/// Shapes that exercise the eight-lane bodies, their tails and several rayon tasks.
+const SHAPES: [(usize, usize); 5] = [(1, 1), (3, 7), (5, 8), (17, 203), (40, 1031)];
+
+#[test]
+fn softmax_matches_composite_forward_and_backward() {
+    let mut rng = Rng::new(1);
+    for (rows, n) in SHAPES {
+        let mut x = random(&mut rng, rows * n, 4.0);
+        // Masked entries as attention makes them (finite −1e9), and a row masked but one.
+        for (i, v) in x.iter_mut().enumerate() {
+            if i % 5 == 3 {
+                *v = -1.0e9;
+            }
+        }
+        for v in x.iter_mut().take(n).skip(1) {
+            *v = -1.0e9;
+        }
+        let r = random(&mut rng, rows * n, 1.0);
+        let run = |fused_op: bool| {
+            let xt = t2::<AD>(&x, [rows, n]).require_grad();
+            let y = if fused_op {
+                fused::softmax_last(xt.clone())
+            } else {
+                softmax(xt.clone(), 1)
+            };
+            let grads = (y.clone() * t2::<AD>(&r, [rows, n])).sum().backward();
+            (host(y), host(xt.grad(&grads).unwrap()))
+        };
+        let (y, dx) = run(true);
+        let (y_ref, dx_ref) = run(false);
+        close(&y, &y_ref, &format!("softmax {rows}x{n}"));
+        close(&dx, &dx_ref, &format!("softmax grad {rows}x{n}"));
+        let plain = host(fused::softmax_last(t2::<Flex>(&x, [rows, n])));
+        close(&plain, &y_ref, "softmax on Flex");
+    }
+    // A 4-D input (attention scores) goes through the same rows.
+    let x = random(&mut rng, 2 * 3 * 5 * 5, 2.0);
+    let x4 = Tensor::<Flex, 4>::from_data(
+        TensorData::new(x.clone(), [2, 3, 5, 5]),
+        &Default::default(),
+    );
+    close(
+        &host(fused::softmax_last(x4.clone())),
+        &host(softmax(x4, 3)),
+        "softmax 4-D",
+    );
+}
+
+/// The composite cross-entropy the model used before the fused op.
+fn reference_cross_entropy(
+    logits: Tensor<AD, 2>,
+    targets: &[i64],
+    normalizer: f64,
+) -> Tensor<AD, 1> {
+    let n = targets.len();
+    let idx: Vec<i64> = targets.iter().map(|&t| t.max(0)).collect();
+    let w: Vec<f32> = targets
+        .iter()
+        .map(|&t| if t < 0 { 0.0 } else { 1.0 })
+        .collect();
+    let idx = Tensor::<AD, 2, Int>::from_data(TensorData::new(idx, [n, 1]), &Default::default());
+    let w = t2::<AD>(&w, [n, 1]);
+    log_softmax(logits, 1)
+        .gather(1, idx)
+        .mul(w)
+        .sum()
+        .neg()
+        .div_scalar(normalizer.max(1.0))
+}
+
+#[test]
+fn cross_entropy_matches_composite_forward_and_backward() {
+    let mut rng = Rng::new(2);
+    for (rows, v) in SHAPES {
+        let x = random(&mut rng, rows * v, 3.0);
+        let targets: Vec<i64> = (0..rows)
+            .map(|i| {
+                if i % 4 == 2 {
+                    -100
+                } else {
+                    (rng.next_u64() % v as u64) as i64
+                }
+            })
+            .collect();
+        for normalizer in [0.0, 7.0] {
+            let run = |fused_op: bool| {
+                let xt = t2::<AD>(&x, [rows, v]).require_grad();
+                let loss = if fused_op {
+                    AD::cross_entropy_rows(xt.clone(), &targets, normalizer)
+                } else {
+                    reference_cross_entropy(xt.clone(), &targets, normalizer)
+                };
+                // An upstream gradient other than 1 (as a scaled loss gives).
+                let grads = loss.clone().mul_scalar(1.7).backward();
+                (host(loss), host(xt.grad(&grads).unwrap()))
+            };
+            let (loss, dx) = run(true);
+            let (loss_ref, dx_ref) = run(false);
+            close(&loss, &loss_ref, &format!("cross-entropy {rows}x{v}"));
+            close(&dx, &dx_ref, &format!("cross-entropy grad {rows}x{v}"));
+            let plain = Flex::cross_entropy_rows(t2::<Flex>(&x, [rows, v]), &targets, normalizer);
+            close(&host(plain), &loss_ref, "cross-entropy on Flex");
+        }
+    }
+}
+
+#[test]
+fn swiglu_matches_composite_forward_and_backward() {
+    let mut rng = Rng::new(3);
+    for (rows, n) in SHAPES {
+        let mut g = random(&mut rng, rows * n, 3.0);
+        // Saturated gates on both sides.
+        if g.len() > 2 {
+            g[0] = 95.0;
+            g[1] = -95.0;
+        }
+        let u = random(&mut rng, rows * n, 1.0);
+        let r = random(&mut rng, rows * n, 1.0);
+        let run = |fused_op: bool| {
+            let gt = t2::<AD>(&g, [rows, n]).require_grad();
+            let ut = t2::<AD>(&u, [rows, n]).require_grad();
+            let h = if fused_op {
+                AD::swiglu(gt.clone(), ut.clone())
+            } else {
+                silu(gt.clone()) * ut.clone()
+            };
+            let grads = (h.clone() * t2::<AD>(&r, [rows, n])).sum().backward();
+            (
+                host(h),
+                host(gt.grad(&grads).unwrap()),
+                host(ut.grad(&grads).unwrap()),
+            )
+        };
+        let (h, dg, du) = run(true);
+        let (h_ref, dg_ref, du_ref) = run(false);
+        close(&h, &h_ref, &format!("swiglu {rows}x{n}"));
+        close(&dg, &dg_ref, &format!("swiglu dg {rows}x{n}"));
+        close(&du, &du_ref, &format!("swiglu du {rows}x{n}"));
+    }
+}
+
+#[test]
+fn rms_norm_matches_composite_forward_and_backward() {
+    let mut rng = Rng::new(4);
+    for (rows, n) in SHAPES {
+        let x = random(&mut rng, rows * n, 2.0);
+        let w = random(&mut rng, n, 1.0);
+        let r = random(&mut rng, rows * n, 1.0);
+        let eps = 1e-5;
+        let run = |fused_op: bool| {
+            let xt = t2::<AD>(&x, [rows, n]).require_grad();
+            let wt = t1::<AD>(&w).require_grad();
+            let y = if fused_op {
+                fused::rms_norm(xt.clone(), wt.clone(), eps)
+            } else {
+                let var = xt.clone().powi_scalar(2).mean_dim(1);
+                xt.clone()
+                    .div(var.add_scalar(eps).sqrt())
+                    .mul(wt.clone().reshape([1, n]))
+            };
+            let grads = (y.clone() * t2::<AD>(&r, [rows, n])).sum().backward();
+            (
+                host(y),
+                host(xt.grad(&grads).unwrap()),
+                host(wt.grad(&grads).unwrap()),
+            )
+        };
+        let (y, dx, dw) = run(true);
+        let (y_ref, dx_ref, dw_ref) = run(false);
+        close(&y, &y_ref, &format!("rms_norm {rows}x{n}"));
+        close(&dx, &dx_ref, &format!("rms_norm dx {rows}x{n}"));
+        // dw sums over rows: allow for the longer sum.
+        for (i, (a, b)) in dw.iter().zip(&dw_ref).enumerate() {
+            assert!(
+                (a - b).abs() <= TOL * rows as f32 * (1.0 + b.abs()),
+                "rms_norm dw[{i}] {rows}x{n}: fused {a} vs composite {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn only_the_inputs_that_need_gradients_get_them() {
+    // A frozen RMSNorm weight (LoRA training) and a frozen up projection: the fused ops still
+    // give the tracked input its gradient and nothing to the frozen one.
+    let mut rng = Rng::new(5);
+    let (rows, n) = (3, 9);
+    let x = random(&mut rng, rows * n, 1.0);
+    let w = random(&mut rng, n, 1.0);
+    let xt = t2::<AD>(&x, [rows, n]).require_grad();
+    let wt = t1::<AD>(&w);
+    let y = fused::rms_norm(xt.clone(), wt.clone(), 1e-6);
+    let u = t2::<AD>(&x, [rows, n]);
+    let h = AD::swiglu(y, u.clone());
+    let grads = h.sum().backward();
+    assert!(xt.grad(&grads).is_some());
+    assert!(wt.grad(&grads).is_none());
+    assert!(u.grad(&grads).is_none());
+}
