@@ -175,11 +175,21 @@ fn bf16_and_fp16_compute_track_fp32() {
 
 #[test]
 fn fp16_overflow_skips_steps_and_lowers_the_scale() {
-    // DeepSpeed's defaults: scale 2^16, hysteresis 2. The scaled gradients overflow f16 at
-    // first: those steps are skipped and the scale comes down until steps apply.
+    // An initial scale of 2^24 with DeepSpeed's default hysteresis 2: the scaled gradient of
+    // the logits (about 2^24 / number of targets) overflows f16 at first; those steps are
+    // skipped and the scale comes down until steps apply (2^16 trains this model cleanly).
     let dir = tempfile::tempdir().unwrap();
     fixture(dir.path());
-    let mut s = setup(dir.path(), "fp16: true\nmax_steps: 16\nlogging_steps: 1\n");
+    std::fs::write(
+        dir.path().join("ds.json"),
+        r#"{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 0},
+            "fp16": {"enabled": true, "initial_scale_power": 24}}"#,
+    )
+    .unwrap();
+    let mut s = setup(
+        dir.path(),
+        "fp16: true\ndeepspeed: ds.json\nmax_steps: 16\nlogging_steps: 1\n",
+    );
     let before = s.base.clone();
     let summary = train::train(&mut s, &mut Parallel::single()).unwrap();
     assert!(
@@ -199,14 +209,14 @@ fn fp16_overflow_skips_steps_and_lowers_the_scale() {
         })
         .collect();
     assert!(
-        scales[0] == 65536.0,
+        scales[0] == 16777216.0,
         "first step: overflow absorbed by hysteresis, {scales:?}"
     );
     assert!(
         scales.windows(2).all(|w| w[1] <= w[0]),
         "scale only falls here: {scales:?}"
     );
-    assert!(*scales.last().unwrap() < 65536.0, "{scales:?}");
+    assert!(*scales.last().unwrap() < 16777216.0, "{scales:?}");
 }
 
 #[test]

@@ -196,10 +196,10 @@ pub mod composite {
         let [rows, n] = x.dims();
         let r = r.reshape([rows, 1]);
         let a = dy.clone().mul(w.reshape([1, n]));
-        // dx = r·a − x · r³ · Σ(a ⊙ x) / n
+        // dx = r · (a − x · r² · Σ(a ⊙ x) / n)
         let s = a.clone().mul(x.clone()).sum_dim(1);
-        let c = r.clone().powi_scalar(3).mul(s).div_scalar(n as f64);
-        let dx = a.mul(r.clone()).sub(x.clone().mul(c));
+        let c = r.clone().powi_scalar(2).mul(s).div_scalar(n as f64);
+        let dx = a.sub(x.clone().mul(c)).mul(r.clone());
         let dw = dy.mul(x).mul(r).sum_dim(0).reshape([n]);
         (dx, dw)
     }
@@ -393,6 +393,10 @@ pub fn softmax_last<B: Fused, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 }
 
 /// RMSNorm over the last dimension of any rank: `x / sqrt(mean(x²) + eps) · w`.
+///
+/// Runs in f32 whatever the dtype of `x` (as transformers' `LlamaRMSNorm` does) and returns
+/// `x`'s dtype: in f16, `1 / rms` of small activations is large enough that its powers in the
+/// backward overflow (r > 40 gives r³ > 65504), which turned every fp16 gradient into NaN.
 pub fn rms_norm<B: Fused, const D: usize>(
     x: Tensor<B, D>,
     w: Tensor<B, 1>,
@@ -401,6 +405,15 @@ pub fn rms_norm<B: Fused, const D: usize>(
     let shape = x.dims();
     let n = shape[D - 1];
     let rows = shape.iter().product::<usize>() / n.max(1);
+    let dtype = x.dtype();
+    if dtype != DType::F32 {
+        let y = B::rms_norm_rows(
+            x.cast(DType::F32).reshape([rows, n]),
+            w.cast(DType::F32),
+            eps,
+        );
+        return y.cast(dtype).reshape(shape);
+    }
     B::rms_norm_rows(x.reshape([rows, n]), w, eps).reshape(shape)
 }
 
