@@ -506,13 +506,6 @@ fn read_zero(
             "no effect below stage 3 (as in DeepSpeed)",
         ));
     }
-    if out.overlap_comm == Some(true) && stage < 3 {
-        warnings.push(Warning::new(
-            z.path("overlap_comm"),
-            "no effect below stage 3 in Ringmaster: stages 0–2 reduce gradients after backward \
-             (stage 3 overlaps its collectives with compute)",
-        ));
-    }
     for (key, no_effect) in [
         ("contiguous_gradients", !out.contiguous_gradients),
         ("allgather_partitions", !out.allgather_partitions),
@@ -694,10 +687,9 @@ mod tests {
             })
         );
         assert_eq!(z.stage3_prefetch_bucket_size, Auto::Set(50_000_000));
-        // overlap_comm is honoured at stage 3 only.
+        // overlap_comm is honoured at every stage (stages 0–2: unit-by-unit reduction).
         let lines = crate::warning_lines(&ds.warnings);
-        assert_eq!(lines.len(), 1, "{lines:?}");
-        assert!(lines[0].starts_with("zero_optimization.overlap_comm: no effect below stage 3"));
+        assert!(lines.is_empty(), "{lines:?}");
         // An empty mapping is DeepSpeed's defaults: stage 0.
         assert_eq!(parse(json!({})).unwrap().stage(), 0);
     }

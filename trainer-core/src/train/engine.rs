@@ -202,6 +202,23 @@ impl Groups<'_> {
         None
     }
 
+    /// The shard and the replica communicators at once.
+    fn split(&mut self) -> (Option<&mut dyn Communicator>, Option<&mut dyn Communicator>) {
+        if let Some(node) = self.node.as_deref_mut() {
+            // The map shortens the boxed trait object's lifetime to the borrow's.
+            let cross = self
+                .cross
+                .as_deref_mut()
+                .map(|c| c as &mut dyn Communicator);
+            return (Some(node), cross);
+        }
+        match self.main.as_deref_mut() {
+            Some(m) if self.main_shards => (Some(m), None),
+            Some(m) => (None, Some(m)),
+            None => (None, None),
+        }
+    }
+
     fn replica(&mut self) -> Option<&mut dyn Communicator> {
         if self.node.is_some() {
             return match self.cross.as_deref_mut() {
@@ -279,6 +296,8 @@ pub struct Engine<'c> {
     /// Seconds the compute thread waited for collectives since the last
     /// [`Engine::take_comm_seconds`].
     comm_seconds: f64,
+    /// This step's reduction already finished unit by unit in the last micro-batch's backward.
+    reduced_in_backward: bool,
 }
 
 /// How ZeRO-3 overlaps its collectives with compute.
@@ -361,19 +380,32 @@ impl std::fmt::Display for Overlap {
     }
 }
 
-/// A request to the communication thread of [`Engine::sharded_micro_batch`].
+/// A request to the communication thread of [`Engine::sharded_micro_batch`] and
+/// [`Engine::unit_graph_micro_batch`].
 enum Job {
     /// All-gather unit `u`; the full padded unit comes back on the results channel.
     Gather(usize),
     /// Reduce-scatter unit `u`'s padded full gradients into its owned accumulator.
     Reduce(usize, Vec<f32>),
+    /// Stages 0–2: add one micro-batch's gradients of unit `u` (one buffer per tensor) and, on
+    /// the step's last micro-batch, finish the unit's reduction.
+    Unit {
+        u: usize,
+        grads: Vec<Vec<f32>>,
+        last: bool,
+    },
     /// Answer (with an empty buffer) once every earlier job is done.
     Fence,
 }
 
 /// What the communication thread borrows from the engine.
 struct CommSide<'a> {
+    /// The shard group.
     comm: Option<&'a mut dyn Communicator>,
+    /// The replica group.
+    replica: Option<&'a mut dyn Communicator>,
+    stage: u8,
+    shard_rank: usize,
     layout: &'a FlatLayout,
     param_shards: &'a [Vec<f32>],
     grads: &'a mut [Vec<f32>],
@@ -420,6 +452,55 @@ impl CommSide<'_> {
         Ok(())
     }
 
+    /// Adds one micro-batch's gradients of unit `u` (stages 0–2): into the full accumulator
+    /// (stage ≤ 1) or reduce-scattered into the owned one (stage 2). `last`: the step's last
+    /// micro-batch, after which the unit's reduction is finished ([`CommSide::finish_unit`]).
+    fn unit(&mut self, u: usize, grads: &[Vec<f32>], last: bool) -> Result<()> {
+        if self.stage < 2 {
+            let unit = &self.layout.units[u];
+            let acc = &mut self.grads[u];
+            for (k, g) in grads.iter().enumerate() {
+                let off = unit.offsets[k];
+                acc[off..off + g.len()]
+                    .iter_mut()
+                    .zip(g)
+                    .for_each(|(d, s)| *d += s);
+            }
+        } else {
+            self.reduce(u, pad_unit(self.layout, u, grads))?;
+        }
+        if last {
+            self.finish_unit(u)?;
+        }
+        Ok(())
+    }
+
+    /// Finishes unit `u`'s reduction for the step: ZeRO-0/1 reduce-scatter the full
+    /// accumulator over the shard group; every plan all-reduces the owned shard over the
+    /// replica group.
+    fn finish_unit(&mut self, u: usize) -> Result<()> {
+        let shard = self.layout.units[u].shard;
+        if self.stage < 2
+            && let Some(c) = self.comm.as_deref_mut()
+        {
+            reduce_scatter_pieces(
+                c,
+                &mut self.grads[u],
+                shard,
+                self.reduce_bucket,
+                self.scratch,
+                None,
+            )
+            .map_err(comm_err("reducing gradients"))?;
+        }
+        let owned = owned_range(self.stage, self.shard_rank, shard);
+        if let Some(c) = self.replica.as_deref_mut() {
+            all_reduce_pieces(c, &mut self.grads[u][owned], self.reduce_bucket)
+                .map_err(comm_err("all-reducing gradients"))?;
+        }
+        Ok(())
+    }
+
     /// Runs jobs until the queue closes, `cancel` is set or a collective fails. Gathers and
     /// fences answer on `results`; a failure ends the thread with its error (the compute
     /// thread then sees the results channel close).
@@ -441,6 +522,7 @@ impl CommSide<'_> {
                     }
                 }
                 Job::Reduce(u, full) => self.reduce(u, full)?,
+                Job::Unit { u, grads, last } => self.unit(u, &grads, last)?,
                 Job::Fence => {
                     if results.send(Vec::new()).is_err() {
                         break;
@@ -535,12 +617,28 @@ impl CommQueue<'_> {
         Ok(())
     }
 
+    /// Stages 0–2: unit `u`'s gradients of this micro-batch, after its backward (see
+    /// [`Job::Unit`]); the compute thread goes on with the next unit.
+    fn unit(&mut self, u: usize, grads: Vec<Vec<f32>>, last: bool) -> Result<()> {
+        self.send(Job::Unit { u, grads, last })
+    }
+
     /// Waits for every job issued so far.
     fn finish(&mut self) -> Result<()> {
         self.send(Job::Fence)?;
         self.recv()?;
         self.jobs = None;
         Ok(())
+    }
+}
+
+/// The range of a unit's gradient accumulator a rank owns: the whole owned accumulator
+/// (stage ≥ 2) or its shard of the full one.
+fn owned_range(stage: u8, shard_rank: usize, shard: usize) -> Range<usize> {
+    if stage >= 2 {
+        0..shard
+    } else {
+        shard_rank * shard..(shard_rank + 1) * shard
     }
 }
 
@@ -681,6 +779,7 @@ impl<'c> Engine<'c> {
             scratch: Vec::new(),
             overlap: Overlap::of(plan),
             comm_seconds: 0.0,
+            reduced_in_backward: false,
         })
     }
 
@@ -754,8 +853,12 @@ impl<'c> Engine<'c> {
 
     /// The engine's communication state, as the ZeRO-3 communication thread borrows it.
     fn comm_side(&mut self) -> CommSide<'_> {
+        let (comm, replica) = self.groups.split();
         CommSide {
-            comm: self.groups.shard(),
+            comm,
+            replica,
+            stage: self.stage,
+            shard_rank: self.shard_rank,
             layout: &self.layout,
             param_shards: &self.param_shards,
             grads: &mut self.grads,
@@ -814,13 +917,68 @@ impl<'c> Engine<'c> {
     /// ZeRO-3: one micro-batch unit by unit; returns its (unscaled) loss. Collectives run on a
     /// communication thread, overlapped as [`Engine::overlap`] says.
     pub fn sharded_micro_batch(&mut self, mb: &MicroBatch<'_>) -> Result<f64> {
-        self.with_comm_thread(mb.cfg, |layout, queue| unit_by_unit(layout, mb, queue))
+        self.with_comm_thread(mb.cfg, true, |layout, queue| {
+            unit_by_unit(layout, mb, queue)
+        })
+    }
+
+    /// Whether stages 0–2 reduce each unit's gradients while backward goes on
+    /// ([`Engine::unit_graph_micro_batch`]): asked for by the plan ([`Overlap::async_reduce`])
+    /// and there is someone to reduce with. LoRA adapters keep the whole-model path.
+    pub fn overlaps_reduction(&mut self, full_model: bool) -> bool {
+        let (shard, replica) = self.groups.split();
+        full_model
+            && self.stage <= 2
+            && self.overlap.async_reduce
+            && (shard.is_some() || replica.is_some())
+    }
+
+    /// Stages 0–2 with overlapped reduction: one micro-batch of the full model `params` as one
+    /// graph per unit (each cut at its input and kept, not recomputed), backward unit by unit
+    /// in reverse, each unit's gradients handed to the communication thread as soon as they
+    /// exist. On the step's `last` micro-batch the communication thread also finishes each
+    /// unit's reduction, so that it runs while the units below compute their backward.
+    /// Returns the (unscaled) loss.
+    pub fn unit_graph_micro_batch(
+        &mut self,
+        mb: &MicroBatch<'_>,
+        params: &ParamStore,
+        last: bool,
+    ) -> Result<f64> {
+        let value = self.with_comm_thread(mb.cfg, false, |layout, queue| {
+            unit_graphs(layout, params, mb, last, queue)
+        })?;
+        self.reduced_in_backward = last;
+        Ok(value)
     }
 
     /// An empty micro-batch (a short last global batch dealt round-robin leaves some ranks
     /// without samples): takes part in every collective the other ranks' micro-batch makes,
-    /// with zero gradients, so that the ring's calls still match. Stages 0–1 make none.
-    pub fn idle_micro_batch(&mut self, cfg: &LlamaConfig) -> Result<()> {
+    /// with zero gradients, so that the ring's calls still match. `last`: the step's last
+    /// micro-batch; `unit_graphs`: the ranks run [`Engine::unit_graph_micro_batch`]. Stages
+    /// 0–1 reducing after backward make none.
+    pub fn idle_micro_batch(
+        &mut self,
+        cfg: &LlamaConfig,
+        last: bool,
+        unit_graphs: bool,
+    ) -> Result<()> {
+        if unit_graphs {
+            // The calls of `unit_graphs`: every unit in reverse.
+            self.with_comm_thread(cfg, false, |layout, queue| {
+                for u in (0..layout.units.len()).rev() {
+                    let zeros = layout.units[u]
+                        .tensors
+                        .clone()
+                        .map(|t| vec![0.0f32; layout.sizes[t]])
+                        .collect();
+                    queue.unit(u, zeros, last)?;
+                }
+                Ok(())
+            })?;
+            self.reduced_in_backward = last;
+            return Ok(());
+        }
         match self.stage {
             0 | 1 => Ok(()),
             2 => {
@@ -830,7 +988,7 @@ impl<'c> Engine<'c> {
                 }
                 Ok(())
             }
-            _ => self.with_comm_thread(cfg, |layout, queue| {
+            _ => self.with_comm_thread(cfg, true, |layout, queue| {
                 // The calls `unit_by_unit` makes, in its order, without compute.
                 let last = layout.units.len() - 1;
                 let zeros = |u: usize| vec![0.0f32; layout.units[u].shard * layout.group];
@@ -855,6 +1013,7 @@ impl<'c> Engine<'c> {
     fn with_comm_thread<T>(
         &mut self,
         cfg: &LlamaConfig,
+        gathers: bool,
         work: impl FnOnce(&FlatLayout, &mut CommQueue<'_>) -> Result<T>,
     ) -> Result<T> {
         let units = self.layout.units.len();
@@ -862,13 +1021,16 @@ impl<'c> Engine<'c> {
             bail!("the unit-by-unit path needs the full model's units (not LoRA adapters)");
         }
         let last = units - 1;
-        // Forward uses: every unit, the embedding table again for a tied head; backward uses:
-        // the blocks and the embeddings in reverse.
-        let mut schedule: Vec<(usize, bool)> = (0..=last).map(|u| (u, true)).collect();
-        if cfg.tie_word_embeddings {
-            schedule.push((0, true));
+        // ZeRO-3's gathers. Forward uses: every unit, the embedding table again for a tied
+        // head; backward uses: the blocks and the embeddings in reverse.
+        let mut schedule: Vec<(usize, bool)> = Vec::new();
+        if gathers {
+            schedule.extend((0..=last).map(|u| (u, true)));
+            if cfg.tie_word_embeddings {
+                schedule.push((0, true));
+            }
+            schedule.extend((0..last).rev().map(|u| (u, false)));
         }
-        schedule.extend((0..last).rev().map(|u| (u, false)));
         let overlap = self.overlap;
         let mut waited = 0.0;
         let side = self.comm_side();
@@ -909,39 +1071,21 @@ impl<'c> Engine<'c> {
 
     /// The range of unit `u`'s gradient accumulator this rank owns.
     fn owned(&self, u: usize) -> Range<usize> {
-        let s = self.layout.units[u].shard;
-        if self.stage >= 2 {
-            0..s
-        } else {
-            self.shard_rank * s..(self.shard_rank + 1) * s
-        }
+        owned_range(self.stage, self.shard_rank, self.layout.units[u].shard)
     }
 
     /// Finishes the step's gradient reduction: ZeRO-0/1 reduce-scatter their full
     /// accumulators over the shard group; every plan all-reduces the owned shards over the
-    /// replica group.
+    /// replica group. Nothing is left to do when [`Engine::unit_graph_micro_batch`] finished
+    /// each unit during the last micro-batch's backward.
     pub fn reduce(&mut self) -> Result<()> {
+        if std::mem::take(&mut self.reduced_in_backward) {
+            return Ok(());
+        }
         let t = Instant::now();
-        for u in 0..self.layout.units.len() {
-            let shard = self.layout.units[u].shard;
-            if self.stage < 2
-                && let Some(c) = self.groups.shard()
-            {
-                reduce_scatter_pieces(
-                    c,
-                    &mut self.grads[u],
-                    shard,
-                    self.reduce_bucket,
-                    &mut self.scratch,
-                    None,
-                )
-                .map_err(comm_err("reducing gradients"))?;
-            }
-            let owned = self.owned(u);
-            if let Some(c) = self.groups.replica() {
-                all_reduce_pieces(c, &mut self.grads[u][owned], self.reduce_bucket)
-                    .map_err(comm_err("all-reducing gradients"))?;
-            }
+        let mut side = self.comm_side();
+        for u in 0..side.layout.units.len() {
+            side.finish_unit(u)?;
         }
         self.comm_seconds += t.elapsed().as_secs_f64();
         Ok(())
@@ -1161,6 +1305,94 @@ fn unit_by_unit(
     Ok(value)
 }
 
+/// The compute side of [`Engine::unit_graph_micro_batch`]: forward one kept graph per unit,
+/// then backward from the loss down, unit by unit, each unit's gradients queued for the
+/// communication thread before the next unit's backward runs.
+fn unit_graphs(
+    layout: &FlatLayout,
+    params: &ParamStore,
+    mb: &MicroBatch<'_>,
+    last: bool,
+    queue: &mut CommQueue<'_>,
+) -> Result<f64> {
+    let &MicroBatch {
+        cfg,
+        inp,
+        targets,
+        normalizer,
+        scale,
+        compute,
+    } = mb;
+    let head = layout.units.len() - 1;
+    let inp = match compute {
+        Some(dt) if dt != DType::F32 => inp.cast(dt),
+        _ => inp.clone(),
+    };
+    let leaves_of = |u: usize| -> Vec<Tensor<AD, 1>> {
+        layout.units[u]
+            .tensors
+            .clone()
+            .map(|t| leaf(params.data(t), true))
+            .collect()
+    };
+    // Forward: unit u's graph starts at a fresh leaf holding unit u−1's output.
+    let mut units: Vec<UnitGraph> = Vec::with_capacity(head);
+    let mut x: Option<Tensor<AD, 2>> = None;
+    for u in 0..head {
+        let leaves = leaves_of(u);
+        let w = UnitWeights::new(cfg, u, &leaves, None, compute)?;
+        let xin = x.take().map(|t| t.detach().require_grad());
+        let out = w.forward(cfg, xin.clone(), &inp, compute);
+        x = Some(out.clone());
+        units.push((leaves, xin, out));
+    }
+    // The head; a tied head gets its own leaf of the embedding table (a leaf shared by two
+    // graphs would lose its gradient to the first backward).
+    let leaves = leaves_of(head);
+    let tied = cfg
+        .tie_word_embeddings
+        .then(|| leaf(params.data(layout.units[0].tensors.start), true));
+    let w = UnitWeights::new(cfg, head, &leaves, tied.as_ref(), compute)?;
+    let xin = x.context("a model without units")?.detach().require_grad();
+    let logits = w.forward(cfg, Some(xin.clone()), &inp, compute);
+    drop(w);
+    let mut loss = cross_entropy(logits, targets, normalizer);
+    if scale != 1.0 {
+        loss = loss.mul_scalar(scale);
+    }
+    let value = super::scalar(loss.clone().inner()) / scale;
+    let g = loss.backward();
+    let head_grads = leaf_grads(&leaves, &g);
+    let mut pending_embed = tied.map(|t| leaf_grads(std::slice::from_ref(&t), &g).remove(0));
+    let mut up = xin
+        .grad(&g)
+        .context("no gradient reached the head's input")?;
+    drop((g, leaves));
+    queue.unit(head, head_grads, last)?;
+    while let Some((leaves, xin, out)) = units.pop() {
+        let u = units.len();
+        let g = (out * Tensor::from_inner(up.clone())).sum().backward();
+        let mut grads = leaf_grads(&leaves, &g);
+        if u == 0
+            && let Some(p) = pending_embed.take()
+        {
+            grads[0].iter_mut().zip(&p).for_each(|(d, s)| *d += s);
+        }
+        if let Some(xin) = xin {
+            up = xin
+                .grad(&g)
+                .with_context(|| format!("no gradient reached unit {u}'s input"))?;
+        }
+        drop((g, leaves));
+        queue.unit(u, grads, last)?;
+    }
+    Ok(value)
+}
+
+/// One unit's kept forward graph: its parameter leaves, the detached leaf holding its input
+/// (none for the embeddings) and its output.
+type UnitGraph = (Vec<Tensor<AD, 1>>, Option<Tensor<AD, 2>>, Tensor<AD, 2>);
+
 /// Unit `u`'s tensors (`grads[k]` for its k-th) laid out as its padded full flat unit.
 fn pad_unit(layout: &FlatLayout, u: usize, grads: &[Vec<f32>]) -> Vec<f32> {
     let unit = &layout.units[u];
@@ -1292,6 +1524,7 @@ mod tests {
                         format!("G{u}")
                     }
                     Job::Reduce(u, _) => format!("R{u}"),
+                    Job::Unit { u, .. } => format!("U{u}"),
                     Job::Fence => {
                         res_tx.send(Vec::new()).unwrap();
                         "F".into()

@@ -293,6 +293,8 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
         main_shards: stage >= 1 && !(plan.hybrid && plan.shard_group_size() <= 1),
     };
     let mut eng = engine::Engine::new(&plan, stage, trainable_mut(setup), groups, adam)?;
+    // Stages 0–2 with overlap: one graph per unit, each unit reduced as its backward ends.
+    let unit_graphs = eng.overlaps_reduction(!is_lora);
     eng.shard_params(trainable_mut(setup));
     let trainable_kind = if is_lora { "lora" } else { "full" };
     let mut start_step = 0u64;
@@ -391,6 +393,11 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
         );
         if stage >= 3 {
             eprintln!("trainer: ZeRO-3 communication: {}", eng.overlap());
+        } else if unit_graphs {
+            eprintln!(
+                "trainer: gradient reduction: unit by unit, overlapped with backward \
+                 (stage {stage})"
+            );
         }
     }
     let log_path = setup.output_dir.join("trainer_log.jsonl");
@@ -439,10 +446,11 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
         let mut local_loss = 0.0f64;
         let mut dropout = (lora_dropout > 0.0)
             .then(|| Dropout::new(lora_dropout, setup.seed ^ (step << 16) ^ par.rank as u64));
-        for idx in &micro {
+        for (mi, idx) in micro.iter().enumerate() {
+            let last = mi + 1 == micro.len();
             if idx.is_empty() {
                 // Sharded plans still take part in this micro-batch's collectives.
-                eng.idle_micro_batch(&cfg_model)?;
+                eng.idle_micro_batch(&cfg_model, last, unit_graphs)?;
                 continue;
             }
             let batch = collate(idx.iter().map(|&i| &setup.samples[i]), pad_id, 1);
@@ -456,15 +464,20 @@ pub fn train(setup: &mut Setup, par: &mut Parallel<'_>) -> Result<Summary> {
                 &batch.segment_ids,
                 &device,
             )?;
+            let mb = engine::MicroBatch {
+                cfg: &cfg_model,
+                inp: &inp,
+                targets: &targets,
+                normalizer: normalizer as f64,
+                scale,
+                compute,
+            };
             if stage >= 3 {
-                local_loss += eng.sharded_micro_batch(&engine::MicroBatch {
-                    cfg: &cfg_model,
-                    inp: &inp,
-                    targets: &targets,
-                    normalizer: normalizer as f64,
-                    scale,
-                    compute,
-                })?;
+                local_loss += eng.sharded_micro_batch(&mb)?;
+                continue;
+            }
+            if unit_graphs {
+                local_loss += eng.unit_graph_micro_batch(&mb, &setup.base, last)?;
                 continue;
             }
             // A fresh set of leaves per micro-batch: burn's autodiff frees a graph's nodes on
