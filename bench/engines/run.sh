@@ -7,7 +7,7 @@
 # One thread per rank (RAYON_NUM_THREADS / torch.set_num_threads). Run on an idle machine.
 #
 #   cargo build --release -p ringmaster-trainer
-#   bench/engines/run.sh [small] [large] [rss] [torch] [torch_small]
+#   bench/engines/run.sh [small] [large] [rss] [torch] [torch_small] [torch_large]
 #                          # default: small large rss torch; appends results.jsonl
 #   PLANS="ddp zero3" ...  # a subset of the plans
 #   TRAINER=/path/to/other/trainer LABEL=base ...   # another build, named in the results
@@ -62,6 +62,11 @@ plan_file() {
   case $1 in
     ddp) ds 0 0 0 ;; zero1) ds 1 0 0 ;; zero2) ds 2 0 0 ;; zero2_offload) ds 2 1 0 ;;
     zero3) ds 3 0 0 ;; zero3_offload) ds 3 1 1 ;;
+    # Stages 0-2 reducing each unit's gradients during backward (overlap_comm true).
+    ddp_overlap | zero1_overlap | zero2_overlap)
+      local st=0
+      case $1 in zero1_overlap) st=1 ;; zero2_overlap) st=2 ;; esac
+      ds "$st" 0 0 | sed "s/\"stage\": $st,/\"stage\": $st, \"overlap_comm\": true,/" ;;
     # ZeRO-3 with every collective blocking the compute thread (overlap_comm false).
     zero3_blocking) ds 3 0 0 | sed 's/"stage": 3,/"stage": 3, "overlap_comm": false,/' ;;
   esac
@@ -133,5 +138,6 @@ for w in $what; do
       for m in ddp fsdp; do torch "$m" large 2 2 512 3; done
       for m in ddp fsdp; do torch "$m" large 4 1 128 2; done ;;
     torch_small) for m in ddp fsdp; do torch "$m" small 2 8 128 7; done ;;
+    torch_large) for m in ddp fsdp; do torch "$m" large 2 2 512 3; done ;;
   esac
 done
