@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use ringmaster_collectives::{Communicator, DirStore, RingConfig, Store, TcpRing};
+use ringmaster_collectives::{Communicator, DirStore, RingConfig, Store, TcpRing, Transport};
 
 /// Default timeout of one collective call (`ddp_timeout` overrides, in seconds).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -71,7 +71,35 @@ pub fn connect_group(name: &str, rank: usize, world: usize, timeout: Duration) -
     let mut cfg = RingConfig::new(&ring_name, generation, rank, world);
     cfg.bind_addr = bind;
     cfg.timeout = timeout;
+    (cfg.transport, cfg.cma) = ring_transport(std::env::var("RINGMASTER_TRANSPORT").ok())?;
     let mut ring = TcpRing::connect(cfg, store.as_ref())?;
     ring.set_timeout(timeout);
     Ok(ring)
+}
+
+/// The ring's transport from `RINGMASTER_TRANSPORT`: `auto` (the default: Unix sockets with
+/// cross-memory attach between ranks of one machine, TCP between machines) or `tcp` (TCP
+/// everywhere: what ranks on different machines use, also between ranks of one machine).
+fn ring_transport(value: Option<String>) -> Result<(Transport, bool)> {
+    match value.as_deref().map(str::trim) {
+        None | Some("") | Some("auto") => Ok((Transport::Auto, true)),
+        Some("tcp") => Ok((Transport::Tcp, false)),
+        Some(other) => bail!("RINGMASTER_TRANSPORT={other}: expected auto or tcp"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_from_the_environment() {
+        assert_eq!(ring_transport(None).unwrap(), (Transport::Auto, true));
+        assert_eq!(
+            ring_transport(Some("tcp".into())).unwrap(),
+            (Transport::Tcp, false)
+        );
+        let e = ring_transport(Some("udp".into())).unwrap_err().to_string();
+        assert!(e.contains("RINGMASTER_TRANSPORT=udp"), "{e}");
+    }
 }

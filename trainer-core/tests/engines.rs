@@ -111,6 +111,12 @@ fn plans() -> Vec<PlanCase> {
             bytes: |p, n| 8.0 * p + 8.0 * p / n,
         },
         PlanCase {
+            // DeepSpeed's default for stage 1: reduced after the whole backward.
+            name: "zero1_blocking",
+            file: Some(("deepspeed", leak(ds(1, false, false)))),
+            bytes: |p, n| 8.0 * p + 8.0 * p / n,
+        },
+        PlanCase {
             name: "zero2",
             file: Some(("deepspeed", leak(ds(2, false, false)))),
             bytes: |p, n| 4.0 * p + 12.0 * p / n,
@@ -153,6 +159,19 @@ fn plans() -> Vec<PlanCase> {
             name: "zero3_offload",
             file: Some(("deepspeed", leak(ds(3, true, true)))),
             bytes: |p, n| 16.0 * p / n,
+        },
+        PlanCase {
+            name: "zero3_offload_optimizer",
+            file: Some(("deepspeed", leak(ds(3, true, false)))),
+            bytes: |p, n| 16.0 * p / n,
+        },
+        PlanCase {
+            name: "fsdp_no_shard",
+            file: Some((
+                "fsdp_config",
+                "fsdp_sharding_strategy: NO_SHARD\nfsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n",
+            )),
+            bytes: |p, _| 16.0 * p,
         },
         PlanCase {
             name: "fsdp_shard_grad_op",
@@ -282,11 +301,16 @@ fn run_env(config: &Path, world: usize, local: usize, store: &Path, env: &[(&str
 }
 
 fn losses(dir: &Path) -> Vec<f64> {
+    log_field(dir, "loss")
+}
+
+/// One field of every line of the run's trainer_log.jsonl.
+fn log_field(dir: &Path, key: &str) -> Vec<f64> {
     std::fs::read_to_string(dir.join("trainer_log.jsonl"))
         .unwrap()
         .lines()
         .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+            serde_json::from_str::<serde_json::Value>(l).unwrap()[key]
                 .as_f64()
                 .unwrap()
         })
@@ -303,14 +327,30 @@ fn assert_close(name: &str, dir: &Path, ref_losses: &[f64], reference: &ParamSto
             "{name}: losses {l:?} vs {ref_losses:?}"
         );
     }
+    assert_params_close(name, &got, reference, tol);
+}
+
+/// Every tensor within `tol` relative in norm (‖p − q‖ ≤ tol · ‖q‖) and every element within
+/// `tol` · (1 + |q|).
+fn assert_params_close(name: &str, got: &ParamStore, reference: &ParamStore, tol: f64) {
     for ((spec, x), (_, y)) in got.iter().zip(reference.iter()) {
+        let (mut diff, mut norm) = (0.0f64, 0.0f64);
         for (p, q) in x.iter().zip(y) {
+            let (p, q) = (*p as f64, *q as f64);
             assert!(
-                ((p - q).abs() as f64) <= tol * (1.0 + p.abs().max(q.abs()) as f64),
+                (p - q).abs() <= tol * (1.0 + p.abs().max(q.abs())),
                 "{name}: {} differs: {p} vs {q}",
                 spec.name
             );
+            diff += (p - q) * (p - q);
+            norm += q * q;
         }
+        let (diff, norm) = (diff.sqrt(), norm.sqrt());
+        assert!(
+            diff <= tol * norm,
+            "{name}: {}: |p - q| = {diff:e} is more than {tol:e} of |q| = {norm:e}",
+            spec.name
+        );
     }
 }
 
@@ -352,12 +392,28 @@ fn every_plan_at_one_two_and_four_ranks_equals_one_process_with_accumulation() {
     let reference = hf::load_dir(&dir.join("single")).unwrap().params;
     let ref_losses = losses(&dir.join("single"));
     assert_eq!(ref_losses.len(), 5);
+    // max_grad_norm 1.0 clips these steps: the global norm over all shards must be right for
+    // the parameters to match.
+    let ref_norms = log_field(&dir.join("single"), "grad_norm");
+    assert!(
+        ref_norms.iter().all(|n| *n > 1.0),
+        "clipping exercised: {ref_norms:?}"
+    );
+    // The ring over TCP on loopback, as between machines (not Unix sockets).
+    let tcp = [("RINGMASTER_TRANSPORT", "tcp")];
     for case in plans() {
         for (world, micro, accum) in [(1usize, 2u32, 4u32), (2, 2, 2), (4, 2, 1)] {
             let name = format!("{}-{world}", case.name);
             let cfg = write_config(dir, &name, micro, accum, case.file, "");
-            run(&cfg, world, world, &dir.join(format!("store-{name}")));
+            run_env(&cfg, world, world, &dir.join(format!("store-{name}")), &tcp);
             assert_close(&name, dir, &ref_losses, &reference, 1e-5);
+            let norms = log_field(&dir.join(&name), "grad_norm");
+            for (a, b) in norms.iter().zip(&ref_norms) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b,
+                    "{name}: grad norms {norms:?} vs {ref_norms:?}"
+                );
+            }
             assert_memory(&name, dir, world, world, case.bytes);
             if world == 4 && case.name == "zero3" {
                 let m = std::fs::read_to_string(dir.join(&name).join("memory-rank3.json")).unwrap();
@@ -380,9 +436,97 @@ fn every_plan_at_one_two_and_four_ranks_equals_one_process_with_accumulation() {
         )),
         "",
     );
-    run(&hybrid, 4, 2, &dir.join("store-hybrid"));
+    run_env(&hybrid, 4, 2, &dir.join("store-hybrid"), &tcp);
     assert_close("hybrid", dir, &ref_losses, &reference, 1e-5);
     assert_memory("hybrid", dir, 4, 2, |p, n| 16.0 * p / n);
+    // _HYBRID_SHARD_ZERO2: ZeRO-2 inside a node, replicated across nodes.
+    let hybrid2 = write_config(
+        dir,
+        "hybrid_zero2",
+        2,
+        1,
+        Some((
+            "fsdp_config",
+            "fsdp_sharding_strategy: _HYBRID_SHARD_ZERO2\n\
+             fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n",
+        )),
+        "",
+    );
+    run_env(&hybrid2, 4, 2, &dir.join("store-hybrid_zero2"), &tcp);
+    assert_close("hybrid_zero2", dir, &ref_losses, &reference, 1e-5);
+    assert_memory("hybrid_zero2", dir, 4, 2, |p, n| 4.0 * p + 12.0 * p / n);
+    // HYBRID_SHARD with one rank per node: replicated only (DDP).
+    let hybrid1 = write_config(
+        dir,
+        "hybrid_1",
+        2,
+        2,
+        Some((
+            "fsdp_config",
+            "fsdp_sharding_strategy: HYBRID_SHARD\nfsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n",
+        )),
+        "",
+    );
+    run_env(&hybrid1, 2, 1, &dir.join("store-hybrid_1"), &tcp);
+    assert_close("hybrid_1", dir, &ref_losses, &reference, 1e-5);
+    assert_memory("hybrid_1", dir, 2, 1, |p, _| 16.0 * p);
+    // Offload plans equal their twins (on a CPU host the same arithmetic: bit for bit).
+    for (offload, twin) in [
+        ("zero2_offload", "zero2"),
+        ("zero3_offload", "zero3"),
+        ("zero3_offload_optimizer", "zero3"),
+    ] {
+        for world in [1, 2, 4] {
+            let a = hf::load_dir(&dir.join(format!("{offload}-{world}")))
+                .unwrap()
+                .params;
+            let b = hf::load_dir(&dir.join(format!("{twin}-{world}")))
+                .unwrap()
+                .params;
+            assert!(a.bit_equal(&b), "{offload} vs {twin} at {world} ranks");
+        }
+    }
+}
+
+/// `fsdp_cpu_ram_efficient_loading`: ranks other than 0 do not read the weights (they start
+/// from zeros) and get rank 0's by the start-up broadcast, so 2 ranks from a saved model equal
+/// one process from it.
+#[test]
+fn cpu_ram_efficient_loading_starts_every_rank_from_rank_0s_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    fixture(dir);
+    // A saved model to start from: 5 steps of one process.
+    let init = write_config(dir, "init", 2, 4, None, "");
+    run(&init, 1, 1, &dir.join("store-init"));
+    let from_saved = |name: &str, micro: u32, accum: u32, plan: Option<(&str, &str)>| {
+        let path = write_config(dir, name, micro, accum, plan, "");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text
+            .replace(
+                &format!("model_name_or_path: {}", dir.join("model").display()),
+                &format!("model_name_or_path: {}", dir.join("init").display()),
+            )
+            .replace("train_from_scratch: true", "train_from_scratch: false");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let single = from_saved("saved-single", 2, 4, None);
+    run(&single, 1, 1, &dir.join("store-saved-single"));
+    let reference = hf::load_dir(&dir.join("saved-single")).unwrap().params;
+    let ref_losses = losses(&dir.join("saved-single"));
+    let efficient = from_saved(
+        "saved-efficient",
+        2,
+        2,
+        Some((
+            "fsdp_config",
+            "fsdp_sharding_strategy: FULL_SHARD\nfsdp_sync_module_states: true\n\
+             fsdp_cpu_ram_efficient_loading: true\n",
+        )),
+    );
+    run(&efficient, 2, 2, &dir.join("store-saved-efficient"));
+    assert_close("saved-efficient", dir, &ref_losses, &reference, 1e-5);
 }
 
 /// bf16 compute: ZeRO-3's unit-by-unit recompute on 2 ranks against the whole-graph bf16 run

@@ -41,7 +41,14 @@
 //! all-gather is issued before the current unit computes (forward, and backward with
 //! BACKWARD_PRE; after its gradients with BACKWARD_POST), and a unit's reduce-scatter runs
 //! while the next unit computes. At most two gathered units are alive at once, plus one unit's
-//! gradients in flight. Stages 0–2 reduce at the step, after backward.
+//! gradients in flight.
+//!
+//! Stages 0–2 with overlap (DeepSpeed `overlap_comm: true`, FSDP NO_SHARD / SHARD_GRAD_OP, no
+//! file) keep one forward graph per unit, each cut at a detached copy of its input
+//! ([`Engine::unit_graph_micro_batch`]); backward runs from the head down, unit by unit, and
+//! hands each unit's gradients to the communication thread as soon as its backward ends, so the
+//! unit's all-reduce (DDP) or reduce-scatter (ZeRO-1/2) on the step's last micro-batch runs
+//! while the units below it compute. Without overlap they reduce at the step, after backward.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -264,8 +264,13 @@ pub fn resolve(
     }
     let seed = cfg.seed.unwrap_or(42);
     let from_scratch = cfg.train_from_scratch.unwrap_or(false);
+    // fsdp_cpu_ram_efficient_loading: only rank 0 reads the weights; the others hold zeros
+    // until rank 0's weights arrive by broadcast (which every run does at start).
+    let (rank, _, _) = crate::dist::rank_world()?;
     let base = if from_scratch {
         ParamStore::init_llama(&model, seed)
+    } else if plan.cpu_ram_efficient_loading && world > 1 && rank > 0 {
+        ParamStore::zeros(ringmaster_model::params::param_specs(&model))
     } else {
         hf::load_dir(&model_dir)?.params
     };
