@@ -250,6 +250,20 @@ pub fn validate_files(
         ringmaster_config::accelerate::FsdpConfig::from_yaml(&text)
             .map_err(|e| SpecError::invalid(origin, format!("`fsdp_config: {path}`: {e}")))?;
     }
+    if let Some(path) = &train.accelerate_config {
+        let text = get("accelerate_config", path)?;
+        let acc = ringmaster_config::AccelerateConfig::from_yaml(&text)
+            .map_err(|e| SpecError::invalid(origin, format!("`accelerate_config: {path}`: {e}")))?;
+        if let Some(ds) = acc.deepspeed_file() {
+            let text = get("deepspeed_config_file", ds)?;
+            ringmaster_config::deepspeed::DeepSpeedConfig::from_json(&text).map_err(|e| {
+                SpecError::invalid(
+                    origin,
+                    format!("`accelerate_config: {path}` → deepspeed_config_file {ds}: {e}"),
+                )
+            })?;
+        }
+    }
     Ok(())
 }
 
@@ -341,6 +355,16 @@ pub fn submission_from_text(
         for f in cfg.referenced_files() {
             let p = resolve(&train_base, &f);
             files.insert(f, read(&p)?);
+        }
+        // The DeepSpeed file an accelerate config names travels with the job too.
+        if let Some(a) = &cfg.accelerate_config {
+            let text = String::from_utf8_lossy(&files[a]).into_owned();
+            if let Ok(acc) = ringmaster_config::AccelerateConfig::from_yaml(&text)
+                && let Some(f) = acc.deepspeed_file()
+            {
+                let p = resolve(&train_base, f);
+                files.insert(f.to_owned(), read(&p)?);
+            }
         }
     }
     if let Some(train) = spec.validate(origin)? {
@@ -445,6 +469,56 @@ mod tests {
             );
             assert!(!err.contains('\n'), "one line: {err:?}");
         }
+    }
+
+    #[test]
+    fn accelerate_configs_travel_with_their_deepspeed_file_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let acc = "distributed_type: DEEPSPEED\nnum_machines: 1\nnum_processes: 2\n\
+                   deepspeed_config:\n  deepspeed_config_file: ds.json\n";
+        std::fs::write(dir.path().join("acc.yaml"), acc).unwrap();
+        std::fs::write(
+            dir.path().join("ds.json"),
+            b"{\"zero_optimization\": {\"stage\": 2}}",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("t.yaml"),
+            "stage: sft\naccelerate_config: acc.yaml\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("job.yaml"), "train: t.yaml\n").unwrap();
+        let s = load_submission(&dir.path().join("job.yaml")).unwrap();
+        let names: Vec<&str> = s.files.keys().map(String::as_str).collect();
+        assert_eq!(names, ["acc.yaml", "ds.json"]);
+        // A bad key in the DeepSpeed file is refused at submit, naming the file.
+        std::fs::write(
+            dir.path().join("ds.json"),
+            b"{\"zero_optimization\": {\"stage\": 2, \"bogus_knob\": 1}}",
+        )
+        .unwrap();
+        let err = load_submission(&dir.path().join("job.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("accelerate_config: acc.yaml")
+                && err.contains("ds.json")
+                && err.contains("bogus_knob"),
+            "{err}"
+        );
+        // With deepspeed: as well, the training config is refused naming both.
+        std::fs::write(
+            dir.path().join("t.yaml"),
+            "stage: sft\naccelerate_config: acc.yaml\ndeepspeed: ds.json\n",
+        )
+        .unwrap();
+        let err = load_submission(&dir.path().join("job.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("accelerate_config (acc.yaml)") && err.contains("deepspeed (ds.json)"),
+            "{err}"
+        );
     }
 
     #[test]

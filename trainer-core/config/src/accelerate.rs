@@ -314,6 +314,13 @@ impl AccelerateConfig {
         AccelerateConfig::from_value(&value)
     }
 
+    /// The DeepSpeed JSON file a DEEPSPEED config names (`deepspeed_config_file`), as written.
+    pub fn deepspeed_file(&self) -> Option<&str> {
+        self.deepspeed
+            .as_ref()
+            .and_then(|d| d.deepspeed_config_file.as_deref())
+    }
+
     /// Reads a config already parsed into a JSON value.
     ///
     /// # Errors
@@ -724,6 +731,19 @@ fn read_fsdp(f: &mut Reader<'_>) -> Result<FsdpConfig, ConfigError> {
     }
     if out.use_orig_params.is_some() {
         warnings.push(Warning::no_effect(f.path(&k_orig)));
+    }
+    if f.has(&k_fp) && !out.forward_prefetch {
+        warnings.push(Warning::new(
+            f.path(&k_fp),
+            "accepted, no effect in Ringmaster: the next unit's all-gather is always issued \
+             before the current unit computes",
+        ));
+    }
+    if !out.sync_module_states {
+        warnings.push(Warning::new(
+            f.path(&k_sync),
+            "accepted, no effect in Ringmaster: rank 0's weights are always broadcast at start",
+        ));
     }
     if out.activation_checkpointing {
         warnings.push(Warning::new(

@@ -435,6 +435,15 @@ fn read_zero(
             pin_memory: false,
         });
     }
+    // Present in the file (whatever the value, "auto" included): warned below at stage 3.
+    let stage3_unused: Vec<&str> = [
+        "stage3_param_persistence_threshold",
+        "stage3_max_live_parameters",
+        "stage3_max_reuse_distance",
+    ]
+    .into_iter()
+    .filter(|k| z.has(k))
+    .collect();
     let gather_key = if z.has("stage3_gather_16bit_weights_on_model_save") {
         "stage3_gather_16bit_weights_on_model_save"
     } else {
@@ -514,6 +523,26 @@ fn read_zero(
     ] {
         if no_effect {
             warnings.push(Warning::no_effect(z.path(key)));
+        }
+    }
+    if !out.reduce_scatter && (1..=2).contains(&stage) {
+        warnings.push(Warning::new(
+            z.path("reduce_scatter"),
+            "accepted, no effect in Ringmaster: ZeRO-1/2 always reduce-scatter the gradients",
+        ));
+    }
+    if stage == 3 {
+        for key in stage3_unused {
+            let why = if key == "stage3_param_persistence_threshold" {
+                "every parameter is sharded in its block's flat unit; none stays whole"
+            } else {
+                "at most two gathered units are live (the one computing and the one \
+                 prefetched), and a unit is gathered again for its backward"
+            };
+            warnings.push(Warning::new(
+                z.path(key),
+                format!("accepted, no effect in Ringmaster: {why}"),
+            ));
         }
     }
     if out.stage3_gather_16bit_weights_on_model_save {

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 /// Every key a training config may hold. Keep sorted; an unknown key is an error that lists it.
 pub const KNOWN_KEYS: &[&str] = &[
+    "accelerate_config",
     "bf16",
     "cutoff_len",
     "dataset",
@@ -124,6 +125,11 @@ pub struct TrainConfig {
     pub packing: Option<bool>,
     pub deepspeed: Option<String>,
     pub fsdp_config: Option<String>,
+    /// An accelerate config file (what `accelerate launch --config_file` takes):
+    /// `distributed_type` MULTI_GPU, DEEPSPEED (inline `deepspeed_config` or its
+    /// `deepspeed_config_file`) or FSDP; `num_machines` / `num_processes` checked against the
+    /// cluster. Not together with `deepspeed` or `fsdp_config`.
+    pub accelerate_config: Option<String>,
     /// A checkpoint directory, or `true` for the newest committed one in `output_dir` (the HF
     /// Trainer's two forms).
     #[serde(default, deserialize_with = "bool_or_string")]
@@ -341,6 +347,22 @@ impl TrainConfig {
         if self.bf16 == Some(true) && self.fp16 == Some(true) {
             return Err(field("bf16", "bf16 and fp16 cannot both be true".into()));
         }
+        if let Some(acc) = &self.accelerate_config {
+            for (key, other) in [
+                ("deepspeed", &self.deepspeed),
+                ("fsdp_config", &self.fsdp_config),
+            ] {
+                if let Some(o) = other {
+                    return Err(field(
+                        "accelerate_config",
+                        format!(
+                            "give either accelerate_config ({acc}) or {key} ({o}), not both \
+                             (an accelerate config names its DeepSpeed or FSDP settings itself)"
+                        ),
+                    ));
+                }
+            }
+        }
         for (name, v) in [
             (
                 "per_device_train_batch_size",
@@ -376,11 +398,14 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Paths of the DeepSpeed JSON and FSDP YAML files this config names, as written.
+    /// Paths of the DeepSpeed JSON, FSDP and accelerate YAML files this config names, as
+    /// written. (A DeepSpeed file that an accelerate config names is one level further:
+    /// [`AccelerateConfig::deepspeed_file`].)
     pub fn referenced_files(&self) -> Vec<String> {
         self.deepspeed
             .iter()
             .chain(self.fsdp_config.iter())
+            .chain(self.accelerate_config.iter())
             .cloned()
             .collect()
     }

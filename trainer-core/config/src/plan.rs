@@ -971,8 +971,9 @@ fn in_file(e: ConfigError, path: &str) -> ConfigError {
     }
 }
 
-/// Reads the files a training config names (`deepspeed:`, `fsdp_config:`) through `read` and
-/// resolves the plan. Messages about a file name its path.
+/// Reads the files a training config names (`deepspeed:`, `fsdp_config:`, or
+/// `accelerate_config:` and the DeepSpeed file that one names) through `read` and resolves the
+/// plan. Messages about a file name its path.
 ///
 /// # Errors
 /// A file that cannot be read or parsed, and everything [`plan_from`] refuses.
@@ -989,6 +990,14 @@ pub fn plan_from_files(
             message,
         })
     };
+    if let Some(p) = &train.accelerate_config {
+        let acc = AccelerateConfig::from_yaml(&load(p)?).map_err(|e| in_file(e, p))?;
+        let ds = match acc.deepspeed_file() {
+            None => None,
+            Some(f) => Some(DeepSpeedConfig::from_json(&load(f)?).map_err(|e| in_file(e, f))?),
+        };
+        return plan_from_accelerate(train, &acc, ds.as_ref(), world, gpus_per_node, hidden);
+    }
     let ds = match &train.deepspeed {
         None => None,
         Some(p) => Some(DeepSpeedConfig::from_json(&load(p)?).map_err(|e| in_file(e, p))?),
@@ -1103,7 +1112,12 @@ mod tests {
         assert_eq!(plan.param_persistence_threshold, Some(10_240));
         assert!(plan.overlap_comm, "DeepSpeed's default at stage 3");
         assert_eq!(plan.optimizer.lr, Some(2e-5));
-        assert!(warnings.is_empty(), "{warnings:?}");
+        // Resolved, and named once as without effect (no parameter stays whole here).
+        let keys: Vec<&str> = warnings.iter().map(|w| w.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["zero_optimization.stage3_param_persistence_threshold"]
+        );
 
         // bf16 from the training config; the HF defaults where it is silent.
         let (plan, _) = plan_from(&train("bf16: true"), Some(&d), None, 2, 2, Some(8)).unwrap();

@@ -162,7 +162,10 @@ fn seed_files_name_their_no_effect_keys_once() {
         vec![
             "comms_config",
             "monitor_config",
-            "zero_optimization.stage3_gather_16bit_weights_on_model_save"
+            "zero_optimization.stage3_gather_16bit_weights_on_model_save",
+            "zero_optimization.stage3_max_live_parameters",
+            "zero_optimization.stage3_max_reuse_distance",
+            "zero_optimization.stage3_param_persistence_threshold"
         ]
     );
     let (_, keys) = plan_of("llama3_lora_sft_ds2.yaml", 4, 2);
@@ -195,7 +198,13 @@ fn seed_fsdp_config_is_full_shard_for_its_two_by_two_cluster() {
 
     let (plan, keys) = plan_of("llama3_full_sft_fsdp.yaml", 4, 2);
     assert!(plan.cpu_ram_efficient_loading && plan.sync_module_states);
-    assert_eq!(keys, vec!["fsdp_config.fsdp_use_orig_params"]);
+    assert_eq!(
+        keys,
+        vec![
+            "fsdp_config.fsdp_forward_prefetch",
+            "fsdp_config.fsdp_use_orig_params"
+        ]
+    );
 
     // The same file on a cluster of another size: an error naming both values.
     let err = plan_from_files(&train("llama3_full_sft_fsdp.yaml"), read, 2, 2, None).unwrap_err();
@@ -250,4 +259,63 @@ fn a_contradicting_explicit_batch_size_is_refused_naming_both_values() {
     let ds = with("train_batch_size", 8.into());
     let (plan, _) = plan_from(&t, Some(&ds), None, 4, 2, Some(4096)).unwrap();
     assert_eq!(plan.train_batch(), 8);
+}
+
+#[test]
+fn an_accelerate_config_named_by_the_training_config_sets_the_plan() {
+    // What `accelerate launch --config_file F` would take, named by `accelerate_config: F`.
+    let acc = |name: &str| -> Result<String, String> {
+        match name {
+            "multi_gpu.yaml" => Ok("compute_environment: LOCAL_MACHINE\ndistributed_type: \
+                 MULTI_GPU\nmixed_precision: bf16\nnum_machines: 2\nnum_processes: 4\n\
+                 machine_rank: 0\nmain_process_ip: 10.0.0.1\nmain_process_port: 29500\n"
+                .into()),
+            "deepspeed.yaml" => Ok("distributed_type: DEEPSPEED\nnum_machines: 2\n\
+                 num_processes: 4\ndeepspeed_config:\n  \
+                 deepspeed_config_file: examples/ds_z3_config.json\n  zero3_init_flag: true\n"
+                .into()),
+            "deepspeed_inline.yaml" => Ok("distributed_type: DEEPSPEED\nmixed_precision: bf16\n\
+                 num_machines: 2\nnum_processes: 4\ndeepspeed_config:\n  zero_stage: 2\n  \
+                 offload_optimizer_device: cpu\n  gradient_accumulation_steps: 2\n"
+                .into()),
+            other => read(other),
+        }
+    };
+    let with = |file: &str| {
+        let mut t = train("llama3_full_sft_ds3.yaml");
+        t.deepspeed = None;
+        t.accelerate_config = Some(file.into());
+        t
+    };
+    let cases = [
+        ("multi_gpu.yaml", "DDP (ZeRO-0)", 0u8, false),
+        ("deepspeed.yaml", "ZeRO-3", 3, false),
+        ("deepspeed_inline.yaml", "ZeRO-2", 2, true),
+        ("examples/fsdp_config.yaml", "FULL_SHARD", 3, false),
+    ];
+    for (file, label, stage, offload) in cases {
+        let (plan, _) = plan_from_files(&with(file), acc, 4, 2, Some(4096))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(plan.label().contains(label), "{file}: {}", plan.label());
+        assert_eq!(plan.stage(), stage, "{file}");
+        assert_eq!(plan.offload_optimizer, offload, "{file}");
+        assert_eq!(plan.precision, Precision::Bf16, "{file}");
+    }
+    // num_processes that disagrees with the cluster: both values named.
+    let err = plan_from_files(&with("multi_gpu.yaml"), acc, 2, 2, None).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("num_processes = 4") && msg.contains("world size = 2"),
+        "{msg}"
+    );
+    // With deepspeed: as well, the training config is refused naming both.
+    let text = read("examples/llama3_full_sft_ds3.yaml").unwrap();
+    let msg = TrainConfig::from_yaml(&format!("{text}\naccelerate_config: deepspeed.yaml\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("accelerate_config (deepspeed.yaml)")
+            && msg.contains("deepspeed (examples/ds_z3_config.json)"),
+        "{msg}"
+    );
 }
