@@ -394,9 +394,10 @@ pub fn softmax_last<B: Fused, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 
 /// RMSNorm over the last dimension of any rank: `x / sqrt(mean(x²) + eps) · w`.
 ///
-/// Runs in f32 whatever the dtype of `x` (as transformers' `LlamaRMSNorm` does) and returns
-/// `x`'s dtype: in f16, `1 / rms` of small activations is large enough that its powers in the
+/// Runs in f32 when `x` is bf16/f16 (as transformers' `LlamaRMSNorm` does) and returns `x`'s
+/// dtype: in f16, `1 / rms` of small activations is large enough that its powers in the
 /// backward overflow (r > 40 gives r³ > 65504), which turned every fp16 gradient into NaN.
+/// f32 and f64 run as they are.
 pub fn rms_norm<B: Fused, const D: usize>(
     x: Tensor<B, D>,
     w: Tensor<B, 1>,
@@ -406,7 +407,7 @@ pub fn rms_norm<B: Fused, const D: usize>(
     let n = shape[D - 1];
     let rows = shape.iter().product::<usize>() / n.max(1);
     let dtype = x.dtype();
-    if dtype != DType::F32 {
+    if matches!(dtype, DType::F16 | DType::BF16) {
         let y = B::rms_norm_rows(
             x.cast(DType::F32).reshape([rows, n]),
             w.cast(DType::F32),

@@ -266,12 +266,12 @@ pub fn attention<B: Fused>(
     };
     let scale = 1.0 / (d as f64).sqrt();
     let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale).add(mask);
-    // Softmax in f32 whatever the compute dtype (transformers' eager attention does the same).
+    // Softmax in f32 when computing in bf16/f16 (transformers' eager attention does the same).
     let dtype = scores.dtype();
-    let probs = if dtype == DType::F32 {
-        fused::softmax_last(scores)
-    } else {
+    let probs = if matches!(dtype, DType::F16 | DType::BF16) {
         fused::softmax_last(scores.cast(DType::F32)).cast(dtype)
+    } else {
+        fused::softmax_last(scores)
     };
     probs.matmul(v)
 }
