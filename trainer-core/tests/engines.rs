@@ -81,6 +81,14 @@ fn ds(stage: u8, offload_opt: bool, offload_param: bool) -> String {
     )
 }
 
+/// [`ds`] without offload and with `overlap_comm` set.
+fn ds_overlap(stage: u8, on: bool) -> String {
+    ds(stage, false, false).replace(
+        &format!(r#""stage": {stage},"#),
+        &format!(r#""stage": {stage}, "overlap_comm": {on},"#),
+    )
+}
+
 fn plans() -> Vec<PlanCase> {
     fn leak(s: String) -> &'static str {
         Box::leak(s.into_boxed_str())
@@ -101,13 +109,7 @@ fn plans() -> Vec<PlanCase> {
         PlanCase {
             // Reduced unit by unit during backward.
             name: "zero1",
-            file: Some((
-                "deepspeed",
-                leak(
-                    ds(1, false, false)
-                        .replace(r#""stage": 1,"#, r#""stage": 1, "overlap_comm": true,"#),
-                ),
-            )),
+            file: Some(("deepspeed", leak(ds_overlap(1, true)))),
             bytes: |p, n| 8.0 * p + 8.0 * p / n,
         },
         PlanCase {
@@ -124,13 +126,7 @@ fn plans() -> Vec<PlanCase> {
         PlanCase {
             // Each unit reduce-scattered as its backward ends.
             name: "zero2_overlap",
-            file: Some((
-                "deepspeed",
-                leak(
-                    ds(2, false, false)
-                        .replace(r#""stage": 2,"#, r#""stage": 2, "overlap_comm": true,"#),
-                ),
-            )),
+            file: Some(("deepspeed", leak(ds_overlap(2, true)))),
             bytes: |p, n| 4.0 * p + 12.0 * p / n,
         },
         PlanCase {
@@ -146,13 +142,7 @@ fn plans() -> Vec<PlanCase> {
         PlanCase {
             // Every collective blocking the compute thread (the overlapped path's twin).
             name: "zero3_blocking",
-            file: Some((
-                "deepspeed",
-                leak(
-                    ds(3, false, false)
-                        .replace(r#""stage": 3,"#, r#""stage": 3, "overlap_comm": false,"#),
-                ),
-            )),
+            file: Some(("deepspeed", leak(ds_overlap(3, false)))),
             bytes: |p, n| 16.0 * p / n,
         },
         PlanCase {

@@ -1225,6 +1225,16 @@ pub struct MicroBatch<'a> {
     pub compute: Option<DType>,
 }
 
+impl MicroBatch<'_> {
+    /// The inputs in the compute dtype (mask and RoPE tables cast for bf16/f16).
+    fn compute_inputs(&self) -> Inputs<AD> {
+        match self.compute {
+            Some(dt) if dt != DType::F32 => self.inp.cast(dt),
+            _ => self.inp.clone(),
+        }
+    }
+}
+
 /// The compute side of [`Engine::sharded_micro_batch`]: forward unit by unit keeping only unit
 /// inputs, then backward in reverse, recomputing each unit with the upstream gradient injected
 /// and handing its gradients to the communication thread.
@@ -1233,19 +1243,9 @@ fn unit_by_unit(
     mb: &MicroBatch<'_>,
     queue: &mut CommQueue<'_>,
 ) -> Result<f64> {
-    let &MicroBatch {
-        cfg,
-        inp,
-        targets,
-        normalizer,
-        scale,
-        compute,
-    } = mb;
+    let &MicroBatch { cfg, compute, .. } = mb;
     let last = layout.units.len() - 1;
-    let inp = match compute {
-        Some(dt) if dt != DType::F32 => inp.cast(dt),
-        _ => inp.clone(),
-    };
+    let inp = mb.compute_inputs();
     let mut build = |u: usize, grad: bool| -> Result<Vec<Tensor<AD, 1>>> {
         let full = queue.take(u)?;
         Ok(unit_leaves(layout, u, &full, grad))
@@ -1267,22 +1267,13 @@ fn unit_by_unit(
     } else {
         None
     };
-    let w = UnitWeights::new(cfg, last, &leaves, tied.as_ref(), compute)?;
     let xin = x.context("a model without units")?.require_grad();
-    let logits = w.forward(cfg, Some(xin.clone()), &inp, compute);
-    drop(w);
-    let mut loss = cross_entropy(logits, targets, normalizer);
-    if scale != 1.0 {
-        loss = loss.mul_scalar(scale);
-    }
-    let value = super::scalar(loss.clone().inner()) / scale;
-    let g = loss.backward();
-    let head_grads = leaf_grads(&leaves, &g);
-    let mut pending_embed = tied.map(|t| leaf_grads(std::slice::from_ref(&t), &g).remove(0));
-    let mut up = xin
-        .grad(&g)
-        .context("no gradient reached the head's input")?;
-    drop((g, leaves));
+    let HeadPass {
+        value,
+        grads: head_grads,
+        mut pending_embed,
+        mut up,
+    } = head_pass(mb, &inp, last, leaves, tied, xin)?;
     queue.reduce(last, pad_unit(layout, last, &head_grads))?;
     drop(head_grads);
     // Blocks and embeddings in reverse: recompute with the upstream gradient injected.
@@ -1294,19 +1285,8 @@ fn unit_by_unit(
         let xin = saved.pop().flatten().map(Tensor::require_grad);
         let out = w.forward(cfg, xin.clone(), &inp, compute);
         drop(w);
-        let g = (out * Tensor::from_inner(up.clone())).sum().backward();
-        let mut grads = leaf_grads(&leaves, &g);
-        if u == 0
-            && let Some(p) = pending_embed.take()
-        {
-            grads[0].iter_mut().zip(&p).for_each(|(d, s)| *d += s);
-        }
-        if let Some(xin) = xin {
-            up = xin
-                .grad(&g)
-                .with_context(|| format!("no gradient reached unit {u}'s input"))?;
-        }
-        drop((g, leaves));
+        let grads = unit_backward(u, &leaves, xin, out, &mut up, &mut pending_embed)?;
+        drop(leaves);
         queue.reduce(u, pad_unit(layout, u, &grads))?;
     }
     Ok(value)
@@ -1322,19 +1302,9 @@ fn unit_graphs(
     last: bool,
     queue: &mut CommQueue<'_>,
 ) -> Result<f64> {
-    let &MicroBatch {
-        cfg,
-        inp,
-        targets,
-        normalizer,
-        scale,
-        compute,
-    } = mb;
+    let &MicroBatch { cfg, compute, .. } = mb;
     let head = layout.units.len() - 1;
-    let inp = match compute {
-        Some(dt) if dt != DType::F32 => inp.cast(dt),
-        _ => inp.clone(),
-    };
+    let inp = mb.compute_inputs();
     let leaves_of = |u: usize| -> Vec<Tensor<AD, 1>> {
         layout.units[u]
             .tensors
@@ -1359,41 +1329,94 @@ fn unit_graphs(
     let tied = cfg
         .tie_word_embeddings
         .then(|| leaf(params.data(layout.units[0].tensors.start), true));
-    let w = UnitWeights::new(cfg, head, &leaves, tied.as_ref(), compute)?;
     let xin = x.context("a model without units")?.detach().require_grad();
-    let logits = w.forward(cfg, Some(xin.clone()), &inp, compute);
-    drop(w);
-    let mut loss = cross_entropy(logits, targets, normalizer);
-    if scale != 1.0 {
-        loss = loss.mul_scalar(scale);
-    }
-    let value = super::scalar(loss.clone().inner()) / scale;
-    let g = loss.backward();
-    let head_grads = leaf_grads(&leaves, &g);
-    let mut pending_embed = tied.map(|t| leaf_grads(std::slice::from_ref(&t), &g).remove(0));
-    let mut up = xin
-        .grad(&g)
-        .context("no gradient reached the head's input")?;
-    drop((g, leaves));
+    let HeadPass {
+        value,
+        grads: head_grads,
+        mut pending_embed,
+        mut up,
+    } = head_pass(mb, &inp, head, leaves, tied, xin)?;
     queue.unit(head, head_grads, last)?;
     while let Some((leaves, xin, out)) = units.pop() {
         let u = units.len();
-        let g = (out * Tensor::from_inner(up.clone())).sum().backward();
-        let mut grads = leaf_grads(&leaves, &g);
-        if u == 0
-            && let Some(p) = pending_embed.take()
-        {
-            grads[0].iter_mut().zip(&p).for_each(|(d, s)| *d += s);
-        }
-        if let Some(xin) = xin {
-            up = xin
-                .grad(&g)
-                .with_context(|| format!("no gradient reached unit {u}'s input"))?;
-        }
-        drop((g, leaves));
+        let grads = unit_backward(u, &leaves, xin, out, &mut up, &mut pending_embed)?;
+        drop(leaves);
         queue.unit(u, grads, last)?;
     }
     Ok(value)
+}
+
+/// The gradient flowing down between units (no graph).
+type UpGrad = Tensor<<AD as burn::tensor::backend::AutodiffBackend>::InnerBackend, 2>;
+
+/// What the head's backward leaves for the units below it.
+struct HeadPass {
+    /// The micro-batch's loss (unscaled).
+    value: f64,
+    /// The head unit's gradients, one buffer per tensor.
+    grads: Vec<Vec<f32>>,
+    /// A tied head's gradient of the embedding table, for unit 0.
+    pending_embed: Option<Vec<f32>>,
+    /// The gradient at the head's input.
+    up: UpGrad,
+}
+
+/// Head unit `head` on `xin` (a leaf that needs its gradient), the loss times the fp16 scale,
+/// and its backward: shared by [`unit_by_unit`] and [`unit_graphs`].
+fn head_pass(
+    mb: &MicroBatch<'_>,
+    inp: &Inputs<AD>,
+    head: usize,
+    leaves: Vec<Tensor<AD, 1>>,
+    tied: Option<Tensor<AD, 1>>,
+    xin: Tensor<AD, 2>,
+) -> Result<HeadPass> {
+    let w = UnitWeights::new(mb.cfg, head, &leaves, tied.as_ref(), mb.compute)?;
+    let logits = w.forward(mb.cfg, Some(xin.clone()), inp, mb.compute);
+    drop(w);
+    let mut loss = cross_entropy(logits, mb.targets, mb.normalizer);
+    if mb.scale != 1.0 {
+        loss = loss.mul_scalar(mb.scale);
+    }
+    let value = super::scalar(loss.clone().inner()) / mb.scale;
+    let g = loss.backward();
+    let grads = leaf_grads(&leaves, &g);
+    let pending_embed = tied.map(|t| leaf_grads(std::slice::from_ref(&t), &g).remove(0));
+    let up = xin
+        .grad(&g)
+        .context("no gradient reached the head's input")?;
+    Ok(HeadPass {
+        value,
+        grads,
+        pending_embed,
+        up,
+    })
+}
+
+/// Backward of unit `u`'s graph `out` with the upstream gradient `up` injected: the unit's
+/// gradients (a tied head's embedding gradient added to unit 0's); `up` becomes the gradient at
+/// the unit's input, where it has one.
+fn unit_backward(
+    u: usize,
+    leaves: &[Tensor<AD, 1>],
+    xin: Option<Tensor<AD, 2>>,
+    out: Tensor<AD, 2>,
+    up: &mut UpGrad,
+    pending_embed: &mut Option<Vec<f32>>,
+) -> Result<Vec<Vec<f32>>> {
+    let g = (out * Tensor::from_inner(up.clone())).sum().backward();
+    let mut grads = leaf_grads(leaves, &g);
+    if u == 0
+        && let Some(p) = pending_embed.take()
+    {
+        grads[0].iter_mut().zip(&p).for_each(|(d, s)| *d += s);
+    }
+    if let Some(xin) = xin {
+        *up = xin
+            .grad(&g)
+            .with_context(|| format!("no gradient reached unit {u}'s input"))?;
+    }
+    Ok(grads)
 }
 
 /// One unit's kept forward graph: its parameter leaves, the detached leaf holding its input
