@@ -1,16 +1,18 @@
-//! Fused operations of the model: softmax over the last dimension, cross-entropy, SwiGLU and
-//! RMSNorm, each one graph node with its own backward instead of burn's chain of five to ten
-//! elementwise and reduction nodes.
+//! Fused operations of the model: softmax over the last dimension, cross-entropy, SwiGLU,
+//! RMSNorm, RoPE and scaled dot-product attention, each one graph node with its own backward
+//! instead of burn's chain of five to ten elementwise, reduction and layout nodes.
 //!
 //! Two traits:
 //! - [`FusedKernels`] on an inner (non-autodiff) backend: forward and backward kernels on
 //!   tensors. The defaults compose burn ops (any backend, any dtype); [`Flex`] runs f32
-//!   through [`crate::kernels`] (one or two passes per row, vectorised `exp`) and every other
+//!   through [`crate::kernels`] (one or two passes per row, vectorised `exp`) and
+//!   [`crate::attention`] (per-head `gemm` on strided views, no layout copies), and every other
 //!   dtype through the defaults.
 //! - [`Fused`], what the model calls: on an inner backend the forward kernel; on
 //!   [`Autodiff`] a tracked node whose backward is the backward kernel, keeping only what that
 //!   kernel needs (softmax: its output; cross-entropy: the logits and one log-sum-exp per row;
-//!   SwiGLU: both inputs; RMSNorm: input, weight and one inverse RMS per row).
+//!   SwiGLU: both inputs; RMSNorm: input, weight and one inverse RMS per row; RoPE: its
+//!   tables; attention: queries, keys, values and the probabilities).
 //!
 //! `tests/fused.rs` checks values and gradients against the composite ops on random inputs.
 
@@ -27,7 +29,8 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 
-use crate::kernels;
+pub use crate::attention::AttnDims;
+use crate::{attention, kernels};
 
 /// Forward and backward kernels of the fused operations on an inner backend. Every method has
 /// a default built from burn ops ([`composite`]); a backend overrides what it can do faster.
@@ -97,6 +100,53 @@ pub trait FusedKernels: Backend {
         dy: Tensor<Self, 2>,
     ) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
         composite::rms_norm_backward(x, w, r, dy)
+    }
+
+    /// Rotate-half RoPE of `[rows, heads·head_dim]` rows with per-element tables of the same
+    /// shape (`rope::head_tables`: `cos`, and `sin` with the rotation's sign folded in):
+    /// `x·cos + swap_halves(x)·sin`.
+    fn rope_forward(
+        x: Tensor<Self, 2>,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+        head_dim: usize,
+    ) -> Tensor<Self, 2> {
+        composite::rope_forward(x, cos, sin, head_dim)
+    }
+
+    /// RoPE's adjoint for upstream `dy`: `dy·cos + swap_halves(dy·sin)`.
+    fn rope_backward(
+        dy: Tensor<Self, 2>,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+        head_dim: usize,
+    ) -> Tensor<Self, 2> {
+        composite::rope_backward(dy, cos, sin, head_dim)
+    }
+
+    /// Scaled dot-product attention of `[B·T, H·d]` query rows over `[B·T, KV·d]` key and
+    /// value rows with an additive `[B, 1 or H, T, T]` mask (the same for every head):
+    /// the output `[B·T, H·d]` and the probabilities `[B·H·T, T]` (kept for backward).
+    fn attention_forward(
+        q: Tensor<Self, 2>,
+        k: Tensor<Self, 2>,
+        v: Tensor<Self, 2>,
+        mask: Tensor<Self, 4>,
+        dims: AttnDims,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        composite::attention_forward(q, k, v, mask, dims)
+    }
+
+    /// Attention backward: `(dq, dk, dv)` for the upstream gradient `dout` of the output.
+    fn attention_backward(
+        q: Tensor<Self, 2>,
+        k: Tensor<Self, 2>,
+        v: Tensor<Self, 2>,
+        p: Tensor<Self, 2>,
+        dout: Tensor<Self, 2>,
+        dims: AttnDims,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 2>) {
+        composite::attention_backward(q, k, v, p, dout, dims)
     }
 }
 
@@ -202,6 +252,167 @@ pub mod composite {
         let dx = a.sub(x.clone().mul(c)).mul(r.clone());
         let dw = dy.mul(x).mul(r).sum_dim(0).reshape([n]);
         (dx, dw)
+    }
+
+    /// Each head's halves swapped: `[a, b] → [b, a]` per `head_dim` elements of every row.
+    fn swap_halves<B: Backend>(x: Tensor<B, 2>, head_dim: usize) -> Tensor<B, 2> {
+        let [n, width] = x.dims();
+        let half = head_dim / 2;
+        let pairs = x.reshape([n * width / head_dim, 2, half]);
+        let x1 = pairs.clone().narrow(1, 0, 1);
+        let x2 = pairs.narrow(1, 1, 1);
+        Tensor::cat(vec![x2, x1], 1).reshape([n, width])
+    }
+
+    /// See [`FusedKernels::rope_forward`].
+    pub fn rope_forward<B: Backend>(
+        x: Tensor<B, 2>,
+        cos: Tensor<B, 2>,
+        sin: Tensor<B, 2>,
+        head_dim: usize,
+    ) -> Tensor<B, 2> {
+        let swapped = swap_halves(x.clone(), head_dim);
+        x.mul(cos).add(swapped.mul(sin))
+    }
+
+    /// See [`FusedKernels::rope_backward`].
+    pub fn rope_backward<B: Backend>(
+        dy: Tensor<B, 2>,
+        cos: Tensor<B, 2>,
+        sin: Tensor<B, 2>,
+        head_dim: usize,
+    ) -> Tensor<B, 2> {
+        let swapped = swap_halves(dy.clone().mul(sin), head_dim);
+        dy.mul(cos).add(swapped)
+    }
+
+    /// `[B·T, n·d]` rows as `[B, n, T, d]` heads.
+    fn heads<B: Backend>(x: Tensor<B, 2>, n: usize, dims: AttnDims) -> Tensor<B, 4> {
+        x.reshape([dims.batch, dims.seq, n, dims.head_dim])
+            .swap_dims(1, 2)
+    }
+
+    /// `[B, n, T, d]` heads as `[B·T, n·d]` rows.
+    fn rows<B: Backend>(x: Tensor<B, 4>, dims: AttnDims) -> Tensor<B, 2> {
+        let [b, n, t, d] = x.dims();
+        debug_assert_eq!((b, t, d), (dims.batch, dims.seq, dims.head_dim));
+        x.swap_dims(1, 2).reshape([b * t, n * d])
+    }
+
+    /// Key/value heads repeated for their query heads: `[B, KV, T, d]` → `[B, H, T, d]`.
+    fn repeat_kv<B: Backend>(x: Tensor<B, 4>, dims: AttnDims) -> Tensor<B, 4> {
+        let AttnDims {
+            batch: b,
+            seq: t,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+        } = dims;
+        if kv == h {
+            return x;
+        }
+        x.unsqueeze_dim::<5>(2)
+            .expand([b, kv, h / kv, t, d])
+            .reshape([b, h, t, d])
+    }
+
+    /// Sums the gradients of repeated key/value heads: `[B, H, T, d]` → `[B, KV, T, d]`.
+    fn sum_kv<B: Backend>(x: Tensor<B, 4>, dims: AttnDims) -> Tensor<B, 4> {
+        let AttnDims {
+            batch: b,
+            seq: t,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+        } = dims;
+        if kv == h {
+            return x;
+        }
+        x.reshape([b, kv, h / kv, t, d])
+            .sum_dim(2)
+            .reshape([b, kv, t, d])
+    }
+
+    /// Whether softmax runs upcast to f32 (bf16/f16 scores, as transformers' eager attention).
+    fn upcast(dtype: DType) -> bool {
+        matches!(dtype, DType::F16 | DType::BF16)
+    }
+
+    /// See [`FusedKernels::attention_forward`].
+    pub fn attention_forward<B: Backend>(
+        q: Tensor<B, 2>,
+        k: Tensor<B, 2>,
+        v: Tensor<B, 2>,
+        mask: Tensor<B, 4>,
+        dims: AttnDims,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let AttnDims {
+            batch: b,
+            seq: t,
+            heads: h,
+            ..
+        } = dims;
+        let q4 = heads(q, h, dims);
+        let k4 = repeat_kv(heads(k, dims.kv_heads, dims), dims);
+        let v4 = repeat_kv(heads(v, dims.kv_heads, dims), dims);
+        let mask = if mask.dims()[1] == h {
+            mask
+        } else {
+            mask.expand([b, h, t, t])
+        };
+        let scores = q4
+            .matmul(k4.swap_dims(2, 3))
+            .mul_scalar(f64::from(dims.scale()))
+            .add(mask);
+        let dtype = scores.dtype();
+        let probs = if upcast(dtype) {
+            softmax(scores.cast(DType::F32), 3).cast(dtype)
+        } else {
+            softmax(scores, 3)
+        };
+        let o = rows(probs.clone().matmul(v4), dims);
+        (o, probs.reshape([b * h * t, t]))
+    }
+
+    /// See [`FusedKernels::attention_backward`].
+    pub fn attention_backward<B: Backend>(
+        q: Tensor<B, 2>,
+        k: Tensor<B, 2>,
+        v: Tensor<B, 2>,
+        p: Tensor<B, 2>,
+        dout: Tensor<B, 2>,
+        dims: AttnDims,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>) {
+        let AttnDims {
+            batch: b,
+            seq: t,
+            heads: h,
+            ..
+        } = dims;
+        let q4 = heads(q, h, dims);
+        let k4 = repeat_kv(heads(k, dims.kv_heads, dims), dims);
+        let v4 = repeat_kv(heads(v, dims.kv_heads, dims), dims);
+        let do4 = heads(dout, h, dims);
+        let dtype = p.dtype();
+        let dv = p
+            .clone()
+            .reshape([b, h, t, t])
+            .swap_dims(2, 3)
+            .matmul(do4.clone());
+        let dp = do4.matmul(v4.swap_dims(2, 3)).reshape([b * h * t, t]);
+        let ds = if upcast(dtype) {
+            softmax_backward(p.cast(DType::F32), dp.cast(DType::F32)).cast(dtype)
+        } else {
+            softmax_backward(p, dp)
+        };
+        let ds = ds.mul_scalar(f64::from(dims.scale())).reshape([b, h, t, t]);
+        let dq = ds.clone().matmul(k4);
+        let dk = ds.swap_dims(2, 3).matmul(q4);
+        (
+            rows(dq, dims),
+            rows(sum_kv(dk, dims), dims),
+            rows(sum_kv(dv, dims), dims),
+        )
     }
 }
 
@@ -368,6 +579,102 @@ impl FusedKernels for Flex {
             _ => composite::rms_norm_backward(x, w, r, dy),
         }
     }
+
+    fn rope_forward(
+        x: Tensor<Flex, 2>,
+        cos: Tensor<Flex, 2>,
+        sin: Tensor<Flex, 2>,
+        head_dim: usize,
+    ) -> Tensor<Flex, 2> {
+        match (host_f32(&x), host_f32(&cos), host_f32(&sin)) {
+            (Some(a), Some(c), Some(s)) => flex(
+                kernels::rope(
+                    a.storage::<f32>(),
+                    c.storage::<f32>(),
+                    s.storage::<f32>(),
+                    head_dim,
+                    false,
+                ),
+                x.dims(),
+            ),
+            _ => composite::rope_forward(x, cos, sin, head_dim),
+        }
+    }
+
+    fn rope_backward(
+        dy: Tensor<Flex, 2>,
+        cos: Tensor<Flex, 2>,
+        sin: Tensor<Flex, 2>,
+        head_dim: usize,
+    ) -> Tensor<Flex, 2> {
+        match (host_f32(&dy), host_f32(&cos), host_f32(&sin)) {
+            (Some(a), Some(c), Some(s)) => flex(
+                kernels::rope(
+                    a.storage::<f32>(),
+                    c.storage::<f32>(),
+                    s.storage::<f32>(),
+                    head_dim,
+                    true,
+                ),
+                dy.dims(),
+            ),
+            _ => composite::rope_backward(dy, cos, sin, head_dim),
+        }
+    }
+
+    fn attention_forward(
+        q: Tensor<Flex, 2>,
+        k: Tensor<Flex, 2>,
+        v: Tensor<Flex, 2>,
+        mask: Tensor<Flex, 4>,
+        dims: AttnDims,
+    ) -> (Tensor<Flex, 2>, Tensor<Flex, 2>) {
+        let [b, mask_heads, t, _] = mask.dims();
+        match (host_f32(&q), host_f32(&k), host_f32(&v), host_f32(&mask)) {
+            (Some(qh), Some(kh), Some(vh), Some(mh)) => {
+                let (o, p) = attention::forward(
+                    qh.storage::<f32>(),
+                    kh.storage::<f32>(),
+                    vh.storage::<f32>(),
+                    mh.storage::<f32>(),
+                    mask_heads,
+                    dims,
+                );
+                (flex(o, q.dims()), flex(p, [b * dims.heads * t, t]))
+            }
+            _ => composite::attention_forward(q, k, v, mask, dims),
+        }
+    }
+
+    fn attention_backward(
+        q: Tensor<Flex, 2>,
+        k: Tensor<Flex, 2>,
+        v: Tensor<Flex, 2>,
+        p: Tensor<Flex, 2>,
+        dout: Tensor<Flex, 2>,
+        dims: AttnDims,
+    ) -> (Tensor<Flex, 2>, Tensor<Flex, 2>, Tensor<Flex, 2>) {
+        match (
+            host_f32(&q),
+            host_f32(&k),
+            host_f32(&v),
+            host_f32(&p),
+            host_f32(&dout),
+        ) {
+            (Some(qh), Some(kh), Some(vh), Some(ph), Some(dh)) => {
+                let (dq, dk, dv) = attention::backward(
+                    qh.storage::<f32>(),
+                    kh.storage::<f32>(),
+                    vh.storage::<f32>(),
+                    ph.storage::<f32>(),
+                    dh.storage::<f32>(),
+                    dims,
+                );
+                (flex(dq, q.dims()), flex(dk, k.dims()), flex(dv, v.dims()))
+            }
+            _ => composite::attention_backward(q, k, v, p, dout, dims),
+        }
+    }
 }
 
 /// The fused operations as the model calls them, on 2-D `[rows, n]` tensors (see
@@ -382,6 +689,24 @@ pub trait Fused: Backend {
     fn swiglu(g: Tensor<Self, 2>, u: Tensor<Self, 2>) -> Tensor<Self, 2>;
     /// RMSNorm of rows with weight `w`.
     fn rms_norm_rows(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2>;
+    /// Rotate-half RoPE of `[rows, heads·head_dim]` rows ([`FusedKernels::rope_forward`]); the
+    /// tables are constants (no gradient flows into them).
+    fn rope_rows(
+        x: Tensor<Self, 2>,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+        head_dim: usize,
+    ) -> Tensor<Self, 2>;
+    /// Scaled dot-product attention of `[B·T, H·d]` query rows over `[B·T, KV·d]` key/value
+    /// rows with an additive `[B, 1 or H, T, T]` mask: `[B·T, H·d]`
+    /// ([`FusedKernels::attention_forward`]).
+    fn attention_rows(
+        q: Tensor<Self, 2>,
+        k: Tensor<Self, 2>,
+        v: Tensor<Self, 2>,
+        mask: Tensor<Self, 4>,
+        dims: AttnDims,
+    ) -> Tensor<Self, 2>;
 }
 
 /// Softmax over the last dimension of any rank.
@@ -437,6 +762,23 @@ macro_rules! fused_from_kernels {
             }
             fn rms_norm_rows(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
                 <Self as FusedKernels>::rms_norm_forward(x, w, eps).0
+            }
+            fn rope_rows(
+                x: Tensor<Self, 2>,
+                cos: Tensor<Self, 2>,
+                sin: Tensor<Self, 2>,
+                head_dim: usize,
+            ) -> Tensor<Self, 2> {
+                <Self as FusedKernels>::rope_forward(x, cos, sin, head_dim)
+            }
+            fn attention_rows(
+                q: Tensor<Self, 2>,
+                k: Tensor<Self, 2>,
+                v: Tensor<Self, 2>,
+                mask: Tensor<Self, 4>,
+                dims: AttnDims,
+            ) -> Tensor<Self, 2> {
+                <Self as FusedKernels>::attention_forward(q, k, v, mask, dims).0
             }
         }
     };
@@ -613,6 +955,118 @@ impl<B: FusedKernels, C: CheckpointStrategy> Fused for Autodiff<B, C> {
         let y = prim(y);
         let out = match RmsNormRows.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((xp, wp, prim(r)), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        inner(out)
+    }
+
+    fn attention_rows(
+        q: Tensor<Self, 2>,
+        k: Tensor<Self, 2>,
+        v: Tensor<Self, 2>,
+        mask: Tensor<Self, 4>,
+        dims: AttnDims,
+    ) -> Tensor<Self, 2> {
+        #[derive(Debug)]
+        struct AttentionRows;
+
+        impl<B: FusedKernels> Backward<B, 3> for AttentionRows {
+            /// Queries, keys, values, probabilities, shapes.
+            type State = (
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+                AttnDims,
+            );
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (q, k, v, p, dims) = ops.state;
+                let dout = grads.consume::<B>(&ops.node);
+                let (dq, dk, dv) = B::attention_backward(
+                    inner(q),
+                    inner(k),
+                    inner(v),
+                    inner(p),
+                    inner(dout),
+                    dims,
+                );
+                let [pq, pk, pv] = ops.parents;
+                for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
+                    if let Some(node) = parent {
+                        grads.register::<B>(node.id, prim(grad));
+                    }
+                }
+            }
+        }
+
+        let (q, k, v) = (prim(q), prim(k), prim(v));
+        let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+        let (qp, kp, vp) = (q.primitive, k.primitive, v.primitive);
+        // The mask is a constant of the batch: no gradient flows into it.
+        let mask = prim(mask).primitive;
+        let (o, p) = B::attention_forward(
+            inner(qp.clone()),
+            inner(kp.clone()),
+            inner(vp.clone()),
+            inner(mask),
+            dims,
+        );
+        let o = prim(o);
+        let out = match AttentionRows.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((qp, kp, vp, prim(p), dims), o),
+            OpsKind::UnTracked(prep) => prep.finish(o),
+        };
+        inner(out)
+    }
+
+    fn rope_rows(
+        x: Tensor<Self, 2>,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+        head_dim: usize,
+    ) -> Tensor<Self, 2> {
+        #[derive(Debug)]
+        struct RopeRows;
+
+        impl<B: FusedKernels> Backward<B, 1> for RopeRows {
+            /// The tables and the head width.
+            type State = (FloatTensor<B>, FloatTensor<B>, usize);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (cos, sin, head_dim) = ops.state;
+                unary::<B, _>(ops.parents, ops.node, grads, |dy| {
+                    prim(B::rope_backward(
+                        inner(dy),
+                        inner(cos),
+                        inner(sin),
+                        head_dim,
+                    ))
+                });
+            }
+        }
+
+        let x = prim(x);
+        let node = x.node.clone();
+        let (cos, sin) = (prim(cos).primitive, prim(sin).primitive);
+        let y = prim(B::rope_forward(
+            inner(x.primitive),
+            inner(cos.clone()),
+            inner(sin.clone()),
+            head_dim,
+        ));
+        let out = match RopeRows.prepare::<C>([node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((cos, sin, head_dim), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         inner(out)

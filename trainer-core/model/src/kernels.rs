@@ -1,5 +1,5 @@
-//! Fused f32 row kernels on host slices: softmax, cross-entropy, SwiGLU and RMSNorm, forward
-//! and backward, each one or two passes over its rows.
+//! Fused f32 row kernels on host slices: softmax, cross-entropy, SwiGLU, RMSNorm and RoPE,
+//! forward and backward, each one or two passes over its rows.
 //!
 //! burn composes these from five to ten elementwise and reduction ops, each a pass over memory
 //! with its own intermediate tensor, and its `exp` is the scalar libm call. Here every row is
@@ -131,6 +131,33 @@ dispatch! {
         let dot = lanes_sum(y.len(), |i| y[i] * dy[i]);
         for ((o, &a), &g) in dx.iter_mut().zip(y).zip(dy) {
             *o = a * (g - dot);
+        }
+    }
+}
+
+dispatch! {
+    /// Softmax of `s + mask` in place (one attention score row and its additive mask row).
+    fn masked_softmax_row(s: &mut [f32], mask: &[f32]) {
+        for (v, &m) in s.iter_mut().zip(mask) {
+            *v += m;
+        }
+        let m = row_max(s);
+        for v in s.iter_mut() {
+            *v = exp(*v - m);
+        }
+        let inv = 1.0 / lanes_sum(s.len(), |i| s[i]);
+        for v in s.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+dispatch! {
+    /// Softmax backward in place: `d ← scale · y ⊙ (d − ⟨d, y⟩)`.
+    fn softmax_backward_row_in_place(y: &[f32], d: &mut [f32], scale: f32) {
+        let dot = lanes_sum(y.len(), |i| y[i] * d[i]);
+        for (o, &a) in d.iter_mut().zip(y) {
+            *o = scale * a * (*o - dot);
         }
     }
 }
@@ -268,6 +295,52 @@ dispatch! {
             dg[i] = d * b * s * (1.0 + a * (1.0 - s));
         }
     }
+}
+
+dispatch! {
+    /// Rotate-half RoPE over whole heads of `2·half` elements: forward
+    /// `y = x·cos + swap_halves(x)·sin`, or its adjoint (`backward`, `x` the upstream gradient)
+    /// `dx = dy·cos + swap_halves(dy·sin)`.
+    fn rope_chunk(x: &[f32], cos: &[f32], sin: &[f32], half: usize, backward: bool, y: &mut [f32]) {
+        let d = 2 * half;
+        for (((yh, xh), ch), sh) in y
+            .chunks_exact_mut(d)
+            .zip(x.chunks_exact(d))
+            .zip(cos.chunks_exact(d))
+            .zip(sin.chunks_exact(d))
+        {
+            let ((x1, x2), (c1, c2), (s1, s2)) =
+                (xh.split_at(half), ch.split_at(half), sh.split_at(half));
+            let (y1, y2) = yh.split_at_mut(half);
+            // Forward pairs x2 with the first half's sin; the adjoint pairs it with its own.
+            let (sa, sb) = if backward { (s2, s1) } else { (s1, s2) };
+            for i in 0..half {
+                y1[i] = x1[i] * c1[i] + x2[i] * sa[i];
+                y2[i] = x2[i] * c2[i] + x1[i] * sb[i];
+            }
+        }
+    }
+}
+
+/// Rotate-half RoPE of `[rows, heads·head_dim]` rows with per-element tables of the same shape
+/// (`rope::head_tables`: `cos`, and `sin` with the rotation's sign folded in); `backward`
+/// applies the adjoint to an upstream gradient instead.
+pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], head_dim: usize, backward: bool) -> Vec<f32> {
+    assert!(
+        head_dim.is_multiple_of(2) && x.len().is_multiple_of(head_dim),
+        "rope: head_dim {head_dim}"
+    );
+    assert!(
+        cos.len() == x.len() && sin.len() == x.len(),
+        "rope tables differ in length from the rows"
+    );
+    let mut y = vec![0.0f32; x.len()];
+    let step = (TASK_ELEMS / head_dim).max(1) * head_dim;
+    y.par_chunks_mut(step)
+        .zip(x.par_chunks(step))
+        .zip(cos.par_chunks(step).zip(sin.par_chunks(step)))
+        .for_each(|((yc, xc), (cc, sc))| rope_chunk(xc, cc, sc, head_dim / 2, backward, yc));
+    y
 }
 
 /// `silu(g) ⊙ u` elementwise.

@@ -3,12 +3,13 @@
 //! - [`config`]: `config.json` in the transformers 4 and 5 forms.
 //! - [`params`]: the parameters as named flat fp32 buffers in Hugging Face layout.
 //! - [`hf`]: safetensors directories (single file or sharded), fp32/bf16/fp16.
-//! - [`fused`], [`kernels`]: softmax, cross-entropy, SwiGLU and RMSNorm as single graph nodes
-//!   with their own backward, and their f32 CPU kernels.
+//! - [`fused`], [`kernels`], [`attention`]: softmax, cross-entropy, SwiGLU, RMSNorm and
+//!   attention as single graph nodes with their own backward, and their f32 CPU kernels.
 //! - [`model`]: the forward pass (rotate-half RoPE, GQA, RMSNorm, SwiGLU) and the loss.
 //! - [`lora`]: PEFT-format LoRA adapters.
 //! - [`generate`]: greedy decoding.
 
+pub mod attention;
 pub mod config;
 pub mod error;
 pub mod fused;

@@ -9,7 +9,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
-use crate::fused::{self, Fused};
+use crate::fused::{self, AttnDims, Fused};
 use crate::lora::LoraConfig;
 use crate::params::{ParamStore, Rng};
 use crate::rope;
@@ -226,25 +226,20 @@ pub fn rms_norm<B: Fused, const D: usize>(
 }
 
 /// Rotate-half RoPE of `[N, heads · head_dim]` activations with [`rope::head_tables`]
-/// tables: `x·cos + swap_halves(x)·sin_signed`, every elementwise operand contiguous.
-pub fn apply_rope<B: Backend>(
+/// tables: `x·cos + swap_halves(x)·sin_signed`, one fused node ([`Fused::rope_rows`]).
+pub fn apply_rope<B: Fused>(
     x: Tensor<B, 2>,
     cos: Tensor<B, 2>,
     sin_signed: Tensor<B, 2>,
     head_dim: usize,
 ) -> Tensor<B, 2> {
-    let [n, width] = x.dims();
-    let half = head_dim / 2;
-    let pairs = x.clone().reshape([n * width / head_dim, 2, half]);
-    let x1 = pairs.clone().narrow(1, 0, 1);
-    let x2 = pairs.narrow(1, 1, 1);
-    let swapped = Tensor::cat(vec![x2, x1], 1).reshape([n, width]);
-    x.mul(cos).add(swapped.mul(sin_signed))
+    B::rope_rows(x, cos, sin_signed, head_dim)
 }
 
 /// Scaled dot-product attention of `[B, H, T, d]` queries over `[B, KV, T, d]` keys/values
 /// (grouped-query: each KV head serves `H / KV` query heads) with an additive `[B, H, T, T]`
-/// mask. Returns `[B, H, T, d]`.
+/// mask. Returns `[B, H, T, d]`. The model calls [`Fused::attention_rows`] on its
+/// `[B·T, heads·d]` rows directly; this is the same op on head-major tensors.
 pub fn attention<B: Fused>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -253,27 +248,17 @@ pub fn attention<B: Fused>(
 ) -> Tensor<B, 4> {
     let [b, h, t, d] = q.dims();
     let kv = k.dims()[1];
-    let (k, v) = if kv == h {
-        (k, v)
-    } else {
-        let rep = h / kv;
-        let expand = |x: Tensor<B, 4>| -> Tensor<B, 4> {
-            x.unsqueeze_dim::<5>(2)
-                .expand([b, kv, rep, t, d])
-                .reshape([b, h, t, d])
-        };
-        (expand(k), expand(v))
+    let dims = AttnDims {
+        batch: b,
+        seq: t,
+        heads: h,
+        kv_heads: kv,
+        head_dim: d,
     };
-    let scale = 1.0 / (d as f64).sqrt();
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale).add(mask);
-    // Softmax in f32 when computing in bf16/f16 (transformers' eager attention does the same).
-    let dtype = scores.dtype();
-    let probs = if matches!(dtype, DType::F16 | DType::BF16) {
-        fused::softmax_last(scores.cast(DType::F32)).cast(dtype)
-    } else {
-        fused::softmax_last(scores)
-    };
-    probs.matmul(v)
+    let rows = |x: Tensor<B, 4>, n: usize| x.swap_dims(1, 2).reshape([b * t, n * d]);
+    B::attention_rows(rows(q, h), rows(k, kv), rows(v, kv), mask, dims)
+        .reshape([b, t, h, d])
+        .swap_dims(1, 2)
 }
 
 impl<B: Fused> Block<B> {
@@ -292,7 +277,6 @@ impl<B: Fused> Block<B> {
             cfg.head_dim,
         );
         let h = rms_norm(x.clone(), self.ln1.clone(), cfg.rms_norm_eps);
-        let heads = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
         let q = apply_rope(
             self.q.forward(h.clone(), dropout.as_deref_mut()),
             inp.cos_q.clone(),
@@ -305,12 +289,15 @@ impl<B: Fused> Block<B> {
             inp.sin_k.clone(),
             d,
         );
-        let q = heads(q, nh);
-        let k = heads(k, nkv);
-        let v = heads(self.v.forward(h, dropout.as_deref_mut()), nkv);
-        let o = attention(q, k, v, inp.mask.clone())
-            .swap_dims(1, 2)
-            .reshape([b * t, nh * d]);
+        let v = self.v.forward(h, dropout.as_deref_mut());
+        let dims = AttnDims {
+            batch: b,
+            seq: t,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+        };
+        let o = B::attention_rows(q, k, v, inp.mask.clone(), dims);
         let x = x + self.o.forward(o, dropout.as_deref_mut());
         let h = rms_norm(x.clone(), self.ln2.clone(), cfg.rms_norm_eps);
         let g = self.gate.forward(h.clone(), dropout.as_deref_mut());

@@ -47,7 +47,18 @@ pub fn tables(inv_freq: &[f64], positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
     let d = 2 * half;
     let mut cos = vec![0.0f32; positions.len() * d];
     let mut sin = vec![0.0f32; positions.len() * d];
+    // A batch repeats few positions many times (packed rows restart at 0): compute each
+    // position's row once and copy it (the same bits as computing it again).
+    let span = positions.iter().max().map_or(0, |&m| m as usize + 1);
+    let mut first = vec![usize::MAX; span];
     for (t, &p) in positions.iter().enumerate() {
+        let seen = first[p as usize];
+        if seen != usize::MAX {
+            cos.copy_within(seen * d..(seen + 1) * d, t * d);
+            sin.copy_within(seen * d..(seen + 1) * d, t * d);
+            continue;
+        }
+        first[p as usize] = t;
         for (j, &f) in inv_freq.iter().enumerate() {
             // transformers multiplies in f32; the angle is rounded to f32 before cos/sin.
             let angle = (p as f32 * f as f32) as f64;

@@ -283,3 +283,292 @@ fn rms_norm_in_f16_runs_in_f32_and_keeps_gradients_finite() {
         }
     }
 }
+
+/// An additive `[B, mask_heads, T, T]` attention mask as the model builds it: causal within
+/// packed segments (0 = padding, which sees only itself), −1e9 elsewhere.
+fn packed_mask(b: usize, t: usize, mask_heads: usize, rng: &mut Rng) -> Vec<f32> {
+    let mut mask = vec![-1.0e9f32; b * mask_heads * t * t];
+    for bi in 0..b {
+        // Segments of random lengths, then padding for the last sixth of the row.
+        let mut seg = vec![0u32; t];
+        let (mut id, mut left) = (1u32, 0usize);
+        for s in seg.iter_mut().take(t - t / 6) {
+            if left == 0 {
+                id += 1;
+                left = 1 + (rng.uniform() * 8.0) as usize;
+            }
+            *s = id;
+            left -= 1;
+        }
+        for hi in 0..mask_heads {
+            let m = &mut mask[(bi * mask_heads + hi) * t * t..][..t * t];
+            for i in 0..t {
+                for j in 0..=i {
+                    if i == j || (seg[i] != 0 && seg[i] == seg[j]) {
+                        m[i * t + j] = 0.0;
+                    }
+                }
+            }
+        }
+    }
+    mask
+}
+
+/// Attention composed from burn ops on autodiff tensors (the model's path before the fused
+/// op): heads, `q·kᵀ`, scale, mask, softmax, `·v`, rows.
+fn attention_reference(
+    q: Tensor<AD, 2>,
+    k: Tensor<AD, 2>,
+    v: Tensor<AD, 2>,
+    mask: Tensor<AD, 4>,
+    dims: fused::AttnDims,
+) -> Tensor<AD, 2> {
+    let fused::AttnDims {
+        batch: b,
+        seq: t,
+        heads: h,
+        kv_heads: kv,
+        head_dim: d,
+    } = dims;
+    let heads = |x: Tensor<AD, 2>, n: usize| x.reshape([b, t, n, d]).swap_dims(1, 2);
+    let repeat = |x: Tensor<AD, 4>| {
+        x.unsqueeze_dim::<5>(2)
+            .expand([b, kv, h / kv, t, d])
+            .reshape([b, h, t, d])
+    };
+    let (q, k, v) = (heads(q, h), repeat(heads(k, kv)), repeat(heads(v, kv)));
+    let mask = mask.expand([b, h, t, t]);
+    let scores = q
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(1.0 / (d as f64).sqrt())
+        .add(mask);
+    softmax(scores, 3)
+        .matmul(v)
+        .swap_dims(1, 2)
+        .reshape([b * t, h * d])
+}
+
+#[test]
+fn attention_matches_composite_forward_and_backward() {
+    // Tolerance 1e-5 · (1 + |reference|): the per-head gemm sums `d` (scores) and `T` (output,
+    // gradients) products in another order than the batched matmuls of the reference.
+    const ATOL: f32 = 1e-5;
+    let near = |got: &[f32], want: &[f32], what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= ATOL * (1.0 + w.abs()),
+                "{what}[{i}]: fused {g} vs reference {w}"
+            );
+        }
+    };
+    let mut rng = Rng::new(7);
+    // (batch, seq, heads, kv heads, head dim, mask heads): MHA, GQA 2:1 and 3:1, one token,
+    // odd sizes, the mask per head and shared.
+    for (b, t, h, kv, d, mh) in [
+        (1, 1, 1, 1, 1, 1),
+        (2, 6, 4, 2, 8, 4),
+        (3, 17, 6, 2, 5, 1),
+        (2, 40, 4, 4, 64, 4),
+        (1, 33, 3, 1, 16, 3),
+    ] {
+        let dims = fused::AttnDims {
+            batch: b,
+            seq: t,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+        };
+        let what = format!("attention b{b} t{t} h{h} kv{kv} d{d} mask-heads {mh}");
+        let q = random(&mut rng, b * t * h * d, 1.0);
+        let k = random(&mut rng, b * t * kv * d, 1.0);
+        let v = random(&mut rng, b * t * kv * d, 1.0);
+        let mask = packed_mask(b, t, mh, &mut rng);
+        let r = random(&mut rng, b * t * h * d, 1.0);
+        let mask_t = || {
+            Tensor::<AD, 4>::from_data(
+                TensorData::new(mask.clone(), [b, mh, t, t]),
+                &Default::default(),
+            )
+        };
+        let run = |fused_op: bool| {
+            let qt = t2::<AD>(&q, [b * t, h * d]).require_grad();
+            let kt = t2::<AD>(&k, [b * t, kv * d]).require_grad();
+            let vt = t2::<AD>(&v, [b * t, kv * d]).require_grad();
+            let o = if fused_op {
+                AD::attention_rows(qt.clone(), kt.clone(), vt.clone(), mask_t(), dims)
+            } else {
+                attention_reference(qt.clone(), kt.clone(), vt.clone(), mask_t(), dims)
+            };
+            let grads = (o.clone() * t2::<AD>(&r, [b * t, h * d])).sum().backward();
+            [
+                host(o),
+                host(qt.grad(&grads).unwrap()),
+                host(kt.grad(&grads).unwrap()),
+                host(vt.grad(&grads).unwrap()),
+            ]
+        };
+        let got = run(true);
+        let want = run(false);
+        for (name, g, w) in [
+            ("out", &got[0], &want[0]),
+            ("dq", &got[1], &want[1]),
+            ("dk", &got[2], &want[2]),
+            ("dv", &got[3], &want[3]),
+        ] {
+            near(g, w, &format!("{what}: {name}"));
+        }
+        // Inference on bare Flex: the forward kernel alone.
+        let plain = Flex::attention_rows(
+            t2::<Flex>(&q, [b * t, h * d]),
+            t2::<Flex>(&k, [b * t, kv * d]),
+            t2::<Flex>(&v, [b * t, kv * d]),
+            Tensor::from_data(
+                TensorData::new(mask.clone(), [b, mh, t, t]),
+                &Default::default(),
+            ),
+            dims,
+        );
+        near(&host(plain), &want[0], &format!("{what}: inference"));
+        // The composite kernels (what other backends and dtypes run), forward and backward.
+        let (o, p) = fused::composite::attention_forward(
+            t2::<Flex>(&q, [b * t, h * d]),
+            t2::<Flex>(&k, [b * t, kv * d]),
+            t2::<Flex>(&v, [b * t, kv * d]),
+            Tensor::from_data(
+                TensorData::new(mask.clone(), [b, mh, t, t]),
+                &Default::default(),
+            ),
+            dims,
+        );
+        near(&host(o), &want[0], &format!("{what}: composite out"));
+        let (dq, dk, dv) = fused::composite::attention_backward(
+            t2::<Flex>(&q, [b * t, h * d]),
+            t2::<Flex>(&k, [b * t, kv * d]),
+            t2::<Flex>(&v, [b * t, kv * d]),
+            p,
+            t2::<Flex>(&r, [b * t, h * d]),
+            dims,
+        );
+        near(&host(dq), &want[1], &format!("{what}: composite dq"));
+        near(&host(dk), &want[2], &format!("{what}: composite dk"));
+        near(&host(dv), &want[3], &format!("{what}: composite dv"));
+    }
+}
+
+#[test]
+fn attention_in_bf16_tracks_f32() {
+    // Mixed precision runs the composite kernels in bf16 with the softmax upcast to f32: the
+    // output and gradients stay within bf16 precision of the f32 path.
+    let mut rng = Rng::new(8);
+    let (b, t, h, kv, d) = (2, 12, 4, 2, 16);
+    let dims = fused::AttnDims {
+        batch: b,
+        seq: t,
+        heads: h,
+        kv_heads: kv,
+        head_dim: d,
+    };
+    let q = random(&mut rng, b * t * h * d, 1.0);
+    let k = random(&mut rng, b * t * kv * d, 1.0);
+    let v = random(&mut rng, b * t * kv * d, 1.0);
+    let mask = packed_mask(b, t, h, &mut rng);
+    let r = random(&mut rng, b * t * h * d, 1.0);
+    let run = |dtype: burn::tensor::DType| {
+        let qt = t2::<AD>(&q, [b * t, h * d]).require_grad();
+        let kt = t2::<AD>(&k, [b * t, kv * d]).require_grad();
+        let vt = t2::<AD>(&v, [b * t, kv * d]).require_grad();
+        let m = Tensor::<AD, 4>::from_data(
+            TensorData::new(mask.clone(), [b, h, t, t]),
+            &Default::default(),
+        );
+        let o = AD::attention_rows(
+            qt.clone().cast(dtype),
+            kt.clone().cast(dtype),
+            vt.clone().cast(dtype),
+            m.cast(dtype),
+            dims,
+        );
+        assert_eq!(o.dtype(), dtype);
+        let o = o.cast(burn::tensor::DType::F32);
+        let grads = (o.clone() * t2::<AD>(&r, [b * t, h * d])).sum().backward();
+        [
+            host(o),
+            host(qt.grad(&grads).unwrap()),
+            host(kt.grad(&grads).unwrap()),
+            host(vt.grad(&grads).unwrap()),
+        ]
+    };
+    let want = run(burn::tensor::DType::F32);
+    let got = run(burn::tensor::DType::BF16);
+    for (name, g, w) in ["out", "dq", "dk", "dv"]
+        .iter()
+        .zip(&got)
+        .zip(&want)
+        .map(|((n, g), w)| (n, g, w))
+    {
+        let norm = w.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let err = g
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f32>()
+            .sqrt();
+        assert!(g.iter().all(|x| x.is_finite()), "bf16 {name} not finite");
+        assert!(
+            err <= 2e-2 * norm,
+            "bf16 {name}: relative error {}",
+            err / norm
+        );
+    }
+}
+
+#[test]
+fn rope_matches_composite_forward_and_backward() {
+    // (rows, heads, head_dim): one pair, odd head counts, widths past one rayon task.
+    let mut rng = Rng::new(9);
+    for (rows, heads, d) in [(1, 1, 2), (3, 3, 6), (7, 4, 64), (130, 5, 32)] {
+        let width = heads * d;
+        let x = random(&mut rng, rows * width, 1.0);
+        let cos = random(&mut rng, rows * width, 1.0);
+        let sin = random(&mut rng, rows * width, 1.0);
+        let r = random(&mut rng, rows * width, 1.0);
+        let run = |fused_op: bool| {
+            let xt = t2::<AD>(&x, [rows, width]).require_grad();
+            let (c, s) = (t2::<AD>(&cos, [rows, width]), t2::<AD>(&sin, [rows, width]));
+            let y = if fused_op {
+                AD::rope_rows(xt.clone(), c, s, d)
+            } else {
+                // The op chain the model used before the fused node.
+                let pairs = xt.clone().reshape([rows * heads, 2, d / 2]);
+                let swapped = Tensor::cat(
+                    vec![pairs.clone().narrow(1, 1, 1), pairs.narrow(1, 0, 1)],
+                    1,
+                )
+                .reshape([rows, width]);
+                xt.clone().mul(c).add(swapped.mul(s))
+            };
+            let grads = (y.clone() * t2::<AD>(&r, [rows, width])).sum().backward();
+            (host(y), host(xt.grad(&grads).unwrap()))
+        };
+        let (y, dx) = run(true);
+        let (y_ref, dx_ref) = run(false);
+        let what = format!("rope {rows}x{heads}x{d}");
+        close(&y, &y_ref, &what);
+        close(&dx, &dx_ref, &format!("{what} grad"));
+        let plain = Flex::rope_rows(
+            t2::<Flex>(&x, [rows, width]),
+            t2::<Flex>(&cos, [rows, width]),
+            t2::<Flex>(&sin, [rows, width]),
+            d,
+        );
+        close(&host(plain), &y_ref, &format!("{what} inference"));
+        let composite = fused::composite::rope_backward(
+            t2::<Flex>(&r, [rows, width]),
+            t2::<Flex>(&cos, [rows, width]),
+            t2::<Flex>(&sin, [rows, width]),
+            d,
+        );
+        close(&host(composite), &dx_ref, &format!("{what} composite grad"));
+    }
+}
