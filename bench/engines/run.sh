@@ -11,6 +11,8 @@
 #                          # default: small large rss torch; appends results.jsonl
 #   PLANS="ddp zero3" ...  # a subset of the plans
 #   TRAINER=/path/to/other/trainer LABEL=base ...   # another build, named in the results
+#   SMALL_STEPS=21 ...     # timed steps + 1 of the 3.4M runs (default 8; PyTorch times one fewer
+#                          # after its own warm-up step, so both sides time the same count)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -58,6 +60,7 @@ ds() { # stage offload_optimizer offload_param
    \"zero_optimization\": {\"stage\": $1, \"offload_optimizer\": $oo, \"offload_param\": $op}}"
 }
 PLANS=${PLANS:-"ddp zero1 zero2 zero2_offload zero3 zero3_offload"}
+SMALL_STEPS=${SMALL_STEPS:-8}
 plan_file() {
   case $1 in
     ddp) ds 0 0 0 ;; zero1) ds 1 0 0 ;; zero2) ds 2 0 0 ;; zero2_offload) ds 2 1 0 ;;
@@ -130,14 +133,14 @@ torch() { # mode model world micro seq steps
 
 for w in $what; do
   case $w in
-    small) for p in $PLANS; do ours small "$p" 2 8 128 8 tps; done ;;
+    small) for p in $PLANS; do ours small "$p" 2 8 128 "$SMALL_STEPS" tps; done ;;
     large) for p in $PLANS; do ours large "$p" 2 2 512 4 tps; done ;;
     rss) for p in $PLANS; do ours large "$p" 4 1 128 3 rss; done ;;
     torch)
-      for m in ddp fsdp; do torch "$m" small 2 8 128 7; done
+      for m in ddp fsdp; do torch "$m" small 2 8 128 $((SMALL_STEPS - 1)); done
       for m in ddp fsdp; do torch "$m" large 2 2 512 3; done
       for m in ddp fsdp; do torch "$m" large 4 1 128 2; done ;;
-    torch_small) for m in ddp fsdp; do torch "$m" small 2 8 128 7; done ;;
+    torch_small) for m in ddp fsdp; do torch "$m" small 2 8 128 $((SMALL_STEPS - 1)); done ;;
     torch_large) for m in ddp fsdp; do torch "$m" large 2 2 512 3; done ;;
   esac
 done

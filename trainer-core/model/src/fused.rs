@@ -1,6 +1,7 @@
 //! Fused operations of the model: softmax over the last dimension, cross-entropy, SwiGLU,
-//! RMSNorm, RoPE and scaled dot-product attention, each one graph node with its own backward
-//! instead of burn's chain of five to ten elementwise, reduction and layout nodes.
+//! RMSNorm, RoPE, scaled dot-product attention and the linear layer `x·wᵀ`, each one graph
+//! node with its own backward instead of burn's chain of elementwise, reduction and layout
+//! nodes.
 //!
 //! Two traits:
 //! - [`FusedKernels`] on an inner (non-autodiff) backend: forward and backward kernels on
@@ -12,7 +13,8 @@
 //!   [`Autodiff`] a tracked node whose backward is the backward kernel, keeping only what that
 //!   kernel needs (softmax: its output; cross-entropy: the logits and one log-sum-exp per row;
 //!   SwiGLU: both inputs; RMSNorm: input, weight and one inverse RMS per row; RoPE: its
-//!   tables; attention: queries, keys, values and the probabilities).
+//!   tables; attention: queries, keys, values and the probabilities; linear: the operands the
+//!   wanted gradients need).
 //!
 //! `tests/fused.rs` checks values and gradients against the composite ops on random inputs.
 
@@ -100,6 +102,25 @@ pub trait FusedKernels: Backend {
         dy: Tensor<Self, 2>,
     ) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
         composite::rms_norm_backward(x, w, r, dy)
+    }
+
+    /// `x·wᵀ` for `[n, in]` rows and an `[out, in]` weight.
+    fn linear_forward(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        x.matmul(w.transpose())
+    }
+
+    /// Gradients of `x·wᵀ` for upstream `dy`: `dx = dy·w` when `w` is given (the input needs
+    /// a gradient), `dw = dyᵀ·x` when `x` is given (the weight does). `dw` comes out as a
+    /// contiguous `[out, in]` matrix, the weight's own layout, so reshaping it to the flat leaf
+    /// copies nothing (burn's `matmul(w.transpose())` backward yields a transposed view).
+    fn linear_backward(
+        x: Option<Tensor<Self, 2>>,
+        w: Option<Tensor<Self, 2>>,
+        dy: Tensor<Self, 2>,
+    ) -> (Option<Tensor<Self, 2>>, Option<Tensor<Self, 2>>) {
+        let dx = w.map(|w| dy.clone().matmul(w));
+        let dw = x.map(|x| dy.transpose().matmul(x));
+        (dx, dw)
     }
 
     /// Rotate-half RoPE of `[rows, heads·head_dim]` rows with per-element tables of the same
@@ -689,6 +710,8 @@ pub trait Fused: Backend {
     fn swiglu(g: Tensor<Self, 2>, u: Tensor<Self, 2>) -> Tensor<Self, 2>;
     /// RMSNorm of rows with weight `w`.
     fn rms_norm_rows(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2>;
+    /// `x·wᵀ` for `[n, in]` rows and an `[out, in]` weight ([`FusedKernels::linear_forward`]).
+    fn linear_rows(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2>;
     /// Rotate-half RoPE of `[rows, heads·head_dim]` rows ([`FusedKernels::rope_forward`]); the
     /// tables are constants (no gradient flows into them).
     fn rope_rows(
@@ -762,6 +785,9 @@ macro_rules! fused_from_kernels {
             }
             fn rms_norm_rows(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
                 <Self as FusedKernels>::rms_norm_forward(x, w, eps).0
+            }
+            fn linear_rows(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+                <Self as FusedKernels>::linear_forward(x, w)
             }
             fn rope_rows(
                 x: Tensor<Self, 2>,
@@ -1067,6 +1093,51 @@ impl<B: FusedKernels, C: CheckpointStrategy> Fused for Autodiff<B, C> {
         ));
         let out = match RopeRows.prepare::<C>([node]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((cos, sin, head_dim), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        inner(out)
+    }
+
+    fn linear_rows(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        #[derive(Debug)]
+        struct Linear;
+
+        impl<B: FusedKernels> Backward<B, 2> for Linear {
+            /// The input when the weight needs a gradient, the weight when the input does.
+            type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (x, w) = ops.state;
+                let dy = grads.consume::<B>(&ops.node);
+                let [px, pw] = ops.parents;
+                let (dx, dw) = B::linear_backward(
+                    x.filter(|_| pw.is_some()).map(inner),
+                    w.filter(|_| px.is_some()).map(inner),
+                    inner(dy),
+                );
+                if let (Some(p), Some(g)) = (px, dx) {
+                    grads.register::<B>(p.id, prim(g));
+                }
+                if let (Some(p), Some(g)) = (pw, dw) {
+                    grads.register::<B>(p.id, prim(g));
+                }
+            }
+        }
+
+        let (x, w) = (prim(x), prim(w));
+        let (x_tracked, w_tracked) = (x.is_tracked(), w.is_tracked());
+        let nodes = [x.node.clone(), w.node.clone()];
+        let (xp, wp) = (x.primitive, w.primitive);
+        let y = prim(B::linear_forward(inner(xp.clone()), inner(wp.clone())));
+        let out = match Linear.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                prep.finish((w_tracked.then_some(xp), x_tracked.then_some(wp)), y)
+            }
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         inner(out)

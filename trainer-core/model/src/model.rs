@@ -148,9 +148,9 @@ struct Lin<B: Backend> {
     lora: Option<(Tensor<B, 2>, Tensor<B, 2>, f32)>,
 }
 
-impl<B: Backend> Lin<B> {
+impl<B: Fused> Lin<B> {
     fn forward(&self, x: Tensor<B, 2>, dropout: Option<&mut Dropout>) -> Tensor<B, 2> {
-        let y = x.clone().matmul(self.w.clone().transpose());
+        let y = B::linear_rows(x.clone(), self.w.clone());
         match &self.lora {
             None => y,
             Some((a, b, scale)) => {
@@ -158,10 +158,7 @@ impl<B: Backend> Lin<B> {
                     Some(d) if d.p > 0.0 => d.apply(x),
                     _ => x,
                 };
-                y + xin
-                    .matmul(a.clone().transpose())
-                    .matmul(b.clone().transpose())
-                    .mul_scalar(*scale)
+                y + B::linear_rows(B::linear_rows(xin, a.clone()), b.clone()).mul_scalar(*scale)
             }
         }
     }
@@ -540,7 +537,7 @@ fn head_logits<B: Fused>(
     x: Tensor<B, 2>,
     compute: Option<DType>,
 ) -> Tensor<B, 2> {
-    let logits = rms_norm(x, norm, cfg.rms_norm_eps).matmul(w.transpose());
+    let logits = B::linear_rows(rms_norm(x, norm, cfg.rms_norm_eps), w);
     if compute.is_some() {
         logits.cast(DType::F32)
     } else {

@@ -572,3 +572,49 @@ fn rope_matches_composite_forward_and_backward() {
         close(&host(composite), &dx_ref, &format!("{what} composite grad"));
     }
 }
+
+#[test]
+fn linear_matches_matmul_and_skips_frozen_operands() {
+    let mut rng = Rng::new(10);
+    for (n, inp, out) in [(1, 1, 1), (5, 7, 3), (64, 48, 130)] {
+        let x = random(&mut rng, n * inp, 1.0);
+        let w = random(&mut rng, out * inp, 1.0);
+        let r = random(&mut rng, n * out, 1.0);
+        // (input tracked, weight tracked): training, a frozen weight (LoRA), a frozen input.
+        for (tx, tw) in [(true, true), (true, false), (false, true)] {
+            let run = |fused_op: bool| {
+                let mut xt = t2::<AD>(&x, [n, inp]);
+                let mut wt = t2::<AD>(&w, [out, inp]);
+                if tx {
+                    xt = xt.require_grad();
+                }
+                if tw {
+                    wt = wt.require_grad();
+                }
+                let y = if fused_op {
+                    AD::linear_rows(xt.clone(), wt.clone())
+                } else {
+                    xt.clone().matmul(wt.clone().transpose())
+                };
+                let grads = (y.clone() * t2::<AD>(&r, [n, out])).sum().backward();
+                (
+                    host(y),
+                    xt.grad(&grads).map(host),
+                    wt.grad(&grads).map(host),
+                )
+            };
+            let (y, dx, dw) = run(true);
+            let (y_ref, dx_ref, dw_ref) = run(false);
+            let what = format!("linear {n}x{inp}->{out} tracked {tx}/{tw}");
+            close(&y, &y_ref, &what);
+            assert_eq!(dx.is_some(), tx, "{what}: dx");
+            assert_eq!(dw.is_some(), tw, "{what}: dw");
+            if let (Some(a), Some(b)) = (dx, dx_ref) {
+                close(&a, &b, &format!("{what} dx"));
+            }
+            if let (Some(a), Some(b)) = (dw, dw_ref) {
+                close(&a, &b, &format!("{what} dw"));
+            }
+        }
+    }
+}
