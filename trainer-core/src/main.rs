@@ -90,13 +90,19 @@ fn main() -> ExitCode {
     if sub.as_deref() == Some("eval") {
         argv.remove(1);
         let args = Args::parse_from(argv);
-        return exit(ringmaster_trainer::run::eval(&args.config));
+        return exit(ringmaster_model::host::on_compute_pool(|| {
+            ringmaster_trainer::run::eval(&args.config)
+        }));
     }
     if sub.as_deref() == Some("train") {
         argv.remove(1);
     }
     let args = Args::parse_from(argv);
-    exit(ringmaster_trainer::run::train(&args.config))
+    // The training loop runs on a compute-pool thread, so that parallel kernels start on it
+    // instead of waking a pool worker for every call (host.rs).
+    exit(ringmaster_model::host::on_compute_pool(|| {
+        ringmaster_trainer::run::train(&args.config)
+    }))
 }
 
 /// Exit codes: 0 success; 2 a bad config, flag or input file (nothing was trained); 1 a

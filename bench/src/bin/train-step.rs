@@ -48,6 +48,14 @@ struct Args {
 
 fn main() {
     let tuned = ringmaster_model::host::tune_allocator();
+    if std::env::var_os("RINGMASTER_COMPUTE_POOL").is_some_and(|v| v == "off") {
+        run(tuned)
+    } else {
+        ringmaster_model::host::on_compute_pool(|| run(tuned))
+    }
+}
+
+fn run(tuned: bool) {
     let a = Args::parse();
     let mut cfg = LlamaConfig::tiny(a.vocab, a.hidden, a.layers, a.heads, a.kv_heads);
     cfg.intermediate_size = a.intermediate;
