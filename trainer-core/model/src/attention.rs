@@ -35,6 +35,17 @@ pub struct AttnDims {
 }
 
 impl AttnDims {
+    /// `(batch, seq, heads, kv_heads, head_dim)`.
+    pub fn parts(&self) -> (usize, usize, usize, usize, usize) {
+        (
+            self.batch,
+            self.seq,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+        )
+    }
+
     /// Query heads per key/value head.
     pub fn rep(&self) -> usize {
         self.heads / self.kv_heads
@@ -114,13 +125,7 @@ unsafe fn mm(
 
 /// Checks the buffer lengths against `dims` (a mismatch is a bug in the caller).
 fn check(dims: &AttnDims, q: usize, k: usize, v: usize, mask: usize, mask_heads: usize) {
-    let AttnDims {
-        batch: b,
-        seq: t,
-        heads: h,
-        kv_heads: kv,
-        head_dim: d,
-    } = *dims;
+    let (b, t, h, kv, d) = dims.parts();
     assert!(
         kv > 0 && h % kv == 0,
         "attention: {h} heads over {kv} kv heads"
@@ -146,13 +151,7 @@ pub fn forward(
     dims: AttnDims,
 ) -> (Vec<f32>, Vec<f32>) {
     check(&dims, q.len(), k.len(), v.len(), mask.len(), mask_heads);
-    let AttnDims {
-        batch: b,
-        seq: t,
-        heads: h,
-        kv_heads: kv,
-        head_dim: d,
-    } = dims;
+    let (b, t, h, kv, d) = dims.parts();
     let (qw, kw) = ((h * d) as isize, (kv * d) as isize);
     let mut o = vec![0.0f32; q.len()];
     let mut p = vec![0.0f32; b * h * t * t];
@@ -221,13 +220,7 @@ pub fn backward(
     dout: &[f32],
     dims: AttnDims,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let AttnDims {
-        batch: b,
-        seq: t,
-        heads: h,
-        kv_heads: kv,
-        head_dim: d,
-    } = dims;
+    let (b, t, h, kv, d) = dims.parts();
     check(&dims, q.len(), k.len(), v.len(), 0, 0);
     assert_eq!(p.len(), b * h * t * t, "attention: probabilities");
     assert_eq!(dout.len(), q.len(), "attention: output gradient");

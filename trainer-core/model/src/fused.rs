@@ -322,13 +322,7 @@ pub mod composite {
 
     /// Key/value heads repeated for their query heads: `[B, KV, T, d]` → `[B, H, T, d]`.
     fn repeat_kv<B: Backend>(x: Tensor<B, 4>, dims: AttnDims) -> Tensor<B, 4> {
-        let AttnDims {
-            batch: b,
-            seq: t,
-            heads: h,
-            kv_heads: kv,
-            head_dim: d,
-        } = dims;
+        let (b, t, h, kv, d) = dims.parts();
         if kv == h {
             return x;
         }
@@ -339,13 +333,7 @@ pub mod composite {
 
     /// Sums the gradients of repeated key/value heads: `[B, H, T, d]` → `[B, KV, T, d]`.
     fn sum_kv<B: Backend>(x: Tensor<B, 4>, dims: AttnDims) -> Tensor<B, 4> {
-        let AttnDims {
-            batch: b,
-            seq: t,
-            heads: h,
-            kv_heads: kv,
-            head_dim: d,
-        } = dims;
+        let (b, t, h, kv, d) = dims.parts();
         if kv == h {
             return x;
         }
@@ -367,12 +355,7 @@ pub mod composite {
         mask: Tensor<B, 4>,
         dims: AttnDims,
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        let AttnDims {
-            batch: b,
-            seq: t,
-            heads: h,
-            ..
-        } = dims;
+        let (b, t, h, _, _) = dims.parts();
         let q4 = heads(q, h, dims);
         let k4 = repeat_kv(heads(k, dims.kv_heads, dims), dims);
         let v4 = repeat_kv(heads(v, dims.kv_heads, dims), dims);
@@ -404,12 +387,7 @@ pub mod composite {
         dout: Tensor<B, 2>,
         dims: AttnDims,
     ) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>) {
-        let AttnDims {
-            batch: b,
-            seq: t,
-            heads: h,
-            ..
-        } = dims;
+        let (b, t, h, _, _) = dims.parts();
         let q4 = heads(q, h, dims);
         let k4 = repeat_kv(heads(k, dims.kv_heads, dims), dims);
         let v4 = repeat_kv(heads(v, dims.kv_heads, dims), dims);
@@ -473,6 +451,25 @@ fn flex<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
 /// The scalar of a `[1]` tensor.
 fn scalar(t: Tensor<Flex, 1>) -> f32 {
     t.into_data().convert::<f32>().to_vec::<f32>().expect("f32")[0]
+}
+
+/// [`kernels::rope`] (forward, or the adjoint when `backward`) when every operand is f32.
+fn rope_f32(
+    x: &Tensor<Flex, 2>,
+    cos: &Tensor<Flex, 2>,
+    sin: &Tensor<Flex, 2>,
+    head_dim: usize,
+    backward: bool,
+) -> Option<Tensor<Flex, 2>> {
+    let (a, c, s) = (host_f32(x)?, host_f32(cos)?, host_f32(sin)?);
+    let y = kernels::rope(
+        a.storage::<f32>(),
+        c.storage::<f32>(),
+        s.storage::<f32>(),
+        head_dim,
+        backward,
+    );
+    Some(flex(y, x.dims()))
 }
 
 impl FusedKernels for Flex {
@@ -607,19 +604,8 @@ impl FusedKernels for Flex {
         sin: Tensor<Flex, 2>,
         head_dim: usize,
     ) -> Tensor<Flex, 2> {
-        match (host_f32(&x), host_f32(&cos), host_f32(&sin)) {
-            (Some(a), Some(c), Some(s)) => flex(
-                kernels::rope(
-                    a.storage::<f32>(),
-                    c.storage::<f32>(),
-                    s.storage::<f32>(),
-                    head_dim,
-                    false,
-                ),
-                x.dims(),
-            ),
-            _ => composite::rope_forward(x, cos, sin, head_dim),
-        }
+        rope_f32(&x, &cos, &sin, head_dim, false)
+            .unwrap_or_else(|| composite::rope_forward(x, cos, sin, head_dim))
     }
 
     fn rope_backward(
@@ -628,19 +614,8 @@ impl FusedKernels for Flex {
         sin: Tensor<Flex, 2>,
         head_dim: usize,
     ) -> Tensor<Flex, 2> {
-        match (host_f32(&dy), host_f32(&cos), host_f32(&sin)) {
-            (Some(a), Some(c), Some(s)) => flex(
-                kernels::rope(
-                    a.storage::<f32>(),
-                    c.storage::<f32>(),
-                    s.storage::<f32>(),
-                    head_dim,
-                    true,
-                ),
-                dy.dims(),
-            ),
-            _ => composite::rope_backward(dy, cos, sin, head_dim),
-        }
+        rope_f32(&dy, &cos, &sin, head_dim, true)
+            .unwrap_or_else(|| composite::rope_backward(dy, cos, sin, head_dim))
     }
 
     fn attention_forward(

@@ -323,13 +323,7 @@ fn attention_reference(
     mask: Tensor<AD, 4>,
     dims: fused::AttnDims,
 ) -> Tensor<AD, 2> {
-    let fused::AttnDims {
-        batch: b,
-        seq: t,
-        heads: h,
-        kv_heads: kv,
-        head_dim: d,
-    } = dims;
+    let (b, t, h, kv, d) = dims.parts();
     let heads = |x: Tensor<AD, 2>, n: usize| x.reshape([b, t, n, d]).swap_dims(1, 2);
     let repeat = |x: Tensor<AD, 4>| {
         x.unsqueeze_dim::<5>(2)
