@@ -17,6 +17,8 @@ pub struct EnvInput<'a> {
     /// The node's advertised address (collectives listen on it).
     pub node_addr: &'a str,
     pub work_dir: &'a str,
+    /// How this agent verifies the coordinator: workers dial it the same way.
+    pub tls: &'a ringmaster_auth::ClientTls,
 }
 
 /// The variables the launcher sets, then the job's own `env:` (which may not override them;
@@ -57,6 +59,23 @@ pub fn worker_env(i: &EnvInput<'_>) -> Vec<(String, String)> {
     .collect();
     if !s.resume_from.is_empty() {
         env.push(("RINGMASTER_RESUME_FROM".into(), s.resume_from.clone()));
+    }
+    // The generation's credential for the rendezvous store and progress stream, and the CA the
+    // coordinator's certificate chains to.
+    if !s.worker_token.is_empty() {
+        env.push((
+            ringmaster_auth::client::ENV_WORKER_TOKEN.into(),
+            s.worker_token.clone(),
+        ));
+    }
+    if let Some(ca) = &i.tls.ca {
+        env.push((
+            ringmaster_auth::client::ENV_TLS_CA.into(),
+            ca.display().to_string(),
+        ));
+    }
+    if let Some(d) = &i.tls.domain {
+        env.push((ringmaster_auth::client::ENV_TLS_DOMAIN.into(), d.clone()));
     }
     if !i.inherited_omp && !s.env.contains_key("OMP_NUM_THREADS") {
         env.push(("OMP_NUM_THREADS".into(), "1".into()));
@@ -115,6 +134,7 @@ mod tests {
             node_name: "w1",
             node_addr: "10.0.0.2",
             work_dir: "/w",
+            tls: &Default::default(),
         });
         let get = |k: &str| env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.as_str());
         assert_eq!(get("RANK"), Some("2"));
@@ -159,10 +179,21 @@ mod tests {
                 node_name: "w0",
                 node_addr: "10.0.0.1",
                 work_dir: "/w",
+                tls: &ringmaster_auth::ClientTls {
+                    ca: Some("/pki/ca.pem".into()),
+                    domain: None,
+                    identity: None,
+                },
             })
         };
         let env = mk(&start, true);
         assert!(!env.iter().any(|(k, _)| k == "OMP_NUM_THREADS"));
+        // The CA goes to the workers; no worker credential without one from the coordinator.
+        assert!(env.contains(&("RINGMASTER_TLS_CA".into(), "/pki/ca.pem".into())));
+        assert!(!env.iter().any(|(k, _)| k == "RINGMASTER_WORKER_TOKEN"));
+        start.worker_token = "rmw1.j.0.ab".into();
+        let env = mk(&start, true);
+        assert!(env.contains(&("RINGMASTER_WORKER_TOKEN".into(), "rmw1.j.0.ab".into())));
         assert!(env.contains(&(
             "RINGMASTER_RESUME_FROM".into(),
             "/ckpt/checkpoint-10".into()

@@ -40,7 +40,6 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 use supervisor::Supervisor;
 
@@ -56,6 +55,9 @@ pub struct Config {
     pub slots: u32,
     pub work_dir: PathBuf,
     pub token: Option<String>,
+    /// How the coordinator is verified (CA, server name) and, for mutual TLS, this agent's
+    /// certificate. Default: plaintext.
+    pub tls: ringmaster_auth::ClientTls,
     /// Address other nodes reach this one at; empty: the address the coordinator sees.
     pub advertise_addr: String,
     /// The `trainer` program started for `train:` jobs.
@@ -73,6 +75,8 @@ pub enum AgentError {
     Refused { addr: String, message: String },
     #[error("invalid coordinator address '{0}': expected HOST:PORT")]
     BadAddress(String),
+    #[error("{0}")]
+    BadTls(String),
     #[error("work dir {path}: {source}")]
     WorkDir {
         path: PathBuf,
@@ -152,8 +156,11 @@ pub async fn run(
     if cfg.advertise_addr.is_empty() {
         cfg.advertise_addr = default_advertise(&cfg.join);
     }
+    // TLS files are read now, so that a wrong path is a usage error at start, not a retry loop.
+    ringmaster_auth::client::endpoint(&cfg.join, &cfg.tls)
+        .map_err(|e| AgentError::BadTls(e.to_string()))?;
     let (exit_tx, mut exit_rx) = mpsc::channel::<pb::WorkerExited>(1024);
-    let sup = Supervisor::new(
+    let mut sup = Supervisor::new(
         cfg.work_dir.clone(),
         cfg.trainer.clone(),
         cfg.name.clone(),
@@ -161,6 +168,7 @@ pub async fn run(
         cfg.join.clone(),
         exit_tx,
     );
+    sup.set_tls(&cfg.tls);
     let incarnation = format!("{:016x}", rand::random::<u64>());
     let mut agent = Agent {
         cfg,
@@ -267,18 +275,27 @@ pub async fn run(
 
 impl Agent {
     async fn connect(&mut self) -> Result<Up, ConnectError> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.cfg.join))
-            .map_err(|e| ConnectError::Fatal(format!("bad address: {e}")))?
+        let endpoint = ringmaster_auth::client::endpoint(&self.cfg.join, &self.cfg.tls)
+            .map_err(|e| ConnectError::Fatal(e.to_string()))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20));
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| ConnectError::Retry(error_chain(&e)))?;
-        let mut client = pb::agent_service_client::AgentServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let channel = endpoint.connect().await.map_err(|e| {
+            let why = ringmaster_auth::client::explain(&e, &self.cfg.tls);
+            // A coordinator whose certificate does not chain to our CA is not ours: never run
+            // its commands, and do not keep knocking as if it were a network hiccup.
+            if ringmaster_auth::client::is_untrusted_peer(&why) {
+                ConnectError::Fatal(format!("TLS: {why}"))
+            } else {
+                ConnectError::Retry(why)
+            }
+        })?;
+        let bearer = ringmaster_auth::Bearer::new(self.cfg.token.as_deref())
+            .map_err(|e| ConnectError::Fatal(e.to_string()))?;
+        let mut client =
+            pb::agent_service_client::AgentServiceClient::with_interceptor(channel, bearer)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel(1024);
         let join = pb::Join {
             name: self.cfg.name.clone(),

@@ -26,6 +26,18 @@ struct Args {
     /// File holding the join token the coordinator expects.
     #[arg(long, value_name = "FILE")]
     join_token_file: Option<PathBuf>,
+    /// CA (PEM) the coordinator's certificate must chain to; enables TLS. Workers get it too.
+    #[arg(long, value_name = "FILE", env = "RINGMASTER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Name to verify in the coordinator's certificate (default: the host of --join).
+    #[arg(long, value_name = "NAME")]
+    tls_domain: Option<String>,
+    /// This agent's certificate (PEM), for a coordinator that requires mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key", requires = "tls_ca")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Address other nodes reach this one at (MASTER_ADDR when it hosts rank 0).
     #[arg(long, value_name = "IP")]
     advertise_addr: Option<String>,
@@ -44,16 +56,8 @@ struct Args {
 }
 
 fn read_token(path: &PathBuf) -> Result<String, String> {
-    let t = std::fs::read_to_string(path)
-        .map_err(|e| format!("--join-token-file {}: {e}", path.display()))?;
-    let t = t.trim().to_owned();
-    if t.is_empty() {
-        return Err(format!(
-            "--join-token-file {}: the file is empty",
-            path.display()
-        ));
-    }
-    Ok(t)
+    ringmaster_auth::credentials::read_token_file(path)
+        .map_err(|e| format!("--join-token-file {e}"))
 }
 
 fn main() -> ExitCode {
@@ -95,6 +99,12 @@ fn main() -> ExitCode {
         slots: args.slots.unwrap_or_else(ringmaster_agent::detect_slots),
         work_dir,
         token,
+        tls: ringmaster_auth::ClientTls {
+            // Workers run in other directories: hand them an absolute path.
+            ca: args.tls_ca.map(|p| std::path::absolute(&p).unwrap_or(p)),
+            domain: args.tls_domain,
+            identity: args.tls_cert.zip(args.tls_key),
+        },
         advertise_addr: args.advertise_addr.unwrap_or_default(),
         trainer,
         max_backoff: args.max_backoff,
@@ -122,7 +132,8 @@ fn main() -> ExitCode {
             eprintln!("agent: {e}");
             match e {
                 ringmaster_agent::AgentError::Refused { .. }
-                | ringmaster_agent::AgentError::BadAddress(_) => ExitCode::from(2),
+                | ringmaster_agent::AgentError::BadAddress(_)
+                | ringmaster_agent::AgentError::BadTls(_) => ExitCode::from(2),
                 ringmaster_agent::AgentError::WorkDir { .. } => ExitCode::from(1),
             }
         }

@@ -78,12 +78,12 @@ pub async fn run(
         .to_string();
 
     let stop_coordinator = CancellationToken::new();
+    // The local cluster makes its own credential: the join token, which (with no operator
+    // token file) is also the admin credential this command submits with.
     let coord_cfg = server::Config {
         hostfile: Some(hostfile),
-        data_dir: root.join("coordinator"),
-        store_url: "embedded".into(),
         join_token: Some(token.clone()),
-        heartbeat_timeout: Duration::from_secs(10),
+        ..server::Config::new(root.join("coordinator"))
     };
     let stop = stop_coordinator.clone();
     let coordinator = tokio::spawn(async move {
@@ -104,6 +104,7 @@ pub async fn run(
             slots,
             work_dir: root.join(name),
             token: Some(token.clone()),
+            tls: Default::default(),
             advertise_addr: "127.0.0.1".into(),
             trainer: trainer.clone(),
             max_backoff: Duration::from_secs(1),
@@ -121,7 +122,12 @@ pub async fn run(
         );
     }
 
-    let result = drive(&addr, &sub, output).await;
+    let target = cli::Target {
+        addr: addr.clone(),
+        token: Some(token.clone()),
+        ..Default::default()
+    };
+    let result = drive(&target, &sub, output).await;
 
     stop_agents.cancel();
     for a in agents {
@@ -137,8 +143,12 @@ pub async fn run(
 }
 
 /// Submits and watches; Ctrl-C cancels the job and waits for it to end.
-async fn drive(addr: &str, sub: &spec::Submission, output: Output) -> Result<Exit, CliError> {
-    let mut client = cli::connect(addr).await?;
+async fn drive(
+    target: &cli::Target,
+    sub: &spec::Submission,
+    output: Output,
+) -> Result<Exit, CliError> {
+    let mut client = cli::connect(target).await?;
     let job = cli::submit(&mut client, sub).await?;
     if output == Output::Text {
         eprintln!("submitted {}", job.id);

@@ -34,6 +34,9 @@ pub const RESERVED_ENV: &[&str] = &[
     "RINGMASTER_GENERATION",
     "RINGMASTER_COORDINATOR",
     "RINGMASTER_RESUME_FROM",
+    "RINGMASTER_WORKER_TOKEN",
+    "RINGMASTER_TLS_CA",
+    "RINGMASTER_TLS_DOMAIN",
 ];
 
 /// A job as submitted. Field names are part of the interface contract (DESIGN.md).

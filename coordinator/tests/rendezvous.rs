@@ -21,11 +21,8 @@ async fn store_barrier_and_progress_through_grpc() {
     let addr = listener.local_addr().unwrap().to_string();
     let stop = CancellationToken::new();
     let cfg = ringmaster_coordinator::server::Config {
-        hostfile: None,
-        data_dir: dir.path().join("data"),
         store_url: "memory".into(),
-        join_token: None,
-        heartbeat_timeout: Duration::from_secs(10),
+        ..ringmaster_coordinator::server::Config::new(dir.path().join("data"))
     };
     let s = stop.clone();
     let server = tokio::spawn(ringmaster_coordinator::server::run(
@@ -39,6 +36,7 @@ async fn store_barrier_and_progress_through_grpc() {
         slots: 2,
         work_dir: dir.path().join("work"),
         token: None,
+        tls: Default::default(),
         advertise_addr: "127.0.0.1".into(),
         trainer: "trainer".into(),
         max_backoff: Duration::from_millis(200),

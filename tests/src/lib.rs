@@ -169,20 +169,71 @@ pub struct Cluster {
     pub token_file: PathBuf,
     pub hostfile: Option<PathBuf>,
     pub heartbeat_timeout: String,
+    /// The `ringctl certs init` directory when the cluster runs with TLS (the default): the
+    /// coordinator presents `coordinator.pem` and requires agents' client certificates.
+    pub pki: Option<PathBuf>,
+    /// Extra flags for every coordinator start.
+    pub coordinator_args: Vec<String>,
+}
+
+/// How [`Cluster::start_with`] sets a cluster up.
+#[derive(Debug, Clone)]
+pub struct ClusterOpts {
+    /// TLS with mutual TLS for agents (default true: the secure setup is what the tests run).
+    pub tls: bool,
+    /// Extra coordinator flags.
+    pub coordinator_args: Vec<String>,
+}
+
+impl Default for ClusterOpts {
+    fn default() -> ClusterOpts {
+        ClusterOpts {
+            tls: true,
+            coordinator_args: Vec::new(),
+        }
+    }
+}
+
+/// Makes a CA, certificates for 127.0.0.1/localhost and tokens in `dir` with `ringctl certs init`.
+pub fn certs_init(dir: &Path) {
+    let out = Command::new(bin("ringctl"))
+        .args(["certs", "init"])
+        .arg(dir)
+        .output()
+        .expect("running ringctl certs init");
+    assert!(
+        out.status.success(),
+        "ringctl certs init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Cluster {
-    /// Starts a coordinator with `hostfile` (None: no hostfile) and a join token.
+    /// Starts a coordinator with `hostfile` (None: no hostfile), a join token and TLS.
     pub fn start(hostfile: Option<&str>, heartbeat_timeout: &str) -> Cluster {
+        Cluster::start_with(hostfile, heartbeat_timeout, ClusterOpts::default())
+    }
+
+    /// As [`Cluster::start`], with options.
+    pub fn start_with(
+        hostfile: Option<&str>,
+        heartbeat_timeout: &str,
+        opts: ClusterOpts,
+    ) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("ringmaster-test-")
             .tempdir()
             .expect("temp dir");
         let token_file = dir.path().join("token");
-        std::fs::write(&token_file, "s3cret-token\n").expect("writing the token");
+        std::fs::write(&token_file, "s3cret-token-0123456789\n").expect("writing the token");
         let hostfile = hostfile.map(|text| {
             let p = dir.path().join("hostfile");
             std::fs::write(&p, text).expect("writing the hostfile");
+            p
+        });
+        let pki = opts.tls.then(|| {
+            let p = dir.path().join("pki");
+            certs_init(&p);
             p
         });
         let mut c = Cluster {
@@ -193,6 +244,8 @@ impl Cluster {
             token_file,
             hostfile,
             heartbeat_timeout: heartbeat_timeout.to_owned(),
+            pki,
+            coordinator_args: opts.coordinator_args,
         };
         c.start_coordinator(None);
         c
@@ -216,6 +269,15 @@ impl Cluster {
             if let Some(h) = &self.hostfile {
                 cmd.arg("--hostfile").arg(h);
             }
+            if let Some(pki) = &self.pki {
+                cmd.arg("--tls-cert")
+                    .arg(pki.join("coordinator.pem"))
+                    .arg("--tls-key")
+                    .arg(pki.join("coordinator-key.pem"))
+                    .arg("--tls-client-ca")
+                    .arg(pki.join("ca.pem"));
+            }
+            cmd.args(&self.coordinator_args);
             let log = self.path(&format!("coordinator-{attempt}-{port}.log"));
             let mut p = Proc::spawn("coordinator", cmd, log);
             // Ready once the health port answers.
@@ -260,6 +322,16 @@ impl Cluster {
         if !extra.contains(&"--join-token-file") {
             cmd.arg("--join-token-file").arg(&self.token_file);
         }
+        if let Some(pki) = &self.pki
+            && !extra.contains(&"--tls-ca")
+        {
+            cmd.arg("--tls-ca")
+                .arg(pki.join("ca.pem"))
+                .arg("--tls-cert")
+                .arg(pki.join("agent-agent.pem"))
+                .arg("--tls-key")
+                .arg(pki.join("agent-agent-key.pem"));
+        }
         cmd.args(["--advertise-addr", "127.0.0.1", "--max-backoff", "500ms"])
             .args(["--shutdown-grace", "2s"])
             .args(extra);
@@ -269,14 +341,26 @@ impl Cluster {
         self.agents.len() - 1
     }
 
-    /// Runs `ringctl --coordinator ADDR args...`.
+    /// Runs `ringctl --coordinator ADDR args...` with the cluster's admin credential (the join
+    /// token, as no operator token file is configured).
     pub fn ringctl(&self, args: &[&str]) -> Output {
-        Command::new(bin("ringctl"))
-            .arg("--coordinator")
-            .arg(&self.addr)
+        self.ringctl_cmd()
             .args(args)
             .output()
             .expect("running ringctl")
+    }
+
+    /// A `ringctl --coordinator ADDR` command with the cluster's credential and CA.
+    pub fn ringctl_cmd(&self) -> Command {
+        let mut cmd = Command::new(bin("ringctl"));
+        cmd.env("RINGMASTER_TOKEN_FILE", &self.token_file)
+            .env_remove("RINGMASTER_TLS_CA")
+            .arg("--coordinator")
+            .arg(&self.addr);
+        if let Some(pki) = &self.pki {
+            cmd.env("RINGMASTER_TLS_CA", pki.join("ca.pem"));
+        }
+        cmd
     }
 
     /// `ringctl nodes --output json`.

@@ -320,11 +320,11 @@ fn bad_input_is_refused_with_exit_code_2() {
 
     // Wrong token: the agent exits 2 naming the token; the coordinator logs the refusal.
     let wrong = c.path("wrong-token");
-    std::fs::write(&wrong, "nope").unwrap();
+    std::fs::write(&wrong, "wrong-token-0123456789").unwrap();
     let i = c.start_agent("w0", 2, &["--join-token-file", wrong.to_str().unwrap()]);
     assert_eq!(c.agents[i].wait_exit(Duration::from_secs(20)), Some(2));
     let log = c.agents[i].log_text();
-    assert!(log.contains("wrong join token"), "{log}");
+    assert!(log.contains("wrong token"), "{log}");
     wait_until(
         Duration::from_secs(5),
         "coordinator logs the refusal",
@@ -333,7 +333,7 @@ fn bad_input_is_refused_with_exit_code_2() {
                 .as_ref()
                 .unwrap()
                 .log_text()
-                .contains("wrong join token")
+                .contains("wrong token")
                 .then_some(())
         },
     );

@@ -328,19 +328,22 @@ async fn send_loop(
     };
     let mut warned = false;
     loop {
-        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+        let tls = ringmaster_auth::ClientTls::from_env();
+        let endpoint = match ringmaster_auth::client::endpoint(&addr, &tls) {
             Ok(e) => e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true),
             Err(e) => {
-                eprintln!(
-                    "trainer: progress: bad coordinator address {addr:?}: {e}; not reporting"
-                );
+                eprintln!("trainer: progress: {e}; not reporting");
                 return;
             }
         };
         match endpoint.connect().await {
             Ok(ch) => {
                 warned = false;
-                let mut client = pb::rendezvous_service_client::RendezvousServiceClient::new(ch);
+                let mut client =
+                    pb::rendezvous_service_client::RendezvousServiceClient::with_interceptor(
+                        ch,
+                        ringmaster_auth::Bearer::from_worker_env(),
+                    );
                 match client.report_progress(Shared(rx.clone())).await {
                     // The queue closed and everything in it was delivered.
                     Ok(_) => return,

@@ -1,17 +1,20 @@
 //! The coordinator's RendezvousService as a collectives bootstrap [`Store`]: keys are scoped to
 //! the job generation named by the worker's environment (`RINGMASTER_JOB_ID`,
 //! `RINGMASTER_GENERATION`), so a rank of a stale generation cannot read or overwrite a newer
-//! one's addresses (the coordinator refuses its scope).
+//! one's addresses (the coordinator refuses its scope). Every call carries the generation's
+//! worker credential (`RINGMASTER_WORKER_TOKEN`) and uses TLS when the agent gave a CA
+//! (`RINGMASTER_TLS_CA`).
 
 use std::time::Duration;
 
+use ringmaster_auth::{AuthChannel, Bearer, ClientTls};
 use ringmaster_collectives::{CommError, Store};
 use ringmaster_proto as pb;
 
 /// A blocking store client over gRPC (it owns a small runtime; the collectives are blocking).
 pub struct GrpcStore {
     rt: tokio::runtime::Runtime,
-    client: pb::rendezvous_service_client::RendezvousServiceClient<tonic::transport::Channel>,
+    client: pb::rendezvous_service_client::RendezvousServiceClient<AuthChannel>,
     scope: pb::Scope,
 }
 
@@ -25,18 +28,19 @@ impl GrpcStore {
             .enable_all()
             .build()
             .map_err(|e| CommError::Store(format!("runtime: {e}")))?;
+        let tls = ClientTls::from_env();
         let client = rt
             .block_on(async {
-                let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                    .connect_timeout(Duration::from_secs(10))
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await?;
-                Ok::<_, tonic::transport::Error>(
-                    pb::rendezvous_service_client::RendezvousServiceClient::new(ch),
+                let ch =
+                    ringmaster_auth::client::connect(addr, &tls, Duration::from_secs(10)).await?;
+                Ok::<_, ringmaster_auth::DialError>(
+                    pb::rendezvous_service_client::RendezvousServiceClient::with_interceptor(
+                        ch,
+                        Bearer::from_worker_env(),
+                    ),
                 )
             })
-            .map_err(|e| CommError::Store(format!("coordinator at {addr}: {e}")))?;
+            .map_err(|e| CommError::Store(e.to_string()))?;
         Ok(GrpcStore {
             rt,
             client,

@@ -49,6 +49,8 @@ pub struct Supervisor {
     coordinator: String,
     workers: BTreeMap<WorkerKey, Worker>,
     exits: mpsc::Sender<pb::WorkerExited>,
+    /// How workers dial the coordinator (the agent's own TLS settings, minus its identity).
+    tls: ringmaster_auth::ClientTls,
 }
 
 /// True for names safe as one path component: `[A-Za-z0-9._-]`, not starting with `.`/`-`.
@@ -94,7 +96,16 @@ impl Supervisor {
             coordinator,
             workers: BTreeMap::new(),
             exits,
+            tls: Default::default(),
         }
+    }
+
+    /// Workers verify the coordinator with this CA (and server name) too.
+    pub fn set_tls(&mut self, tls: &ringmaster_auth::ClientTls) {
+        self.tls = ringmaster_auth::ClientTls {
+            identity: None,
+            ..tls.clone()
+        };
     }
 
     /// The directory of one generation of a job: `<work-dir>/<job>/gen-<g>`.
@@ -196,6 +207,7 @@ impl Supervisor {
                 node_name: &self.node,
                 node_addr: &self.node_addr,
                 work_dir: &gen_dir_text,
+                tls: &self.tls,
             });
             env.push((AGENT_ROOT_ENV.into(), root.clone()));
             let log_path = gen_dir.join(format!("rank-{}.log", entry.rank));

@@ -8,14 +8,22 @@
 //!    loop — the loop handles both in one queue, so the probe's latency is what a heartbeat
 //!    waits before it is handled.
 //!
-//! `cargo run --release -p ringmaster-bench --bin cp-load -- --agents 1000`
+//! 3. submit latency: sequential `JobService.Submit` round trips (before the agents join; each
+//!    submitted job waits for nodes and is cancelled).
+//!
+//! `--security none|token|tls` runs the same with no credential, with tokens on every call
+//! (agents: join token; the probe and submits: the admin token), and with tokens over TLS
+//! with mutual TLS for the agents (certificates from `ringctl certs init`).
+//!
+//! `cargo run --release -p ringmaster-bench --bin cp-load -- --agents 1000 [--security tls]`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use ringmaster_auth::{AuthChannel, Bearer, ClientTls};
 use ringmaster_proto as pb;
 use tokio::sync::{Barrier, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -38,7 +46,22 @@ struct Args {
     /// Directory with the `coordinator` binary (default: next to this one).
     #[arg(long)]
     bin_dir: Option<std::path::PathBuf>,
+    /// Credentials and TLS.
+    #[arg(long, value_enum, default_value_t = Security::Token)]
+    security: Security,
+    /// Sequential submits timed.
+    #[arg(long, default_value_t = 50)]
+    submits: usize,
 }
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Security {
+    None,
+    Token,
+    Tls,
+}
+
+const TOKEN: &str = "cp-load-token-0123456789";
 
 struct Coordinator(std::process::Child);
 impl Drop for Coordinator {
@@ -57,13 +80,13 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[i]
 }
 
-async fn channel(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await?,
-    )
+/// A connection as the settings say, with the token (if any) on every call.
+async fn channel(addr: &str, tls: &ClientTls, token: Option<&str>) -> anyhow::Result<AuthChannel> {
+    let ch = ringmaster_auth::client::connect(addr, tls, Duration::from_secs(10)).await?;
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        ch,
+        Bearer::new(token)?,
+    ))
 }
 
 #[tokio::main]
@@ -86,18 +109,48 @@ async fn main() -> anyhow::Result<()> {
         .local_addr()?
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let _coord = Coordinator(
-        std::process::Command::new(bin_dir.join("coordinator"))
-            .args(["--listen", &addr, "--heartbeat-timeout", "120s"])
-            .arg("--hostfile")
-            .arg(&hostfile)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env("RUST_LOG", "warn")
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("starting the coordinator")?,
-    );
+    let mut cmd = std::process::Command::new(bin_dir.join("coordinator"));
+    cmd.args(["--listen", &addr, "--heartbeat-timeout", "120s"])
+        .arg("--hostfile")
+        .arg(&hostfile)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::null());
+    let token = (args.security != Security::None).then_some(TOKEN);
+    if token.is_some() {
+        std::fs::write(dir.path().join("token"), TOKEN)?;
+        cmd.arg("--join-token-file").arg(dir.path().join("token"));
+    }
+    let pki = dir.path().join("pki");
+    let (tls, agent_tls) = if args.security == Security::Tls {
+        let st = std::process::Command::new(bin_dir.join("ringctl"))
+            .args(["certs", "init"])
+            .arg(&pki)
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("ringctl certs init failed");
+        }
+        cmd.arg("--tls-cert")
+            .arg(pki.join("coordinator.pem"))
+            .arg("--tls-key")
+            .arg(pki.join("coordinator-key.pem"))
+            .arg("--tls-client-ca")
+            .arg(pki.join("ca.pem"));
+        let tls = ClientTls {
+            ca: Some(pki.join("ca.pem")),
+            ..Default::default()
+        };
+        let agent = ClientTls {
+            identity: Some((pki.join("agent-agent.pem"), pki.join("agent-agent-key.pem"))),
+            ..tls.clone()
+        };
+        (tls, agent)
+    } else {
+        (ClientTls::default(), ClientTls::default())
+    };
+    let _coord = Coordinator(cmd.spawn().context("starting the coordinator")?);
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(&addr).is_err() {
         if Instant::now() > deadline {
@@ -105,7 +158,38 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut jobs = pb::job_service_client::JobServiceClient::new(channel(&addr).await?);
+    let mut jobs =
+        pb::job_service_client::JobServiceClient::new(channel(&addr, &tls, token).await?);
+    // Submit latency: jobs that wait for nodes (none joined yet), cancelled right after.
+    let mut sub = Vec::with_capacity(args.submits);
+    for i in 0..args.submits {
+        let spec =
+            serde_json::json!({"name": format!("submit{i}"), "command": ["true"], "nodes": 1});
+        let s = Instant::now();
+        let j = jobs
+            .submit(pb::SubmitRequest {
+                spec_json: spec.to_string(),
+                files: Default::default(),
+            })
+            .await?
+            .into_inner()
+            .job
+            .context("job")?;
+        sub.push(s.elapsed().as_secs_f64() * 1e3);
+        jobs.cancel(pb::CancelRequest {
+            job_id: j.id,
+            grace_ms: 1,
+        })
+        .await?;
+    }
+    if !sub.is_empty() {
+        println!(
+            "submit: {} sequential, p50 {:.2} ms, p99 {:.2} ms",
+            sub.len(),
+            percentile(&mut sub, 0.5),
+            percentile(&mut sub, 0.99)
+        );
+    }
     let spec = serde_json::json!({"name": "load", "command": ["true"]});
     let job = jobs
         .submit(pb::SubmitRequest {
@@ -124,7 +208,7 @@ async fn main() -> anyhow::Result<()> {
     // Connect every agent first (TCP + HTTP/2), so the measured window is the protocol.
     let mut channels = Vec::with_capacity(args.agents);
     for _ in 0..args.agents {
-        channels.push(channel(&addr).await?);
+        channels.push(channel(&addr, &agent_tls, token).await?);
     }
     let ready = Arc::new(Barrier::new(args.agents + 1));
     let started = Arc::new(AtomicU64::new(0));
@@ -239,7 +323,8 @@ async fn main() -> anyhow::Result<()> {
     ready.wait().await;
 
     // Heartbeat phase.
-    let mut probe = pb::job_service_client::JobServiceClient::new(channel(&addr).await?);
+    let mut probe =
+        pb::job_service_client::JobServiceClient::new(channel(&addr, &tls, token).await?);
     println!("offered hb/s | absorbed hb/s | probe p50 ms | p99 ms | max ms");
     for offered in &args.rates {
         let per_agent_milli = offered * 1000 / args.agents as u64;

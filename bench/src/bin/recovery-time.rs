@@ -100,7 +100,10 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     std::fs::write(d.join("hostfile"), "w0 slots=2\nw1 slots=2\n")?;
-    std::fs::write(d.join("token"), "bench")?;
+    std::fs::write(d.join("token"), "bench-token-0123456789")?;
+    // ringctl's credential (the join token is the admin credential without an operator file).
+    // SAFETY: set before any thread of this program starts.
+    unsafe { std::env::set_var("RINGMASTER_TOKEN_FILE", d.join("token")) };
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -219,7 +222,11 @@ async fn trial(addr: &str, job: &str) -> anyhow::Result<Trial> {
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect()
         .await?;
-    let mut client = pb::job_service_client::JobServiceClient::new(ch);
+    let token = std::fs::read_to_string(std::env::var("RINGMASTER_TOKEN_FILE")?)?;
+    let mut client = pb::job_service_client::JobServiceClient::with_interceptor(
+        ch,
+        ringmaster_auth::Bearer::new(Some(token.trim()))?,
+    );
     let mut stream = client
         .watch(pb::WatchRequest {
             job_id: job.to_owned(),

@@ -5,7 +5,10 @@
 //! timestamp before `exit 1` to the last of the 4 generation-1 workers' first timestamp
 //! (wall clock, `date +%s%N` inside the workers).
 //!
-//! `cargo run --release -p ringmaster-bench --bin restart-latency -- --trials 20`
+//! Credentials are always on (every call carries a token); `--tls` adds TLS with mutual TLS for
+//! agents (certificates from `ringctl certs init`), to measure what TLS costs.
+//!
+//! `cargo run --release -p ringmaster-bench --bin restart-latency -- --trials 20 [--tls]`
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,6 +24,9 @@ struct Args {
     /// Directory with the `coordinator`, `agent` and `ringctl` binaries (default: next to this one).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// TLS on every connection, mutual TLS for agents.
+    #[arg(long)]
+    tls: bool,
 }
 
 struct Kill(Child);
@@ -58,7 +64,18 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     std::fs::write(d.join("hostfile"), "w0 slots=2\nw1 slots=2\n")?;
-    std::fs::write(d.join("token"), "bench")?;
+    std::fs::write(d.join("token"), "bench-token-0123456789")?;
+    let pki = d.join("pki");
+    if args.tls {
+        let st = Command::new(bin.join("ringctl"))
+            .args(["certs", "init"])
+            .arg(&pki)
+            .stdout(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("ringctl certs init failed");
+        }
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -75,6 +92,14 @@ fn main() -> anyhow::Result<()> {
         .arg(d.join("hostfile"))
         .arg("--data-dir")
         .arg(d.join("data"));
+    if args.tls {
+        c.arg("--tls-cert")
+            .arg(pki.join("coordinator.pem"))
+            .arg("--tls-key")
+            .arg(pki.join("coordinator-key.pem"))
+            .arg("--tls-client-ca")
+            .arg(pki.join("ca.pem"));
+    }
     quiet(&mut c);
     let _coord = Kill(c.spawn().context("coordinator")?);
     // Wait until it listens, so the first submit does not race its start.
@@ -101,6 +126,14 @@ fn main() -> anyhow::Result<()> {
         .arg("--work-dir")
         .arg(d.join(n))
         .args(["--advertise-addr", "127.0.0.1"]);
+        if args.tls {
+            a.arg("--tls-ca")
+                .arg(pki.join("ca.pem"))
+                .arg("--tls-cert")
+                .arg(pki.join("agent-agent.pem"))
+                .arg("--tls-key")
+                .arg(pki.join("agent-agent-key.pem"));
+        }
         quiet(&mut a);
         agents.push(Kill(a.spawn().context("agent")?));
     }
@@ -119,7 +152,12 @@ fn main() -> anyhow::Result<()> {
                 o = out.display()
             ),
         )?;
-        let res = Command::new(bin.join("ringctl"))
+        let mut ringctl = Command::new(bin.join("ringctl"));
+        ringctl.env("RINGMASTER_TOKEN_FILE", d.join("token"));
+        if args.tls {
+            ringctl.env("RINGMASTER_TLS_CA", pki.join("ca.pem"));
+        }
+        let res = ringctl
             .args(["--coordinator", &addr, "submit"])
             .arg(&spec)
             .arg("--watch")

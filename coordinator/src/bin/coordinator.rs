@@ -12,9 +12,11 @@ use ringmaster_hostfile::Hostfile;
 #[derive(Parser, Debug)]
 #[command(name = "coordinator", version)]
 struct Args {
-    /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0:29500", value_name = "ADDR:PORT")]
-    listen: String,
+    /// Address to listen on. Default: 0.0.0.0:29500 when a credential is configured, else
+    /// 127.0.0.1:29500 (a coordinator without credentials serves only this machine unless
+    /// --insecure is given).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
     /// DeepSpeed-style hostfile (`NAME slots=N` per line). Default: /job/hostfile when present.
     #[arg(long, value_name = "PATH")]
     hostfile: Option<PathBuf>,
@@ -24,9 +26,28 @@ struct Args {
     /// State store: `embedded` (default) or `etcd://HOST:PORT`.
     #[arg(long, default_value = "embedded", value_name = "URL")]
     store: String,
-    /// File holding the token agents must present to join.
+    /// File holding the token agents must present to join. Once any credential is configured,
+    /// every call needs one; without --operator-token-file this token is also the admin
+    /// credential for ringctl.
     #[arg(long, value_name = "FILE")]
     join_token_file: Option<PathBuf>,
+    /// Operator tokens, one `ROLE NAME TOKEN` per line (roles: admin, viewer). Needs
+    /// --join-token-file (agents need their own credential).
+    #[arg(long, value_name = "FILE")]
+    operator_token_file: Option<PathBuf>,
+    /// PEM certificate (chain) the coordinator presents; enables TLS on every endpoint.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: agents must present a certificate that chains to this CA (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve a non-loopback address with no credential at all (anyone who reaches the port can
+    /// run commands on every node).
+    #[arg(long)]
+    insecure: bool,
     /// A node that sends no heartbeat for this long is lost.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     heartbeat_timeout: Duration,
@@ -57,17 +78,62 @@ fn main() -> ExitCode {
     };
     let join_token = match &args.join_token_file {
         None => None,
-        Some(p) => match std::fs::read_to_string(p) {
-            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
-            Ok(_) => {
-                return usage(format!(
-                    "--join-token-file {}: the file is empty",
-                    p.display()
-                ));
-            }
-            Err(e) => return usage(format!("--join-token-file {}: {e}", p.display())),
+        Some(p) => match ringmaster_auth::credentials::read_token_file(p) {
+            Ok(t) => Some(t),
+            Err(e) => return usage(format!("--join-token-file {e}")),
         },
     };
+    let operator_tokens = match &args.operator_token_file {
+        None => None,
+        Some(_) if join_token.is_none() => {
+            return usage(
+                "--operator-token-file needs --join-token-file: agents need a credential too"
+                    .into(),
+            );
+        }
+        Some(p) => match ringmaster_auth::credentials::read_operator_tokens(p) {
+            Ok(t) => Some(t),
+            Err(e) => return usage(format!("--operator-token-file {e}")),
+        },
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(ringmaster_auth::ServerTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.tls_client_ca.clone(),
+        }),
+        _ => None,
+    };
+    if let Some(t) = &tls
+        && let Err(e) = t.load()
+    {
+        return usage(e);
+    }
+    let has_credentials = join_token.is_some();
+    let listen = args.listen.clone().unwrap_or_else(|| {
+        if has_credentials || args.insecure {
+            "0.0.0.0:29500".into()
+        } else {
+            "127.0.0.1:29500".into()
+        }
+    });
+    let creds = ringmaster_auth::Credentials::new(join_token.clone(), None);
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(a) => {
+            if let Some(why) =
+                ringmaster_coordinator::server::insecure_listen_refusal(&a, &creds, args.insecure)
+            {
+                return usage(why);
+            }
+        }
+        Err(_) if !has_credentials && !args.insecure => {
+            return usage(format!(
+                "--listen {listen}: without credentials the coordinator listens only on a \
+                 loopback IP address (e.g. 127.0.0.1:29500); give --join-token-file or --insecure"
+            ));
+        }
+        Err(_) => {}
+    }
     if args.heartbeat_timeout < Duration::from_millis(200) {
         return usage(format!(
             "--heartbeat-timeout {} is below the 200ms minimum",
@@ -79,6 +145,9 @@ fn main() -> ExitCode {
         data_dir: args.data_dir,
         store_url: args.store,
         join_token,
+        operator_tokens,
+        tls,
+        insecure: args.insecure,
         heartbeat_timeout: args.heartbeat_timeout,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -86,9 +155,9 @@ fn main() -> ExitCode {
         .build()
         .expect("building the tokio runtime");
     rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(&args.listen).await {
+        let listener = match tokio::net::TcpListener::bind(&listen).await {
             Ok(l) => l,
-            Err(e) => return usage(format!("--listen {}: {e}", args.listen)),
+            Err(e) => return usage(format!("--listen {listen}: {e}")),
         };
         let shutdown = async {
             ringmaster_agent::shutdown_signal().await;

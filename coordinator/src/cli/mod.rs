@@ -7,6 +7,7 @@
 //! - `render` — human-readable tables and status blocks.
 //! - `estimate` — `ringctl estimate` (memory per plan; no coordinator).
 
+pub mod certs;
 pub mod estimate;
 mod render;
 
@@ -17,8 +18,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use ringmaster_agent::logging::LogFormat;
+use ringmaster_auth::{AuthChannel, Bearer, ClientTls};
 use ringmaster_proto as pb;
-use tonic::transport::Channel;
 
 use crate::spec;
 use crate::status;
@@ -32,7 +33,7 @@ pub enum Exit {
 }
 
 /// An error with the exit code it maps to.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CliError {
     pub exit: Exit,
     pub message: String,
@@ -60,6 +61,12 @@ impl From<tonic::Status> for CliError {
             Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::OutOfRange => {
                 Exit::Usage
             }
+            Code::Unauthenticated => {
+                return CliError::usage(format!("not authenticated: {}", s.message()));
+            }
+            Code::PermissionDenied => {
+                return CliError::usage(format!("permission denied: {}", s.message()));
+            }
             _ => Exit::Failed,
         };
         CliError {
@@ -83,6 +90,26 @@ pub struct Args {
     /// Coordinator address. Default: $RINGMASTER_COORDINATOR, then 127.0.0.1:29500.
     #[arg(long, global = true, value_name = "HOST:PORT")]
     pub coordinator: Option<String>,
+    /// File holding the operator credential (a token of the coordinator's operator token file,
+    /// or its join token where it has none).
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "RINGMASTER_TOKEN_FILE"
+    )]
+    pub token_file: Option<PathBuf>,
+    /// CA (PEM) the coordinator's certificate must chain to; enables TLS.
+    #[arg(long, global = true, value_name = "FILE", env = "RINGMASTER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Name to verify in the coordinator's certificate (default: the host of --coordinator).
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        env = "RINGMASTER_TLS_DOMAIN"
+    )]
+    pub tls_domain: Option<String>,
     /// Log format of ringctl's own diagnostics.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -182,6 +209,9 @@ pub enum Command {
     },
     /// Memory per GPU and per node of every plan (DeepSpeed's estimators); no coordinator needed.
     Estimate(estimate::EstimateArgs),
+    /// Certificates for a small cluster: `ringctl certs init DIR --host coordinator.example`.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
     /// A Hugging Face directory from a sharded checkpoint (any world size and plan), written one
     /// tensor at a time; runs `trainer export` (next to ringctl, else on PATH).
     Export {
@@ -208,24 +238,63 @@ pub fn coordinator_addr(flag: Option<&str>) -> String {
         .unwrap_or_else(|| "127.0.0.1:29500".to_owned())
 }
 
+/// A job-service client with the operator's credential on every call.
+pub type Client = pb::job_service_client::JobServiceClient<AuthChannel>;
+
+/// How ringctl reaches the coordinator: address, TLS, credential.
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    pub addr: String,
+    pub tls: ClientTls,
+    /// The operator credential itself (read from --token-file).
+    pub token: Option<String>,
+}
+
+impl Target {
+    /// From the global flags (and their environment variables).
+    ///
+    /// # Errors
+    /// An unreadable or malformed token file (exit 2).
+    pub fn from_args(args: &Args) -> Result<Target, CliError> {
+        let token = args
+            .token_file
+            .as_deref()
+            .map(ringmaster_auth::credentials::read_token_file)
+            .transpose()
+            .map_err(|e| CliError::usage(format!("--token-file {e}")))?;
+        Ok(Target {
+            addr: coordinator_addr(args.coordinator.as_deref()),
+            tls: ClientTls {
+                ca: args.tls_ca.clone(),
+                domain: args.tls_domain.clone(),
+                identity: None,
+            },
+            token,
+        })
+    }
+}
+
 /// Connects to the job service.
 ///
 /// # Errors
-/// A bad address (exit 2) or an unreachable coordinator (exit 1).
-pub async fn connect(
-    addr: &str,
-) -> Result<pb::job_service_client::JobServiceClient<Channel>, CliError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| CliError::usage(format!("--coordinator '{addr}': {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
-    let channel = endpoint.connect().await.map_err(|e| {
-        CliError::failed(format!(
-            "cannot reach the coordinator at {addr}: {}",
-            ringmaster_agent::error_chain(&e)
-        ))
-    })?;
-    Ok(pb::job_service_client::JobServiceClient::new(channel).max_decoding_message_size(64 << 20))
+/// A bad address or TLS file (exit 2) or an unreachable coordinator (exit 1).
+pub async fn connect(target: &Target) -> Result<Client, CliError> {
+    let bearer =
+        Bearer::new(target.token.as_deref()).map_err(|e| CliError::usage(e.to_string()))?;
+    let channel =
+        ringmaster_auth::client::connect(&target.addr, &target.tls, Duration::from_secs(5))
+            .await
+            .map_err(|e| {
+                if e.is_config() {
+                    CliError::usage(e.to_string())
+                } else {
+                    CliError::failed(e.to_string())
+                }
+            })?;
+    Ok(
+        pb::job_service_client::JobServiceClient::with_interceptor(channel, bearer)
+            .max_decoding_message_size(64 << 20),
+    )
 }
 
 fn print_json(v: &serde_json::Value) {
@@ -240,9 +309,12 @@ fn print_json(v: &serde_json::Value) {
 /// # Errors
 /// Any failure, with the exit code it maps to.
 pub async fn run(args: Args) -> Result<Exit, CliError> {
-    let addr = coordinator_addr(args.coordinator.as_deref());
+    // Read only by the commands that dial the coordinator.
+    let target = Target::from_args(&args);
+    let target = || target.clone();
     match args.command {
         Command::Estimate(a) => estimate::run(&a),
+        Command::Certs(c) => certs::run(&c),
         Command::Export {
             checkpoint,
             out,
@@ -287,7 +359,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             output,
         } => {
             let sub = spec::load_submission(&file).map_err(|e| CliError::usage(e.to_string()))?;
-            let mut client = connect(&addr).await?;
+            let mut client = connect(&target()?).await?;
             let job = submit(&mut client, &sub).await?;
             if output == Output::Json && !watch {
                 print_json(&status::to_json(&job));
@@ -300,7 +372,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             Ok(Exit::Ok)
         }
         Command::Jobs { output } => {
-            let mut client = connect(&addr).await?;
+            let mut client = connect(&target()?).await?;
             let jobs = client.list(pb::ListJobsRequest {}).await?.into_inner().jobs;
             match output {
                 Output::Json => print_json(&serde_json::Value::Array(
@@ -311,7 +383,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             Ok(Exit::Ok)
         }
         Command::Status { job, output } => {
-            let mut client = connect(&addr).await?;
+            let mut client = connect(&target()?).await?;
             let st = client
                 .get(pb::GetJobRequest { job_id: job })
                 .await?
@@ -323,7 +395,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             Ok(Exit::Ok)
         }
         Command::Watch { job, output } => {
-            let mut client = connect(&addr).await?;
+            let mut client = connect(&target()?).await?;
             watch_job(&mut client, &job, output).await
         }
         Command::Logs {
@@ -333,7 +405,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             follow,
             tail,
         } => {
-            let mut client = connect(&addr).await?;
+            let mut client = connect(&target()?).await?;
             let mut stream = client
                 .logs(pb::LogsRequest {
                     job_id: job,
@@ -365,7 +437,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             checkpoint,
             output,
         } => {
-            let mut client = connect(&addr).await?;
+            let mut client = connect(&target()?).await?;
             let before = if checkpoint {
                 let st = client
                     .get(pb::GetJobRequest {
@@ -431,7 +503,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             timeout,
             output,
         } => {
-            let mut client = connect(&addr).await?;
+            let mut client = connect(&target()?).await?;
             let st = client
                 .checkpoint(pb::CheckpointRequest {
                     job_id: job.clone(),
@@ -472,7 +544,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             })
         }
         Command::Nodes { output } => {
-            let mut client = connect(&addr).await?;
+            let mut client = connect(&target()?).await?;
             let nodes = client.nodes(pb::NodesRequest {}).await?.into_inner().nodes;
             match output {
                 Output::Json => print_json(&serde_json::Value::Array(
@@ -490,7 +562,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
 /// # Errors
 /// The coordinator refused the spec (exit 2) or could not be reached (exit 1).
 pub async fn submit(
-    client: &mut pb::job_service_client::JobServiceClient<Channel>,
+    client: &mut pb::job_service_client::JobServiceClient<AuthChannel>,
     sub: &spec::Submission,
 ) -> Result<pb::JobStatus, CliError> {
     let resp = client
@@ -511,7 +583,7 @@ fn terminal(state: &str) -> bool {
 /// Follows a job's status until `done` holds; an error (exit 1) after `timeout` or when the
 /// stream ends first.
 async fn wait_for(
-    client: &mut pb::job_service_client::JobServiceClient<Channel>,
+    client: &mut pb::job_service_client::JobServiceClient<AuthChannel>,
     job: &str,
     timeout: Duration,
     mut done: impl FnMut(&pb::JobStatus) -> bool,
@@ -556,7 +628,7 @@ async fn wait_for(
 /// # Errors
 /// Unknown job (exit 2) or a lost connection (exit 1).
 pub async fn watch_job(
-    client: &mut pb::job_service_client::JobServiceClient<Channel>,
+    client: &mut pb::job_service_client::JobServiceClient<AuthChannel>,
     job: &str,
     output: Output,
 ) -> Result<Exit, CliError> {

@@ -1,9 +1,11 @@
 //! `AgentService`: authenticates an agent's stream and bridges it to the loop.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use ringmaster_auth::Credentials;
 use ringmaster_proto as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -16,18 +18,10 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct AgentSvc {
     pub core: Handle,
-    pub token: Option<String>,
-}
-
-/// Compares in time independent of where the strings differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= (x ^ y) as usize;
-    }
-    diff == 0
+    pub creds: Arc<Credentials>,
+    /// Mutual TLS: an agent must present a certificate that chains to `--tls-client-ca` (the
+    /// TLS layer verified the chain; this checks that one was presented at all).
+    pub require_client_cert: bool,
 }
 
 #[tonic::async_trait]
@@ -40,6 +34,15 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = req.remote_addr();
+        // The gate let only the join token (or, with no credential configured, anyone) through.
+        ringmaster_auth::credentials::caller(&req)?;
+        if self.require_client_cert && req.peer_certs().is_none_or(|c| c.is_empty()) {
+            tracing::warn!(?peer, "agent refused: no client certificate");
+            return Err(Status::unauthenticated(
+                "this coordinator requires agents to present a client certificate (mutual TLS): \
+                 start the agent with --tls-cert and --tls-key",
+            ));
+        }
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(JOIN_TIMEOUT, inbound.message())
             .await
@@ -48,17 +51,12 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             Some(pb::agent_message::Msg::Join(j)) => j,
             _ => return Err(Status::invalid_argument("the first message must be a Join")),
         };
-        if let Some(token) = &self.token {
-            if join.token.is_empty() {
-                tracing::warn!(node = %join.name, ?peer, "agent refused: no join token");
-                return Err(Status::unauthenticated(
-                    "join token required: start the agent with --join-token-file",
-                ));
-            }
-            if !constant_time_eq(join.token.as_bytes(), token.as_bytes()) {
+        // The Join repeats the token; when it does, it must be the join token too.
+        if self.creds.required() && !join.token.is_empty() {
+            let who = self.creds.identify_token(&join.token).inspect_err(|_| {
                 tracing::warn!(node = %join.name, ?peer, "agent refused: wrong join token");
-                return Err(Status::unauthenticated("wrong join token"));
-            }
+            })?;
+            self.creds.require_agent(&who)?;
         }
         let major = join.version.split('.').next().unwrap_or("");
         if major != ringmaster_proto::PROTOCOL_VERSION {
@@ -104,18 +102,5 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             core.send(Cmd::AgentGone { node: name, conn }).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn constant_time_eq_compares() {
-        use super::constant_time_eq as eq;
-        assert!(eq(b"abc", b"abc"));
-        assert!(!eq(b"abc", b"abd"));
-        assert!(!eq(b"abc", b"ab"));
-        assert!(!eq(b"", b"a"));
-        assert!(eq(b"", b""));
     }
 }

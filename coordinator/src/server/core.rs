@@ -106,6 +106,8 @@ impl Handle {
 pub struct CoreConfig {
     pub hostfile: Option<Hostfile>,
     pub heartbeat_timeout: Duration,
+    /// Mints each generation's worker credential.
+    pub creds: std::sync::Arc<ringmaster_auth::Credentials>,
 }
 
 struct AgentConn {
@@ -911,6 +913,11 @@ impl Core {
                 .last_checkpoint
                 .as_ref()
                 .is_none_or(|l| l.path != c.path)
+            && checkpoint_path_allowed(job, &c.path)
+                .inspect_err(|why| {
+                    tracing::warn!(job = %job.id, generation = job.generation, path = %c.path, "reported checkpoint refused: {why}");
+                })
+                .is_ok()
         {
             tracing::info!(job = %job.id, generation = job.generation, step = c.step, path = %c.path, "checkpoint committed");
             job.last_checkpoint = Some(CheckpointRef {
@@ -1231,6 +1238,7 @@ impl Core {
                 .map(|c| c.path.clone())
                 .unwrap_or_default(),
             job_name: job.name.clone(),
+            worker_token: self.cfg.creds.worker_token(id, generation),
         };
         tracing::info!(job = %id, generation, world_size = msg.world_size, master = %format!("{}:{}", msg.master_addr, msg.master_port), "starting workers");
         let nodes = job.nodes();
@@ -1352,6 +1360,57 @@ impl Core {
     }
 }
 
+/// A reported checkpoint must lie inside the job's `output_dir` (it becomes the next generation's
+/// `RINGMASTER_RESUME_FROM`): a path outside it, or with `..` in it, is refused.
+///
+/// An absolute `output_dir` is a plain prefix check. A relative one is resolved by each trainer
+/// against its own working directory, which the coordinator does not know: the reported path
+/// (always absolute) must then contain `output_dir`'s components followed by at least one more.
+fn checkpoint_path_allowed(job: &Job, path: &str) -> Result<(), String> {
+    use std::path::{Component, Path};
+    let Some(out) = job
+        .spec
+        .train
+        .as_ref()
+        .and_then(|t| t.get("output_dir"))
+        .and_then(|v| v.as_str())
+    else {
+        return Err("the job has no output_dir (only `train:` jobs report checkpoints)".into());
+    };
+    let p = Path::new(path);
+    if path.len() > 4096 || !p.is_absolute() {
+        return Err("not an absolute path".into());
+    }
+    let comps: Vec<Component> = p.components().collect();
+    if comps
+        .iter()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err("the path has '.' or '..' components".into());
+    }
+    let out_comps: Vec<Component> = Path::new(out)
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect();
+    if out_comps.iter().any(|c| matches!(c, Component::ParentDir)) || out_comps.is_empty() {
+        return Err(format!("output_dir '{out}' is not a plain path"));
+    }
+    let inside = if Path::new(out).is_absolute() {
+        comps.len() > out_comps.len() && comps[..out_comps.len()] == out_comps[..]
+    } else {
+        comps.len() > out_comps.len()
+            && comps
+                .windows(out_comps.len())
+                .take(comps.len() - out_comps.len())
+                .any(|w| w == &out_comps[..])
+    };
+    if inside {
+        Ok(())
+    } else {
+        Err(format!("not inside the job's output_dir '{out}'"))
+    }
+}
+
 fn unknown_job(id: &str) -> Status {
     Status::not_found(format!("no job '{id}'"))
 }
@@ -1364,4 +1423,40 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(4096);
     let task = tokio::spawn(core.run(rx, stopping));
     (Handle { tx }, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn train_job(output_dir: &str) -> Job {
+        let spec = JobSpec {
+            train: Some(serde_json::json!({"stage": "sft", "output_dir": output_dir})),
+            ..Default::default()
+        };
+        Job::new("j-1".into(), spec, BTreeMap::new(), 0)
+    }
+
+    #[test]
+    fn reported_checkpoints_must_lie_inside_output_dir() {
+        let abs = train_job("/data/run1");
+        assert!(checkpoint_path_allowed(&abs, "/data/run1/checkpoint-10").is_ok());
+        assert!(checkpoint_path_allowed(&abs, "/data/run1/a/b").is_ok());
+        for bad in [
+            "/data/run1",
+            "/data/run10/checkpoint-1",
+            "/data/run1/../../etc",
+            "/etc/passwd",
+            "data/run1/checkpoint-1",
+        ] {
+            assert!(checkpoint_path_allowed(&abs, bad).is_err(), "{bad}");
+        }
+        let rel = train_job("output/quick");
+        assert!(checkpoint_path_allowed(&rel, "/home/u/output/quick/checkpoint-5").is_ok());
+        assert!(checkpoint_path_allowed(&rel, "/home/u/output/quick").is_err());
+        assert!(checkpoint_path_allowed(&rel, "/home/u/output/other/checkpoint-5").is_err());
+        assert!(checkpoint_path_allowed(&train_job("../x"), "/a/x/c").is_err());
+        let cmd = Job::new("c-1".into(), JobSpec::default(), BTreeMap::new(), 0);
+        assert!(checkpoint_path_allowed(&cmd, "/tmp/c").is_err());
+    }
 }

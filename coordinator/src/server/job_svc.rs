@@ -1,8 +1,10 @@
 //! `JobService`: the operators' API, forwarded to the loop.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
+use ringmaster_auth::{Credentials, Role};
 use ringmaster_proto as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -13,6 +15,16 @@ use crate::spec::{JobSpec, MAX_SPEC_BYTES};
 
 pub struct JobSvc {
     pub core: Handle,
+    pub creds: Arc<Credentials>,
+}
+
+impl JobSvc {
+    /// Calls that change what runs on the cluster need the admin role (the gate already let
+    /// only operator credentials through).
+    fn require_admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let caller = ringmaster_auth::credentials::caller(req)?;
+        self.creds.require_operator(&caller, Role::Admin)
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -27,6 +39,7 @@ impl pb::job_service_server::JobService for JobSvc {
         &self,
         req: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
+        self.require_admin(&req)?;
         let r = req.into_inner();
         if r.spec_json.len() > MAX_SPEC_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -89,6 +102,7 @@ impl pb::job_service_server::JobService for JobSvc {
         &self,
         req: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
+        self.require_admin(&req)?;
         let r = req.into_inner();
         let grace_ms = if r.grace_ms == 0 { 5_000 } else { r.grace_ms };
         let st = self
@@ -106,6 +120,7 @@ impl pb::job_service_server::JobService for JobSvc {
         &self,
         req: Request<pb::CheckpointRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
+        self.require_admin(&req)?;
         let id = req.into_inner().job_id;
         let st = self
             .core

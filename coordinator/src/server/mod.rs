@@ -15,10 +15,15 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::Context;
+use ringmaster_auth::credentials::{Gate, OperatorToken, Service};
+use ringmaster_auth::{Credentials, ServerTls, WorkerKey};
 use ringmaster_hostfile::Hostfile;
 use ringmaster_proto as pb;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::persist::Persister;
 
@@ -35,7 +40,50 @@ pub struct Config {
     /// `embedded` (default), `memory`, or `etcd://...` once implemented.
     pub store_url: String,
     pub join_token: Option<String>,
+    /// Operator tokens with roles (`--operator-token-file`); None: the join token is the admin
+    /// credential.
+    pub operator_tokens: Option<Vec<OperatorToken>>,
+    /// TLS on every endpoint (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
+    pub tls: Option<ServerTls>,
+    /// Serve a non-loopback address without any credential (`--insecure`).
+    pub insecure: bool,
     pub heartbeat_timeout: Duration,
+}
+
+impl Config {
+    /// A configuration with no credential and no TLS (loopback tests, benchmarks).
+    pub fn new(data_dir: PathBuf) -> Config {
+        Config {
+            hostfile: None,
+            data_dir,
+            store_url: "embedded".into(),
+            join_token: None,
+            operator_tokens: None,
+            tls: None,
+            insecure: false,
+            heartbeat_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Store key of the secret worker credentials are derived from.
+const WORKER_KEY_RECORD: &str = "meta/worker-key";
+
+/// Why a listen address is refused: no credential is configured and the address is reachable
+/// from other machines. None: the address may be served.
+pub fn insecure_listen_refusal(
+    addr: &std::net::SocketAddr,
+    creds: &Credentials,
+    insecure: bool,
+) -> Option<String> {
+    if creds.required() || insecure || addr.ip().is_loopback() {
+        return None;
+    }
+    Some(format!(
+        "refusing to listen on {addr} without any credential: anyone who reaches this port could \
+         run commands on every node. Give --join-token-file (and --operator-token-file), listen \
+         on a loopback address, or pass --insecure to accept the risk"
+    ))
 }
 
 /// Runs the coordinator on `listener` until `shutdown` resolves.
@@ -49,12 +97,50 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let store = ringmaster_store::open_url(&config.store_url, &config.data_dir)
         .with_context(|| format!("opening the state store in {}", config.data_dir.display()))?;
-    let (persist, loaded) = Persister::start(store, &["jobs/", "nodes/", "meta/"])
+    let (persist, mut loaded) = Persister::start(store, &["jobs/", "nodes/", "meta/"])
         .context("reading the state store")?;
+    let mut creds = Credentials::new(config.join_token.clone(), config.operator_tokens.clone());
+    let addr = listener.local_addr()?;
+    if let Some(why) = insecure_listen_refusal(&addr, &creds, config.insecure) {
+        anyhow::bail!(why);
+    }
+    let server_tls = config
+        .tls
+        .as_ref()
+        .map(ServerTls::load)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    // Worker credentials are derived from one secret kept with the state, so that a restarted
+    // coordinator (or, later, another one on the same store) accepts the credentials of
+    // workers that kept running.
+    let key_pos = loaded
+        .records
+        .iter()
+        .position(|(k, _)| k == WORKER_KEY_RECORD);
+    let worker_key = match key_pos.map(|i| loaded.records.swap_remove(i)) {
+        Some((_, v)) => WorkerKey::from_bytes(&v).with_context(|| {
+            format!(
+                "state store record {WORKER_KEY_RECORD} is damaged (expected 32 bytes, found {})",
+                v.len()
+            )
+        })?,
+        None => {
+            let k = WorkerKey::generate();
+            persist.put(WORKER_KEY_RECORD.into(), k.as_bytes().to_vec());
+            persist
+                .flush()
+                .await
+                .context("writing the worker credential key to the state store")?;
+            k
+        }
+    };
+    creds = creds.with_worker_key(worker_key);
+    let creds = Arc::new(creds);
     let rendezvous = rendezvous::Rendezvous::default();
     let core_cfg = core::CoreConfig {
         hostfile: config.hostfile.clone(),
         heartbeat_timeout: config.heartbeat_timeout,
+        creds: creds.clone(),
     };
     let stopping = tokio_util::sync::CancellationToken::new();
     let core = core::Core::new(core_cfg, persist, loaded.records, rendezvous.clone());
@@ -79,26 +165,52 @@ pub async fn run(
         .set_serving::<pb::rendezvous_service_server::RendezvousServiceServer<rendezvous::RendezvousSvc>>()
         .await;
 
-    let agent = pb::agent_service_server::AgentServiceServer::new(agent_svc::AgentSvc {
-        core: handle.clone(),
-        token: config.join_token.clone(),
-    })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let jobs = pb::job_service_server::JobServiceServer::new(job_svc::JobSvc {
-        core: handle.clone(),
-    })
-    .max_decoding_message_size(MAX_SUBMIT_BYTES);
-    let rdzv =
+    // Every service sits behind a gate that identifies the caller and refuses credentials the
+    // service never accepts; the handlers check per-method roles and scopes.
+    let agent = InterceptedService::new(
+        pb::agent_service_server::AgentServiceServer::new(agent_svc::AgentSvc {
+            core: handle.clone(),
+            creds: creds.clone(),
+            require_client_cert: config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        Gate::new(creds.clone(), Service::Agent),
+    );
+    let jobs = InterceptedService::new(
+        pb::job_service_server::JobServiceServer::new(job_svc::JobSvc {
+            core: handle.clone(),
+            creds: creds.clone(),
+        })
+        .max_decoding_message_size(MAX_SUBMIT_BYTES),
+        Gate::new(creds.clone(), Service::Jobs),
+    );
+    let rdzv = InterceptedService::new(
         pb::rendezvous_service_server::RendezvousServiceServer::new(rendezvous::RendezvousSvc {
             store: rendezvous,
             progress: progress_tx,
+            creds: creds.clone(),
         })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        Gate::new(creds.clone(), Service::Rendezvous),
+    );
 
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, hostfile_hosts = config.hostfile.as_ref().map(|h| h.hosts.len()), data_dir = %config.data_dir.display(), "coordinator listening");
-    if config.join_token.is_none() {
-        tracing::warn!("no --join-token-file: any agent that reaches this port can join");
+    tracing::info!(
+        %addr,
+        hostfile_hosts = config.hostfile.as_ref().map(|h| h.hosts.len()),
+        data_dir = %config.data_dir.display(),
+        tls = server_tls.is_some(),
+        mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        credentials = creds.required(),
+        operator_tokens = config.operator_tokens.as_ref().map(Vec::len),
+        "coordinator listening"
+    );
+    if !creds.required() {
+        tracing::warn!(
+            "no credential configured: every call is accepted from whoever reaches {addr}"
+        );
+    }
+    if server_tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!("no TLS (--tls-cert/--tls-key): credentials cross the network in clear");
     }
     // The server's own tcp_nodelay does not reach sockets of a caller-supplied listener: set it
     // here, or Nagle's algorithm holds small replies for a delayed ACK (~40 ms each).
@@ -113,7 +225,13 @@ pub async fn run(
         },
     );
     let stop = stopping.clone();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = server_tls {
+        builder = builder
+            .tls_config(tls)
+            .context("TLS settings (--tls-cert/--tls-key/--tls-client-ca)")?;
+    }
+    let server = builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ringmaster_auth::Credentials;
 use ringmaster_proto as pb;
 use tokio::sync::{Notify, mpsc};
 use tonic::{Request, Response, Status};
@@ -328,6 +329,21 @@ impl Rendezvous {
 pub struct RendezvousSvc {
     pub store: Rendezvous,
     pub progress: mpsc::Sender<pb::Progress>,
+    pub creds: Arc<Credentials>,
+}
+
+impl RendezvousSvc {
+    /// The request's scope, once the caller is known to hold that generation's credential.
+    fn scope<T>(
+        &self,
+        req: &Request<T>,
+        scope: &Option<pb::Scope>,
+    ) -> Result<(String, u64), Status> {
+        let s = Rendezvous::check_scope(scope)?;
+        let caller = ringmaster_auth::credentials::caller(req)?;
+        self.creds.require_worker(&caller, &s.0, s.1)?;
+        Ok(s)
+    }
 }
 
 fn ms(v: u64) -> Duration {
@@ -337,15 +353,15 @@ fn ms(v: u64) -> Duration {
 #[tonic::async_trait]
 impl pb::rendezvous_service_server::RendezvousService for RendezvousSvc {
     async fn set(&self, req: Request<pb::SetRequest>) -> Result<Response<pb::SetResponse>, Status> {
+        let scope = self.scope(&req, &req.get_ref().scope)?;
         let r = req.into_inner();
-        let scope = Rendezvous::check_scope(&r.scope)?;
         self.store.set(&scope, &r.key, r.value)?;
         Ok(Response::new(pb::SetResponse {}))
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let scope = self.scope(&req, &req.get_ref().scope)?;
         let r = req.into_inner();
-        let scope = Rendezvous::check_scope(&r.scope)?;
         let v = self.store.get(&scope, &r.key, ms(r.wait_ms)).await?;
         Ok(Response::new(pb::GetResponse {
             found: v.is_some(),
@@ -354,8 +370,8 @@ impl pb::rendezvous_service_server::RendezvousService for RendezvousSvc {
     }
 
     async fn add(&self, req: Request<pb::AddRequest>) -> Result<Response<pb::AddResponse>, Status> {
+        let scope = self.scope(&req, &req.get_ref().scope)?;
         let r = req.into_inner();
-        let scope = Rendezvous::check_scope(&r.scope)?;
         let value = self.store.add(&scope, &r.key, r.delta)?;
         Ok(Response::new(pb::AddResponse { value }))
     }
@@ -364,8 +380,8 @@ impl pb::rendezvous_service_server::RendezvousService for RendezvousSvc {
         &self,
         req: Request<pb::CompareAndSetRequest>,
     ) -> Result<Response<pb::CompareAndSetResponse>, Status> {
+        let scope = self.scope(&req, &req.get_ref().scope)?;
         let r = req.into_inner();
-        let scope = Rendezvous::check_scope(&r.scope)?;
         let (swapped, current) = self
             .store
             .compare_and_set(&scope, &r.key, r.expected, r.desired)?;
@@ -379,8 +395,8 @@ impl pb::rendezvous_service_server::RendezvousService for RendezvousSvc {
         &self,
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let scope = self.scope(&req, &req.get_ref().scope)?;
         let r = req.into_inner();
-        let scope = Rendezvous::check_scope(&r.scope)?;
         let deleted = self.store.delete(&scope, &r.key)?;
         Ok(Response::new(pb::DeleteResponse { deleted }))
     }
@@ -389,8 +405,8 @@ impl pb::rendezvous_service_server::RendezvousService for RendezvousSvc {
         &self,
         req: Request<pb::BarrierRequest>,
     ) -> Result<Response<pb::BarrierResponse>, Status> {
+        let scope = self.scope(&req, &req.get_ref().scope)?;
         let r = req.into_inner();
-        let scope = Rendezvous::check_scope(&r.scope)?;
         self.store
             .barrier(&scope, &r.name, r.rank, r.world_size, ms(r.timeout_ms))
             .await?;
@@ -401,6 +417,7 @@ impl pb::rendezvous_service_server::RendezvousService for RendezvousSvc {
         &self,
         req: Request<tonic::Streaming<pb::Progress>>,
     ) -> Result<Response<pb::ProgressAck>, Status> {
+        let caller = ringmaster_auth::credentials::caller(&req)?;
         let mut s = req.into_inner();
         let mut scope = None;
         loop {
@@ -417,7 +434,11 @@ impl pb::rendezvous_service_server::RendezvousService for RendezvousSvc {
                     let Some(p) = m? else { break };
                     // Reports of a closed generation still count (a checkpoint committed while
                     // the generation is being cancelled); the loop drops those of a stale one.
-                    scope = Some(Rendezvous::check_scope(&p.scope)?);
+                    let k = Rendezvous::check_scope(&p.scope)?;
+                    // Every report must be of the generation whose credential opened the
+                    // stream: nothing else may report a job's progress or checkpoints.
+                    self.creds.require_worker(&caller, &k.0, k.1)?;
+                    scope = Some(k);
                     // Progress is advisory: drop an update rather than stall a trainer.
                     let _ = self.progress.try_send(p);
                 }
