@@ -84,6 +84,7 @@ pub async fn run(
         store_url: "embedded".into(),
         join_token: Some(token.clone()),
         heartbeat_timeout: Duration::from_secs(10),
+        state: Default::default(),
     };
     let stop = stop_coordinator.clone();
     let coordinator = tokio::spawn(async move {

@@ -26,6 +26,7 @@ async fn store_barrier_and_progress_through_grpc() {
         store_url: "memory".into(),
         join_token: None,
         heartbeat_timeout: Duration::from_secs(10),
+        state: Default::default(),
     };
     let s = stop.clone();
     let server = tokio::spawn(ringmaster_coordinator::server::run(

@@ -67,13 +67,17 @@ pub(crate) fn check_header(path: &Path) -> Result<(), StoreError> {
     if head.len() < MAGIC.len() || head[..MAGIC.len()] != MAGIC {
         return Err(corrupt(
             path,
-            format!("not a redb database: its first bytes are not redb's magic number ({len} bytes)"),
+            format!(
+                "not a redb database: its first bytes are not redb's magic number ({len} bytes)"
+            ),
         ));
     }
     if len < PAGE_SIZE {
         return Err(corrupt(
             path,
-            format!("the file is truncated: {len} bytes, shorter than redb's {PAGE_SIZE}-byte header page"),
+            format!(
+                "the file is truncated: {len} bytes, shorter than redb's {PAGE_SIZE}-byte header page"
+            ),
         ));
     }
     let page = u32_at(&head, PAGE_SIZE_OFFSET);
@@ -87,7 +91,9 @@ pub(crate) fn check_header(path: &Path) -> Result<(), StoreError> {
             format!("the header is garbled: page size {page}, expected {PAGE_SIZE}"),
         ));
     }
-    if region_header_pages == 0 || region_max_pages == 0 || (full_regions == 0 && trailing_pages == 0)
+    if region_header_pages == 0
+        || region_max_pages == 0
+        || (full_regions == 0 && trailing_pages == 0)
     {
         return Err(corrupt(
             path,
@@ -184,7 +190,10 @@ mod tests {
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
         let msg = err.to_string();
         assert!(msg.contains("/data/state.redb"), "{msg}");
-        assert!(msg.contains("garbled: redb failed while reading: assertion failed"), "{msg}");
+        assert!(
+            msg.contains("garbled: redb failed while reading: assertion failed"),
+            "{msg}"
+        );
         // Errors and values pass through untouched.
         assert_eq!(guard(path, "x", || Ok(7)).unwrap(), 7);
         assert!(matches!(
