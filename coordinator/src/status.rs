@@ -84,23 +84,33 @@ pub fn summary(job: &Job) -> pb::JobStatus {
 }
 
 /// The statuses of a List reply: [`summary`] of each job; if these take more than
-/// `budget_bytes` in all, ranks, log tails and checkpoint warnings are left out too, so that
-/// the reply stays within what clients accept however many jobs there are.
+/// `budget_bytes` in all, ranks, nodes, log tails and checkpoint warnings are left out too and
+/// reasons and messages shortened, so that the reply stays within what clients accept however
+/// many jobs there are (10,000 jobs take about 10 MB then).
 pub fn list(jobs: &[&Job], budget_bytes: usize) -> Vec<pb::JobStatus> {
     use prost::Message;
     let mut out: Vec<pb::JobStatus> = jobs.iter().map(|j| summary(j)).collect();
     let total: usize = out.iter().map(Message::encoded_len).sum();
     if total > budget_bytes {
+        let short = |s: &mut String| *s = crate::job::cap(std::mem::take(s), LIST_TEXT_BYTES);
         for st in &mut out {
             st.ranks = Vec::new();
+            st.nodes = Vec::new();
             st.checkpoint_warnings = Vec::new();
+            if let Some(r) = &mut st.pending_reason {
+                short(r);
+            }
             if let Some(f) = &mut st.failure {
                 f.log_tail = Vec::new();
+                short(&mut f.message);
             }
         }
     }
     out
 }
+
+/// Longest pending reason or failure message in a List reply above its budget.
+const LIST_TEXT_BYTES: usize = 256;
 
 fn failure_json(f: &pb::Failure) -> Value {
     json!({
@@ -300,7 +310,7 @@ mod tests {
         let tight = list(&jobs, full - 1);
         let small: usize = tight.iter().map(Message::encoded_len).sum();
         assert!(small * 4 < full, "{small} of {full}");
-        assert!(tight[0].ranks.is_empty());
+        assert!(tight[0].ranks.is_empty() && tight[0].nodes.is_empty());
         assert!(tight[0].failure.as_ref().unwrap().log_tail.is_empty());
         assert_eq!(tight[0].world_size, 64);
         let v = to_json(&tight[0]);

@@ -169,6 +169,8 @@ pub struct Cluster {
     pub token_file: PathBuf,
     pub hostfile: Option<PathBuf>,
     pub heartbeat_timeout: String,
+    /// More flags for the next [`Cluster::start_coordinator`].
+    pub coordinator_args: Vec<String>,
 }
 
 impl Cluster {
@@ -193,6 +195,7 @@ impl Cluster {
             token_file,
             hostfile,
             heartbeat_timeout: heartbeat_timeout.to_owned(),
+            coordinator_args: Vec::new(),
         };
         c.start_coordinator(None);
         c
@@ -216,6 +219,7 @@ impl Cluster {
             if let Some(h) = &self.hostfile {
                 cmd.arg("--hostfile").arg(h);
             }
+            cmd.args(&self.coordinator_args);
             let log = self.path(&format!("coordinator-{attempt}-{port}.log"));
             let mut p = Proc::spawn("coordinator", cmd, log);
             // Ready once the health port answers.
