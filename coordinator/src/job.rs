@@ -2,9 +2,12 @@
 //!
 //! `PENDING → STARTING → RUNNING → (RESTARTING → STARTING)* → SUCCEEDED | FAILED | CANCELLED`.
 //!
-//! [`next`] takes a job and an [`Event`] and returns the new job and the [`Action`]s the
-//! coordinator's loop must carry out (allocate a port, start or stop workers). The loop owns
-//! sockets, timers and persistence; everything that decides lives here and is table-tested.
+//! [`next`] takes a job, an [`Event`] and the time, and returns the new job and the
+//! [`Action`]s the coordinator's loop must carry out (allocate a port, start or stop workers).
+//! The loop owns sockets, timers and persistence; everything that decides lives here and is
+//! table-tested: the restart backoff too (the failure sets `restart_not_before_ms`, the loop's
+//! [`Event::Tick`] ends the wait), and the caps on what a job keeps (failure history, log
+//! tails, rank placements of old generations).
 
 use std::collections::BTreeMap;
 
