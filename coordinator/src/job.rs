@@ -2,9 +2,12 @@
 //!
 //! `PENDING → STARTING → RUNNING → (RESTARTING → STARTING)* → SUCCEEDED | FAILED | CANCELLED`.
 //!
-//! [`next`] takes a job and an [`Event`] and returns the new job and the [`Action`]s the
-//! coordinator's loop must carry out (allocate a port, start or stop workers). The loop owns
-//! sockets, timers and persistence; everything that decides lives here and is table-tested.
+//! [`next`] takes a job, an [`Event`] and the time, and returns the new job and the
+//! [`Action`]s the coordinator's loop must carry out (allocate a port, start or stop workers).
+//! The loop owns sockets, timers and persistence; everything that decides lives here and is
+//! table-tested: the restart backoff too (the failure sets `restart_not_before_ms`, the loop's
+//! [`Event::Tick`] ends the wait), and the caps on what a job keeps (failure history, log
+//! tails, rank placements of old generations).
 
 use std::collections::BTreeMap;
 
@@ -15,6 +18,21 @@ use crate::spec::JobSpec;
 
 /// Log lines kept of a failed rank.
 pub const LOG_TAIL_LINES: usize = 20;
+/// Bytes of those lines kept per failure (the newest): a worker's lines can be 64 KiB each.
+pub const LOG_TAIL_BYTES: usize = 4096;
+/// Longest failure message kept (a start error can quote what an agent sent).
+pub const MAX_FAILURE_MESSAGE_BYTES: usize = 2048;
+/// Failures kept in a job's history: the first ones (the original cause) and the newest ones;
+/// those in between are counted in [`Job::failures_omitted`].
+pub const FAILURES_KEPT_FIRST: usize = 5;
+pub const FAILURES_KEPT_LAST: usize = 20;
+/// Longest checkpoint warning kept (the text comes from a trainer).
+pub const MAX_WARNING_BYTES: usize = 1024;
+/// Generations whose rank placement (for `ringctl logs --generation G`) a job keeps.
+pub const RANK_NODE_GENERATIONS: usize = 100;
+/// A generation that ran this long before it failed resets the restart backoff: its failure
+/// is not part of a crash loop (Kubernetes resets CrashLoopBackOff after 10 minutes too).
+pub const BACKOFF_RESET_AFTER_MS: u64 = 600_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -182,9 +200,27 @@ pub struct Job {
     pub stopping: bool,
     pub created_unix_ms: u64,
     pub updated_unix_ms: u64,
-    /// The node of every rank, per generation started (for logs of older generations).
+    /// The node of every rank, per generation started (for logs of older generations); the
+    /// newest [`RANK_NODE_GENERATIONS`].
     #[serde(default)]
     pub rank_nodes: BTreeMap<u64, Vec<String>>,
+    /// Failures left out of `failures` (which keeps the first [`FAILURES_KEPT_FIRST`] and the
+    /// newest [`FAILURES_KEPT_LAST`]).
+    #[serde(default)]
+    pub failures_omitted: u64,
+    /// When the job reached a terminal state (Unix ms): retention counts from here.
+    #[serde(default)]
+    pub finished_unix_ms: Option<u64>,
+    /// Failures in a row that count for the restart backoff (reset by a generation that ran
+    /// [`BACKOFF_RESET_AFTER_MS`]).
+    #[serde(default)]
+    pub restart_streak: u32,
+    /// While RESTARTING: no new generation starts before this time (Unix ms).
+    #[serde(default)]
+    pub restart_not_before_ms: Option<u64>,
+    /// When the current generation reached RUNNING (Unix ms).
+    #[serde(default)]
+    pub running_since_ms: Option<u64>,
 }
 
 impl Job {
@@ -212,12 +248,38 @@ impl Job {
             created_unix_ms: now_ms,
             updated_unix_ms: now_ms,
             rank_nodes: BTreeMap::new(),
+            failures_omitted: 0,
+            finished_unix_ms: None,
+            restart_streak: 0,
+            restart_not_before_ms: None,
+            running_since_ms: None,
         }
     }
 
     /// The node of every rank of a generation that was started.
     pub fn past_nodes(&self, generation: u64) -> Option<&Vec<String>> {
         self.rank_nodes.get(&generation)
+    }
+
+    /// Why a rank of a generation cannot be located, for `ringctl logs`.
+    pub fn no_rank_reason(&self, rank: u32, generation: u64) -> String {
+        match self.rank_nodes.keys().next() {
+            Some(&oldest) if generation < oldest => format!(
+                "job {}: generation {generation} is older than the {RANK_NODE_GENERATIONS} \
+                 generations whose placement the coordinator keeps (oldest kept: {oldest}); its \
+                 logs stay on the agents under <work dir>/{}/gen-{generation}/",
+                self.id, self.id
+            ),
+            _ => format!(
+                "job {} has no rank {rank} in generation {generation}",
+                self.id
+            ),
+        }
+    }
+
+    /// Every failure this job had: those kept in `failures` and those omitted.
+    pub fn failure_count(&self) -> u64 {
+        self.failures.len() as u64 + self.failures_omitted
     }
 
     pub fn world_size(&self) -> u32 {
@@ -279,6 +341,8 @@ pub enum Event {
     Cancel {
         grace_ms: u64,
     },
+    /// The loop's timer: a restart backoff may have run out.
+    Tick,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,29 +359,53 @@ pub enum Action {
     },
     /// The generation is over: the loop closes its rendezvous scope.
     CloseGeneration { generation: u64 },
+    /// A restart backoff ran out: offer placements again.
+    Reschedule,
 }
 
 /// Grace between SIGTERM and SIGKILL in a gang abort.
 pub const ABORT_GRACE_MS: u64 = 3_000;
 
-/// The transition function. Pure: same inputs, same outputs.
-pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
+/// The transition function. Pure: same inputs (`now_ms` is the wall clock in Unix ms, for the
+/// restart backoff and the timestamps), same outputs.
+pub fn next(mut job: Job, event: Event, now_ms: u64) -> (Job, Vec<Action>) {
     let mut actions = Vec::new();
+    transition(&mut job, event, now_ms, &mut actions);
+    if job.state.is_terminal() && job.finished_unix_ms.is_none() {
+        job.finished_unix_ms = Some(now_ms);
+    }
+    (job, actions)
+}
+
+fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action>) {
     let stale = |g: u64| g != job.generation;
+    let backing_off = job.restart_not_before_ms.is_some();
     match event {
         Event::Placement(placement) => match (job.state, placement) {
             (JobState::Pending, Ok(sel)) => {
-                start_generation(&mut job, sel, &mut actions);
+                start_generation(job, sel, actions);
             }
-            (JobState::Restarting, Ok(sel)) if job.all_ranks_done() => {
+            (JobState::Restarting, Ok(sel)) if job.all_ranks_done() && !backing_off => {
                 job.generation += 1;
-                start_generation(&mut job, sel, &mut actions);
+                start_generation(job, sel, actions);
             }
+            (JobState::Restarting, _) if backing_off => {}
             (JobState::Pending | JobState::Restarting, Err(reason)) => {
                 job.pending_reason = Some(reason);
             }
             _ => {}
         },
+        Event::Tick => {
+            if job.state == JobState::Restarting
+                && job.restart_not_before_ms.is_some_and(|t| now_ms >= t)
+            {
+                job.restart_not_before_ms = None;
+                if !job.stopping {
+                    job.pending_reason = Some("restarting".into());
+                }
+                actions.push(Action::Reschedule);
+            }
+        }
         Event::PortAllocated {
             generation,
             addr,
@@ -349,7 +437,7 @@ pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
                     log_tail: Vec::new(),
                     lagging_rank: None,
                 };
-                fail_generation(&mut job, failure, &mut actions);
+                fail_generation(job, failure, actions, now_ms);
             }
         }
         Event::WorkerStarted {
@@ -358,7 +446,7 @@ pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
             pid,
         } => {
             if stale(generation) {
-                return (job, actions);
+                return;
             }
             let stopping = job.stopping;
             if let Some(r) = job.rank_mut(rank)
@@ -376,6 +464,7 @@ pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
                     .all(|r| r.state == RankState::Running || r.state == RankState::Exited)
             {
                 job.state = JobState::Running;
+                job.running_since_ms = Some(now_ms);
             }
         }
         Event::StartFailed {
@@ -384,14 +473,14 @@ pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
             message,
         } => {
             if stale(generation) {
-                return (job, actions);
+                return;
             }
             let node = match job.rank_mut(rank) {
                 Some(r) => {
                     r.state = RankState::Failed;
                     r.node.clone()
                 }
-                None => return (job, actions),
+                None => return,
             };
             if job.state.has_workers() && !job.stopping {
                 let failure = Failure {
@@ -404,9 +493,9 @@ pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
                     log_tail: Vec::new(),
                     lagging_rank: None,
                 };
-                fail_generation(&mut job, failure, &mut actions);
+                fail_generation(job, failure, actions, now_ms);
             } else {
-                finish_teardown(&mut job);
+                finish_teardown(job, now_ms);
             }
         }
         Event::WorkerExited {
@@ -417,7 +506,7 @@ pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
             log_tail,
         } => {
             if stale(generation) {
-                return (job, actions);
+                return;
             }
             let stopping = job.stopping;
             let ok = exit_code == Some(0) && signal.is_none();
@@ -434,10 +523,10 @@ pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
                     };
                     r.node.clone()
                 }
-                _ => return (job, actions),
+                _ => return,
             };
             if stopping || job.state.is_terminal() {
-                finish_teardown(&mut job);
+                finish_teardown(job, now_ms);
             } else if ok {
                 if job.ranks.iter().all(|r| r.state == RankState::Exited) {
                     job.state = JobState::Succeeded;
@@ -457,10 +546,10 @@ pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
                     exit_code,
                     signal,
                     message: format!("rank {rank} on {node} {how}"),
-                    log_tail: tail(log_tail),
+                    log_tail: tail(log_tail, LOG_TAIL_BYTES),
                     lagging_rank: None,
                 };
-                fail_generation(&mut job, failure, &mut actions);
+                fail_generation(job, failure, actions, now_ms);
             }
         }
         Event::RanksLost {
@@ -478,7 +567,7 @@ pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
                 }
             }
             let Some(first) = first else {
-                return (job, actions);
+                return;
             };
             if job.state.has_workers() && !job.stopping {
                 let failure = Failure {
@@ -491,9 +580,9 @@ pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
                     log_tail: Vec::new(),
                     lagging_rank: None,
                 };
-                fail_generation(&mut job, failure, &mut actions);
+                fail_generation(job, failure, actions, now_ms);
             } else {
-                finish_teardown(&mut job);
+                finish_teardown(job, now_ms);
             }
         }
         Event::Cancel { grace_ms } => match job.state {
@@ -519,14 +608,78 @@ pub fn next(mut job: Job, event: Event) -> (Job, Vec<Action>) {
             _ => {}
         },
     }
-    (job, actions)
+    if job.state == JobState::Cancelled {
+        job.restart_not_before_ms = None;
+    }
 }
 
-fn tail(mut lines: Vec<String>) -> Vec<String> {
+/// The newest [`LOG_TAIL_LINES`] lines, within `budget` bytes: older lines that do not fit are
+/// dropped, and a newest line longer than the whole budget keeps its end.
+fn tail(mut lines: Vec<String>, budget: usize) -> Vec<String> {
     if lines.len() > LOG_TAIL_LINES {
         lines.drain(..lines.len() - LOG_TAIL_LINES);
     }
+    let mut left = budget;
+    let mut keep = 0;
+    for line in lines.iter().rev() {
+        if line.len() > left {
+            break;
+        }
+        left -= line.len();
+        keep += 1;
+    }
+    if keep == 0 {
+        return lines
+            .pop()
+            .map(|l| vec![format!("…{}", keep_end(&l, budget.saturating_sub(3)))])
+            .unwrap_or_default();
+    }
+    lines.drain(..lines.len() - keep);
     lines
+}
+
+/// The last at most `max` bytes of `s`, cut at a character boundary.
+fn keep_end(s: &str, max: usize) -> &str {
+    let mut start = s.len().saturating_sub(max);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// `s` cut to at most `max` bytes (at a character boundary), marked with "…" when cut.
+pub fn cap(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+/// How long until `not_before`, for a reason text: whole seconds (rounded up) from 1 s on.
+fn wait_text(ms: u64) -> String {
+    if ms >= 1000 {
+        humantime::format_duration(std::time::Duration::from_secs(ms.div_ceil(1000))).to_string()
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// The pending reason while a restart backs off.
+fn backoff_reason(job: &Job, now_ms: u64) -> String {
+    match job.restart_not_before_ms {
+        Some(t) if t > now_ms => format!(
+            "restarting in {} (backoff after {} failure{} in a row)",
+            wait_text(t - now_ms),
+            job.restart_streak,
+            if job.restart_streak == 1 { "" } else { "s" }
+        ),
+        _ => "restarting".into(),
+    }
 }
 
 fn start_generation(job: &mut Job, sel: Vec<Selected>, actions: &mut Vec<Action>) {
@@ -553,6 +706,11 @@ fn start_generation(job: &mut Job, sel: Vec<Selected>, actions: &mut Vec<Action>
         job.generation,
         job.ranks.iter().map(|r| r.node.clone()).collect(),
     );
+    while job.rank_nodes.len() > RANK_NODE_GENERATIONS {
+        job.rank_nodes.pop_first();
+    }
+    job.running_since_ms = None;
+    job.restart_not_before_ms = None;
     job.placement = sel;
     job.state = JobState::Starting;
     job.pending_reason = None;
@@ -565,7 +723,6 @@ fn start_generation(job: &mut Job, sel: Vec<Selected>, actions: &mut Vec<Action>
     });
 }
 
-/// Records the root cause and ends the generation everywhere (gang abort).
 /// Reports older than this, while other ranks reported since, mark a rank as silent (trainers
 /// send a heartbeat every second).
 pub const SILENT_MS: u64 = 3_000;
@@ -604,7 +761,9 @@ impl Job {
     }
 }
 
-fn fail_generation(job: &mut Job, mut failure: Failure, actions: &mut Vec<Action>) {
+/// Records the root cause and ends the generation everywhere (gang abort); with restarts left,
+/// decides when the next generation may start (the restart backoff).
+fn fail_generation(job: &mut Job, mut failure: Failure, actions: &mut Vec<Action>, now_ms: u64) {
     failure.lagging_rank = lagging_rank(
         job.ranks
             .iter()
@@ -615,8 +774,22 @@ fn fail_generation(job: &mut Job, mut failure: Failure, actions: &mut Vec<Action
             "; rank {l} was lagging (behind the others' collective calls)"
         ));
     }
+    failure.message = cap(failure.message, MAX_FAILURE_MESSAGE_BYTES);
     job.failure = Some(failure.clone());
     job.failures.push(failure);
+    if job.failures.len() > FAILURES_KEPT_FIRST + FAILURES_KEPT_LAST {
+        job.failures.remove(FAILURES_KEPT_FIRST);
+        job.failures_omitted += 1;
+    }
+    let ran_steadily = job
+        .running_since_ms
+        .is_some_and(|t| now_ms.saturating_sub(t) >= BACKOFF_RESET_AFTER_MS);
+    job.restart_streak = if ran_steadily {
+        1
+    } else {
+        job.restart_streak.saturating_add(1)
+    };
+    job.running_since_ms = None;
     let alive = !job.all_ranks_done();
     if alive {
         job.stopping = true;
@@ -632,10 +805,17 @@ fn fail_generation(job: &mut Job, mut failure: Failure, actions: &mut Vec<Action
     if job.restart_count < job.spec.max_restarts {
         job.restart_count += 1;
         job.state = JobState::Restarting;
+        let delay = job
+            .spec
+            .restart_backoff
+            .unwrap_or_default()
+            .delay(job.restart_streak);
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        job.restart_not_before_ms = (delay_ms > 0).then(|| now_ms.saturating_add(delay_ms));
         job.pending_reason = Some(if alive {
             "stopping the failed generation".into()
         } else {
-            "restarting".into()
+            backoff_reason(job, now_ms)
         });
     } else {
         job.state = JobState::Failed;
@@ -644,11 +824,11 @@ fn fail_generation(job: &mut Job, mut failure: Failure, actions: &mut Vec<Action
 }
 
 /// After a rank of a stopping generation ended: once all are gone, the teardown is over.
-fn finish_teardown(job: &mut Job) {
+fn finish_teardown(job: &mut Job, now_ms: u64) {
     if job.stopping && job.all_ranks_done() {
         job.stopping = false;
         if job.state == JobState::Restarting {
-            job.pending_reason = Some("restarting".into());
+            job.pending_reason = Some(backoff_reason(job, now_ms));
         }
     }
 }
@@ -656,6 +836,11 @@ fn finish_teardown(job: &mut Job) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The transition at time 0, for the tests that do not look at the clock.
+    fn next(job: Job, event: Event) -> (Job, Vec<Action>) {
+        super::next(job, event, 0)
+    }
 
     fn sel(name: &str, slots: &[u32]) -> Selected {
         Selected {
@@ -819,6 +1004,9 @@ mod tests {
             (j, _) = next(j, exited(0, r, 143));
         }
         assert!(!j.stopping);
+        // The restart backoff (1 s by default) runs out on the loop's tick.
+        let (j, a) = super::next(j, Event::Tick, 1_000);
+        assert_eq!(a, vec![Action::Reschedule]);
         let (j, a) = next(j, Event::Placement(Ok(two_by_two())));
         assert_eq!(j.generation, 1);
         assert_eq!(j.state, JobState::Starting);
@@ -973,5 +1161,258 @@ mod tests {
         let t = j.failure.unwrap().log_tail;
         assert_eq!(t.len(), LOG_TAIL_LINES);
         assert_eq!(t.last().unwrap(), "49");
+    }
+
+    /// A one-rank job that fails at `now` (placed, then its rank exits 3).
+    fn fail_once(j: Job, now: u64) -> (Job, Vec<Action>) {
+        let (j, _) = super::next(j, Event::Placement(Ok(vec![sel("w0", &[0])])), now);
+        let generation = j.generation;
+        super::next(j, exited(generation, 0, 3), now)
+    }
+
+    fn crashloop(backoff: Option<crate::spec::RestartBackoff>) -> Job {
+        let mut j = job(10_000);
+        j.spec.restart_backoff = backoff;
+        j
+    }
+
+    #[test]
+    fn restart_backoff_doubles_per_failure_in_a_row_up_to_max() {
+        // (failure at, expected pause before the restart, reason right after the failure)
+        let table: &[(u64, u64, &str)] = &[
+            (
+                0,
+                1_000,
+                "restarting in 1s (backoff after 1 failure in a row)",
+            ),
+            (
+                10_000,
+                2_000,
+                "restarting in 2s (backoff after 2 failures in a row)",
+            ),
+            (
+                20_000,
+                4_000,
+                "restarting in 4s (backoff after 3 failures in a row)",
+            ),
+            (
+                30_000,
+                8_000,
+                "restarting in 8s (backoff after 4 failures in a row)",
+            ),
+            (
+                40_000,
+                16_000,
+                "restarting in 16s (backoff after 5 failures in a row)",
+            ),
+            (
+                60_000,
+                32_000,
+                "restarting in 32s (backoff after 6 failures in a row)",
+            ),
+            (
+                100_000,
+                60_000,
+                "restarting in 1m (backoff after 7 failures in a row)",
+            ),
+            (
+                200_000,
+                60_000,
+                "restarting in 1m (backoff after 8 failures in a row)",
+            ),
+        ];
+        let mut j = crashloop(None);
+        for &(at, pause, reason) in table {
+            let a;
+            (j, a) = fail_once(j, at);
+            assert_eq!(j.state, JobState::Restarting);
+            assert_eq!(j.pending_reason.as_deref(), Some(reason));
+            assert_eq!(j.restart_not_before_ms, Some(at + pause));
+            assert!(!a.contains(&Action::Reschedule));
+            // A placement during the pause starts nothing; neither does an early tick.
+            let g = j.generation;
+            let (j2, a) = super::next(
+                j.clone(),
+                Event::Placement(Ok(vec![sel("w0", &[0])])),
+                at + pause - 1,
+            );
+            assert_eq!((j2.generation, a.len()), (g, 0));
+            let (j2, a) = super::next(j2, Event::Tick, at + pause - 1);
+            assert_eq!(j2, j);
+            assert!(a.is_empty());
+            // The loop's tick at the end of the pause lets the next placement start g+1.
+            (j, _) = super::next(j, Event::Tick, at + pause);
+            assert_eq!(j.restart_not_before_ms, None);
+            assert_eq!(j.pending_reason.as_deref(), Some("restarting"));
+        }
+    }
+
+    #[test]
+    fn restart_backoff_from_the_spec_and_its_reset() {
+        use crate::spec::RestartBackoff;
+        use std::time::Duration;
+        let b = RestartBackoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(250),
+        };
+        let mut j = crashloop(Some(b));
+        let mut pauses = Vec::new();
+        for i in 0..4 {
+            let at = i * 1_000;
+            (j, _) = fail_once(j, at);
+            pauses.push(j.restart_not_before_ms.unwrap() - at);
+            (j, _) = super::next(j, Event::Tick, at + 500);
+        }
+        assert_eq!(pauses, [100, 200, 250, 250]);
+        assert_eq!(
+            j.pending_reason.as_deref(),
+            Some("restarting"),
+            "after the tick"
+        );
+        // A generation that ran for 10 minutes before failing starts the count again.
+        let (jr, _) = super::next(j, Event::Placement(Ok(vec![sel("w0", &[0])])), 10_000);
+        let g = jr.generation;
+        let (jr, _) = super::next(
+            jr,
+            Event::PortAllocated {
+                generation: g,
+                addr: "a".into(),
+                port: 1,
+            },
+            10_000,
+        );
+        let (jr, _) = super::next(
+            jr,
+            Event::WorkerStarted {
+                generation: g,
+                rank: 0,
+                pid: 9,
+            },
+            10_000,
+        );
+        assert_eq!(jr.running_since_ms, Some(10_000));
+        let (jr, _) = super::next(jr, exited(g, 0, 1), 10_000 + BACKOFF_RESET_AFTER_MS);
+        assert_eq!(jr.restart_streak, 1);
+        assert_eq!(
+            jr.restart_not_before_ms,
+            Some(10_000 + BACKOFF_RESET_AFTER_MS + 100)
+        );
+        // Zero backoff restarts at once: no timer, no wait.
+        let mut z = crashloop(Some(RestartBackoff {
+            initial: Duration::ZERO,
+            max: Duration::ZERO,
+        }));
+        (z, _) = fail_once(z, 5);
+        assert_eq!(z.restart_not_before_ms, None);
+        assert_eq!(z.pending_reason.as_deref(), Some("restarting"));
+        let (z, a) = super::next(z, Event::Placement(Ok(vec![sel("w0", &[0])])), 5);
+        assert_eq!(z.generation, 1);
+        assert!(matches!(a[0], Action::AllocatePort { .. }));
+    }
+
+    #[test]
+    fn backoff_waits_for_the_teardown_too_and_cancel_clears_it() {
+        // 2x2: rank 2 fails, the others are being stopped when the failure is recorded.
+        let (j, _) = super::next(running(5), exited(0, 2, 1), 1_000);
+        assert_eq!(
+            j.pending_reason.as_deref(),
+            Some("stopping the failed generation")
+        );
+        assert_eq!(j.restart_not_before_ms, Some(2_000));
+        let mut j = j;
+        for r in [0, 1] {
+            (j, _) = super::next(j, exited(0, r, 143), 1_200);
+        }
+        // The last one goes 400 ms into the 1 s pause: the reason tells what is left.
+        let (j, _) = super::next(j, exited(0, 3, 143), 1_400);
+        assert_eq!(
+            j.pending_reason.as_deref(),
+            Some("restarting in 600ms (backoff after 1 failure in a row)")
+        );
+        let (j, a) = super::next(j, Event::Cancel { grace_ms: 5 }, 1_500);
+        assert_eq!(j.state, JobState::Cancelled);
+        assert_eq!(j.restart_not_before_ms, None);
+        assert_eq!(a, vec![Action::CloseGeneration { generation: 0 }]);
+        assert_eq!(j.finished_unix_ms, Some(1_500));
+        // A tick on a cancelled job does nothing.
+        let (j2, a) = super::next(j.clone(), Event::Tick, 9_999);
+        assert_eq!((j2, a), (j, vec![]));
+    }
+
+    #[test]
+    fn failure_history_keeps_the_first_and_the_newest() {
+        let mut j = crashloop(Some(crate::spec::RestartBackoff {
+            initial: std::time::Duration::ZERO,
+            max: std::time::Duration::ZERO,
+        }));
+        for i in 0..(FAILURES_KEPT_FIRST + FAILURES_KEPT_LAST + 40) as u64 {
+            (j, _) = fail_once(j, i);
+        }
+        assert_eq!(j.failures.len(), FAILURES_KEPT_FIRST + FAILURES_KEPT_LAST);
+        assert_eq!(j.failures_omitted, 40);
+        assert_eq!(j.failure_count(), 65);
+        let gens: Vec<u64> = j.failures.iter().map(|f| f.generation).collect();
+        let want: Vec<u64> = (0..5).chain(45..65).collect();
+        assert_eq!(gens, want);
+        assert_eq!(j.failure.as_ref().unwrap().generation, 64);
+        // Rank placements: the newest generations only, and a clear answer for older ones.
+        assert_eq!(j.rank_nodes.len(), 65);
+        for i in 65..(RANK_NODE_GENERATIONS as u64 + 80) {
+            (j, _) = fail_once(j, i);
+        }
+        assert_eq!(j.rank_nodes.len(), RANK_NODE_GENERATIONS);
+        let oldest = *j.rank_nodes.keys().next().unwrap();
+        assert_eq!(oldest, j.generation + 1 - RANK_NODE_GENERATIONS as u64);
+        assert!(j.past_nodes(oldest - 1).is_none());
+        let why = j.no_rank_reason(0, oldest - 1);
+        assert!(
+            why.contains("older than the 100 generations")
+                && why.contains(&format!("oldest kept: {oldest}")),
+            "{why}"
+        );
+        assert!(j.no_rank_reason(7, oldest).contains("has no rank 7"));
+    }
+
+    #[test]
+    fn failure_texts_are_bounded() {
+        let j = running(0);
+        let long = "é".repeat(10_000);
+        let (j, _) = next(
+            j,
+            Event::WorkerExited {
+                generation: 0,
+                rank: 0,
+                exit_code: Some(1),
+                signal: None,
+                log_tail: vec!["a".repeat(3000), "b".repeat(3000), long.clone()],
+            },
+        );
+        // The newest line alone is over the budget: its end is kept.
+        let t = &j.failure.as_ref().unwrap().log_tail;
+        assert_eq!(t.len(), 1);
+        assert!(
+            t[0].starts_with('…') && t[0].len() <= LOG_TAIL_BYTES,
+            "{}",
+            t[0].len()
+        );
+        assert_eq!(
+            tail(vec!["a".repeat(3100), "b".repeat(1000), "c".into()], 4096).len(),
+            2
+        );
+        let (j, _) = next(job(0), Event::Placement(Ok(two_by_two())));
+        let (j, _) = next(
+            j,
+            Event::StartFailed {
+                generation: 0,
+                rank: 1,
+                message: long,
+            },
+        );
+        let m = &j.failure.unwrap().message;
+        assert!(
+            m.len() <= MAX_FAILURE_MESSAGE_BYTES && m.ends_with('…'),
+            "{}",
+            m.len()
+        );
     }
 }

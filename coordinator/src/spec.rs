@@ -63,6 +63,128 @@ pub struct JobSpec {
     pub max_restarts: u32,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Pause before each restart: `initial` after the first failure, doubling per further
+    /// failure in a row, up to `max` (default 1s doubling to 60s). A duration alone (`5s`)
+    /// sets `initial`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_backoff: Option<RestartBackoff>,
+}
+
+/// How long a failed job waits before each restart (Kubernetes' CrashLoopBackOff, in small).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartBackoff {
+    /// The pause after the first failure; `0s` restarts at once every time.
+    pub initial: std::time::Duration,
+    /// The longest pause.
+    pub max: std::time::Duration,
+}
+
+impl Default for RestartBackoff {
+    fn default() -> RestartBackoff {
+        RestartBackoff {
+            initial: std::time::Duration::from_secs(1),
+            max: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// The longest `restart_backoff.max` a spec may set.
+pub const MAX_RESTART_BACKOFF: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl RestartBackoff {
+    /// The pause before the restart that follows the `failures`-th failure in a row (1 for the
+    /// first): `initial * 2^(failures-1)`, at most `max`.
+    pub fn delay(&self, failures: u32) -> std::time::Duration {
+        let doublings = failures.saturating_sub(1).min(31);
+        self.initial
+            .checked_mul(1u32 << doublings)
+            .map_or(self.max, |d| d.min(self.max))
+    }
+}
+
+impl Serialize for RestartBackoff {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(2))?;
+        m.serialize_entry(
+            "initial",
+            &humantime::format_duration(self.initial).to_string(),
+        )?;
+        m.serialize_entry("max", &humantime::format_duration(self.max).to_string())?;
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for RestartBackoff {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RestartBackoff, D::Error> {
+        struct V;
+        fn duration<E: serde::de::Error>(
+            field: &str,
+            text: &str,
+        ) -> Result<std::time::Duration, E> {
+            humantime::parse_duration(text.trim()).map_err(|e| {
+                E::custom(format!(
+                    "restart_backoff{field}: '{text}' is not a duration like 1s or 500ms ({e})"
+                ))
+            })
+        }
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RestartBackoff;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a duration (the initial pause, e.g. 5s) or a mapping {initial, max}")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RestartBackoff, E> {
+                Err(E::custom(format!(
+                    "restart_backoff: {v} has no unit; write a duration like {v}s"
+                )))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RestartBackoff, E> {
+                Err(E::custom(format!(
+                    "restart_backoff: {v} has no unit; write a duration like 1s"
+                )))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<RestartBackoff, E> {
+                Err(E::custom(format!(
+                    "restart_backoff: {v} has no unit; write a duration like 1500ms"
+                )))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RestartBackoff, E> {
+                let initial = duration("", v)?;
+                let max = RestartBackoff::default().max.max(initial);
+                Ok(RestartBackoff { initial, max })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RestartBackoff, A::Error> {
+                use serde::de::Error;
+                let mut b = RestartBackoff::default();
+                let mut max_given = false;
+                while let Some(key) = map.next_key::<String>()? {
+                    let text: String = map
+                        .next_value()
+                        .map_err(|e| A::Error::custom(format!("restart_backoff.{key}: {e}")))?;
+                    match key.as_str() {
+                        "initial" => b.initial = duration(".initial", &text)?,
+                        "max" => {
+                            b.max = duration(".max", &text)?;
+                            max_given = true;
+                        }
+                        other => {
+                            return Err(A::Error::custom(format!(
+                                "restart_backoff: unknown key `{other}` (expected `initial`, `max`)"
+                            )));
+                        }
+                    }
+                }
+                if !max_given {
+                    b.max = b.max.max(b.initial);
+                }
+                Ok(b)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Why a spec was refused. Each message names the field or file.
@@ -197,6 +319,29 @@ impl JobSpec {
                 origin,
                 format!("`max_restarts: {}` is above 10000", self.max_restarts),
             ));
+        }
+        if let Some(b) = &self.restart_backoff {
+            let show = |d| humantime::format_duration(d).to_string();
+            if b.initial > b.max {
+                return Err(SpecError::invalid(
+                    origin,
+                    format!(
+                        "`restart_backoff:` initial {} is above max {}",
+                        show(b.initial),
+                        show(b.max)
+                    ),
+                ));
+            }
+            if b.max > MAX_RESTART_BACKOFF {
+                return Err(SpecError::invalid(
+                    origin,
+                    format!(
+                        "`restart_backoff:` max {} is above {}",
+                        show(b.max),
+                        show(MAX_RESTART_BACKOFF)
+                    ),
+                ));
+            }
         }
         for (k, v) in &self.env {
             if !is_env_name(k) {
@@ -557,6 +702,74 @@ mod tests {
                 submission_from_text(&text, &name, repo).unwrap_or_else(|e| panic!("{name}: {e}"));
             }
         }
+    }
+
+    #[test]
+    fn restart_backoff_forms_and_limits() {
+        let b = |text: &str| sub(&format!("command: [a]\n{text}")).map(|s| s.spec.restart_backoff);
+        let secs = std::time::Duration::from_secs;
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(b("").unwrap(), None);
+        assert_eq!(
+            b("restart_backoff: 5s\n").unwrap(),
+            Some(RestartBackoff {
+                initial: secs(5),
+                max: secs(60)
+            })
+        );
+        // A plain initial above the default max raises the max with it.
+        assert_eq!(b("restart_backoff: 2m\n").unwrap().unwrap().max, secs(120));
+        assert_eq!(
+            b("restart_backoff: {initial: 100ms, max: 2s}\n").unwrap(),
+            Some(RestartBackoff {
+                initial: ms(100),
+                max: secs(2)
+            })
+        );
+        assert_eq!(
+            b("restart_backoff: {max: 10s}\n").unwrap(),
+            Some(RestartBackoff {
+                initial: secs(1),
+                max: secs(10)
+            })
+        );
+        assert_eq!(b("restart_backoff: 0s\n").unwrap().unwrap().initial, ms(0));
+        for (text, want) in [
+            ("restart_backoff: soon\n", "'soon' is not a duration"),
+            (
+                "restart_backoff: {initial: 1s, maxx: 2s}\n",
+                "unknown key `maxx`",
+            ),
+            (
+                "restart_backoff: {initial: 10s, max: 2s}\n",
+                "initial 10s is above max 2s",
+            ),
+            ("restart_backoff: {max: 2h}\n", "max 2h is above 1h"),
+            ("restart_backoff: 5\n", "5 has no unit"),
+        ] {
+            let err = b(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+        // It survives the round trip through the job record (JSON).
+        let spec = sub("command: [a]\nrestart_backoff: {initial: 250ms, max: 3s}\n")
+            .unwrap()
+            .spec;
+        let back: JobSpec = serde_json::from_slice(&serde_json::to_vec(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn restart_backoff_doubles_up_to_max() {
+        let b = RestartBackoff::default();
+        let got: Vec<u64> = (1..=9).map(|n| b.delay(n).as_secs()).collect();
+        assert_eq!(got, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(b.delay(u32::MAX).as_secs(), 60);
+        assert_eq!(b.delay(0).as_secs(), 1);
+        let none = RestartBackoff {
+            initial: std::time::Duration::ZERO,
+            max: std::time::Duration::ZERO,
+        };
+        assert_eq!(none.delay(50), std::time::Duration::ZERO);
     }
 
     #[test]

@@ -68,8 +68,49 @@ pub fn job_status(job: &Job) -> pb::JobStatus {
             path: c.path.clone(),
         }),
         checkpoint_warnings: job.checkpoint_warnings.clone(),
+        failures_omitted: job.failures_omitted,
+        summary: false,
     }
 }
+
+/// A job as a List reply shows it: without the failure history (`failures_omitted` counts
+/// every failure then).
+pub fn summary(job: &Job) -> pb::JobStatus {
+    let mut st = job_status(job);
+    st.failures = Vec::new();
+    st.failures_omitted = job.failure_count();
+    st.summary = true;
+    st
+}
+
+/// The statuses of a List reply: [`summary`] of each job; if these take more than
+/// `budget_bytes` in all, ranks, nodes, log tails and checkpoint warnings are left out too and
+/// reasons and messages shortened, so that the reply stays within what clients accept however
+/// many jobs there are (10,000 jobs take about 10 MB then).
+pub fn list(jobs: &[&Job], budget_bytes: usize) -> Vec<pb::JobStatus> {
+    use prost::Message;
+    let mut out: Vec<pb::JobStatus> = jobs.iter().map(|j| summary(j)).collect();
+    let total: usize = out.iter().map(Message::encoded_len).sum();
+    if total > budget_bytes {
+        let short = |s: &mut String| *s = crate::job::cap(std::mem::take(s), LIST_TEXT_BYTES);
+        for st in &mut out {
+            st.ranks = Vec::new();
+            st.nodes = Vec::new();
+            st.checkpoint_warnings = Vec::new();
+            if let Some(r) = &mut st.pending_reason {
+                short(r);
+            }
+            if let Some(f) = &mut st.failure {
+                f.log_tail = Vec::new();
+                short(&mut f.message);
+            }
+        }
+    }
+    out
+}
+
+/// Longest pending reason or failure message in a List reply above its budget.
+const LIST_TEXT_BYTES: usize = 256;
 
 fn failure_json(f: &pb::Failure) -> Value {
     json!({
@@ -122,6 +163,8 @@ pub fn to_json(s: &pb::JobStatus) -> Value {
         "failure": s.failure.as_ref().map(failure_json),
         "lagging_rank": s.lagging_rank,
         "failures": s.failures.iter().map(failure_json).collect::<Vec<_>>(),
+        "failures_omitted": s.failures_omitted,
+        "summary": s.summary,
         "created_unix_ms": s.created_unix_ms,
         "updated_unix_ms": s.updated_unix_ms,
     })
@@ -173,6 +216,8 @@ mod tests {
             "resumed_from",
             "checkpoint_warnings",
             "failure",
+            "failures",
+            "failures_omitted",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }
@@ -182,5 +227,94 @@ mod tests {
         assert!(v["failure"].is_null());
         assert!(v["last_checkpoint"].is_null());
         assert_eq!(v["state"], "PENDING");
+    }
+
+    fn failing_job(failures: u32, world: u32) -> Job {
+        use crate::job::{Event, next};
+        use ringmaster_hostfile::Selected;
+        let spec = JobSpec {
+            command: Some(vec!["sh".into(), "-c".into(), "exit 3".into()]),
+            max_restarts: failures,
+            ..JobSpec::default()
+        };
+        let mut j = Job::new("crashloop-1".into(), spec, Default::default(), 0);
+        let mut now = 0;
+        for _ in 0..failures {
+            let sel = Selected {
+                name: "w0".into(),
+                slots: (0..world).collect(),
+            };
+            (j, _) = next(j, Event::Placement(Ok(vec![sel])), now);
+            let generation = j.generation;
+            (j, _) = next(
+                j,
+                Event::WorkerExited {
+                    generation,
+                    rank: 0,
+                    exit_code: Some(3),
+                    signal: None,
+                    // 20 lines of 1 KiB each, some bytes JSON escapes six-fold.
+                    log_tail: (0..20)
+                        .map(|i| format!("{i}{}", "\u{1}x".repeat(512)))
+                        .collect(),
+                },
+                now,
+            );
+            for r in 1..world {
+                (j, _) = next(
+                    j,
+                    Event::WorkerExited {
+                        generation,
+                        rank: r,
+                        exit_code: None,
+                        signal: Some(15),
+                        log_tail: Vec::new(),
+                    },
+                    now,
+                );
+            }
+            now += 3_600_000;
+            (j, _) = next(j, Event::Tick, now);
+        }
+        j
+    }
+
+    #[test]
+    fn the_status_of_a_job_that_failed_900_times_stays_small() {
+        let j = failing_job(900, 1);
+        assert_eq!(j.failure_count(), 900);
+        let st = job_status(&j);
+        assert_eq!(st.failures.len(), 25);
+        assert_eq!(st.failures_omitted, 875);
+        // The first five (the original cause) and the newest twenty.
+        let gens: Vec<u64> = st.failures.iter().map(|f| f.generation).collect();
+        assert_eq!(gens[..5], [0, 1, 2, 3, 4]);
+        assert_eq!(*gens.last().unwrap(), 899);
+        let text = serde_json::to_string(&to_json(&st)).unwrap();
+        assert!(text.len() < 1 << 20, "{} bytes", text.len());
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["failures_omitted"], 875);
+        assert_eq!(v["summary"], false);
+    }
+
+    #[test]
+    fn list_replies_carry_no_history_and_stay_within_their_budget() {
+        use prost::Message;
+        let j = failing_job(30, 64);
+        let jobs: Vec<&Job> = std::iter::repeat_n(&j, 50).collect();
+        let roomy = list(&jobs, usize::MAX);
+        assert!(roomy.iter().all(|s| s.summary && s.failures.is_empty()));
+        assert_eq!(roomy[0].failures_omitted, 30);
+        assert_eq!(roomy[0].ranks.len(), 64);
+        let full: usize = roomy.iter().map(Message::encoded_len).sum();
+        let tight = list(&jobs, full - 1);
+        let small: usize = tight.iter().map(Message::encoded_len).sum();
+        assert!(small * 4 < full, "{small} of {full}");
+        assert!(tight[0].ranks.is_empty() && tight[0].nodes.is_empty());
+        assert!(tight[0].failure.as_ref().unwrap().log_tail.is_empty());
+        assert_eq!(tight[0].world_size, 64);
+        let v = to_json(&tight[0]);
+        assert_eq!(v["summary"], true);
+        assert!(v["failures"].as_array().unwrap().is_empty());
     }
 }

@@ -152,7 +152,8 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(
             &spec,
             format!(
-                "name: recover{t}\nmax_restarts: 1\ntrain: {}\n",
+                // No restart backoff: the recovery itself is measured.
+                "name: recover{t}\nmax_restarts: 1\nrestart_backoff: 0s\ntrain: {}\n",
                 cfg.display()
             ),
         )?;

@@ -142,10 +142,11 @@ fn main() -> anyhow::Result<()> {
     let mut lat = Vec::new();
     for t in 0..args.trials {
         let spec = d.join(format!("job-{t}.yaml"));
+        // `restart_backoff: 0s`: the mechanism's latency, like torchrun's (which has no backoff).
         std::fs::write(
             &spec,
             format!(
-                "name: restart{t}\nmax_restarts: 1\ncommand:\n  - sh\n  - -c\n  - |\n    \
+                "name: restart{t}\nmax_restarts: 1\nrestart_backoff: 0s\ncommand:\n  - sh\n  - -c\n  - |\n    \
                  if [ \"$RINGMASTER_RESTART_COUNT\" = 1 ]; then date +%s%N > {o}/start-{t}-$RANK; exit 0; fi\n    \
                  if [ \"$RANK\" = 2 ]; then sleep 0.5; date +%s%N > {o}/exit-{t}; exit 1; fi\n    \
                  exec sleep 60\n",

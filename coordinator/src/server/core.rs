@@ -15,8 +15,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
 use crate::job::{Action, CheckpointRef, Event, Job, JobState, RankState};
-use crate::persist::Persister;
+use crate::persist::{JobIds, Persister, WritesStopped};
 use crate::placement::{self, Busy, NodeView};
+use crate::server::limits::{JobLimits, show_bytes};
 use crate::server::rendezvous::Rendezvous;
 use crate::spec::{JobSpec, MAX_SPEC_BYTES};
 use crate::status;
@@ -108,7 +109,21 @@ pub struct CoreConfig {
     pub heartbeat_timeout: Duration,
     /// Mints each generation's worker credential.
     pub creds: std::sync::Arc<ringmaster_auth::Credentials>,
+    /// How many jobs are kept, and for how long once finished.
+    pub job_limits: JobLimits,
 }
+
+/// A submitted job's record reached the store (or could not): the submit can be answered.
+struct Acked {
+    id: String,
+    result: Result<(), WritesStopped>,
+    reply: oneshot::Sender<Result<pb::JobStatus, Status>>,
+}
+
+/// How often finished jobs are checked against the retention limits.
+const RETENTION_EVERY: Duration = Duration::from_secs(5);
+/// Most bytes of one List reply: ringctl accepts replies up to 64 MiB.
+pub const LIST_BUDGET_BYTES: usize = 32 << 20;
 
 struct AgentConn {
     id: u64,
@@ -168,6 +183,21 @@ struct Meta {
     next_job: u64,
 }
 
+/// The job id counter as the store recorded it (`meta/coordinator`), if it did.
+pub fn stored_next_job(loaded: &[(String, Vec<u8>)]) -> Option<u64> {
+    loaded
+        .iter()
+        .find(|(k, _)| k == "meta/coordinator")
+        .and_then(|(_, v)| serde_json::from_slice::<Meta>(v).ok())
+        .map(|m| m.next_job)
+}
+
+/// Bytes a job's spec and files take, counted against `--max-job-bytes`.
+fn job_bytes(spec: &JobSpec, files: &BTreeMap<String, Vec<u8>>) -> u64 {
+    let spec_len = serde_json::to_vec(spec).map_or(0, |v| v.len());
+    (spec_len + files.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()) as u64
+}
+
 pub struct Core {
     cfg: CoreConfig,
     persist: Persister,
@@ -177,7 +207,15 @@ pub struct Core {
     watchers: HashMap<String, watch::Sender<pb::JobStatus>>,
     next_conn: u64,
     next_request: u64,
-    next_job: u64,
+    ids: JobIds,
+    /// Submitted jobs whose record is not yet known to be on disk: not scheduled, not
+    /// acknowledged.
+    unacked: BTreeSet<String>,
+    acks_tx: mpsc::UnboundedSender<Acked>,
+    acks_rx: Option<mpsc::UnboundedReceiver<Acked>>,
+    /// Bytes of the specs and files of every job held.
+    job_bytes: u64,
+    last_retention: Instant,
     port_requests: HashMap<u64, (String, u64, String)>,
     log_requests: HashMap<u64, (String, LogTx)>,
     /// Placement must be re-evaluated (membership or slots changed).
@@ -203,8 +241,10 @@ impl Core {
         persist: Persister,
         loaded: Vec<(String, Vec<u8>)>,
         rendezvous: Rendezvous,
+        ids: JobIds,
     ) -> Core {
         let now = Instant::now();
+        let (acks_tx, acks_rx) = mpsc::unbounded_channel();
         let mut core = Core {
             cfg,
             persist,
@@ -214,7 +254,12 @@ impl Core {
             watchers: HashMap::new(),
             next_conn: 1,
             next_request: 1,
-            next_job: 1,
+            ids,
+            unacked: BTreeSet::new(),
+            acks_tx,
+            acks_rx: Some(acks_rx),
+            job_bytes: 0,
+            last_retention: now,
             port_requests: HashMap::new(),
             log_requests: HashMap::new(),
             dirty: true,
@@ -246,28 +291,25 @@ impl Core {
                             core.rendezvous.open(&job.id, job.generation);
                         }
                         tracing::info!(job = %job.id, generation = job.generation, state = job.state.as_str(), "recovered job");
+                        core.job_bytes += job_bytes(&job.spec, &job.files);
                         core.jobs.insert(id.to_owned(), job);
                     }
                     Err(e) => tracing::error!(key, error = %e, "unreadable job record skipped"),
                 }
-            } else if let Some(name) = key.strip_prefix("nodes/") {
-                if let Ok(rec) = serde_json::from_slice::<NodeRecord>(&value) {
-                    let in_hostfile = core.cfg.hostfile.is_none() || core.nodes.contains_key(name);
-                    if in_hostfile {
-                        let n = core.nodes.entry(name.to_owned()).or_insert_with(|| Node {
-                            joined: true,
-                            ..Node::new(rec.slots, now)
-                        });
-                        n.joined = true;
-                        n.advertise_addr = rec.advertise_addr;
-                        n.hostname = rec.hostname;
-                        n.version = rec.version;
-                    }
-                }
-            } else if key == "meta/coordinator"
-                && let Ok(m) = serde_json::from_slice::<Meta>(&value)
+            } else if let Some(name) = key.strip_prefix("nodes/")
+                && let Ok(rec) = serde_json::from_slice::<NodeRecord>(&value)
             {
-                core.next_job = m.next_job.max(1);
+                let in_hostfile = core.cfg.hostfile.is_none() || core.nodes.contains_key(name);
+                if in_hostfile {
+                    let n = core.nodes.entry(name.to_owned()).or_insert_with(|| Node {
+                        joined: true,
+                        ..Node::new(rec.slots, now)
+                    });
+                    n.joined = true;
+                    n.advertise_addr = rec.advertise_addr;
+                    n.hostname = rec.hostname;
+                    n.version = rec.version;
+                }
             }
         }
         core
@@ -282,8 +324,10 @@ impl Core {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopped = false;
+        let mut acks = self.acks_rx.take().expect("the loop runs once");
         loop {
             tokio::select! {
+                Some(ack) = acks.recv() => self.acked(ack),
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => {
                         self.handle(cmd);
@@ -300,7 +344,14 @@ impl Core {
                     }
                     None => break,
                 },
-                _ = tick.tick(), if !stopped => self.check_heartbeats(),
+                _ = tick.tick(), if !stopped => {
+                    self.check_heartbeats();
+                    self.restarts_due();
+                    if self.last_retention.elapsed() >= RETENTION_EVERY {
+                        self.last_retention = Instant::now();
+                        self.retire_finished();
+                    }
+                }
                 _ = stopping.cancelled(), if !stopped => {
                     // End every long-lived stream; agents keep their workers and reconnect
                     // to the next coordinator on this data dir.
@@ -310,7 +361,7 @@ impl Core {
                     }
                     self.watchers.clear();
                     self.log_requests.clear();
-                    let _ = self.persist.flush().await;
+                    let _ = self.persist.flush().wait().await;
                 }
             }
             if self.dirty {
@@ -319,7 +370,7 @@ impl Core {
             }
             self.flush_changed();
         }
-        let _ = self.persist.flush().await;
+        let _ = self.persist.flush().wait().await;
     }
 
     fn handle(&mut self, cmd: Cmd) {
@@ -359,10 +410,21 @@ impl Core {
                     }
                 }
             }
-            Cmd::Submit { spec, files, reply } => {
-                let r = self.submit(spec, files);
-                let _ = reply.send(r);
-            }
+            Cmd::Submit { spec, files, reply } => match self.submit(spec, files) {
+                Ok(id) => {
+                    // Answered once the commit holding the job (and the id counter) is on
+                    // disk; the loop goes on meanwhile.
+                    let durable = self.persist.flush();
+                    let acks = self.acks_tx.clone();
+                    tokio::spawn(async move {
+                        let result = durable.wait().await;
+                        let _ = acks.send(Acked { id, result, reply });
+                    });
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Cmd::Get { id, reply } => {
                 let r = self
                     .jobs
@@ -374,7 +436,7 @@ impl Core {
             Cmd::List { reply } => {
                 let mut jobs: Vec<&Job> = self.jobs.values().collect();
                 jobs.sort_by_key(|j| (j.created_unix_ms, j.id.clone()));
-                let _ = reply.send(jobs.into_iter().map(status::job_status).collect());
+                let _ = reply.send(status::list(&jobs, LIST_BUDGET_BYTES));
             }
             Cmd::Watch { id, reply } => {
                 let r = match self.jobs.get(&id) {
@@ -395,7 +457,9 @@ impl Core {
                 grace_ms,
                 reply,
             } => {
-                let r = if self.jobs.contains_key(&id) {
+                let r = if let Err(e) = self.writable() {
+                    Err(e)
+                } else if self.jobs.contains_key(&id) {
                     tracing::info!(job = %id, generation = self.jobs[&id].generation, "cancel requested");
                     self.apply(&id, Event::Cancel { grace_ms });
                     Ok(status::job_status(&self.jobs[&id]))
@@ -405,7 +469,7 @@ impl Core {
                 let _ = reply.send(r);
             }
             Cmd::Checkpoint { id, reply } => {
-                let r = self.request_checkpoint(&id);
+                let r = self.writable().and_then(|()| self.request_checkpoint(&id));
                 let _ = reply.send(r);
             }
             Cmd::Nodes { reply } => {
@@ -938,8 +1002,10 @@ impl Core {
                 let generation = job.generation;
                 for w in &r.skipped {
                     tracing::warn!(job = %job.id, generation, "resume skipped {w}");
-                    job.checkpoint_warnings
-                        .push(format!("generation {generation}: skipped {w}"));
+                    job.checkpoint_warnings.push(crate::job::cap(
+                        format!("generation {generation}: skipped {w}"),
+                        crate::job::MAX_WARNING_BYTES,
+                    ));
                 }
                 let n = job.checkpoint_warnings.len();
                 if n > crate::job::MAX_CHECKPOINT_WARNINGS {
@@ -967,11 +1033,14 @@ impl Core {
 
     // ───────────── jobs ─────────────
 
+    /// Validates and records a job; returns its id. The job is scheduled, and the submit
+    /// answered, once its record is on disk ([`Core::acked`]).
     fn submit(
         &mut self,
         spec: JobSpec,
         files: BTreeMap<String, Vec<u8>>,
-    ) -> Result<pb::JobStatus, Status> {
+    ) -> Result<String, Status> {
+        self.writable()?;
         let train = spec
             .validate("job spec")
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -979,35 +1048,166 @@ impl Core {
             crate::spec::validate_files(train, &files, "job spec")
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
-        let size: usize = files.values().map(Vec::len).sum();
-        if size > MAX_SPEC_BYTES {
+        let size = job_bytes(&spec, &files);
+        if size > MAX_SPEC_BYTES as u64 {
             return Err(Status::invalid_argument(format!(
-                "job files total {size} bytes, above the limit of {MAX_SPEC_BYTES}"
+                "job spec and files total {size} bytes, above the limit of {} per job",
+                show_bytes(MAX_SPEC_BYTES as u64)
             )));
         }
         if let Some(hf) = &self.cfg.hostfile {
             placement::check_against_hostfile(&spec, hf)
                 .map_err(|e| Status::invalid_argument(format!("job spec: {e}")))?;
         }
+        self.make_room(size)?;
+        let n = self.ids.take().map_err(|e| {
+            tracing::error!(error = %e, "cannot hand out a job id");
+            Status::unavailable(format!("cannot hand out a job id: {e}"))
+        })?;
         let base = spec.name.clone().unwrap_or_else(|| "job".to_owned());
         let base: String = base.chars().take(50).collect();
-        let id = format!("{base}-{}", self.next_job);
-        self.next_job += 1;
+        let id = format!("{base}-{n}");
         self.persist.put(
             "meta/coordinator".into(),
             serde_json::to_vec(&Meta {
-                next_job: self.next_job,
+                next_job: self.ids.next(),
             })
             .expect("meta serializes"),
         );
         let job = Job::new(id.clone(), spec, files, now_ms());
         tracing::info!(job = %id, generation = 0, "job submitted");
+        self.job_bytes += size;
         self.jobs.insert(id.clone(), job);
+        self.unacked.insert(id.clone());
         self.save(&id);
-        self.dirty = true;
-        self.schedule();
         self.flush_changed();
-        Ok(status::job_status(&self.jobs[&id]))
+        Ok(id)
+    }
+
+    /// A submitted job's record is on disk, or cannot be: answer the submit. A job that could
+    /// not be saved was never acknowledged, so it is dropped.
+    fn acked(&mut self, ack: Acked) {
+        let Acked { id, result, reply } = ack;
+        self.unacked.remove(&id);
+        let r = match result {
+            Ok(()) => {
+                self.dirty = true;
+                self.jobs
+                    .get(&id)
+                    .map(status::job_status)
+                    .ok_or_else(|| unknown_job(&id))
+            }
+            Err(stopped) => {
+                tracing::error!(job = %id, "submit refused: {stopped}");
+                self.remove_job(&id);
+                Err(Status::unavailable(stopped.to_string()))
+            }
+        };
+        let _ = reply.send(r);
+    }
+
+    /// Refuses a write (submit, cancel, checkpoint) once the state writer has stopped.
+    fn writable(&self) -> Result<(), Status> {
+        match self.persist.stopped() {
+            Some(stopped) => Err(Status::unavailable(stopped.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Finished jobs that may be removed (no worker of theirs can be alive), oldest first.
+    fn retirable(&self) -> Vec<(u64, String)> {
+        let mut v: Vec<(u64, String)> = self
+            .jobs
+            .values()
+            .filter(|j| j.state.is_terminal() && j.ranks.iter().all(|r| r.state.is_done()))
+            .map(|j| {
+                (
+                    j.finished_unix_ms.unwrap_or(j.updated_unix_ms),
+                    j.id.clone(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Makes room for one more job of `size` bytes under `--max-jobs` and `--max-job-bytes`,
+    /// removing the oldest finished jobs if need be.
+    fn make_room(&mut self, size: u64) -> Result<(), Status> {
+        let limits = self.cfg.job_limits;
+        let full =
+            |c: &Core| c.jobs.len() >= limits.max_jobs || c.job_bytes + size > limits.max_job_bytes;
+        if !full(self) {
+            return Ok(());
+        }
+        for (_, id) in self.retirable() {
+            tracing::info!(job = %id, "removing a finished job to make room for a new one");
+            self.remove_job(&id);
+            if !full(self) {
+                return Ok(());
+            }
+        }
+        if self.jobs.len() >= limits.max_jobs {
+            return Err(Status::resource_exhausted(format!(
+                "the coordinator holds {} unfinished jobs, the limit (--max-jobs {}); wait for \
+                 jobs to finish or cancel some",
+                self.jobs.len(),
+                limits.max_jobs
+            )));
+        }
+        Err(Status::resource_exhausted(format!(
+            "job specs and files of the unfinished jobs take {}, and this job's {size} bytes \
+             would go above the limit of {} (--max-job-bytes)",
+            show_bytes(self.job_bytes),
+            show_bytes(limits.max_job_bytes)
+        )))
+    }
+
+    /// Removes finished jobs beyond `--retain-finished-jobs` or older than
+    /// `--retain-finished-for`, from memory and the store. Their logs stay on the agents.
+    fn retire_finished(&mut self) {
+        let limits = self.cfg.job_limits;
+        let now = now_ms();
+        let retain_ms = u64::try_from(limits.retain_for.as_millis()).unwrap_or(u64::MAX);
+        let finished = self.retirable();
+        let excess = finished.len().saturating_sub(limits.retain_finished);
+        for (i, (at, id)) in finished.into_iter().enumerate() {
+            if i < excess || now.saturating_sub(at) > retain_ms {
+                tracing::info!(job = %id, "removing a finished job (retention limits)");
+                self.remove_job(&id);
+            }
+        }
+    }
+
+    /// Forgets a job: memory, store, watchers, rendezvous.
+    fn remove_job(&mut self, id: &str) {
+        if let Some(job) = self.jobs.remove(id) {
+            self.job_bytes = self
+                .job_bytes
+                .saturating_sub(job_bytes(&job.spec, &job.files));
+        }
+        self.unacked.remove(id);
+        self.changed.remove(id);
+        self.progressed.remove(id);
+        self.watchers.remove(id);
+        self.rendezvous.forget(id);
+        self.persist.delete(format!("jobs/{id}"));
+    }
+
+    /// Hands the jobs whose restart backoff ran out to the state machine.
+    fn restarts_due(&mut self) {
+        let now = now_ms();
+        let due: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|j| {
+                j.state == JobState::Restarting && j.restart_not_before_ms.is_some_and(|t| now >= t)
+            })
+            .map(|j| j.id.clone())
+            .collect();
+        for id in due {
+            self.apply(&id, Event::Tick);
+        }
     }
 
     fn busy(&self) -> Busy {
@@ -1034,9 +1234,11 @@ impl Core {
         let mut waiting: Vec<(u64, String)> = self
             .jobs
             .values()
+            .filter(|j| !self.unacked.contains(&j.id))
             .filter(|j| {
                 j.state == JobState::Pending
                     || (j.state == JobState::Restarting
+                        && j.restart_not_before_ms.is_none()
                         && j.ranks.iter().all(|r| r.state.is_done()))
             })
             .map(|j| (j.created_unix_ms, j.id.clone()))
@@ -1077,7 +1279,7 @@ impl Core {
             return;
         };
         let before = job.clone();
-        let (mut job, actions) = crate::job::next(job, event);
+        let (mut job, actions) = crate::job::next(job, event, now_ms());
         let changed = job != before;
         if changed {
             job.updated_unix_ms = now_ms();
@@ -1132,6 +1334,7 @@ impl Core {
                 }
             }
             Action::StartWorkers { generation } => self.start_workers(id, generation),
+            Action::Reschedule => self.dirty = true,
             Action::StopWorkers {
                 generation,
                 nodes,
@@ -1298,10 +1501,7 @@ impl Core {
             job.past_nodes(generation)
                 .and_then(|ranks| ranks.get(req.rank as usize).cloned())
         }) else {
-            return Err(Status::not_found(format!(
-                "job {} has no rank {} in generation {generation}",
-                req.job_id, req.rank
-            )));
+            return Err(Status::not_found(job.no_rank_reason(req.rank, generation)));
         };
         let rid = self.next_request;
         self.next_request += 1;
@@ -1427,7 +1627,213 @@ pub fn spawn(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::persist::RetryPolicy;
+    use crate::persist::testing::{Flaky, FlakyStore};
+    use ringmaster_store::StateStore;
+
+    fn limits() -> JobLimits {
+        JobLimits {
+            retain_finished: 2,
+            retain_for: Duration::from_secs(24 * 3600),
+            max_jobs: 4,
+            max_job_bytes: 1 << 20,
+        }
+    }
+
+    /// A loop over a shared in-memory store that fails as `store` says.
+    fn core(store: &Arc<Flaky>, job_limits: JobLimits) -> Core {
+        let retry = RetryPolicy {
+            attempts: 2,
+            first_delay: Duration::from_millis(1),
+        };
+        let (persist, loaded) = Persister::start_with(
+            Box::new(FlakyStore(store.clone())),
+            &["jobs/", "meta/"],
+            retry,
+        )
+        .unwrap();
+        let ids = JobIds::load(None, stored_next_job(&loaded.records)).unwrap();
+        let cfg = CoreConfig {
+            hostfile: None,
+            heartbeat_timeout: Duration::from_secs(10),
+            creds: Default::default(),
+            job_limits,
+        };
+        Core::new(cfg, persist, loaded.records, Rendezvous::default(), ids)
+    }
+
+    fn spec(name: &str) -> JobSpec {
+        JobSpec {
+            name: Some(name.into()),
+            command: Some(vec!["sleep".into(), "60".into()]),
+            ..JobSpec::default()
+        }
+    }
+
+    async fn submit(h: &Handle, name: &str) -> Result<pb::JobStatus, Status> {
+        h.call(|reply| Cmd::Submit {
+            spec: spec(name),
+            files: BTreeMap::new(),
+            reply,
+        })
+        .await?
+    }
+
+    #[tokio::test]
+    async fn a_submit_is_answered_once_the_job_is_in_the_store() {
+        let store = Flaky::new(0);
+        let (h, _task) = spawn(core(&store, limits()), Default::default());
+        let st = submit(&h, "a").await.unwrap();
+        assert_eq!(st.id, "a-1");
+        // Read the store the moment the reply arrives: the job and the id counter are there.
+        let rec = store.inner.get("jobs/a-1").unwrap().expect("job on disk");
+        let job: Job = serde_json::from_slice(&rec.value).unwrap();
+        assert_eq!(job.id, "a-1");
+        let meta = store.inner.get("meta/coordinator").unwrap().unwrap();
+        assert_eq!(meta.value, br#"{"next_job":2}"#);
+    }
+
+    #[tokio::test]
+    async fn failed_writes_refuse_submit_cancel_and_checkpoint_but_reads_work() {
+        let store = Flaky::new(0);
+        let (h, _task) = spawn(core(&store, limits()), Default::default());
+        submit(&h, "a").await.unwrap();
+        store
+            .failures
+            .store(u32::MAX, std::sync::atomic::Ordering::SeqCst);
+        let err = submit(&h, "b").await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(
+            err.message().contains("stopped accepting writes"),
+            "{err:?}"
+        );
+        assert!(err.message().contains("No space left on device"), "{err:?}");
+        // The unsaved job was never acknowledged, so it is not kept either.
+        let jobs = h.call(|reply| Cmd::List { reply }).await.unwrap();
+        let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(ids, ["a-1"]);
+        for call in ["cancel", "checkpoint", "submit"] {
+            let r = match call {
+                "cancel" => h
+                    .call(|reply| Cmd::Cancel {
+                        id: "a-1".into(),
+                        grace_ms: 0,
+                        reply,
+                    })
+                    .await
+                    .unwrap(),
+                "checkpoint" => h
+                    .call(|reply| Cmd::Checkpoint {
+                        id: "a-1".into(),
+                        reply,
+                    })
+                    .await
+                    .unwrap(),
+                _ => submit(&h, "c").await,
+            };
+            let err = r.expect_err(call);
+            assert_eq!(err.code(), tonic::Code::Unavailable, "{call}: {err:?}");
+        }
+        let st = h
+            .call(|reply| Cmd::Get {
+                id: "a-1".into(),
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(st.state, "PENDING");
+    }
+
+    /// A finished job `id`, finished `ago_ms` before now.
+    fn finished(c: &mut Core, id: &str, ago_ms: u64) {
+        let mut j = Job::new(id.into(), spec("f"), BTreeMap::new(), 0);
+        j.state = JobState::Cancelled;
+        j.finished_unix_ms = Some(now_ms() - ago_ms);
+        c.job_bytes += job_bytes(&j.spec, &j.files);
+        c.jobs.insert(id.into(), j);
+        c.save(id);
+    }
+
+    #[tokio::test]
+    async fn finished_jobs_are_retired_by_count_and_age_from_memory_and_store() {
+        let store = Flaky::new(0);
+        let mut c = core(&store, limits());
+        finished(&mut c, "old-1", 2 * 24 * 3600 * 1000);
+        finished(&mut c, "f-2", 3_000);
+        finished(&mut c, "f-3", 2_000);
+        finished(&mut c, "f-4", 1_000);
+        let live = Job::new("live-5".into(), spec("live"), BTreeMap::new(), 0);
+        c.job_bytes += job_bytes(&live.spec, &live.files);
+        c.jobs.insert("live-5".into(), live);
+        c.save("live-5");
+        c.flush_changed();
+        c.persist.flush().wait().await.unwrap();
+        assert_eq!(store.inner.list("jobs/").unwrap().len(), 5);
+
+        c.retire_finished();
+        let kept: Vec<&str> = c.jobs.keys().map(String::as_str).collect();
+        // old-1 is past --retain-finished-for; of the rest, the newest 2 are kept.
+        assert_eq!(kept, ["f-3", "f-4", "live-5"]);
+        c.persist.flush().wait().await.unwrap();
+        let stored: Vec<String> = store
+            .inner
+            .list("jobs/")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(stored, ["jobs/f-3", "jobs/f-4", "jobs/live-5"]);
+        assert_eq!(
+            c.job_bytes,
+            c.jobs
+                .values()
+                .map(|j| job_bytes(&j.spec, &j.files))
+                .sum::<u64>()
+        );
+    }
+
+    #[tokio::test]
+    async fn max_jobs_removes_the_oldest_finished_job_then_refuses() {
+        let store = Flaky::new(0);
+        let mut c = core(&store, limits());
+        finished(&mut c, "f-1", 1_000);
+        for i in 2..=4 {
+            c.submit(spec("p"), BTreeMap::new()).unwrap();
+            assert_eq!(c.jobs.len(), i);
+        }
+        // Full (4): the finished job makes room.
+        let id = c.submit(spec("p"), BTreeMap::new()).unwrap();
+        assert!(!c.jobs.contains_key("f-1") && c.jobs.contains_key(&id));
+        // Full of unfinished jobs: refused, naming the limit.
+        let err = c.submit(spec("p"), BTreeMap::new()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(err.message().contains("--max-jobs 4"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn max_job_bytes_counts_specs_and_files() {
+        let store = Flaky::new(0);
+        let mut c = core(
+            &store,
+            JobLimits {
+                max_job_bytes: 40_000,
+                ..limits()
+            },
+        );
+        let files = |n| BTreeMap::from([("ds.json".to_owned(), vec![b' '; n])]);
+        c.submit(spec("a"), files(30_000)).unwrap();
+        let err = c.submit(spec("b"), files(20_000)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(err.message().contains("--max-job-bytes"), "{err:?}");
+        c.submit(spec("c"), files(5_000)).unwrap();
+        // One job above the per-job limit is bad input, whatever the room.
+        let err = c.submit(spec("d"), files(MAX_SPEC_BYTES + 1)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
 
     fn train_job(output_dir: &str) -> Job {
         let spec = JobSpec {

@@ -5,10 +5,12 @@
 //! - `agent_svc` — `AgentService`: join authentication and the agent stream bridge.
 //! - `job_svc` — `JobService` for operators.
 //! - `rendezvous` — `RendezvousService`: the trainers' store, barrier and progress.
+//! - `limits` — the operator's settings for the coordinator's state and its limits.
 
 pub mod agent_svc;
 pub mod core;
 pub mod job_svc;
+pub mod limits;
 pub mod rendezvous;
 
 use std::future::Future;
@@ -25,7 +27,7 @@ use ringmaster_proto as pb;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 
-use crate::persist::Persister;
+use crate::persist::{JobIds, Persister};
 
 /// Request size limit of the agent and rendezvous services.
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
@@ -48,6 +50,54 @@ pub struct Config {
     /// Serve a non-loopback address without any credential (`--insecure`).
     pub insecure: bool,
     pub heartbeat_timeout: Duration,
+    /// The state store's recovery and the limits on what the coordinator keeps.
+    pub state: limits::StateConfig,
+}
+
+/// Opens the state store and reads it. A damaged store is an error naming the file and the
+/// damage, unless `--reset-state` is given: then it is moved aside, said so, and the
+/// coordinator starts with an empty store.
+fn open_state(config: &Config) -> anyhow::Result<(Persister, crate::persist::Loaded)> {
+    let dir = &config.data_dir;
+    let open = || -> Result<_, ringmaster_store::StoreError> {
+        let store = ringmaster_store::open_url(&config.store_url, dir)?;
+        Persister::start(store, &["jobs/", "nodes/", "meta/"])
+    };
+    match open() {
+        Ok(opened) => {
+            if config.state.reset_state {
+                tracing::warn!(
+                    data_dir = %dir.display(),
+                    "--reset-state given, but the state store is not damaged: kept as it is"
+                );
+            }
+            Ok(opened)
+        }
+        Err(e) if e.is_damage() && config.state.reset_state => {
+            // The store may be open (a read failed after the open): it is dropped by now.
+            let moved = ringmaster_store::RedbStore::move_aside(dir)
+                .context("moving the damaged state store aside")?;
+            let moved =
+                moved.map_or_else(|| "nothing to move".to_owned(), |p| p.display().to_string());
+            tracing::warn!(
+                error = %e,
+                moved_to = %moved,
+                "--reset-state: moved the damaged state store aside; starting with an empty \
+                 state (jobs and nodes of the old store are forgotten; job ids go on from \
+                 the data dir's job-ids file)"
+            );
+            open().context("opening a new state store after --reset-state")
+        }
+        Err(e) if e.is_damage() => Err(anyhow::anyhow!(
+            "{e}. The coordinator does not start on a damaged state store; start it with \
+             --reset-state to move the file aside (to state.redb.damaged-<unix time>) and \
+             start with an empty state"
+        )),
+        Err(e) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("opening the state store in {}", dir.display())))
+        }
+    }
 }
 
 impl Config {
@@ -62,6 +112,7 @@ impl Config {
             tls: None,
             insecure: false,
             heartbeat_timeout: Duration::from_secs(10),
+            state: Default::default(),
         }
     }
 }
@@ -95,10 +146,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = ringmaster_store::open_url(&config.store_url, &config.data_dir)
-        .with_context(|| format!("opening the state store in {}", config.data_dir.display()))?;
-    let (persist, mut loaded) = Persister::start(store, &["jobs/", "nodes/", "meta/"])
-        .context("reading the state store")?;
+    let (persist, mut loaded) = open_state(&config)?;
+    let persistent = config.store_url.trim() != "memory";
+    let ids = JobIds::load(
+        persistent.then_some(config.data_dir.as_path()),
+        core::stored_next_job(&loaded.records),
+    )?;
     let mut creds = Credentials::new(config.join_token.clone(), config.operator_tokens.clone());
     let addr = listener.local_addr()?;
     if let Some(why) = insecure_listen_refusal(&addr, &creds, config.insecure) {
@@ -129,6 +182,7 @@ pub async fn run(
             persist.put(WORKER_KEY_RECORD.into(), k.as_bytes().to_vec());
             persist
                 .flush()
+                .wait()
                 .await
                 .context("writing the worker credential key to the state store")?;
             k
@@ -136,14 +190,15 @@ pub async fn run(
     };
     creds = creds.with_worker_key(worker_key);
     let creds = Arc::new(creds);
-    let rendezvous = rendezvous::Rendezvous::default();
+    let rendezvous = rendezvous::Rendezvous::new(config.state.rendezvous);
     let core_cfg = core::CoreConfig {
         hostfile: config.hostfile.clone(),
         heartbeat_timeout: config.heartbeat_timeout,
         creds: creds.clone(),
+        job_limits: config.state.jobs,
     };
     let stopping = tokio_util::sync::CancellationToken::new();
-    let core = core::Core::new(core_cfg, persist, loaded.records, rendezvous.clone());
+    let core = core::Core::new(core_cfg, persist, loaded.records, rendezvous.clone(), ids);
     let (handle, core_task) = core::spawn(core, stopping.clone());
 
     let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel::<pb::Progress>(4096);

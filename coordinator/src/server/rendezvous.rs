@@ -15,19 +15,73 @@ use ringmaster_proto as pb;
 use tokio::sync::{Notify, mpsc};
 use tonic::{Request, Response, Status};
 
+use crate::server::limits::{RendezvousLimits, show_bytes};
+
 /// Largest key and value the store accepts.
 pub const MAX_KEY_BYTES: usize = 1024;
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
-/// Most keys one generation may hold.
-pub const MAX_KEYS: usize = 100_000;
 /// Longest a Get or Barrier may wait.
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 #[derive(Default)]
 struct Scope {
     kv: HashMap<String, Vec<u8>>,
+    /// Bytes of the keys and values in `kv`, counted against [`RendezvousLimits::max_bytes`].
+    bytes: u64,
     closed: bool,
     notify: Arc<Notify>,
+}
+
+fn entry_bytes(key: &str, value: &[u8]) -> u64 {
+    (key.len() + value.len()) as u64
+}
+
+impl Scope {
+    /// Stores `value` under `key` if the generation's limits allow it; replacing a value
+    /// counts the difference. Wakes the waiters.
+    fn put(
+        &mut self,
+        scope: &(String, u64),
+        limits: &RendezvousLimits,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<(), Status> {
+        let old = self.kv.get(key).map(|v| entry_bytes(key, v));
+        if old.is_none() && self.kv.len() >= limits.max_keys {
+            return Err(Status::resource_exhausted(format!(
+                "rendezvous store of job {} generation {} holds {} keys, the limit \
+                 (--rendezvous-max-keys {}); setting {key} refused",
+                scope.0,
+                scope.1,
+                self.kv.len(),
+                limits.max_keys
+            )));
+        }
+        let bytes = self.bytes - old.unwrap_or(0) + entry_bytes(key, &value);
+        if bytes > limits.max_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "rendezvous store of job {} generation {} would hold {bytes} bytes, above the \
+                 limit of {} (--rendezvous-max-bytes); setting {key} refused",
+                scope.0,
+                scope.1,
+                show_bytes(limits.max_bytes)
+            )));
+        }
+        self.bytes = bytes;
+        self.kv.insert(key.to_owned(), value);
+        self.notify.notify_waiters();
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        match self.kv.remove(key) {
+            Some(v) => {
+                self.bytes -= entry_bytes(key, &v);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -46,9 +100,19 @@ pub struct Rendezvous {
     inner: Arc<Mutex<Inner>>,
     /// Woken on every [`Rendezvous::abort`].
     aborts: Arc<Notify>,
+    /// Keys and bytes one generation may hold.
+    limits: RendezvousLimits,
 }
 
 impl Rendezvous {
+    /// A store whose generations each hold at most what `limits` allow.
+    pub fn new(limits: RendezvousLimits) -> Rendezvous {
+        Rendezvous {
+            limits,
+            ..Rendezvous::default()
+        }
+    }
+
     /// Opens the store of a generation (idempotent).
     pub fn open(&self, job: &str, generation: u64) {
         let mut inner = self.inner.lock().expect("rendezvous lock poisoned");
@@ -158,16 +222,7 @@ impl Rendezvous {
                 value.len()
             )));
         }
-        self.with_scope(scope, |s| {
-            if !s.kv.contains_key(key) && s.kv.len() >= MAX_KEYS {
-                return Err(Status::resource_exhausted(format!(
-                    "generation store holds {MAX_KEYS} keys already"
-                )));
-            }
-            s.kv.insert(key.to_owned(), value);
-            s.notify.notify_waiters();
-            Ok(())
-        })
+        self.with_scope(scope, |s| s.put(scope, &self.limits, key, value))
     }
 
     /// Gets a key, waiting up to `wait` for it to appear.
@@ -225,8 +280,7 @@ impl Rendezvous {
             let new = cur
                 .checked_add(delta)
                 .ok_or_else(|| Status::out_of_range(format!("{key}: {cur} + {delta} overflows")))?;
-            s.kv.insert(key.to_owned(), new.to_string().into_bytes());
-            s.notify.notify_waiters();
+            s.put(scope, &self.limits, key, new.to_string().into_bytes())?;
             Ok(new)
         })
     }
@@ -247,8 +301,7 @@ impl Rendezvous {
         self.with_scope(scope, |s| {
             let cur = s.kv.get(key).cloned();
             if cur == expected {
-                s.kv.insert(key.to_owned(), desired.clone());
-                s.notify.notify_waiters();
+                s.put(scope, &self.limits, key, desired.clone())?;
                 Ok((true, Some(desired)))
             } else {
                 Ok((false, cur))
@@ -258,7 +311,7 @@ impl Rendezvous {
 
     pub fn delete(&self, scope: &(String, u64), key: &str) -> Result<bool, Status> {
         Self::check_key(key)?;
-        self.with_scope(scope, |s| Ok(s.kv.remove(key).is_some()))
+        self.with_scope(scope, |s| Ok(s.remove(key)))
     }
 
     /// Waits until `world_size` ranks have entered the barrier `name`.
@@ -574,5 +627,55 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.message().contains("missing ranks 1"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn keys_and_bytes_per_generation_are_limited() {
+        let r = Rendezvous::new(RendezvousLimits {
+            max_keys: 3,
+            max_bytes: 100,
+        });
+        r.open("job-1", 0);
+        let s = scope(0);
+        r.set(&s, "a", vec![0; 10]).unwrap();
+        r.set(&s, "b", vec![0; 10]).unwrap();
+        assert_eq!(r.add(&s, "n", 1).unwrap(), 1);
+        // A fourth key is refused, naming the limit and its flag; replacing one is not.
+        let err = r.set(&s, "c", vec![]).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(err.message().contains("--rendezvous-max-keys 3"), "{err:?}");
+        assert!(err.message().contains("job job-1 generation 0"), "{err:?}");
+        assert!(r.compare_and_set(&s, "c", None, vec![1]).is_err());
+        r.set(&s, "a", vec![1; 5]).unwrap();
+        // Bytes: a=1+5, b=1+10, n=1+1 → 19; growing b to 89 value bytes makes 19-11+90 = 98.
+        r.set(&s, "b", vec![0; 89]).unwrap();
+        let err = r.set(&s, "a", vec![1; 8]).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            err.message()
+                .contains("above the limit of 100B (--rendezvous-max-bytes)"),
+            "{err:?}"
+        );
+        // CAS and add are counted too; a refused write leaves the old value.
+        assert!(
+            r.compare_and_set(&s, "a", Some(vec![1; 5]), vec![2; 50])
+                .unwrap_err()
+                .message()
+                .contains("--rendezvous-max-bytes")
+        );
+        assert_eq!(
+            r.get(&s, "a", Duration::ZERO).await.unwrap(),
+            Some(vec![1; 5])
+        );
+        r.set(&s, "n", b"1".to_vec()).unwrap();
+        assert!(r.add(&s, "n", 1_000_000_000).is_err());
+        // Deleting frees room; a new generation starts empty.
+        assert!(r.delete(&s, "b").unwrap());
+        r.set(&s, "c", vec![0; 80]).unwrap();
+        r.close("job-1", 0);
+        r.open("job-1", 1);
+        for k in ["x", "y", "z"] {
+            r.set(&scope(1), k, vec![0; 30]).unwrap();
+        }
     }
 }

@@ -21,12 +21,15 @@
 //! - `memory.rs`: [`MemoryStore`], a `Mutex<BTreeMap>` for unit tests.
 //! - `redb_store.rs`: [`RedbStore`], the embedded, durable store in
 //!   `<data dir>/state.redb`.
+//! - `damage.rs`: checks of a redb file's header before redb reads it, and
+//!   the guard that turns a panic inside redb into [`StoreError::Corrupt`].
 //! - `conformance.rs` (tests only): one behavioural test suite run against
 //!   every backend.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+mod damage;
 mod memory;
 mod plan;
 mod redb_store;
@@ -169,9 +172,11 @@ pub enum StoreError {
         data_dir.display()
     )]
     Locked { path: PathBuf, data_dir: PathBuf },
-    /// The stored data is damaged or not in a format this build understands.
-    #[error("state store is corrupt: {detail}")]
-    Corrupt { detail: String },
+    /// The stored data is damaged (an empty, truncated or garbled file) or not in a format
+    /// this build understands. Never retried; the coordinator refuses to start on it rather
+    /// than start afresh (see [`RedbStore::move_aside`]).
+    #[error("state store {} is damaged: {detail}", path.display())]
+    Corrupt { path: PathBuf, detail: String },
     /// The request itself is invalid (empty key, a key twice in one commit).
     #[error("invalid state store request: {0}")]
     Invalid(String),
@@ -187,6 +192,11 @@ impl StoreError {
     /// Whether this is a failed precondition ([`StoreError::Conflict`]).
     pub fn is_conflict(&self) -> bool {
         matches!(self, StoreError::Conflict { .. })
+    }
+
+    /// Whether the stored data is damaged ([`StoreError::Corrupt`]).
+    pub fn is_damage(&self) -> bool {
+        matches!(self, StoreError::Corrupt { .. })
     }
 }
 

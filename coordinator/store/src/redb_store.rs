@@ -10,14 +10,21 @@
 //! Each write is one redb write transaction, committed with redb's default
 //! `Durability::Immediate` (fsynced before the call returns). redb locks the
 //! file, so only one process can have the store open at a time.
+//!
+//! Damage is an error, never a fresh start or a panic: a new file is built
+//! under a temporary name and linked into place whole, an existing one has its
+//! header checked before redb reads it, and every call into redb runs under
+//! [`guard`] (see `damage.rs`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{
     Database, DatabaseError, ReadableTable, ReadableTableMetadata, StorageError, TableDefinition,
 };
 
+use crate::damage::{check_header, guard};
 use crate::plan::{check_key, check_ops, writes_anything};
 use crate::{Op, Precondition, StateStore, StoreError, Version, Versioned};
 
@@ -50,46 +57,66 @@ impl RedbStore {
     /// Open (creating if needed) the store in `dir`: the directory and the
     /// database file `dir/state.redb`.
     ///
+    /// A new file is built under a temporary name and linked into place once
+    /// initialised, so `state.redb` always holds a whole database: an empty,
+    /// truncated or garbled one is damage, reported as [`StoreError::Corrupt`]
+    /// naming the file (never a silent fresh start, never a panic).
+    ///
     /// Fails with [`StoreError::Locked`] while another store (in this or
     /// another process) has the same file open, with [`StoreError::Io`]
     /// naming the path when the directory or file cannot be created or
-    /// opened, and with [`StoreError::Corrupt`] when the file is not a store.
+    /// opened, and with [`StoreError::Corrupt`] when the file is damaged or
+    /// not a store.
     pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
         fs::create_dir_all(dir).map_err(|source| StoreError::Io {
             path: dir.to_path_buf(),
             source,
         })?;
         let path = dir.join(DB_FILE_NAME);
-        let db = Database::create(&path).map_err(|e| match e {
-            DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
-                path: path.clone(),
-                data_dir: dir.to_path_buf(),
-            },
-            DatabaseError::Storage(StorageError::Io(source))
-                if source.kind() == std::io::ErrorKind::InvalidData =>
-            {
-                StoreError::Corrupt {
-                    detail: format!("{}: not a valid redb database ({source})", path.display()),
-                }
-            }
-            DatabaseError::Storage(StorageError::Io(source)) => StoreError::Io {
-                path: path.clone(),
-                source,
-            },
-            DatabaseError::Storage(StorageError::Corrupted(msg)) => StoreError::Corrupt {
-                detail: format!("{}: {msg}", path.display()),
-            },
-            DatabaseError::UpgradeRequired(v) => StoreError::Corrupt {
-                detail: format!(
-                    "{}: redb file format version {v} needs a manual upgrade",
-                    path.display()
-                ),
-            },
-            other => StoreError::Backend(format!("opening {}: {other}", path.display())),
+        match fs::symlink_metadata(&path) {
+            Ok(_) => check_header(&path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_new(dir, &path)?,
+            Err(source) => return Err(StoreError::Io { path, source }),
+        }
+        let db = guard(&path, "opening", || {
+            Database::open(&path).map_err(|e| open_error(e, &path, dir))
         })?;
         let store = RedbStore { db, path };
-        store.init()?;
+        guard(&store.path, "initialising", || store.init())?;
         Ok(store)
+    }
+
+    /// Moves the database file of `dir` aside, to `state.redb.damaged-<unix seconds>` (with a
+    /// `-N` suffix if that name is taken), so that the next [`RedbStore::open`] starts with an
+    /// empty store. Returns the new path, or `None` when there was no file.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] naming the file when it cannot be renamed.
+    pub fn move_aside(dir: &Path) -> Result<Option<PathBuf>, StoreError> {
+        let path = dir.join(DB_FILE_NAME);
+        if fs::symlink_metadata(&path).is_err() {
+            return Ok(None);
+        }
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let base = format!("{DB_FILE_NAME}.damaged-{secs}");
+        let target = (0..)
+            .map(|n| {
+                dir.join(if n == 0 {
+                    base.clone()
+                } else {
+                    format!("{base}-{n}")
+                })
+            })
+            .find(|p| fs::symlink_metadata(p).is_err())
+            .expect("some suffix is free");
+        fs::rename(&path, &target).map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        sync_dir(dir)?;
+        Ok(Some(target))
     }
 
     /// The database file.
@@ -112,9 +139,9 @@ impl RedbStore {
                 Some(SCHEMA_VERSION) => {}
                 Some(other) => {
                     return Err(StoreError::Corrupt {
+                        path: self.path.clone(),
                         detail: format!(
-                            "{}: layout version {other}, this build reads version {SCHEMA_VERSION}",
-                            self.path.display()
+                            "layout version {other}, this build reads version {SCHEMA_VERSION}"
                         ),
                     });
                 }
@@ -123,10 +150,8 @@ impl RedbStore {
                         && meta.is_empty().map_err(|e| self.err(ctx, e))?;
                     if !empty {
                         return Err(StoreError::Corrupt {
-                            detail: format!(
-                                "{}: data without a layout version",
-                                self.path.display()
-                            ),
+                            path: self.path.clone(),
+                            detail: "data without a layout version".to_owned(),
                         });
                     }
                     meta.insert(META_SCHEMA, SCHEMA_VERSION)
@@ -145,7 +170,8 @@ impl RedbStore {
                 source,
             },
             redb::Error::Corrupted(msg) => StoreError::Corrupt {
-                detail: format!("{} ({context}): {msg}", self.path.display()),
+                path: self.path.clone(),
+                detail: format!("{context}: {msg}"),
             },
             other => StoreError::Backend(format!("{} ({context}): {other}", self.path.display())),
         }
@@ -154,9 +180,9 @@ impl RedbStore {
     /// Decode a stored `kv` value: 8-byte big-endian version, then the bytes.
     fn decode(&self, key: &str, raw: &[u8]) -> Result<Versioned, StoreError> {
         let corrupt = || StoreError::Corrupt {
+            path: self.path.clone(),
             detail: format!(
-                "{}: key {key:?} holds {} bytes, no valid version prefix",
-                self.path.display(),
+                "key {key:?} holds {} bytes, no valid version prefix",
                 raw.len()
             ),
         };
@@ -194,7 +220,8 @@ impl RedbStore {
                 return Ok((current, last));
             }
             let revision = last.checked_add(1).ok_or_else(|| StoreError::Corrupt {
-                detail: format!("{}: revision counter overflow", self.path.display()),
+                path: self.path.clone(),
+                detail: "revision counter overflow".to_owned(),
             })?;
             let mut buf = Vec::new();
             for op in &ops {
@@ -224,6 +251,39 @@ impl RedbStore {
 impl StateStore for RedbStore {
     fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         check_key(key)?;
+        guard(&self.path, "reading", || self.read(key))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+        guard(&self.path, "listing", || self.scan(prefix))
+    }
+
+    fn put(&self, key: &str, value: &[u8], expect: Precondition) -> Result<Version, StoreError> {
+        let (_, revision) = self.apply_guarded(vec![Op::put(key, value, expect)])?;
+        Ok(revision)
+    }
+
+    fn delete(&self, key: &str, expect: Precondition) -> Result<bool, StoreError> {
+        let (current, _) = self.apply_guarded(vec![Op::delete(key, expect)])?;
+        Ok(current[0].is_some())
+    }
+
+    fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, StoreError> {
+        let kinds: Vec<bool> = ops.iter().map(|op| matches!(op, Op::Put { .. })).collect();
+        let (_, revision) = self.apply_guarded(ops)?;
+        Ok(kinds
+            .into_iter()
+            .map(|is_put| if is_put { revision } else { 0 })
+            .collect())
+    }
+}
+
+impl RedbStore {
+    fn apply_guarded(&self, ops: Vec<Op>) -> Result<(Vec<Option<Version>>, Version), StoreError> {
+        guard(&self.path, "writing", || self.apply(ops))
+    }
+
+    fn read(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         let ctx = "reading";
         let txn = self.db.begin_read().map_err(|e| self.err(ctx, e))?;
         let kv = txn.open_table(KV).map_err(|e| self.err(ctx, e))?;
@@ -233,7 +293,7 @@ impl StateStore for RedbStore {
         }
     }
 
-    fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+    fn scan(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
         let ctx = "listing";
         let txn = self.db.begin_read().map_err(|e| self.err(ctx, e))?;
         let kv = txn.open_table(KV).map_err(|e| self.err(ctx, e))?;
@@ -248,24 +308,79 @@ impl StateStore for RedbStore {
         }
         Ok(out)
     }
+}
 
-    fn put(&self, key: &str, value: &[u8], expect: Precondition) -> Result<Version, StoreError> {
-        let (_, revision) = self.apply(vec![Op::put(key, value, expect)])?;
-        Ok(revision)
+/// Maps an error of [`Database::open`].
+fn open_error(e: DatabaseError, path: &Path, dir: &Path) -> StoreError {
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+            path: path.to_path_buf(),
+            data_dir: dir.to_path_buf(),
+        },
+        DatabaseError::Storage(StorageError::Io(source))
+            if source.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!("not a valid redb database ({source})"),
+            }
+        }
+        DatabaseError::Storage(StorageError::Io(source)) => StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        DatabaseError::Storage(StorageError::Corrupted(msg)) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: msg,
+        },
+        DatabaseError::UpgradeRequired(v) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("redb file format version {v} needs a manual upgrade"),
+        },
+        other => StoreError::Backend(format!("opening {}: {other}", path.display())),
     }
+}
 
-    fn delete(&self, key: &str, expect: Precondition) -> Result<bool, StoreError> {
-        let (current, _) = self.apply(vec![Op::delete(key, expect)])?;
-        Ok(current[0].is_some())
+/// fsyncs a directory, so that a rename or link in it is durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Creates and initialises a new database at `path`: built under a temporary name in `dir`,
+/// then hard-linked into place (which, unlike a rename, fails if another process created
+/// `path` meanwhile), so that `path` never holds a partly written database.
+fn create_new(dir: &Path, path: &Path) -> Result<(), StoreError> {
+    let tmp = dir.join(format!(".{DB_FILE_NAME}.new-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| StoreError::Io { path: p, source }
+    };
+    {
+        let db = guard(&tmp, "creating", || {
+            Database::create(&tmp).map_err(|e| open_error(e, &tmp, dir))
+        })?;
+        let store = RedbStore {
+            db,
+            path: tmp.clone(),
+        };
+        guard(&tmp, "initialising", || store.init())?;
     }
-
-    fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, StoreError> {
-        let kinds: Vec<bool> = ops.iter().map(|op| matches!(op, Op::Put { .. })).collect();
-        let (_, revision) = self.apply(ops)?;
-        Ok(kinds
-            .into_iter()
-            .map(|is_put| if is_put { revision } else { 0 })
-            .collect())
+    fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&tmp))?;
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => sync_dir(dir),
+        // Another process created it first: open theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io(path)(e)),
     }
 }
 
@@ -477,5 +592,154 @@ mod tests {
         assert!(err.to_string().contains("\"short\""), "{err}");
         let err = store.list("").expect_err("3-byte value");
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    }
+
+    /// A store with some data, dropped; returns the file's bytes.
+    fn written_store(dir: &Path) -> Vec<u8> {
+        let store = RedbStore::open(dir).unwrap();
+        for i in 0..200 {
+            store
+                .put(
+                    &format!("jobs/j-{i}"),
+                    &vec![i as u8; 700],
+                    Precondition::Any,
+                )
+                .unwrap();
+        }
+        drop(store);
+        fs::read(dir.join(DB_FILE_NAME)).unwrap()
+    }
+
+    /// Opens `dir` and reads everything: the first error, which must be damage naming the
+    /// file (a panic fails the test).
+    fn open_and_read(dir: &Path) -> Result<(), StoreError> {
+        let store = RedbStore::open(dir)?;
+        store.list("")?;
+        store.get("jobs/j-7")?;
+        store.put("jobs/new", b"x", Precondition::Any)?;
+        Ok(())
+    }
+
+    fn assert_damage(err: StoreError, dir: &Path, what: &str) {
+        assert!(err.is_damage(), "{what}: {err:?}");
+        let msg = err.to_string();
+        let file = dir.join(DB_FILE_NAME).display().to_string();
+        assert!(msg.contains(&file), "{what}: {msg}");
+        assert!(msg.contains("is damaged"), "{what}: {msg}");
+    }
+
+    #[test]
+    fn an_empty_file_is_damage_not_a_fresh_start() {
+        let dir = tempfile::tempdir().unwrap();
+        written_store(dir.path());
+        let db = dir.path().join(DB_FILE_NAME);
+        fs::write(&db, b"").unwrap();
+        let err = RedbStore::open(dir.path()).expect_err("0 bytes");
+        assert!(err.to_string().contains("empty (0 bytes)"), "{err}");
+        assert_damage(err, dir.path(), "empty");
+        assert_eq!(fs::metadata(&db).unwrap().len(), 0, "left as it was");
+    }
+
+    #[test]
+    fn a_truncated_file_is_damage_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = written_store(dir.path());
+        let db = dir.path().join(DB_FILE_NAME);
+        for len in [
+            5,
+            100,
+            4095,
+            4096,
+            5000,
+            bytes.len() / 2,
+            bytes.len() - 4096,
+        ] {
+            fs::write(&db, &bytes[..len]).unwrap();
+            let err = open_and_read(dir.path()).expect_err("truncated");
+            if len >= 4096 {
+                assert!(err.to_string().contains("truncated"), "{len}: {err}");
+            }
+            assert_damage(err, dir.path(), &format!("truncated to {len}"));
+        }
+    }
+
+    /// A deterministic byte soup (xorshift).
+    fn soup(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_garbled_file_is_damage_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = written_store(dir.path());
+        let db = dir.path().join(DB_FILE_NAME);
+        let len = bytes.len();
+        // Over the header page (after the magic number), the region headers, the data pages
+        // and everything but the magic number in turn. redb panics on some of these (caught);
+        // whatever it does, the answer is damage naming the file or whole data.
+        let ranges = [
+            (9, 4096),
+            (4096, 3 * 4096),
+            (len / 4, len / 2),
+            (len / 2, len),
+            (9, len),
+        ];
+        for (i, (from, to)) in ranges.into_iter().enumerate() {
+            let mut b = bytes.clone();
+            b[from..to].copy_from_slice(&soup(to - from, 0x9E37_79B9 + i as u64));
+            fs::write(&db, &b).unwrap();
+            // Garbage where redb keeps nothing live (free pages) harms nothing: Ok is fine.
+            if let Err(e) = open_and_read(dir.path()) {
+                assert_damage(e, dir.path(), &format!("garbled {from}..{to}"));
+            }
+        }
+        let mut b = bytes.clone();
+        b[..4096].copy_from_slice(&soup(4096, 7));
+        fs::write(&db, &b).unwrap();
+        let err = open_and_read(dir.path()).expect_err("garbled header");
+        assert!(err.to_string().contains("not a redb database"), "{err}");
+        assert_damage(err, dir.path(), "garbled header");
+    }
+
+    #[test]
+    fn move_aside_keeps_the_old_file_and_the_next_open_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(RedbStore::move_aside(dir.path()).unwrap(), None);
+        written_store(dir.path());
+        let db = dir.path().join(DB_FILE_NAME);
+        fs::write(&db, b"").unwrap();
+        let moved = RedbStore::move_aside(dir.path()).unwrap().expect("moved");
+        let name = moved.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("state.redb.damaged-"), "{name}");
+        assert!(moved.is_file());
+        assert!(!db.exists());
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert!(store.list("").unwrap().is_empty());
+        drop(store);
+        // A second move in the same second takes a suffix instead of replacing the first.
+        let again = RedbStore::move_aside(dir.path()).unwrap().expect("moved");
+        assert_ne!(again, moved);
+        assert!(moved.is_file() && again.is_file());
+    }
+
+    #[test]
+    fn a_new_file_appears_whole_and_no_temporary_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(RedbStore::open(dir.path()).unwrap());
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, [DB_FILE_NAME]);
+        // Its header passes the checks.
+        check_header(&dir.path().join(DB_FILE_NAME)).unwrap();
     }
 }
