@@ -279,6 +279,14 @@ impl Cluster {
             .expect("running ringctl")
     }
 
+    /// A `ringctl --coordinator ADDR args...` command to spawn, for a caller that streams its
+    /// output instead of collecting it (same flags as [`Cluster::ringctl`]).
+    pub fn ringctl_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("ringctl"));
+        cmd.arg("--coordinator").arg(&self.addr).args(args);
+        cmd
+    }
+
     /// `ringctl nodes --output json`.
     pub fn nodes(&self) -> Value {
         let out = self.ringctl(&["nodes", "--output", "json"]);
