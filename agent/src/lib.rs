@@ -33,6 +33,7 @@ pub async fn shutdown_signal() {
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ringmaster_proto as pb;
@@ -66,7 +67,13 @@ pub struct Config {
     pub max_backoff: Duration,
     /// Grace between SIGTERM and SIGKILL when the agent itself shuts down.
     pub shutdown_grace: Duration,
+    /// Size limit of rank logs and how many rotated files are kept.
+    pub log_rotation: supervisor::logs::Rotation,
 }
+
+/// Log fetches served at once; more are refused, so that log chunks (at most a credit
+/// window per fetch) never crowd heartbeats out of the stream to the coordinator.
+pub const MAX_LOG_FETCHES: usize = 32;
 
 /// Why an agent stopped for good.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +89,12 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// A log fetch being served: its stop switch and the credits the coordinator granted.
+struct LogFetch {
+    cancel: CancellationToken,
+    credit: Arc<tokio::sync::Semaphore>,
 }
 
 enum ConnectError {
@@ -101,7 +114,7 @@ struct Agent {
     sup: Supervisor,
     /// Exits not yet delivered to the coordinator.
     undelivered: Vec<pb::WorkerExited>,
-    fetches: HashMap<u64, CancellationToken>,
+    fetches: HashMap<u64, LogFetch>,
     hb_seq: u64,
 }
 
@@ -167,7 +180,8 @@ pub async fn run(
         cfg.advertise_addr.clone(),
         cfg.join.clone(),
         exit_tx,
-    );
+    )
+    .with_log_rotation(cfg.log_rotation);
     sup.set_tls(&cfg.tls);
     let incarnation = format!("{:016x}", rand::random::<u64>());
     let mut agent = Agent {
@@ -248,7 +262,7 @@ pub async fn run(
 
     // Shutdown (or refusal): stop every worker, wait for them, report if still connected.
     for f in agent.fetches.values() {
-        f.cancel();
+        f.cancel.cancel();
     }
     if !agent.sup.is_empty() {
         tracing::info!(workers = agent.sup.len(), "stopping all workers");
@@ -434,49 +448,71 @@ impl Agent {
                     })
                     .await;
             }
-            Msg::FetchLog(f) => {
-                let cancel = CancellationToken::new();
-                self.fetches.retain(|_, c| !c.is_cancelled());
-                self.fetches.insert(f.request_id, cancel.clone());
-                let key = (f.job_id.clone(), f.generation, f.rank);
-                match self.sup.log_path(&f.job_id, f.generation, f.rank) {
-                    Ok(path) => {
-                        let running = self.sup.running_flag(&key);
-                        let out = tx.clone();
-                        tokio::spawn(async move {
-                            supervisor::logs::serve(
-                                f.request_id,
-                                path,
-                                f.tail_bytes,
-                                f.follow,
-                                running,
-                                out,
-                                cancel.clone(),
-                            )
-                            .await;
-                            cancel.cancel();
-                        });
-                    }
-                    Err(e) => {
-                        let _ = tx
-                            .send(pb::AgentMessage {
-                                msg: Some(pb::agent_message::Msg::LogChunk(pb::LogChunk {
-                                    request_id: f.request_id,
-                                    data: Vec::new(),
-                                    eof: true,
-                                    error: e,
-                                })),
-                            })
-                            .await;
-                    }
+            Msg::FetchLog(f) => self.fetch_log(f, tx).await,
+            Msg::LogCredit(c) => {
+                if let Some(f) = self.fetches.get(&c.request_id) {
+                    let room = supervisor::logs::serve::MAX_CREDIT
+                        .saturating_sub(f.credit.available_permits());
+                    f.credit.add_permits((c.chunks as usize).min(room));
                 }
             }
             Msg::CancelFetch(c) => {
-                if let Some(t) = self.fetches.remove(&c.request_id) {
-                    t.cancel();
+                if let Some(f) = self.fetches.remove(&c.request_id) {
+                    f.cancel.cancel();
                 }
             }
         }
+    }
+
+    /// Starts serving a rank's log; data flows as the coordinator grants credits.
+    async fn fetch_log(&mut self, f: pb::FetchLog, tx: &mpsc::Sender<pb::AgentMessage>) {
+        self.fetches.retain(|_, x| !x.cancel.is_cancelled());
+        let refused = if self.fetches.len() >= MAX_LOG_FETCHES {
+            Some(format!(
+                "node {} is serving {MAX_LOG_FETCHES} logs already; try again shortly",
+                self.cfg.name
+            ))
+        } else {
+            // Refuses a job id that is not one safe path component.
+            self.sup.generation_dir(&f.job_id, f.generation).err()
+        };
+        if let Some(error) = refused {
+            let _ = tx
+                .send(pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::LogChunk(pb::LogChunk {
+                        request_id: f.request_id,
+                        eof: true,
+                        error,
+                        ..Default::default()
+                    })),
+                })
+                .await;
+            return;
+        }
+        let cancel = CancellationToken::new();
+        let credit = Arc::new(tokio::sync::Semaphore::new(0));
+        self.fetches.insert(
+            f.request_id,
+            LogFetch {
+                cancel: cancel.clone(),
+                credit: credit.clone(),
+            },
+        );
+        let live = self.sup.log_live(&(f.job_id.clone(), f.generation, f.rank));
+        let fetch = supervisor::logs::Fetch {
+            request_id: f.request_id,
+            job: f.job_id,
+            generation: f.generation,
+            rank: f.rank,
+            tail_bytes: f.tail_bytes,
+            follow: f.follow,
+        };
+        let work_dir = self.cfg.work_dir.clone();
+        let out = tx.clone();
+        tokio::spawn(async move {
+            supervisor::logs::serve(fetch, work_dir, live, credit, out, cancel.clone()).await;
+            cancel.cancel();
+        });
     }
 }
 

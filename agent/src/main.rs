@@ -53,6 +53,13 @@ struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Rotate a rank log when it would grow past this size (64MiB, 1GiB, bytes); 0: never.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = ringmaster_config::units::parse_size)]
+    log_max_bytes: u64,
+    /// Rotated rank logs kept (rank-R.log.1 newest .. rank-R.log.N oldest); older ones are deleted.
+    #[arg(long, value_name = "N", default_value_t = ringmaster_agent::supervisor::logs::Rotation::DEFAULT_KEEP,
+          value_parser = clap::value_parser!(u32).range(0..=1000))]
+    log_keep: u32,
 }
 
 fn read_token(path: &PathBuf) -> Result<String, String> {
@@ -109,6 +116,10 @@ fn main() -> ExitCode {
         trainer,
         max_backoff: args.max_backoff,
         shutdown_grace: args.shutdown_grace,
+        log_rotation: ringmaster_agent::supervisor::logs::Rotation {
+            max_bytes: args.log_max_bytes,
+            keep: args.log_keep,
+        },
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

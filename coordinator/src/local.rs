@@ -109,6 +109,7 @@ pub async fn run(
             trainer: trainer.clone(),
             max_backoff: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(5),
+            log_rotation: Default::default(),
         };
         let stop = stop_agents.clone();
         agents.push(tokio::spawn(async move {

@@ -62,6 +62,7 @@ async fn writes_over_a_generations_limits_are_resource_exhausted() {
         work_dir: dir.path().join("work"),
         token: None,
         tls: Default::default(),
+        log_rotation: Default::default(),
         advertise_addr: "127.0.0.1".into(),
         trainer: "trainer".into(),
         max_backoff: Duration::from_millis(200),

@@ -13,11 +13,11 @@ pub mod kill;
 pub mod logs;
 pub mod spawn;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -36,6 +36,7 @@ pub const AGENT_ROOT_ENV: &str = "RINGMASTER_AGENT_ROOT";
 struct Worker {
     pid: u32,
     running: Arc<AtomicBool>,
+    log_rotations: Arc<AtomicU64>,
 }
 
 /// Owns the workers of this node.
@@ -51,6 +52,7 @@ pub struct Supervisor {
     exits: mpsc::Sender<pb::WorkerExited>,
     /// How workers dial the coordinator (the agent's own TLS settings, minus its identity).
     tls: ringmaster_auth::ClientTls,
+    log_rotation: logs::Rotation,
 }
 
 /// True for names safe as one path component: `[A-Za-z0-9._-]`, not starting with `.`/`-`.
@@ -97,6 +99,7 @@ impl Supervisor {
             workers: BTreeMap::new(),
             exits,
             tls: Default::default(),
+            log_rotation: logs::Rotation::default(),
         }
     }
 
@@ -106,6 +109,12 @@ impl Supervisor {
             identity: None,
             ..tls.clone()
         };
+    }
+
+    /// Rotates rank logs at this size limit (default: [`logs::Rotation::default`]).
+    pub fn with_log_rotation(mut self, rotation: logs::Rotation) -> Supervisor {
+        self.log_rotation = rotation;
+        self
     }
 
     /// The directory of one generation of a job: `<work-dir>/<job>/gen-<g>`.
@@ -125,9 +134,14 @@ impl Supervisor {
             .join(format!("rank-{rank}.log")))
     }
 
-    /// Whether a worker is alive, for log following.
-    pub fn running_flag(&self, key: &WorkerKey) -> Option<Arc<AtomicBool>> {
-        self.workers.get(key).map(|w| w.running.clone())
+    /// What following a worker's log needs while the worker is here (runs or was not yet
+    /// reaped): whether it runs and its log's rotations.
+    pub fn log_live(&self, key: &WorkerKey) -> Option<logs::Live> {
+        self.workers.get(key).map(|w| logs::Live {
+            running: w.running.clone(),
+            rotations: w.log_rotations.clone(),
+            keep: self.log_rotation.keep,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -174,10 +188,16 @@ impl Supervisor {
             Ok(d) => d,
             Err(e) => return local.iter().map(|r| fail(r.rank, e.clone())).collect(),
         };
-        if let Err(e) = std::fs::create_dir_all(&gen_dir) {
-            let msg = format!("creating {}: {e}", gen_dir.display());
-            return local.iter().map(|r| fail(r.rank, msg.clone())).collect();
-        }
+        // Made and opened without following links: a worker of an earlier generation may
+        // have replaced the job directory with one.
+        let gen_fd =
+            match logs::open::generation_dir(&self.work_dir, &sw.job_id, sw.generation, true) {
+                Ok(d) => d,
+                Err(e) => {
+                    let msg = format!("creating the generation directory: {e}");
+                    return local.iter().map(|r| fail(r.rank, msg.clone())).collect();
+                }
+            };
         let program = if sw.program.is_empty() {
             match self.write_train_config(sw, &gen_dir) {
                 Ok(cfg) => vec![
@@ -210,21 +230,23 @@ impl Supervisor {
                 tls: &self.tls,
             });
             env.push((AGENT_ROOT_ENV.into(), root.clone()));
-            let log_path = gen_dir.join(format!("rank-{}.log", entry.rank));
-            let file = match std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-            {
-                Ok(f) => f,
+            let log_name = format!("rank-{}.log", entry.rank);
+            let log_path = gen_dir.join(&log_name);
+            let log = match gen_fd.try_clone().map_err(|source| logs::LogFileError::Io {
+                path: gen_dir.clone(),
+                source,
+            }) {
+                Ok(dir) => logs::RankLog::open(dir, &gen_dir, &log_name, self.log_rotation),
+                Err(e) => Err(e),
+            };
+            let log = match log {
+                Ok(l) => l,
                 Err(e) => {
-                    out.push(fail(
-                        entry.rank,
-                        format!("opening {}: {e}", log_path.display()),
-                    ));
+                    out.push(fail(entry.rank, format!("opening the rank log: {e}")));
                     continue;
                 }
             };
+            let log_rotations = log.rotations();
             let mut child = match spawn::spawn(&program, &env, None) {
                 Ok(c) => c,
                 Err(e) => {
@@ -235,13 +257,12 @@ impl Supervisor {
             let pid = child.id().expect("a just-spawned child has a pid");
             tracing::info!(job = %sw.job_id, generation = sw.generation, rank = entry.rank, pid, log = %log_path.display(), "worker started");
             let running = Arc::new(AtomicBool::new(true));
-            let sink = Arc::new(logs::LogSink {
-                file: Mutex::new(file),
-                tail: Mutex::new(VecDeque::new()),
-                job: sw.job_id.clone(),
-                generation: sw.generation,
-                rank: entry.rank,
-            });
+            let sink = Arc::new(logs::LogSink::new(
+                log,
+                sw.job_id.clone(),
+                sw.generation,
+                entry.rank,
+            ));
             let stdout = child.stdout.take().expect("stdout is piped");
             let stderr = child.stderr.take().expect("stderr is piped");
             let exits = self.exits.clone();
@@ -251,7 +272,7 @@ impl Supervisor {
                 let pumps = tokio::spawn({
                     let sink = sink.clone();
                     async move {
-                        tokio::join!(logs::pump(stdout, sink.clone()), logs::pump(stderr, sink));
+                        tokio::join!(logs::pump(stdout, &sink), logs::pump(stderr, &sink));
                     }
                 });
                 let status = child.wait().await;
@@ -268,7 +289,14 @@ impl Supervisor {
                 };
                 let _ = exits.send(exited(&k, code, sig, sink.tail())).await;
             });
-            self.workers.insert(key, Worker { pid, running });
+            self.workers.insert(
+                key,
+                Worker {
+                    pid,
+                    running,
+                    log_rotations,
+                },
+            );
             out.push(pb::agent_message::Msg::WorkerStarted(pb::WorkerStarted {
                 job_id: sw.job_id.clone(),
                 generation: sw.generation,

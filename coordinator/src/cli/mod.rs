@@ -417,19 +417,44 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
                 .await?
                 .into_inner();
             let mut out = std::io::stdout().lock();
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk?;
+            // Every chunk says where its bytes belong; the whole log starts at byte 0, a
+            // tail wherever its first chunk says.
+            let mut next: Option<u64> = (tail.unwrap_or(0) == 0).then_some(0);
+            let truncated = |at: Option<u64>, why: &str| {
+                CliError::failed(format!("log truncated at byte {}: {why}", at.unwrap_or(0)))
+            };
+            loop {
+                let chunk = match stream.next().await {
+                    Some(Ok(c)) => c,
+                    // Refused before any byte (unknown job, a log that is a link...).
+                    Some(Err(s)) if next.is_none_or(|n| n == 0) => return Err(s.into()),
+                    Some(Err(s)) => return Err(truncated(next, s.message())),
+                    None => {
+                        return Err(truncated(
+                            next,
+                            "the stream ended before the end of the log",
+                        ));
+                    }
+                };
+                if let Some(want) = next
+                    && chunk.offset != want
+                {
+                    return Err(truncated(
+                        next,
+                        &format!("the next chunk starts at byte {}", chunk.offset),
+                    ));
+                }
                 if !chunk.error.is_empty() {
-                    return Err(CliError::failed(chunk.error));
+                    return Err(truncated(Some(chunk.offset), &chunk.error));
                 }
                 out.write_all(&chunk.data)
                     .and_then(|_| out.flush())
                     .map_err(|e| CliError::failed(format!("writing to stdout: {e}")))?;
+                next = Some(chunk.offset + chunk.data.len() as u64);
                 if chunk.eof {
-                    break;
+                    return Ok(Exit::Ok);
                 }
             }
-            Ok(Exit::Ok)
         }
         Command::Cancel {
             job,

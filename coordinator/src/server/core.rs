@@ -25,6 +25,10 @@ use crate::status;
 pub type AgentTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
 pub type LogTx = mpsc::Sender<Result<pb::LogChunk, Status>>;
 
+/// Log chunks an agent may send for one fetch beyond what its reader has taken: the first
+/// credit granted, and the most that wait in the coordinator for a slow reader.
+pub const LOG_WINDOW_CHUNKS: u32 = 16;
+
 /// Commands the gRPC handlers send to the loop.
 pub enum Cmd {
     AgentJoin {
@@ -70,10 +74,21 @@ pub enum Cmd {
     Nodes {
         reply: oneshot::Sender<Vec<pb::NodeStatus>>,
     },
+    /// Starts a log fetch; replies with its request id. `tx` must hold
+    /// [`LOG_WINDOW_CHUNKS`] + 2 items (the window, the final chunk and a disconnect error).
     Logs {
         req: pb::LogsRequest,
         tx: LogTx,
-        reply: oneshot::Sender<Result<(), Status>>,
+        reply: oneshot::Sender<Result<u64, Status>>,
+    },
+    /// The reader of a log fetch took `chunks` more chunks: let the agent send as many.
+    LogCredit {
+        request_id: u64,
+        chunks: u32,
+    },
+    /// The reader of a log fetch went away.
+    LogDone {
+        request_id: u64,
     },
     Progress(pb::Progress),
 }
@@ -479,6 +494,34 @@ impl Core {
                 let r = self.start_log_fetch(req, tx);
                 let _ = reply.send(r);
             }
+            Cmd::LogCredit { request_id, chunks } => {
+                if let Some((node, _)) = self.log_requests.get(&request_id) {
+                    let node = node.clone();
+                    let credit = pb::coordinator_message::Msg::LogCredit(pb::LogCredit {
+                        request_id,
+                        chunks,
+                    });
+                    if !self.send_to(&node, credit) {
+                        // Without this credit the fetch would stall for good: end it, and
+                        // the reader, seeing no eof, reports the log truncated.
+                        self.log_requests.remove(&request_id);
+                        self.send_to(
+                            &node,
+                            pb::coordinator_message::Msg::CancelFetch(pb::CancelFetch {
+                                request_id,
+                            }),
+                        );
+                    }
+                }
+            }
+            Cmd::LogDone { request_id } => {
+                if let Some((node, _)) = self.log_requests.remove(&request_id) {
+                    self.send_to(
+                        &node,
+                        pb::coordinator_message::Msg::CancelFetch(pb::CancelFetch { request_id }),
+                    );
+                }
+            }
             Cmd::Progress(p) => self.progress(p),
         }
     }
@@ -853,6 +896,9 @@ impl Core {
                 }
             }
             Msg::LogChunk(c) => {
+                // The agent sends data only against credits, and the reader's channel holds
+                // the whole window: a full channel means an agent that ignores its credits.
+                // The fetch then ends without eof, which its reader reports as a truncation.
                 let eof = c.eof;
                 let id = c.request_id;
                 let failed = match self.log_requests.get(&id) {
@@ -860,7 +906,7 @@ impl Core {
                         let r = if c.error.is_empty() {
                             Ok(c)
                         } else {
-                            Err(Status::not_found(c.error))
+                            Err(Status::failed_precondition(c.error))
                         };
                         tx.try_send(r).is_err()
                     }
@@ -1483,7 +1529,7 @@ impl Core {
         }
     }
 
-    fn start_log_fetch(&mut self, req: pb::LogsRequest, tx: LogTx) -> Result<(), Status> {
+    fn start_log_fetch(&mut self, req: pb::LogsRequest, tx: LogTx) -> Result<u64, Status> {
         let job = self
             .jobs
             .get(&req.job_id)
@@ -1516,14 +1562,28 @@ impl Core {
                 follow: req.follow,
             }),
         );
-        if !sent {
+        let credited = sent
+            && self.send_to(
+                &node,
+                pb::coordinator_message::Msg::LogCredit(pb::LogCredit {
+                    request_id: rid,
+                    chunks: LOG_WINDOW_CHUNKS,
+                }),
+            );
+        if !credited {
+            if sent {
+                self.send_to(
+                    &node,
+                    pb::coordinator_message::Msg::CancelFetch(pb::CancelFetch { request_id: rid }),
+                );
+            }
             return Err(Status::unavailable(format!(
                 "node {node}, which ran rank {}, is not connected",
                 req.rank
             )));
         }
         self.log_requests.insert(rid, (node, tx));
-        Ok(())
+        Ok(rid)
     }
 
     /// Marks a job for persisting and publishing; done once per burst of commands by

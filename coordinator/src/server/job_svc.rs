@@ -3,14 +3,13 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use ringmaster_auth::{Credentials, Role};
 use ringmaster_proto as pb;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::server::core::{Cmd, Handle};
+use crate::server::core::{Cmd, Handle, LOG_WINDOW_CHUNKS};
 use crate::spec::{JobSpec, MAX_SPEC_BYTES};
 
 pub struct JobSvc {
@@ -144,18 +143,73 @@ impl pb::job_service_server::JobService for JobSvc {
         req: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
         let req = req.into_inner();
-        let (tx, rx) = mpsc::channel(64);
-        self.core
+        let (tx, rx) = mpsc::channel(LOG_WINDOW_CHUNKS as usize + 2);
+        let request_id = self
+            .core
             .call(|reply| Cmd::Logs { req, tx, reply })
             .await??;
-        // End the stream after the agent's eof chunk.
-        let stream = ReceiverStream::new(rx).scan(false, |done, item| {
-            if *done {
-                return futures::future::ready(None);
+        let reader = LogReader {
+            rx,
+            taken: 0,
+            done: false,
+            fetch: FetchGuard {
+                core: self.core.clone(),
+                request_id,
+            },
+        };
+        // tonic asks for the next chunk when the client's HTTP/2 window has room: each chunk
+        // taken is a credit for the agent, so a slow client slows the agent's reading.
+        let stream = futures::stream::unfold(reader, |mut r| async move {
+            if r.done {
+                return None;
             }
-            *done = matches!(&item, Ok(c) if c.eof) || item.is_err();
-            futures::future::ready(Some(item))
+            let item = r.rx.recv().await?;
+            match &item {
+                Ok(c) if !c.eof => {
+                    r.taken += 1;
+                    if r.taken >= LOG_CREDIT_BATCH {
+                        let chunks = std::mem::take(&mut r.taken);
+                        r.fetch
+                            .core
+                            .send(Cmd::LogCredit {
+                                request_id: r.fetch.request_id,
+                                chunks,
+                            })
+                            .await;
+                    }
+                }
+                // The agent's eof chunk or an error ends the stream.
+                _ => r.done = true,
+            }
+            Some((item, r))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Chunks taken by a log reader before they are granted back to the agent, in one message.
+const LOG_CREDIT_BATCH: u32 = LOG_WINDOW_CHUNKS / 2;
+
+struct LogReader {
+    rx: mpsc::Receiver<Result<pb::LogChunk, Status>>,
+    taken: u32,
+    done: bool,
+    fetch: FetchGuard,
+}
+
+/// Ends a log fetch on the agent when its reader goes away (the client hung up, or the
+/// stream ended): without it the agent would wait for credits until it reconnects.
+struct FetchGuard {
+    core: Handle,
+    request_id: u64,
+}
+
+impl Drop for FetchGuard {
+    fn drop(&mut self) {
+        let core = self.core.clone();
+        let request_id = self.request_id;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { core.send(Cmd::LogDone { request_id }).await });
+        }
     }
 }
