@@ -95,6 +95,13 @@ pub async fn run(
         .and_then(|p| p.parent().map(|d| d.join("trainer")))
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("trainer"));
+    // Jobs may write under the directory ringctl runs in (where a config's relative paths
+    // point, e.g. the quickstart's `output/quickstart`) and under the cluster's own directory.
+    let mut allowed_roots = vec![root.clone()];
+    match std::env::current_dir() {
+        Ok(d) => allowed_roots.push(d),
+        Err(e) => tracing::warn!(error = %e, "no current directory: it is not an allowed root"),
+    }
     let stop_agents = CancellationToken::new();
     let mut agents = Vec::new();
     for name in &names {
@@ -108,6 +115,7 @@ pub async fn run(
             trainer: trainer.clone(),
             max_backoff: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(5),
+            allowed_roots: allowed_roots.clone(),
         };
         let stop = stop_agents.clone();
         agents.push(tokio::spawn(async move {
