@@ -4,7 +4,8 @@
 //! node-0…node-N-1 and a random join token) and N agents in this process, submits FILE,
 //! watches it, and tears everything down: agents stop their workers (SIGTERM, grace,
 //! SIGKILL) before the command returns. The exit code is the job's result. Ctrl-C cancels the
-//! job first.
+//! job first. Jobs may write under the directory ringctl runs in and the cluster's directory
+//! (the agents' allowed roots), where a config's relative paths point.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
