@@ -7,13 +7,17 @@
 //!
 //! Layout:
 //! - [`env`] — the worker environment (torchrun / DeepSpeed names).
+//! - [`lock`] — one agent per work dir (`<work-dir>/agent.lock`).
+//! - [`paths`] — the allowed roots a job may write under (`--allowed-root`).
 //! - [`supervisor`] — spawning, log capture, process-group signals.
 //! - [`logging`] — tracing setup shared by every Ringmaster binary.
 //! - [`shutdown_signal`], [`error_chain`] — also shared with the coordinator's binaries.
 //! - this file — [`Config`] and [`run`], the connection loop.
 
 pub mod env;
+pub mod lock;
 pub mod logging;
+pub mod paths;
 pub mod supervisor;
 
 /// Resolves on the first SIGTERM or SIGINT (the binaries' shutdown request).
@@ -47,6 +51,10 @@ use supervisor::Supervisor;
 /// Largest message the agent accepts from the coordinator.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
+/// Most slots one agent may announce (the coordinator and the hostfile parser apply the same
+/// limit, `ringmaster_hostfile::hostfile::MAX_SLOTS`).
+pub const MAX_SLOTS: u32 = 1024;
+
 /// Everything an agent needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -69,6 +77,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Size limit of rank logs and how many rotated files are kept.
     pub log_rotation: supervisor::logs::Rotation,
+    /// Directories besides the work dir that a job's `output_dir` and `workdir:` may lie in.
+    pub allowed_roots: Vec<PathBuf>,
 }
 
 /// Log fetches served at once; more are refused, so that log chunks (at most a credit
@@ -89,6 +99,11 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Another agent holds the work dir.
+    #[error(transparent)]
+    Locked(#[from] lock::LockError),
+    #[error(transparent)]
+    AllowedRoot(#[from] paths::RootError),
 }
 
 /// A log fetch being served: its stop switch and the credits the coordinator granted.
@@ -143,7 +158,8 @@ fn default_advertise(join: &str) -> String {
 /// refuses it.
 ///
 /// # Errors
-/// A refusal (wrong token, unknown node...), a bad address or an unusable work dir.
+/// A refusal (wrong token, unknown node...), a bad address, an unusable work dir (or one another
+/// agent holds) or an unusable allowed root.
 pub async fn run(
     mut cfg: Config,
     shutdown: impl Future<Output = ()> + Send,
@@ -162,6 +178,10 @@ pub async fn run(
             path: cfg.work_dir.clone(),
             source,
         })?;
+    // Held until this function returns; the kernel drops it if the process dies first.
+    let _lock = lock::acquire(&cfg.work_dir)?;
+    let roots = paths::AllowedRoots::new(&cfg.work_dir, &cfg.allowed_roots)?;
+    // Only now are workers marked with this work dir really orphans of a dead agent.
     let killed = supervisor::kill_leftovers(&cfg.work_dir);
     if killed > 0 {
         tracing::warn!(groups = killed, "killed workers left by an earlier agent");
@@ -181,7 +201,8 @@ pub async fn run(
         cfg.join.clone(),
         exit_tx,
     )
-    .with_log_rotation(cfg.log_rotation);
+    .with_log_rotation(cfg.log_rotation)
+    .with_allowed_roots(roots);
     sup.set_tls(&cfg.tls);
     let incarnation = format!("{:016x}", rand::random::<u64>());
     let mut agent = Agent {

@@ -17,12 +17,17 @@ struct Args {
     /// This node's name (as in the hostfile). Default: the host name.
     #[arg(long)]
     name: Option<String>,
-    /// Slots (GPUs) to announce. Default: CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`, else 1.
+    /// Slots (GPUs) to announce, at most 1024. Default: CUDA_VISIBLE_DEVICES, else
+    /// `nvidia-smi -L`, else 1.
     #[arg(long)]
     slots: Option<u32>,
-    /// Where per-rank logs and job files go.
+    /// Where per-rank logs and job files go. One agent per work dir (`agent.lock` in it).
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
+    /// A directory jobs may write under (`output_dir`, `workdir:`), besides the work dir.
+    /// Repeatable. System directories (/etc, /usr, /bin, /lib*...) are refused whatever the roots.
+    #[arg(long = "allowed-root", value_name = "DIR")]
+    allowed_roots: Vec<PathBuf>,
     /// File holding the join token the coordinator expects.
     #[arg(long, value_name = "FILE")]
     join_token_file: Option<PathBuf>,
@@ -90,6 +95,19 @@ fn main() -> ExitCode {
         eprintln!("agent: --slots must be at least 1");
         return ExitCode::from(2);
     }
+    let slots = args.slots.unwrap_or_else(ringmaster_agent::detect_slots);
+    if slots > ringmaster_agent::MAX_SLOTS {
+        let from = if args.slots.is_some() {
+            "--slots"
+        } else {
+            "the detected slot count (CUDA_VISIBLE_DEVICES)"
+        };
+        eprintln!(
+            "agent: {from} {slots} is above the limit of {} slots per agent",
+            ringmaster_agent::MAX_SLOTS
+        );
+        return ExitCode::from(2);
+    }
     let trainer = args.trainer.unwrap_or_else(|| {
         std::env::current_exe()
             .ok()
@@ -103,7 +121,7 @@ fn main() -> ExitCode {
     let cfg = ringmaster_agent::Config {
         join: args.join,
         name,
-        slots: args.slots.unwrap_or_else(ringmaster_agent::detect_slots),
+        slots,
         work_dir,
         token,
         tls: ringmaster_auth::ClientTls {
@@ -120,6 +138,7 @@ fn main() -> ExitCode {
             max_bytes: args.log_max_bytes,
             keep: args.log_keep,
         },
+        allowed_roots: args.allowed_roots,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -144,7 +163,12 @@ fn main() -> ExitCode {
             match e {
                 ringmaster_agent::AgentError::Refused { .. }
                 | ringmaster_agent::AgentError::BadAddress(_)
-                | ringmaster_agent::AgentError::BadTls(_) => ExitCode::from(2),
+                | ringmaster_agent::AgentError::BadTls(_)
+                | ringmaster_agent::AgentError::Locked(
+                    ringmaster_agent::lock::LockError::Locked { .. },
+                )
+                | ringmaster_agent::AgentError::AllowedRoot(_) => ExitCode::from(2),
+                ringmaster_agent::AgentError::Locked(_) => ExitCode::from(1),
                 ringmaster_agent::AgentError::WorkDir { .. } => ExitCode::from(1),
             }
         }

@@ -4,7 +4,8 @@
 //! node-0…node-N-1 and a random join token) and N agents in this process, submits FILE,
 //! watches it, and tears everything down: agents stop their workers (SIGTERM, grace,
 //! SIGKILL) before the command returns. The exit code is the job's result. Ctrl-C cancels the
-//! job first.
+//! job first. Jobs may write under the directory ringctl runs in and the cluster's directory
+//! (the agents' allowed roots), where a config's relative paths point.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -95,6 +96,13 @@ pub async fn run(
         .and_then(|p| p.parent().map(|d| d.join("trainer")))
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("trainer"));
+    // Jobs may write under the directory ringctl runs in (where a config's relative paths
+    // point, e.g. the quickstart's `output/quickstart`) and under the cluster's own directory.
+    let mut allowed_roots = vec![root.clone()];
+    match std::env::current_dir() {
+        Ok(d) => allowed_roots.push(d),
+        Err(e) => tracing::warn!(error = %e, "no current directory: it is not an allowed root"),
+    }
     let stop_agents = CancellationToken::new();
     let mut agents = Vec::new();
     for name in &names {
@@ -110,6 +118,7 @@ pub async fn run(
             max_backoff: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(5),
             log_rotation: Default::default(),
+            allowed_roots: allowed_roots.clone(),
         };
         let stop = stop_agents.clone();
         agents.push(tokio::spawn(async move {

@@ -68,6 +68,11 @@ pub struct JobSpec {
     /// sets `initial`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_backoff: Option<RestartBackoff>,
+    /// The directory workers start in (absolute; each agent checks it against its allowed
+    /// roots). Default: the generation's directory, `<work-dir>/<job>/gen-<g>`. ringctl
+    /// resolves a training config's relative paths against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
 }
 
 /// How long a failed job waits before each restart (Kubernetes' CrashLoopBackOff, in small).
@@ -363,7 +368,28 @@ impl JobSpec {
                 ));
             }
         }
+        self.check_paths(train.as_ref(), origin)?;
         Ok(train)
+    }
+
+    /// The submit-time rules for the paths a job writes to (`workdir:` and the training
+    /// config's `output_dir`): absolute, no `..`, not a system directory. Whether a path lies
+    /// inside the allowed roots is for each agent to say: only it knows its roots.
+    ///
+    /// # Errors
+    /// The first path refused, naming its field.
+    pub fn check_paths(&self, train: Option<&TrainConfig>, origin: &str) -> Result<(), SpecError> {
+        use ringmaster_config::paths::check_submitted;
+        let output_dir = train.and_then(|t| t.output_dir.as_deref());
+        for (field, path) in [
+            ("workdir", self.workdir.as_deref()),
+            ("output_dir", output_dir),
+        ] {
+            if let Some(p) = path {
+                check_submitted(field, p).map_err(|e| SpecError::invalid(origin, e.to_string()))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -439,8 +465,12 @@ fn read(path: &Path) -> Result<Vec<u8>, SpecError> {
 /// Reads a job spec or a bare training config from `path`, inlines the training config and
 /// the files it names, and validates the result.
 ///
-/// Relative paths inside a spec resolve against the spec's directory, then the working
-/// directory (where LLaMA-Factory users keep them).
+/// The files a spec names (`train:`, DeepSpeed / FSDP / accelerate files) resolve against the
+/// spec's directory, then the working directory. The training config's own relative paths
+/// (`model_name_or_path`, `dataset_dir`, `output_dir`...) are made absolute against the
+/// directory the job starts from: the spec's `workdir:` when given, else the working
+/// directory, as `llamafactory-cli` reads them relative to where it runs
+/// ([`ringmaster_config::paths::absolutize_config`]).
 ///
 /// # Errors
 /// Unreadable files, bad YAML, unknown keys, bad values: each naming the file and the field.
@@ -493,6 +523,16 @@ pub fn submission_from_text(
             .map_err(|_| SpecError::invalid(&train_origin, "not UTF-8 text"))?;
         spec.train = Some(parse_yaml(&text, &train_origin)?);
         train_base = tpath.parent().unwrap_or(Path::new(".")).to_owned();
+    }
+    if let Some(serde_json::Value::Object(map)) = &mut spec.train {
+        let start = match spec.workdir.as_deref().map(Path::new) {
+            Some(w) if w.is_absolute() => w.to_owned(),
+            // A relative workdir is refused by `validate` below.
+            _ => std::env::current_dir().map_err(|e| {
+                SpecError::invalid(origin, format!("reading the current directory: {e}"))
+            })?,
+        };
+        ringmaster_config::paths::absolutize_config(map, &start);
     }
     let mut files = BTreeMap::new();
     if let Some(train) = &spec.train {
@@ -607,6 +647,23 @@ mod tests {
             ("train: {stage: xx}\n", "`stage`"),
             ("train: missing.yaml\n", "missing.yaml"),
             ("command: [a\n", "not valid YAML"),
+            (
+                "command: [a]\nworkdir: rel/dir\n",
+                "`workdir: rel/dir`: must be an absolute",
+            ),
+            (
+                "command: [a]\nworkdir: /etc\n",
+                "`workdir: /etc` is a system directory",
+            ),
+            (
+                "stage: sft\noutput_dir: /etc/x\n",
+                "`output_dir: /etc/x` is a system directory",
+            ),
+            ("stage: sft\noutput_dir: /usr/../etc/x\n", "`..` components"),
+            (
+                "train: {stage: sft, output_dir: /proc/1}\n",
+                "`output_dir: /proc/1`",
+            ),
         ];
         for (text, want) in cases {
             let err = sub(text).expect_err(text).to_string();
@@ -770,6 +827,44 @@ mod tests {
             max: std::time::Duration::ZERO,
         };
         assert_eq!(none.delay(50), std::time::Duration::ZERO);
+    }
+
+    #[test]
+    fn relative_training_paths_are_made_absolute_against_the_start_directory() {
+        let s = sub("workdir: /srv/proj\ntrain: {stage: sft, output_dir: out/../run, model_name_or_path: models/m}\n")
+            .unwrap();
+        let t = s.spec.train.unwrap();
+        assert_eq!(t["output_dir"], "/srv/proj/run");
+        assert_eq!(t["model_name_or_path"], "/srv/proj/models/m");
+        // Without workdir: the directory ringctl runs in (as llamafactory-cli reads them).
+        let s = sub("stage: sft\noutput_dir: output/quickstart\n").unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            s.spec.train.unwrap()["output_dir"],
+            cwd.join("output/quickstart").display().to_string()
+        );
+    }
+
+    #[test]
+    fn the_coordinator_refuses_relative_and_climbing_paths() {
+        // What a raw API submission (no ringctl in between) may carry.
+        let spec = |out: &str| JobSpec {
+            train: Some(serde_json::json!({"stage": "sft", "output_dir": out})),
+            ..JobSpec::default()
+        };
+        assert!(spec("/data/run").validate("job spec").is_ok());
+        for (out, want) in [
+            ("out", "absolute"),
+            ("../../x", "absolute"),
+            ("/a/../../etc/x", "`..`"),
+            ("/dev/shm/x", "system directory"),
+        ] {
+            let e = spec(out).validate("job spec").unwrap_err().to_string();
+            assert!(
+                e.starts_with("job spec: `output_dir: ") && e.contains(want),
+                "{out}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -42,6 +42,7 @@ async fn store_barrier_and_progress_through_grpc() {
         max_backoff: Duration::from_millis(200),
         shutdown_grace: Duration::from_secs(1),
         log_rotation: Default::default(),
+        allowed_roots: Vec::new(),
     };
     let s = stop.clone();
     let agent = tokio::spawn(ringmaster_agent::run(agent_cfg, async move {

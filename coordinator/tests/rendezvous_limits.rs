@@ -63,6 +63,7 @@ async fn writes_over_a_generations_limits_are_resource_exhausted() {
         token: None,
         tls: Default::default(),
         log_rotation: Default::default(),
+        allowed_roots: Vec::new(),
         advertise_addr: "127.0.0.1".into(),
         trainer: "trainer".into(),
         max_backoff: Duration::from_millis(200),

@@ -318,7 +318,9 @@ impl Cluster {
             &slots.to_string(),
         ])
         .arg("--work-dir")
-        .arg(self.path(&format!("work-{name}")));
+        .arg(self.path(&format!("work-{name}")))
+        .arg("--allowed-root")
+        .arg(self.dir.path());
         if !extra.contains(&"--join-token-file") {
             cmd.arg("--join-token-file").arg(&self.token_file);
         }

@@ -231,7 +231,16 @@ pub fn export(args: ExportArgs) -> Result<(), RunError> {
     {
         let e = e.map_err(|e| failed(e.into()))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if e.path().is_file() && !is_state_or_weights(&name) {
+        // Regular files only: a symlink in a checkpoint may lead anywhere (a token, a key), and
+        // the export is a copy someone will publish.
+        let regular = e.file_type().is_ok_and(|t| t.is_file());
+        if !regular && e.path().is_file() {
+            eprintln!(
+                "trainer: warning: {} is a symlink; not copied into the export",
+                e.path().display()
+            );
+        }
+        if regular && !is_state_or_weights(&name) {
             std::fs::copy(e.path(), args.out.join(&name))
                 .with_context(|| format!("copying {name}"))
                 .map_err(failed)?;

@@ -25,6 +25,7 @@ use ringmaster_proto as pb;
 use tokio::sync::mpsc;
 
 use crate::env::{EnvInput, worker_env};
+use crate::paths::AllowedRoots;
 
 /// (job id, generation, rank)
 pub type WorkerKey = (String, u64, u32);
@@ -53,6 +54,8 @@ pub struct Supervisor {
     /// How workers dial the coordinator (the agent's own TLS settings, minus its identity).
     tls: ringmaster_auth::ClientTls,
     log_rotation: logs::Rotation,
+    /// Where a job's `workdir:` and `output_dir` may lie.
+    roots: AllowedRoots,
 }
 
 /// True for names safe as one path component: `[A-Za-z0-9._-]`, not starting with `.`/`-`.
@@ -91,6 +94,7 @@ impl Supervisor {
         exits: mpsc::Sender<pb::WorkerExited>,
     ) -> Supervisor {
         Supervisor {
+            roots: AllowedRoots::only(&work_dir),
             work_dir,
             trainer,
             node,
@@ -114,6 +118,12 @@ impl Supervisor {
     /// Rotates rank logs at this size limit (default: [`logs::Rotation::default`]).
     pub fn with_log_rotation(mut self, rotation: logs::Rotation) -> Supervisor {
         self.log_rotation = rotation;
+        self
+    }
+
+    /// Replaces the allowed roots (by default the work dir alone).
+    pub fn with_allowed_roots(mut self, roots: AllowedRoots) -> Supervisor {
+        self.roots = roots;
         self
     }
 
@@ -188,6 +198,12 @@ impl Supervisor {
             Ok(d) => d,
             Err(e) => return local.iter().map(|r| fail(r.rank, e.clone())).collect(),
         };
+        // Workers start in the generation's directory (or the job's `workdir:`), and nothing
+        // starts from a spec that would write outside the allowed roots.
+        let cwd = match self.roots.job_dirs(&sw.workdir, &sw.train_config, &gen_dir) {
+            Ok(d) => d,
+            Err(e) => return local.iter().map(|r| fail(r.rank, e.clone())).collect(),
+        };
         // Made and opened without following links: a worker of an earlier generation may
         // have replaced the job directory with one.
         let gen_fd =
@@ -247,7 +263,7 @@ impl Supervisor {
                 }
             };
             let log_rotations = log.rotations();
-            let mut child = match spawn::spawn(&program, &env, None) {
+            let mut child = match spawn::spawn(&program, &env, Some(&cwd)) {
                 Ok(c) => c,
                 Err(e) => {
                     out.push(fail(entry.rank, format!("starting {:?}: {e}", program[0])));
@@ -407,7 +423,8 @@ impl Supervisor {
 }
 
 /// Kills process groups left by an earlier agent on the same work dir (one killed with
-/// SIGKILL: its direct children died with it, their children may not have).
+/// SIGKILL: its direct children died with it, their children may not have). Call it only with
+/// the work dir's lock held ([`crate::lock`]): then no live agent owns those workers.
 pub fn kill_leftovers(work_dir: &Path) -> usize {
     let marker = format!("{AGENT_ROOT_ENV}={}", work_dir.display());
     let me = std::process::id();
@@ -508,6 +525,73 @@ mod tests {
         })
         .await
         .expect("condition not met within 5 s")
+    }
+
+    #[tokio::test]
+    async fn workers_start_in_their_generation_dir_and_bad_paths_start_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().canonicalize().unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut s = Supervisor::new(
+            work.clone(),
+            PathBuf::from("trainer"),
+            "n0".into(),
+            "127.0.0.1".into(),
+            "127.0.0.1:1".into(),
+            tx,
+        );
+        let mut sw = pb::StartWorkers {
+            job_id: "job-1".into(),
+            generation: 4,
+            world_size: 1,
+            nnodes: 1,
+            ranks: vec![pb::RankEntry {
+                node: "n0".into(),
+                ..Default::default()
+            }],
+            program: vec!["sh".into(), "-c".into(), "pwd".into()],
+            ..Default::default()
+        };
+        let msgs = s.start(&sw);
+        assert!(
+            matches!(msgs.as_slice(), [pb::agent_message::Msg::WorkerStarted(_)]),
+            "{msgs:?}"
+        );
+        let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        s.reap(&(e.job_id.clone(), e.generation, e.rank));
+        assert_eq!(
+            e.log_tail,
+            vec![work.join("job-1/gen-4").display().to_string()]
+        );
+
+        // A workdir outside the roots, and a train job writing to /etc: refused, nothing runs.
+        sw.generation = 5;
+        sw.workdir = "/tmp".into();
+        let msgs = s.start(&sw);
+        let [pb::agent_message::Msg::StartFailed(f)] = msgs.as_slice() else {
+            panic!("{msgs:?}");
+        };
+        assert!(f.message.contains("workdir: /tmp"), "{}", f.message);
+        sw.workdir.clear();
+        sw.program.clear();
+        sw.train_config = r#"{"output_dir": "/etc/x"}"#.into();
+        let msgs = s.start(&sw);
+        let [pb::agent_message::Msg::StartFailed(f)] = msgs.as_slice() else {
+            panic!("{msgs:?}");
+        };
+        assert!(
+            f.message.contains("output_dir: /etc/x") && f.message.contains("system directory"),
+            "{}",
+            f.message
+        );
+        assert!(s.is_empty());
+        assert!(
+            !work.join("job-1/gen-5/train.yaml").exists(),
+            "nothing written from a refused config"
+        );
     }
 
     #[tokio::test]

@@ -540,6 +540,17 @@ impl Core {
                 "node name '{name}' is not valid: use 1-63 characters of A-Z a-z 0-9 . _ -"
             )));
         }
+        // The agent refuses `--slots` above the same limit; a raw Join may not get past it.
+        const _: () =
+            assert!(ringmaster_agent::MAX_SLOTS == ringmaster_hostfile::hostfile::MAX_SLOTS);
+        if join.slots > ringmaster_agent::MAX_SLOTS {
+            return Err(Status::resource_exhausted(format!(
+                "node '{}' announces {} slots, above the limit of {} slots per agent",
+                name,
+                join.slots,
+                ringmaster_agent::MAX_SLOTS
+            )));
+        }
         if let Some(hf) = &self.cfg.hostfile
             && !hf.hosts.iter().any(|h| h.name == name)
         {
@@ -1488,6 +1499,7 @@ impl Core {
                 .unwrap_or_default(),
             job_name: job.name.clone(),
             worker_token: self.cfg.creds.worker_token(id, generation),
+            workdir: job.spec.workdir.clone().unwrap_or_default(),
         };
         tracing::info!(job = %id, generation, world_size = msg.world_size, master = %format!("{}:{}", msg.master_addr, msg.master_port), "starting workers");
         let nodes = job.nodes();

@@ -14,10 +14,13 @@
 //!   buckets) resolved from the training config and those files by the HF Trainer rules.
 //! - [`estimate`] — DeepSpeed's memory estimators, model sizes from a Hugging Face Llama
 //!   `config.json` or a preset, and the per-plan table behind `ringctl estimate`.
+//! - [`paths`] — where a job may write: normalisation, allowed roots, system directories,
+//!   plain file names in checkpoint manifests, and the config's relative paths made absolute.
 
 pub mod accelerate;
 pub mod deepspeed;
 pub mod estimate;
+pub mod paths;
 pub mod plan;
 mod reader;
 pub mod units;

@@ -248,7 +248,10 @@ pub fn save(
     Ok(())
 }
 
-/// Reads and checks a committed checkpoint's manifest.
+/// Reads and checks a committed checkpoint's manifest. Every shard `file` entry must be a plain
+/// file name inside `dir` (no `/`, no `..`, not absolute, no symlink leading out of `dir`): a
+/// manifest is data anyone who can write the output dir controls, and resume and export read
+/// whatever it names.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     if !dir.join(COMMITTED).is_file() {
         bail!(
@@ -267,6 +270,16 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
             p.display(),
             m.format
         );
+    }
+    for s in &m.shards {
+        ringmaster_config::paths::file_in_dir(dir, &s.file).map_err(|why| {
+            anyhow!(
+                "{}: shard {} entry `file: {}` {why}",
+                p.display(),
+                s.shard,
+                s.file
+            )
+        })?;
     }
     Ok(m)
 }

@@ -148,6 +148,28 @@ fn trainable_mut(setup: &mut Setup) -> &mut ParamStore {
     }
 }
 
+/// Refuses a coordinator-given resume point outside `output_dir`: the next generation would
+/// otherwise read (and, through `save_total_limit`, protect) whatever directory a report named.
+fn check_resume_inside(ckpt: &std::path::Path, output_dir: &std::path::Path) -> Result<()> {
+    use ringmaster_config::paths::resolve;
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let resolve = |p: &std::path::Path| {
+        resolve(p, &cwd).map_err(|(at, e)| anyhow!("resolving {}: {e}", at.display()))
+    };
+    let (c, out) = (resolve(ckpt)?, resolve(output_dir)?);
+    if c == out || !c.starts_with(&out) {
+        return Err(anyhow!(
+            "RINGMASTER_RESUME_FROM={} ({}) is not a checkpoint inside output_dir {} ({}): \
+             refusing to resume from it",
+            ckpt.display(),
+            c.display(),
+            output_dir.display(),
+            out.display()
+        ));
+    }
+    Ok(())
+}
+
 /// The checkpoints to resume from, in order of preference, and whether only the first may be
 /// used. `RINGMASTER_RESUME_FROM` (set by the coordinator: the job's last committed checkpoint)
 /// comes first, falling back to the older committed checkpoints of `output_dir`; else the
@@ -161,6 +183,7 @@ fn resume_candidates(setup: &Setup) -> Result<(Vec<std::path::PathBuf>, bool)> {
         && !p.is_empty()
     {
         let first = std::path::PathBuf::from(&p);
+        check_resume_inside(&first, &setup.output_dir)?;
         let step = checkpoint::step_of(&first);
         let same = |q: &std::path::Path| {
             std::fs::canonicalize(q).ok() == std::fs::canonicalize(&first).ok()
