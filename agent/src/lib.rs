@@ -67,6 +67,8 @@ pub struct Config {
     /// How the coordinator is verified (CA, server name) and, for mutual TLS, this agent's
     /// certificate. Default: plaintext.
     pub tls: ringmaster_auth::ClientTls,
+    /// The unprivileged user workers run as (`--worker-user`); None: the agent's own user.
+    pub worker_user: Option<supervisor::spawn::WorkerUser>,
     /// Address other nodes reach this one at; empty: the address the coordinator sees.
     pub advertise_addr: String,
     /// The `trainer` program started for `train:` jobs.
@@ -167,9 +169,11 @@ pub async fn run(
     if !cfg.join.contains(':') {
         return Err(AgentError::BadAddress(cfg.join.clone()));
     }
-    std::fs::create_dir_all(&cfg.work_dir).map_err(|source| AgentError::WorkDir {
-        path: cfg.work_dir.clone(),
-        source,
+    work_dir_private(&cfg.work_dir, cfg.worker_user.is_some()).map_err(|source| {
+        AgentError::WorkDir {
+            path: cfg.work_dir.clone(),
+            source,
+        }
     })?;
     cfg.work_dir = cfg
         .work_dir
@@ -202,7 +206,8 @@ pub async fn run(
         exit_tx,
     )
     .with_log_rotation(cfg.log_rotation)
-    .with_allowed_roots(roots);
+    .with_allowed_roots(roots)
+    .with_worker_user(cfg.worker_user.clone());
     sup.set_tls(&cfg.tls);
     let incarnation = format!("{:016x}", rand::random::<u64>());
     let mut agent = Agent {
@@ -375,8 +380,13 @@ impl Agent {
         let ack = match first.and_then(|m| m.msg) {
             Some(pb::coordinator_message::Msg::JoinAck(a)) => a,
             other => {
+                // Only the kind: a message may carry a worker credential.
+                let kind = match other {
+                    None => "nothing".to_owned(),
+                    Some(m) => format!("{:?}", std::mem::discriminant(&m)),
+                };
                 return Err(ConnectError::Retry(format!(
-                    "expected JoinAck, got {other:?}"
+                    "expected JoinAck, got another message first ({kind})"
                 )));
             }
         };
@@ -537,17 +547,37 @@ impl Agent {
     }
 }
 
-/// An error and its sources on one line, `outer: inner: innermost`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
+/// Creates the work dir readable by this agent's user only (rank logs, job files and training
+/// configs live there), or checks an existing one: it must belong to this user (a directory
+/// someone else made first, say under /tmp, would let them read and replace what the agent
+/// writes) and loses any group/other access. With `traverse`, workers of another user
+/// (`--worker-user`) may pass through it (0711) to their own generation directories.
+fn work_dir_private(dir: &std::path::Path, traverse: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "owned by uid {}, not by this agent's uid {me}: choose a work dir of its own",
+                meta.uid()
+            ),
+        ));
     }
-    s
+    let mode = meta.permissions().mode() & 0o777;
+    let want = if traverse { 0o711 } else { mode & 0o700 };
+    if mode != want {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(want))?;
+    }
+    Ok(())
 }
+
+pub use ringmaster_auth::client::error_chain;
 
 /// Slots to announce when `--slots` is not given: `CUDA_VISIBLE_DEVICES` when set, else the
 /// GPUs `nvidia-smi -L` lists, else 1.

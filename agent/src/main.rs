@@ -31,6 +31,10 @@ struct Args {
     /// File holding the join token the coordinator expects.
     #[arg(long, value_name = "FILE")]
     join_token_file: Option<PathBuf>,
+    /// Run every worker as this unprivileged user (with its groups), so that job code cannot
+    /// read the agent's credentials or keys. Needs the agent to run as root.
+    #[arg(long, value_name = "USER")]
+    worker_user: Option<String>,
     /// CA (PEM) the coordinator's certificate must chain to; enables TLS. Workers get it too.
     #[arg(long, value_name = "FILE", env = "RINGMASTER_TLS_CA")]
     tls_ca: Option<PathBuf>,
@@ -67,7 +71,7 @@ struct Args {
     log_keep: u32,
 }
 
-fn read_token(path: &PathBuf) -> Result<String, String> {
+fn read_token(path: &std::path::Path) -> Result<String, String> {
     ringmaster_auth::credentials::read_token_file(path)
         .map_err(|e| format!("--join-token-file {e}"))
 }
@@ -75,7 +79,7 @@ fn read_token(path: &PathBuf) -> Result<String, String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     logging::init(args.log_format);
-    let token = match args.join_token_file.as_ref().map(read_token).transpose() {
+    let token = match args.join_token_file.as_deref().map(read_token).transpose() {
         Ok(t) => t,
         Err(e) => {
             eprintln!("agent: {e}");
@@ -95,6 +99,18 @@ fn main() -> ExitCode {
         eprintln!("agent: --slots must be at least 1");
         return ExitCode::from(2);
     }
+    let worker_user = match args
+        .worker_user
+        .as_deref()
+        .map(ringmaster_agent::supervisor::spawn::WorkerUser::resolve)
+        .transpose()
+    {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let slots = args.slots.unwrap_or_else(ringmaster_agent::detect_slots);
     if slots > ringmaster_agent::MAX_SLOTS {
         let from = if args.slots.is_some() {
@@ -124,6 +140,7 @@ fn main() -> ExitCode {
         slots,
         work_dir,
         token,
+        worker_user,
         tls: ringmaster_auth::ClientTls {
             // Workers run in other directories: hand them an absolute path.
             ca: args.tls_ca.map(|p| std::path::absolute(&p).unwrap_or(p)),

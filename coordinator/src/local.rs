@@ -113,6 +113,7 @@ pub async fn run(
             work_dir: root.join(name),
             token: Some(token.clone()),
             tls: Default::default(),
+            worker_user: None,
             advertise_addr: "127.0.0.1".into(),
             trainer: trainer.clone(),
             max_backoff: Duration::from_secs(1),

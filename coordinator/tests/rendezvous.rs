@@ -4,83 +4,16 @@
 use std::time::Duration;
 
 use ringmaster_proto as pb;
-use tokio_util::sync::CancellationToken;
 
-async fn client(
-    addr: &str,
-) -> pb::rendezvous_service_client::RendezvousServiceClient<tonic::transport::Channel> {
-    pb::rendezvous_service_client::RendezvousServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap()
-}
+mod common;
+
+use common::{Solo, rendezvous_client as client};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_barrier_and_progress_through_grpc() {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let stop = CancellationToken::new();
-    let cfg = ringmaster_coordinator::server::Config {
-        store_url: "memory".into(),
-        ..ringmaster_coordinator::server::Config::new(dir.path().join("data"))
-    };
-    let s = stop.clone();
-    let server = tokio::spawn(ringmaster_coordinator::server::run(
-        cfg,
-        listener,
-        async move { s.cancelled().await },
-    ));
-    let agent_cfg = ringmaster_agent::Config {
-        join: addr.clone(),
-        name: "solo".into(),
-        slots: 2,
-        work_dir: dir.path().join("work"),
-        token: None,
-        tls: Default::default(),
-        advertise_addr: "127.0.0.1".into(),
-        trainer: "trainer".into(),
-        max_backoff: Duration::from_millis(200),
-        shutdown_grace: Duration::from_secs(1),
-        log_rotation: Default::default(),
-        allowed_roots: Vec::new(),
-    };
-    let s = stop.clone();
-    let agent = tokio::spawn(ringmaster_agent::run(agent_cfg, async move {
-        s.cancelled().await
-    }));
-
-    let mut jobs = pb::job_service_client::JobServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
-    let spec = serde_json::json!({"name": "rdzv", "command": ["sleep", "30"]});
-    let job = jobs
-        .submit(pb::SubmitRequest {
-            spec_json: spec.to_string(),
-            files: Default::default(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
-    let id = job.id.clone();
-    // Wait for RUNNING.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let st = jobs
-            .get(pb::GetJobRequest { job_id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if st.state == "RUNNING" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not running: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let solo = Solo::start("rdzv", 2, |c| c).await;
+    let (addr, id) = (solo.addr.clone(), solo.id.clone());
+    let mut jobs = solo.jobs.clone();
     let scope = Some(pb::Scope {
         job_id: id.clone(),
         generation: 0,
@@ -221,11 +154,5 @@ async fn store_barrier_and_progress_through_grpc() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
 
-    stop.cancel();
-    agent.await.unwrap().unwrap();
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    solo.stop().await;
 }

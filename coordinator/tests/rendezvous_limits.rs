@@ -1,28 +1,12 @@
 //! The rendezvous store's per-generation limits over gRPC (`--rendezvous-max-keys`,
 //! `--rendezvous-max-bytes`), with an in-process coordinator and agent running a real job.
 
-use std::time::Duration;
-
 use ringmaster_coordinator::server::limits::{RendezvousLimits, StateConfig};
 use ringmaster_proto as pb;
-use tokio_util::sync::CancellationToken;
 
-type RendezvousClient =
-    pb::rendezvous_service_client::RendezvousServiceClient<tonic::transport::Channel>;
-type JobClient = pb::job_service_client::JobServiceClient<tonic::transport::Channel>;
+mod common;
 
-/// Every gRPC client of this test is made here (credentials, once required, go here).
-async fn rendezvous_client(addr: &str) -> RendezvousClient {
-    RendezvousClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connecting to the rendezvous service")
-}
-
-async fn job_client(addr: &str) -> JobClient {
-    JobClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connecting to the job service")
-}
+use common::{Solo, rendezvous_client};
 
 fn set(scope: &Option<pb::Scope>, key: &str, value: Vec<u8>) -> pb::SetRequest {
     pb::SetRequest {
@@ -34,12 +18,7 @@ fn set(scope: &Option<pb::Scope>, key: &str, value: Vec<u8>) -> pb::SetRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_over_a_generations_limits_are_resource_exhausted() {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let stop = CancellationToken::new();
-    let cfg = ringmaster_coordinator::server::Config {
-        store_url: "memory".into(),
+    let solo = Solo::start("limits", 1, |c| ringmaster_coordinator::server::Config {
         state: StateConfig {
             rendezvous: RendezvousLimits {
                 max_keys: 8,
@@ -47,62 +26,11 @@ async fn writes_over_a_generations_limits_are_resource_exhausted() {
             },
             ..StateConfig::default()
         },
-        ..ringmaster_coordinator::server::Config::new(dir.path().join("data"))
-    };
-    let s = stop.clone();
-    let server = tokio::spawn(ringmaster_coordinator::server::run(
-        cfg,
-        listener,
-        async move { s.cancelled().await },
-    ));
-    let agent_cfg = ringmaster_agent::Config {
-        join: addr.clone(),
-        name: "solo".into(),
-        slots: 1,
-        work_dir: dir.path().join("work"),
-        token: None,
-        tls: Default::default(),
-        log_rotation: Default::default(),
-        allowed_roots: Vec::new(),
-        advertise_addr: "127.0.0.1".into(),
-        trainer: "trainer".into(),
-        max_backoff: Duration::from_millis(200),
-        shutdown_grace: Duration::from_secs(1),
-    };
-    let s = stop.clone();
-    let agent = tokio::spawn(ringmaster_agent::run(agent_cfg, async move {
-        s.cancelled().await
-    }));
-
-    let mut jobs = job_client(&addr).await;
-    let spec = serde_json::json!({"name": "limits", "command": ["sleep", "30"]});
-    let id = jobs
-        .submit(pb::SubmitRequest {
-            spec_json: spec.to_string(),
-            files: Default::default(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap()
-        .id;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let st = jobs
-            .get(pb::GetJobRequest { job_id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if st.state == "RUNNING" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not running: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        ..c
+    })
+    .await;
+    let (addr, id) = (solo.addr.clone(), solo.id.clone());
+    let mut jobs = solo.jobs.clone();
     let scope = Some(pb::Scope {
         job_id: id.clone(),
         generation: 0,
@@ -172,11 +100,5 @@ async fn writes_over_a_generations_limits_are_resource_exhausted() {
     })
     .await
     .unwrap();
-    stop.cancel();
-    agent.await.unwrap().unwrap();
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    solo.stop().await;
 }

@@ -226,6 +226,11 @@ impl Cluster {
             .expect("temp dir");
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, "s3cret-token-0123456789\n").expect("writing the token");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))
+                .expect("restricting the token file");
+        }
         let hostfile = hostfile.map(|text| {
             let p = dir.path().join("hostfile");
             std::fs::write(&p, text).expect("writing the hostfile");

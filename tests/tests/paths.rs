@@ -274,10 +274,20 @@ fn more_than_1024_slots_are_refused_by_the_agent_and_the_coordinator() {
         .unwrap();
     let status = rt.block_on(async {
         use ringmaster_proto as pb;
-        let mut client =
-            pb::agent_service_client::AgentServiceClient::connect(format!("http://{}", c.addr))
-                .await
-                .unwrap();
+        // The cluster's own TLS settings and agent certificate, and the join token.
+        let pki = c.pki.clone().expect("the cluster runs TLS");
+        let tls = ringmaster_auth::ClientTls {
+            ca: Some(pki.join("ca.pem")),
+            domain: None,
+            identity: Some((pki.join("agent-agent.pem"), pki.join("agent-agent-key.pem"))),
+        };
+        let ch = ringmaster_auth::client::connect(&c.addr, &tls, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut client = pb::agent_service_client::AgentServiceClient::with_interceptor(
+            ch,
+            ringmaster_auth::Bearer::new(Some(token.trim())).unwrap(),
+        );
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tx.send(pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Join(pb::Join {

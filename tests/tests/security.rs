@@ -521,3 +521,54 @@ fn tls_keeps_the_token_off_the_wire_and_agents_verify_the_coordinator() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot reach the coordinator"), "{err}");
 }
+
+#[test]
+fn workers_run_as_the_worker_user_and_cannot_read_the_agents_secrets() {
+    if !nix::unistd::geteuid().is_root() {
+        // Switching users needs root; CI runs as root.
+        eprintln!("needs root to switch to another user; not run");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Cluster::start(Some("w0 slots=1\n"), "10s");
+    // The worker user may pass through the test directory to its generation directory and
+    // write its results, nothing more.
+    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let out = c.path("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
+    c.start_agent("w0", 1, &["--worker-user", "nobody"]);
+    c.wait_joined(&["w0"]);
+    let pki = c.pki.clone().unwrap();
+    let id = c.submit(
+        "as-nobody.yaml",
+        &format!(
+            "command: [sh, -c, 'id -u > {o}/uid; pwd > {o}/cwd; cat {t} {k} > {o}/leak 2> {o}/err; touch here && echo done > {o}/done']\n",
+            o = out.display(),
+            t = c.token_file.display(),
+            k = pki.join("agent-agent-key.pem").display(),
+        ),
+    );
+    wait_until(Duration::from_secs(20), "the worker to finish", || {
+        out.join("done").exists().then_some(())
+    });
+    let uid = std::fs::read_to_string(out.join("uid")).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap().uid;
+    assert_eq!(uid.trim(), nobody.to_string());
+    assert_eq!(
+        std::fs::read(out.join("leak")).unwrap(),
+        b"",
+        "the worker read a secret"
+    );
+    let err = std::fs::read_to_string(out.join("err")).unwrap();
+    assert!(err.contains("Permission denied"), "{err}");
+    // It ran, and wrote, in its own generation directory.
+    let cwd = std::fs::read_to_string(out.join("cwd")).unwrap();
+    assert!(cwd.trim().ends_with(&format!("{id}/gen-0")), "{cwd}");
+    c.wait_state(&id, &["SUCCEEDED"], Duration::from_secs(20));
+
+    // An agent asked to run workers as root refuses to start.
+    let i = c.start_agent("w0", 1, &["--worker-user", "root"]);
+    assert_eq!(c.agents[i].wait_exit(Duration::from_secs(20)), Some(2));
+    assert!(c.agents[i].log_text().contains("must not run as root"));
+}

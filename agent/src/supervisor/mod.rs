@@ -53,6 +53,8 @@ pub struct Supervisor {
     exits: mpsc::Sender<pb::WorkerExited>,
     /// How workers dial the coordinator (the agent's own TLS settings, minus its identity).
     tls: ringmaster_auth::ClientTls,
+    /// The unprivileged user workers run as (`--worker-user`); None: the agent's own.
+    worker_user: Option<spawn::WorkerUser>,
     log_rotation: logs::Rotation,
     /// Where a job's `workdir:` and `output_dir` may lie.
     roots: AllowedRoots,
@@ -103,6 +105,7 @@ impl Supervisor {
             workers: BTreeMap::new(),
             exits,
             tls: Default::default(),
+            worker_user: None,
             log_rotation: logs::Rotation::default(),
         }
     }
@@ -113,6 +116,12 @@ impl Supervisor {
             identity: None,
             ..tls.clone()
         };
+    }
+
+    /// Workers run as this user; their generation directories are theirs.
+    pub fn with_worker_user(mut self, user: Option<spawn::WorkerUser>) -> Supervisor {
+        self.worker_user = user;
+        self
     }
 
     /// Rotates rank logs at this size limit (default: [`logs::Rotation::default`]).
@@ -214,6 +223,13 @@ impl Supervisor {
                     return local.iter().map(|r| fail(r.rank, msg.clone())).collect();
                 }
             };
+        // Workers of another user start (and write) in their generation directory: it is theirs.
+        if let Some(u) = &self.worker_user
+            && let Err(e) = std::os::unix::fs::fchown(&gen_fd, Some(u.uid), Some(u.gid))
+        {
+            let msg = format!("giving {} to user {}: {e}", gen_dir.display(), u.name);
+            return local.iter().map(|r| fail(r.rank, msg.clone())).collect();
+        }
         let program = if sw.program.is_empty() {
             match self.write_train_config(sw, &gen_dir) {
                 Ok(cfg) => vec![
@@ -263,13 +279,14 @@ impl Supervisor {
                 }
             };
             let log_rotations = log.rotations();
-            let mut child = match spawn::spawn(&program, &env, Some(&cwd)) {
-                Ok(c) => c,
-                Err(e) => {
-                    out.push(fail(entry.rank, format!("starting {:?}: {e}", program[0])));
-                    continue;
-                }
-            };
+            let mut child =
+                match spawn::spawn(&program, &env, Some(&cwd), self.worker_user.as_ref()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        out.push(fail(entry.rank, format!("starting {:?}: {e}", program[0])));
+                        continue;
+                    }
+                };
             let pid = child.id().expect("a just-spawned child has a pid");
             tracing::info!(job = %sw.job_id, generation = sw.generation, rank = entry.rank, pid, log = %log_path.display(), "worker started");
             let running = Arc::new(AtomicBool::new(true));

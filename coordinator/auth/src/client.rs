@@ -87,6 +87,13 @@ pub fn endpoint(addr: &str, tls: &ClientTls) -> Result<Endpoint, DialError> {
             "coordinator address '{addr}': expected HOST:PORT"
         )));
     }
+    if addr.starts_with("https://") && !tls.enabled() {
+        // Never send a credential in clear to an address that asks for TLS.
+        return Err(DialError::Config(format!(
+            "coordinator address '{addr}' asks for TLS: give the CA its certificate chains to \
+             (--tls-ca or RINGMASTER_TLS_CA)"
+        )));
+    }
     let scheme = if tls.enabled() { "https" } else { "http" };
     let mut ep = Endpoint::from_shared(format!("{scheme}://{bare}"))
         .map_err(|e| DialError::Config(format!("coordinator address '{addr}': {e}")))?;
@@ -128,19 +135,25 @@ pub async fn connect(addr: &str, tls: &ClientTls, timeout: Duration) -> Result<C
 
 /// One line for a connection error, with a hint where the cause is a TLS mismatch.
 pub fn explain(e: &(dyn std::error::Error + 'static), tls: &ClientTls) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
+    let mut s = error_chain(e);
     if tls.enabled() && (s.contains("InvalidContentType") || s.contains("corrupt message")) {
         s.push_str(" (the coordinator does not speak TLS; refusing to fall back to plaintext)");
     } else if is_untrusted_peer(&s) && s.contains("NotValidForName") {
         s.push_str(" (the coordinator's certificate does not name this host: see --tls-domain)");
     } else if is_untrusted_peer(&s) {
         s.push_str(" (the coordinator's certificate does not chain to --tls-ca)");
+    }
+    s
+}
+
+/// An error and its sources on one line, `outer: inner: innermost`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
     }
     s
 }
@@ -209,6 +222,7 @@ mod tests {
         assert!(endpoint("127.0.0.1:29500", &plain).is_ok());
         assert!(endpoint("http://127.0.0.1:29500", &plain).is_ok());
         assert!(endpoint("nohost", &plain).unwrap_err().is_config());
+        assert!(endpoint("https://h:1", &plain).unwrap_err().is_config());
         let missing = ClientTls {
             ca: Some("/nonexistent/ca.pem".into()),
             ..Default::default()

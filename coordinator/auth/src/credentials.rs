@@ -105,20 +105,7 @@ fn check_token_text(t: &str) -> Result<(), String> {
 /// # Errors
 /// Unreadable, empty, too short or too long, or not printable ASCII.
 pub fn read_token_file(path: &Path) -> Result<String, CredentialError> {
-    let meta = std::fs::metadata(path).map_err(|source| CredentialError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    if meta.len() > (MAX_TOKEN_BYTES as u64) * 2 {
-        return Err(CredentialError::Invalid {
-            path: path.to_owned(),
-            message: format!("{} bytes is too large for a token file", meta.len()),
-        });
-    }
-    let text = std::fs::read_to_string(path).map_err(|source| CredentialError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = read_bounded(path, (MAX_TOKEN_BYTES as u64) * 2)?;
     let t = text.trim();
     if t.is_empty() {
         return Err(CredentialError::Invalid {
@@ -203,26 +190,47 @@ pub fn parse_operator_tokens(
     Ok(out)
 }
 
+/// The join token must differ from every operator token: otherwise it would identify as that
+/// operator, and agents presenting it would be refused.
+///
+/// # Errors
+/// The name of the operator whose token equals the join token.
+pub fn check_join_token_distinct(join: &str, operators: &[OperatorToken]) -> Result<(), String> {
+    match operators
+        .iter()
+        .find(|o| bool::from(o.token.ct_eq(join.as_bytes())))
+    {
+        Some(o) => Err(format!(
+            "operator '{}' has the join token as its token: give agents and operators different tokens",
+            o.name
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Reads and parses an operator token file.
 ///
 /// # Errors
 /// As [`parse_operator_tokens`], or an unreadable file.
 pub fn read_operator_tokens(path: &Path) -> Result<Vec<OperatorToken>, CredentialError> {
-    let meta = std::fs::metadata(path).map_err(|source| CredentialError::Read {
+    let text = read_bounded(path, 4 << 20)?;
+    parse_operator_tokens(path, &text)
+}
+
+/// A credential file's text, refused above `max` bytes before it is read.
+fn read_bounded(path: &Path, max: u64) -> Result<String, CredentialError> {
+    let read_err = |source| CredentialError::Read {
         path: path.to_owned(),
         source,
-    })?;
-    if meta.len() > 4 << 20 {
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if meta.len() > max {
         return Err(CredentialError::Invalid {
             path: path.to_owned(),
             message: format!("{} bytes is too large for a token file", meta.len()),
         });
     }
-    let text = std::fs::read_to_string(path).map_err(|source| CredentialError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    parse_operator_tokens(path, &text)
+    std::fs::read_to_string(path).map_err(read_err)
 }
 
 /// The secret from which worker credentials are derived (HMAC-SHA256 of the job and generation).

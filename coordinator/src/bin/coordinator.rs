@@ -157,7 +157,13 @@ fn main() -> ExitCode {
             );
         }
         Some(p) => match ringmaster_auth::credentials::read_operator_tokens(p) {
-            Ok(t) => Some(t),
+            Ok(t) => {
+                let join = join_token.as_deref().unwrap_or_default();
+                if let Err(e) = ringmaster_auth::credentials::check_join_token_distinct(join, &t) {
+                    return usage(format!("--operator-token-file {}: {e}", p.display()));
+                }
+                Some(t)
+            }
             Err(e) => return usage(format!("--operator-token-file {e}")),
         },
     };

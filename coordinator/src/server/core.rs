@@ -1022,6 +1022,12 @@ impl Core {
         if job.generation != scope.generation {
             return;
         }
+        // Once a finished job's processes are all gone, nothing may report for it (a leaked
+        // worker credential must not move its checkpoint afterwards). Reports still count while
+        // a cancelled job's ranks are exiting: they commit their last checkpoint then.
+        if job.state.is_terminal() && job.ranks.iter().all(|r| r.state.is_done()) {
+            return;
+        }
         if let Some(r) = job.ranks.get_mut(p.rank as usize) {
             r.step = Some(p.step);
             r.collective_seq = Some(p.collective_seq);

@@ -117,6 +117,24 @@ impl Config {
     }
 }
 
+/// The data dir holds job specs (with their `env:`) and the key worker credentials derive from:
+/// readable by the coordinator's user only.
+fn private_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("restricting {} to mode {mode:o}", p.display()))
+    };
+    set(dir, 0o700)?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            set(&entry.path(), 0o600)?;
+        }
+    }
+    Ok(())
+}
+
 /// Store key of the secret worker credentials are derived from.
 const WORKER_KEY_RECORD: &str = "meta/worker-key";
 
@@ -147,6 +165,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (persist, mut loaded) = open_state(&config)?;
+    if config.store_url.trim() != "memory" {
+        private_data_dir(&config.data_dir)?;
+    }
     let persistent = config.store_url.trim() != "memory";
     let ids = JobIds::load(
         persistent.then_some(config.data_dir.as_path()),

@@ -20,6 +20,10 @@ use crate::server::limits::{RendezvousLimits, show_bytes};
 /// Largest key and value the store accepts.
 pub const MAX_KEY_BYTES: usize = 1024;
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
+/// Largest world size a barrier accepts (1,024 slots on each of 1,024 nodes).
+pub const MAX_BARRIER_WORLD: u32 = 1 << 20;
+/// Missing ranks a barrier timeout names one by one.
+const MISSING_RANKS_NAMED: usize = 32;
 /// Longest a Get or Barrier may wait.
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 
@@ -328,6 +332,11 @@ impl Rendezvous {
                 "barrier {name}: rank {rank} is not below world size {world_size}"
             )));
         }
+        if world_size > MAX_BARRIER_WORLD {
+            return Err(Status::invalid_argument(format!(
+                "barrier {name}: world size {world_size} is above the limit of {MAX_BARRIER_WORLD}"
+            )));
+        }
         let arrived_key = format!("__barrier/{name}/rank/{rank}");
         let count_key = format!("__barrier/{name}/count");
         let first = self.with_scope(scope, |s| Ok(!s.kv.contains_key(&arrived_key)))?;
@@ -363,12 +372,19 @@ impl Rendezvous {
                 return Ok(());
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                let missing: Vec<String> = self.with_scope(scope, |s| {
+                // The first few missing ranks by name, then how many more: the message (and the
+                // time the lock is held) stays small whatever the world size.
+                let mut missing: Vec<String> = self.with_scope(scope, |s| {
                     Ok((0..world_size)
                         .filter(|r| !s.kv.contains_key(&format!("__barrier/{name}/rank/{r}")))
+                        .take(MISSING_RANKS_NAMED)
                         .map(|r| r.to_string())
                         .collect())
                 })?;
+                let more = world_size.saturating_sub(count) as usize;
+                if more > missing.len() {
+                    missing.push(format!("and {} more", more - missing.len()));
+                }
                 return Err(Status::deadline_exceeded(format!(
                     "barrier {name}: {count}/{world_size} ranks arrived; missing ranks {}",
                     missing.join(",")
@@ -627,6 +643,17 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.message().contains("missing ranks 1"), "{err:?}");
+        // A huge world size is refused before any work; a large one names a few missing ranks.
+        let err = r
+            .barrier(&scope(0), "huge", 0, u32::MAX, Duration::from_millis(1))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        let err = r
+            .barrier(&scope(0), "wide", 0, 100, Duration::from_millis(10))
+            .await
+            .unwrap_err();
+        assert!(err.message().ends_with("and 67 more"), "{err:?}");
     }
 
     #[tokio::test]
