@@ -9,7 +9,9 @@
 //! - [`server`] — the daemon: the loop and its gRPC services.
 //! - [`cli`] — `ringctl`.
 //! - [`local`] — `ringctl local`: a whole cluster on this machine.
-//! - [`logging`] — tracing setup shared by the binaries.
+//!
+//! Credentials and TLS live in the burn-free `ringmaster-auth` crate (`coordinator/auth`), shared
+//! with agents and trainers; the tracing setup is `ringmaster_agent::logging`.
 
 pub mod cli;
 pub mod job;

@@ -6,6 +6,9 @@
 //! - `job_svc` — `JobService` for operators.
 //! - `rendezvous` — `RendezvousService`: the trainers' store, barrier and progress.
 //! - `limits` — the operator's settings for the coordinator's state and its limits.
+//!
+//! Every service sits behind a [`Gate`] (credentials, `ringmaster-auth`); the handlers check
+//! per-method roles (admin for Submit/Cancel/Checkpoint) and the worker credential's scope.
 
 pub mod agent_svc;
 pub mod core;
@@ -15,9 +18,8 @@ pub mod rendezvous;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use ringmaster_auth::credentials::{Gate, OperatorToken, Service};
