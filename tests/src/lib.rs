@@ -275,12 +275,7 @@ impl Cluster {
                 cmd.arg("--hostfile").arg(h);
             }
             if let Some(pki) = &self.pki {
-                cmd.arg("--tls-cert")
-                    .arg(pki.join("coordinator.pem"))
-                    .arg("--tls-key")
-                    .arg(pki.join("coordinator-key.pem"))
-                    .arg("--tls-client-ca")
-                    .arg(pki.join("ca.pem"));
+                cmd.args(ringmaster_auth::Pki::new(pki).coordinator_args());
             }
             cmd.args(&self.coordinator_args);
             let log = self.path(&format!("coordinator-{attempt}-{port}.log"));
@@ -332,12 +327,7 @@ impl Cluster {
         if let Some(pki) = &self.pki
             && !extra.contains(&"--tls-ca")
         {
-            cmd.arg("--tls-ca")
-                .arg(pki.join("ca.pem"))
-                .arg("--tls-cert")
-                .arg(pki.join("agent-agent.pem"))
-                .arg("--tls-key")
-                .arg(pki.join("agent-agent-key.pem"));
+            cmd.args(ringmaster_auth::Pki::new(pki).agent_args("agent"));
         }
         cmd.args(["--advertise-addr", "127.0.0.1", "--max-backoff", "500ms"])
             .args(["--shutdown-grace", "2s"])

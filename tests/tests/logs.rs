@@ -215,6 +215,8 @@ fn four_hundred_megabytes_through_a_slow_reader_arrive_whole() {
         received += n as u64;
         if slow_reads > 0 {
             slow_reads -= 1;
+            // The slowness is the stimulus (a reader that lags the agent), not a wait for a
+            // condition: the pipe and the credits must hold the agent back meanwhile.
             std::thread::sleep(Duration::from_millis(10));
         }
     }

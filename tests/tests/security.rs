@@ -296,11 +296,21 @@ fn every_rpc_needs_the_right_credential_and_nothing_starts_without_one() {
         let e = jobs(&viewer).submit(submit.clone()).await.unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied);
     });
-    // Nothing of all that started a process, and no job exists.
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(!marker.exists(), "a refused submit started a worker");
+    // Nothing of all that made a job (a refused call returns before the loop sees it), so the
+    // agent was never asked to start anything: no job directory in its work dir, no worker.
     let out = ringctl_as(Some(&admin_file), &["jobs", "--output", "json"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    let work = c.path("work-w0");
+    let job_dirs: Vec<_> = std::fs::read_dir(&work)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .collect();
+    assert!(job_dirs.is_empty(), "the agent made {job_dirs:?}");
+    assert!(!marker.exists(), "a refused submit started a worker");
+    let nodes = ringctl_as(Some(&admin_file), &["nodes", "--output", "json"]);
+    let nodes: serde_json::Value = serde_json::from_slice(&nodes.stdout).unwrap();
+    assert_eq!(nodes[0]["running_workers"], 0, "{nodes:#}");
 
     // The admin submits a job; the viewer cannot cancel it.
     let env_spec = c.path("env.yaml");

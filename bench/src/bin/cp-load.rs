@@ -122,31 +122,18 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(dir.path().join("token"), TOKEN)?;
         cmd.arg("--join-token-file").arg(dir.path().join("token"));
     }
-    let pki = dir.path().join("pki");
+    let pki = ringmaster_auth::Pki::new(dir.path().join("pki"));
     let (tls, agent_tls) = if args.security == Security::Tls {
         let st = std::process::Command::new(bin_dir.join("ringctl"))
             .args(["certs", "init"])
-            .arg(&pki)
+            .arg(pki.dir())
             .stdout(std::process::Stdio::null())
             .status()?;
         if !st.success() {
             bail!("ringctl certs init failed");
         }
-        cmd.arg("--tls-cert")
-            .arg(pki.join("coordinator.pem"))
-            .arg("--tls-key")
-            .arg(pki.join("coordinator-key.pem"))
-            .arg("--tls-client-ca")
-            .arg(pki.join("ca.pem"));
-        let tls = ClientTls {
-            ca: Some(pki.join("ca.pem")),
-            ..Default::default()
-        };
-        let agent = ClientTls {
-            identity: Some((pki.join("agent-agent.pem"), pki.join("agent-agent-key.pem"))),
-            ..tls.clone()
-        };
-        (tls, agent)
+        cmd.args(pki.coordinator_args());
+        (pki.client_tls(), pki.agent_tls("agent"))
     } else {
         (ClientTls::default(), ClientTls::default())
     };

@@ -65,11 +65,11 @@ fn main() -> anyhow::Result<()> {
     let d = dir.path();
     std::fs::write(d.join("hostfile"), "w0 slots=2\nw1 slots=2\n")?;
     std::fs::write(d.join("token"), "bench-token-0123456789")?;
-    let pki = d.join("pki");
+    let pki = ringmaster_auth::Pki::new(d.join("pki"));
     if args.tls {
         let st = Command::new(bin.join("ringctl"))
             .args(["certs", "init"])
-            .arg(&pki)
+            .arg(pki.dir())
             .stdout(Stdio::null())
             .status()?;
         if !st.success() {
@@ -93,12 +93,7 @@ fn main() -> anyhow::Result<()> {
         .arg("--data-dir")
         .arg(d.join("data"));
     if args.tls {
-        c.arg("--tls-cert")
-            .arg(pki.join("coordinator.pem"))
-            .arg("--tls-key")
-            .arg(pki.join("coordinator-key.pem"))
-            .arg("--tls-client-ca")
-            .arg(pki.join("ca.pem"));
+        c.args(pki.coordinator_args());
     }
     quiet(&mut c);
     let _coord = Kill(c.spawn().context("coordinator")?);
@@ -127,12 +122,7 @@ fn main() -> anyhow::Result<()> {
         .arg(d.join(n))
         .args(["--advertise-addr", "127.0.0.1"]);
         if args.tls {
-            a.arg("--tls-ca")
-                .arg(pki.join("ca.pem"))
-                .arg("--tls-cert")
-                .arg(pki.join("agent-agent.pem"))
-                .arg("--tls-key")
-                .arg(pki.join("agent-agent-key.pem"));
+            a.args(pki.agent_args("agent"));
         }
         quiet(&mut a);
         agents.push(Kill(a.spawn().context("agent")?));
@@ -156,7 +146,7 @@ fn main() -> anyhow::Result<()> {
         let mut ringctl = Command::new(bin.join("ringctl"));
         ringctl.env("RINGMASTER_TOKEN_FILE", d.join("token"));
         if args.tls {
-            ringctl.env("RINGMASTER_TLS_CA", pki.join("ca.pem"));
+            ringctl.env("RINGMASTER_TLS_CA", pki.ca());
         }
         let res = ringctl
             .args(["--coordinator", &addr, "submit"])

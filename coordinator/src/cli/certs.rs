@@ -15,6 +15,8 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
+use ringmaster_auth::Pki;
+
 use crate::cli::{CliError, Exit};
 
 #[derive(Subcommand, Debug)]
@@ -121,27 +123,26 @@ fn init(a: &InitArgs) -> Result<Exit, CliError> {
         }
     }
     // Everything is checked before anything is written.
-    let mut names: Vec<String> = [
-        "ca.pem",
-        "ca-key.pem",
-        "coordinator.pem",
-        "coordinator-key.pem",
-        "join-token",
-        "operators",
-        "admin-token",
-        "viewer-token",
-    ]
-    .map(String::from)
-    .to_vec();
+    let pki = Pki::new(&a.dir);
+    let mut files = vec![
+        pki.ca(),
+        pki.ca_key(),
+        pki.coordinator_cert(),
+        pki.coordinator_key(),
+        pki.join_token(),
+        pki.operators(),
+        pki.admin_token(),
+        pki.viewer_token(),
+    ];
     for n in &agents {
-        names.push(format!("agent-{n}.pem"));
-        names.push(format!("agent-{n}-key.pem"));
+        files.push(pki.agent_cert(n));
+        files.push(pki.agent_key(n));
     }
-    for n in &names {
-        if a.dir.join(n).exists() {
+    for f in &files {
+        if f.exists() {
             return Err(CliError::usage(format!(
                 "{} already exists: ringctl certs init never overwrites (choose a new directory)",
-                a.dir.join(n).display()
+                f.display()
             )));
         }
     }
@@ -187,43 +188,34 @@ fn init(a: &InitArgs) -> Result<Exit, CliError> {
         ExtendedKeyUsagePurpose::ServerAuth,
     )?;
 
-    let d = &a.dir;
-    write_new(&d.join("ca.pem"), ca_cert.pem().as_bytes(), 0o644)?;
-    write_new(&d.join("ca-key.pem"), ca_key_pem.as_bytes(), 0o600)?;
-    write_new(&d.join("coordinator.pem"), coord_pem.as_bytes(), 0o644)?;
-    write_new(&d.join("coordinator-key.pem"), coord_key.as_bytes(), 0o600)?;
+    write_new(&pki.ca(), ca_cert.pem().as_bytes(), 0o644)?;
+    write_new(&pki.ca_key(), ca_key_pem.as_bytes(), 0o600)?;
+    write_new(&pki.coordinator_cert(), coord_pem.as_bytes(), 0o644)?;
+    write_new(&pki.coordinator_key(), coord_key.as_bytes(), 0o600)?;
     for n in &agents {
         let (pem, key) = leaf(
             vec![n.clone()],
             &format!("ringmaster-agent {n}"),
             ExtendedKeyUsagePurpose::ClientAuth,
         )?;
-        write_new(&d.join(format!("agent-{n}.pem")), pem.as_bytes(), 0o644)?;
-        write_new(&d.join(format!("agent-{n}-key.pem")), key.as_bytes(), 0o600)?;
+        write_new(&pki.agent_cert(n), pem.as_bytes(), 0o644)?;
+        write_new(&pki.agent_key(n), key.as_bytes(), 0o600)?;
     }
     let join = token();
     let admin = token();
     let viewer = token();
-    write_new(&d.join("join-token"), format!("{join}\n").as_bytes(), 0o600)?;
+    write_new(&pki.join_token(), format!("{join}\n").as_bytes(), 0o600)?;
+    write_new(&pki.admin_token(), format!("{admin}\n").as_bytes(), 0o600)?;
+    write_new(&pki.viewer_token(), format!("{viewer}\n").as_bytes(), 0o600)?;
     write_new(
-        &d.join("admin-token"),
-        format!("{admin}\n").as_bytes(),
-        0o600,
-    )?;
-    write_new(
-        &d.join("viewer-token"),
-        format!("{viewer}\n").as_bytes(),
-        0o600,
-    )?;
-    write_new(
-        &d.join("operators"),
+        &pki.operators(),
         format!(
             "# ROLE NAME TOKEN — the coordinator's --operator-token-file\nadmin admin {admin}\nviewer viewer {viewer}\n"
         )
         .as_bytes(),
         0o600,
     )?;
-    let dir = d.display();
+    let dir = a.dir.display();
     println!(
         "wrote a CA, certificates and tokens to {dir} (names: {})",
         hosts.join(", ")
@@ -290,13 +282,7 @@ mod tests {
         let ops = ringmaster_auth::credentials::read_operator_tokens(&d.join("operators")).unwrap();
         assert_eq!(ops.len(), 2);
         ringmaster_auth::credentials::read_token_file(&d.join("join-token")).unwrap();
-        ringmaster_auth::ServerTls {
-            cert: d.join("coordinator.pem"),
-            key: d.join("coordinator-key.pem"),
-            client_ca: Some(d.join("ca.pem")),
-        }
-        .load()
-        .unwrap();
+        Pki::new(&d).server_tls().load().unwrap();
         // A second run refuses and changes nothing.
         let before = std::fs::read(d.join("ca.pem")).unwrap();
         let e = init(&args).unwrap_err();

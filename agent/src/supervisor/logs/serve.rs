@@ -528,27 +528,35 @@ mod tests {
         let s = setup();
         let (mut log, live) = live_log(&s, 1000, 2);
         let mut written = Vec::new();
-        let mut put = |log: &mut RankLog, i: usize| {
+        let put = |log: &mut RankLog, written: &mut Vec<u8>, i: usize| {
             let line = format!("line {i:04} {}\n", "x".repeat(i % 50));
             log.try_write(line.as_bytes()).unwrap();
             written.extend_from_slice(line.as_bytes());
         };
         for i in 0..20 {
-            put(&mut log, i);
+            put(&mut log, &mut written, i);
         }
         let running = live.running.clone();
         let mut r = start(&s, fetch(0, true), Some(live), MAX_CREDIT);
-        // Written while the reader follows: several rotations, each seen in time.
+        // Written while the reader follows: several rotations, each batch read (every byte so
+        // far received, in order) before the next is written.
+        let mut data = Vec::new();
         for i in 20..400 {
-            put(&mut log, i);
+            put(&mut log, &mut written, i);
             if i % 10 == 0 {
-                tokio::time::sleep(Duration::from_millis(150)).await;
+                while data.len() < written.len() {
+                    let c = next(&mut r).await.expect("the reader follows");
+                    assert!(!c.eof, "ended early: {}", c.error);
+                    assert_eq!(c.offset, data.len() as u64, "gap before a chunk");
+                    data.extend_from_slice(&c.data);
+                }
             }
         }
         running.store(false, Ordering::Release);
-        let (data, at, end) = collect(&mut r).await;
+        let (rest, at, end) = collect(&mut r).await;
         assert!(end.error.is_empty(), "{}", end.error);
-        assert_eq!(at, 0);
+        assert_eq!(at, data.len() as u64);
+        data.extend_from_slice(&rest);
         assert_eq!(
             String::from_utf8(data).unwrap(),
             String::from_utf8(written).unwrap()
@@ -560,15 +568,15 @@ mod tests {
         let s = setup();
         let (mut log, live) = live_log(&s, 100, 1);
         log.try_write(&[b'a'; 100]).unwrap();
-        // No credit yet: the reader holds the current file while the writer rotates it away.
-        let mut r = start(&s, fetch(0, true), Some(live), 0);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // One credit: once its chunk arrives the reader holds the current file, and without
+        // more credit it waits there while the writer rotates the file away.
+        let mut r = start(&s, fetch(0, true), Some(live), 1);
+        let first = next(&mut r).await.unwrap();
+        assert_eq!(first.data, [b'a'; 100]);
         for b in [b'b', b'c', b'd'] {
             log.try_write(&[b; 100]).unwrap();
         }
         r.credit.add_permits(MAX_CREDIT);
-        let first = next(&mut r).await.unwrap();
-        assert_eq!(first.data, [b'a'; 100]);
         let end = next(&mut r).await.unwrap();
         assert!(end.eof);
         assert_eq!(end.offset, 100);
