@@ -32,17 +32,42 @@ pub fn rank_world() -> Result<(usize, usize, usize)> {
     Ok((rank, world, local.max(1)))
 }
 
-/// Connects this rank to the ring of its job and generation.
-pub fn connect(rank: usize, world: usize, timeout: Duration) -> Result<TcpRing> {
-    connect_group("", rank, world, timeout)
+/// What carries a run's collectives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fabric {
+    /// The TCP ring on host buffers (the CPU backends).
+    Ring,
+    /// NCCL on CUDA device `device` (the CUDA backend).
+    Nccl {
+        /// The CUDA device ordinal.
+        device: usize,
+    },
 }
 
-/// Connects to the ring of a subgroup `name` of the job (for example the ranks of one node),
-/// as rank `rank` of `world`. The empty name is the whole job.
-pub fn connect_group(name: &str, rank: usize, world: usize, timeout: Duration) -> Result<TcpRing> {
+/// Connects this rank to the communicator of its job and generation.
+pub fn connect(
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    fabric: Fabric,
+) -> Result<Box<dyn Communicator>> {
+    connect_group("", rank, world, timeout, fabric)
+}
+
+/// Connects to the communicator of a subgroup `name` of the job (for example the ranks of one
+/// node), as rank `rank` of `world`. The empty name is the whole job. Every group meets through
+/// the job's bootstrap store: the coordinator's rendezvous (`RINGMASTER_COORDINATOR`) or a
+/// directory (`RINGMASTER_STORE_DIR`).
+pub fn connect_group(
+    name: &str,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    fabric: Fabric,
+) -> Result<Box<dyn Communicator>> {
     let job = std::env::var("RINGMASTER_JOB_ID").unwrap_or_else(|_| "local".into());
-    // The store is the job's; the ring's name (its keys and socket names) is the subgroup's.
-    let ring_name = if name.is_empty() {
+    // The store is the job's; the group's name (its keys and socket names) is the subgroup's.
+    let group_name = if name.is_empty() {
         job.clone()
     } else {
         format!("{job}.{name}")
@@ -64,17 +89,37 @@ pub fn connect_group(name: &str, rank: usize, world: usize, timeout: Duration) -
              (RINGMASTER_COORDINATOR) or set RINGMASTER_STORE_DIR"
         ),
     };
-    let bind = std::env::var("RINGMASTER_NODE_ADDR")
-        .ok()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-    let mut cfg = RingConfig::new(&ring_name, generation, rank, world);
-    cfg.bind_addr = bind;
-    cfg.timeout = timeout;
-    (cfg.transport, cfg.cma) = ring_transport(std::env::var("RINGMASTER_TRANSPORT").ok())?;
-    let mut ring = TcpRing::connect(cfg, store.as_ref())?;
-    ring.set_timeout(timeout);
-    Ok(ring)
+    match fabric {
+        Fabric::Ring => {
+            let bind = std::env::var("RINGMASTER_NODE_ADDR")
+                .ok()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+            let mut cfg = RingConfig::new(&group_name, generation, rank, world);
+            cfg.bind_addr = bind;
+            cfg.timeout = timeout;
+            (cfg.transport, cfg.cma) = ring_transport(std::env::var("RINGMASTER_TRANSPORT").ok())?;
+            let mut ring = TcpRing::connect(cfg, store.as_ref())?;
+            ring.set_timeout(timeout);
+            Ok(Box::new(ring))
+        }
+        #[cfg(feature = "cuda")]
+        Fabric::Nccl { device } => {
+            let mut comm = ringmaster_collectives::nccl::NcclComm::connect(
+                &group_name,
+                generation,
+                rank,
+                world,
+                device,
+                store.as_ref(),
+                timeout,
+            )?;
+            comm.set_timeout(timeout);
+            Ok(Box::new(comm))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Fabric::Nccl { .. } => bail!("NCCL needs a trainer built with the `cuda` feature"),
+    }
 }
 
 /// The ring's transport from `RINGMASTER_TRANSPORT`: `auto` (the default: Unix sockets with

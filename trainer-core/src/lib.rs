@@ -12,6 +12,7 @@
 
 pub mod collective_cli;
 pub mod data_cli;
+pub mod device;
 pub mod dist;
 pub mod export;
 pub mod progress;

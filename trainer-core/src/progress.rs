@@ -82,14 +82,14 @@ impl tokio_stream::Stream for Shared {
 /// the start of every call, so that a heartbeat can report it while the call blocks: when one
 /// rank hangs, the others are already inside the next collective and the hung rank is the one
 /// whose number stays behind (the coordinator names it as the lagging rank).
-pub struct Tracked<C> {
-    inner: C,
+pub struct Tracked {
+    inner: Box<dyn Communicator>,
     seq: Arc<AtomicU64>,
 }
 
-impl<C: Communicator> Tracked<C> {
+impl Tracked {
     /// Wraps `inner`; the handle reads the published sequence number.
-    pub fn new(inner: C) -> (Self, Arc<AtomicU64>) {
+    pub fn new(inner: Box<dyn Communicator>) -> (Self, Arc<AtomicU64>) {
         let seq = Arc::new(AtomicU64::new(inner.seq()));
         (
             Tracked {
@@ -105,7 +105,7 @@ impl<C: Communicator> Tracked<C> {
     }
 }
 
-impl<C: Communicator> Communicator for Tracked<C> {
+impl Communicator for Tracked {
     fn rank(&self) -> usize {
         self.inner.rank()
     }

@@ -59,9 +59,14 @@ pub fn train(config: &Path) -> Result<(), RunError> {
         .ddp_timeout
         .map(std::time::Duration::from_secs)
         .unwrap_or(crate::dist::DEFAULT_TIMEOUT);
+    let placement = crate::device::place(&setup).map_err(usage)?;
+    if rank == 0 {
+        eprintln!("trainer: {placement}");
+    }
+    let fabric = placement.fabric();
     let (mut ring, seq) = if world > 1 {
         let (r, seq) = crate::progress::Tracked::new(
-            crate::dist::connect(rank, world, timeout).map_err(failed)?,
+            crate::dist::connect(rank, world, timeout, fabric).map_err(failed)?,
         );
         (Some(r), Some(seq))
     } else {
@@ -80,14 +85,17 @@ pub fn train(config: &Path) -> Result<(), RunError> {
             )));
         }
         let (node, local) = (rank / group, rank % group);
-        let n = crate::dist::connect_group(&format!("node{node}"), local, group, timeout)
+        let n = crate::dist::connect_group(&format!("node{node}"), local, group, timeout, fabric)
             .map_err(failed)?;
-        let c = crate::dist::connect_group(&format!("local{local}"), node, world / group, timeout)
-            .map_err(failed)?;
-        Some((
-            Box::new(n) as Box<dyn Communicator>,
-            Box::new(c) as Box<dyn Communicator>,
-        ))
+        let c = crate::dist::connect_group(
+            &format!("local{local}"),
+            node,
+            world / group,
+            timeout,
+            fabric,
+        )
+        .map_err(failed)?;
+        Some((n, c))
     } else {
         None
     };
@@ -109,7 +117,7 @@ pub fn train(config: &Path) -> Result<(), RunError> {
         hybrid,
         progress: progress.as_ref(),
     };
-    let result = train::train(&mut setup, &mut par);
+    let result = crate::device::train(&placement, &mut setup, &mut par);
     drop(par);
     if let Some(p) = progress {
         // A checkpoint committed just before the exit (SIGTERM) reaches the coordinator first.
@@ -171,7 +179,7 @@ pub fn eval(config: &Path) -> Result<(), RunError> {
         )));
     }
     load_trained(&mut setup).map_err(usage)?;
-    let r = train::eval::evaluate(&setup).map_err(failed)?;
+    let r = train::eval::evaluate::<CpuBackend>(&setup, &Default::default()).map_err(failed)?;
     println!(
         "eval: exact match {}/{} = {:.1}%",
         r.correct,

@@ -9,6 +9,7 @@
 
 use std::path::PathBuf;
 
+use ringmaster_model::CpuAutodiff;
 use ringmaster_trainer::train::{self, Parallel};
 
 #[test]
@@ -31,7 +32,9 @@ fn quickstart_reaches_90_percent_exact_match() {
         setup.plan.micro_batch as usize * setup.plan.grad_accum as usize,
         64
     );
-    let summary = train::train(&mut setup, &mut Parallel::single()).unwrap();
+    let summary =
+        train::train::<CpuAutodiff>(&mut setup, &mut Parallel::single(), Default::default())
+            .unwrap();
     let eval = summary.eval.expect("the quickstart evaluates at the end");
     assert_eq!(eval.total, 200);
     assert!(

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use ringmaster_data::synthetic::{AdditionConfig, generate_addition};
 use ringmaster_data::template::Template;
 use ringmaster_data::tokenizer::{BpeTrainingOptions, train_bpe};
-use ringmaster_model::hf;
+use ringmaster_model::{CpuAutodiff, hf};
 use ringmaster_trainer::train::{self, Parallel, Setup};
 
 /// Writes model/ (config.json + a tokenizer trained on the data), data/ and returns the
@@ -85,7 +85,8 @@ fn trains_logs_saves_and_evaluates() {
     fixture(dir.path());
     let mut s = setup(dir.path(), "max_steps: 20\nplot_loss: true\n");
     let before = s.base.clone();
-    let summary = train::train(&mut s, &mut Parallel::single()).unwrap();
+    let summary =
+        train::train::<CpuAutodiff>(&mut s, &mut Parallel::single(), Default::default()).unwrap();
     assert_eq!(summary.steps, 20);
     let first: f64 = summary.losses[..4].iter().sum::<f64>() / 4.0;
     let last: f64 = summary.losses[16..].iter().sum::<f64>() / 4.0;
@@ -129,8 +130,10 @@ fn gradient_accumulation_equals_a_bigger_micro_batch() {
         "per_device_train_batch_size: 8\ngradient_accumulation_steps: 1\nmax_grad_norm: 0.5\n",
     );
     assert!(a.base.bit_equal(&b.base), "same seed, same init");
-    let sa = train::train(&mut a, &mut Parallel::single()).unwrap();
-    let sb = train::train(&mut b, &mut Parallel::single()).unwrap();
+    let sa =
+        train::train::<CpuAutodiff>(&mut a, &mut Parallel::single(), Default::default()).unwrap();
+    let sb =
+        train::train::<CpuAutodiff>(&mut b, &mut Parallel::single(), Default::default()).unwrap();
     for (x, y) in sa.losses.iter().zip(&sb.losses) {
         assert!(
             (x - y).abs() <= 1e-5 * x.abs(),
@@ -158,7 +161,9 @@ fn bf16_and_fp16_compute_track_fp32() {
         )
         .unwrap();
         let mut s = setup(dir.path(), extra);
-        let summary = train::train(&mut s, &mut Parallel::single()).unwrap();
+        let summary =
+            train::train::<CpuAutodiff>(&mut s, &mut Parallel::single(), Default::default())
+                .unwrap();
         assert_eq!(summary.skipped_steps, 0, "{extra}");
         losses.push((extra, summary.losses));
     }
@@ -191,7 +196,8 @@ fn fp16_overflow_skips_steps_and_lowers_the_scale() {
         "fp16: true\ndeepspeed: ds.json\nmax_steps: 16\nlogging_steps: 1\n",
     );
     let before = s.base.clone();
-    let summary = train::train(&mut s, &mut Parallel::single()).unwrap();
+    let summary =
+        train::train::<CpuAutodiff>(&mut s, &mut Parallel::single(), Default::default()).unwrap();
     assert!(
         summary.skipped_steps >= 2,
         "skipped {}",
@@ -229,7 +235,7 @@ fn lora_trains_only_the_adapters_and_saves_peft_files() {
     );
     let base = s.base.clone();
     let adapters = s.lora.as_ref().unwrap().1.clone();
-    train::train(&mut s, &mut Parallel::single()).unwrap();
+    train::train::<CpuAutodiff>(&mut s, &mut Parallel::single(), Default::default()).unwrap();
     assert!(s.base.bit_equal(&base), "base weights are frozen");
     assert!(
         !s.lora.as_ref().unwrap().1.bit_equal(&adapters),
@@ -317,7 +323,8 @@ fn pretraining_on_plain_text_with_packing() {
     let mut s = train::resolve(cfg, &path, 1, 1).unwrap();
     // Packed: rows hold several texts, each its own segment.
     assert!(s.samples.len() < 200, "{} rows", s.samples.len());
-    let summary = train::train(&mut s, &mut Parallel::single()).unwrap();
+    let summary =
+        train::train::<CpuAutodiff>(&mut s, &mut Parallel::single(), Default::default()).unwrap();
     let first: f64 = summary.losses[..4].iter().sum::<f64>() / 4.0;
     let last: f64 = summary.losses[16..].iter().sum::<f64>() / 4.0;
     assert!(last < first * 0.8, "loss went from {first} to {last}");

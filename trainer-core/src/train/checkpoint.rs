@@ -22,7 +22,8 @@ use ringmaster_optim::scaler::DynamicLossScaler;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::engine::{Engine, UnitState};
+use super::engine::{Engine, TrainBackend, UnitState};
+use super::setup::Setup;
 
 /// The manifest's file name.
 pub const MANIFEST: &str = "manifest.json";
@@ -135,11 +136,58 @@ pub fn discard(dir: &Path) {
     }
 }
 
+/// Takes the checkpoint of step `info.step` into `output_dir/checkpoint-STEP` on every rank:
+/// the Hugging Face weights (rank 0), every shard, the manifest and the commit marker; then
+/// rank 0 reports the commit and prunes to `save_total_limit` (never `protect`, the checkpoint
+/// the run resumed from). A failed save removes the uncommitted directory and leaves the
+/// committed ones as they were.
+pub fn save_step<B: TrainBackend>(
+    setup: &mut Setup,
+    eng: &mut Engine<'_, B>,
+    rank: usize,
+    info: &SaveInfo<'_>,
+    progress: Option<&crate::progress::ProgressReporter>,
+    protect: Option<&Path>,
+) -> Result<PathBuf> {
+    let dir = setup.output_dir.join(format!("checkpoint-{}", info.step));
+    let saved = (|| -> Result<()> {
+        begin(&dir)?;
+        eng.gather_full(setup.weights().trainable())?;
+        if rank == 0 {
+            super::save_model(setup, &dir)?;
+        }
+        eng.release_full(setup.weights().trainable());
+        save(&dir, eng, setup.weights().trainable(), rank, info)
+    })();
+    if let Err(e) = saved {
+        // A full disk, an unwritable directory or a lost peer: rank 0 removes the uncommitted
+        // directory so that a full disk is not left full for the next attempt.
+        if rank == 0 {
+            discard(&dir);
+        }
+        return Err(e.context(format!(
+            "saving the checkpoint of step {} (earlier checkpoints are untouched)",
+            info.step
+        )));
+    }
+    if rank == 0 {
+        if let Some(p) = progress {
+            p.checkpoint_committed(info.step, &dir);
+        }
+        if let Some(keep) = setup.cfg.save_total_limit {
+            for d in prune(&setup.output_dir, keep as usize, protect)? {
+                eprintln!("trainer: save_total_limit {keep}: removed {}", d.display());
+            }
+        }
+    }
+    Ok(dir)
+}
+
 /// Writes this rank's shard and, on rank 0 after every shard is written, the manifest and the
 /// commit marker. Every rank calls it at the same step.
-pub fn save(
+pub fn save<B: TrainBackend>(
     dir: &Path,
-    eng: &mut Engine<'_>,
+    eng: &mut Engine<'_, B>,
     trainable: &ParamStore,
     rank: usize,
     info: &SaveInfo<'_>,
@@ -188,10 +236,12 @@ pub fn save(
             (serde_json::to_string(&entry)? + "\n").as_bytes(),
         )?;
     }
-    if let Some(c) = eng.groups.main.as_deref_mut() {
-        c.barrier()
-            .map_err(|e| anyhow!("checkpoint {}: waiting for every shard: {e}", dir.display()))?;
-    }
+    eng.barrier().map_err(|e| {
+        anyhow!(
+            "checkpoint {}: waiting for every shard: {e:#}",
+            dir.display()
+        )
+    })?;
     if rank != 0 {
         return Ok(());
     }
@@ -342,9 +392,9 @@ pub fn prune(output_dir: &Path, keep: usize, protect: Option<&Path>) -> Result<V
 /// Loads `dir` into the engine (any saved layout into the current one); returns the manifest.
 /// `trainable` receives the parameters below ZeRO-3. Checks that the checkpoint is of the same
 /// model and the same global batch.
-pub fn load(
+pub fn load<B: TrainBackend>(
     dir: &Path,
-    eng: &mut Engine<'_>,
+    eng: &mut Engine<'_, B>,
     trainable: &mut ParamStore,
     trainable_kind: &str,
     global_batch: usize,

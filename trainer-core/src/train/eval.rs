@@ -2,8 +2,9 @@
 
 use anyhow::Result;
 use ringmaster_data::synthetic::exact_match;
+use ringmaster_model::Llama;
+use ringmaster_model::fused::Fused;
 use ringmaster_model::generate::greedy;
-use ringmaster_model::{CpuBackend, Llama};
 use serde::Serialize;
 
 use super::setup::{DEFAULT_MAX_NEW_TOKENS, Setup};
@@ -21,11 +22,10 @@ pub struct EvalResult {
     pub samples: Vec<(String, String)>,
 }
 
-/// Evaluates the current weights of `setup` on its held-out examples.
-pub fn evaluate(setup: &Setup) -> Result<EvalResult> {
-    let device = Default::default();
+/// Evaluates the current weights of `setup` on its held-out examples, the model on `device`.
+pub fn evaluate<B: Fused>(setup: &Setup, device: &B::Device) -> Result<EvalResult> {
     let lora = setup.lora.as_ref().map(|(l, a)| (l, a));
-    let model = Llama::<CpuBackend>::new(&setup.model, &setup.base, false, lora, &device)?;
+    let model = Llama::<B>::new(&setup.model, &setup.base, false, lora, device)?;
     let max_new = setup
         .cfg
         .max_new_tokens
@@ -37,7 +37,7 @@ pub fn evaluate(setup: &Setup) -> Result<EvalResult> {
     let mut samples = Vec::new();
     for chunk in setup.eval.chunks(batch) {
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt.clone()).collect();
-        let outs = greedy(&model, &prompts, max_new, &stops, &device)?;
+        let outs = greedy(&model, &prompts, max_new, &stops, device)?;
         for (ex, out) in chunk.iter().zip(outs) {
             let pred = setup.template.decode_response(&setup.tokenizer, &out)?;
             if exact_match(&pred, &ex.answer) {

@@ -73,6 +73,16 @@ pub struct Setup {
     pub seed: u64,
 }
 
+impl Setup {
+    /// The weights as the engine trains them: the base model and the LoRA adapters.
+    pub fn weights(&mut self) -> super::engine::Weights<'_> {
+        super::engine::Weights {
+            base: &mut self.base,
+            lora: self.lora.as_mut().map(|(c, a)| (&*c, a)),
+        }
+    }
+}
+
 impl std::fmt::Debug for Setup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Setup")

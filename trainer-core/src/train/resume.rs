@@ -1,0 +1,157 @@
+//! Where a run starts: the checkpoint candidates (the coordinator's, the config's, a restarted
+//! generation's), tried newest first, loaded into the engine in any saved layout.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+
+use super::checkpoint;
+use super::engine::{Engine, Scaling, TrainBackend};
+use super::setup::Setup;
+
+/// Where the run resumed.
+#[derive(Debug, Default)]
+pub struct Resumed {
+    /// The first step to run (0: from the start).
+    pub step: u64,
+    /// The checkpoint it resumed from.
+    pub from: Option<PathBuf>,
+    /// Candidates that could not be used, with why.
+    pub skipped: Vec<String>,
+}
+
+/// Loads the first usable checkpoint candidate into `eng` (and the loss scaler's state into
+/// `scaling`); a run with no candidate starts at step 0.
+pub fn resume<B: TrainBackend>(
+    setup: &mut Setup,
+    eng: &mut Engine<'_, B>,
+    scaling: &mut Scaling,
+    rank: usize,
+    global_batch: usize,
+) -> Result<Resumed> {
+    let (candidates, strict) = resume_candidates(setup)?;
+    let trainable_kind = if setup.lora.is_some() { "lora" } else { "full" };
+    let mut out = Resumed::default();
+    let load_start = Instant::now();
+    for (i, dir) in candidates.iter().enumerate() {
+        let m = match checkpoint::load(
+            dir,
+            eng,
+            setup.weights().trainable(),
+            trainable_kind,
+            global_batch,
+        ) {
+            Ok(m) => m,
+            // A restarted generation falls back to the previous committed checkpoint when the
+            // newest cannot be used (corrupt shard); an explicit path is an error.
+            Err(e) if !strict && i + 1 < candidates.len() => {
+                eprintln!(
+                    "trainer: warning: rank {rank}: cannot resume from {}: {e:#}; trying the \
+                     previous committed checkpoint",
+                    dir.display()
+                );
+                out.skipped.push(format!("{}: {e:#}", dir.display()));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(saved) = &m.scaler {
+            scaling.restore(saved);
+        }
+        if rank == 0 {
+            eprintln!(
+                "trainer: resumed from {} at step {} (saved by {} ranks under {}; loaded in \
+                 {:.3} s)",
+                dir.display(),
+                m.step,
+                m.world,
+                m.plan,
+                load_start.elapsed().as_secs_f64()
+            );
+        }
+        out.step = m.step;
+        out.from = Some(dir.clone());
+        return Ok(out);
+    }
+    if !candidates.is_empty() {
+        let names: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
+        return Err(anyhow!("no usable checkpoint among {}", names.join(", ")));
+    }
+    Ok(out)
+}
+
+/// Refuses a coordinator-given resume point outside `output_dir`: the next generation would
+/// otherwise read (and, through `save_total_limit`, protect) whatever directory a report named.
+fn check_resume_inside(ckpt: &Path, output_dir: &Path) -> Result<()> {
+    use ringmaster_config::paths::resolve;
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let resolve =
+        |p: &Path| resolve(p, &cwd).map_err(|(at, e)| anyhow!("resolving {}: {e}", at.display()));
+    let (c, out) = (resolve(ckpt)?, resolve(output_dir)?);
+    if c == out || !c.starts_with(&out) {
+        return Err(anyhow!(
+            "RINGMASTER_RESUME_FROM={} ({}) is not a checkpoint inside output_dir {} ({}): \
+             refusing to resume from it",
+            ckpt.display(),
+            c.display(),
+            output_dir.display(),
+            out.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The checkpoints to resume from, in order of preference, and whether only the first may be
+/// used. `RINGMASTER_RESUME_FROM` (set by the coordinator: the job's last committed checkpoint)
+/// comes first, falling back to the older committed checkpoints of `output_dir`; else the
+/// config's `resume_from_checkpoint` (a directory, strict; or `true` for the newest committed
+/// one in `output_dir` as the HF Trainer reads it, with fallback); else — in a restarted
+/// generation (`RINGMASTER_GENERATION` > 0) — the committed checkpoints of `output_dir`, newest
+/// first. A corrupt candidate falls back to the next one.
+fn resume_candidates(setup: &Setup) -> Result<(Vec<PathBuf>, bool)> {
+    let all = || -> Vec<(u64, PathBuf)> { checkpoint::committed(&setup.output_dir) };
+    if let Ok(p) = std::env::var("RINGMASTER_RESUME_FROM")
+        && !p.is_empty()
+    {
+        let first = PathBuf::from(&p);
+        check_resume_inside(&first, &setup.output_dir)?;
+        let step = checkpoint::step_of(&first);
+        let same = |q: &Path| std::fs::canonicalize(q).ok() == std::fs::canonicalize(&first).ok();
+        // A committed checkpoint newer than the coordinator's record (rank 0 committed it
+        // but died, or the coordinator was down, before the report landed) passed the same
+        // barrier, so it comes first; then the named one; then older ones to fall back on.
+        let found = all();
+        let newer = found
+            .iter()
+            .filter(|(s, q)| step.is_some_and(|st| *s > st) && !same(q))
+            .map(|(_, q)| q.clone());
+        let older = found
+            .iter()
+            .filter(|(s, q)| step.is_none_or(|st| *s < st) && !same(q))
+            .map(|(_, q)| q.clone());
+        let out = newer.chain([first.clone()]).chain(older).collect();
+        return Ok((out, false));
+    }
+    let paths = || all().into_iter().map(|(_, p)| p).collect::<Vec<_>>();
+    match setup.cfg.resume_from_checkpoint.as_deref() {
+        None | Some("") | Some("false") | Some("False") => {
+            let generation: u64 = std::env::var("RINGMASTER_GENERATION")
+                .ok()
+                .and_then(|g| g.parse().ok())
+                .unwrap_or(0);
+            Ok((if generation > 0 { paths() } else { Vec::new() }, false))
+        }
+        Some("true") | Some("True") => {
+            let found = paths();
+            if found.is_empty() {
+                return Err(anyhow!(
+                    "resume_from_checkpoint: true, but {} holds no committed checkpoint",
+                    setup.output_dir.display()
+                ));
+            }
+            Ok((found, false))
+        }
+        Some(p) => Ok((vec![p.into()], true)),
+    }
+}
