@@ -24,6 +24,7 @@
 #                       site-packages' nvidia/*/lib, then the system's library folders)
 #   NCCL_DEBUG          passed to NCCL (default WARN; INFO shows its init)
 #   NCCL_SOCKET_IFNAME  NCCL's bootstrap interface (default lo: one process, one machine)
+#   NCCL_INCLUDE_IGNORED=1  run every nccl test (--include-ignored), not only the GPU one
 #
 # cudarc loads NCCL as libnccl.so, not libnccl.so.2 (the name NCCL installs), so this makes a
 # temporary folder with a libnccl.so symlink and puts it first in LD_LIBRARY_PATH.
@@ -91,13 +92,20 @@ fi
 libdir="$(mktemp -d)"
 trap 'rm -rf "$libdir"' EXIT
 ln -s "$(readlink -f "$nccl")" "$libdir/libnccl.so"
-export LD_LIBRARY_PATH="$libdir:$(dirname "$(readlink -f "$nccl")")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nccl_dir="$(dirname "$(readlink -f "$nccl")")"
+export LD_LIBRARY_PATH="$libdir:$nccl_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-lo}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 echo "NCCL_DEBUG=$NCCL_DEBUG NCCL_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME"
 
-test_args=(--ignored --nocapture --test-threads=1 nccl)
+# NCCL_INCLUDE_IGNORED=1: every nccl test of the binary (the CPU-only ones too), not only the
+# #[ignore]d GPU one.
+if [ "${NCCL_INCLUDE_IGNORED:-0}" = 1 ]; then
+    test_args=(--include-ignored --nocapture --test-threads=1 nccl)
+else
+    test_args=(--ignored --nocapture --test-threads=1 nccl)
+fi
 
 bin="${1:-}"
 if [ -z "$bin" ] && [ -d target/release/deps ]; then

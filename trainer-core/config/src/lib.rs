@@ -41,6 +41,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "dataset_dir",
     "ddp_timeout",
     "deepspeed",
+    "device",
     "do_eval",
     "do_train",
     "eval_dataset",
@@ -155,6 +156,74 @@ pub struct TrainConfig {
     pub per_device_eval_batch_size: Option<u32>,
     /// Accepted for LLaMA-Factory compatibility; no effect (no remote code is ever run).
     pub trust_remote_code: Option<bool>,
+    /// Where the trainer computes: `auto` (default: CUDA when built with it and a GPU is
+    /// visible, else CPU), `cpu`, or `cuda` (an error at start when no GPU can be used).
+    pub device: Option<DeviceRequest>,
+}
+
+/// The `device` key: where the trainer should compute. What it resolves to on a given machine
+/// (and why) is decided at trainer start by `ringmaster-device`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceRequest {
+    /// CUDA when the binary was built with it, the driver loads and a device is visible; else
+    /// CPU, with the reason in the log.
+    #[default]
+    Auto,
+    /// Always the CPU backend.
+    Cpu,
+    /// A CUDA device, or an error at start that names why none can be used.
+    Cuda,
+}
+
+impl DeviceRequest {
+    /// The values the `device` key accepts, in the order the docs list them.
+    pub const ALLOWED: [&'static str; 3] = ["auto", "cpu", "cuda"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceRequest::Auto => "auto",
+            DeviceRequest::Cpu => "cpu",
+            DeviceRequest::Cuda => "cuda",
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DeviceRequest {
+    type Err = String;
+
+    /// Exact lower-case names, as the other enum-like keys take them.
+    fn from_str(s: &str) -> Result<DeviceRequest, String> {
+        match s {
+            "auto" => Ok(DeviceRequest::Auto),
+            "cpu" => Ok(DeviceRequest::Cpu),
+            "cuda" => Ok(DeviceRequest::Cuda),
+            _ => Err(format!(
+                "expected one of {}, got '{s}'",
+                DeviceRequest::ALLOWED.join(", ")
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceRequest {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<DeviceRequest, String> {
+        s.parse()
+    }
+}
+
+impl From<DeviceRequest> for String {
+    fn from(d: DeviceRequest) -> String {
+        d.as_str().to_owned()
+    }
 }
 
 /// A field that LLaMA-Factory accepts either as `a,b` or as a YAML list.
@@ -401,6 +470,11 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The `device` key, `auto` when absent.
+    pub fn device_request(&self) -> DeviceRequest {
+        self.device.unwrap_or_default()
+    }
+
     /// Paths of the DeepSpeed JSON, FSDP and accelerate YAML files this config names, as
     /// written. (A DeepSpeed file that an accelerate config names is one level further:
     /// [`AccelerateConfig::deepspeed_file`].)
@@ -484,6 +558,9 @@ mod tests {
             ("lr_scheduler_type: step", "lr_scheduler_type"),
             ("bf16: true\nfp16: true", "bf16"),
             ("warmup_ratio: 2", "warmup_ratio"),
+            ("device: gpu", "device"),
+            ("device: CUDA", "device"),
+            ("device: 0", "device"),
         ];
         for (text, field) in cases {
             match TrainConfig::from_yaml(text) {
@@ -507,5 +584,35 @@ mod tests {
             TrainConfig::from_yaml("a: [b"),
             Err(ConfigError::Syntax(_))
         ));
+    }
+
+    #[test]
+    fn device_defaults_to_auto_and_parses_each_value() {
+        assert_eq!(
+            TrainConfig::from_yaml("stage: sft\n")
+                .unwrap()
+                .device_request(),
+            DeviceRequest::Auto
+        );
+        for (text, want) in [
+            ("auto", DeviceRequest::Auto),
+            ("cpu", DeviceRequest::Cpu),
+            ("cuda", DeviceRequest::Cuda),
+        ] {
+            let cfg = TrainConfig::from_yaml(&format!("device: {text}\n")).unwrap();
+            assert_eq!(cfg.device_request(), want);
+            assert_eq!(want.to_string(), text);
+            // It serializes back to the string users write.
+            assert_eq!(serde_json::to_value(want).unwrap(), serde_json::json!(text));
+        }
+    }
+
+    #[test]
+    fn a_bad_device_names_the_field_and_the_allowed_values() {
+        let err = TrainConfig::from_yaml("device: gpu\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("`device`"), "{text}");
+        assert!(text.contains("auto, cpu, cuda"), "{text}");
+        assert!(text.contains("'gpu'"), "{text}");
     }
 }
