@@ -33,19 +33,19 @@ impl CpuBackend {
 /// Where this rank's model runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
-    /// On the CPU, with `why` (the log line's reason).
+    /// On the CPU.
     Cpu {
         /// The burn backend.
         backend: CpuBackend,
-        /// Why the CPU (asked for, or what `auto` found).
-        why: String,
+        /// The start-up line (`device: cpu (...)`).
+        line: String,
     },
     /// On CUDA device `ordinal`.
     Cuda {
         /// The device ordinal among the visible devices.
         ordinal: usize,
-        /// What was found (device name, how it was chosen).
-        what: String,
+        /// The start-up line (`device: cuda:0 (NVIDIA H100 ...), LOCAL_RANK ...`).
+        line: String,
     },
 }
 
@@ -62,16 +62,65 @@ impl Placement {
 impl std::fmt::Display for Placement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Placement::Cpu { backend, why } => {
-                let b = match backend {
-                    CpuBackend::Flex => "flex",
-                    CpuBackend::NdArray => "ndarray",
-                };
-                write!(f, "device: cpu ({b}; {why})")
-            }
-            Placement::Cuda { ordinal, what } => write!(f, "device: cuda:{ordinal} ({what})"),
+            Placement::Cpu { line, .. } | Placement::Cuda { line, .. } => f.write_str(line),
         }
     }
+}
+
+/// This rank's placement for `cfg`'s `device:` key (`auto` by default) and the environment
+/// (`CUDA_VISIBLE_DEVICES`, `LOCAL_RANK`). On CUDA it first makes NVRTC (burn-cuda's kernel
+/// compiler) and, with several ranks, NCCL loadable by the names cudarc opens: found where
+/// they are (CUDA toolkit, system folders, Python's `nvidia-*` wheels, or
+/// `RINGMASTER_NVRTC_LIB` / `RINGMASTER_NCCL_LIB`), linked into a private folder, and the
+/// process re-executed once with that folder on `LD_LIBRARY_PATH` — so call this before
+/// anything else opens a CUDA library, and before printing.
+///
+/// # Errors
+/// `device: cuda` without the `cuda` feature, a driver or a visible GPU; `LOCAL_RANK` beyond
+/// the visible GPUs; a library not found (the message says where it looked). Usage errors:
+/// nothing ran.
+pub fn place(cfg: &ringmaster_config::TrainConfig, world: usize) -> Result<Placement> {
+    use ringmaster_device::{LibraryKind, Selected};
+    let selected = ringmaster_device::select(cfg.device_request(), &ringmaster_device::process_env)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    match selected {
+        Selected::Cpu { why } => {
+            let backend = CpuBackend::from_env()?;
+            let line = match backend {
+                CpuBackend::Flex => format!("device: cpu ({why})"),
+                CpuBackend::NdArray => format!("device: cpu ({why}; ndarray backend)"),
+            };
+            Ok(Placement::Cpu { backend, line })
+        }
+        Selected::Cuda { ordinal, .. } => {
+            let mut kinds = vec![LibraryKind::Nvrtc];
+            if world > 1 {
+                kinds.push(LibraryKind::Nccl);
+            }
+            ringmaster_device::ensure_cuda_libraries(&kinds)
+                .map_err(|e| anyhow::anyhow!("device: cuda: {e}"))?;
+            Ok(Placement::Cuda {
+                ordinal,
+                line: selected.to_string(),
+            })
+        }
+    }
+}
+
+/// `trainer device-info [--request auto|cpu|cuda]`: what this binary and machine offer, as
+/// JSON (the libraries made loadable first when CUDA is asked for and usable).
+pub fn info(request: ringmaster_device::DeviceRequest) -> String {
+    let env = ringmaster_device::process_env;
+    if request != ringmaster_device::DeviceRequest::Cpu
+        && ringmaster_device::select(request, &env)
+            .is_ok_and(|s| matches!(s, ringmaster_device::Selected::Cuda { .. }))
+    {
+        use ringmaster_device::LibraryKind;
+        // A failure shows in the report's libraries.
+        let _ = ringmaster_device::ensure_cuda_libraries(&[LibraryKind::Nvrtc, LibraryKind::Nccl]);
+    }
+    let report = ringmaster_device::report(request, &env);
+    serde_json::to_string_pretty(&report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
 /// Trains `setup` on `placement`'s backend and device.
@@ -94,15 +143,4 @@ pub fn train(placement: &Placement, setup: &mut Setup, par: &mut Parallel<'_>) -
         #[cfg(not(feature = "cuda"))]
         Placement::Cuda { .. } => bail!("this trainer was built without the `cuda` feature"),
     }
-}
-
-/// This rank's placement from `setup`'s training config and the environment.
-///
-/// # Errors
-/// The asked-for device cannot be used (the message names the cause).
-pub fn place(_setup: &Setup) -> Result<Placement> {
-    Ok(Placement::Cpu {
-        backend: CpuBackend::from_env()?,
-        why: "asked for".into(),
-    })
 }

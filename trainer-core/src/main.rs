@@ -8,6 +8,7 @@
 //! `trainer export CHECKPOINT --out DIR [--merge-lora]`: a Hugging Face directory from a
 //! sharded checkpoint, streamed one tensor at a time.
 //! `trainer init-model`, `trainer logits`: random HF models and their logits (HF parity checks).
+//! `trainer device-info [--request auto|cpu|cuda]`: the device and CUDA libraries, as JSON.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +21,24 @@ use clap::Parser;
 struct Args {
     /// Training config (LLaMA-Factory field names).
     config: PathBuf,
+}
+
+/// `trainer device-info`: the device selection, the CUDA libraries and headers found, as JSON.
+#[derive(Parser, Debug)]
+#[command(name = "trainer device-info")]
+struct DeviceInfoArgs {
+    /// The `device:` value to evaluate.
+    #[arg(long, default_value = "auto", value_parser = parse_request)]
+    request: ringmaster_device::DeviceRequest,
+}
+
+fn parse_request(s: &str) -> Result<ringmaster_device::DeviceRequest, String> {
+    match s {
+        "auto" => Ok(ringmaster_device::DeviceRequest::Auto),
+        "cpu" => Ok(ringmaster_device::DeviceRequest::Cpu),
+        "cuda" => Ok(ringmaster_device::DeviceRequest::Cuda),
+        other => Err(format!("`{other}`: expected auto, cpu or cuda")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -86,6 +105,12 @@ fn main() -> ExitCode {
         argv.remove(1);
         let args = ringmaster_trainer::export::ExportArgs::parse_from(argv);
         return exit(ringmaster_trainer::export::export(args));
+    }
+    if sub.as_deref() == Some("device-info") {
+        argv.remove(1);
+        let args = DeviceInfoArgs::parse_from(argv);
+        println!("{}", ringmaster_trainer::device::info(args.request));
+        return ExitCode::SUCCESS;
     }
     if sub.as_deref() == Some("eval") {
         argv.remove(1);

@@ -53,13 +53,18 @@ fn broadcast_weights(setup: &mut Setup, comm: &mut dyn Communicator) -> anyhow::
 /// `trainer [train] CONFIG.yaml`.
 pub fn train(config: &Path) -> Result<(), RunError> {
     crate::signals::install().map_err(failed)?;
+    // The device first: on CUDA this may re-execute the process (library paths), so before the
+    // data is read and before anything is printed.
+    let cfg = crate::load_config(config).map_err(usage)?;
+    let (_, world, _) = crate::dist::rank_world().map_err(usage)?;
+    let placement = crate::device::place(&cfg, world)
+        .map_err(|e| usage(e.context(format!("{}", config.display()))))?;
     let (mut setup, rank, world) = setup(config)?;
     let timeout = setup
         .cfg
         .ddp_timeout
         .map(std::time::Duration::from_secs)
         .unwrap_or(crate::dist::DEFAULT_TIMEOUT);
-    let placement = crate::device::place(&setup).map_err(usage)?;
     if rank == 0 {
         eprintln!("trainer: {placement}");
     }
