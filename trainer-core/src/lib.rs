@@ -1,14 +1,30 @@
-//! Ringmaster's training engine (burn): model, data, collectives, engines, checkpoints.
-//!
-//! Skeleton for now: the engine lands with its own issue. What exists is the shared,
-//! burn-free training-config schema in `trainer-core/config` (crate `ringmaster-config`),
-//! which the coordinator already uses to validate jobs at submit time.
+//! The trainer: the library behind the `trainer` binary, one process per rank. `trainer
+//! CONFIG.yaml` places the rank on a device, joins its job's collectives, trains through the
+//! sharded engine, writes checkpoints and reports progress to the coordinator; the other
+//! subcommands evaluate, generate, merge LoRA, export, make demo data, check collectives and report
+//! the device. Walls: the coordinator and the agent never depend on this crate; the engine reaches
+//! collectives only as `dyn Communicator` (built in [`dist`]) and keeps the training state in host
+//! flat f32 units, never in burn tensors, whatever the backend ([`train::engine::TrainBackend`]).
 //!
 //! Layout:
-//! - [`load_config`] — reads and validates a training config file.
+//! - [`run`] — the subcommands that run the model: train (placement, communicators, progress,
+//!   then the loop), eval, generate, merge, and `init-model`/`logits` for HF parity checks.
+//! - [`device`] — where a rank runs (`device: auto | cpu | cuda` through `ringmaster-device`,
+//!   which may re-execute the process once for CUDA library paths), the loop instantiated for
+//!   that burn backend, and `trainer device-info`.
+//! - [`dist`] — rank and world from the environment, the bootstrap store, and the communicators
+//!   the placement's [`dist::Fabric`] asks for (TCP ring or NCCL).
+//! - [`rendezvous`] — the coordinator's RendezvousService as a collectives bootstrap store.
+//! - [`progress`] — per-step reports and heartbeats to the coordinator; its ABORTED aborts the
+//!   communicators.
+//! - [`signals`] — SIGTERM and SIGUSR1 as flags that every rank agrees on at each step.
+//! - [`train`] — the training loop (data → [`train::engine::Engine::step`] → log, checkpoint,
+//!   signals), with `engine/` (layout, comm, passes, state), `checkpoint`, `resume`, `report`,
+//!   `setup`, `data_cache` and `eval`.
+//! - [`export`] — `trainer export`: a Hugging Face directory from a checkpoint of any layout.
 //! - [`collective_cli`] — `trainer collective`: one rank of a collective benchmark or check.
-//! - [`rendezvous`] — the coordinator's rendezvous service as a collectives bootstrap store.
 //! - [`data_cli`] — `trainer tokenizer train`, `trainer data addition`.
+//! - [`load_config`] — reads and validates a training config (`ringmaster-config`).
 
 pub mod collective_cli;
 pub mod data_cli;

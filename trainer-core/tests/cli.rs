@@ -198,3 +198,51 @@ fn model_subcommands_round_trip_and_refuse_bad_input() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+/// `device: cuda` where it cannot be had — this binary built without the `cuda` feature, or
+/// (built with it) a machine without an NVIDIA driver — exits 2 before reading any data, with
+/// one line naming the cause; `device-info` says what `auto` picks and why.
+#[test]
+fn device_cuda_without_a_gpu_or_the_feature_is_one_line_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("examples/quickstart.yaml")).unwrap();
+    let mut cfg = String::new();
+    for line in text.lines() {
+        if line.starts_with("output_dir:") {
+            cfg += &format!("output_dir: {}\n", dir.path().join("out").display());
+        } else {
+            cfg += line;
+            cfg += "\n";
+        }
+    }
+    cfg += "device: cuda\n";
+    let p = dir.path().join("q.yaml");
+    std::fs::write(&p, cfg).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .arg(&p)
+        .current_dir(&root)
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    let cause = if ringmaster_device::BUILT_WITH_CUDA {
+        "libcuda"
+    } else {
+        "built without the `cuda` feature"
+    };
+    assert!(err.contains(cause) && err.contains("q.yaml"), "{err}");
+    assert!(!dir.path().join("out").exists(), "nothing ran");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["device-info", "--request", "auto"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let line = report["line"].as_str().unwrap();
+    assert!(line.starts_with("device: cpu (auto"), "{line}");
+}

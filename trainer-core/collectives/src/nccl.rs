@@ -19,8 +19,9 @@
 //! `libcuda.so.1`) and NCCL at their first use; a driver of CUDA 12 or later has the entry
 //! points used here. cudarc looks for NCCL as `libnccl.so` (and `libnccl.so.12`, `.11`, …) but
 //! not as `libnccl.so.2`, the name NCCL installs (also in pip's `nvidia-nccl-cu12`/`-cu13`
-//! wheels, under `site-packages/nvidia/nccl/lib/`): put a `libnccl.so` symlink to it in a
-//! folder and name that folder in `LD_LIBRARY_PATH` (`bench/gpu-nccl.sh` does this).
+//! wheels, under `site-packages/nvidia/nccl/lib/`): the trainer's `ringmaster-device` links it
+//! under cudarc's name in a private folder and re-executes with that folder on
+//! `LD_LIBRARY_PATH` (`bench/gpu-nccl.sh` does the same for the test binary).
 //! [`NcclComm::connect`] checks that both libraries load and returns [`CommError::Bootstrap`]
 //! instead of letting cudarc panic. NCCL 2.10 or later is needed (`ncclAvg`).
 //!

@@ -1,13 +1,26 @@
-//! Ringmaster's Llama-family causal LM on burn 0.21.
+//! Ringmaster's Llama-family causal LM on burn 0.21, generic over the burn backend: the
+//! parameters as named flat fp32 host buffers, the forward pass and loss, fused operations
+//! with their own backward, and Hugging Face and PEFT files. Walls: no crate of ours is a
+//! dependency, so the model knows nothing of ranks, plans or collectives; no layout is keyed by
+//! burn's `ParamId` (the burn model is built from a [`ParamStore`] for each step).
 //!
-//! - [`config`]: `config.json` in the transformers 4 and 5 forms.
-//! - [`params`]: the parameters as named flat fp32 buffers in Hugging Face layout.
-//! - [`hf`]: safetensors directories (single file or sharded), fp32/bf16/fp16.
-//! - [`fused`], [`kernels`], [`attention`]: softmax, cross-entropy, SwiGLU, RMSNorm and
-//!   attention as single graph nodes with their own backward, and their f32 CPU kernels.
-//! - [`model`]: the forward pass (rotate-half RoPE, GQA, RMSNorm, SwiGLU) and the loss.
-//! - [`lora`]: PEFT-format LoRA adapters.
-//! - [`generate`]: greedy decoding.
+//! Layout:
+//! - [`config`] — `config.json` in the transformers 4 and 5 forms.
+//! - [`params`] — [`ParamStore`], the canonical state: flat fp32 in Hugging Face layout and
+//!   order.
+//! - [`model`] — the forward pass on any burn backend (rotate-half RoPE, GQA, RMSNorm, SwiGLU),
+//!   split by unit (embeddings, each block, final norm + head) so an engine can run it unit by
+//!   unit, and the loss.
+//! - [`fused`] — softmax, cross-entropy, SwiGLU, RMSNorm, RoPE, attention and linear as single
+//!   graph nodes with their own backward: burn-op defaults on every backend, f32 kernels on flex.
+//! - [`kernels`], [`attention`] — flex's f32 kernels on host slices: row passes, and attention
+//!   with per-head `gemm` on strided views.
+//! - [`rope`] — rotary tables (default, linear and llama3 scaling), computed in f64.
+//! - [`hf`] — safetensors directories (single file or sharded), fp32/bf16/fp16.
+//! - [`lora`] — PEFT-format LoRA adapters.
+//! - [`generate`] — greedy decoding.
+//! - [`host`] — process settings for CPU training: malloc tuning, the compute-pool thread.
+//! - [`error`] — [`ModelError`]: errors naming the file and the field, tensor or row at fault.
 
 pub mod attention;
 pub mod config;

@@ -1,12 +1,14 @@
-//! Optimizer logic for Ringmaster's trainer, in plain Rust on flat `f32` slices and without
-//! burn, so that every rule can be checked against its reference implementation in unit tests:
+//! Optimizer logic for Ringmaster's trainer, in plain Rust on flat `f32` slices, so that every
+//! rule can be checked against its reference implementation in unit tests. Walls: no burn and
+//! no crate of ours; no ranks either (the engine sums norms across ranks and calls in here).
 //!
-//! - [`adamw`]: one `torch.optim.AdamW` step (decoupled weight decay, bias correction);
-//! - [`schedule`]: the learning-rate schedules of Hugging Face transformers' `get_scheduler`
-//!   (`linear`, `cosine`, `constant`, `constant_with_warmup`) and its warmup resolution;
-//! - [`scaler`]: DeepSpeed's dynamic fp16 loss scaler (hysteresis, window, floor);
-//! - [`clip`]: `torch.nn.utils.clip_grad_norm_`'s coefficient and the helpers around it;
-//! - [`plot`]: LLaMA-Factory's `training_loss.png` (raw and smoothed loss curve).
+//! Layout:
+//! - [`adamw`] — one `torch.optim.AdamW` step (decoupled weight decay, bias correction).
+//! - [`schedule`] — the learning-rate schedules of Hugging Face transformers' `get_scheduler`
+//!   (`linear`, `cosine`, `constant`, `constant_with_warmup`) and its warmup resolution.
+//! - [`scaler`] — DeepSpeed's dynamic fp16 loss scaler (hysteresis, window, floor).
+//! - [`clip`] — `torch.nn.utils.clip_grad_norm_`'s coefficient and the helpers around it.
+//! - [`plot`] — LLaMA-Factory's `training_loss.png` (raw and smoothed loss curve).
 //!
 //! ```
 //! use ringmaster_optim::{AdamWConfig, AdamWState, Scheduler, SchedulerKind, adamw_step};

@@ -1,10 +1,16 @@
-//! The training loop: one optimizer step = the global batch's micro-batches forward and
-//! backward, gradients summed (and all-reduced over data-parallel ranks when a communicator is
-//! given), fp16 unscale and overflow skip, global-norm clipping, AdamW on flat fp32 tensors.
+//! The training loop: data → [`engine::Engine::step`] → log, checkpoint, signals. The engine
+//! owns the step (forward/backward of this rank's micro-batches, reduction, fp16 unscale and
+//! overflow skip, clipping, AdamW); the loop picks the global batch and this rank's share of it,
+//! reports progress, and checkpoints on `save_steps`, SIGTERM or a request.
 //!
 //! The loss of every micro-batch is divided by the number of target tokens of the whole global
 //! batch, so the summed gradient is the gradient of the global mean loss whatever the split
 //! over ranks and accumulation steps: a run on 4 ranks takes the steps a run on 1 rank takes.
+//!
+//! Layout: [`engine`] (the step), [`setup`] (config → model, data, tokenizer), [`resume`]
+//! (checkpoint candidates and loading), [`checkpoint`] (sharded save/load, commit, prune),
+//! [`report`] (log window, memory report, end of run), [`eval`] (exact match), [`data_cache`]
+//! (tokenized-data cache).
 
 pub mod checkpoint;
 pub mod data_cache;
