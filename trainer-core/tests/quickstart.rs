@@ -6,6 +6,11 @@
 //! micro-batch 16 each: global batch 64). This test runs one process with micro-batch 64: the
 //! same global batch and, by the data-parallel and accumulation equivalences (tests/engines.rs,
 //! tests/train.rs), the same optimizer steps, at a quarter of the per-call overhead.
+//!
+//! Ignored by `cargo test` (8 minutes of a debug build on 2 cores): CI checks the same figure on
+//! the shipped config itself, 4 ranks of the release trainer built with `--features cuda`
+//! (tests/scripts/cuda-binary-on-cpu.sh). Run it with `cargo test -p ringmaster-trainer --test
+//! quickstart -- --ignored`.
 
 use std::path::PathBuf;
 
@@ -13,6 +18,7 @@ use ringmaster_model::CpuAutodiff;
 use ringmaster_trainer::train::{self, Parallel};
 
 #[test]
+#[ignore = "8 minutes in a debug build; CI runs the 4-rank quickstart with the release trainer"]
 fn quickstart_reaches_90_percent_exact_match() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let path = root.join("examples/quickstart.yaml");

@@ -196,37 +196,10 @@ pub fn train<B: TrainBackend>(
     let global_batch = layout.global_batch_size();
     let resumed = resume::resume(setup, &mut eng, &mut scaling, par.rank, global_batch)?;
     if let Some(p) = par.progress {
-        if par.rank == 0 {
-            let from = resumed.from.as_deref().map(|d| (resumed.step, d));
-            p.resumed(from, resumed.skipped.clone());
-        }
-        // Every rank says it is ready to train (the status shows the resumed step at once; the
-        // recovery benchmark times "every rank training again" from it).
-        p.report(crate::progress::StepReport {
-            step: resumed.step,
-            total_steps: total,
-            memory_bytes: crate::progress::rss_bytes().0,
-            ..Default::default()
-        });
+        resume::tell(p, par.rank, &resumed, total);
     }
     if par.rank == 0 {
-        std::fs::create_dir_all(&setup.output_dir)
-            .with_context(|| format!("creating {}", setup.output_dir.display()))?;
-        for w in &setup.warnings {
-            eprintln!("trainer: warning: {w}");
-        }
-        eprintln!(
-            "trainer: {} parameters ({} trainable), {} samples, global batch {global_batch} ({} x {} accumulation x {} ranks), {total} steps, plan {}, {}",
-            eng.layout().numel() + if is_lora { setup.base.numel() } else { 0 },
-            eng.layout().numel(),
-            setup.samples.len(),
-            layout.per_device_batch_size,
-            layout.gradient_accumulation_steps,
-            par.world,
-            plan.label(),
-            plan.precision.name(),
-        );
-        eprintln!("trainer: {}", eng.describe());
+        report::announce(setup, &eng, &layout, total)?;
     }
     let mut window = report::Window::new(setup, par.rank, resumed.step, spe, total)?;
     let start = Instant::now();

@@ -7,10 +7,46 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::tensor::backend::AutodiffBackend;
+use ringmaster_data::sampler::RankLayout;
 
 use super::engine::{Engine, MemoryReport, StepOutcome, TrainBackend};
 use super::setup::Setup;
 use super::{LogLine, eval, save_model};
+
+/// Rank 0's start-up lines: the config's warnings, the run's shape, how the engine runs (and
+/// output_dir created).
+pub fn announce<B: TrainBackend>(
+    setup: &Setup,
+    eng: &Engine<'_, B>,
+    layout: &RankLayout,
+    total: u64,
+) -> Result<()> {
+    std::fs::create_dir_all(&setup.output_dir)
+        .with_context(|| format!("creating {}", setup.output_dir.display()))?;
+    for w in &setup.warnings {
+        eprintln!("trainer: warning: {w}");
+    }
+    let trainable = eng.layout().numel();
+    let frozen = if setup.lora.is_some() {
+        setup.base.numel()
+    } else {
+        0
+    };
+    eprintln!(
+        "trainer: {} parameters ({trainable} trainable), {} samples, global batch {} ({} x {} \
+         accumulation x {} ranks), {total} steps, plan {}, {}",
+        trainable + frozen,
+        setup.samples.len(),
+        layout.global_batch_size(),
+        layout.per_device_batch_size,
+        layout.gradient_accumulation_steps,
+        layout.world_size,
+        setup.plan.label(),
+        setup.plan.precision.name(),
+    );
+    eprintln!("trainer: {}", eng.describe());
+    Ok(())
+}
 
 /// The steps since the last log line, and rank 0's log file.
 pub struct Window {

@@ -21,6 +21,22 @@ pub struct Resumed {
     pub skipped: Vec<String>,
 }
 
+/// Tells the coordinator where the run starts: rank 0 where it resumed from (and what it
+/// skipped), every rank that it is ready to train (the status shows the resumed step at once;
+/// the recovery benchmark times "every rank training again" from it).
+pub fn tell(p: &crate::progress::ProgressReporter, rank: usize, resumed: &Resumed, total: u64) {
+    if rank == 0 {
+        let from = resumed.from.as_deref().map(|d| (resumed.step, d));
+        p.resumed(from, resumed.skipped.clone());
+    }
+    p.report(crate::progress::StepReport {
+        step: resumed.step,
+        total_steps: total,
+        memory_bytes: crate::progress::rss_bytes().0,
+        ..Default::default()
+    });
+}
+
 /// Loads the first usable checkpoint candidate into `eng` (and the loss scaler's state into
 /// `scaling`); a run with no candidate starts at step 0.
 pub fn resume<B: TrainBackend>(
