@@ -13,7 +13,7 @@ use ringmaster_config::accelerate::BackwardPrefetch;
 use ringmaster_config::plan::{Plan, PlanSource};
 use ringmaster_model::LlamaConfig;
 
-use super::layout::{FlatLayout, owned_range, pad_unit};
+use super::layout::{FlatLayout, add_unit, owned_range, pad_unit};
 use super::{Engine, TrainBackend};
 
 /// Who shards with whom and who replicates.
@@ -233,15 +233,7 @@ impl CommSide<'_> {
     /// micro-batch, after which the unit's reduction is finished ([`CommSide::finish_unit`]).
     fn unit(&mut self, u: usize, grads: &[Vec<f32>], last: bool) -> Result<()> {
         if self.stage < 2 {
-            let unit = &self.layout.units[u];
-            let acc = &mut self.grads[u];
-            for (k, g) in grads.iter().enumerate() {
-                let off = unit.offsets[k];
-                acc[off..off + g.len()]
-                    .iter_mut()
-                    .zip(g)
-                    .for_each(|(d, s)| *d += s);
-            }
+            add_unit(self.layout, u, &mut self.grads[u], grads);
         } else {
             self.reduce(u, pad_unit(self.layout, u, grads))?;
         }

@@ -138,3 +138,15 @@ pub(super) fn pad_unit(layout: &FlatLayout, u: usize, grads: &[Vec<f32>]) -> Vec
     }
     full
 }
+
+/// Adds unit `u`'s tensors (`grads[k]` for its k-th) into its full flat accumulator `acc`.
+pub(super) fn add_unit(layout: &FlatLayout, u: usize, acc: &mut [f32], grads: &[Vec<f32>]) {
+    let unit = &layout.units[u];
+    for (k, g) in grads.iter().enumerate() {
+        let off = unit.offsets[k];
+        acc[off..off + g.len()]
+            .iter_mut()
+            .zip(g)
+            .for_each(|(d, s)| *d += s);
+    }
+}

@@ -14,7 +14,7 @@ use ringmaster_optim::scaler::has_overflow;
 use serde::Serialize;
 
 use super::comm::{all_gather_pieces, comm_err};
-use super::layout::{owned_range, pad_unit};
+use super::layout::{add_unit, owned_range, pad_unit};
 use super::{Engine, TrainBackend};
 
 /// AdamW state of one tensor's part of the owned shard.
@@ -126,16 +126,8 @@ impl<B: TrainBackend> Engine<'_, B> {
     /// Adds one micro-batch's gradients of unit `u` (`grads[k]` for its k-th tensor): into the
     /// full accumulator (stage ≤ 1), or reduce-scattered into the owned shard (stage ≥ 2).
     pub(super) fn accumulate_unit(&mut self, u: usize, grads: &[Vec<f32>]) -> Result<()> {
-        let unit = &self.layout.units[u];
         if self.spec.stage < 2 {
-            let acc = &mut self.grads[u];
-            for (k, g) in grads.iter().enumerate() {
-                let off = unit.offsets[k];
-                acc[off..off + g.len()]
-                    .iter_mut()
-                    .zip(g)
-                    .for_each(|(d, s)| *d += s);
-            }
+            add_unit(&self.layout, u, &mut self.grads[u], grads);
             return Ok(());
         }
         let full = pad_unit(&self.layout, u, grads);
