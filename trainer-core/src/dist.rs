@@ -44,6 +44,80 @@ pub enum Fabric {
     },
 }
 
+impl Fabric {
+    /// What the fabric means for a rank, in messages.
+    fn describe(self) -> &'static str {
+        match self {
+            Fabric::Ring => "the CPU (TCP ring)",
+            Fabric::Nccl { .. } => "CUDA (NCCL)",
+        }
+    }
+}
+
+/// The job's bootstrap store, its job id and generation: the coordinator's rendezvous
+/// (`RINGMASTER_COORDINATOR`) or a directory (`RINGMASTER_STORE_DIR`).
+fn bootstrap_store(world: usize) -> Result<(Box<dyn Store>, String, u64)> {
+    let job = std::env::var("RINGMASTER_JOB_ID").unwrap_or_else(|_| "local".into());
+    let generation: u64 = std::env::var("RINGMASTER_GENERATION")
+        .ok()
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(0);
+    let store: Box<dyn Store> = match (
+        std::env::var("RINGMASTER_STORE_DIR"),
+        std::env::var("RINGMASTER_COORDINATOR"),
+    ) {
+        (Ok(d), _) if !d.is_empty() => Box::new(DirStore::new(d)?),
+        (_, Ok(addr)) if !addr.is_empty() => Box::new(crate::rendezvous::GrpcStore::connect(
+            &addr, &job, generation,
+        )?),
+        _ => bail!(
+            "WORLD_SIZE is {world} but there is no bootstrap store: run under an agent \
+             (RINGMASTER_COORDINATOR) or set RINGMASTER_STORE_DIR"
+        ),
+    };
+    Ok((store, job, generation))
+}
+
+/// Checks that this rank computes where rank 0 does (`device: auto` is decided per rank: a
+/// node without a GPU, or with an empty `CUDA_VISIBLE_DEVICES`, would otherwise put its ranks
+/// on the TCP ring while the others wait in NCCL until the timeout). Rank 0 publishes its fabric
+/// through the bootstrap store; every other rank compares and fails naming both.
+pub fn agree_on_fabric(rank: usize, world: usize, timeout: Duration, fabric: Fabric) -> Result<()> {
+    if world <= 1 {
+        return Ok(());
+    }
+    let (store, job, generation) = bootstrap_store(world)?;
+    let key = format!("{job}/{generation}/fabric");
+    compare_fabric(store.as_ref(), &key, rank, timeout, fabric)
+}
+
+/// [`agree_on_fabric`] on `store` under `key`.
+fn compare_fabric(
+    store: &dyn Store,
+    key: &str,
+    rank: usize,
+    timeout: Duration,
+    fabric: Fabric,
+) -> Result<()> {
+    let mine = fabric.describe();
+    if rank == 0 {
+        store.set(key, mine.as_bytes())?;
+        return Ok(());
+    }
+    let theirs = store
+        .get(key, timeout)
+        .with_context(|| format!("waiting for rank 0's device ({key})"))?;
+    let theirs = String::from_utf8_lossy(&theirs);
+    if theirs != mine {
+        bail!(
+            "rank 0 computes on {theirs} but rank {rank} on {mine}: every rank must use the \
+             same kind of device (set `device: cuda` or `device: cpu` instead of `auto`, or \
+             give every node a GPU)"
+        );
+    }
+    Ok(())
+}
+
 /// Connects this rank to the communicator of its job and generation.
 pub fn connect(
     rank: usize,
@@ -65,29 +139,12 @@ pub fn connect_group(
     timeout: Duration,
     fabric: Fabric,
 ) -> Result<Box<dyn Communicator>> {
-    let job = std::env::var("RINGMASTER_JOB_ID").unwrap_or_else(|_| "local".into());
+    let (store, job, generation) = bootstrap_store(world)?;
     // The store is the job's; the group's name (its keys and socket names) is the subgroup's.
     let group_name = if name.is_empty() {
         job.clone()
     } else {
         format!("{job}.{name}")
-    };
-    let generation: u64 = std::env::var("RINGMASTER_GENERATION")
-        .ok()
-        .and_then(|g| g.parse().ok())
-        .unwrap_or(0);
-    let store: Box<dyn Store> = match (
-        std::env::var("RINGMASTER_STORE_DIR"),
-        std::env::var("RINGMASTER_COORDINATOR"),
-    ) {
-        (Ok(d), _) if !d.is_empty() => Box::new(DirStore::new(d)?),
-        (_, Ok(addr)) if !addr.is_empty() => Box::new(crate::rendezvous::GrpcStore::connect(
-            &addr, &job, generation,
-        )?),
-        _ => bail!(
-            "WORLD_SIZE is {world} but there is no bootstrap store: run under an agent \
-             (RINGMASTER_COORDINATOR) or set RINGMASTER_STORE_DIR"
-        ),
     };
     match fabric {
         Fabric::Ring => {
@@ -136,6 +193,22 @@ fn ring_transport(value: Option<String>) -> Result<(Transport, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranks_on_another_kind_of_device_than_rank_0_fail_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DirStore::new(dir.path()).unwrap();
+        let t = Duration::from_secs(5);
+        compare_fabric(&store, "job/0/fabric", 0, t, Fabric::Ring).unwrap();
+        compare_fabric(&store, "job/0/fabric", 1, t, Fabric::Ring).unwrap();
+        let err = compare_fabric(&store, "job/0/fabric", 2, t, Fabric::Nccl { device: 0 })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rank 0 computes on the CPU (TCP ring) but rank 2 on CUDA (NCCL)"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn transport_from_the_environment() {

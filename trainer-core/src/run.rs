@@ -69,6 +69,7 @@ pub fn train(config: &Path) -> Result<(), RunError> {
         eprintln!("trainer: {placement}");
     }
     let fabric = placement.fabric();
+    crate::dist::agree_on_fabric(rank, world, timeout, fabric).map_err(failed)?;
     let (mut ring, seq) = if world > 1 {
         let (r, seq) = crate::progress::Tracked::new(
             crate::dist::connect(rank, world, timeout, fabric).map_err(failed)?,

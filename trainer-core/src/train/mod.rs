@@ -231,15 +231,17 @@ pub fn train<B: TrainBackend>(
             micro: &micro,
             normalizer: normalizer as f64,
         };
-        // SIGTERM or a checkpoint request on any rank: every rank checkpoints after this step.
-        let signals = StepSignals {
-            stop: crate::signals::terminated(),
-            checkpoint: crate::signals::take_checkpoint_request(),
-        };
         let lr = sched.lr(step);
         let step_start = Instant::now();
         let out = eng
-            .step(&mut setup.weights(), &input, &mut scaling, lr, signals)
+            .step(&mut setup.weights(), &input, &mut scaling, lr, || {
+                StepSignals {
+                    // SIGTERM or a checkpoint request on any rank: every rank checkpoints after
+                    // this step.
+                    stop: crate::signals::terminated(),
+                    checkpoint: crate::signals::take_checkpoint_request(),
+                }
+            })
             .with_context(|| format!("step {step}"))?;
         let done = step + 1;
         losses.push(out.loss);

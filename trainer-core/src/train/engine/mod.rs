@@ -462,7 +462,9 @@ impl<'c, B: TrainBackend> Engine<'c, B> {
     }
 
     /// One optimizer step: every micro-batch forward and backward (the plan's pass), the
-    /// loss and this rank's `signals` agreed by all ranks, the gradient reduction, fp16
+    /// loss and this rank's `signals` (read after the micro-batches, just before the agreement,
+    /// so that a signal arriving during the compute takes effect after this step) agreed by all
+    /// ranks, the gradient reduction, fp16
     /// unscaling and the overflow skip (the dynamic `scaling` updated), global-norm clipping and
     /// AdamW at `lr` on the owned shard (then, below ZeRO-3, the updated shards gathered into
     /// every rank's `weights`).
@@ -472,7 +474,7 @@ impl<'c, B: TrainBackend> Engine<'c, B> {
         input: &StepInput<'_>,
         scaling: &mut Scaling,
         lr: f64,
-        signals: StepSignals,
+        signals: impl FnOnce() -> StepSignals,
     ) -> Result<StepOutcome> {
         self.comm_seconds = 0.0;
         self.zero_grads();
@@ -497,7 +499,7 @@ impl<'c, B: TrainBackend> Engine<'c, B> {
                 }
             };
         }
-        let (loss, signals) = self.agree(local_loss, signals)?;
+        let (loss, signals) = self.agree(local_loss, signals())?;
         self.reduce()?;
         if scale != 1.0 {
             self.scale_grads((1.0 / scale) as f32);
