@@ -28,15 +28,7 @@ what=${*:-small large rss torch}
 
 # A random-word corpus and a small tokenizer; the model's vocabulary (512 / 32000) sets the
 # cost of the embedding and the head whatever ids occur.
-python3 - "$W/corpus.jsonl" <<'PY'
-import json, random, sys
-random.seed(0)
-words = ["".join(random.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(random.randint(2, 8)))
-         for _ in range(3000)]
-with open(sys.argv[1], "w") as f:
-    for _ in range(40000):
-        f.write(json.dumps({"text": " ".join(random.choice(words) for _ in range(12))}) + "\n")
-PY
+python3 "$ROOT/bench/python/random_corpus.py" "$W/corpus.jsonl"
 "$TRAINER" tokenizer train "$W/corpus.jsonl" --format text --template default --vocab-size 400 \
   --out "$W/tok" >/dev/null
 

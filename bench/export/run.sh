@@ -13,15 +13,7 @@ TRAINER=$ROOT/target/release/trainer
 W=$(mktemp -d /tmp/rm-export.XXXXXX)
 trap '[ -n "${KEEP:-}" ] || rm -rf "$W"' EXIT
 
-python3 - "$W/corpus.jsonl" <<'PY'
-import json, random, sys
-random.seed(0)
-words = ["".join(random.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(random.randint(2, 8)))
-         for _ in range(3000)]
-with open(sys.argv[1], "w") as f:
-    for _ in range(2000):
-        f.write(json.dumps({"text": " ".join(random.choice(words) for _ in range(12))}) + "\n")
-PY
+python3 "$ROOT/bench/python/random_corpus.py" "$W/corpus.jsonl" 2000
 "$TRAINER" tokenizer train "$W/corpus.jsonl" --format text --template default --vocab-size 400 \
   --out "$W/model" >/dev/null
 cat >"$W/model/config.json" <<JSON

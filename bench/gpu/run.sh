@@ -241,15 +241,7 @@ fi
 # A text corpus and a 400-token tokenizer for the 124.7M run (the model's 32000-row embedding
 # and head set the cost whatever ids occur), as bench/engines does.
 make_data() {
-    python3 - "$W/corpus.jsonl" <<'PY'
-import json, random, sys
-random.seed(0)
-words = ["".join(random.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(random.randint(2, 8)))
-         for _ in range(3000)]
-with open(sys.argv[1], "w") as f:
-    for _ in range(40000):
-        f.write(json.dumps({"text": " ".join(random.choice(words) for _ in range(12))}) + "\n")
-PY
+    python3 "$ROOT/bench/python/random_corpus.py" "$W/corpus.jsonl"
     timeout -k 5 60 "$TRAINER" tokenizer train "$W/corpus.jsonl" --format text --template default \
         --vocab-size 400 --out "$W/model124m" >"$W/tokenizer.log" 2>&1 || return 1
     cat >"$W/model124m/config.json" <<'JSON'
