@@ -37,11 +37,13 @@ pub const KNOWN_KEYS: &[&str] = &[
     "accelerate_config",
     "bf16",
     "cutoff_len",
+    "dataloader_num_workers",
     "dataset",
     "dataset_dir",
     "ddp_timeout",
     "deepspeed",
     "device",
+    "disable_shuffling",
     "do_eval",
     "do_train",
     "eval_dataset",
@@ -51,6 +53,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "fp16",
     "fsdp_config",
     "gradient_accumulation_steps",
+    "interleave_probs",
     "learning_rate",
     "logging_steps",
     "lora_alpha",
@@ -62,9 +65,11 @@ pub const KNOWN_KEYS: &[&str] = &[
     "max_new_tokens",
     "max_samples",
     "max_steps",
+    "mix_strategy",
     "model_name_or_path",
     "num_train_epochs",
     "output_dir",
+    "overwrite_cache",
     "overwrite_output_dir",
     "packing",
     "per_device_eval_batch_size",
@@ -72,8 +77,10 @@ pub const KNOWN_KEYS: &[&str] = &[
     "plot_loss",
     "predict_with_generate",
     "preprocessing_num_workers",
+    "quantization_bit",
     "report_to",
     "resume_from_checkpoint",
+    "save_only_model",
     "save_steps",
     "save_total_limit",
     "seed",
@@ -159,6 +166,23 @@ pub struct TrainConfig {
     /// Where the trainer computes: `auto` (default: CUDA when built with it and a GPU is
     /// visible, else CPU), `cpu`, or `cuda` (an error at start when no GPU can be used).
     pub device: Option<DeviceRequest>,
+    /// How several datasets are merged (LLaMA-Factory's `mix_strategy`): `concat` (default),
+    /// `interleave_under` (stop when the first runs out) or `interleave_over` (cycle until the
+    /// last runs out).
+    pub mix_strategy: Option<String>,
+    /// Probabilities of each dataset when interleaving (`0.3,0.7` or a list).
+    pub interleave_probs: Option<FloatList>,
+    /// Train on the rows in their merged order instead of shuffling them each epoch.
+    pub disable_shuffling: Option<bool>,
+    /// Tokenize again instead of reading the cached tokenized set.
+    pub overwrite_cache: Option<bool>,
+    /// Threads that read and collate batches ahead of the step (0: in the training loop).
+    pub dataloader_num_workers: Option<u32>,
+    /// Checkpoints hold the weights only (no optimizer, scheduler or data-order state): a resume
+    /// from one restarts the optimizer, as the HF Trainer's `save_only_model` does.
+    pub save_only_model: Option<bool>,
+    /// Quantized (QLoRA) training: refused, not supported yet.
+    pub quantization_bit: Option<u32>,
 }
 
 /// The `device` key: where the trainer should compute. What it resolves to on a given machine
@@ -246,6 +270,47 @@ impl StringOrList {
                 .collect(),
             StringOrList::Many(v) => v.clone(),
         }
+    }
+}
+
+/// A list of numbers written as `0.3,0.7`, `0.5` or a YAML list (LLaMA-Factory's
+/// `interleave_probs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "FloatListRepr", into = "Vec<f64>")]
+pub struct FloatList(pub Vec<f64>);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FloatListRepr {
+    One(f64),
+    Text(String),
+    Many(Vec<f64>),
+}
+
+impl TryFrom<FloatListRepr> for FloatList {
+    type Error = String;
+
+    fn try_from(r: FloatListRepr) -> Result<FloatList, String> {
+        match r {
+            FloatListRepr::One(x) => Ok(FloatList(vec![x])),
+            FloatListRepr::Many(v) => Ok(FloatList(v)),
+            FloatListRepr::Text(s) => s
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(|t| {
+                    t.parse::<f64>()
+                        .map_err(|_| format!("expected numbers separated by commas, got '{t}'"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(FloatList),
+        }
+    }
+}
+
+impl From<FloatList> for Vec<f64> {
+    fn from(l: FloatList) -> Vec<f64> {
+        l.0
     }
 }
 
@@ -460,6 +525,31 @@ impl TrainConfig {
             return Err(field(
                 "eval_strategy",
                 format!("expected 'no', 'steps' or 'epoch', got '{s}'"),
+            ));
+        }
+        if let Some(s) = &self.mix_strategy
+            && !["concat", "interleave_under", "interleave_over"].contains(&s.as_str())
+        {
+            return Err(field(
+                "mix_strategy",
+                format!("expected 'concat', 'interleave_under' or 'interleave_over', got '{s}'"),
+            ));
+        }
+        if let Some(p) = &self.interleave_probs
+            && p.0.iter().any(|x| !(x.is_finite() && *x >= 0.0))
+        {
+            return Err(field(
+                "interleave_probs",
+                format!("probabilities must be >= 0, got {:?}", p.0),
+            ));
+        }
+        if let Some(bits) = self.quantization_bit {
+            return Err(field(
+                "quantization_bit",
+                format!(
+                    "quantized training (QLoRA, {bits}-bit; also FSDP+QLoRA) is not supported yet; \
+                     remove quantization_bit to train LoRA on full-precision weights"
+                ),
             ));
         }
         if let Some(r) = self.warmup_ratio
