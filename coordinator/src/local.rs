@@ -7,7 +7,7 @@
 //! job first. Jobs may write under the directory ringctl runs in and the cluster's directory
 //! (the agents' allowed roots), where a config's relative paths point.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ringmaster_hostfile::{Host, Hostfile};
@@ -26,7 +26,7 @@ const MAX_LOCAL_SLOTS: u32 = 64;
 /// # Errors
 /// Bad arguments or spec (exit 2), or a cluster that cannot start (exit 1).
 pub async fn run(
-    file: &Path,
+    sub: spec::Submission,
     nodes: u32,
     slots: u32,
     work_dir: Option<PathBuf>,
@@ -42,7 +42,6 @@ pub async fn run(
             "--slots must be in 1..={MAX_LOCAL_SLOTS}, got {slots}"
         )));
     }
-    let sub = spec::load_submission(file).map_err(|e| CliError::usage(e.to_string()))?;
 
     let (_tmp, root) = match work_dir {
         Some(d) => {

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ringmaster_config::TrainConfig;
+use ringmaster_config::{CommandLine, TrainConfig};
 use serde::{Deserialize, Serialize};
 
 /// Largest spec (with its inlined files) a coordinator accepts.
@@ -475,12 +475,28 @@ fn read(path: &Path) -> Result<Vec<u8>, SpecError> {
 /// # Errors
 /// Unreadable files, bad YAML, unknown keys, bad values: each naming the file and the field.
 pub fn load_submission(path: &Path) -> Result<Submission, SpecError> {
+    load_submission_with(Some(path), &CommandLine::default())
+}
+
+/// As [`load_submission`], with LLaMA-Factory's command-line overrides (`key=value`,
+/// `--key value`) merged over the training config; with no file, the training config is the
+/// overrides alone.
+///
+/// # Errors
+/// As [`load_submission`]; overrides on a spec that runs a command instead of training.
+pub fn load_submission_with(
+    path: Option<&Path>,
+    overrides: &CommandLine,
+) -> Result<Submission, SpecError> {
+    let Some(path) = path else {
+        return submission_from_text_with("{}", "command line", Path::new("."), overrides);
+    };
     let bytes = read(path)?;
     let origin = path.display().to_string();
     let text =
         String::from_utf8(bytes).map_err(|_| SpecError::invalid(&origin, "not UTF-8 text"))?;
     let base = path.parent().unwrap_or(Path::new("."));
-    submission_from_text(&text, &origin, base)
+    submission_from_text_with(&text, &origin, base, overrides)
 }
 
 /// As [`load_submission`], from text already read.
@@ -491,6 +507,19 @@ pub fn submission_from_text(
     text: &str,
     origin: &str,
     base: &Path,
+) -> Result<Submission, SpecError> {
+    submission_from_text_with(text, origin, base, &CommandLine::default())
+}
+
+/// As [`submission_from_text`], with command-line overrides of the training config.
+///
+/// # Errors
+/// As [`load_submission_with`].
+pub fn submission_from_text_with(
+    text: &str,
+    origin: &str,
+    base: &Path,
+    overrides: &CommandLine,
 ) -> Result<Submission, SpecError> {
     let value = parse_yaml(text, origin)?;
     let map = match &value {
@@ -523,6 +552,21 @@ pub fn submission_from_text(
             .map_err(|_| SpecError::invalid(&train_origin, "not UTF-8 text"))?;
         spec.train = Some(parse_yaml(&text, &train_origin)?);
         train_base = tpath.parent().unwrap_or(Path::new(".")).to_owned();
+    }
+    if !overrides.is_empty() {
+        match &mut spec.train {
+            Some(serde_json::Value::Object(map)) => overrides.apply(map),
+            _ => {
+                return Err(SpecError::invalid(
+                    origin,
+                    "key=value and --key overrides apply to a training config, and this spec \
+                     has no `train:` mapping",
+                ));
+            }
+        }
+        if train_origin != "command line" {
+            train_origin = format!("{train_origin} + command line");
+        }
     }
     if let Some(serde_json::Value::Object(map)) = &mut spec.train {
         let start = match spec.workdir.as_deref().map(Path::new) {

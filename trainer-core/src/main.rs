@@ -1,4 +1,6 @@
-//! `trainer CONFIG.yaml`: the worker process an agent starts per slot.
+//! `trainer [train] [RECIPE.yaml] [key=value ...] [--key [value] ...]`: the worker process an
+//! agent starts per slot, with LLaMA-Factory's command-line forms (`llamafactory-cli train
+//! recipe.yaml key=value`, and the HF argument parser's `--key value` / bare `--flag`).
 //! `trainer collective ...`: one rank of a collective benchmark or check.
 //! `trainer tokenizer train ...`, `trainer data addition ...`: data for demos, no downloads.
 //!
@@ -16,11 +18,43 @@ use std::process::ExitCode;
 use clap::Parser;
 
 /// Ringmaster trainer: trains the model a training config describes.
+///
+/// The config is a recipe file in LLaMA-Factory's form, `key=value` overrides after it
+/// (`trainer recipe.yaml output_dir=out/run1`), or its keys as flags (`trainer --stage sft
+/// --model_name_or_path DIR --bf16 ...`, a bare `--flag` meaning true).
 #[derive(Parser, Debug)]
 #[command(name = "trainer", version)]
+// Parsed only for `--help` and `--version`: the arguments themselves are read by
+// `Recipe::from_args`, which knows LLaMA-Factory's forms.
+#[allow(dead_code)]
 struct Args {
-    /// Training config (LLaMA-Factory field names).
-    config: PathBuf,
+    /// Recipe file (YAML or JSON, LLaMA-Factory field names).
+    #[arg(value_name = "RECIPE")]
+    config: Option<PathBuf>,
+    /// `key=value` overrides, or `--key [value]` flags.
+    #[arg(
+        value_name = "OVERRIDES",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    overrides: Vec<String>,
+}
+
+/// The training config from the arguments after `trainer [train|eval]`; `--help` and
+/// `--version` (alone) are clap's.
+fn recipe(argv: &[String]) -> Result<ringmaster_trainer::Recipe, ExitCode> {
+    let rest = &argv[1..];
+    if rest.is_empty()
+        || (rest.len() == 1 && ["-h", "--help", "-V", "--version"].contains(&rest[0].as_str()))
+    {
+        // Prints the help or the version and exits; with no argument, falls through to the
+        // "no training config" error below.
+        let _ = Args::parse_from(argv);
+    }
+    ringmaster_trainer::Recipe::from_args(rest).map_err(|e| {
+        eprintln!("trainer: {e:#}");
+        ExitCode::from(2)
+    })
 }
 
 /// `trainer device-info`: the device selection, the CUDA libraries and headers found, as JSON.
@@ -114,19 +148,25 @@ fn main() -> ExitCode {
     }
     if sub.as_deref() == Some("eval") {
         argv.remove(1);
-        let args = Args::parse_from(argv);
+        let recipe = match recipe(&argv) {
+            Ok(r) => r,
+            Err(code) => return code,
+        };
         return exit(ringmaster_model::host::on_compute_pool(|| {
-            ringmaster_trainer::run::eval(&args.config)
+            ringmaster_trainer::run::eval(&recipe)
         }));
     }
     if sub.as_deref() == Some("train") {
         argv.remove(1);
     }
-    let args = Args::parse_from(argv);
+    let recipe = match recipe(&argv) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
     // The training loop runs on a compute-pool thread, so that parallel kernels start on it
     // instead of waking a pool worker for every call (host.rs).
     exit(ringmaster_model::host::on_compute_pool(|| {
-        ringmaster_trainer::run::train(&args.config)
+        ringmaster_trainer::run::train(&recipe)
     }))
 }
 

@@ -1,6 +1,6 @@
 //! The `trainer` subcommands that run the model: train, eval, generate.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, anyhow};
 use clap::Parser;
@@ -9,6 +9,7 @@ use ringmaster_data::template::Template;
 use ringmaster_data::tokenizer::Tokenizer;
 use ringmaster_model::{CpuBackend, Llama, hf, lora};
 
+use crate::Recipe;
 use crate::train::{self, Parallel, Setup};
 
 /// Why a subcommand failed: bad input (exit 2) or a failure while running (exit 1).
@@ -29,11 +30,11 @@ fn failed<E: Into<anyhow::Error>>(e: E) -> RunError {
 }
 
 /// Reads the config and resolves the run for this process's rank and world.
-pub fn setup(config: &Path) -> Result<(Setup, usize, usize), RunError> {
-    let cfg = crate::load_config(config).map_err(usage)?;
+pub fn setup(recipe: &Recipe) -> Result<(Setup, usize, usize), RunError> {
+    let cfg = recipe.load().map_err(usage)?;
     let (rank, world, local) = crate::dist::rank_world().map_err(usage)?;
-    let setup = train::resolve(cfg, config, world, local)
-        .map_err(|e| usage(e.context(format!("{}", config.display()))))?;
+    let setup = train::resolve(cfg, &recipe.anchor(), world, local)
+        .map_err(|e| usage(e.context(recipe.origin())))?;
     Ok((setup, rank, world))
 }
 
@@ -50,16 +51,16 @@ fn broadcast_weights(setup: &mut Setup, comm: &mut dyn Communicator) -> anyhow::
     Ok(())
 }
 
-/// `trainer [train] CONFIG.yaml`.
-pub fn train(config: &Path) -> Result<(), RunError> {
+/// `trainer [train] [RECIPE.yaml] [key=value | --key [value] ...]`.
+pub fn train(recipe: &Recipe) -> Result<(), RunError> {
     crate::signals::install().map_err(failed)?;
     // The device first: on CUDA this may re-execute the process (library paths), so before the
     // data is read and before anything is printed.
-    let cfg = crate::load_config(config).map_err(usage)?;
+    let cfg = recipe.load().map_err(usage)?;
     let (_, world, _) = crate::dist::rank_world().map_err(usage)?;
-    let placement = crate::device::place(&cfg, world)
-        .map_err(|e| usage(e.context(format!("{}", config.display()))))?;
-    let (mut setup, rank, world) = setup(config)?;
+    let placement =
+        crate::device::place(&cfg, world).map_err(|e| usage(e.context(recipe.origin())))?;
+    let (mut setup, rank, world) = setup(recipe)?;
     let timeout = setup
         .cfg
         .ddp_timeout
@@ -176,12 +177,12 @@ pub fn load_trained(setup: &mut Setup) -> anyhow::Result<()> {
 
 /// `trainer eval CONFIG.yaml`: exact match of the trained model in output_dir on
 /// `eval_dataset`.
-pub fn eval(config: &Path) -> Result<(), RunError> {
-    let (mut setup, _, _) = setup(config)?;
+pub fn eval(recipe: &Recipe) -> Result<(), RunError> {
+    let (mut setup, _, _) = setup(recipe)?;
     if setup.eval.is_empty() {
         return Err(usage(anyhow!(
             "{}: `eval_dataset` names no examples",
-            config.display()
+            recipe.origin()
         )));
     }
     load_trained(&mut setup).map_err(usage)?;

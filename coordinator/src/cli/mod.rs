@@ -12,7 +12,7 @@ pub mod estimate;
 mod render;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -119,14 +119,24 @@ pub struct Args {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Submit a job spec or a bare training config.
+    /// Submit a job spec or a bare training config, with LLaMA-Factory's command-line
+    /// overrides after it (`recipe.yaml output_dir=out`, `--bf16`) or a config given as flags
+    /// alone (`--stage sft --model_name_or_path DIR ...`). ringctl's own flags come first.
     Submit {
-        file: PathBuf,
         /// Watch the job until it ends (exit code: 0 if it succeeded).
         #[arg(long)]
         watch: bool,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
+        /// FILE, then `key=value` / `--key [value]` overrides of its training config.
+        #[arg(
+            value_name = "FILE [OVERRIDES]",
+            required = true,
+            num_args = 1..,
+            trailing_var_arg = true,
+            allow_hyphen_values = true
+        )]
+        args: Vec<String>,
     },
     /// List jobs.
     Jobs {
@@ -192,9 +202,18 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Run FILE on a whole cluster started on this machine, then tear it down.
+    /// Run FILE on a whole cluster started on this machine, then tear it down. Overrides of
+    /// the training config follow FILE as for `submit`; ringctl's own flags come first.
     Local {
-        file: PathBuf,
+        /// FILE, then `key=value` / `--key [value]` overrides of its training config.
+        #[arg(
+            value_name = "FILE [OVERRIDES]",
+            required = true,
+            num_args = 1..,
+            trailing_var_arg = true,
+            allow_hyphen_values = true
+        )]
+        args: Vec<String>,
         /// Agents to start (node-0, node-1, ...).
         #[arg(long, default_value_t = 1)]
         nodes: u32,
@@ -347,18 +366,21 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             }
         }
         Command::Local {
-            file,
+            args,
             nodes,
             slots,
             work_dir,
             output,
-        } => crate::local::run(&file, nodes, slots, work_dir, output).await,
+        } => {
+            let sub = submission(&args)?;
+            crate::local::run(sub, nodes, slots, work_dir, output).await
+        }
         Command::Submit {
-            file,
+            args,
             watch,
             output,
         } => {
-            let sub = spec::load_submission(&file).map_err(|e| CliError::usage(e.to_string()))?;
+            let sub = submission(&args)?;
             let mut client = connect(&target()?).await?;
             let job = submit(&mut client, &sub).await?;
             if output == Output::Json && !watch {
@@ -580,6 +602,26 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             Ok(Exit::Ok)
         }
     }
+}
+
+/// The job a `submit`/`local` command line describes: FILE and the overrides of its training
+/// config, or a training config given as flags alone.
+fn submission(args: &[String]) -> Result<spec::Submission, CliError> {
+    let cl = ringmaster_config::CommandLine::parse(args).map_err(|e| {
+        let hint = match &e {
+            ringmaster_config::ConfigError::Invalid { field, .. }
+                if ["--watch", "--output", "--nodes", "--slots", "--work-dir"]
+                    .iter()
+                    .any(|f| field.starts_with(f)) =>
+            {
+                " (ringctl's own flags go before FILE)"
+            }
+            _ => "",
+        };
+        CliError::usage(format!("{e}{hint}"))
+    })?;
+    spec::load_submission_with(cl.recipe.as_deref().map(Path::new), &cl)
+        .map_err(|e| CliError::usage(e.to_string()))
 }
 
 /// Sends a submission.

@@ -20,6 +20,8 @@
 pub mod accelerate;
 pub mod deepspeed;
 pub mod estimate;
+pub mod keys;
+pub mod overrides;
 pub mod paths;
 pub mod plan;
 mod reader;
@@ -27,6 +29,7 @@ pub mod units;
 
 pub use accelerate::{AccelerateConfig, FsdpConfig, ShardingStrategy};
 pub use deepspeed::DeepSpeedConfig;
+pub use overrides::CommandLine;
 pub use plan::{Plan, plan_from, plan_from_accelerate, plan_from_files};
 pub use reader::Auto;
 
@@ -35,6 +38,9 @@ use serde::{Deserialize, Serialize};
 /// Every key a training config may hold. Keep sorted; an unknown key is an error that lists it.
 pub const KNOWN_KEYS: &[&str] = &[
     "accelerate_config",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
     "bf16",
     "cutoff_len",
     "dataloader_num_workers",
@@ -61,6 +67,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "lora_rank",
     "lora_target",
     "lr_scheduler_type",
+    "mask_history",
     "max_grad_norm",
     "max_new_tokens",
     "max_samples",
@@ -87,6 +94,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "stage",
     "template",
     "train_from_scratch",
+    "train_on_prompt",
     "trust_remote_code",
     "val_size",
     "warmup_ratio",
@@ -183,6 +191,21 @@ pub struct TrainConfig {
     pub save_only_model: Option<bool>,
     /// Quantized (QLoRA) training: refused, not supported yet.
     pub quantization_bit: Option<u32>,
+    /// AdamW's beta1 (default 0.9; a DeepSpeed `optimizer.params.betas` wins).
+    pub adam_beta1: Option<f64>,
+    /// AdamW's beta2 (default 0.999).
+    pub adam_beta2: Option<f64>,
+    /// AdamW's epsilon (default 1e-8).
+    pub adam_epsilon: Option<f64>,
+    /// Compute the loss on the prompt too, not only on the answers (sft).
+    pub train_on_prompt: Option<bool>,
+    /// Compute the loss on the last turn's answer only (sft, multi-turn).
+    pub mask_history: Option<bool>,
+    /// Keys of the recipe that LLaMA-Factory or transformers knows and that are accepted
+    /// without effect here ([`keys::Effect::NoEffect`], or a [`keys::Effect::DefaultOnly`] key
+    /// at its default), in the order written; the trainer names them in one start-up line.
+    #[serde(skip)]
+    pub no_effect: Vec<String>,
 }
 
 /// The `device` key: where the trainer should compute. What it resolves to on a given machine
@@ -403,15 +426,21 @@ pub fn warning_lines(warnings: &[Warning]) -> Vec<String> {
     lines
 }
 
+/// A recipe's text (YAML; JSON is YAML too) as a value, before validation.
+///
+/// # Errors
+/// [`ConfigError::Syntax`].
+pub fn parse_document(text: &str) -> Result<serde_json::Value, ConfigError> {
+    serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))
+}
+
 impl TrainConfig {
     /// Parses YAML text (JSON is YAML too).
     ///
     /// # Errors
     /// Syntax errors, unknown keys (all listed) and bad values (naming the field).
     pub fn from_yaml(text: &str) -> Result<TrainConfig, ConfigError> {
-        let value: serde_json::Value =
-            serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
-        TrainConfig::from_value(&value)
+        TrainConfig::from_value(&parse_document(text)?)
     }
 
     /// Validates a config already parsed into a JSON value.
@@ -425,16 +454,31 @@ impl TrainConfig {
             serde_json::Value::Array(_) => return Err(ConfigError::NotAMapping("a list")),
             _ => return Err(ConfigError::NotAMapping("a scalar")),
         };
-        let unknown: Vec<String> = map
-            .keys()
-            .filter(|k| KNOWN_KEYS.binary_search(&k.as_str()).is_err())
-            .cloned()
-            .collect();
+        // Sort the keys: modeled ones are read into the struct; catalogue keys without effect
+        // are type-checked and set aside; the rest are unknown (all listed).
+        let mut modeled = serde_json::Map::new();
+        let mut unknown = Vec::new();
+        let mut no_effect = Vec::new();
+        for (k, v) in map {
+            match keys::info(k) {
+                Some(info) if info.effect == keys::Effect::Modeled => {
+                    modeled.insert(k.clone(), v.clone());
+                }
+                Some(info) => {
+                    keys::check_unmodeled(info, v).map_err(|message| ConfigError::Field {
+                        field: k.clone(),
+                        message,
+                    })?;
+                    no_effect.push(k.clone());
+                }
+                None => unknown.push(k.clone()),
+            }
+        }
         if !unknown.is_empty() {
             return Err(ConfigError::UnknownKeys(unknown));
         }
         // Deserialize field by field so that a bad value names its field.
-        for (k, v) in map {
+        for (k, v) in &modeled {
             let mut one = serde_json::Map::new();
             one.insert(k.clone(), v.clone());
             if let Err(e) = serde_json::from_value::<TrainConfig>(serde_json::Value::Object(one)) {
@@ -444,11 +488,12 @@ impl TrainConfig {
                 });
             }
         }
-        let cfg: TrainConfig =
-            serde_json::from_value(value.clone()).map_err(|e| ConfigError::Field {
+        let mut cfg: TrainConfig = serde_json::from_value(serde_json::Value::Object(modeled))
+            .map_err(|e| ConfigError::Field {
                 field: "?".into(),
                 message: e.to_string(),
             })?;
+        cfg.no_effect = no_effect;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -704,5 +749,66 @@ mod tests {
         assert!(text.contains("`device`"), "{text}");
         assert!(text.contains("auto, cpu, cuda"), "{text}");
         assert!(text.contains("'gpu'"), "{text}");
+    }
+
+    #[test]
+    fn llama_factory_keys_without_effect_are_accepted_and_listed() {
+        let cfg = TrainConfig::from_yaml(
+            "stage: sft\ndataloader_num_workers: 4\nflash_attn: fa2\nreport_to: none\n\
+             gradient_checkpointing: true\nuse_dora: false\noptim: adamw_torch\n\
+             learning_rate: 3e-6\nddp_find_unused_parameters: false\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.learning_rate, Some(3e-6));
+        assert_eq!(cfg.dataloader_num_workers, Some(4));
+        assert_eq!(
+            cfg.no_effect,
+            vec![
+                "ddp_find_unused_parameters",
+                "flash_attn",
+                "gradient_checkpointing",
+                "optim",
+                "use_dora"
+            ]
+        );
+    }
+
+    #[test]
+    fn keys_that_change_training_are_refused_unless_default() {
+        for (text, field, says) in [
+            ("use_dora: true", "use_dora", "set it to false"),
+            (
+                "neftune_noise_alpha: 5",
+                "neftune_noise_alpha",
+                "set it to null",
+            ),
+            ("optim: sgd", "optim", "adamw_torch"),
+            ("quantization_bit: 4", "quantization_bit", "FSDP+QLoRA"),
+            (
+                "gradient_checkpointing: maybe",
+                "gradient_checkpointing",
+                "true or false",
+            ),
+            ("mix_strategy: zip", "mix_strategy", "interleave_under"),
+        ] {
+            match TrainConfig::from_yaml(text) {
+                Err(e @ ConfigError::Field { .. }) => {
+                    let ConfigError::Field { field: f, .. } = &e else {
+                        unreachable!()
+                    };
+                    assert_eq!(f, field, "{text}");
+                    assert!(e.to_string().contains(says), "{text}: {e}");
+                }
+                other => panic!("{text}: expected a field error, got {other:?}"),
+            }
+        }
+        // At the default they pass.
+        assert!(TrainConfig::from_yaml("use_dora: false\nneftune_noise_alpha: null\n").is_ok());
+    }
+
+    #[test]
+    fn a_misspelt_key_is_still_an_error_naming_it() {
+        let err = TrainConfig::from_yaml("learning_rat: 1.0e-4\nflash_attn: auto\n").unwrap_err();
+        assert_eq!(err, ConfigError::UnknownKeys(vec!["learning_rat".into()]));
     }
 }

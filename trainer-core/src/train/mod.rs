@@ -9,13 +9,14 @@
 //!
 //! Layout: [`engine`] (the step), [`setup`] (config → model, data, tokenizer), [`resume`]
 //! (checkpoint candidates and loading), [`checkpoint`] (sharded save/load, commit, prune),
-//! [`report`] (log window, memory report, end of run), [`eval`] (exact match), [`data_cache`]
-//! (tokenized-data cache).
+//! [`report`] (log window, memory report, end of run), [`eval`] (exact match), [`held_out`]
+//! (the `val_size` evaluation loss), [`data_cache`] (tokenized-data cache).
 
 pub mod checkpoint;
 pub mod data_cache;
 pub mod engine;
 pub mod eval;
+pub mod held_out;
 pub mod report;
 pub mod resume;
 pub mod setup;
@@ -79,6 +80,8 @@ pub struct Summary {
     pub tokens_per_s: f64,
     /// Exact-match evaluation at the end, when `eval_dataset` is set.
     pub eval: Option<eval::EvalResult>,
+    /// (step, eval_loss) of every held-out evaluation (`val_size`) of this run.
+    pub eval_losses: Vec<(u64, f64)>,
 }
 
 /// Data-parallel context: this process's rank and the communicator (None: one process).
@@ -202,6 +205,7 @@ pub fn train<B: TrainBackend>(
         report::announce(setup, &eng, &layout, total)?;
     }
     let mut window = report::Window::new(setup, par.rank, resumed.step, spe, total)?;
+    let mut held_out = held_out::HeldOut::new(setup, spe, total);
     let start = Instant::now();
     let mut all_tokens = 0usize;
     let mut losses = Vec::with_capacity(total as usize);
@@ -261,6 +265,10 @@ pub fn train<B: TrainBackend>(
             });
         }
         window.step(done, &out, tokens, lr, scaling.scale())?;
+        if held_out.due(done) {
+            let eval_loss = held_out.evaluate(setup, &mut eng, par.rank, par.world, done)?;
+            window.eval(done, eval_loss)?;
+        }
         let StepSignals { stop, checkpoint } = out.signals;
         if (save_steps > 0 && done % save_steps == 0 || stop || checkpoint) && done < total {
             let info = checkpoint::SaveInfo {
@@ -287,13 +295,21 @@ pub fn train<B: TrainBackend>(
         }
     }
     let tokens_per_s = all_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9);
-    let eval = report::finish(setup, &mut eng, par.rank, par.world, &losses)?;
+    let eval = report::finish(
+        setup,
+        &mut eng,
+        par.rank,
+        par.world,
+        &losses,
+        &held_out.points,
+    )?;
     Ok(Summary {
         steps: total,
         losses,
         skipped_steps: skipped_total,
         tokens_per_s,
         eval,
+        eval_losses: held_out.points,
     })
 }
 

@@ -145,14 +145,33 @@ impl Window {
     }
 }
 
+impl Window {
+    /// Rank 0 writes the held-out loss after step `done`: `{"step", "epoch", "eval_loss"}` in
+    /// `trainer_log.jsonl` (LLaMA-Factory's key) and one console line.
+    pub fn eval(&mut self, done: u64, eval_loss: f64) -> Result<()> {
+        if let Some((f, path)) = self.file.as_mut() {
+            let line = serde_json::json!({
+                "step": done,
+                "epoch": done as f64 / self.steps_per_epoch as f64,
+                "eval_loss": eval_loss,
+            });
+            writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
+            println!("eval step {done}/{} eval_loss {eval_loss:.4}", self.total);
+        }
+        Ok(())
+    }
+}
+
 /// The end of a run: every rank writes `memory-rank{rank}.json`; the full weights are gathered;
-/// rank 0 saves the model, the loss plot (`plot_loss`) and the evaluation (`eval_dataset`).
+/// rank 0 saves the model, the loss plots (`plot_loss`: training loss, and the held-out loss
+/// when there is one) and the evaluation (`eval_dataset`).
 pub fn finish<B: TrainBackend>(
     setup: &mut Setup,
     eng: &mut Engine<'_, B>,
     rank: usize,
     world: usize,
     losses: &[f64],
+    eval_losses: &[(u64, f64)],
 ) -> Result<Option<eval::EvalResult>>
 where
     <B as AutodiffBackend>::InnerBackend: ringmaster_model::fused::Fused,
@@ -212,6 +231,12 @@ where
         let png = setup.output_dir.join("training_loss.png");
         ringmaster_optim::plot::write_loss_png(&png, &points)
             .with_context(|| format!("writing {}", png.display()))?;
+        if !eval_losses.is_empty() {
+            // LLaMA-Factory's name for the held-out loss plot.
+            let png = setup.output_dir.join("training_eval_loss.png");
+            ringmaster_optim::plot::write_loss_png(&png, eval_losses)
+                .with_context(|| format!("writing {}", png.display()))?;
+        }
     }
     if setup.eval.is_empty() {
         return Ok(None);

@@ -55,6 +55,8 @@ pub struct Setup {
     pub samples: Vec<Sample>,
     /// Held-out examples (`eval_dataset`).
     pub eval: Vec<EvalExample>,
+    /// Rows held out of the training set by `val_size`, for the evaluation loss.
+    pub held_out: Vec<Sample>,
     /// Where results go.
     pub output_dir: PathBuf,
     /// The model directory (config.json, tokenizer.json, weights).
@@ -248,29 +250,30 @@ pub fn resolve(
         Some(model.hidden_size),
     )
     .map_err(|e| anyhow!("{e}"))?;
-    let mut warnings = ringmaster_config::warning_lines(&warns);
+    // One start-up line names every key accepted without effect: the recipe's, then the
+    // DeepSpeed / accelerate files'.
+    let mut inert: Vec<ringmaster_config::Warning> = cfg
+        .no_effect
+        .iter()
+        .map(ringmaster_config::Warning::no_effect)
+        .collect();
+    if cfg.trust_remote_code.is_some() {
+        inert.push(ringmaster_config::Warning::no_effect("trust_remote_code"));
+    }
+    if items(&cfg.report_to)
+        .iter()
+        .any(|r| !["none", "None"].contains(&r.as_str()))
+    {
+        inert.push(ringmaster_config::Warning::no_effect("report_to"));
+    }
+    inert.extend(warns);
+    let mut warnings = ringmaster_config::warning_lines(&inert);
     if plan.offload_optimizer || (plan.offload_param && plan.shard_params) {
         warnings.push(format!(
             "plan {}: on the CPU backend parameters, gradients and optimizer state already live \
              in host memory; offload changes no placement",
             plan.label()
         ));
-    }
-    for (key, set) in [
-        ("eval_steps", cfg.eval_steps.is_some()),
-        ("val_size", cfg.val_size.is_some()),
-        (
-            "preprocessing_num_workers",
-            cfg.preprocessing_num_workers.is_some(),
-        ),
-        ("report_to", cfg.report_to.is_some()),
-        ("trust_remote_code", cfg.trust_remote_code.is_some()),
-    ] {
-        if set {
-            warnings.push(format!(
-                "training config field `{key}`: accepted, no effect in this build"
-            ));
-        }
     }
     let seed = cfg.seed.unwrap_or(42);
     let from_scratch = cfg.train_from_scratch.unwrap_or(false);
@@ -327,6 +330,8 @@ pub fn resolve(
         .unwrap_or(DEFAULT_CUTOFF_LEN);
     let mut pcfg = PreprocessConfig::new(stage, cutoff);
     pcfg.packing = cfg.packing.unwrap_or(false);
+    pcfg.train_on_prompt = cfg.train_on_prompt.unwrap_or(false);
+    pcfg.mask_history = cfg.mask_history.unwrap_or(false);
     let dataset_dir = PathBuf::from(cfg.dataset_dir.clone().unwrap_or_else(|| "data".into()));
     let specs: Vec<DatasetSpec> = items(&cfg.dataset)
         .iter()
@@ -396,13 +401,24 @@ pub fn resolve(
         .weight_decay
         .or(cfg.weight_decay)
         .unwrap_or(0.0);
-    let betas = plan.optimizer.betas.unwrap_or((0.9, 0.999));
-    let eps = plan.optimizer.eps.unwrap_or(1e-8);
+    let betas = plan.optimizer.betas.unwrap_or((
+        cfg.adam_beta1.unwrap_or(0.9),
+        cfg.adam_beta2.unwrap_or(0.999),
+    ));
+    let eps = plan.optimizer.eps.or(cfg.adam_epsilon).unwrap_or(1e-8);
     let output_dir = PathBuf::from(
         cfg.output_dir
             .clone()
             .ok_or_else(|| anyhow!("training config field `output_dir` is required"))?,
     );
+    let (samples, held_out) = split_held_out(samples, cfg.val_size, seed)?;
+    if !held_out.is_empty() && !evaluates_loss(&cfg) {
+        warnings.push(format!(
+            "val_size holds out {} rows that are never evaluated: set eval_strategy (steps or \
+             epoch) or do_eval: true",
+            held_out.len()
+        ));
+    }
     Ok(Setup {
         cfg,
         plan,
@@ -414,6 +430,7 @@ pub fn resolve(
         template,
         samples,
         eval,
+        held_out,
         output_dir,
         model_dir,
         scheduler,
@@ -423,4 +440,61 @@ pub fn resolve(
         eps,
         seed,
     })
+}
+
+/// True when the run computes the held-out loss at all: `eval_strategy` steps or epoch, or
+/// `do_eval` (once, at the end).
+pub fn evaluates_loss(cfg: &TrainConfig) -> bool {
+    matches!(cfg.eval_strategy.as_deref(), Some("steps" | "epoch")) || cfg.do_eval == Some(true)
+}
+
+/// LLaMA-Factory's `val_size`: a fraction (below 1) or a count (above 1) of the training rows,
+/// held out for the evaluation loss. As HF datasets' `train_test_split`, the held-out part has
+/// `ceil(fraction × rows)` rows chosen by a seeded permutation (ours, not numpy's: the sizes
+/// are LLaMA-Factory's, the rows differ), and both parts must keep at least one row.
+///
+/// # Errors
+/// A `val_size` that leaves either part empty, or a count that is not a whole number.
+pub fn split_held_out(
+    samples: Vec<Sample>,
+    val_size: Option<f64>,
+    seed: u64,
+) -> Result<(Vec<Sample>, Vec<Sample>)> {
+    let v = match val_size {
+        Some(v) if v > 1e-6 => v,
+        _ => return Ok((samples, Vec::new())),
+    };
+    let n = samples.len();
+    let held = if v < 1.0 {
+        (v * n as f64).ceil() as usize
+    } else if v > 1.0 && v.fract() == 0.0 {
+        v as usize
+    } else {
+        bail!(
+            "training config field `val_size`: {v} is neither a fraction below 1 nor a whole \
+             number of rows above 1"
+        );
+    };
+    if held == 0 || held >= n {
+        bail!(
+            "training config field `val_size`: {v} of {n} rows holds out {held}, which leaves \
+             no rows to {}",
+            if held == 0 { "evaluate" } else { "train on" }
+        );
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    ringmaster_data::rng::DetRng::from_seeds(&[seed, 0x7661_6c5f_7369_7a65]).shuffle(&mut order);
+    let mut held_mask = vec![false; n];
+    for &i in &order[..held] {
+        held_mask[i] = true;
+    }
+    let (mut train, mut held_out) = (Vec::with_capacity(n - held), Vec::with_capacity(held));
+    for (s, h) in samples.into_iter().zip(held_mask) {
+        if h {
+            held_out.push(s);
+        } else {
+            train.push(s);
+        }
+    }
+    Ok((train, held_out))
 }

@@ -528,6 +528,38 @@ impl<'c, B: TrainBackend> Engine<'c, B> {
         })
     }
 
+    /// The loss of a held-out batch (`val_size`) under the current weights, agreed over the
+    /// job; weights, optimizer state and the loss scaler are untouched. It runs the plan's own
+    /// pass (forward and backward, and the gradient collectives every rank makes in it) without
+    /// dropout, then discards the gradients: one code path for every plan, at the price of a
+    /// backward that evaluation does not need.
+    pub fn held_out_loss(
+        &mut self,
+        weights: &mut Weights<'_>,
+        input: &StepInput<'_>,
+    ) -> Result<f64> {
+        self.comm_seconds = 0.0;
+        self.zero_grads();
+        let mut local_loss = 0.0f64;
+        for (mi, batch) in input.micro.iter().enumerate() {
+            let last = mi + 1 == input.micro.len();
+            local_loss += match batch {
+                Some(batch) => {
+                    self.micro_batch(weights, batch, input.normalizer, 1.0, last, &mut None)?
+                }
+                None => {
+                    self.idle_micro_batch(last)?;
+                    0.0
+                }
+            };
+        }
+        let (loss, _) = self.agree(local_loss, StepSignals::default())?;
+        self.reduce()?;
+        self.zero_grads();
+        self.comm_seconds = 0.0;
+        Ok(loss)
+    }
+
     /// The global batch's loss (the sum of every rank's) and the signals of any rank, in one
     /// all-reduce over the job.
     fn agree(&mut self, local_loss: f64, signals: StepSignals) -> Result<(f64, StepSignals)> {
