@@ -246,3 +246,87 @@ fn device_cuda_without_a_gpu_or_the_feature_is_one_line_and_exit_2() {
     let line = report["line"].as_str().unwrap();
     assert!(line.starts_with("device: cpu (auto"), "{line}");
 }
+
+/// LLaMA-Factory's command-line forms: `trainer recipe.yaml key=value …` overrides the recipe's
+/// keys, and a config given as `--key value` flags alone (a bare `--flag` is true) trains as
+/// the recipe does; a misspelt override is refused naming the argument (exit 2).
+#[test]
+fn recipe_overrides_and_the_flags_form_train() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let out1 = dir.path().join("overrides");
+    let run = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .current_dir(&root)
+        .arg("examples/quickstart.yaml")
+        .arg(format!("output_dir={}", out1.display()))
+        .args([
+            "max_steps=2",
+            "logging_steps=1",
+            "eval_dataset=",
+            "save_steps=0",
+        ])
+        .args(["--report_to", "none", "--dataloader_num_workers", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    // One start-up line names the keys accepted without effect.
+    assert!(err.contains("accepted, no effect in Ringmaster:"), "{err}");
+    let log = std::fs::read_to_string(out1.join("trainer_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2, "{log}");
+
+    let out2 = dir.path().join("flags");
+    let run = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .current_dir(&root)
+        .args([
+            "--stage",
+            "sft",
+            "--do_train",
+            "--model_name_or_path",
+            "examples/quickstart/model",
+            "--train_from_scratch",
+            "--dataset",
+            "addition_train",
+            "--dataset_dir",
+            "examples/quickstart/data",
+            "--template",
+            "default",
+            "--finetuning_type",
+            "full",
+            "--cutoff_len",
+            "64",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "3e-3",
+            "--max_steps",
+            "2",
+            "--logging_steps",
+            "1",
+            "--plot_loss",
+            "--overwrite_cache",
+            "--output_dir",
+        ])
+        .arg(&out2)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(out2.join("training_loss.png").is_file());
+    assert!(out2.join("config.json").is_file());
+
+    let run = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .current_dir(&root)
+        .args(["examples/quickstart.yaml", "learning_rat=1"])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("learning_rat=1") && err.contains("unknown key"),
+        "{err}"
+    );
+}
