@@ -4,7 +4,8 @@
 //!
 //! Tolerances: the flex and ndarray paths agree within 2e-5 relative to 1 + |value| for logits
 //! and loss and 1e-4 for gradients (f32, different summation orders); the sliding-window check
-//! (RoPE is relative, so a truncated context gives the same scores) within 1e-5.
+//! (RoPE is relative, so a truncated context gives the same scores) within 1e-5; bf16 compute
+//! within 5e-2 of f32.
 
 mod common;
 use common::{batch, init_random, tiny_arch};
@@ -295,4 +296,32 @@ fn sliding_window_sees_only_the_last_window_tokens() {
             .zip(&no_window[(t - 1) * v..])
             .any(|(a, b)| (a - b).abs() > 1e-4)
     );
+}
+
+#[test]
+fn bf16_compute_tracks_f32_per_architecture() {
+    // Mixed precision casts every weight — biases and q/k norms included — to bf16; the
+    // logits stay within bf16's rounding of the f32 ones (|logits| ≲ 3 here).
+    for (label, cfg) in cases() {
+        let store = init_random(&cfg, 12);
+        let dev = Default::default();
+        let (b, t, ids, pos, seg, targets) = batch();
+        let inp = Inputs::<Autodiff<Flex>>::new(&cfg, b, t, &ids, &pos, &seg, &dev).unwrap();
+        let m = Llama::<Autodiff<Flex>>::new_mixed(
+            &cfg,
+            &store,
+            true,
+            None,
+            &dev,
+            Some(burn::tensor::DType::BF16),
+        )
+        .unwrap();
+        let out = m.forward(&inp, None);
+        let got = host(out.clone().inner());
+        close(&got, &logits::<Flex>(&cfg, &store), 5e-2, label);
+        let g = cross_entropy(out, &targets, 7.0).backward();
+        for (spec, grad) in store.specs().iter().zip(leaf_grads(m.base_leaves(), &g)) {
+            assert!(grad.iter().all(|x| x.is_finite()), "{label}: {}", spec.name);
+        }
+    }
 }
