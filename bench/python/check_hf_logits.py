@@ -2,17 +2,21 @@
 """Compare Ringmaster's logits with Hugging Face transformers' on the same model directory.
 
 Usage:
-    check_hf_logits.py MODEL_DIR INPUTS.json [--atol 1e-4]
+    check_hf_logits.py MODEL_DIR INPUTS.json [--atol 1e-4] [--adapter DIR] [--loss-atol 1e-5]
     check_hf_logits.py MODEL_DIR INPUTS.json --dump OUT.json
 
-MODEL_DIR is a Hugging Face Llama directory (config.json plus model.safetensors or
-model.safetensors.index.json with shards), e.g. one written by Ringmaster.
+MODEL_DIR is a Hugging Face directory of any architecture transformers' AutoModelForCausalLM
+loads (Ringmaster writes llama, mistral, qwen2 and qwen3): config.json plus model.safetensors or
+model.safetensors.index.json with shards, e.g. one written by Ringmaster. With --adapter the
+PEFT LoRA adapter in DIR is applied (peft's PeftModel.from_pretrained).
 
 INPUTS.json is {"input_ids": [[...], ...], "logits": [[[...]]]}: a batch of equal-length rows
 of token ids and the logits Ringmaster computed for them, shape [batch, seq, vocab].
 
-The model is loaded with LlamaForCausalLM.from_pretrained(MODEL_DIR, dtype=float32) and run on
-the input ids with no attention mask (plain causal attention). Without --dump the script prints
+The model is loaded with AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=float32) and run
+on the input ids with no attention mask (plain causal attention). When INPUTS.json also has
+"loss" (`trainer logits --loss`), HF's loss with labels=input_ids is compared with it too
+(--loss-atol, absolute). Without --dump the script prints
 the max absolute difference and the max difference relative to max |logit| (of HF's logits),
 and exits 0 when the max absolute difference is <= --atol, 1 otherwise (2 on bad input).
 
@@ -28,9 +32,9 @@ import sys
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
-        description="Compare Ringmaster logits with transformers' LlamaForCausalLM."
+        description="Compare Ringmaster logits with transformers' AutoModelForCausalLM."
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face Llama directory")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory")
     p.add_argument(
         "inputs",
         metavar="INPUTS.json",
@@ -41,6 +45,15 @@ def parse_args(argv):
         type=float,
         default=1e-4,
         help="largest max abs diff that passes (default 1e-4)",
+    )
+    p.add_argument(
+        "--adapter", metavar="DIR", help="apply the PEFT LoRA adapter in DIR (needs peft)"
+    )
+    p.add_argument(
+        "--loss-atol",
+        type=float,
+        default=1e-5,
+        help='largest |loss difference| that passes when INPUTS.json has "loss" (default 1e-5)',
     )
     p.add_argument(
         "--dump",
@@ -69,7 +82,7 @@ def main(argv=None):
 
     import torch
     import transformers
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     transformers.logging.disable_progress_bar()
     print(f"torch {torch.__version__}")
@@ -100,16 +113,25 @@ def main(argv=None):
     # would silently put an unknown `dtype` kwarg into the config, so choose by version.
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    model = LlamaForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         args.model_dir, attn_implementation=args.attn, **{dtype_kw: torch.float32}
     )
+    print(f"class {type(model).__name__} (model_type {model.config.model_type})")
+    if args.adapter:
+        import peft
+        from peft import PeftModel
+
+        print(f"peft {peft.__version__}: adapter {args.adapter}")
+        model = PeftModel.from_pretrained(model, args.adapter)
     model.eval()
     vocab = model.config.vocab_size
     if int(input_ids.max()) >= vocab or int(input_ids.min()) < 0:
         fail(f"input_ids out of range for vocab_size {vocab}")
 
     with torch.no_grad():
-        hf = model(input_ids=input_ids, use_cache=False).logits.float()
+        out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
+        hf = out.logits.float()
+        hf_loss = float(out.loss)
     b, s, v = hf.shape
     print(f"model {args.model_dir}: params {sum(p.numel() for p in model.parameters())}")
     print(f"inputs: batch {b}, seq {s}, vocab {v}, attn {args.attn}")
@@ -154,6 +176,13 @@ def main(argv=None):
     ok = max_abs <= args.atol
     print(f"{'PASS' if ok else 'FAIL'}: max abs diff {max_abs:.6e} "
           f"{'<=' if ok else '>'} atol {args.atol:g}")
+    if "loss" in data:
+        loss_diff = abs(hf_loss - float(data["loss"]))
+        loss_ok = loss_diff <= args.loss_atol
+        print(f"loss: HF {hf_loss:.9f}, Ringmaster {float(data['loss']):.9f}")
+        print(f"{'PASS' if loss_ok else 'FAIL'}: loss diff {loss_diff:.6e} "
+              f"{'<=' if loss_ok else '>'} loss atol {args.loss_atol:g}")
+        ok = ok and loss_ok
     return 0 if ok else 1
 
 

@@ -316,6 +316,14 @@ pub struct LogitsArgs {
     /// Output JSON file: {"input_ids": [[..]], "logits": [[[..]]]}.
     #[arg(long)]
     pub out: PathBuf,
+    /// A PEFT LoRA adapter directory to apply to the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Also compute the causal-LM loss with the ids as labels (each token predicts the next,
+    /// mean over the rows' `T - 1` targets, as transformers' `labels=input_ids`): printed as
+    /// `loss: X` and written as "loss" in the JSON.
+    #[arg(long)]
+    pub loss: bool,
 }
 
 /// Runs `trainer logits`.
@@ -341,15 +349,42 @@ pub fn logits(args: LogitsArgs) -> Result<(), RunError> {
     }
     let b = rows.len();
     let ids: Vec<u32> = rows.concat();
+    let adapter = match &args.adapter {
+        Some(dir) => Some(lora::load_adapter(dir, &m.config).map_err(usage)?),
+        None => None,
+    };
     let device = Default::default();
-    let model =
-        Llama::<CpuBackend>::new(&m.config, &m.params, false, None, &device).map_err(failed)?;
+    let model = Llama::<CpuBackend>::new(
+        &m.config,
+        &m.params,
+        false,
+        adapter.as_ref().map(|(l, a)| (l, a)),
+        &device,
+    )
+    .map_err(failed)?;
     let inp =
         ringmaster_model::Inputs::<CpuBackend>::causal(&m.config, b, t, &ids, &vec![t; b], &device)
             .map_err(usage)?;
     let v = m.config.vocab_size;
-    let flat: Vec<f32> = model
-        .forward(&inp, None)
+    let out = model.forward(&inp, None);
+    let loss = if args.loss && t > 1 {
+        let targets: Vec<i64> = rows
+            .iter()
+            .flat_map(|r| {
+                r[1..]
+                    .iter()
+                    .map(|&x| x as i64)
+                    .chain([ringmaster_model::IGNORE_INDEX])
+            })
+            .collect();
+        let l = ringmaster_model::model::cross_entropy(out.clone(), &targets, (b * (t - 1)) as f64);
+        let l = ringmaster_model::model::to_vec(l)[0];
+        println!("loss: {l:.9}");
+        Some(l)
+    } else {
+        None
+    };
+    let flat: Vec<f32> = out
         .into_data()
         .convert::<f32>()
         .to_vec::<f32>()
@@ -361,7 +396,10 @@ pub fn logits(args: LogitsArgs) -> Result<(), RunError> {
                 .collect()
         })
         .collect();
-    let json = serde_json::json!({"input_ids": rows, "logits": logits});
+    let mut json = serde_json::json!({"input_ids": rows, "logits": logits});
+    if let Some(l) = loss {
+        json["loss"] = serde_json::json!(l);
+    }
     std::fs::write(&args.out, json.to_string())
         .with_context(|| format!("{}", args.out.display()))
         .map_err(failed)?;
@@ -387,6 +425,17 @@ pub struct InitArgs {
     /// Split the weights into shards of at most this many bytes (with an index).
     #[arg(long)]
     pub max_shard_bytes: Option<u64>,
+    /// Also write a PEFT LoRA adapter for the model into this directory (for checks against
+    /// peft): A as PEFT initialises it, B drawn from normal(0, 0.02) instead of PEFT's zeros so
+    /// that the adapter changes the output.
+    #[arg(long)]
+    pub lora_out: Option<PathBuf>,
+    /// The adapter's rank.
+    #[arg(long, default_value_t = 4)]
+    pub lora_rank: usize,
+    /// The adapter's `lora_target` (module names or `all`).
+    #[arg(long, default_value = "all")]
+    pub lora_target: String,
 }
 
 /// Runs `trainer init-model`.
@@ -408,5 +457,29 @@ pub fn init_model(args: InitArgs) -> Result<(), RunError> {
         params.numel(),
         args.out.display()
     );
+    if let Some(dir) = &args.lora_out {
+        let lc = ringmaster_model::LoraConfig::new(
+            args.lora_rank,
+            None,
+            0.0,
+            std::slice::from_ref(&args.lora_target),
+        )
+        .map_err(usage)?;
+        let mut adapters = lc.init(&cfg, args.seed);
+        let mut rng = ringmaster_model::params::Rng::new(args.seed ^ 0xb0b);
+        for (spec, data) in adapters.iter_mut() {
+            if spec.name.ends_with("lora_B.weight") {
+                data.iter_mut().for_each(|x| *x = 0.02 * rng.normal());
+            }
+        }
+        let base = args.out.display().to_string();
+        lora::save_adapter(dir, &lc, &adapters, &base, ringmaster_model::DType::F32)
+            .map_err(failed)?;
+        println!(
+            "LoRA adapter (rank {}) written to {}",
+            lc.rank,
+            dir.display()
+        );
+    }
     Ok(())
 }

@@ -494,6 +494,92 @@ fn every_plan_equals_one_process(backend: &str) {
     }
 }
 
+/// A Qwen3 model (q/k norms, biases on q/k/v/o with `attention_bias`, head_dim 16 ≠ 30 / 3,
+/// tied embeddings): the new per-block tensors go through the flat units of each kind of plan —
+/// DDP (whole model), ZeRO-2 (per-unit graphs), ZeRO-3 on 4 ranks (unit by unit, padded units),
+/// FSDP full shard — and LoRA, each against one process. One case, kept lean for CI.
+#[test]
+fn a_qwen3_model_trains_the_same_under_every_kind_of_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    fixture(dir);
+    let llama: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("model/config.json")).unwrap())
+            .unwrap();
+    std::fs::write(
+        dir.join("model/config.json"),
+        format!(
+            r#"{{"model_type": "qwen3", "vocab_size": {}, "hidden_size": 30, "intermediate_size": 49,
+                "num_hidden_layers": 2, "num_attention_heads": 3, "num_key_value_heads": 1,
+                "head_dim": 16, "attention_bias": true, "tie_word_embeddings": true,
+                "max_position_embeddings": 64}}"#,
+            llama["vocab_size"]
+        ),
+    )
+    .unwrap();
+    let single = write_config(dir, "single", 2, 4, None, "");
+    run(&single, 1, 1, &dir.join("store-single"));
+    let reference = hf::load_dir(&dir.join("single")).unwrap();
+    assert_eq!(reference.config.arch, ringmaster_model::Arch::Qwen3);
+    let reference = reference.params;
+    assert!(
+        reference
+            .index_of("model.layers.1.self_attn.k_norm.weight")
+            .is_some()
+    );
+    // Trained: the zero-initialised biases moved.
+    let bias = reference
+        .get("model.layers.0.self_attn.o_proj.bias")
+        .unwrap();
+    assert!(bias.iter().any(|b| *b != 0.0));
+    let ref_losses = losses(&dir.join("single"));
+    for case in plans() {
+        let world = match case.name {
+            "ddp" | "zero2" => 2usize,
+            "zero3" | "fsdp_full_shard" => 4,
+            _ => continue,
+        };
+        let name = format!("{}-{world}", case.name);
+        let accum = 8 / (2 * world as u32);
+        let cfg = write_config(dir, &name, 2, accum, case.file, "");
+        run(&cfg, world, world, &dir.join(format!("store-{name}")));
+        assert_close(&name, dir, &ref_losses, &reference, 1e-5);
+    }
+    // LoRA on every linear, one process against ZeRO-3 on 2 ranks.
+    let lora = "finetuning_type: lora\nlora_target: all\nlora_rank: 4\n";
+    let one = write_config(dir, "lora-1", 2, 4, None, "");
+    let text = std::fs::read_to_string(&one)
+        .unwrap()
+        .replace("finetuning_type: full\n", lora)
+        .replace("train_from_scratch: true\n", "");
+    // LoRA needs base weights: the trained reference.
+    let text = text.replace(
+        &dir.join("model").display().to_string(),
+        &dir.join("single").display().to_string(),
+    );
+    std::fs::write(&one, &text).unwrap();
+    run(&one, 1, 1, &dir.join("store-lora-1"));
+    let zero3 = plans().into_iter().find(|c| c.name == "zero3").unwrap();
+    let two = write_config(dir, "lora-2", 2, 2, zero3.file, "");
+    let text2 = std::fs::read_to_string(&two)
+        .unwrap()
+        .replace("finetuning_type: full\n", lora)
+        .replace("train_from_scratch: true\n", "")
+        .replace(
+            &dir.join("model").display().to_string(),
+            &dir.join("single").display().to_string(),
+        );
+    std::fs::write(&two, &text2).unwrap();
+    run(&two, 2, 2, &dir.join("store-lora-2"));
+    let (a, b) = (losses(&dir.join("lora-1")), losses(&dir.join("lora-2")));
+    assert_eq!(a.len(), 5);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * y.abs(), "lora: {a:?} vs {b:?}");
+    }
+    let adapter = dir.join("lora-2/adapter_model.safetensors");
+    assert!(adapter.exists(), "{}", adapter.display());
+}
+
 /// `fsdp_cpu_ram_efficient_loading`: ranks other than 0 do not read the weights (they start
 /// from zeros) and get rank 0's by the start-up broadcast, so 2 ranks from a saved model equal
 /// one process from it.

@@ -280,6 +280,8 @@ impl ModelDims {
         let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
         let head_dim = match size("head_dim")? {
             Some(d) => d,
+            // Qwen3Config's default head_dim is 128, not hidden / heads.
+            None if model_type == "qwen3" => 128,
             None if hidden.is_multiple_of(heads) => hidden / heads,
             None => {
                 return Err(err(
@@ -305,9 +307,16 @@ impl ModelDims {
             head_dim,
             vocab_size: need("vocab_size")?,
             tie_word_embeddings: flag("tie_word_embeddings"),
-            qkv_bias: flag("attention_bias") || model_type == "qwen2",
-            o_bias: flag("attention_bias"),
-            mlp_bias: flag("mlp_bias"),
+            // As transformers' attention classes: Qwen2 always biases q/k/v and never o,
+            // Mistral has no biases, Llama and Qwen3 bias all four with attention_bias; only
+            // Llama reads mlp_bias.
+            qkv_bias: match model_type {
+                "qwen2" => true,
+                "mistral" => false,
+                _ => flag("attention_bias"),
+            },
+            o_bias: !matches!(model_type, "qwen2" | "mistral") && flag("attention_bias"),
+            mlp_bias: matches!(model_type, "llama" | "") && flag("mlp_bias"),
             qk_norm: model_type == "qwen3",
         })
     }
@@ -630,6 +639,28 @@ mod tests {
         assert_eq!(
             ModelDims::from_hf_config("q", qwen).unwrap().total_params(),
             7_615_616_512
+        );
+        // Qwen3-0.6B (596,049,920 parameters: q/k norms, tied) with its head_dim left out:
+        // Qwen3's default 128, not 1024 / 16.
+        let qwen3 = r#"{"model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
+            "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+            "vocab_size": 151936, "tie_word_embeddings": true, "attention_bias": false}"#;
+        assert_eq!(
+            ModelDims::from_hf_config("q3", qwen3)
+                .unwrap()
+                .total_params(),
+            596_049_920
+        );
+        // Mistral-7B-v0.1: 7,241,732,096; a stray attention_bias adds nothing.
+        let mistral = r#"{"model_type": "mistral", "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "vocab_size": 32000, "sliding_window": 4096,
+            "attention_bias": true}"#;
+        assert_eq!(
+            ModelDims::from_hf_config("m", mistral)
+                .unwrap()
+                .total_params(),
+            7_241_732_096
         );
         // Tied embeddings count once (Llama 3.2 1B: 1,235,814,400 parameters).
         let tied = r#"{"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,

@@ -1,7 +1,15 @@
-//! A Llama-family `config.json`, read in both the transformers 4 form (top-level `rope_theta`,
-//! `rope_scaling`, `torch_dtype`) and the transformers 5 form (`rope_parameters` holding
-//! `rope_theta` and the scaling, `dtype`). Saving writes the transformers 4 form, which
-//! transformers 5 reads too (checked with 5.24: bench/python/hf_parity.sh).
+//! A decoder-only `config.json` of one of the supported architectures ([`Arch`]: Llama,
+//! Mistral, Qwen2/Qwen2.5, Qwen3), read in both the transformers 4 form (top-level
+//! `rope_theta`, `rope_scaling`, `torch_dtype`) and the transformers 5 form (`rope_parameters`
+//! holding `rope_theta` and the scaling, `dtype`). Saving writes the transformers 4 form, which
+//! transformers 5 reads too (checked with 5.24 and 5.25: bench/python/hf_parity.sh).
+//!
+//! The four share one block (RMSNorm, rotate-half RoPE, GQA, SwiGLU) and differ in a few
+//! switches that [`LlamaConfig`] carries: biases on the attention projections (Qwen2: q/k/v;
+//! Llama and Qwen3 with `attention_bias`: q/k/v/o), per-head RMSNorm of q and k (Qwen3), and
+//! Mistral's sliding-window attention (a mask: [`crate::model::Inputs`]). Each architecture
+//! keeps transformers' own defaults for absent fields (Qwen3's `head_dim` is 128, Mistral's
+//! `sliding_window` is 4096).
 
 use std::path::Path;
 
@@ -72,9 +80,55 @@ pub enum RopeScaling {
     },
 }
 
-/// The architecture of a Llama-family causal LM.
+/// A supported `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `llama` (`LlamaForCausalLM`).
+    Llama,
+    /// `mistral` (`MistralForCausalLM`): Llama's block with a sliding attention window.
+    Mistral,
+    /// `qwen2` (`Qwen2ForCausalLM`, also Qwen2.5): biases on q/k/v.
+    Qwen2,
+    /// `qwen3` (`Qwen3ForCausalLM`, dense): per-head RMSNorm of q and k, explicit `head_dim`.
+    Qwen3,
+}
+
+impl Arch {
+    /// Every supported architecture.
+    pub const ALL: [Arch; 4] = [Arch::Llama, Arch::Mistral, Arch::Qwen2, Arch::Qwen3];
+
+    /// The `model_type` string.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The transformers class (`architectures[0]`).
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    /// Parses a `model_type`.
+    pub fn parse(model_type: &str) -> Option<Arch> {
+        Arch::ALL.into_iter().find(|a| a.model_type() == model_type)
+    }
+}
+
+/// The architecture of a supported decoder-only causal LM ([`Arch`]). Named for the family's
+/// first member; every architecture uses it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
+    /// `model_type`.
+    pub arch: Arch,
     /// `vocab_size`.
     pub vocab_size: usize,
     /// `hidden_size`.
@@ -111,8 +165,18 @@ pub struct LlamaConfig {
     pub initializer_range: f64,
     /// `torch_dtype` / `dtype`: the dtype the weights are stored in.
     pub dtype: DType,
-    /// `attention_bias` / `mlp_bias` are not supported; kept to reject them clearly.
+    /// `hidden_act` (only `silu` is supported).
     pub hidden_act: String,
+    /// Biases on q_proj, k_proj and v_proj (Qwen2 always; Llama and Qwen3 with
+    /// `attention_bias`).
+    pub qkv_bias: bool,
+    /// A bias on o_proj (Llama and Qwen3 with `attention_bias`; never Qwen2).
+    pub o_bias: bool,
+    /// Per-head RMSNorm of q and k over `head_dim` before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// Mistral's `sliding_window`: a query attends to the keys less than this many tokens
+    /// behind it (None: full causal attention).
+    pub sliding_window: Option<usize>,
 }
 
 impl LlamaConfig {
@@ -125,6 +189,7 @@ impl LlamaConfig {
         kv_heads: usize,
     ) -> Self {
         LlamaConfig {
+            arch: Arch::Llama,
             vocab_size,
             hidden_size: hidden,
             intermediate_size: hidden * 8 / 3,
@@ -144,7 +209,35 @@ impl LlamaConfig {
             initializer_range: 0.02,
             dtype: DType::F32,
             hidden_act: "silu".into(),
+            qkv_bias: false,
+            o_bias: false,
+            qk_norm: false,
+            sliding_window: None,
         }
+    }
+
+    /// A small config of architecture `arch` with that architecture's switches: Qwen2's q/k/v
+    /// biases, Qwen3's q/k norms (and `head_dim` 2 × hidden / heads, as real Qwen3 models have
+    /// it ≠ hidden / heads), no sliding window.
+    pub fn tiny_arch(
+        arch: Arch,
+        vocab_size: usize,
+        hidden: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Self {
+        let mut c = Self::tiny(vocab_size, hidden, layers, heads, kv_heads);
+        c.arch = arch;
+        match arch {
+            Arch::Llama | Arch::Mistral => {}
+            Arch::Qwen2 => c.qkv_bias = true,
+            Arch::Qwen3 => {
+                c.qk_norm = true;
+                c.head_dim = 2 * hidden / heads;
+            }
+        }
+        c
     }
 
     /// Reads `config.json`; errors name the file and the field.
@@ -167,18 +260,63 @@ impl LlamaConfig {
     }
 
     fn from_map(o: &Map<String, Value>) -> Result<Self> {
-        if let Some(t) = o.get("model_type").and_then(Value::as_str)
-            && !matches!(t, "llama" | "mistral" | "qwen2")
+        // An absent model_type reads as Llama (older hand-written configs).
+        let arch = match opt_str(o, "model_type")? {
+            None => Arch::Llama,
+            Some(t) => Arch::parse(&t).ok_or_else(|| {
+                cfg_err(
+                    "model_type",
+                    &format!(
+                        "`{t}` is not supported (supported: {})",
+                        Arch::ALL.map(Arch::model_type).join(", ")
+                    ),
+                )
+            })?,
+        };
+        if opt_bool(o, "mlp_bias")? == Some(true) {
+            return Err(cfg_err("mlp_bias", "biases in the MLP are not supported"));
+        }
+        // transformers' attention classes: Llama and Qwen3 bias all four projections when
+        // attention_bias is set; Qwen2 always biases q/k/v and never o; Mistral never.
+        let attention_bias = opt_bool(o, "attention_bias")?.unwrap_or(false);
+        let (qkv_bias, o_bias) = match arch {
+            Arch::Llama | Arch::Qwen3 => (attention_bias, attention_bias),
+            Arch::Qwen2 => (true, false),
+            Arch::Mistral => (false, false),
+        };
+        let sliding_window = match arch {
+            // MistralConfig's default window is 4096 when the key is absent; null means none.
+            Arch::Mistral => match o.get("sliding_window") {
+                None => Some(4096),
+                Some(Value::Null) => None,
+                Some(_) => opt_usize(o, "sliding_window")?,
+            },
+            // Qwen's window applies only to layers from max_window_layers on (layer_types):
+            // one mask per layer kind, which the model does not have.
+            Arch::Qwen2 | Arch::Qwen3 => {
+                if opt_bool(o, "use_sliding_window")? == Some(true) {
+                    return Err(cfg_err(
+                        "use_sliding_window",
+                        &format!(
+                            "sliding-window attention in {} is not supported (set it to false)",
+                            arch.model_type()
+                        ),
+                    ));
+                }
+                None
+            }
+            Arch::Llama => None,
+        };
+        if sliding_window == Some(0) {
+            return Err(cfg_err("sliding_window", "must be positive"));
+        }
+        if let Some(Value::Array(kinds)) = o.get("layer_types")
+            && let Some(k) = kinds.iter().find(|k| k.as_str() != Some("full_attention"))
         {
             return Err(cfg_err(
-                "model_type",
-                &format!("`{t}` is not a Llama-family model"),
+                "layer_types",
+                &format!("{k} layers are not supported (only full_attention)"),
             ));
-        }
-        for key in ["attention_bias", "mlp_bias"] {
-            if o.get(key).and_then(Value::as_bool) == Some(true) {
-                return Err(cfg_err(key, "biases in linear layers are not supported"));
-            }
         }
         let hidden_act = opt_str(o, "hidden_act")?.unwrap_or_else(|| "silu".into());
         if hidden_act != "silu" {
@@ -198,6 +336,8 @@ impl LlamaConfig {
         }
         let head_dim = match opt_usize(o, "head_dim")? {
             Some(d) => d,
+            // Qwen3Config's default; the others derive it.
+            None if arch == Arch::Qwen3 => 128,
             None => {
                 if !hidden_size.is_multiple_of(heads) {
                     return Err(cfg_err(
@@ -264,7 +404,13 @@ impl LlamaConfig {
                     as u32,
             ],
         };
+        let default_max_positions = match arch {
+            Arch::Llama => 2048,
+            Arch::Mistral => 4096 * 32,
+            Arch::Qwen2 | Arch::Qwen3 => 32768,
+        };
         let cfg = LlamaConfig {
+            arch,
             vocab_size: req_usize(o, "vocab_size")?,
             hidden_size,
             intermediate_size: req_usize(o, "intermediate_size")?,
@@ -275,7 +421,8 @@ impl LlamaConfig {
             rms_norm_eps: opt_f64(o, "rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: opt_usize(o, "max_position_embeddings")?.unwrap_or(2048),
+            max_position_embeddings: opt_usize(o, "max_position_embeddings")?
+                .unwrap_or(default_max_positions),
             tie_word_embeddings: match o.get("tie_word_embeddings") {
                 None | Some(Value::Null) => false,
                 Some(v) => v
@@ -289,6 +436,10 @@ impl LlamaConfig {
             initializer_range: opt_f64(o, "initializer_range")?.unwrap_or(0.02),
             dtype,
             hidden_act,
+            qkv_bias,
+            o_bias,
+            qk_norm: arch == Arch::Qwen3,
+            sliding_window,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -317,6 +468,35 @@ impl LlamaConfig {
                 "must divide num_attention_heads",
             ));
         }
+        // The switches must be ones the architecture's transformers class has, or a saved
+        // config.json would describe another model.
+        let (qkv, o) = (self.qkv_bias, self.o_bias);
+        let biases_ok = match self.arch {
+            Arch::Llama | Arch::Qwen3 => qkv == o,
+            Arch::Qwen2 => qkv && !o,
+            Arch::Mistral => !qkv && !o,
+        };
+        if !biases_ok {
+            return Err(cfg_err(
+                "attention_bias",
+                &format!(
+                    "q/k/v bias {qkv}, o bias {o} is not a {} attention",
+                    self.arch.model_type()
+                ),
+            ));
+        }
+        if self.qk_norm != (self.arch == Arch::Qwen3) {
+            return Err(cfg_err(
+                "model_type",
+                "per-head q/k norms belong to qwen3 and only qwen3",
+            ));
+        }
+        if self.sliding_window.is_some() && self.arch != Arch::Mistral {
+            return Err(cfg_err(
+                "sliding_window",
+                &format!("not supported for {}", self.arch.model_type()),
+            ));
+        }
         if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err(cfg_err("rms_norm_eps", "must be positive"));
         }
@@ -334,15 +514,35 @@ impl LlamaConfig {
             .sum()
     }
 
-    /// The `config.json` text transformers reads (both generations), weights in `dtype`.
+    /// The `config.json` text transformers reads (both generations) for this architecture
+    /// (`model_type`, `architectures` and the architecture's own keys), weights in `dtype`.
     pub fn to_json(&self, dtype: DType) -> String {
         let mut o = Map::new();
-        o.insert("architectures".into(), json!(["LlamaForCausalLM"]));
-        o.insert("model_type".into(), json!("llama"));
-        o.insert("attention_bias".into(), json!(false));
+        o.insert("architectures".into(), json!([self.arch.class_name()]));
+        o.insert("model_type".into(), json!(self.arch.model_type()));
         o.insert("attention_dropout".into(), json!(0.0));
-        o.insert("mlp_bias".into(), json!(false));
         o.insert("hidden_act".into(), json!("silu"));
+        match self.arch {
+            Arch::Llama => {
+                o.insert("attention_bias".into(), json!(self.qkv_bias));
+                o.insert("mlp_bias".into(), json!(false));
+                o.insert("pretraining_tp".into(), json!(1));
+            }
+            Arch::Mistral => {
+                o.insert("sliding_window".into(), json!(self.sliding_window));
+            }
+            Arch::Qwen2 => {
+                o.insert("use_sliding_window".into(), json!(false));
+                o.insert("sliding_window".into(), Value::Null);
+                o.insert("max_window_layers".into(), json!(self.num_hidden_layers));
+            }
+            Arch::Qwen3 => {
+                o.insert("attention_bias".into(), json!(self.qkv_bias));
+                o.insert("use_sliding_window".into(), json!(false));
+                o.insert("sliding_window".into(), Value::Null);
+                o.insert("max_window_layers".into(), json!(self.num_hidden_layers));
+            }
+        }
         o.insert("vocab_size".into(), json!(self.vocab_size));
         o.insert("hidden_size".into(), json!(self.hidden_size));
         o.insert("intermediate_size".into(), json!(self.intermediate_size));
@@ -355,7 +555,12 @@ impl LlamaConfig {
             "num_key_value_heads".into(),
             json!(self.num_key_value_heads),
         );
-        o.insert("head_dim".into(), json!(self.head_dim));
+        // Qwen2Config has no head_dim field (its attention reads one if present): write it
+        // only where it is not the derived hidden / heads.
+        if self.arch != Arch::Qwen2 || self.head_dim * self.num_attention_heads != self.hidden_size
+        {
+            o.insert("head_dim".into(), json!(self.head_dim));
+        }
         o.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
         o.insert("rope_theta".into(), json!(self.rope_theta));
         o.insert(
@@ -367,7 +572,6 @@ impl LlamaConfig {
             json!(self.tie_word_embeddings),
         );
         o.insert("initializer_range".into(), json!(self.initializer_range));
-        o.insert("pretraining_tp".into(), json!(1));
         o.insert("use_cache".into(), json!(true));
         o.insert("torch_dtype".into(), json!(dtype.hf_name()));
         if let Some(b) = self.bos_token_id {
@@ -467,6 +671,16 @@ fn opt_f64(o: &Map<String, Value>, k: &str) -> Result<Option<f64>> {
             .as_f64()
             .map(Some)
             .ok_or_else(|| cfg_err(k, &format!("`{v}` is not a number"))),
+    }
+}
+
+fn opt_bool(o: &Map<String, Value>, k: &str) -> Result<Option<bool>> {
+    match o.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| cfg_err(k, &format!("`{v}` is not a boolean"))),
     }
 }
 

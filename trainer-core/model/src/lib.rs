@@ -1,16 +1,19 @@
-//! Ringmaster's Llama-family causal LM on burn 0.21, generic over the burn backend: the
+//! Ringmaster's decoder-only causal LMs — Llama, Mistral, Qwen2/Qwen2.5 and dense Qwen3, chosen
+//! by `model_type` — on burn 0.21, generic over the burn backend: the
 //! parameters as named flat fp32 host buffers, the forward pass and loss, fused operations
 //! with their own backward, and Hugging Face and PEFT files. Walls: no crate of ours is a
 //! dependency, so the model knows nothing of ranks, plans or collectives; no layout is keyed by
 //! burn's `ParamId` (the burn model is built from a [`ParamStore`] for each step).
 //!
 //! Layout:
-//! - [`config`] — `config.json` in the transformers 4 and 5 forms.
+//! - [`config`] — `config.json` in the transformers 4 and 5 forms; [`Arch`] and the switches
+//!   the architectures differ by (attention biases, Qwen3's q/k norms, Mistral's window).
 //! - [`params`] — [`ParamStore`], the canonical state: flat fp32 in Hugging Face layout and
-//!   order.
-//! - [`model`] — the forward pass on any burn backend (rotate-half RoPE, GQA, RMSNorm, SwiGLU),
-//!   split by unit (embeddings, each block, final norm + head) so an engine can run it unit by
-//!   unit, and the loss.
+//!   order (biases and q/k norms are tensors of their block's unit).
+//! - [`model`] — the forward pass on any burn backend (rotate-half RoPE, GQA, RMSNorm, SwiGLU,
+//!   optional biases and per-head q/k RMSNorm, the sliding window as a mask), split by unit
+//!   (embeddings, each block, final norm + head) so an engine can run it unit by unit, and the
+//!   loss.
 //! - [`fused`] — softmax, cross-entropy, SwiGLU, RMSNorm, RoPE, attention and linear as single
 //!   graph nodes with their own backward: burn-op defaults on every backend, f32 kernels on flex.
 //! - [`kernels`], [`attention`] — flex's f32 kernels on host slices: row passes, and attention
@@ -35,7 +38,7 @@ pub mod model;
 pub mod params;
 pub mod rope;
 
-pub use config::{DType, LlamaConfig, RopeScaling};
+pub use config::{Arch, DType, LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use lora::LoraConfig;
 pub use model::{IGNORE_INDEX, Inputs, Llama, UnitWeights};

@@ -66,7 +66,7 @@ impl LoraConfig {
                 targets.push(t.to_string());
             } else {
                 return Err(ModelError::Invalid(format!(
-                    "lora_target `{t}` is not a linear module of a Llama block ({} or all)",
+                    "lora_target `{t}` is not a linear module of a decoder block ({} or all)",
                     ALL_TARGETS.join(", ")
                 )));
             }

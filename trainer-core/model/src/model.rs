@@ -11,7 +11,7 @@ use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::fused::{self, AttnDims, Fused};
 use crate::lora::LoraConfig;
-use crate::params::{ParamStore, Rng};
+use crate::params::{ParamSpec, ParamStore, Rng};
 use crate::rope;
 
 /// Label value that carries no loss (PyTorch's `ignore_index`).
@@ -37,8 +37,9 @@ pub struct Inputs<B: Backend> {
     pub cos_k: Tensor<B, 2>,
     /// `[B·T, kv_heads · head_dim]` signed sin table for the keys.
     pub sin_k: Tensor<B, 2>,
-    /// `[B, heads, T, T]` additive mask: 0 where `j ≤ i` in the same non-zero segment
-    /// (expanded over heads so that adding it to the scores is a contiguous, same-shape op).
+    /// `[B, heads, T, T]` additive mask: 0 where `j ≤ i` in the same non-zero segment, and
+    /// `i − j < sliding_window` where the config has a window (Mistral); expanded over heads
+    /// so that adding it to the scores is a contiguous, same-shape op.
     pub mask: Tensor<B, 4>,
 }
 
@@ -80,7 +81,10 @@ impl<B: Backend> Inputs<B> {
             let first = &mut mask[b * nh * seq * seq..(b * nh + 1) * seq * seq];
             for i in 0..seq {
                 let row = &mut first[i * seq..(i + 1) * seq];
-                for j in 0..=i {
+                // Mistral's window: keys less than `window` tokens behind the query (as
+                // transformers' `kv_idx > q_idx - sliding_window`).
+                let first_key = cfg.sliding_window.map_or(0, |w| (i + 1).saturating_sub(w));
+                for j in first_key..=i {
                     if (seg[i] != 0 && seg[j] == seg[i]) || i == j {
                         row[j] = 0.0;
                     }
@@ -141,16 +145,25 @@ impl<B: Backend> Inputs<B> {
     }
 }
 
-/// A linear layer: frozen or trainable `[out, in]` weight plus an optional LoRA adapter.
+/// A LoRA adapter on a linear: `A` `[r, in]`, `B` `[out, r]` and the scale `alpha / r`.
+type Adapter<B> = (Tensor<B, 2>, Tensor<B, 2>, f32);
+
+/// A linear layer: frozen or trainable `[out, in]` weight, an optional `[out]` bias and an
+/// optional LoRA adapter.
 #[derive(Debug, Clone)]
 struct Lin<B: Backend> {
     w: Tensor<B, 2>,
-    lora: Option<(Tensor<B, 2>, Tensor<B, 2>, f32)>,
+    b: Option<Tensor<B, 1>>,
+    lora: Option<Adapter<B>>,
 }
 
 impl<B: Fused> Lin<B> {
     fn forward(&self, x: Tensor<B, 2>, dropout: Option<&mut Dropout>) -> Tensor<B, 2> {
-        let y = B::linear_rows(x.clone(), self.w.clone());
+        let mut y = B::linear_rows(x.clone(), self.w.clone());
+        if let Some(b) = &self.b {
+            // Broadcast over the rows; autodiff sums the rows back into the bias gradient.
+            y = y + b.clone().unsqueeze::<2>();
+        }
         match &self.lora {
             None => y,
             Some((a, b, scale)) => {
@@ -203,6 +216,8 @@ impl Dropout {
 pub struct Block<B: Backend> {
     ln1: Tensor<B, 1>,
     ln2: Tensor<B, 1>,
+    /// Qwen3's per-head RMSNorm weights of q and k (`[head_dim]`).
+    qk_norm: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
     q: Lin<B>,
     k: Lin<B>,
     v: Lin<B>,
@@ -259,6 +274,57 @@ pub fn attention<B: Fused>(
 }
 
 impl<B: Fused> Block<B> {
+    /// Builds a block from its unit's tensors: `specs` and `leaves` in store order
+    /// ([`crate::params::param_specs`] of one block), `adapter(k)` the LoRA adapter of the
+    /// unit's k-th tensor (a linear weight) if it has one, `cast` applied to every leaf.
+    fn from_unit(
+        specs: &[ParamSpec],
+        leaves: &[Tensor<B, 1>],
+        adapter: impl Fn(usize) -> Option<Adapter<B>>,
+        cast: impl Fn(Tensor<B, 1>) -> Tensor<B, 1>,
+    ) -> Result<Self> {
+        // The name inside the block: `model.layers.{l}.` stripped.
+        let local = |s: &ParamSpec| s.name.splitn(4, '.').nth(3).unwrap_or("").to_string();
+        let find = |name: &str| specs.iter().position(|s| local(s) == name);
+        let need = |name: &str| {
+            find(name).ok_or_else(|| {
+                ModelError::Invalid(format!(
+                    "block unit has no `{name}` (first tensor `{}`)",
+                    specs.first().map(|s| s.name.as_str()).unwrap_or("none")
+                ))
+            })
+        };
+        let one = |name: &str| need(name).map(|k| cast(leaves[k].clone()));
+        let lin = |group: &str, module: &str| -> Result<Lin<B>> {
+            let k = need(&format!("{group}.{module}.weight"))?;
+            let shape = &specs[k].shape;
+            Ok(Lin {
+                w: cast(leaves[k].clone()).reshape([shape[0], shape[1]]),
+                b: find(&format!("{group}.{module}.bias")).map(|j| cast(leaves[j].clone())),
+                lora: adapter(k),
+            })
+        };
+        let qk_norm = match find("self_attn.q_norm.weight") {
+            None => None,
+            Some(_) => Some((
+                one("self_attn.q_norm.weight")?,
+                one("self_attn.k_norm.weight")?,
+            )),
+        };
+        Ok(Block {
+            ln1: one("input_layernorm.weight")?,
+            ln2: one("post_attention_layernorm.weight")?,
+            qk_norm,
+            q: lin("self_attn", "q_proj")?,
+            k: lin("self_attn", "k_proj")?,
+            v: lin("self_attn", "v_proj")?,
+            o: lin("self_attn", "o_proj")?,
+            gate: lin("mlp", "gate_proj")?,
+            up: lin("mlp", "up_proj")?,
+            down: lin("mlp", "down_proj")?,
+        })
+    }
+
     /// The block on `[B·T, hidden]` activations.
     pub fn forward(
         &self,
@@ -274,18 +340,17 @@ impl<B: Fused> Block<B> {
             cfg.head_dim,
         );
         let h = rms_norm(x.clone(), self.ln1.clone(), cfg.rms_norm_eps);
-        let q = apply_rope(
-            self.q.forward(h.clone(), dropout.as_deref_mut()),
-            inp.cos_q.clone(),
-            inp.sin_q.clone(),
-            d,
-        );
-        let k = apply_rope(
-            self.k.forward(h.clone(), dropout.as_deref_mut()),
-            inp.cos_k.clone(),
-            inp.sin_k.clone(),
-            d,
-        );
+        let mut q = self.q.forward(h.clone(), dropout.as_deref_mut());
+        let mut k = self.k.forward(h.clone(), dropout.as_deref_mut());
+        if let Some((qn, kn)) = &self.qk_norm {
+            // Qwen3: RMSNorm of each head's d values, after the projection, before RoPE.
+            let n = b * t;
+            let eps = cfg.rms_norm_eps;
+            q = rms_norm(q.reshape([n, nh, d]), qn.clone(), eps).reshape([n, nh * d]);
+            k = rms_norm(k.reshape([n, nkv, d]), kn.clone(), eps).reshape([n, nkv * d]);
+        }
+        let q = apply_rope(q, inp.cos_q.clone(), inp.sin_q.clone(), d);
+        let k = apply_rope(k, inp.cos_k.clone(), inp.sin_k.clone(), d);
         let v = self.v.forward(h, dropout.as_deref_mut());
         let dims = AttnDims {
             batch: b,
@@ -344,6 +409,10 @@ impl<B: Fused> Llama<B> {
         for b in &mut m.blocks {
             c1(&mut b.ln1);
             c1(&mut b.ln2);
+            if let Some((qn, kn)) = b.qk_norm.as_mut() {
+                c1(qn);
+                c1(kn);
+            }
             for lin in [
                 &mut b.q,
                 &mut b.k,
@@ -354,6 +423,9 @@ impl<B: Fused> Llama<B> {
                 &mut b.down,
             ] {
                 c2(&mut lin.w);
+                if let Some(bias) = lin.b.as_mut() {
+                    c1(bias);
+                }
                 if let Some((a, bb, _)) = lin.lora.as_mut() {
                     c2(a);
                     c2(bb);
@@ -404,14 +476,13 @@ impl<B: Fused> Llama<B> {
             }
             rank_scale = (lc.rank, lc.scale());
         }
-        let mut it = 0usize;
         let specs = base.specs();
         let take2 = |idx: usize| -> Tensor<B, 2> {
             let s = &specs[idx].shape;
             base_leaves[idx].clone().reshape([s[0], s[1]])
         };
-        let lin = |idx: usize, w: Tensor<B, 2>| -> Lin<B> {
-            let lora = lora_of[idx].map(|(a, b, r)| {
+        let adapter = |idx: usize| -> Option<Adapter<B>> {
+            lora_of[idx].map(|(a, b, r)| {
                 let out = specs[idx].shape[0];
                 let inp = specs[idx].shape[1];
                 (
@@ -419,34 +490,21 @@ impl<B: Fused> Llama<B> {
                     adapter_leaves[b].clone().reshape([out, r]),
                     rank_scale.1,
                 )
-            });
-            Lin { w, lora }
+            })
         };
-        let embed = take2(it);
-        it += 1;
+        let embed = take2(0);
+        let mut it = 1usize;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
-        for _ in 0..cfg.num_hidden_layers {
-            let ln1 = base_leaves[it].clone();
-            let ln2 = base_leaves[it + 1].clone();
-            let mut lins = Vec::with_capacity(7);
-            for k in 0..7 {
-                let idx = it + 2 + k;
-                lins.push(lin(idx, take2(idx)));
-            }
-            it += 9;
-            let mut l = lins.into_iter();
-            let mut next = || l.next().expect("seven linears");
-            blocks.push(Block {
-                ln1,
-                ln2,
-                q: next(),
-                k: next(),
-                v: next(),
-                o: next(),
-                gate: next(),
-                up: next(),
-                down: next(),
-            });
+        for l in 0..cfg.num_hidden_layers {
+            let n = specs[it..].iter().take_while(|s| s.unit == l + 1).count();
+            let lo = it;
+            blocks.push(Block::from_unit(
+                &specs[lo..lo + n],
+                &base_leaves[lo..lo + n],
+                |k| adapter(lo + k),
+                |t| t,
+            )?);
+            it += n;
         }
         let norm = base_leaves[it].clone();
         it += 1;
@@ -591,21 +649,7 @@ impl<B: Fused> UnitWeights<B> {
         Ok(if unit == 0 {
             UnitWeights::Embed(two(0))
         } else if unit < last {
-            let lin = |i: usize| Lin {
-                w: two(i),
-                lora: None,
-            };
-            UnitWeights::Block(Box::new(Block {
-                ln1: cast(leaves[0].clone()),
-                ln2: cast(leaves[1].clone()),
-                q: lin(2),
-                k: lin(3),
-                v: lin(4),
-                o: lin(5),
-                gate: lin(6),
-                up: lin(7),
-                down: lin(8),
-            }))
+            UnitWeights::Block(Box::new(Block::from_unit(&specs, leaves, |_| None, cast)?))
         } else {
             let w = if cfg.tie_word_embeddings {
                 let t = tied.ok_or_else(|| {

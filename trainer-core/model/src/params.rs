@@ -16,8 +16,11 @@ pub enum ParamKind {
     Embedding,
     /// A linear layer's `[out, in]` weight; the string is the module name LoRA targets use.
     Linear(&'static str),
-    /// An RMSNorm weight `[hidden]`.
+    /// An RMSNorm weight: `[hidden]`, or `[head_dim]` for Qwen3's q_norm / k_norm.
     Norm,
+    /// A linear layer's `[out]` bias; the string is the module name (never a LoRA target;
+    /// no weight decay).
+    Bias(&'static str),
 }
 
 /// Name, shape and place of one parameter.
@@ -57,8 +60,18 @@ pub fn block_linears(cfg: &LlamaConfig) -> [(&'static str, &'static str, usize, 
     ]
 }
 
-/// Every parameter in a fixed order (units in order; inside a block: the norms, then the
-/// linears as [`block_linears`] lists them).
+/// Whether a block linear (`q_proj`, ...) has a bias under `cfg`.
+pub fn has_bias(cfg: &LlamaConfig, module: &str) -> bool {
+    match module {
+        "q_proj" | "k_proj" | "v_proj" => cfg.qkv_bias,
+        "o_proj" => cfg.o_bias,
+        _ => false,
+    }
+}
+
+/// Every parameter in a fixed order (units in order; inside a block: the two layer norms,
+/// Qwen3's q_norm and k_norm, then the linears as [`block_linears`] lists them, each weight
+/// followed by its bias where it has one).
 pub fn param_specs(cfg: &LlamaConfig) -> Vec<ParamSpec> {
     let h = cfg.hidden_size;
     let mut v = vec![ParamSpec {
@@ -77,6 +90,16 @@ pub fn param_specs(cfg: &LlamaConfig) -> Vec<ParamSpec> {
                 unit,
             });
         }
+        if cfg.qk_norm {
+            for norm in ["q_norm", "k_norm"] {
+                v.push(ParamSpec {
+                    name: format!("model.layers.{l}.self_attn.{norm}.weight"),
+                    shape: vec![cfg.head_dim],
+                    kind: ParamKind::Norm,
+                    unit,
+                });
+            }
+        }
         for (group, module, out, inp) in block_linears(cfg) {
             v.push(ParamSpec {
                 name: format!("model.layers.{l}.{group}.{module}.weight"),
@@ -84,6 +107,14 @@ pub fn param_specs(cfg: &LlamaConfig) -> Vec<ParamSpec> {
                 kind: ParamKind::Linear(module),
                 unit,
             });
+            if has_bias(cfg, module) {
+                v.push(ParamSpec {
+                    name: format!("model.layers.{l}.{group}.{module}.bias"),
+                    shape: vec![out],
+                    kind: ParamKind::Bias(module),
+                    unit,
+                });
+            }
         }
     }
     let last = cfg.num_hidden_layers + 1;
@@ -125,7 +156,8 @@ impl ParamStore {
     }
 
     /// The model's parameters initialised as transformers does: normal(0, initializer_range)
-    /// for embeddings and linears, ones for norms; deterministic in `seed`.
+    /// for embeddings and linear weights, zeros for biases, ones for norms; deterministic in
+    /// `seed`.
     pub fn init_llama(cfg: &LlamaConfig, seed: u64) -> Self {
         let mut store = Self::zeros(param_specs(cfg));
         let std = cfg.initializer_range as f32;
@@ -133,7 +165,8 @@ impl ParamStore {
             let buf = &mut store.data[i];
             match spec.kind {
                 ParamKind::Norm => buf.fill(1.0),
-                _ => {
+                ParamKind::Bias(_) => buf.fill(0.0),
+                ParamKind::Embedding | ParamKind::Linear(_) => {
                     // One stream per tensor, keyed by its name: adding a tensor never shifts
                     // another's values.
                     let mut rng = Rng::new(seed ^ fnv1a(spec.name.as_bytes()));

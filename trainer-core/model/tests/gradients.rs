@@ -6,10 +6,12 @@
 //! kernel on the way is not fully f64, not pinned down), so the difference uses steps 5e-3 and
 //! 1e-2 with Richardson extrapolation (truncation O(h⁴)) and must agree with autodiff within
 //! 1e-4 relative + 5e-6 absolute — a wrong gradient term is off by O(1). GQA (2 query heads per
-//! KV head), packed rows and tied embeddings are covered.
+//! KV head), packed rows and tied embeddings are covered, and Qwen3's blocks (q/k norms,
+//! biases on all four attention projections, head_dim ≠ hidden / heads) with random norms and
+//! biases.
 
 mod common;
-use common::{batch, tiny};
+use common::{batch, init_random, tiny, tiny_arch};
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::DType;
@@ -39,13 +41,17 @@ fn loss64(cfg: &LlamaConfig, store: &ParamStore) -> f64 {
 }
 
 fn check_gradients(tied: bool) {
-    use_f64();
     let cfg = tiny(tied);
-    let store = ParamStore::init_llama(&cfg, 5);
+    check_store(&cfg, &ParamStore::init_llama(&cfg, 5));
+}
+
+fn check_store(cfg: &LlamaConfig, store: &ParamStore) {
+    use_f64();
+    let cfg = cfg.clone();
     let dev = Default::default();
     let (b, t, ids, pos, seg, targets) = batch();
     let inp = Inputs::<AD64>::new(&cfg, b, t, &ids, &pos, &seg, &dev).unwrap();
-    let m = Llama::<AD64>::new(&cfg, &store, true, None, &dev).unwrap();
+    let m = Llama::<AD64>::new(&cfg, store, true, None, &dev).unwrap();
     let loss = cross_entropy(m.forward(&inp, None), &targets, 7.0);
     let grads = loss.backward();
     let g = leaf_grads(m.base_leaves(), &grads);
@@ -81,6 +87,12 @@ fn check_gradients(tied: bool) {
 #[test]
 fn gradients_match_finite_differences_gqa_untied() {
     check_gradients(false);
+}
+
+#[test]
+fn gradients_match_finite_differences_qwen3_norms_and_biases() {
+    let cfg = tiny_arch(ringmaster_model::Arch::Qwen3, false, true);
+    check_store(&cfg, &init_random(&cfg, 5));
 }
 
 #[test]

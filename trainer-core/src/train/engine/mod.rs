@@ -342,7 +342,12 @@ impl<'c, B: TrainBackend> Engine<'c, B> {
                 .into_iter()
                 .map(|(t, tr, fr)| Segment {
                     tensor: t,
-                    decay: !matches!(trainable.specs()[t].kind, ParamKind::Norm),
+                    // As transformers' Trainer: no weight decay on norms (q/k norms
+                    // included) and biases.
+                    decay: !matches!(
+                        trainable.specs()[t].kind,
+                        ParamKind::Norm | ParamKind::Bias(_)
+                    ),
                     state: AdamWState::new(tr.len()),
                     in_tensor: tr,
                     in_shard: fr,
