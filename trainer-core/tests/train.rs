@@ -386,3 +386,43 @@ fn val_size_holds_out_rows_and_logs_their_loss() {
         "logged {logged}, direct {direct}"
     );
 }
+
+/// `save_only_model`: checkpoints hold the parameters only (no AdamW moments), the manifest
+/// says so, and a resume from one continues from its weights: the first resumed step's loss
+/// (computed before that step's update) equals the uninterrupted run's.
+#[test]
+fn save_only_model_checkpoints_resume_as_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let mut s = setup(
+        dir.path(),
+        "max_steps: 4\nsave_steps: 2\nsave_only_model: true\n",
+    );
+    let first =
+        train::train::<CpuAutodiff>(&mut s, &mut Parallel::single(), Default::default()).unwrap();
+    let ckpt = dir.path().join("out/checkpoint-2");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["weights_only"], true);
+    assert_eq!(manifest["adam_step"], 0);
+    let shard =
+        ringmaster_model::hf::read_safetensors(&ckpt.join("rank-00000.safetensors")).unwrap();
+    assert!(
+        shard.keys().all(|k| k.ends_with(".param")),
+        "{:?}",
+        shard.keys()
+    );
+
+    let mut s = setup(
+        dir.path(),
+        &format!(
+            "max_steps: 4\nsave_steps: 2\nsave_only_model: true\nresume_from_checkpoint: {}\n",
+            ckpt.display()
+        ),
+    );
+    let resumed =
+        train::train::<CpuAutodiff>(&mut s, &mut Parallel::single(), Default::default()).unwrap();
+    assert_eq!(resumed.losses.len(), 2);
+    assert_eq!(resumed.losses[0], first.losses[2]);
+}

@@ -84,6 +84,10 @@ pub struct Manifest {
     pub adam_step: u64,
     /// The fp16 dynamic loss scaler, when used.
     pub scaler: Option<DynamicLossScaler>,
+    /// Saved with `save_only_model`: the shards hold the parameters only (no AdamW moments,
+    /// no loss scale); a resume from it restarts the optimizer.
+    #[serde(default)]
+    pub weights_only: bool,
     pub units: Vec<UnitEntry>,
     pub shards: Vec<ShardFile>,
 }
@@ -97,6 +101,8 @@ pub struct SaveInfo<'a> {
     pub seed: u64,
     pub trainable: &'a str,
     pub scaler: Option<DynamicLossScaler>,
+    /// `save_only_model`: parameters only (see [`Manifest::weights_only`]).
+    pub weights_only: bool,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -200,12 +206,16 @@ pub fn save<B: TrainBackend>(
     if eng.writes_shard() {
         let state = eng.export_state(trainable);
         let mut tensors = Vec::with_capacity(3 * state.len());
+        let kinds = if info.weights_only { 1 } else { 3 };
         for (u, s) in state.iter().enumerate() {
             for (what, v) in [
                 ("param", &s.param),
                 ("exp_avg", &s.exp_avg),
                 ("exp_avg_sq", &s.exp_avg_sq),
-            ] {
+            ]
+            .into_iter()
+            .take(kinds)
+            {
                 tensors.push((
                     format!("unit{u}.{what}"),
                     RawTensor::encode(v, vec![v.len()], DType::F32),
@@ -267,8 +277,17 @@ pub fn save<B: TrainBackend>(
         global_batch: info.global_batch,
         seed: info.seed,
         trainable: info.trainable.to_owned(),
-        adam_step: eng.adam_step(),
-        scaler: info.scaler.clone(),
+        adam_step: if info.weights_only {
+            0
+        } else {
+            eng.adam_step()
+        },
+        scaler: if info.weights_only {
+            None
+        } else {
+            info.scaler.clone()
+        },
+        weights_only: info.weights_only,
         units: layout
             .units
             .iter()
@@ -477,10 +496,18 @@ pub fn load<B: TrainBackend>(
                 }
                 Ok(v)
             };
-            let state = UnitState {
-                param: take("param")?,
-                exp_avg: take("exp_avg")?,
-                exp_avg_sq: take("exp_avg_sq")?,
+            let state = if m.weights_only {
+                UnitState {
+                    param: take("param")?,
+                    exp_avg: vec![0.0; unit.shard],
+                    exp_avg_sq: vec![0.0; unit.shard],
+                }
+            } else {
+                UnitState {
+                    param: take("param")?,
+                    exp_avg: take("exp_avg")?,
+                    exp_avg_sq: take("exp_avg_sq")?,
+                }
             };
             eng.import_range(u, s.shard * unit.shard, &state, m.adam_step, trainable);
         }

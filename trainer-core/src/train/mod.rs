@@ -10,13 +10,15 @@
 //! Layout: [`engine`] (the step), [`setup`] (config → model, data, tokenizer), [`resume`]
 //! (checkpoint candidates and loading), [`checkpoint`] (sharded save/load, commit, prune),
 //! [`report`] (log window, memory report, end of run), [`eval`] (exact match), [`held_out`]
-//! (the `val_size` evaluation loss), [`data_cache`] (tokenized-data cache).
+//! (the `val_size` evaluation loss), [`loader`] (batches collated ahead by
+//! `dataloader_num_workers` threads), [`data_cache`] (tokenized-data cache).
 
 pub mod checkpoint;
 pub mod data_cache;
 pub mod engine;
 pub mod eval;
 pub mod held_out;
+pub mod loader;
 pub mod report;
 pub mod resume;
 pub mod setup;
@@ -27,7 +29,6 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use ringmaster_collectives::Communicator;
-use ringmaster_data::batch::{Batch, collate};
 use ringmaster_data::sampler::{RankLayout, Sampler, SamplerConfig};
 use ringmaster_model::{hf, lora};
 use ringmaster_optim::adamw::AdamWConfig;
@@ -168,7 +169,6 @@ pub fn train<B: TrainBackend>(
         total_steps: total,
     };
     let mut scaling = Scaling::of(&plan);
-    let pad_id = setup.tokenizer.pad_id_or_eos();
     let save_steps = setup.cfg.save_steps.unwrap_or(0);
     let is_lora = setup.lora.is_some();
     let stage = trainable_stage(&plan, is_lora);
@@ -210,30 +210,23 @@ pub fn train<B: TrainBackend>(
     let mut all_tokens = 0usize;
     let mut losses = Vec::with_capacity(total as usize);
     let mut skipped_total = 0u64;
-    let mut epoch_plan = sampler.epoch(0);
+    let pad_id = setup.tokenizer.pad_id_or_eos();
+    let mut loader = loader::Loader::new(
+        setup.samples.clone(),
+        sampler,
+        layout,
+        par.rank,
+        pad_id,
+        (resumed.step, total),
+        setup.cfg.dataloader_num_workers.unwrap_or(0) as usize,
+    );
     for step in resumed.step..total {
-        let pos = sampler.position_at(step);
-        if epoch_plan.epoch() != pos.epoch {
-            epoch_plan = sampler.epoch(pos.epoch);
-        }
-        let global = epoch_plan.global_batch(pos.step);
-        let normalizer: usize = global.iter().map(|&i| setup.samples[i].num_targets()).sum();
-        let tokens: usize = global
-            .iter()
-            .map(|&i| setup.samples[i].num_real_tokens())
-            .sum();
-        let micro: Vec<Option<Batch>> = epoch_plan
-            .rank_batches(pos.step, &layout, par.rank)?
-            .iter()
-            .map(|idx| {
-                (!idx.is_empty())
-                    .then(|| collate(idx.iter().map(|&i| &setup.samples[i]), pad_id, 1))
-            })
-            .collect();
+        let data = loader.get(step)?;
+        let tokens = data.tokens;
         let input = StepInput {
             step,
-            micro: &micro,
-            normalizer: normalizer as f64,
+            micro: &data.micro,
+            normalizer: data.normalizer as f64,
         };
         let lr = sched.lr(step);
         let step_start = Instant::now();
@@ -279,6 +272,7 @@ pub fn train<B: TrainBackend>(
                 seed: setup.seed,
                 trainable: if is_lora { "lora" } else { "full" },
                 scaler: scaling.dynamic().cloned(),
+                weights_only: setup.cfg.save_only_model == Some(true),
             };
             let protect = resumed.from.as_deref();
             let dir =

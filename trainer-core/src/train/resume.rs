@@ -86,6 +86,15 @@ pub fn resume<B: TrainBackend>(
                 load_start.elapsed().as_secs_f64()
             );
         }
+        if m.weights_only && rank == 0 {
+            eprintln!(
+                "trainer: {} was saved with save_only_model: it resumes as weights only (AdamW \
+                 moments and the loss scale start over at step {}; the schedule and the data \
+                 order continue)",
+                dir.display(),
+                m.step
+            );
+        }
         out.step = m.step;
         out.from = Some(dir.clone());
         return Ok(out);

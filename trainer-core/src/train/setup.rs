@@ -51,8 +51,9 @@ pub struct Setup {
     pub tokenizer: Tokenizer,
     /// The chat template.
     pub template: Template,
-    /// Training samples (tokenised, masked, packed when asked).
-    pub samples: Vec<Sample>,
+    /// Training samples (tokenised, masked, packed when asked), shared with the dataloader
+    /// threads.
+    pub samples: std::sync::Arc<Vec<Sample>>,
     /// Held-out examples (`eval_dataset`).
     pub eval: Vec<EvalExample>,
     /// Rows held out of the training set by `val_size`, for the evaluation loss.
@@ -428,7 +429,7 @@ pub fn resolve(
         lora,
         tokenizer,
         template,
-        samples,
+        samples: std::sync::Arc::new(samples),
         eval,
         held_out,
         output_dir,
