@@ -637,6 +637,41 @@ mod tests {
     }
 
     #[test]
+    fn command_line_overrides_merge_over_the_training_config() {
+        let cl = CommandLine::parse(&[
+            "r.yaml".to_string(),
+            "learning_rate=1e-3".into(),
+            "--bf16".into(),
+        ])
+        .unwrap();
+        let s = submission_from_text_with(
+            "stage: sft\nlearning_rate: 1.0e-4\n",
+            "r.yaml",
+            Path::new("."),
+            &cl,
+        )
+        .unwrap();
+        let train = s.spec.train.unwrap();
+        assert_eq!(train["learning_rate"], 1e-3);
+        assert_eq!(train["bf16"], true);
+        assert_eq!(train["stage"], "sft");
+        // A command spec has no training config to override.
+        let err = submission_from_text_with(
+            "command: [sh, -c, env]\n",
+            "job.yaml",
+            Path::new("."),
+            &cl,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no `train:`"), "{err}");
+        // An override that makes the config invalid is named with the command line.
+        let cl = CommandLine::parse(&["r.yaml".to_string(), "stage=dpo".into()]).unwrap();
+        let err = submission_from_text_with("stage: sft\n", "r.yaml", Path::new("."), &cl)
+            .unwrap_err();
+        assert!(err.to_string().contains("r.yaml + command line"), "{err}");
+    }
+
+    #[test]
     fn bare_training_config_becomes_a_train_job() {
         let s = sub("stage: sft\nlearning_rate: 1.0e-4\n").unwrap();
         assert!(s.spec.command.is_none());

@@ -121,7 +121,7 @@ pub struct Args {
 pub enum Command {
     /// Submit a job spec or a bare training config, with LLaMA-Factory's command-line
     /// overrides after it (`recipe.yaml output_dir=out`, `--bf16`) or a config given as flags
-    /// alone (`--stage sft --model_name_or_path DIR ...`). ringctl's own flags come first.
+    /// alone (`--stage sft --model_name_or_path DIR ...`).
     Submit {
         /// Watch the job until it ends (exit code: 0 if it succeeded).
         #[arg(long)]
@@ -203,7 +203,7 @@ pub enum Command {
         output: Output,
     },
     /// Run FILE on a whole cluster started on this machine, then tear it down. Overrides of
-    /// the training config follow FILE as for `submit`; ringctl's own flags come first.
+    /// the training config follow FILE as for `submit`.
     Local {
         /// FILE, then `key=value` / `--key [value]` overrides of its training config.
         #[arg(
@@ -366,20 +366,40 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             }
         }
         Command::Local {
-            args,
-            nodes,
-            slots,
-            work_dir,
-            output,
+            mut args,
+            mut nodes,
+            mut slots,
+            mut work_dir,
+            mut output,
         } => {
+            // ringctl's own flags may follow FILE too (`local job.yaml --nodes 2`).
+            if let Some(v) = take_flag(&mut args, "--nodes")? {
+                nodes = parse_flag("--nodes", &v)?;
+            }
+            if let Some(v) = take_flag(&mut args, "--slots")? {
+                slots = parse_flag("--slots", &v)?;
+            }
+            if let Some(v) = take_flag(&mut args, "--work-dir")? {
+                work_dir = Some(PathBuf::from(v));
+            }
+            if let Some(v) = take_flag(&mut args, "--output")? {
+                output = parse_output(&v)?;
+            }
             let sub = submission(&args)?;
             crate::local::run(sub, nodes, slots, work_dir, output).await
         }
         Command::Submit {
-            args,
-            watch,
-            output,
+            mut args,
+            mut watch,
+            mut output,
         } => {
+            if let Some(i) = args.iter().skip(1).position(|a| a == "--watch") {
+                args.remove(i + 1);
+                watch = true;
+            }
+            if let Some(v) = take_flag(&mut args, "--output")? {
+                output = parse_output(&v)?;
+            }
             let sub = submission(&args)?;
             let mut client = connect(&target()?).await?;
             let job = submit(&mut client, &sub).await?;
@@ -604,21 +624,41 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
     }
 }
 
+/// Removes ringctl's own `FLAG VALUE` or `FLAG=VALUE` from the arguments after FILE (the
+/// training config has no key of that name) and returns the value.
+fn take_flag(args: &mut Vec<String>, flag: &str) -> Result<Option<String>, CliError> {
+    let Some(i) = args
+        .iter()
+        .skip(1)
+        .position(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        .map(|i| i + 1)
+    else {
+        return Ok(None);
+    };
+    let arg = args.remove(i);
+    match arg.split_once('=') {
+        Some((_, v)) => Ok(Some(v.to_owned())),
+        None if i < args.len() => Ok(Some(args.remove(i))),
+        None => Err(CliError::usage(format!("{flag} needs a value"))),
+    }
+}
+
+fn parse_flag(flag: &str, v: &str) -> Result<u32, CliError> {
+    v.parse()
+        .map_err(|_| CliError::usage(format!("{flag}: expected a number, got '{v}'")))
+}
+
+fn parse_output(v: &str) -> Result<Output, CliError> {
+    Output::from_str(v, true).map_err(|_| {
+        CliError::usage(format!("--output: expected text or json, got '{v}'"))
+    })
+}
+
 /// The job a `submit`/`local` command line describes: FILE and the overrides of its training
 /// config, or a training config given as flags alone.
 fn submission(args: &[String]) -> Result<spec::Submission, CliError> {
     let cl = ringmaster_config::CommandLine::parse(args).map_err(|e| {
-        let hint = match &e {
-            ringmaster_config::ConfigError::Invalid { field, .. }
-                if ["--watch", "--output", "--nodes", "--slots", "--work-dir"]
-                    .iter()
-                    .any(|f| field.starts_with(f)) =>
-            {
-                " (ringctl's own flags go before FILE)"
-            }
-            _ => "",
-        };
-        CliError::usage(format!("{e}{hint}"))
+        CliError::usage(e.to_string())
     })?;
     spec::load_submission_with(cl.recipe.as_deref().map(Path::new), &cl)
         .map_err(|e| CliError::usage(e.to_string()))
