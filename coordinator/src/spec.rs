@@ -656,18 +656,14 @@ mod tests {
         assert_eq!(train["bf16"], true);
         assert_eq!(train["stage"], "sft");
         // A command spec has no training config to override.
-        let err = submission_from_text_with(
-            "command: [sh, -c, env]\n",
-            "job.yaml",
-            Path::new("."),
-            &cl,
-        )
-        .unwrap_err();
+        let err =
+            submission_from_text_with("command: [sh, -c, env]\n", "job.yaml", Path::new("."), &cl)
+                .unwrap_err();
         assert!(err.to_string().contains("no `train:`"), "{err}");
         // An override that makes the config invalid is named with the command line.
         let cl = CommandLine::parse(&["r.yaml".to_string(), "stage=dpo".into()]).unwrap();
-        let err = submission_from_text_with("stage: sft\n", "r.yaml", Path::new("."), &cl)
-            .unwrap_err();
+        let err =
+            submission_from_text_with("stage: sft\n", "r.yaml", Path::new("."), &cl).unwrap_err();
         assert!(err.to_string().contains("r.yaml + command line"), "{err}");
     }
 

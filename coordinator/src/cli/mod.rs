@@ -649,17 +649,15 @@ fn parse_flag(flag: &str, v: &str) -> Result<u32, CliError> {
 }
 
 fn parse_output(v: &str) -> Result<Output, CliError> {
-    Output::from_str(v, true).map_err(|_| {
-        CliError::usage(format!("--output: expected text or json, got '{v}'"))
-    })
+    Output::from_str(v, true)
+        .map_err(|_| CliError::usage(format!("--output: expected text or json, got '{v}'")))
 }
 
 /// The job a `submit`/`local` command line describes: FILE and the overrides of its training
 /// config, or a training config given as flags alone.
 fn submission(args: &[String]) -> Result<spec::Submission, CliError> {
-    let cl = ringmaster_config::CommandLine::parse(args).map_err(|e| {
-        CliError::usage(e.to_string())
-    })?;
+    let cl =
+        ringmaster_config::CommandLine::parse(args).map_err(|e| CliError::usage(e.to_string()))?;
     spec::load_submission_with(cl.recipe.as_deref().map(Path::new), &cl)
         .map_err(|e| CliError::usage(e.to_string()))
 }

@@ -8,6 +8,9 @@
 - default_only.tsv: `key<TAB>yaml default<TAB>why` for keys that change what is trained and are
   accepted only at LLaMA-Factory's default.
 
+It also writes the list of every key between the `keys:begin` / `keys:end` markers of
+docs/config-reference.md.
+
 Run: python3 trainer-core/config/keys/gen.py  (then cargo fmt).
 """
 import os
@@ -87,4 +90,35 @@ with open(out, "w") as f:
         kind, effect = entries[key]
         f.write(f'    KeyInfo {{ key: "{key}", kind: Kind::{kind}, effect: Effect::{effect} }},\n')
     f.write("];\n")
-print(f"{len(entries)} keys -> {out}")
+meta = {r[0]: r for r in rows("catalogue.tsv")}
+why = {r[0]: r[2] for r in rows("default_only.tsv")}
+doc = os.path.join(here, "..", "..", "..", "docs", "config-reference.md")
+
+
+def cell(text):
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+lines = ["| key | from | type | LLaMA-Factory / HF default | Ringmaster |", "|---|---|---|---|---|"]
+for key in sorted(entries):
+    kind, effect = entries[key]
+    r = meta.get(key, [key, "Ringmaster", kind, "", ""])
+    cls = r[1].split("<")[0]
+    if effect == "Modeled":
+        what = "takes effect"
+    elif effect == "NoEffect":
+        what = "accepted, no effect"
+    elif effect.startswith("DefaultOnly"):
+        what = f"accepted at the default only ({why[key]})"
+    else:
+        what = "accepted: " + ", ".join(one_of[key])
+    lines.append(f"| `{key}` | {cls} | {cell(kind)} | {cell(r[3])} | {what} |")
+with open(doc) as f:
+    text = f.read()
+begin, end = "<!-- keys:begin -->", "<!-- keys:end -->"
+if begin in text and end in text:
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(doc, "w") as f:
+        f.write(head + begin + "\n" + "\n".join(lines) + "\n" + end + tail)
+print(f"{len(entries)} keys -> {out} and {doc}")
