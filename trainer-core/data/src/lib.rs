@@ -63,6 +63,8 @@
 //! - [`tokenizer`]: Hugging Face `tokenizer.json` loading and saving, encode/decode, bos/eos/pad
 //!   lookup by name or id, and offline byte-level BPE training.
 //! - [`dataset`]: alpaca, sharegpt and plain-text readers for `.json`, `.jsonl` and `.txt`.
+//! - [`mix`]: LLaMA-Factory's per-dataset row selection (`num_samples`, `max_samples`) and
+//!   dataset merging (`mix_strategy`, `interleave_probs`).
 //! - [`template`]: chat templates and the SFT/PT encoders (masking, `cutoff_len`).
 //! - [`batch`]: [`batch::Sample`], [`batch::Batch`] and [`batch::collate`].
 //! - [`packing`]: packing samples into fixed-length blocks with segment and position ids.
@@ -75,6 +77,7 @@
 pub mod batch;
 pub mod dataset;
 pub mod error;
+pub mod mix;
 pub mod packing;
 pub mod preprocess;
 pub mod rng;
