@@ -198,7 +198,9 @@ impl MixConfig {
 /// - `interleave_once`: `max(lengths)` rounds, a dataset leaving the cycle once it is used up.
 ///
 /// With probabilities each step picks a dataset at random (seeded by `seed`) and takes its next
-/// row. `interleave_under` stops right after a dataset's last row is taken; `interleave_over`
+/// row. `datasets` draws the picks with `np.random.default_rng(seed)`; we draw them with
+/// [`DetRng`] by numpy's rule (a uniform draw against the cumulative probabilities), so the
+/// stopping rules and shares are the same but the exact sequence differs. `interleave_under` stops right after a dataset's last row is taken; `interleave_over`
 /// restarts a dataset once it is used up and stops once every dataset has been used up at least
 /// once; `interleave_once` skips picks of a used-up dataset and stops once all are used up.
 ///
