@@ -72,6 +72,26 @@ pub fn path_for(
     Some(output_dir.join(".cache").join(format!("train-{hex}.bin")))
 }
 
+/// The cached dataset at `cache` if there is a complete one and `overwrite` is off
+/// (`overwrite_cache`), else `build()`'s, written to `cache` for the next reader.
+///
+/// # Errors
+/// `build`'s.
+pub fn read_or_build<E>(
+    cache: Option<&Path>,
+    overwrite: bool,
+    build: impl FnOnce() -> Result<ProcessedDataset, E>,
+) -> Result<ProcessedDataset, E> {
+    if !overwrite && let Some(data) = cache.and_then(read) {
+        return Ok(data);
+    }
+    let data = build()?;
+    if let Some(path) = cache {
+        write(path, &data);
+    }
+    Ok(data)
+}
+
 /// Reads a cached dataset; `None` when the file is absent or not a complete one.
 pub fn read(path: &Path) -> Option<ProcessedDataset> {
     let bytes = std::fs::read(path).ok()?;
@@ -266,6 +286,34 @@ mod tests {
         let k2 = key(&cfg, "default");
         std::fs::write(d.join("tokenizer_config.json"), "{\"eos\": 1}").unwrap();
         assert_ne!(k2, key(&cfg, "default"));
+    }
+
+    #[test]
+    fn overwrite_cache_rebuilds_and_rewrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".cache/train-k.bin");
+        let data = |n: u32| ProcessedDataset {
+            samples: vec![sample(n)],
+            stats: PreprocessStats::default(),
+        };
+        let build = |n: u32| move || Ok::<_, ()>(data(n));
+        // Nothing cached: built and written.
+        assert_eq!(
+            read_or_build(Some(&path), false, build(3)).unwrap(),
+            data(3)
+        );
+        // Cached: read, not built.
+        let never = || -> Result<ProcessedDataset, ()> { panic!("built despite the cache") };
+        assert_eq!(read_or_build(Some(&path), false, never).unwrap(), data(3));
+        // overwrite_cache: built again and the cache replaced.
+        assert_eq!(read_or_build(Some(&path), true, build(5)).unwrap(), data(5));
+        assert_eq!(read(&path).unwrap(), data(5));
+        // No cache path: always built.
+        assert_eq!(read_or_build(None, false, build(2)).unwrap(), data(2));
+        assert_eq!(
+            read_or_build(Some(&path), false, || Err::<ProcessedDataset, _>(7)).unwrap(),
+            data(5)
+        );
     }
 
     #[test]

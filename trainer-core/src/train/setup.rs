@@ -259,21 +259,11 @@ pub fn resolve(
             &pcfg,
         )
     });
-    let cached = if cfg.overwrite_cache.unwrap_or(false) {
-        None
-    } else {
-        cache.as_deref().and_then(data_cache::read)
-    };
-    let processed = match cached {
-        Some(p) => p,
-        None => {
-            let p = load_and_preprocess(&specs, &selection, &template, &tokenizer, &pcfg, workers)?;
-            if let Some(path) = &cache {
-                data_cache::write(path, &p);
-            }
-            p
-        }
-    };
+    let processed = data_cache::read_or_build(
+        cache.as_deref(),
+        cfg.overwrite_cache.unwrap_or(false),
+        || load_and_preprocess(&specs, &selection, &template, &tokenizer, &pcfg, workers),
+    )?;
     let samples = processed.samples;
     // Evaluation sets are selected and merged as the training sets are (LLaMA-Factory loads
     // both through `_get_merged_dataset`).
