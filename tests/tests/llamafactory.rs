@@ -20,7 +20,11 @@ fn run(cmd: &mut Command, what: &str) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{what} failed ({}):\n{text}", out.status);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{text}",
+        out.status
+    );
     text
 }
 
@@ -102,7 +106,10 @@ fn every_llamafactory_recipe_trains_unchanged_on_2x2_local_ranks() {
         let k = 2;
         let first = losses[..k].iter().sum::<f64>() / k as f64;
         let last = losses[losses.len() - k..].iter().sum::<f64>() / k as f64;
-        assert!(last < first * 0.9, "{recipe}: loss {first} -> {last}\n{log}");
+        assert!(
+            last < first * 0.9,
+            "{recipe}: loss {first} -> {last}\n{log}"
+        );
         assert!(out.join(writes).is_file(), "{recipe}: no {writes}");
         assert!(out.join("training_loss.png").is_file(), "{recipe}: no plot");
     }

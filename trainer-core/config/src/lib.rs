@@ -48,10 +48,12 @@ pub const KNOWN_KEYS: &[&str] = &[
     "dataset_dir",
     "ddp_timeout",
     "deepspeed",
+    "default_system",
     "device",
     "disable_shuffling",
     "do_eval",
     "do_train",
+    "enable_thinking",
     "eval_dataset",
     "eval_steps",
     "eval_strategy",
@@ -84,6 +86,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "plot_loss",
     "predict_with_generate",
     "preprocessing_num_workers",
+    "preserve_thinking",
     "quantization_bit",
     "report_to",
     "resume_from_checkpoint",
@@ -93,6 +96,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "seed",
     "stage",
     "template",
+    "tool_format",
     "train_from_scratch",
     "train_on_prompt",
     "trust_remote_code",
@@ -175,8 +179,8 @@ pub struct TrainConfig {
     /// visible, else CPU), `cpu`, or `cuda` (an error at start when no GPU can be used).
     pub device: Option<DeviceRequest>,
     /// How several datasets are merged (LLaMA-Factory's `mix_strategy`): `concat` (default),
-    /// `interleave_under` (stop when the first runs out) or `interleave_over` (cycle until the
-    /// last runs out).
+    /// `interleave_under` (stop when the first runs out), `interleave_over` (cycle until the
+    /// last runs out) or `interleave_once` (each row once, interleaved).
     pub mix_strategy: Option<String>,
     /// Probabilities of each dataset when interleaving (`0.3,0.7` or a list).
     pub interleave_probs: Option<FloatList>,
@@ -201,6 +205,15 @@ pub struct TrainConfig {
     pub train_on_prompt: Option<bool>,
     /// Compute the loss on the last turn's answer only (sft, multi-turn).
     pub mask_history: Option<bool>,
+    /// Reasoning templates (`qwen3`): keep the thoughts and train on an empty one where an
+    /// answer has none (default true, LLaMA-Factory's); false masks the empty thought.
+    pub enable_thinking: Option<bool>,
+    /// Reasoning templates: keep the thoughts of earlier turns too.
+    pub preserve_thinking: Option<bool>,
+    /// The system prompt of rows that have none (replaces the template's default).
+    pub default_system: Option<String>,
+    /// How tool lists are written into the prompt (`qwen`).
+    pub tool_format: Option<String>,
     /// Keys of the recipe that LLaMA-Factory or transformers knows and that are accepted
     /// without effect here ([`keys::Effect::NoEffect`], or a [`keys::Effect::DefaultOnly`] key
     /// at its default), in the order written; the trainer names them in one start-up line.
@@ -573,11 +586,20 @@ impl TrainConfig {
             ));
         }
         if let Some(s) = &self.mix_strategy
-            && !["concat", "interleave_under", "interleave_over"].contains(&s.as_str())
+            && ![
+                "concat",
+                "interleave_under",
+                "interleave_over",
+                "interleave_once",
+            ]
+            .contains(&s.as_str())
         {
             return Err(field(
                 "mix_strategy",
-                format!("expected 'concat', 'interleave_under' or 'interleave_over', got '{s}'"),
+                format!(
+                    "expected 'concat', 'interleave_under', 'interleave_over' or \
+                     'interleave_once', got '{s}'"
+                ),
             ));
         }
         if let Some(p) = &self.interleave_probs

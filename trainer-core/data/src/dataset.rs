@@ -11,7 +11,15 @@
 //! empty or absent `system` means none (the template's default system then applies).
 //! ShareGPT records must alternate user and assistant messages, starting with the user and
 //! ending with the assistant; a leading message with the system role is the system prompt,
-//! otherwise the record's `system` field is. Tool/observation turns are not supported.
+//! otherwise the record's `system` column is. Both formats may name a `tools` column: a JSON
+//! list of tool definitions, as a string (LLaMA-Factory's `tools`), which the template renders
+//! into the system block. Function-call and observation turns are not supported yet (an error
+//! naming the record).
+//!
+//! Columns a dataset reads: with a `dataset_info.json` entry ([`crate::dataset_info`]) exactly
+//! LLaMA-Factory's, so `system`, `history` and `tools` only when its `columns` name them
+//! ([`AlpacaColumns::llama_factory`]); a file given by path has no entry to name them, so it
+//! reads `system` and `history` when present ([`AlpacaColumns::default`]).
 
 use std::fmt;
 use std::io::Write;
@@ -50,6 +58,9 @@ pub struct Conversation {
     pub system: Option<String>,
     /// The turns, oldest first.
     pub turns: Vec<Turn>,
+    /// Tool definitions (a JSON list, as text), rendered by the template into the system block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<String>,
 }
 
 impl Conversation {
@@ -58,6 +69,7 @@ impl Conversation {
         Conversation {
             system: None,
             turns: vec![Turn::new(user, assistant)],
+            tools: None,
         }
     }
 
@@ -135,6 +147,7 @@ impl AlpacaRecord {
         Conversation {
             system: self.system.clone().filter(|s| !s.is_empty()),
             turns,
+            tools: None,
         }
     }
 }
@@ -157,20 +170,37 @@ pub struct AlpacaColumns {
     pub query: String,
     /// The answer column (default `output`); required.
     pub response: String,
-    /// The system column (default `system`); optional.
-    pub system: String,
-    /// The history column (default `history`); optional list of `[user, assistant]`.
-    pub history: String,
+    /// The system column, if read; optional in a record.
+    pub system: Option<String>,
+    /// The history column, if read; optional list of `[user, assistant]` in a record.
+    pub history: Option<String>,
+    /// The tools column, if read; optional JSON text of a list of tool definitions.
+    pub tools: Option<String>,
 }
 
 impl Default for AlpacaColumns {
+    /// For a file given by path: `instruction`, `input`, `output`, and `system` and `history`
+    /// when a record has them.
     fn default() -> Self {
         AlpacaColumns {
             prompt: "instruction".into(),
             query: "input".into(),
             response: "output".into(),
-            system: "system".into(),
-            history: "history".into(),
+            system: Some("system".into()),
+            history: Some("history".into()),
+            tools: None,
+        }
+    }
+}
+
+impl AlpacaColumns {
+    /// LLaMA-Factory's defaults for a `dataset_info.json` entry (`DatasetAttr`): `instruction`,
+    /// `input`, `output`; no system, history or tools column unless `columns` names one.
+    pub fn llama_factory() -> Self {
+        AlpacaColumns {
+            system: None,
+            history: None,
+            ..Self::default()
         }
     }
 }
@@ -181,8 +211,10 @@ impl Default for AlpacaColumns {
 pub struct ShareGptColumns {
     /// The messages column (default `conversations`).
     pub messages: String,
-    /// The system column (default `system`), used when the first message is not a system one.
-    pub system: String,
+    /// The system column, if read, used when the first message is not a system one.
+    pub system: Option<String>,
+    /// The tools column, if read; optional JSON text of a list of tool definitions.
+    pub tools: Option<String>,
     /// The role key of a message (default `from`).
     pub role_tag: String,
     /// The content key of a message (default `value`).
@@ -191,20 +223,29 @@ pub struct ShareGptColumns {
     pub user_tag: String,
     /// The assistant role (default `gpt`).
     pub assistant_tag: String,
-    /// The system role (default `system`).
-    pub system_tag: String,
+    /// The tool-result role (default `observation`; such turns are refused for now).
+    pub observation_tag: String,
+    /// The function-call role (default `function_call`; such turns are refused for now).
+    pub function_tag: String,
+    /// The system role of a leading message (default `system`; `None`: no such message).
+    pub system_tag: Option<String>,
 }
 
 impl Default for ShareGptColumns {
+    /// For a file given by path: LLaMA-Factory's names, and the `system` column when a record
+    /// has one.
     fn default() -> Self {
         ShareGptColumns {
             messages: "conversations".into(),
-            system: "system".into(),
+            system: Some("system".into()),
+            tools: None,
             role_tag: "from".into(),
             content_tag: "value".into(),
             user_tag: "human".into(),
             assistant_tag: "gpt".into(),
-            system_tag: "system".into(),
+            observation_tag: "observation".into(),
+            function_tag: "function_call".into(),
+            system_tag: Some("system".into()),
         }
     }
 }
@@ -215,12 +256,20 @@ impl ShareGptColumns {
     pub fn openai() -> Self {
         ShareGptColumns {
             messages: "messages".into(),
-            system: "system".into(),
             role_tag: "role".into(),
             content_tag: "content".into(),
             user_tag: "user".into(),
             assistant_tag: "assistant".into(),
-            system_tag: "system".into(),
+            ..Self::default()
+        }
+    }
+
+    /// LLaMA-Factory's defaults for a `dataset_info.json` entry: as [`Self::default`] but no
+    /// system column unless `columns` names one.
+    pub fn llama_factory() -> Self {
+        ShareGptColumns {
+            system: None,
+            ..Self::default()
         }
     }
 
@@ -292,38 +341,163 @@ impl fmt::Display for DatasetFormat {
     }
 }
 
-/// A dataset: a file and its format.
+/// A dataset: a file (or a directory of files) and its format.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatasetSpec {
-    /// The `.json`, `.jsonl` or `.txt` file.
+    /// The `.json`, `.jsonl` or `.txt` file, or a directory whose every entry is one such
+    /// file, all of one type (LLaMA-Factory's `file_name`).
     pub path: PathBuf,
     /// Its layout.
     pub format: DatasetFormat,
+    /// Its name in `dataset_info.json`, named by its errors; `None` for a file given by path.
+    pub name: Option<String>,
+    /// `num_samples` of its `dataset_info.json` entry (see [`crate::mix::select_rows`]).
+    pub num_samples: Option<usize>,
+}
+
+/// Where a record came from, for errors found after loading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The dataset's name in `dataset_info.json`, if it has one.
+    pub dataset: Option<String>,
+    /// The file.
+    pub path: PathBuf,
+    /// The record in the file.
+    pub location: Location,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(d) = &self.dataset {
+            write!(f, "dataset `{d}`: ")?;
+        }
+        write!(f, "{}: {}", self.path.display(), self.location)
+    }
+}
+
+/// File types by extension, as LLaMA-Factory's `FILEEXT2TYPE` groups them; `None` for one it
+/// does not know.
+fn file_type(path: &Path) -> Option<&'static str> {
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    Some(match ext.as_str() {
+        "json" | "jsonl" => "json",
+        "txt" => "text",
+        "csv" => "csv",
+        "parquet" => "parquet",
+        "arrow" => "arrow",
+        _ => return None,
+    })
 }
 
 impl DatasetSpec {
-    /// A spec from a path and a format.
+    /// A spec from a path and a format, without a name or `num_samples`.
     pub fn new(path: impl Into<PathBuf>, format: DatasetFormat) -> Self {
         DatasetSpec {
             path: path.into(),
             format,
+            name: None,
+            num_samples: None,
         }
     }
 
-    /// Reads the records (see [`load_records`]).
+    fn named(&self, e: DataError) -> DataError {
+        match &self.name {
+            Some(name) => DataError::InDataset {
+                name: name.clone(),
+                source: Box::new(e),
+            },
+            None => e,
+        }
+    }
+
+    /// The files of the dataset: the path itself, or every entry of the directory sorted by
+    /// name. LLaMA-Factory takes a directory's entries in `os.listdir` order (which Python
+    /// leaves unspecified) and requires one file type for all (`.json` and `.jsonl` are one
+    /// type); we sort, so that the row order does not depend on the file system.
+    pub fn files(&self) -> Result<Vec<PathBuf>> {
+        let files = if self.path.is_dir() {
+            let mut files = Vec::new();
+            let entries = std::fs::read_dir(&self.path)
+                .map_err(|e| self.named(DataError::io(&self.path, e)))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| self.named(DataError::io(&self.path, e)))?;
+                files.push(entry.path());
+            }
+            files.sort();
+            if files.is_empty() {
+                return Err(self.named(DataError::File {
+                    path: self.path.clone(),
+                    problem: "the directory holds no dataset file".into(),
+                }));
+            }
+            let first = file_type(&files[0]);
+            if let Some(other) = files
+                .iter()
+                .find(|f| file_type(f) != first || first.is_none())
+            {
+                return Err(self.named(DataError::File {
+                    path: self.path.clone(),
+                    problem: format!(
+                        "every file of a dataset directory must be of one type (.json/.jsonl,                          or .txt), as LLaMA-Factory requires; `{}` is not of the type of `{}`",
+                        other.display(),
+                        files[0].display()
+                    ),
+                }));
+            }
+            files
+        } else if self.path.is_file() {
+            vec![self.path.clone()]
+        } else {
+            return Err(self.named(DataError::File {
+                path: self.path.clone(),
+                problem: "no such file or directory".into(),
+            }));
+        };
+        Ok(files)
+    }
+
+    /// Reads the records of every file, in order (see [`load_records`]); errors name the
+    /// dataset as well.
     pub fn load(&self) -> Result<Vec<Record>> {
-        load_records(&self.path, &self.format)
+        Ok(self
+            .load_with_origins()?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect())
+    }
+
+    /// [`Self::load`], each record with where it came from.
+    pub fn load_with_origins(&self) -> Result<Vec<(Origin, Record)>> {
+        let mut out = Vec::new();
+        for file in self.files()? {
+            let records = load_located(&file, &self.format).map_err(|e| self.named(e))?;
+            out.extend(records.into_iter().map(|(location, r)| {
+                (
+                    Origin {
+                        dataset: self.name.clone(),
+                        path: file.clone(),
+                        location,
+                    },
+                    r,
+                )
+            }));
+        }
+        Ok(out)
     }
 }
 
 /// Reads every record of a dataset file. An empty dataset is an error.
 pub fn load_records(path: &Path, format: &DatasetFormat) -> Result<Vec<Record>> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
-    let records = match ext.as_deref() {
-        Some("txt") => match format {
+    Ok(load_located(path, format)?
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect())
+}
+
+/// [`load_records`], each record with its location in the file.
+fn load_located(path: &Path, format: &DatasetFormat) -> Result<Vec<(Location, Record)>> {
+    let records = match file_type(path) {
+        Some("text") => match format {
             DatasetFormat::Text(_) => read_text_lines(path)?,
             other => {
                 return Err(DataError::File {
@@ -334,23 +508,36 @@ pub fn load_records(path: &Path, format: &DatasetFormat) -> Result<Vec<Record>> 
                 });
             }
         },
-        Some("json") | Some("jsonl") => {
+        Some("json") => {
             let values = read_json_values(path)?;
             let mut out = Vec::with_capacity(values.len());
             for (loc, v) in values {
                 let ctx = Ctx { path, loc };
                 let obj = ctx.object(&v)?;
-                out.push(match format {
-                    DatasetFormat::Alpaca(c) => Record::Conversation(parse_alpaca(&ctx, obj, c)?),
-                    DatasetFormat::ShareGpt(c) => {
-                        Record::Conversation(parse_sharegpt(&ctx, obj, c)?)
-                    }
-                    DatasetFormat::Text(c) => Record::Text(ctx.required_str(obj, &c.text)?),
-                });
+                out.push((
+                    loc,
+                    match format {
+                        DatasetFormat::Alpaca(c) => {
+                            Record::Conversation(parse_alpaca(&ctx, obj, c)?)
+                        }
+                        DatasetFormat::ShareGpt(c) => {
+                            Record::Conversation(parse_sharegpt(&ctx, obj, c)?)
+                        }
+                        DatasetFormat::Text(c) => Record::Text(ctx.required_str(obj, &c.text)?),
+                    },
+                ));
             }
             out
         }
-        _ => {
+        Some(other) => {
+            return Err(DataError::File {
+                path: path.to_path_buf(),
+                problem: format!(
+                    "{other} files are not supported by this build (LLaMA-Factory reads them);                      convert to .json, .jsonl or .txt"
+                ),
+            });
+        }
+        None => {
             return Err(DataError::File {
                 path: path.to_path_buf(),
                 problem: "unsupported file type: expected .json, .jsonl or .txt".into(),
@@ -402,13 +589,14 @@ pub fn read_json_values(path: &Path) -> Result<Vec<(Location, Value)>> {
     }
 }
 
-fn read_text_lines(path: &Path) -> Result<Vec<Record>> {
+fn read_text_lines(path: &Path) -> Result<Vec<(Location, Record)>> {
     let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     Ok(text
         .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| Record::Text(l.to_string()))
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (Location::Line(i + 1), Record::Text(l.to_string())))
         .collect())
 }
 
@@ -467,6 +655,29 @@ impl Ctx<'_> {
         }
     }
 
+    /// The tools column: absent, null or empty means none; else JSON text of a list (checked
+    /// here, so that a bad one is reported with its record; LLaMA-Factory fails on it while
+    /// tokenizing).
+    fn tools(&self, obj: &Map<String, Value>, key: Option<&str>) -> Result<Option<String>> {
+        let Some(key) = key else {
+            return Ok(None);
+        };
+        let Some(text) = self.optional_str(obj, key)?.filter(|t| !t.is_empty()) else {
+            return Ok(None);
+        };
+        match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Array(_)) => Ok(Some(text)),
+            Ok(other) => Err(self.field_err(
+                key,
+                format!(
+                    "expected a JSON list of tool definitions, found {}",
+                    json_type(&other)
+                ),
+            )),
+            Err(e) => Err(self.field_err(key, format!("invalid JSON in tool description: {e}"))),
+        }
+    }
+
     /// A string field that may be absent or null (then `None`).
     fn optional_str(&self, obj: &Map<String, Value>, key: &str) -> Result<Option<String>> {
         match obj.get(key) {
@@ -488,13 +699,21 @@ fn parse_alpaca(
     let instruction = ctx.required_str(obj, &c.prompt)?;
     let input = ctx.optional_str(obj, &c.query)?.unwrap_or_default();
     let output = ctx.required_str(obj, &c.response)?;
-    let system = ctx.optional_str(obj, &c.system)?.filter(|s| !s.is_empty());
+    let system = match &c.system {
+        Some(col) => ctx.optional_str(obj, col)?.filter(|s| !s.is_empty()),
+        None => None,
+    };
+    let tools = ctx.tools(obj, c.tools.as_deref())?;
     let mut turns = Vec::new();
-    match obj.get(&c.history) {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(pairs)) => {
+    let history = c
+        .history
+        .as_deref()
+        .and_then(|h| obj.get(h).map(|v| (h, v)));
+    match history {
+        None | Some((_, Value::Null)) => {}
+        Some((col, Value::Array(pairs))) => {
             for (i, pair) in pairs.iter().enumerate() {
-                let field = format!("{}[{i}]", c.history);
+                let field = format!("{col}[{i}]");
                 let bad = || ctx.field_err(&field, "expected a [user, assistant] pair of strings");
                 let Value::Array(p) = pair else {
                     return Err(bad());
@@ -507,9 +726,9 @@ fn parse_alpaca(
                 }
             }
         }
-        Some(other) => {
+        Some((col, other)) => {
             return Err(ctx.field_err(
-                &c.history,
+                col,
                 format!(
                     "expected a list of [user, assistant] pairs, found {}",
                     json_type(other)
@@ -518,7 +737,11 @@ fn parse_alpaca(
         }
     }
     turns.push(Turn::new(alpaca_query(&instruction, &input), output));
-    Ok(Conversation { system, turns })
+    Ok(Conversation {
+        system,
+        turns,
+        tools,
+    })
 }
 
 fn parse_sharegpt(
@@ -561,15 +784,30 @@ fn parse_sharegpt(
     let mut rest = parsed.as_slice();
     let mut system = None;
     if let Some((_, role, content)) = rest.first()
-        && *role == c.system_tag
+        && Some(role) == c.system_tag.as_ref()
     {
         system = Some(content.clone());
         rest = &rest[1..];
     }
-    if system.is_none() {
-        system = ctx.optional_str(obj, &c.system)?;
+    if system.is_none()
+        && let Some(col) = &c.system
+    {
+        system = ctx.optional_str(obj, col)?;
     }
     let system = system.filter(|s| !s.is_empty());
+    let tools = ctx.tools(obj, c.tools.as_deref())?;
+    if let Some((i, role, _)) = rest
+        .iter()
+        .find(|(_, role, _)| *role == c.function_tag || *role == c.observation_tag)
+    {
+        return Err(ctx.field_err(
+            format!("{}[{i}].{}", c.messages, c.role_tag),
+            format!(
+                "function-call and tool-result turns (`{}`, `{}`) are not supported yet; found                  `{role}`",
+                c.function_tag, c.observation_tag
+            ),
+        ));
+    }
     if rest.is_empty() {
         return Err(ctx.field_err(&c.messages, "no user/assistant messages"));
     }
@@ -606,7 +844,11 @@ fn parse_sharegpt(
         }
         turns.push(Turn::new(ucontent.clone(), acontent.clone()));
     }
-    Ok(Conversation { system, turns })
+    Ok(Conversation {
+        system,
+        turns,
+        tools,
+    })
 }
 
 #[cfg(test)]
@@ -660,6 +902,7 @@ mod tests {
                     Turn::new("q2", "a2"),
                     Turn::new("Hi", "Hello")
                 ],
+                tools: None,
             }
         );
         assert_eq!(conv(&recs[2]), &Conversation::single("only input", "x"));
@@ -751,7 +994,7 @@ mod tests {
 
         let p = write(dir.path(), "x.csv", "a,b");
         let err = load_records(&p, &alpaca()).unwrap_err().to_string();
-        assert!(err.contains("x.csv: unsupported file type"), "{err}");
+        assert!(err.contains("x.csv: csv files are not supported"), "{err}");
 
         let err = load_records(&dir.path().join("missing.json"), &alpaca())
             .unwrap_err()
@@ -809,7 +1052,8 @@ mod tests {
             conv(&recs[0]),
             &Conversation {
                 system: Some("S".into()),
-                turns: vec![Turn::new("u1", "a1"), Turn::new("u2", "a2")]
+                turns: vec![Turn::new("u1", "a1"), Turn::new("u2", "a2")],
+                tools: None,
             }
         );
         assert_eq!(conv(&recs[1]).system.as_deref(), Some("col"));
@@ -953,6 +1197,7 @@ mod tests {
         let c = Conversation {
             system: Some("s".into()),
             turns: vec![Turn::new("u", "a")],
+            tools: None,
         };
         assert_eq!(Record::Conversation(c).texts(), vec!["s", "u", "a"]);
         assert_eq!(Record::Text("t".into()).texts(), vec!["t"]);

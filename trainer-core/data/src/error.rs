@@ -104,6 +104,14 @@ pub enum DataError {
         /// The vocabulary size (largest id + 1).
         vocab_size: usize,
     },
+    /// An error in a dataset named in `dataset_info.json` (also when its entry is wrong).
+    #[error("dataset `{name}`: {source}")]
+    InDataset {
+        /// The dataset's name.
+        name: String,
+        /// What went wrong.
+        source: Box<DataError>,
+    },
     /// A name (template, stage, dataset format) is not one we know.
     #[error("unknown {kind} `{name}`; known: {known}")]
     UnknownName {

@@ -10,7 +10,8 @@
 //!    [`tokenizer::train_bpe`] for a byte-level BPE trained offline from a corpus;
 //! 2. [`dataset::load_records`] reads an alpaca or sharegpt `.json`/`.jsonl` file (or plain
 //!    text for `stage: pt`) into [`dataset::Record`]s;
-//! 3. [`template::Template::by_name`] (`llama3`, `qwen`, `alpaca`, `default`, `empty`) renders
+//! 3. [`template::Template::by_name`] (`llama3`, `qwen`, `qwen3`, `qwen3_nothink`, `mistral`,
+//!    `alpaca`, `default`, `empty`) renders
 //!    each conversation into token ids with labels masked to [`IGNORE_INDEX`] on prompts;
 //! 4. [`preprocess::preprocess`] applies the stage, `cutoff_len`, drops (and counts) samples
 //!    left without a trainable label, and optionally packs them ([`packing::pack`]);
@@ -63,7 +64,11 @@
 //! - [`tokenizer`]: Hugging Face `tokenizer.json` loading and saving, encode/decode, bos/eos/pad
 //!   lookup by name or id, and offline byte-level BPE training.
 //! - [`dataset`]: alpaca, sharegpt and plain-text readers for `.json`, `.jsonl` and `.txt`.
+//! - [`mix`]: LLaMA-Factory's per-dataset row selection (`num_samples`, `max_samples`) and
+//!   dataset merging (`mix_strategy`, `interleave_probs`).
+//! - [`dataset_info`]: `dataset_info.json` entries as LLaMA-Factory reads them (local files).
 //! - [`template`]: chat templates and the SFT/PT encoders (masking, `cutoff_len`).
+//! - [`tools`]: tool lists rendered into the system block (the qwen tool format).
 //! - [`batch`]: [`batch::Sample`], [`batch::Batch`] and [`batch::collate`].
 //! - [`packing`]: packing samples into fixed-length blocks with segment and position ids.
 //! - [`preprocess`]: records → samples for a stage, with statistics of what was dropped.
@@ -74,7 +79,9 @@
 
 pub mod batch;
 pub mod dataset;
+pub mod dataset_info;
 pub mod error;
+pub mod mix;
 pub mod packing;
 pub mod preprocess;
 pub mod rng;
@@ -82,6 +89,7 @@ pub mod sampler;
 pub mod synthetic;
 pub mod template;
 pub mod tokenizer;
+pub mod tools;
 
 pub use error::{DataError, Location, Result};
 

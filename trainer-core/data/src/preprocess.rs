@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::batch::Sample;
 use crate::dataset::{DatasetFormat, DatasetSpec, Record};
 use crate::error::{DataError, Result};
+use crate::mix::{DatasetRows, MixConfig, select_and_merge};
 use crate::packing::pack;
 use crate::template::{Encoded, SupervisedOptions, Template};
 use crate::tokenizer::Tokenizer;
@@ -143,6 +144,19 @@ pub fn preprocess(
     tokenizer: &Tokenizer,
     cfg: &PreprocessConfig,
 ) -> Result<ProcessedDataset> {
+    preprocess_parallel(records, template, tokenizer, cfg, 1)
+}
+
+/// [`preprocess`] with the records encoded by `workers` threads
+/// (`preprocessing_num_workers`), each taking a contiguous share of them. The result is the
+/// same as with one worker, sample for sample; so is the first error, when records fail.
+pub fn preprocess_parallel(
+    records: &[Record],
+    template: &Template,
+    tokenizer: &Tokenizer,
+    cfg: &PreprocessConfig,
+    workers: usize,
+) -> Result<ProcessedDataset> {
     cfg.validate()?;
     match cfg.stage {
         Stage::Sft => template.check_tokenizer(tokenizer)?,
@@ -156,44 +170,103 @@ pub fn preprocess(
         ..PreprocessStats::default()
     };
     let mut samples = Vec::with_capacity(records.len());
+    for (truncated, pieces) in encode_all(records, template, tokenizer, cfg, workers)? {
+        stats.truncated += usize::from(truncated);
+        for e in pieces {
+            if e.num_targets() == 0 {
+                stats.dropped_no_target += 1;
+            } else {
+                samples.push(Sample::single(e.input_ids, e.labels));
+            }
+        }
+    }
+    stats.samples = samples.len();
+    let samples = if cfg.packing {
+        pack(samples, cfg.cutoff_len, tokenizer.pad_id_or_eos())?
+    } else {
+        samples
+    };
+    stats.rows = samples.len();
+    stats.tokens = samples.iter().map(Sample::num_real_tokens).sum();
+    stats.target_tokens = samples.iter().map(Sample::num_targets).sum();
+    Ok(ProcessedDataset { samples, stats })
+}
+
+/// One record's encoding: whether `cutoff_len` shortened it, and its samples before the
+/// no-target check (one for sft; pt with packing may split a text in several).
+type EncodedRecord = (bool, Vec<Encoded>);
+
+/// Every record's [`EncodedRecord`], in order.
+fn encode_all(
+    records: &[Record],
+    template: &Template,
+    tokenizer: &Tokenizer,
+    cfg: &PreprocessConfig,
+    workers: usize,
+) -> Result<Vec<EncodedRecord>> {
+    let workers = workers.clamp(1, records.len().max(1));
+    if workers == 1 {
+        return encode_range(records, 0, template, tokenizer, cfg);
+    }
+    let chunk = records.len().div_ceil(workers);
+    let parts: Vec<Result<Vec<EncodedRecord>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = records
+            .chunks(chunk)
+            .enumerate()
+            .map(|(k, part)| {
+                scope.spawn(move || encode_range(part, k * chunk, template, tokenizer, cfg))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("an encoding worker does not panic"))
+            .collect()
+    });
+    let mut out = Vec::with_capacity(records.len());
+    for part in parts {
+        out.extend(part?);
+    }
+    Ok(out)
+}
+
+/// Encodes `records`, the first being record `base` of the whole list (for errors).
+fn encode_range(
+    records: &[Record],
+    base: usize,
+    template: &Template,
+    tokenizer: &Tokenizer,
+    cfg: &PreprocessConfig,
+) -> Result<Vec<EncodedRecord>> {
     let sft = SupervisedOptions {
         cutoff_len: cfg.cutoff_len,
         train_on_prompt: cfg.train_on_prompt,
         mask_history: cfg.mask_history,
     };
-    let mut keep = |e: Encoded, stats: &mut PreprocessStats| {
-        if e.num_targets() == 0 {
-            stats.dropped_no_target += 1;
-        } else {
-            samples.push(Sample::single(e.input_ids, e.labels));
-        }
-    };
-    for (i, r) in records.iter().enumerate() {
-        match (cfg.stage, r) {
+    let mut out = Vec::with_capacity(records.len());
+    for (k, r) in records.iter().enumerate() {
+        let i = base + k;
+        out.push(match (cfg.stage, r) {
             (Stage::Sft, Record::Conversation(c)) => {
                 let e = template.encode_supervised(tokenizer, c, &sft)?;
-                stats.truncated += usize::from(e.truncated);
-                keep(e, &mut stats);
+                (e.truncated, vec![e])
             }
             (Stage::Pt, Record::Text(t)) => {
                 let ids = template.encode_pretrain(tokenizer, t)?;
                 let long = ids.len() > cfg.cutoff_len;
-                stats.truncated += usize::from(long);
                 let pieces: Vec<&[u32]> = if cfg.packing {
                     ids.chunks(cfg.cutoff_len).collect()
                 } else {
                     vec![&ids[..ids.len().min(cfg.cutoff_len)]]
                 };
-                for p in pieces {
-                    keep(
-                        Encoded {
-                            input_ids: p.to_vec(),
-                            labels: p.iter().map(|&x| i64::from(x)).collect(),
-                            truncated: long,
-                        },
-                        &mut stats,
-                    );
-                }
+                let pieces = pieces
+                    .into_iter()
+                    .map(|p| Encoded {
+                        input_ids: p.to_vec(),
+                        labels: p.iter().map(|&x| i64::from(x)).collect(),
+                        truncated: long,
+                    })
+                    .collect();
+                (long, pieces)
             }
             (Stage::Sft, Record::Text(_)) => {
                 return Err(DataError::config(
@@ -213,32 +286,38 @@ pub fn preprocess(
                     ),
                 ));
             }
-        }
+        });
     }
-    stats.samples = samples.len();
-    let samples = if cfg.packing {
-        pack(samples, cfg.cutoff_len, tokenizer.pad_id_or_eos())?
-    } else {
-        samples
-    };
-    stats.rows = samples.len();
-    stats.tokens = samples.iter().map(Sample::num_real_tokens).sum();
-    stats.target_tokens = samples.iter().map(Sample::num_targets).sum();
-    Ok(ProcessedDataset { samples, stats })
+    Ok(out)
 }
 
-/// Loads every dataset (concatenated in order, as LLaMA-Factory's `mix_strategy: concat`) and
-/// preprocesses them. A format that does not suit the stage is an error naming the file.
+/// Which rows of the datasets a run trains on: `max_samples` and the merge settings.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Selection {
+    /// `max_samples`: the first rows of each dataset (after its `num_samples`).
+    pub max_samples: Option<usize>,
+    /// `mix_strategy`, `interleave_probs`, `seed`.
+    pub mix: MixConfig,
+}
+
+/// Loads every dataset, selects and merges their rows as LLaMA-Factory does
+/// ([`crate::mix::select_and_merge`]: `num_samples`, `max_samples`, `mix_strategy`) and
+/// preprocesses the result with `workers` threads. A format that does not suit the stage is an
+/// error naming the file; a record with tools under a template that cannot render them is an
+/// error naming the dataset, the file and the record.
 pub fn load_and_preprocess(
     specs: &[DatasetSpec],
+    selection: &Selection,
     template: &Template,
     tokenizer: &Tokenizer,
     cfg: &PreprocessConfig,
+    workers: usize,
 ) -> Result<ProcessedDataset> {
     if specs.is_empty() {
         return Err(DataError::config("dataset", "no dataset given"));
     }
-    let mut records = Vec::new();
+    selection.mix.validate(specs.len())?;
+    let mut sets = Vec::with_capacity(specs.len());
     for spec in specs {
         let is_text = matches!(spec.format, DatasetFormat::Text(_));
         if is_text != (cfg.stage == Stage::Pt) {
@@ -251,9 +330,28 @@ pub fn load_and_preprocess(
                 ),
             });
         }
-        records.extend(spec.load()?);
+        sets.push(DatasetRows {
+            rows: spec.load_with_origins()?,
+            num_samples: spec.num_samples,
+        });
     }
-    preprocess(&records, template, tokenizer, cfg)
+    let rows = select_and_merge(sets, selection.max_samples, &selection.mix)?;
+    if !template.renders_tools()
+        && let Some((origin, _)) = rows
+            .iter()
+            .find(|(_, r)| matches!(r, Record::Conversation(c) if c.tools.is_some()))
+    {
+        return Err(DataError::config(
+            "template",
+            format!(
+                "{origin}: the record has tools, which template `{}` cannot render (tool \
+                 descriptions are rendered by qwen, qwen3 and qwen3_nothink)",
+                template.name
+            ),
+        ));
+    }
+    let records: Vec<Record> = rows.into_iter().map(|(_, r)| r).collect();
+    preprocess_parallel(&records, template, tokenizer, cfg, workers)
 }
 
 #[cfg(test)]
@@ -269,6 +367,7 @@ mod tests {
             Record::Conversation(Conversation {
                 system: Some("sys".into()),
                 turns: vec![Turn::new("hello", "world"), Turn::new("again", "more")],
+                tools: None,
             }),
             Record::Conversation(Conversation::single(
                 "a long question about the quick brown fox and the lazy dog",
@@ -442,9 +541,11 @@ mod tests {
         let spec = DatasetSpec::new(&p, "text".parse().unwrap());
         let err = load_and_preprocess(
             std::slice::from_ref(&spec),
+            &Selection::default(),
             &t,
             &tok,
             &PreprocessConfig::new(Stage::Sft, 8),
+            1,
         )
         .unwrap_err()
         .to_string();
@@ -452,8 +553,15 @@ mod tests {
             err.contains("d.txt") && err.contains("format `text` does not suit stage sft"),
             "{err}"
         );
-        let d =
-            load_and_preprocess(&[spec], &t, &tok, &PreprocessConfig::new(Stage::Pt, 8)).unwrap();
+        let d = load_and_preprocess(
+            &[spec],
+            &Selection::default(),
+            &t,
+            &tok,
+            &PreprocessConfig::new(Stage::Pt, 8),
+            1,
+        )
+        .unwrap();
         assert_eq!(d.samples.len(), 1);
         assert!(
             "rm".parse::<Stage>()
@@ -491,14 +599,154 @@ mod tests {
             DatasetSpec::new(&a, "alpaca".parse().unwrap()),
             DatasetSpec::new(&b, "sharegpt".parse().unwrap()),
         ];
-        let d =
-            load_and_preprocess(&specs, &t, &tok, &PreprocessConfig::new(Stage::Sft, 256)).unwrap();
+        let d = load_and_preprocess(
+            &specs,
+            &Selection::default(),
+            &t,
+            &tok,
+            &PreprocessConfig::new(Stage::Sft, 256),
+            1,
+        )
+        .unwrap();
         assert_eq!(d.stats.records, 2);
         assert_eq!(d.samples.len(), 2);
         let text = tok.decode(&d.samples[1].input_ids, false).unwrap();
         assert!(
             text.ends_with("### Instruction:\nu\n\n### Response:\ng</s>\n\n"),
             "{text:?}"
+        );
+    }
+
+    fn alpaca_file(dir: &std::path::Path, name: &str, n: usize) -> std::path::PathBuf {
+        let p = dir.join(name);
+        let tag = name.split('.').next().unwrap();
+        let rows: String = (0..n)
+            .map(|i| format!("{{\"instruction\": \"{tag} q{i}\", \"output\": \"{tag} a{i}\"}}\n"))
+            .collect();
+        std::fs::write(&p, rows).unwrap();
+        p
+    }
+
+    fn users(tok: &Tokenizer, d: &ProcessedDataset) -> Vec<String> {
+        d.samples
+            .iter()
+            .map(|s| {
+                let text = tok.decode(&s.input_ids, false).unwrap();
+                let q = text.split("### Instruction:\n").nth(1).unwrap();
+                q.split('\n').next().unwrap().to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn max_samples_and_mix_strategy_select_rows_before_tokenizing() {
+        let t = Template::alpaca();
+        let tok = tokenizer_for(&t);
+        let dir = tempfile::tempdir().unwrap();
+        let specs = [
+            DatasetSpec::new(
+                alpaca_file(dir.path(), "a.jsonl", 3),
+                "alpaca".parse().unwrap(),
+            ),
+            DatasetSpec::new(
+                alpaca_file(dir.path(), "b.jsonl", 5),
+                "alpaca".parse().unwrap(),
+            ),
+        ];
+        let cfg = PreprocessConfig::new(Stage::Sft, 256);
+        let run = |max_samples, strategy: &str| {
+            let sel = Selection {
+                max_samples,
+                mix: MixConfig {
+                    strategy: strategy.parse().unwrap(),
+                    probs: None,
+                    seed: 42,
+                },
+            };
+            users(
+                &tok,
+                &load_and_preprocess(&specs, &sel, &t, &tok, &cfg, 2).unwrap(),
+            )
+        };
+        assert_eq!(run(Some(2), "concat"), ["a q0", "a q1", "b q0", "b q1"]);
+        assert_eq!(
+            run(None, "interleave_under"),
+            ["a q0", "b q0", "a q1", "b q1", "a q2", "b q2"]
+        );
+        assert_eq!(
+            run(Some(4), "interleave_over"),
+            [
+                "a q0", "b q0", "a q1", "b q1", "a q2", "b q2", "a q0", "b q3"
+            ]
+        );
+    }
+
+    #[test]
+    fn workers_give_the_same_samples_as_one() {
+        let t = Template::qwen();
+        let tok = tokenizer_for(&t);
+        let recs: Vec<Record> = (0..37)
+            .map(|i| {
+                Record::Conversation(Conversation::single(
+                    format!("question {i} {}", "x ".repeat(i % 7)),
+                    format!("answer {i}"),
+                ))
+            })
+            .collect();
+        let mut cfg = PreprocessConfig::new(Stage::Sft, 24);
+        let one = preprocess(&recs, &t, &tok, &cfg).unwrap();
+        assert!(one.stats.truncated > 0);
+        for workers in [2, 3, 8, 64] {
+            assert_eq!(
+                preprocess_parallel(&recs, &t, &tok, &cfg, workers).unwrap(),
+                one
+            );
+        }
+        cfg.packing = true;
+        let one = preprocess(&recs, &t, &tok, &cfg).unwrap();
+        assert_eq!(preprocess_parallel(&recs, &t, &tok, &cfg, 4).unwrap(), one);
+        // The first failing record is the one reported, whichever worker meets it.
+        let mut bad = recs.clone();
+        bad[30] = Record::Text("t".into());
+        bad[20] = Record::Text("t".into());
+        let err = preprocess_parallel(&bad, &t, &tok, &cfg, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("record 20 is plain text"), "{err}");
+    }
+
+    #[test]
+    fn tools_under_a_template_without_tool_format_name_the_row() {
+        let t = Template::alpaca();
+        let tok = tokenizer_for(&t);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.jsonl");
+        std::fs::write(
+            &p,
+            "{\"instruction\": \"i\", \"output\": \"o\"}\n{\"instruction\": \"i\", \"output\": \"o\", \"tools\": \"[]\"}\n",
+        )
+        .unwrap();
+        let cols = crate::dataset::AlpacaColumns {
+            tools: Some("tools".into()),
+            ..Default::default()
+        };
+        let mut spec = DatasetSpec::new(&p, DatasetFormat::Alpaca(cols));
+        spec.name = Some("tooly".into());
+        let err = load_and_preprocess(
+            &[spec],
+            &Selection::default(),
+            &t,
+            &tok,
+            &PreprocessConfig::new(Stage::Sft, 64),
+            1,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("dataset `tooly`: ")
+                && err.contains("t.jsonl: line 2: the record has tools")
+                && err.contains("template `alpaca`"),
+            "{err}"
         );
     }
 }

@@ -483,6 +483,31 @@ mod tests {
         assert_eq!(c.epoch(0).global_batch(3), &[9]);
     }
 
+    /// `disable_shuffling: true`: every epoch is the merged order, batches are consecutive
+    /// slices of it, and resuming works (and refuses a shuffled checkpoint).
+    #[test]
+    fn unshuffled_order_is_the_dataset_order_every_epoch_and_resumes() {
+        let cfg = SamplerConfig {
+            shuffle: false,
+            ..SamplerConfig::new(7, 3, 42)
+        };
+        let s = Sampler::new(cfg).unwrap();
+        for e in 0..4 {
+            let plan = s.epoch(e);
+            assert_eq!(plan.order(), &[0, 1, 2, 3, 4, 5, 6]);
+            assert_eq!(plan.global_batch(0), &[0, 1, 2]);
+            assert_eq!(plan.global_batch(2), &[6]);
+        }
+        let pos = s.position_at(4);
+        assert_eq!(pos, DataPosition { epoch: 1, step: 1 });
+        let state = s.state(pos);
+        assert_eq!(s.resume(&state).unwrap(), pos);
+        assert_eq!(s.epoch(pos.epoch).global_batch(pos.step), &[3, 4, 5]);
+        let shuffled = Sampler::new(SamplerConfig::new(7, 3, 42)).unwrap();
+        let err = shuffled.resume(&state).unwrap_err().to_string();
+        assert!(err.contains("`shuffle`"), "{err}");
+    }
+
     #[test]
     fn global_order_is_pinned() {
         // Golden: a change here breaks resuming old checkpoints.

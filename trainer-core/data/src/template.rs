@@ -9,6 +9,20 @@
 //! | `alpaca` | `{system}### Instruction:\n{user}\n\n### Response:\n` → `{answer}` eos `\n\n`; default system "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n" |
 //! | `default` | `System: {system}` eos `\n` `Human: {user}` eos `\nAssistant:` → `{answer}` eos `\n` |
 //! | `empty` | `{system}{user}` → `{answer}` (no eos: generation does not stop by itself) |
+//! | `qwen3` | as `qwen`, no default system; a reasoning template (below) |
+//! | `qwen3_nothink` | as `qwen`, no default system, no thinking |
+//! | `mistral` | bos `[INST] {system}\n\n{user}[/INST]` → ` {answer}` eos (the system block is fused into the first user message, LLaMA-Factory's `Llama2Template`) |
+//!
+//! Reasoning templates (`qwen3`, LLaMA-Factory's `ReasoningTemplate` with thought words
+//! `<think>\n` and `\n</think>\n\n`): an assistant answer with neither `<think>` nor
+//! `</think>` in it gets the empty thought `<think>\n\n</think>\n\n` in front; with
+//! `enable_thinking` (the default) the empty thought is part of the target and trained on,
+//! without it every thought is removed from the answers and the empty thought is appended to
+//! the prompt (masked). With `mask_history` (and not `preserve_thinking`) the thoughts of all
+//! but the last answer are removed and only the last gets the empty thought.
+//!
+//! Tools: a conversation's tool list is rendered after the system prompt (in the system block)
+//! by the template's tool format ([`crate::tools`]); only the qwen family has one here.
 //!
 //! The system block is rendered only in the first exchange and only when the system prompt
 //! (the record's, else the template's default) is non-empty. `llama3` and `qwen` replace eos
@@ -31,6 +45,7 @@ use crate::IGNORE_INDEX;
 use crate::dataset::{Conversation, Turn};
 use crate::error::{DataError, Result};
 use crate::tokenizer::Tokenizer;
+use crate::tools::ToolFormat;
 
 /// One piece of a template slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +66,16 @@ fn text(s: &str) -> Slot {
 }
 
 /// Names of the built-in templates.
-pub const TEMPLATE_NAMES: &[&str] = &["alpaca", "default", "empty", "llama3", "qwen"];
+pub const TEMPLATE_NAMES: &[&str] = &[
+    "alpaca",
+    "default",
+    "empty",
+    "llama3",
+    "mistral",
+    "qwen",
+    "qwen3",
+    "qwen3_nothink",
+];
 
 /// A chat template (LLaMA-Factory's `Template` without tools and multimodal parts).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +105,17 @@ pub struct Template {
     pub trained_bos: Option<String>,
     /// eos of a tokenizer trained for this template.
     pub trained_eos: String,
+    /// The thought words (opening, closing) of a reasoning template; `None` for others.
+    pub thought_words: Option<(String, String)>,
+    /// `enable_thinking` (reasoning templates; LLaMA-Factory's default `true`).
+    pub enable_thinking: bool,
+    /// `preserve_thinking` (reasoning templates; default `false`).
+    pub preserve_thinking: bool,
+    /// The system block goes in front of the first user message, inside its markup
+    /// (LLaMA-Factory's `Llama2Template`); `format_system` must then be text only.
+    pub system_in_user: bool,
+    /// How tool lists are rendered into the system block; `None`: tools are refused.
+    pub tool_format: Option<ToolFormat>,
 }
 
 impl fmt::Display for Template {
@@ -167,12 +202,83 @@ impl Template {
             "alpaca" => Ok(Self::alpaca()),
             "default" => Ok(Self::default_template()),
             "empty" => Ok(Self::empty()),
+            "qwen3" => Ok(Self::qwen3()),
+            "qwen3_nothink" => Ok(Self::qwen3_nothink()),
+            "mistral" => Ok(Self::mistral()),
             _ => Err(DataError::UnknownName {
                 kind: "template",
                 name: name.to_string(),
                 known: TEMPLATE_NAMES.join(", "),
             }),
         }
+    }
+
+    /// The fields most templates share (no markup; completed by each constructor).
+    fn plain() -> Template {
+        Template {
+            name: String::new(),
+            format_prefix: vec![],
+            format_system: vec![],
+            format_user: vec![],
+            format_assistant: vec![],
+            default_system: String::new(),
+            stop_words: vec![],
+            replace_eos: false,
+            special_tokens: vec![],
+            pt_eos_token: None,
+            trained_bos: None,
+            trained_eos: String::new(),
+            thought_words: None,
+            enable_thinking: true,
+            preserve_thinking: false,
+            system_in_user: false,
+            tool_format: None,
+        }
+    }
+
+    /// Qwen3 (LLaMA-Factory's `qwen3`): ChatML without default system, a reasoning template.
+    pub fn qwen3() -> Template {
+        let mut t = Template {
+            name: "qwen3".into(),
+            default_system: String::new(),
+            thought_words: Some(("<think>\n".into(), "\n</think>\n\n".into())),
+            ..Self::qwen()
+        };
+        t.special_tokens
+            .extend(["<think>".to_string(), "</think>".to_string()]);
+        t
+    }
+
+    /// Qwen3 without thinking (LLaMA-Factory's `qwen3_nothink`, e.g. for Qwen3 Instruct-2507):
+    /// ChatML without default system, no thought handling.
+    pub fn qwen3_nothink() -> Template {
+        Template {
+            name: "qwen3_nothink".into(),
+            default_system: String::new(),
+            ..Self::qwen()
+        }
+    }
+
+    /// Mistral (LLaMA-Factory's `mistral`): `[INST]` markup written as text (a tokenizer that
+    /// has `[INST]` as a token encodes it as one), the system prompt fused into the first user
+    /// message.
+    pub fn mistral() -> Template {
+        Template {
+            name: "mistral".into(),
+            format_prefix: vec![Slot::Bos],
+            format_system: vec![text("{{content}}\n\n")],
+            format_user: vec![text("[INST] {{content}}[/INST]")],
+            format_assistant: vec![text(" {{content}}"), Slot::Eos],
+            system_in_user: true,
+            trained_bos: Some("<s>".into()),
+            trained_eos: "</s>".into(),
+            ..Self::plain()
+        }
+    }
+
+    /// Whether the template renders tool lists (else a record with tools is refused).
+    pub fn renders_tools(&self) -> bool {
+        self.tool_format.is_some()
     }
 
     /// Llama 3 (Instruct).
@@ -200,6 +306,7 @@ impl Template {
             pt_eos_token: Some("<|end_of_text|>".into()),
             trained_bos: Some("<|begin_of_text|>".into()),
             trained_eos: "<|end_of_text|>".into(),
+            ..Self::plain()
         }
     }
 
@@ -221,6 +328,8 @@ impl Template {
             pt_eos_token: None,
             trained_bos: None,
             trained_eos: "<|endoftext|>".into(),
+            tool_format: Some(ToolFormat::Qwen),
+            ..Self::plain()
         }
     }
 
@@ -241,6 +350,7 @@ impl Template {
             pt_eos_token: None,
             trained_bos: Some("<s>".into()),
             trained_eos: "</s>".into(),
+            ..Self::plain()
         }
     }
 
@@ -259,6 +369,7 @@ impl Template {
             pt_eos_token: None,
             trained_bos: Some("<s>".into()),
             trained_eos: "</s>".into(),
+            ..Self::plain()
         }
     }
 
@@ -277,6 +388,7 @@ impl Template {
             pt_eos_token: None,
             trained_bos: Some("<s>".into()),
             trained_eos: "</s>".into(),
+            ..Self::plain()
         }
     }
 
@@ -433,37 +545,122 @@ impl Template {
         Ok(ids)
     }
 
-    /// LLaMA-Factory's `Template._encode`: one id list per message, the first carrying the
-    /// prefix and the system block.
-    fn encode_messages(
-        &self,
-        tok: &Tokenizer,
-        system: Option<&str>,
-        messages: &[(Role, &str)],
-    ) -> Result<Vec<Vec<u32>>> {
-        // Without this, a tokenizer lacking e.g. `<|im_start|>` would silently spell it out.
-        self.check_tokenizer(tok)?;
+    /// The text of text-only slots with `content` filled in (the fused system block).
+    fn render_text(&self, slots: &[Slot], content: &str) -> Result<String> {
+        let mut out = String::new();
+        for slot in slots {
+            match slot {
+                Slot::Text(t) => out.push_str(&t.replace("{{content}}", content)),
+                other => {
+                    return Err(DataError::config(
+                        "template",
+                        format!(
+                            "template `{}` fuses its system block into the user message, which \
+                             needs text slots only, not {other:?}",
+                            self.name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The system prompt followed by the rendered tool list (LLaMA-Factory's
+    /// `system + tool_text`), or `None` when there is neither.
+    fn system_text(&self, system: Option<&str>, tools: Option<&str>) -> Result<Option<String>> {
         let system = match system {
             Some(s) if !s.is_empty() => s,
             _ => self.default_system.as_str(),
         };
+        let tools = tools.filter(|t| !t.is_empty());
+        if system.is_empty() && tools.is_none() {
+            return Ok(None);
+        }
+        let tool_text = match (tools, self.tool_format) {
+            (None, _) => String::new(),
+            (Some(t), Some(f)) => f
+                .system_text(t)
+                .map_err(|e| DataError::config("tools", e))?,
+            (Some(_), None) => {
+                return Err(DataError::config(
+                    "template",
+                    format!(
+                        "template `{}` has no tool format; tools are rendered by qwen, qwen3 and \
+                         qwen3_nothink",
+                        self.name
+                    ),
+                ));
+            }
+        };
+        Ok(Some(format!("{system}{tool_text}")))
+    }
+
+    /// LLaMA-Factory's `Template._encode`: one id list per message, the first carrying the
+    /// prefix and the system block (with the tools).
+    fn encode_messages(
+        &self,
+        tok: &Tokenizer,
+        system: Option<&str>,
+        tools: Option<&str>,
+        messages: &[(Role, &str)],
+    ) -> Result<Vec<Vec<u32>>> {
+        // Without this, a tokenizer lacking e.g. `<|im_start|>` would silently spell it out.
+        self.check_tokenizer(tok)?;
+        let system = self.system_text(system, tools)?;
         let mut out = Vec::with_capacity(messages.len());
         for (i, (role, content)) in messages.iter().enumerate() {
             let mut ids = Vec::new();
+            let mut fused = String::new();
             if i == 0 {
                 ids.extend(self.encode_slots(tok, &self.format_prefix, "")?);
-                if !system.is_empty() {
-                    ids.extend(self.encode_slots(tok, &self.format_system, system)?);
+                if let Some(system) = &system {
+                    if self.system_in_user {
+                        fused = self.render_text(&self.format_system, system)?;
+                    } else {
+                        ids.extend(self.encode_slots(tok, &self.format_system, system)?);
+                    }
                 }
             }
-            let slots = match role {
-                Role::User => &self.format_user,
-                Role::Assistant => &self.format_assistant,
-            };
-            ids.extend(self.encode_slots(tok, slots, content)?);
+            match role {
+                Role::User if !fused.is_empty() => {
+                    ids.extend(self.encode_slots(tok, &self.format_user, &(fused + content))?)
+                }
+                Role::User => ids.extend(self.encode_slots(tok, &self.format_user, content)?),
+                Role::Assistant => {
+                    ids.extend(self.encode_slots(tok, &self.format_assistant, content)?)
+                }
+            }
             out.push(ids);
         }
         Ok(out)
+    }
+
+    /// The empty thought of a reasoning template (`<think>\n\n</think>\n\n` for qwen3).
+    fn empty_thought(&self) -> Option<String> {
+        self.thought_words
+            .as_ref()
+            .map(|(open, close)| format!("{open}{close}"))
+    }
+
+    /// LLaMA-Factory's `remove_thought`: every `open…close` span removed (shortest match),
+    /// then leading newlines.
+    fn remove_thought(&self, content: &str) -> String {
+        let Some((open, close)) = &self.thought_words else {
+            return content.to_string();
+        };
+        let mut out = String::new();
+        let mut rest = content;
+        while let Some(a) = rest.find(open.as_str()) {
+            let after = &rest[a + open.len()..];
+            let Some(b) = after.find(close.as_str()) else {
+                break;
+            };
+            out.push_str(&rest[..a]);
+            rest = &after[b + close.len()..];
+        }
+        out.push_str(rest);
+        out.trim_start_matches('\n').to_string()
     }
 
     /// One `(source_ids, target_ids)` pair per turn (LLaMA-Factory's `encode_multiturn`).
@@ -472,22 +669,71 @@ impl Template {
         tok: &Tokenizer,
         conv: &Conversation,
     ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        self.encode_pairs(tok, conv, false)
+    }
+
+    /// [`Self::encode_multiturn`]; `discard_history_cot` is LLaMA-Factory's
+    /// `discarding_history_cot` (reasoning templates: only the last answer keeps its thought
+    /// and gets the empty one).
+    fn encode_pairs(
+        &self,
+        tok: &Tokenizer,
+        conv: &Conversation,
+        discard_history_cot: bool,
+    ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        let reasoning = self.thought_words.is_some();
+        let n = conv.turns.len();
+        let answers: Vec<String> = conv
+            .turns
+            .iter()
+            .enumerate()
+            .map(|(k, t)| {
+                let strip =
+                    reasoning && (!self.enable_thinking || (discard_history_cot && k + 1 < n));
+                if strip {
+                    self.remove_thought(&t.assistant)
+                } else {
+                    t.assistant.clone()
+                }
+            })
+            .collect();
         let messages: Vec<(Role, &str)> = conv
             .turns
             .iter()
-            .flat_map(|t| {
-                [
-                    (Role::User, t.user.as_str()),
-                    (Role::Assistant, t.assistant.as_str()),
-                ]
-            })
+            .zip(&answers)
+            .flat_map(|(t, a)| [(Role::User, t.user.as_str()), (Role::Assistant, a.as_str())])
             .collect();
         let mut enc = self
-            .encode_messages(tok, conv.system.as_deref(), &messages)?
+            .encode_messages(
+                tok,
+                conv.system.as_deref(),
+                conv.tools.as_deref(),
+                &messages,
+            )?
             .into_iter();
-        let mut pairs = Vec::with_capacity(conv.turns.len());
+        let mut pairs = Vec::with_capacity(n);
         while let (Some(s), Some(t)) = (enc.next(), enc.next()) {
             pairs.push((s, t));
+        }
+        if let (Some((open, close)), Some(empty)) = (&self.thought_words, self.empty_thought()) {
+            let thought = tok.encode(&empty)?;
+            let first = if discard_history_cot {
+                n.saturating_sub(1)
+            } else {
+                0
+            };
+            for k in first..n {
+                let a = &answers[k];
+                if a.contains(open.trim()) || a.contains(close.trim()) {
+                    continue;
+                }
+                let (source, target) = &mut pairs[k];
+                if self.enable_thinking {
+                    target.splice(0..0, thought.iter().copied());
+                } else {
+                    source.extend_from_slice(&thought);
+                }
+            }
         }
         Ok(pairs)
     }
@@ -500,7 +746,8 @@ impl Template {
         conv: &Conversation,
         opts: &SupervisedOptions,
     ) -> Result<Encoded> {
-        let mut pairs = self.encode_multiturn(tok, conv)?;
+        let discard_history_cot = opts.mask_history && !self.preserve_thinking;
+        let mut pairs = self.encode_pairs(tok, conv, discard_history_cot)?;
         if opts.mask_history {
             pairs.reverse(); // the last turns have priority
         }
@@ -564,21 +811,36 @@ impl Template {
         history: &[Turn],
         query: &str,
     ) -> Result<Vec<u32>> {
-        let mut messages: Vec<(Role, &str)> = history
+        // A reasoning template drops earlier thoughts unless told to preserve them
+        // (LLaMA-Factory's `ReasoningTemplate.encode_oneturn`).
+        let answers: Vec<String> = history
             .iter()
-            .flat_map(|t| {
-                [
-                    (Role::User, t.user.as_str()),
-                    (Role::Assistant, t.assistant.as_str()),
-                ]
+            .map(|t| {
+                if self.preserve_thinking {
+                    t.assistant.clone()
+                } else {
+                    self.remove_thought(&t.assistant)
+                }
             })
             .collect();
+        let mut messages: Vec<(Role, &str)> = history
+            .iter()
+            .zip(&answers)
+            .flat_map(|(t, a)| [(Role::User, t.user.as_str()), (Role::Assistant, a.as_str())])
+            .collect();
         messages.push((Role::User, query));
-        Ok(self
-            .encode_messages(tok, system, &messages)?
+        let mut ids: Vec<u32> = self
+            .encode_messages(tok, system, None, &messages)?
             .into_iter()
             .flatten()
-            .collect())
+            .collect();
+        // A reasoning template told not to think starts the answer with the empty thought.
+        if let Some(empty) = self.empty_thought()
+            && !self.enable_thinking
+        {
+            ids.extend(tok.encode(&empty)?);
+        }
+        Ok(ids)
     }
 
     /// The text of generated ids: everything before the first stop token, special tokens
@@ -613,6 +875,7 @@ mod tests {
                 Turn::new("What is 2 + 2?", "4"),
                 Turn::new("and 3 + 3?", "6 🦀"),
             ],
+            tools: None,
         }
     }
 
@@ -695,6 +958,160 @@ mod tests {
             "System: Be terse.</s>\nHuman: What is 2 + 2?</s>\nAssistant:4</s>\n\
              Human: and 3 + 3?</s>\nAssistant:6 🦀</s>\n",
             &["4</s>\n", "6 🦀</s>\n"],
+        );
+    }
+
+    // Expected texts below are LLaMA-Factory's template definitions (template.py) applied by
+    // hand to conv2(): `qwen3`, `qwen3_nothink`, `mistral` (Llama2Template fusion), and the
+    // ReasoningTemplate rules for answers without a thought.
+
+    #[test]
+    fn qwen3_adds_a_trained_empty_thought_by_default() {
+        check_render(
+            &Template::qwen3(),
+            "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n\
+             <|im_start|>assistant\n<think>\n\n</think>\n\n4<|im_end|>\n\
+             <|im_start|>user\nand 3 + 3?<|im_end|>\n\
+             <|im_start|>assistant\n<think>\n\n</think>\n\n6 🦀<|im_end|>\n",
+            &[
+                "<think>\n\n</think>\n\n4<|im_end|>\n",
+                "<think>\n\n</think>\n\n6 🦀<|im_end|>\n",
+            ],
+        );
+    }
+
+    #[test]
+    fn qwen3_without_thinking_masks_the_empty_thought_and_drops_thoughts() {
+        let mut t = Template::qwen3();
+        t.enable_thinking = false;
+        let mut c = conv2();
+        c.system = None;
+        c.turns[1].assistant = "<think>\nadd\n</think>\n\n6 🦀".into();
+        let tok = tokenizer_for(&t);
+        let e = t
+            .encode_supervised(&tok, &c, &SupervisedOptions::new(4096))
+            .unwrap();
+        assert_eq!(
+            tok.decode(&e.input_ids, false).unwrap(),
+            "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n\
+             <|im_start|>assistant\n<think>\n\n</think>\n\n4<|im_end|>\n\
+             <|im_start|>user\nand 3 + 3?<|im_end|>\n\
+             <|im_start|>assistant\n<think>\n\n</think>\n\n6 🦀<|im_end|>\n"
+        );
+        assert_eq!(label_runs(&tok, &e), ["4<|im_end|>\n", "6 🦀<|im_end|>\n"]);
+        // With thinking on, an answer that has a thought keeps it and gets no empty one.
+        let t = Template::qwen3();
+        let e = t
+            .encode_supervised(&tok, &c, &SupervisedOptions::new(4096))
+            .unwrap();
+        assert_eq!(
+            label_runs(&tok, &e),
+            [
+                "<think>\n\n</think>\n\n4<|im_end|>\n",
+                "<think>\nadd\n</think>\n\n6 🦀<|im_end|>\n"
+            ]
+        );
+        // mask_history: earlier thoughts are dropped and only the last answer gets the empty
+        // one; the generation prompt is then the masked prefix.
+        let mut c2 = conv2();
+        c2.turns[0].assistant = "<think>\nsum\n</think>\n\n4".into();
+        let mut opts = SupervisedOptions::new(4096);
+        opts.mask_history = true;
+        let e = t.encode_supervised(&tok, &c2, &opts).unwrap();
+        assert_eq!(
+            tok.decode(&e.input_ids, false).unwrap(),
+            "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n\
+             <|im_start|>assistant\n4<|im_end|>\n\
+             <|im_start|>user\nand 3 + 3?<|im_end|>\n\
+             <|im_start|>assistant\n<think>\n\n</think>\n\n6 🦀<|im_end|>\n"
+        );
+        assert_eq!(
+            t.remove_thought("<think>\na\n</think>\n\nx<think>\nb\n</think>\n\ny"),
+            "xy"
+        );
+    }
+
+    #[test]
+    fn qwen3_nothink_render_and_masks() {
+        check_render(
+            &Template::qwen3_nothink(),
+            "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n\
+             <|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nand 3 + 3?<|im_end|>\n\
+             <|im_start|>assistant\n6 🦀<|im_end|>\n",
+            &["4<|im_end|>\n", "6 🦀<|im_end|>\n"],
+        );
+        // No default system (qwen has one).
+        let t = Template::qwen3_nothink();
+        let tok = tokenizer_for(&t);
+        let e = t
+            .encode_supervised(
+                &tok,
+                &Conversation::single("hi", "yo"),
+                &SupervisedOptions::new(99),
+            )
+            .unwrap();
+        assert_eq!(
+            tok.decode(&e.input_ids, false).unwrap(),
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+        );
+        let tok = tokenizer_for(&Template::qwen());
+        assert_eq!(
+            Template::qwen3().stop_token_ids(&tok),
+            Template::qwen().stop_token_ids(&tok)
+        );
+    }
+
+    #[test]
+    fn mistral_fuses_the_system_into_the_first_user_message() {
+        check_render(
+            &Template::mistral(),
+            "<s>[INST] Be terse.\n\nWhat is 2 + 2?[/INST] 4</s>[INST] and 3 + 3?[/INST] 6 🦀</s>",
+            &[" 4</s>", " 6 🦀</s>"],
+        );
+    }
+
+    #[test]
+    fn qwen_renders_tools_after_the_system_prompt() {
+        let tools = r#"[{"name": "f", "parameters": {}}]"#;
+        let tool_text = ToolFormat::Qwen.system_text(tools).unwrap();
+        for (t, system) in [
+            (
+                Template::qwen(),
+                "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+            ),
+            (Template::qwen3_nothink(), ""),
+        ] {
+            let tok = tokenizer_for(&t);
+            let mut c = Conversation::single("hi", "yo");
+            c.tools = Some(tools.into());
+            let e = t
+                .encode_supervised(&tok, &c, &SupervisedOptions::new(4096))
+                .unwrap();
+            assert_eq!(
+                tok.decode(&e.input_ids, false).unwrap(),
+                format!(
+                    "<|im_start|>system\n{system}{tool_text}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n\
+                     <|im_start|>assistant\nyo<|im_end|>\n"
+                ),
+                "{}",
+                t.name
+            );
+        }
+        assert!(tool_text.contains(
+            "{\"type\": \"function\", \"function\": {\"name\": \"f\", \"parameters\": {}}}"
+        ));
+        // A template without a tool format refuses a record with tools.
+        let t = Template::llama3();
+        let tok = tokenizer_for(&t);
+        let mut c = Conversation::single("hi", "yo");
+        c.tools = Some(tools.into());
+        let err = t
+            .encode_supervised(&tok, &c, &SupervisedOptions::new(99))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("template `llama3` has no tool format"),
+            "{err}"
         );
     }
 
@@ -844,9 +1261,11 @@ mod tests {
             let t = Template::by_name(name).unwrap();
             let tok = tokenizer_for(&t);
             let c = conv2();
-            let e = t
-                .encode_supervised(&tok, &c, &SupervisedOptions::new(4096))
-                .unwrap();
+            // A reasoning template drops the thoughts of earlier answers at inference, as
+            // training does with mask_history.
+            let mut opts = SupervisedOptions::new(4096);
+            opts.mask_history = t.thought_words.is_some();
+            let e = t.encode_supervised(&tok, &c, &opts).unwrap();
             let p = t
                 .encode_generation_prompt(
                     &tok,
@@ -936,7 +1355,8 @@ mod tests {
         let err = Template::by_name("vicuna").unwrap_err().to_string();
         assert_eq!(
             err,
-            "unknown template `vicuna`; known: alpaca, default, empty, llama3, qwen"
+            "unknown template `vicuna`; known: alpaca, default, empty, llama3, mistral, qwen, qwen3, \
+             qwen3_nothink"
         );
         let t: Template = "qwen".parse().unwrap();
         assert_eq!(t.to_string(), "qwen");

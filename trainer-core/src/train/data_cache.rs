@@ -3,9 +3,12 @@
 //! tokenizing the dataset again: tokenizing is most of a trainer's start-up (57% of a one-step
 //! quickstart run), and every rank of every generation used to do it.
 //!
-//! The file name is the sha256 of everything the samples depend on: the dataset files' bytes
-//! and formats, the tokenizer files' bytes, the template, the preprocessing options, and the
-//! trainer binary itself (its size and mtime: a rebuilt trainer may tokenize differently). A
+//! The file name is the sha256 of everything the samples depend on: the dataset files' names
+//! and bytes (every file of a directory dataset), formats and `num_samples`, the row selection
+//! (`max_samples`, `mix_strategy`, `interleave_probs`, `seed`), the tokenizer files' bytes, the
+//! template, the preprocessing options, and the trainer binary itself (its size and mtime: a
+//! rebuilt trainer may tokenize differently). `preprocessing_num_workers` is left out: the
+//! samples do not depend on it. `overwrite_cache` makes the caller skip reading. A
 //! file that is missing, truncated or of another format is ignored; writing is best effort
 //! (temporary name, then rename, so concurrent ranks never see a partial file).
 
@@ -14,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use ringmaster_data::batch::Sample;
 use ringmaster_data::dataset::DatasetSpec;
-use ringmaster_data::preprocess::{PreprocessConfig, PreprocessStats, ProcessedDataset};
+use ringmaster_data::preprocess::{PreprocessConfig, PreprocessStats, ProcessedDataset, Selection};
 use sha2::{Digest, Sha256};
 
 const MAGIC: &[u8; 8] = b"RMDATA01";
@@ -23,6 +26,7 @@ const MAGIC: &[u8; 8] = b"RMDATA01";
 pub fn path_for(
     output_dir: &Path,
     specs: &[DatasetSpec],
+    selection: &Selection,
     tokenizer_dir: &Path,
     template: &str,
     cfg: &PreprocessConfig,
@@ -38,11 +42,17 @@ pub fn path_for(
     h.update(exe.len().to_le_bytes());
     h.update(mtime.as_nanos().to_le_bytes());
     for spec in specs {
-        let bytes = std::fs::read(&spec.path).ok()?;
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(&bytes);
-        h.update(format!("{:?}", spec.format).as_bytes());
+        for file in spec.files().ok()? {
+            let bytes = std::fs::read(&file).ok()?;
+            let name = file.file_name()?.to_string_lossy();
+            h.update((name.len() as u64).to_le_bytes());
+            h.update(name.as_bytes());
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(&bytes);
+        }
+        h.update(format!("{:?} {:?}", spec.format, spec.num_samples).as_bytes());
     }
+    h.update(format!("{selection:?}").as_bytes());
     for name in ["tokenizer.json", "tokenizer_config.json"] {
         match std::fs::read(tokenizer_dir.join(name)) {
             Ok(bytes) => {
@@ -60,6 +70,26 @@ pub fn path_for(
         .map(|b| format!("{b:02x}"))
         .collect();
     Some(output_dir.join(".cache").join(format!("train-{hex}.bin")))
+}
+
+/// The cached dataset at `cache` if there is a complete one and `overwrite` is off
+/// (`overwrite_cache`), else `build()`'s, written to `cache` for the next reader.
+///
+/// # Errors
+/// `build`'s.
+pub fn read_or_build<E>(
+    cache: Option<&Path>,
+    overwrite: bool,
+    build: impl FnOnce() -> Result<ProcessedDataset, E>,
+) -> Result<ProcessedDataset, E> {
+    if !overwrite && let Some(data) = cache.and_then(read) {
+        return Ok(data);
+    }
+    let data = build()?;
+    if let Some(path) = cache {
+        write(path, &data);
+    }
+    Ok(data)
 }
 
 /// Reads a cached dataset; `None` when the file is absent or not a complete one.
@@ -234,7 +264,8 @@ mod tests {
             "alpaca".parse().unwrap(),
         )];
         let cfg = PreprocessConfig::new(ringmaster_data::preprocess::Stage::Sft, 64);
-        let key = |cfg: &PreprocessConfig, t: &str| path_for(d, &specs, d, t, cfg).unwrap();
+        let sel = Selection::default();
+        let key = |cfg: &PreprocessConfig, t: &str| path_for(d, &specs, &sel, d, t, cfg).unwrap();
         let k = key(&cfg, "default");
         assert_eq!(k, key(&cfg, "default"));
         assert_ne!(k, key(&cfg, "llama3"));
@@ -255,5 +286,101 @@ mod tests {
         let k2 = key(&cfg, "default");
         std::fs::write(d.join("tokenizer_config.json"), "{\"eos\": 1}").unwrap();
         assert_ne!(k2, key(&cfg, "default"));
+    }
+
+    #[test]
+    fn overwrite_cache_rebuilds_and_rewrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".cache/train-k.bin");
+        let data = |n: u32| ProcessedDataset {
+            samples: vec![sample(n)],
+            stats: PreprocessStats::default(),
+        };
+        let build = |n: u32| move || Ok::<_, ()>(data(n));
+        // Nothing cached: built and written.
+        assert_eq!(
+            read_or_build(Some(&path), false, build(3)).unwrap(),
+            data(3)
+        );
+        // Cached: read, not built.
+        let never = || -> Result<ProcessedDataset, ()> { panic!("built despite the cache") };
+        assert_eq!(read_or_build(Some(&path), false, never).unwrap(), data(3));
+        // overwrite_cache: built again and the cache replaced.
+        assert_eq!(read_or_build(Some(&path), true, build(5)).unwrap(), data(5));
+        assert_eq!(read(&path).unwrap(), data(5));
+        // No cache path: always built.
+        assert_eq!(read_or_build(None, false, build(2)).unwrap(), data(2));
+        assert_eq!(
+            read_or_build(Some(&path), false, || Err::<ProcessedDataset, _>(7)).unwrap(),
+            data(5)
+        );
+    }
+
+    #[test]
+    fn the_key_changes_with_the_row_selection() {
+        use ringmaster_data::mix::{MixConfig, MixStrategy};
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("a.jsonl"),
+            "{\"instruction\": \"x\", \"output\": \"y\"}\n",
+        )
+        .unwrap();
+        let cfg = PreprocessConfig::new(ringmaster_data::preprocess::Stage::Sft, 64);
+        let spec = DatasetSpec::new(d.join("a.jsonl"), "alpaca".parse().unwrap());
+        let key = |spec: &DatasetSpec, sel: &Selection| {
+            path_for(d, std::slice::from_ref(spec), sel, d, "qwen", &cfg).unwrap()
+        };
+        let base = Selection::default();
+        let k = key(&spec, &base);
+        let mut sampled = spec.clone();
+        sampled.num_samples = Some(3);
+        let variants = [
+            Selection {
+                max_samples: Some(2),
+                ..base.clone()
+            },
+            Selection {
+                mix: MixConfig {
+                    strategy: MixStrategy::InterleaveOver,
+                    ..base.mix.clone()
+                },
+                ..base.clone()
+            },
+            Selection {
+                mix: MixConfig {
+                    probs: Some(vec![1.0]),
+                    ..base.mix.clone()
+                },
+                ..base.clone()
+            },
+            Selection {
+                mix: MixConfig {
+                    seed: 7,
+                    ..base.mix.clone()
+                },
+                ..base.clone()
+            },
+        ];
+        for sel in &variants {
+            assert_ne!(k, key(&spec, sel), "{sel:?}");
+        }
+        assert_ne!(k, key(&sampled, &base), "num_samples");
+        assert_eq!(k, key(&spec.clone(), &base.clone()));
+        // A directory dataset is keyed by its files.
+        std::fs::create_dir(d.join("dir")).unwrap();
+        std::fs::write(
+            d.join("dir/a.jsonl"),
+            "{\"instruction\": \"x\", \"output\": \"y\"}\n",
+        )
+        .unwrap();
+        let ds = DatasetSpec::new(d.join("dir"), "alpaca".parse().unwrap());
+        let k1 = key(&ds, &base);
+        std::fs::write(
+            d.join("dir/b.jsonl"),
+            "{\"instruction\": \"x\", \"output\": \"y\"}\n",
+        )
+        .unwrap();
+        assert_ne!(k1, key(&ds, &base));
     }
 }

@@ -155,11 +155,11 @@ pub fn train<B: TrainBackend>(
         plan.grad_accum as usize,
         par.world,
     )?;
-    let sampler = Sampler::new(SamplerConfig::new(
-        setup.samples.len(),
-        layout.global_batch_size(),
-        setup.seed,
-    ))?;
+    // disable_shuffling: every epoch visits the samples in the merged dataset order.
+    let sampler = Sampler::new(SamplerConfig {
+        shuffle: !setup.cfg.disable_shuffling.unwrap_or(false),
+        ..SamplerConfig::new(setup.samples.len(), layout.global_batch_size(), setup.seed)
+    })?;
     let spe = sampler.steps_per_epoch();
     let total = total_steps(setup, spe);
     let sched = Scheduler {

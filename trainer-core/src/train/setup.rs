@@ -4,11 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use ringmaster_config::{Plan, TrainConfig};
 use ringmaster_data::batch::Sample;
-use ringmaster_data::dataset::{DatasetFormat, DatasetSpec, Record};
-use ringmaster_data::preprocess::{PreprocessConfig, Stage, load_and_preprocess};
+use ringmaster_data::dataset::{DatasetSpec, Record};
+use ringmaster_data::mix::{DatasetRows, MixConfig, select_and_merge};
+use ringmaster_data::preprocess::{PreprocessConfig, Selection, Stage, load_and_preprocess};
 use ringmaster_data::template::Template;
 use ringmaster_data::tokenizer::Tokenizer;
 use ringmaster_model::hf::{self, CONFIG_FILE};
@@ -97,116 +98,11 @@ impl std::fmt::Debug for Setup {
     }
 }
 
-/// Resolves a dataset name or path. Names are looked up in `dataset_dir/dataset_info.json`
-/// (LLaMA-Factory's `file_name`, `formatting`, `columns`); otherwise the item is a file path
-/// (`.json`/`.jsonl` read as alpaca for sft, `.txt` as text for pt).
+/// Resolves a dataset name or path: its `dataset_dir/dataset_info.json` entry, read as
+/// LLaMA-Factory reads it, else a file path (see [`ringmaster_data::dataset_info`]).
 pub fn resolve_dataset(item: &str, dataset_dir: &Path, stage: Stage) -> Result<DatasetSpec> {
-    let info_path = dataset_dir.join("dataset_info.json");
-    if info_path.is_file() {
-        let text = std::fs::read_to_string(&info_path)
-            .with_context(|| format!("reading {}", info_path.display()))?;
-        let info: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow!("{}: not valid JSON: {e}", info_path.display()))?;
-        if let Some(entry) = info.get(item) {
-            let file = entry
-                .get("file_name")
-                .and_then(|v| v.as_str())
-                .ok_or_else(|| {
-                    anyhow!(
-                        "{}: dataset `{item}` has no string `file_name`",
-                        info_path.display()
-                    )
-                })?;
-            let formatting =
-                entry
-                    .get("formatting")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or(match stage {
-                        Stage::Pt => "text",
-                        Stage::Sft => "alpaca",
-                    });
-            let mut format: DatasetFormat = formatting
-                .parse()
-                .map_err(|e| anyhow!("{}: dataset `{item}`: {e}", info_path.display()))?;
-            if let Some(cols) = entry.get("columns") {
-                format = with_columns(format, cols).map_err(|e| {
-                    anyhow!("{}: dataset `{item}`.columns: {e}", info_path.display())
-                })?;
-            }
-            if let Some(tags) = entry.get("tags") {
-                format = with_columns(format, tags)
-                    .map_err(|e| anyhow!("{}: dataset `{item}`.tags: {e}", info_path.display()))?;
-            }
-            return Ok(DatasetSpec::new(dataset_dir.join(file), format));
-        }
-    }
-    let candidates = [PathBuf::from(item), dataset_dir.join(item)];
-    let path = candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .ok_or_else(|| {
-            anyhow!(
-                "training config field `dataset`: `{item}` is neither a name in {} nor a file",
-                info_path.display()
-            )
-        })?;
-    let format = match stage {
-        Stage::Pt => DatasetFormat::Text(Default::default()),
-        Stage::Sft => DatasetFormat::Alpaca(Default::default()),
-    };
-    Ok(DatasetSpec::new(path, format))
-}
-
-fn with_columns(format: DatasetFormat, cols: &serde_json::Value) -> Result<DatasetFormat> {
-    let obj = cols.as_object().ok_or_else(|| anyhow!("not an object"))?;
-    let get = |k: &str| obj.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-    Ok(match format {
-        DatasetFormat::Alpaca(mut c) => {
-            if let Some(v) = get("prompt") {
-                c.prompt = v;
-            }
-            if let Some(v) = get("query") {
-                c.query = v;
-            }
-            if let Some(v) = get("response") {
-                c.response = v;
-            }
-            if let Some(v) = get("system") {
-                c.system = v;
-            }
-            if let Some(v) = get("history") {
-                c.history = v;
-            }
-            DatasetFormat::Alpaca(c)
-        }
-        DatasetFormat::ShareGpt(mut c) => {
-            if let Some(v) = get("messages") {
-                c.messages = v;
-            }
-            if let Some(v) = get("system") {
-                c.system = v;
-            }
-            for (k, slot) in [
-                ("role_tag", &mut c.role_tag),
-                ("content_tag", &mut c.content_tag),
-                ("user_tag", &mut c.user_tag),
-                ("assistant_tag", &mut c.assistant_tag),
-                ("system_tag", &mut c.system_tag),
-            ] {
-                if let Some(v) = obj.get(k).and_then(|v| v.as_str()) {
-                    *slot = v.to_owned();
-                }
-            }
-            DatasetFormat::ShareGpt(c)
-        }
-        DatasetFormat::Text(mut c) => {
-            if let Some(v) = get("prompt") {
-                c.text = v;
-            }
-            DatasetFormat::Text(c)
-        }
-    })
+    ringmaster_data::dataset_info::resolve_dataset(item, dataset_dir, stage)
+        .map_err(|e| anyhow!("training config field `dataset`: {e}"))
 }
 
 fn items(v: &Option<ringmaster_config::StringOrList>) -> Vec<String> {
@@ -316,9 +212,28 @@ pub fn resolve(
             model.vocab_size
         );
     }
-    let template_name = cfg.template.clone().unwrap_or_else(|| "default".into());
-    let template = Template::by_name(&template_name)
+    let mut template_name = cfg.template.clone().unwrap_or_else(|| "default".into());
+    let mut template = Template::by_name(&template_name)
         .map_err(|e| anyhow!("training config field `template`: {e}"))?;
+    // LLaMA-Factory's template options; they change the tokenized rows, so the cache key (which
+    // takes the template's name) names them too.
+    template.enable_thinking = cfg.enable_thinking.unwrap_or(true);
+    template.preserve_thinking = cfg.preserve_thinking.unwrap_or(false);
+    if let Some(system) = &cfg.default_system {
+        template.default_system = system.clone();
+    }
+    if let Some(format) = &cfg.tool_format {
+        template.tool_format = match format.as_str() {
+            "qwen" => Some(ringmaster_data::tools::ToolFormat::Qwen),
+            other => bail!(
+                "training config field `tool_format`: '{other}' is not supported yet (qwen is)"
+            ),
+        };
+    }
+    template_name = format!(
+        "{template_name};thinking={};preserve={};system={:?};tools={:?}",
+        template.enable_thinking, template.preserve_thinking, cfg.default_system, cfg.tool_format
+    );
     let stage: Stage = cfg
         .stage
         .as_deref()
@@ -341,34 +256,65 @@ pub fn resolve(
     if specs.is_empty() {
         bail!("training config field `dataset` is required");
     }
-    // The tokenized set is cached in output_dir: a restarted generation, and every rank after
-    // the first, reads it instead of tokenizing again (see data_cache).
-    let cache = cfg.output_dir.as_deref().and_then(|o| {
-        data_cache::path_for(Path::new(o), &specs, &model_dir, &template_name, &pcfg)
-    });
-    let processed = match cache.as_deref().and_then(data_cache::read) {
-        Some(p) => p,
-        None => {
-            let p = load_and_preprocess(&specs, &template, &tokenizer, &pcfg)?;
-            if let Some(path) = &cache {
-                data_cache::write(path, &p);
-            }
-            p
-        }
+    // LLaMA-Factory's order: each dataset's num_samples then max_samples, then the merge.
+    let selection = Selection {
+        max_samples: cfg.max_samples.map(|m| m as usize),
+        mix: MixConfig {
+            strategy: cfg
+                .mix_strategy
+                .as_deref()
+                .unwrap_or("concat")
+                .parse()
+                .map_err(|e| anyhow!("training config field `mix_strategy`: {e}"))?,
+            probs: cfg.interleave_probs.as_ref().map(|p| p.0.clone()),
+            seed,
+        },
     };
-    let mut samples = processed.samples;
-    if let Some(m) = cfg.max_samples {
-        samples.truncate(m as usize);
-    }
-    let mut eval = Vec::new();
+    selection
+        .mix
+        .validate(specs.len())
+        .map_err(|e| anyhow!("training config: {e}"))?;
+    let workers = cfg.preprocessing_num_workers.unwrap_or(1).max(1) as usize;
+    // The tokenized set is cached in output_dir: a restarted generation, and every rank after
+    // the first, reads it instead of tokenizing again (see data_cache). `overwrite_cache`
+    // ignores a cached set and writes a fresh one.
+    let cache = cfg.output_dir.as_deref().and_then(|o| {
+        data_cache::path_for(
+            Path::new(o),
+            &specs,
+            &selection,
+            &model_dir,
+            &template_name,
+            &pcfg,
+        )
+    });
+    let processed = data_cache::read_or_build(
+        cache.as_deref(),
+        cfg.overwrite_cache.unwrap_or(false),
+        || load_and_preprocess(&specs, &selection, &template, &tokenizer, &pcfg, workers),
+    )?;
+    let samples = processed.samples;
+    // Evaluation sets are selected and merged as the training sets are (LLaMA-Factory loads
+    // both through `_get_merged_dataset`).
+    let mut eval_sets = Vec::new();
     for item in items(&cfg.eval_dataset) {
         let spec = resolve_dataset(&item, &dataset_dir, Stage::Sft)?;
-        for rec in spec.load()? {
+        eval_sets.push(DatasetRows {
+            rows: spec.load_with_origins()?,
+            num_samples: spec.num_samples,
+        });
+    }
+    let eval_rows = if eval_sets.is_empty() {
+        Vec::new()
+    } else {
+        select_and_merge(eval_sets, selection.max_samples, &selection.mix)
+            .map_err(|e| anyhow!("training config field `eval_dataset`: {e}"))?
+    };
+    let mut eval = Vec::new();
+    for (origin, rec) in eval_rows {
+        {
             let Record::Conversation(c) = rec else {
-                bail!(
-                    "{}: evaluation needs conversations (alpaca or sharegpt)",
-                    spec.path.display()
-                );
+                bail!("{origin}: evaluation needs conversations (alpaca or sharegpt)");
             };
             let Some((last, history)) = c.turns.split_last() else {
                 continue;
