@@ -84,13 +84,16 @@ fn every_llamafactory_recipe_trains_unchanged_on_2x2_local_ranks() {
         ("qwen3_lora_sft.yaml", &qwen3, "adapter_model.safetensors"),
         ("qwen2_5_full_sft_fsdp.yaml", &qwen2, "model.safetensors"),
     ] {
-        let out = work.join(format!("out-{recipe}"));
+        // Jobs may write only under the local cluster's directory (and the working directory).
+        let cluster = work.join(format!("cluster-{recipe}"));
+        let out = cluster.join("out");
         let text = run(
             Command::new(bin("ringctl"))
                 .current_dir(&root)
                 .arg("local")
                 .arg(format!("examples/llamafactory/{recipe}"))
-                .args(["--nodes", "2", "--slots", "2"])
+                .args(["--nodes", "2", "--slots", "2", "--work-dir"])
+                .arg(&cluster)
                 .arg(format!("model_name_or_path={}", model.display()))
                 .arg(format!("output_dir={}", out.display())),
             recipe,
