@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Tokens/s of one fp32 training step of transformers' LlamaForCausalLM on CPU.
+"""Tokens/s of one fp32 training step of transformers' LlamaForCausalLM (or Qwen2/Qwen3 at the
+same shapes, --arch) on CPU.
 
 A step is: zero the gradients, forward with labels = input_ids (transformers shifts them and
 takes the mean cross-entropy), backward, torch.optim.AdamW step (lr 1e-4, torch's other
@@ -33,11 +34,17 @@ PRESETS = {
 }
 
 
-def llama_config(hidden, layers, heads, kv_heads, intermediate, vocab, seq, attn="sdpa"):
-    """The LlamaConfig both benchmarks build: untied embeddings, rms_norm_eps 1e-6, no cache."""
-    from transformers import LlamaConfig
+def llama_config(hidden, layers, heads, kv_heads, intermediate, vocab, seq, attn="sdpa",
+                 arch="llama"):
+    """The config both benchmarks build: untied embeddings, rms_norm_eps 1e-6, no cache;
+    `arch` qwen3 (q/k norms) or qwen2 (q/k/v biases) at the same shapes (head_dim hidden/heads)."""
+    import transformers
 
-    config = LlamaConfig(
+    cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config,
+           "qwen2": transformers.Qwen2Config}[arch]
+    extra = {"head_dim": hidden // heads} if arch == "qwen3" else {}
+    config = cls(
+        **extra,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -81,6 +88,8 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     p.add_argument("--seed", type=int, default=0, help="seed for init and token ids")
     p.add_argument("--json", action="store_true", help="print one JSON line on stdout")
+    p.add_argument("--arch", choices=["llama", "qwen2", "qwen3"], default="llama",
+                   help="model class at the same shapes (default llama)")
     a = p.parse_args(argv)
     if a.kv_heads is None:
         a.kv_heads = a.heads
@@ -99,7 +108,7 @@ def main(argv=None):
 
     import torch
     import transformers
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,9 +116,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     config = llama_config(args.hidden, args.layers, args.heads, args.kv_heads,
-                          args.intermediate, args.vocab, args.seq, args.attn)
+                          args.intermediate, args.vocab, args.seq, args.attn, args.arch)
     torch.set_default_dtype(torch.float32)
-    model = LlamaForCausalLM(config).to(dtype=torch.float32, device="cpu")
+    model = AutoModelForCausalLM.from_config(config).to(dtype=torch.float32, device="cpu")
     attn_used = model.config._attn_implementation
     if attn_used != args.attn:
         sys.exit(f"error: asked for attn {args.attn}, model uses {attn_used}")
@@ -167,6 +176,7 @@ def main(argv=None):
         "intermediate": args.intermediate,
         "vocab": args.vocab,
         "last_loss": round(loss, 6),
+        "arch": args.arch,
     }
     if args.json:
         print(json.dumps(result), flush=True)

@@ -44,6 +44,10 @@ struct Args {
     steps: usize,
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// `llama`, or `qwen3` (per-head q/k RMSNorm) / `qwen2` (q/k/v biases) at the same shapes
+    /// (`head_dim` = hidden / heads).
+    #[arg(long, default_value = "llama")]
+    arch: String,
 }
 
 fn main() {
@@ -58,6 +62,21 @@ fn main() {
 fn run(tuned: bool) {
     let a = Args::parse();
     let mut cfg = LlamaConfig::tiny(a.vocab, a.hidden, a.layers, a.heads, a.kv_heads);
+    match a.arch.as_str() {
+        "llama" => {}
+        "qwen3" => {
+            cfg.arch = ringmaster_model::config::Arch::Qwen3;
+            cfg.qk_norm = true;
+        }
+        "qwen2" => {
+            cfg.arch = ringmaster_model::config::Arch::Qwen2;
+            cfg.qkv_bias = true;
+        }
+        other => {
+            eprintln!("train-step: --arch {other}: expected llama, qwen2 or qwen3");
+            std::process::exit(2);
+        }
+    }
     cfg.intermediate_size = a.intermediate;
     cfg.max_position_embeddings = a.seq.max(2048);
     let mut store = ParamStore::init_llama(&cfg, 0);
@@ -119,6 +138,7 @@ fn run(tuned: bool) {
         "{}",
         serde_json::json!({
             "impl": "ringmaster",
+            "arch": a.arch,
             "backend": backend,
             "malloc_tuned": tuned,
             "params": store.numel(),
