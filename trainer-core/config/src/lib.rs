@@ -163,9 +163,12 @@ pub struct TrainConfig {
     /// Initialise the model's weights instead of reading them (LLaMA-Factory's
     /// `train_from_scratch`): `model_name_or_path` then needs only config.json + tokenizer.json.
     pub train_from_scratch: Option<bool>,
-    /// Held-out datasets, evaluated at the end of training (and every `eval_steps`).
+    /// Held-out datasets, scored at the end of training by exact match of greedy answers
+    /// (`predict_with_generate`). Unlike LLaMA-Factory, their loss is not computed during
+    /// training; `val_size` rows are (see `eval_strategy`).
     pub eval_dataset: Option<StringOrList>,
-    /// `no`, `steps` or `epoch` (accepted; evaluation runs at the end and every `eval_steps`).
+    /// `no`, `steps` or `epoch`: when the loss of the `val_size` rows is computed (every
+    /// `eval_steps`, or at each epoch's end; and once after the last step).
     pub eval_strategy: Option<String>,
     /// Evaluate by greedy generation and exact match against the reference answers.
     pub predict_with_generate: Option<bool>,
@@ -190,8 +193,8 @@ pub struct TrainConfig {
     pub overwrite_cache: Option<bool>,
     /// Threads that read and collate batches ahead of the step (0: in the training loop).
     pub dataloader_num_workers: Option<u32>,
-    /// Checkpoints hold the weights only (no optimizer, scheduler or data-order state): a resume
-    /// from one restarts the optimizer, as the HF Trainer's `save_only_model` does.
+    /// Checkpoints hold the weights only (no AdamW moments, no loss scale): a resume from one
+    /// restarts the optimizer (the schedule and the data order follow from the step).
     pub save_only_model: Option<bool>,
     /// Quantized (QLoRA) training: refused, not supported yet.
     pub quantization_bit: Option<u32>,
@@ -216,7 +219,7 @@ pub struct TrainConfig {
     pub tool_format: Option<String>,
     /// Keys of the recipe that LLaMA-Factory or transformers knows and that are accepted
     /// without effect here ([`keys::Effect::NoEffect`], or a [`keys::Effect::DefaultOnly`] key
-    /// at its default), in the order written; the trainer names them in one start-up line.
+    /// at its default), sorted; the trainer names them in one start-up line.
     #[serde(skip)]
     pub no_effect: Vec<String>,
 }

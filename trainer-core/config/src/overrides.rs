@@ -2,7 +2,7 @@
 //! recipe file:
 //! - `key=value` after a recipe, as `llamafactory-cli train recipe.yaml key=value` merges its
 //!   command line over the file (the value is read as a YAML scalar: `1e-4` is a number,
-//!   `true` a boolean, `a,b` a string);
+//!   `true` a boolean, `a,b` a string, nothing (`key=`) null, which unsets the key);
 //! - `--key value`, `--key=value` and a bare `--flag` (true), as the HF argument parser reads
 //!   `torchrun … train.py --stage sft --bf16 …`; `--some-key` is `--some_key`, and a boolean
 //!   takes the HF spellings (`true`/`false`, `yes`/`no`, `1`/`0`, any case).
@@ -123,8 +123,8 @@ impl CommandLine {
 }
 
 /// A command-line value: a YAML scalar (so `1e-4` is a number and `a,b` a string), with the
-/// HF boolean spellings for boolean keys. An empty value is an empty string, as OmegaConf
-/// reads `key=`.
+/// HF boolean spellings for boolean keys. An empty value is null (the key unset), as
+/// OmegaConf's YAML reading of `key=` gives.
 fn scalar(key: &str, text: &str, arg: &str) -> Result<Value, ConfigError> {
     if keys::kind_of(key) == Some(Kind::Bool) {
         return match text.to_ascii_lowercase().as_str() {
@@ -137,7 +137,7 @@ fn scalar(key: &str, text: &str, arg: &str) -> Result<Value, ConfigError> {
         };
     }
     if text.is_empty() {
-        return Ok(Value::String(String::new()));
+        return Ok(Value::Null);
     }
     match serde_yaml::from_str::<Value>(text) {
         // A mapping or a list written on the command line is kept as text: the keys that
@@ -184,7 +184,7 @@ mod tests {
         assert_eq!(
             Value::Object(map),
             json!({"model_name_or_path": "/m", "output_dir": "out/x", "learning_rate": 1e-4,
-                   "bf16": true, "dataset": "a,b", "max_samples": "", "seed": 1})
+                   "bf16": true, "dataset": "a,b", "max_samples": null, "seed": 1})
         );
     }
 

@@ -1,7 +1,8 @@
 //! The held-out loss (`val_size` with `eval_strategy` / `eval_steps` / `do_eval`), as the HF
 //! Trainer computes `eval_loss`: when the strategy says, every rank runs its share of the
 //! held-out rows through the engine's own pass ([`Engine::held_out_loss`]), batches of
-//! `per_device_eval_batch_size` rows per rank; rank 0 logs `{"step", "epoch", "eval_loss"}`
+//! `per_device_eval_batch_size` rows per rank (default: the training micro-batch, since the
+//! pass keeps its backward's activations); rank 0 logs `{"step", "epoch", "eval_loss"}`
 //! to `trainer_log.jsonl` and the console (`report::Window::eval`), and the points are plotted at the end
 //! (`training_eval_loss.png` with `plot_loss`).
 //!
@@ -14,9 +15,6 @@ use ringmaster_data::batch::{Batch, collate};
 
 use super::engine::{Engine, StepInput, TrainBackend};
 use super::setup::{Setup, evaluates_loss};
-
-/// HF's default `per_device_eval_batch_size`.
-pub const DEFAULT_EVAL_BATCH: usize = 8;
 
 /// When the held-out loss is computed, and its points so far.
 #[derive(Debug, Clone)]
@@ -36,10 +34,12 @@ impl HeldOut {
     pub fn new(setup: &Setup, steps_per_epoch: u64, total: u64) -> HeldOut {
         let on = !setup.held_out.is_empty() && evaluates_loss(&setup.cfg);
         let strategy = setup.cfg.eval_strategy.as_deref().unwrap_or("no");
+        // HF: `eval_steps` unset (or 0) falls back to `logging_steps`.
         let every = (on && strategy == "steps").then(|| {
             setup
                 .cfg
                 .eval_steps
+                .filter(|&e| e > 0)
                 .or(setup.cfg.logging_steps)
                 .unwrap_or(500)
                 .max(1)
@@ -47,20 +47,26 @@ impl HeldOut {
         HeldOut {
             every,
             per_epoch: on && strategy == "epoch",
-            at_end: on && setup.cfg.do_eval == Some(true),
+            // An evaluation strategy implies `do_eval` (the HF Trainer's `__post_init__`), and
+            // LLaMA-Factory evaluates once more after training when `do_eval` is set.
+            at_end: on,
             steps_per_epoch: steps_per_epoch.max(1),
             total,
+            // Each evaluation batch runs the plan's pass with its backward (see
+            // `Engine::held_out_loss`), so by default it is no larger than a training
+            // micro-batch; `per_device_eval_batch_size` sets it.
             batch: setup
                 .cfg
                 .per_device_eval_batch_size
                 .map(|b| b as usize)
-                .unwrap_or(DEFAULT_EVAL_BATCH)
+                .unwrap_or(setup.plan.micro_batch as usize)
                 .max(1),
             points: Vec::new(),
         }
     }
 
-    /// True when step `done` (1-based) ends with an evaluation.
+    /// True when step `done` (1-based) ends with an evaluation: every `eval_steps`, at each
+    /// epoch's end, and once after the last step (unless the last periodic one fell on it).
     pub fn due(&self, done: u64) -> bool {
         self.every.is_some_and(|e| done.is_multiple_of(e))
             || (self.per_epoch && (done.is_multiple_of(self.steps_per_epoch) || done == self.total))

@@ -258,7 +258,8 @@ pub fn train<B: TrainBackend>(
             });
         }
         window.step(done, &out, tokens, lr, scaling.scale())?;
-        if held_out.due(done) {
+        // A stop request checkpoints first: an evaluation could outlast the kill grace period.
+        if held_out.due(done) && !out.signals.stop {
             let eval_loss = held_out.evaluate(setup, &mut eng, par.rank, par.world, done)?;
             window.eval(done, eval_loss)?;
         }

@@ -359,6 +359,16 @@ pub fn resolve(
             .ok_or_else(|| anyhow!("training config field `output_dir` is required"))?,
     );
     let (samples, held_out) = split_held_out(samples, cfg.val_size, seed)?;
+    if held_out.is_empty()
+        && !items(&cfg.eval_dataset).is_empty()
+        && matches!(cfg.eval_strategy.as_deref(), Some("steps" | "epoch"))
+    {
+        warnings.push(
+            "eval_strategy: eval_dataset is scored by exact match at the end, its loss is not \
+             computed during training; hold rows out with val_size for an eval_loss"
+                .into(),
+        );
+    }
     if !held_out.is_empty() && !evaluates_loss(&cfg) {
         warnings.push(format!(
             "val_size holds out {} rows that are never evaluated: set eval_strategy (steps or \
