@@ -14,11 +14,7 @@ T=${2:-2}
 OUT=bench/train-step/results.jsonl
 large="--hidden 768 --layers 12 --heads 12 --kv-heads 4 --intermediate 2048 --vocab 32000 --batch 2 --seq 512"
 stamp=$(date -u +%FT%TZ)
-run() { # label command...
-  local line
-  line=$("${@:2}" | tail -1)
-  echo "{\"when\":\"$stamp\",\"config\":\"$1\",\"result\":$line}" | tee -a "$OUT"
-}
+source bench/train-step/lib.sh
 for round in $(seq "$R"); do
   for arch in llama qwen3; do
     run "large-$arch-r$round" env RAYON_NUM_THREADS=$T "$BIN" $large --arch $arch --steps 3

@@ -14,11 +14,7 @@ OUT=bench/train-step/results.jsonl
 small="--hidden 256 --layers 4 --heads 4 --kv-heads 4 --intermediate 688 --vocab 512 --batch 8 --seq 128"
 large="--hidden 768 --layers 12 --heads 12 --kv-heads 4 --intermediate 2048 --vocab 32000 --batch 2 --seq 512"
 stamp=$(date -u +%FT%TZ)
-run() { # label command...
-  local line
-  line=$("${@:2}" | tail -1)
-  echo "{\"when\":\"$stamp\",\"config\":\"$1\",\"result\":$line}" | tee -a "$OUT"
-}
+source bench/train-step/lib.sh
 for cfg in small large; do
   flags=${!cfg}
   steps=5; [ "$cfg" = large ] && steps=3

@@ -1,6 +1,6 @@
 //! The `trainer` subcommands that run the model: train, eval, generate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow};
 use clap::Parser;
@@ -227,22 +227,11 @@ pub fn generate(args: GenerateArgs) -> Result<(), RunError> {
         .map_err(usage)?;
     let template =
         Template::by_name(&args.template).map_err(|e| usage(anyhow!("--template: {e}")))?;
-    let adapter = match &args.adapter {
-        Some(dir) => Some(lora::load_adapter(dir, &m.config).map_err(usage)?),
-        None => None,
-    };
     let prompt = template
         .encode_generation_prompt(&tok, None, &[], &args.prompt)
         .map_err(usage)?;
     let device = Default::default();
-    let model = Llama::<CpuBackend>::new(
-        &m.config,
-        &m.params,
-        false,
-        adapter.as_ref().map(|(l, a)| (l, a)),
-        &device,
-    )
-    .map_err(failed)?;
+    let model = model_on::<CpuBackend>(&m, args.adapter.as_deref(), &device)?;
     let stops = template.stop_token_ids(&tok);
     let out =
         ringmaster_model::generate::greedy(&model, &[prompt], args.max_new_tokens, &stops, &device)
@@ -349,19 +338,8 @@ pub fn logits(args: LogitsArgs) -> Result<(), RunError> {
     }
     let b = rows.len();
     let ids: Vec<u32> = rows.concat();
-    let adapter = match &args.adapter {
-        Some(dir) => Some(lora::load_adapter(dir, &m.config).map_err(usage)?),
-        None => None,
-    };
     let device = Default::default();
-    let model = Llama::<CpuBackend>::new(
-        &m.config,
-        &m.params,
-        false,
-        adapter.as_ref().map(|(l, a)| (l, a)),
-        &device,
-    )
-    .map_err(failed)?;
+    let model = model_on::<CpuBackend>(&m, args.adapter.as_deref(), &device)?;
     let inp =
         ringmaster_model::Inputs::<CpuBackend>::causal(&m.config, b, t, &ids, &vec![t; b], &device)
             .map_err(usage)?;
@@ -482,4 +460,25 @@ pub fn init_model(args: InitArgs) -> Result<(), RunError> {
         );
     }
     Ok(())
+}
+
+/// The model of a loaded Hugging Face directory on `device`, with a PEFT adapter applied when given
+/// (`trainer generate`, `trainer logits`).
+fn model_on<B: ringmaster_model::fused::Fused>(
+    m: &hf::HfModel,
+    adapter: Option<&Path>,
+    device: &B::Device,
+) -> Result<Llama<B>, RunError> {
+    let adapter = match adapter {
+        Some(dir) => Some(lora::load_adapter(dir, &m.config).map_err(usage)?),
+        None => None,
+    };
+    Llama::<B>::new(
+        &m.config,
+        &m.params,
+        false,
+        adapter.as_ref().map(|(l, a)| (l, a)),
+        device,
+    )
+    .map_err(failed)
 }
