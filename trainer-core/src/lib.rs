@@ -24,6 +24,8 @@
 //! - [`export`] — `trainer export`: a Hugging Face directory from a checkpoint of any layout.
 //! - [`collective_cli`] — `trainer collective`: one rank of a collective benchmark or check.
 //! - [`data_cli`] — `trainer tokenizer train`, `trainer data addition`.
+//! - [`rows_cli`] — `trainer rows`: the rows a step trains on, and the starting weights' loss
+//!   on them (checked against the logged loss and against transformers).
 //! - [`load_config`] — reads and validates a training config (`ringmaster-config`).
 
 pub mod collective_cli;
@@ -33,6 +35,7 @@ pub mod dist;
 pub mod export;
 pub mod progress;
 pub mod rendezvous;
+pub mod rows_cli;
 pub mod run;
 pub mod signals;
 pub mod train;

@@ -10,6 +10,8 @@
 //! `trainer export CHECKPOINT --out DIR [--merge-lora]`: a Hugging Face directory from a
 //! sharded checkpoint, streamed one tensor at a time.
 //! `trainer init-model`, `trainer logits`: random HF models and their logits (HF parity checks).
+//! `trainer rows --step S --world N [--loss] --out FILE -- RECIPE ...`: the rows a step trains
+//! on (and the starting weights' loss on them).
 //! `trainer device-info [--request auto|cpu|cuda]`: the device and CUDA libraries, as JSON.
 
 use std::path::PathBuf;
@@ -124,6 +126,13 @@ fn main() -> ExitCode {
         argv.remove(1);
         let args = ringmaster_trainer::run::LogitsArgs::parse_from(argv);
         return exit(ringmaster_trainer::run::logits(args));
+    }
+    if sub.as_deref() == Some("rows") {
+        argv.remove(1);
+        let args = ringmaster_trainer::rows_cli::RowsArgs::parse_from(argv);
+        return exit(ringmaster_model::host::on_compute_pool(|| {
+            ringmaster_trainer::rows_cli::rows(args)
+        }));
     }
     if sub.as_deref() == Some("init-model") {
         argv.remove(1);

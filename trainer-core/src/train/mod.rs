@@ -142,6 +142,25 @@ pub fn total_steps(setup: &Setup, steps_per_epoch: u64) -> u64 {
     }
 }
 
+/// How `world` ranks split each global batch, and the order of the samples over the epochs:
+/// together they say which rows every rank trains on at every step (`trainer rows`).
+///
+/// # Errors
+/// A batch size of zero, or no samples.
+pub fn data_order(setup: &Setup, world: usize) -> Result<(RankLayout, Sampler)> {
+    let layout = RankLayout::new(
+        setup.plan.micro_batch as usize,
+        setup.plan.grad_accum as usize,
+        world,
+    )?;
+    // disable_shuffling: every epoch visits the samples in the merged dataset order.
+    let sampler = Sampler::new(SamplerConfig {
+        shuffle: !setup.cfg.disable_shuffling.unwrap_or(false),
+        ..SamplerConfig::new(setup.samples.len(), layout.global_batch_size(), setup.seed)
+    })?;
+    Ok((layout, sampler))
+}
+
 /// Trains `setup` on this rank with the model on `device` of backend `B`. Rank 0 writes the
 /// log, the plots and the saved model.
 pub fn train<B: TrainBackend>(
@@ -150,16 +169,7 @@ pub fn train<B: TrainBackend>(
     device: B::Device,
 ) -> Result<Summary> {
     let plan = setup.plan.clone();
-    let layout = RankLayout::new(
-        plan.micro_batch as usize,
-        plan.grad_accum as usize,
-        par.world,
-    )?;
-    // disable_shuffling: every epoch visits the samples in the merged dataset order.
-    let sampler = Sampler::new(SamplerConfig {
-        shuffle: !setup.cfg.disable_shuffling.unwrap_or(false),
-        ..SamplerConfig::new(setup.samples.len(), layout.global_batch_size(), setup.seed)
-    })?;
+    let (layout, sampler) = data_order(setup, par.world)?;
     let spe = sampler.steps_per_epoch();
     let total = total_steps(setup, spe);
     let sched = Scheduler {
