@@ -89,6 +89,13 @@ with open(out, "w") as f:
     for key in sorted(entries):
         kind, effect = entries[key]
         f.write(f'    KeyInfo {{ key: "{key}", kind: Kind::{kind}, effect: Effect::{effect} }},\n')
+    f.write("];\n\n")
+    # HfArgumentParser adds `--no_KEY` (store_false) for every bool field whose default is True.
+    negatable = sorted(r[0] for r in rows("catalogue.tsv") if "bool" in r[2] and r[3] == "True")
+    f.write("/// Bool keys whose default is true: HfArgumentParser also accepts `--no_KEY` for them.\n")
+    f.write("pub const DEFAULT_TRUE_BOOLS: &[&str] = &[\n")
+    for key in negatable:
+        f.write(f'    "{key}",\n')
     f.write("];\n")
 meta = {r[0]: r for r in rows("catalogue.tsv")}
 why = {r[0]: r[2] for r in rows("default_only.tsv")}

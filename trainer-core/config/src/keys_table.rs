@@ -416,3 +416,33 @@ pub const CATALOGUE: &[KeyInfo] = &[
     KeyInfo { key: "warmup_steps", kind: Kind::Int, effect: Effect::Modeled },
     KeyInfo { key: "weight_decay", kind: Kind::Float, effect: Effect::Modeled },
 ];
+
+/// Bool keys whose default is true: HfArgumentParser also accepts `--no_KEY` for them.
+pub const DEFAULT_TRUE_BOOLS: &[&str] = &[
+    "average_tokens_across_devices",
+    "dataloader_in_order",
+    "dataloader_pin_memory",
+    "do_sample",
+    "double_quantization",
+    "enable_thinking",
+    "eval_do_concat_batches",
+    "freeze_multi_modal_projector",
+    "freeze_vision_tower",
+    "ignore_pad_token_for_loss",
+    "log_on_each_node",
+    "logging_nan_inf_filter",
+    "low_cpu_mem_usage",
+    "overlap_grad_reduce",
+    "overlap_param_gather",
+    "profiler_profile_memory",
+    "profiler_record_shapes",
+    "profiler_with_stack",
+    "remove_unused_columns",
+    "save_safetensors",
+    "skip_memory_metrics",
+    "skip_special_tokens",
+    "use_distributed_optimizer",
+    "use_fast_tokenizer",
+    "use_kv_cache",
+    "use_reentrant_gc",
+];

@@ -62,6 +62,22 @@ impl CommandLine {
                     },
                 };
                 let key = key.replace('-', "_");
+                // HfArgumentParser's `--no_KEY` (store_false) for a bool key whose default is
+                // true: a bare flag that sets KEY to false.
+                if let Some(negated) = key.strip_prefix("no_")
+                    && !keys::is_known(&key)
+                    && keys::DEFAULT_TRUE_BOOLS.contains(&negated)
+                {
+                    if value.is_some() {
+                        return Err(bad(
+                            &written,
+                            format!("`--{key}` takes no value (it sets `{negated}` to false)"),
+                        ));
+                    }
+                    out.push(negated.to_owned(), Value::Bool(false), written)?;
+                    i += 1;
+                    continue;
+                }
                 let value = match value {
                     Some(v) => scalar(&key, &v, &written)?,
                     None => match keys::kind_of(&key) {
@@ -215,6 +231,31 @@ mod tests {
                    "plot_loss": true, "overwrite_cache": false, "seed": 7,
                    "lora_target": "q_proj,v_proj", "fp16": true})
         );
+    }
+
+    #[test]
+    fn no_flag_sets_a_default_true_bool_to_false() {
+        let cl = CommandLine::parse(&args(&[
+            "r.yaml",
+            "--no_enable_thinking",
+            "--no-use-fast-tokenizer",
+        ]))
+        .unwrap();
+        let mut map = Map::new();
+        cl.apply(&mut map);
+        assert_eq!(
+            Value::Object(map),
+            json!({"enable_thinking": false, "use_fast_tokenizer": false})
+        );
+        // Only bool keys whose default is true have a `--no_` form, and it takes no value.
+        for (a, want) in [
+            (&["--no_bf16"][..], "unknown key `no_bf16`"),
+            (&["--no_enable_thinking", "x"][..], "takes no value"),
+            (&["--no_enable_thinking=1"][..], "takes no value"),
+        ] {
+            let e = CommandLine::parse(&args(a)).unwrap_err().to_string();
+            assert!(e.contains(want), "{a:?}: {e}");
+        }
     }
 
     #[test]

@@ -223,10 +223,11 @@ pub struct ShareGptColumns {
     pub user_tag: String,
     /// The assistant role (default `gpt`).
     pub assistant_tag: String,
-    /// The tool-result role (default `observation`; such turns are refused for now).
-    pub observation_tag: String,
-    /// The function-call role (default `function_call`; such turns are refused for now).
-    pub function_tag: String,
+    /// The tool-result role (default `observation`; such turns are refused for now; `None`: no
+    /// such role, as when `tags` leaves it out).
+    pub observation_tag: Option<String>,
+    /// The function-call role (default `function_call`; refused like `observation_tag`).
+    pub function_tag: Option<String>,
     /// The system role of a leading message (default `system`; `None`: no such message).
     pub system_tag: Option<String>,
 }
@@ -243,8 +244,8 @@ impl Default for ShareGptColumns {
             content_tag: "value".into(),
             user_tag: "human".into(),
             assistant_tag: "gpt".into(),
-            observation_tag: "observation".into(),
-            function_tag: "function_call".into(),
+            observation_tag: Some("observation".into()),
+            function_tag: Some("function_call".into()),
             system_tag: Some("system".into()),
         }
     }
@@ -796,16 +797,12 @@ fn parse_sharegpt(
     }
     let system = system.filter(|s| !s.is_empty());
     let tools = ctx.tools(obj, c.tools.as_deref())?;
-    if let Some((i, role, _)) = rest
-        .iter()
-        .find(|(_, role, _)| *role == c.function_tag || *role == c.observation_tag)
-    {
+    if let Some((i, role, _)) = rest.iter().find(|(_, role, _)| {
+        Some(role) == c.function_tag.as_ref() || Some(role) == c.observation_tag.as_ref()
+    }) {
         return Err(ctx.field_err(
             format!("{}[{i}].{}", c.messages, c.role_tag),
-            format!(
-                "function-call and tool-result turns (`{}`, `{}`) are not supported yet; found                  `{role}`",
-                c.function_tag, c.observation_tag
-            ),
+            format!("function-call and tool-result turns are not supported yet; found `{role}`"),
         ));
     }
     if rest.is_empty() {

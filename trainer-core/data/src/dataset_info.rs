@@ -22,6 +22,12 @@
 //! - `tags`: `role_tag`, `content_tag`, `user_tag`, `assistant_tag`, `observation_tag`,
 //!   `function_tag`, `system_tag`.
 //!
+//! As in LLaMA-Factory, an entry that has `columns` (or `tags`) replaces every default of that
+//! section: a name it leaves out is off (`query` of alpaca, `system_tag` of sharegpt, ...). A
+//! left-out name without which no row can be read (`prompt`, `response`, `messages`,
+//! `role_tag`, `content_tag`, `user_tag`, `assistant_tag`) is an error naming it, where
+//! LLaMA-Factory would drop every row.
+//!
 //! Other keys, at the top or inside `columns`/`tags`, are ignored, as LLaMA-Factory ignores
 //! them. Without an entry of that name, a dataset item may be a path to a file (ours, not
 //! LLaMA-Factory's): alpaca for `sft`, text for `pt`.
@@ -184,6 +190,9 @@ fn from_entry(
     };
     let columns = object("columns")?;
     let tags = object("tags")?;
+    // LLaMA-Factory's DatasetAttr.join: once an entry has `columns` (or `tags`), every name of
+    // that section it leaves out is None, not the default.
+    let given = |section: &str| matches!(entry.get(section), Some(Value::Object(_)));
     for key in ["images", "videos", "audios", "kto_tag"] {
         if let Some(Value::String(col)) = columns.get(key) {
             return Err(bad(format!(
@@ -196,13 +205,15 @@ fn from_entry(
             )));
         }
     }
-    // A column: absent keeps the default, null turns it off, a string renames it.
+    // A column: absent keeps the default (turns it off when the section is given), null turns
+    // it off, a string renames it.
     let column = |obj: &Map<String, Value>,
                   section: &str,
                   key: &str,
                   slot: &mut Option<String>|
      -> Result<()> {
         match obj.get(key) {
+            None if given(section) => *slot = None,
             None => {}
             Some(Value::Null) => *slot = None,
             Some(Value::String(s)) => *slot = Some(s.clone()),
@@ -220,7 +231,16 @@ fn from_entry(
         |obj: &Map<String, Value>, section: &str, key: &str, slot: &mut String| -> Result<()> {
             let mut v = Some(slot.clone());
             column(obj, section, key, &mut v)?;
-            *slot = v.ok_or_else(|| bad(format!("`{section}.{key}` cannot be null")))?;
+            *slot = v.ok_or_else(|| {
+                bad(if obj.contains_key(key) {
+                    format!("`{section}.{key}` cannot be null")
+                } else {
+                    format!(
+                        "`{section}` leaves out `{key}`; LLaMA-Factory then reads none (a given \
+                         `{section}` replaces every default), so name it"
+                    )
+                })
+            })?;
             Ok(())
         };
     let format = match (formatting, stage) {
@@ -261,11 +281,11 @@ fn from_entry(
                 ("content_tag", &mut c.content_tag),
                 ("user_tag", &mut c.user_tag),
                 ("assistant_tag", &mut c.assistant_tag),
-                ("observation_tag", &mut c.observation_tag),
-                ("function_tag", &mut c.function_tag),
             ] {
                 required(tags, "tags", key, slot)?;
             }
+            column(tags, "tags", "observation_tag", &mut c.observation_tag)?;
+            column(tags, "tags", "function_tag", &mut c.function_tag)?;
             column(tags, "tags", "system_tag", &mut c.system_tag)?;
             DatasetFormat::ShareGpt(c)
         }
@@ -312,7 +332,9 @@ mod tests {
         let dir = dir_with(
             r#"{"plain": {"file_name": "a.jsonl"},
                 "full": {"file_name": "a.jsonl", "description": "ignored",
-                         "columns": {"system": "system", "history": "history", "tools": "tools", "whatever": 1}},
+                         "columns": {"prompt": "instruction", "response": "output", "system": "system",
+                                     "history": "history", "tools": "tools", "whatever": 1}},
+                "no_prompt": {"file_name": "a.jsonl", "columns": {"response": "output"}},
                 "renamed": {"file_name": "b.json", "columns": {"prompt": "q", "query": null, "response": "r"}}}"#,
             &[
                 ("a.jsonl", row),
@@ -327,15 +349,57 @@ mod tests {
         };
         // LLaMA-Factory's DatasetAttr has no system/history/tools column by default.
         assert_eq!(conv(&load("plain")[0]), &Conversation::single("i\nx", "o"));
+        // A given `columns` replaces every default: `query` is left out, so `input` is not read.
         assert_eq!(
             conv(&load("full")[0]),
             &Conversation {
                 system: Some("S".into()),
-                turns: vec![Turn::new("u", "a"), Turn::new("i\nx", "o")],
+                turns: vec![Turn::new("u", "a"), Turn::new("i", "o")],
                 tools: Some("[]".into()),
             }
         );
         assert_eq!(conv(&load("renamed")[0]), &Conversation::single("Q", "R"));
+        let err = resolve_dataset("no_prompt", dir.path(), Stage::Sft)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("dataset `no_prompt`") && err.contains("`columns` leaves out `prompt`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn given_tags_replace_every_default_tag() {
+        // As mllm_demo in LLaMA-Factory's dataset_info.json: tags without `system_tag`, so a
+        // leading `system` message is not a system prompt (LLaMA-Factory drops such a row as
+        // broken; here it is an error naming it), and without `role_tag` nothing can be read.
+        let dir = dir_with(
+            r#"{"m": {"file_name": "m.jsonl", "formatting": "sharegpt",
+                      "columns": {"messages": "messages"},
+                      "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}},
+                "bad": {"file_name": "m.jsonl", "formatting": "sharegpt", "tags": {"content_tag": "content"}}}"#,
+            &[(
+                "m.jsonl",
+                concat!(
+                    r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}"#,
+                    "\n",
+                    r#"{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}"#,
+                ),
+            )],
+        );
+        let err = resolve_dataset("m", dir.path(), Stage::Sft)
+            .unwrap()
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2: field `messages[0].role`") && err.contains("found `system`"),
+            "{err}"
+        );
+        let err = resolve_dataset("bad", dir.path(), Stage::Sft)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`tags` leaves out `role_tag`"), "{err}");
     }
 
     #[test]
@@ -476,7 +540,7 @@ mod tests {
     #[test]
     fn row_errors_name_dataset_file_and_row() {
         let dir = dir_with(
-            r#"{"s": {"file_name": "s.jsonl", "formatting": "sharegpt", "columns": {"tools": "tools"}}}"#,
+            r#"{"s": {"file_name": "s.jsonl", "formatting": "sharegpt", "columns": {"messages": "conversations", "tools": "tools"}}}"#,
             &[(
                 "s.jsonl",
                 concat!(
