@@ -339,11 +339,18 @@ fn val_size_holds_out_rows_and_logs_their_loss() {
     use ringmaster_model::{CpuBackend, Inputs, Llama, model::cross_entropy};
     let dir = tempfile::tempdir().unwrap();
     fixture(dir.path());
-    let mut s = setup(
+    // val_size and eval_dataset are refused together, as LLaMA-Factory refuses them.
+    let path = config(
         dir.path(),
         "val_size: 0.25\neval_strategy: steps\neval_steps: 3\nplot_loss: true\n\
          per_device_eval_batch_size: 48\n",
     );
+    let err = ringmaster_trainer::load_config(&path).unwrap_err().to_string();
+    assert!(err.contains("val_size") && err.contains("eval_dataset"), "{err}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("eval_dataset: addition_eval\n", "")).unwrap();
+    let cfg = ringmaster_trainer::load_config(&path).unwrap();
+    let mut s = train::resolve(cfg, &path, 1, 1).unwrap();
     assert_eq!((s.samples.len(), s.held_out.len()), (384, 128));
     let summary =
         train::train::<CpuAutodiff>(&mut s, &mut Parallel::single(), Default::default()).unwrap();
@@ -385,6 +392,28 @@ fn val_size_holds_out_rows_and_logs_their_loss() {
         ((logged - direct) / direct).abs() < 1e-5,
         "logged {logged}, direct {direct}"
     );
+}
+
+/// `eval_dataset` with an eval strategy: its rows, preprocessed as training rows, give the
+/// `eval_loss` during training (as in LLaMA-Factory), and the exact-match score at the end stays.
+#[test]
+fn eval_dataset_gives_the_eval_loss_under_an_eval_strategy() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let plain = setup(dir.path(), "");
+    assert!(plain.held_out.is_empty());
+    let mut s = setup(dir.path(), "eval_strategy: steps\neval_steps: 3\n");
+    assert_eq!(s.samples.len(), plain.samples.len(), "training rows unchanged");
+    assert_eq!(s.held_out.len(), s.eval.len());
+    assert!(!s.held_out.is_empty());
+    // Each evaluation row is the eval set's conversation, encoded as a training row.
+    assert!(s.held_out.iter().all(|r| r.num_targets() > 0));
+    let summary =
+        train::train::<CpuAutodiff>(&mut s, &mut Parallel::single(), Default::default()).unwrap();
+    let steps: Vec<u64> = summary.eval_losses.iter().map(|p| p.0).collect();
+    assert_eq!(steps, vec![3, 6]);
+    assert!(summary.eval_losses.iter().all(|p| p.1.is_finite() && p.1 > 0.0));
+    assert!(summary.eval.is_some(), "exact match still runs");
 }
 
 /// `save_only_model`: checkpoints hold the parameters only (no AdamW moments), the manifest

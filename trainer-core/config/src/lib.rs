@@ -163,12 +163,14 @@ pub struct TrainConfig {
     /// Initialise the model's weights instead of reading them (LLaMA-Factory's
     /// `train_from_scratch`): `model_name_or_path` then needs only config.json + tokenizer.json.
     pub train_from_scratch: Option<bool>,
-    /// Held-out datasets, scored at the end of training by exact match of greedy answers
-    /// (`predict_with_generate`). Unlike LLaMA-Factory, their loss is not computed during
-    /// training; `val_size` rows are (see `eval_strategy`).
+    /// Evaluation datasets. With `eval_strategy` (or `do_eval`) their loss is computed during
+    /// training, as LLaMA-Factory does (sft: the rows preprocessed as the training rows are);
+    /// either way they are also scored at the end by exact match of greedy answers.
+    /// Refused together with `val_size`, as LLaMA-Factory refuses the pair.
     pub eval_dataset: Option<StringOrList>,
-    /// `no`, `steps` or `epoch`: when the loss of the `val_size` rows is computed (every
-    /// `eval_steps`, or at each epoch's end; and once after the last step).
+    /// `no`, `steps` or `epoch`: when the loss of the evaluation rows (`val_size` or
+    /// `eval_dataset`) is computed (every `eval_steps`, or at each epoch's end; and once after
+    /// the last step).
     pub eval_strategy: Option<String>,
     /// Evaluate by greedy generation and exact match against the reference answers.
     pub predict_with_generate: Option<bool>,
@@ -626,6 +628,21 @@ impl TrainConfig {
             && !(0.0..=1.0).contains(&r)
         {
             return Err(field("warmup_ratio", format!("must be in [0, 1], got {r}")));
+        }
+        // LLaMA-Factory's DataArguments refuse the pair: the evaluation rows come from one or
+        // the other.
+        if self.val_size.is_some_and(|v| v > 1e-6)
+            && self
+                .eval_dataset
+                .as_ref()
+                .is_some_and(|d| !d.items().is_empty())
+        {
+            return Err(field(
+                "val_size",
+                "cannot be given with eval_dataset (as in LLaMA-Factory): the evaluation rows \
+                 come from one or the other"
+                    .to_string(),
+            ));
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
-//! The held-out loss (`val_size` with `eval_strategy` / `eval_steps` / `do_eval`), as the HF
-//! Trainer computes `eval_loss`: when the strategy says, every rank runs its share of the
-//! held-out rows through the engine's own pass ([`Engine::held_out_loss`]), batches of
+//! The held-out loss (`val_size` rows or `eval_dataset`, with `eval_strategy` / `eval_steps` /
+//! `do_eval`), as the HF Trainer computes `eval_loss`: when the strategy says, every rank runs
+//! its share of the held-out rows through the engine's own pass ([`Engine::held_out_loss`]), batches of
 //! `per_device_eval_batch_size` rows per rank (default: the training micro-batch, since the
 //! pass keeps its backward's activations); rank 0 logs `{"step", "epoch", "eval_loss"}`
 //! to `trainer_log.jsonl` and the console (`report::Window::eval`), and the points are plotted at the end

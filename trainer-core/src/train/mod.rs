@@ -10,7 +10,7 @@
 //! Layout: [`engine`] (the step), [`setup`] (config → model, data, tokenizer), [`resume`]
 //! (checkpoint candidates and loading), [`checkpoint`] (sharded save/load, commit, prune),
 //! [`report`] (log window, memory report, end of run), [`eval`] (exact match), [`held_out`]
-//! (the `val_size` evaluation loss), [`loader`] (batches collated ahead by
+//! (the `val_size` / `eval_dataset` evaluation loss), [`loader`] (batches collated ahead by
 //! `dataloader_num_workers` threads), [`data_cache`] (tokenized-data cache).
 
 pub mod checkpoint;
@@ -81,7 +81,7 @@ pub struct Summary {
     pub tokens_per_s: f64,
     /// Exact-match evaluation at the end, when `eval_dataset` is set.
     pub eval: Option<eval::EvalResult>,
-    /// (step, eval_loss) of every held-out evaluation (`val_size`) of this run.
+    /// (step, eval_loss) of every held-out evaluation (`val_size` or `eval_dataset`) of this run.
     pub eval_losses: Vec<(u64, f64)>,
 }
 

@@ -9,7 +9,9 @@ use ringmaster_config::{Plan, TrainConfig};
 use ringmaster_data::batch::Sample;
 use ringmaster_data::dataset::{DatasetSpec, Record};
 use ringmaster_data::mix::{DatasetRows, MixConfig, select_and_merge};
-use ringmaster_data::preprocess::{PreprocessConfig, Selection, Stage, load_and_preprocess};
+use ringmaster_data::preprocess::{
+    PreprocessConfig, Selection, Stage, load_and_preprocess, preprocess_parallel,
+};
 use ringmaster_data::template::Template;
 use ringmaster_data::tokenizer::Tokenizer;
 use ringmaster_model::hf::{self, CONFIG_FILE};
@@ -57,7 +59,8 @@ pub struct Setup {
     pub samples: std::sync::Arc<Vec<Sample>>,
     /// Held-out examples (`eval_dataset`).
     pub eval: Vec<EvalExample>,
-    /// Rows held out of the training set by `val_size`, for the evaluation loss.
+    /// The rows of the evaluation loss: held out of the training set by `val_size`, or
+    /// `eval_dataset` preprocessed as training rows (when an eval strategy or `do_eval` asks).
     pub held_out: Vec<Sample>,
     /// Where results go.
     pub output_dir: PathBuf,
@@ -311,7 +314,7 @@ pub fn resolve(
             .map_err(|e| anyhow!("training config field `eval_dataset`: {e}"))?
     };
     let mut eval = Vec::new();
-    for (origin, rec) in eval_rows {
+    for (origin, rec) in &eval_rows {
         {
             let Record::Conversation(c) = rec else {
                 bail!("{origin}: evaluation needs conversations (alpaca or sharegpt)");
@@ -358,16 +361,22 @@ pub fn resolve(
             .clone()
             .ok_or_else(|| anyhow!("training config field `output_dir` is required"))?,
     );
-    let (samples, held_out) = split_held_out(samples, cfg.val_size, seed)?;
-    if held_out.is_empty()
-        && !items(&cfg.eval_dataset).is_empty()
-        && matches!(cfg.eval_strategy.as_deref(), Some("steps" | "epoch"))
-    {
-        warnings.push(
-            "eval_strategy: eval_dataset is scored by exact match at the end, its loss is not \
-             computed during training; hold rows out with val_size for an eval_loss"
-                .into(),
-        );
+    let (samples, mut held_out) = split_held_out(samples, cfg.val_size, seed)?;
+    // eval_dataset's loss (LLaMA-Factory preprocesses the evaluation set as the training set and
+    // the HF Trainer computes its loss); val_size and eval_dataset never come together.
+    if !eval_rows.is_empty() && evaluates_loss(&cfg) {
+        if stage == Stage::Sft {
+            let records: Vec<Record> = eval_rows.iter().map(|(_, r)| r.clone()).collect();
+            held_out = preprocess_parallel(&records, &template, &tokenizer, &pcfg, workers)
+                .map_err(|e| anyhow!("training config field `eval_dataset`: {e}"))?
+                .samples;
+        } else {
+            warnings.push(
+                "eval_dataset: its loss is computed for stage sft only; under pt it is scored by \
+                 exact match at the end"
+                    .into(),
+            );
+        }
     }
     if !held_out.is_empty() && !evaluates_loss(&cfg) {
         warnings.push(format!(

@@ -533,7 +533,7 @@ impl<'c, B: TrainBackend> Engine<'c, B> {
         })
     }
 
-    /// The loss of a held-out batch (`val_size`) under the current weights, agreed over the
+    /// The loss of a held-out batch (`val_size`, `eval_dataset`) under the current weights, agreed over the
     /// job; weights, optimizer state and the loss scaler are untouched. It runs the plan's own
     /// pass (forward and backward, and the gradient collectives every rank makes in it) without
     /// dropout, then discards the gradients: one code path for every plan, at the price of a
