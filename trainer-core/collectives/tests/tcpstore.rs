@@ -515,6 +515,22 @@ fn total_bytes_and_connections_are_bounded() {
 }
 
 #[test]
+fn a_connection_that_never_validates_is_closed() {
+    let limits = StoreLimits {
+        validate_timeout: Duration::from_millis(200),
+        ..StoreLimits::default()
+    };
+    let s = TcpStoreServer::bind_with("127.0.0.1:0", limits).unwrap();
+    let mut silent = TcpStream::connect(s.local_addr()).unwrap();
+    let mut validated = raw(&s);
+    let start = Instant::now();
+    assert!(closed_within(&mut silent, 2 * SECOND));
+    assert!(start.elapsed() < SECOND, "{:?}", start.elapsed());
+    // Past VALIDATE there is no read timeout (clients wait as long as they like).
+    assert!(!closed_within(&mut validated, Duration::from_millis(400)));
+}
+
+#[test]
 fn a_half_sent_request_wedges_no_one() {
     let s = server();
     let mut r = raw(&s);

@@ -76,10 +76,11 @@
 //! The server is a network service; a request over a bound closes that connection (no reply,
 //! nothing logged, other connections unaffected): [`MAX_KEY_LEN`], [`MAX_VALUE_LEN`] (also
 //! the size an APPEND may grow a value to), [`MAX_KEYS_PER_REQUEST`], [`MAX_TOTAL_BYTES`]
-//! (keys and values held), [`MAX_CONNECTIONS`] (a connection over it is closed at once).
+//! (keys and values held), [`MAX_CONNECTIONS`] (a connection over it is closed at once),
+//! [`VALIDATE_TIMEOUT`] (to send the first request).
 //! [`StoreLimits`] changes them. (torch's libuv server allows 8 KiB keys, 8 MiB values,
-//! 128 Ki keys per request.) Connections have no read timeout: a client may wait for keys as
-//! long as it likes, and one that stops halfway through a request holds up only its own
+//! 128 Ki keys per request.) Validated connections have no read timeout: a client may wait for
+//! keys as long as it likes, and one that stops halfway through a request holds up only its own
 //! connection's thread.
 
 mod client;
@@ -88,6 +89,8 @@ mod wire;
 
 pub use client::{TcpStoreClient, TcpStoreOptions};
 pub use server::TcpStoreServer;
+
+use std::time::Duration;
 
 /// Longest key, in bytes (as sent: with the `"/"` and the prefix).
 pub const MAX_KEY_LEN: usize = 4 * 1024;
@@ -99,6 +102,9 @@ pub const MAX_KEYS_PER_REQUEST: usize = 4096;
 pub const MAX_TOTAL_BYTES: usize = 1024 * 1024 * 1024;
 /// Most open connections to a server.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// How long a new connection has to send its VALIDATE (torch's clients send it at once); a
+/// silent one is closed, so idle scanners do not hold connection slots.
+pub const VALIDATE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The bounds a [`TcpStoreServer`] enforces; [`Default`] is the `MAX_*` constants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +114,7 @@ pub struct StoreLimits {
     pub max_keys_per_request: usize,
     pub max_total_bytes: usize,
     pub max_connections: usize,
+    pub validate_timeout: Duration,
 }
 
 impl Default for StoreLimits {
@@ -118,6 +125,7 @@ impl Default for StoreLimits {
             max_keys_per_request: MAX_KEYS_PER_REQUEST,
             max_total_bytes: MAX_TOTAL_BYTES,
             max_connections: MAX_CONNECTIONS,
+            validate_timeout: VALIDATE_TIMEOUT,
         }
     }
 }

@@ -399,9 +399,12 @@ fn serve(shared: &Shared, conn: &Arc<Conn>) {
 /// Serves one connection until it closes or breaks the protocol.
 fn session(shared: &Shared, conn: &Arc<Conn>) -> Result<(), Close> {
     let mut r = BufReader::with_capacity(64 * 1024, &conn.stream);
+    let validate_timeout = shared.limits.validate_timeout.max(Duration::from_millis(1));
+    conn.stream.set_read_timeout(Some(validate_timeout))?;
     if read_u8(&mut r)? != query::VALIDATE || read_u32(&mut r)? != VALIDATION_MAGIC {
         return Err(Close::Violation);
     }
+    conn.stream.set_read_timeout(None)?;
     loop {
         let q = read_u8(&mut r)?;
         request(shared, conn, &mut r, q)?;
