@@ -78,16 +78,22 @@ struct Conn {
 impl Conn {
     /// Sends `reply` after any owed STOP_WAITING (blocking, up to [`REPLY_WRITE_TIMEOUT`]).
     fn reply(&self, reply: &[u8]) -> std::io::Result<()> {
-        let _g = lock(&self.write_lock);
+        let g = lock(&self.write_lock);
         let owed = self.owed.swap(0, Ordering::SeqCst) as usize;
         let mut s = &self.stream;
-        if owed == 0 {
+        let sent = if owed == 0 {
             s.write_all(reply)
         } else {
             let mut buf = vec![STOP_WAITING; owed];
             buf.extend_from_slice(reply);
             s.write_all(&buf)
+        };
+        drop(g);
+        // One owed while this wrote (a client that sent more after WAIT) found the lock taken.
+        if self.owed.load(Ordering::SeqCst) > 0 {
+            self.flush_owed();
         }
+        sent
     }
 
     /// Sends owed STOP_WAITINGs without blocking: if another thread is writing to this
