@@ -11,6 +11,8 @@
 //! - [`element`] — element types (f32, bf16, f16) and the reduction kernels.
 //! - [`store`] — the bootstrap key-value store trait, an in-process store and a directory store.
 //! - [`ring`] — `TcpRing`: a chunked, pipelined, bandwidth-optimal ring over TCP.
+//! - [`tcpstore`] — a client and a server of PyTorch's c10d TCPStore protocol (rendezvous from
+//!   MASTER_ADDR/MASTER_PORT, shared with torch processes).
 //! - `nccl` (feature `cuda`) — NCCL through cudarc, unique id shipped through the store.
 //!
 //! Segmentation: a buffer of `len` elements is split into `world` contiguous shards, the first
@@ -34,6 +36,7 @@ pub mod element;
 pub mod nccl;
 pub mod ring;
 pub mod store;
+pub mod tcpstore;
 
 use std::ops::Range;
 use std::time::Duration;
@@ -41,6 +44,7 @@ use std::time::Duration;
 pub use element::{DType, Element, ReduceOp};
 pub use ring::{RingConfig, TcpRing, Transport};
 pub use store::{DirStore, MemStore, Store};
+pub use tcpstore::{StoreLimits, TcpStoreClient, TcpStoreOptions, TcpStoreServer};
 
 /// A buffer of one of the supported element types.
 pub enum BufMut<'a> {
