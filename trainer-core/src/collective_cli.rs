@@ -134,19 +134,17 @@ fn input(rank: usize, i: usize) -> f32 {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let rank = env_usize("RANK")?;
     let world = env_usize("WORLD_SIZE")?;
-    let job = std::env::var("RINGMASTER_JOB_ID").unwrap_or_else(|_| "local".into());
-    let generation: u64 = std::env::var("RINGMASTER_GENERATION")
-        .ok()
-        .and_then(|g| g.parse().ok())
-        .unwrap_or(0);
-    let store: Box<dyn Store> = match (&args.store_dir, std::env::var("RINGMASTER_COORDINATOR")) {
-        (Some(d), _) => Box::new(DirStore::new(d)?),
-        (None, Ok(addr)) if !addr.is_empty() => Box::new(crate::rendezvous::GrpcStore::connect(
-            &addr, &job, generation,
-        )?),
-        _ => bail!(
-            "no bootstrap store: pass --store-dir or run under an agent (RINGMASTER_COORDINATOR)"
-        ),
+    let (store, job, generation): (Box<dyn Store>, String, u64) = match &args.store_dir {
+        Some(d) => {
+            let job = std::env::var("RINGMASTER_JOB_ID").unwrap_or_else(|_| "local".into());
+            let generation: u64 = std::env::var("RINGMASTER_GENERATION")
+                .ok()
+                .and_then(|g| g.parse().ok())
+                .unwrap_or(0);
+            (Box::new(DirStore::new(d)?), job, generation)
+        }
+        // The trainer's meeting points: the coordinator, RINGMASTER_STORE_DIR, or MASTER_ADDR.
+        None => crate::dist::bootstrap_store(world)?,
     };
     let bind = match args.bind {
         Some(b) => b,

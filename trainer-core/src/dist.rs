@@ -1,7 +1,8 @@
 //! The data-parallel group of a training run: rank and world from the torchrun-style
-//! environment the agent sets, the TCP ring bootstrapped through the coordinator's store
-//! (`RINGMASTER_COORDINATOR`) or, for processes started by hand, a directory
-//! (`RINGMASTER_STORE_DIR`).
+//! environment the agent (or torchrun) sets, the communicators bootstrapped through the
+//! coordinator's store (`RINGMASTER_COORDINATOR`), a directory (`RINGMASTER_STORE_DIR`), or a
+//! TCP store at `MASTER_ADDR:MASTER_PORT` on PyTorch's TCPStore protocol (torchrun's, or served
+//! by rank 0): see [`Meeting`].
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -54,26 +55,161 @@ impl Fabric {
     }
 }
 
-/// The job's bootstrap store, its job id and generation: the coordinator's rendezvous
-/// (`RINGMASTER_COORDINATOR`) or a directory (`RINGMASTER_STORE_DIR`).
-fn bootstrap_store(world: usize) -> Result<(Box<dyn Store>, String, u64)> {
-    let job = std::env::var("RINGMASTER_JOB_ID").unwrap_or_else(|_| "local".into());
-    let generation: u64 = std::env::var("RINGMASTER_GENERATION")
-        .ok()
+/// Default time to reach the `MASTER_ADDR:MASTER_PORT` store (`RINGMASTER_RDZV_TIMEOUT`,
+/// seconds, overrides), as torchrun's rendezvous timeout.
+pub const DEFAULT_RDZV_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Where the ranks of a run meet, from the environment, in this order:
+/// - `RINGMASTER_STORE_DIR`: a directory shared by the processes (tests, benchmarks);
+/// - `RINGMASTER_COORDINATOR`: the coordinator's rendezvous (ranks an agent started);
+/// - `MASTER_ADDR` + `MASTER_PORT`: a TCP store on PyTorch's TCPStore protocol. It is served
+///   there by torchrun (workers see `TORCHELASTIC_USE_AGENT_STORE=True`) or by Ringmaster's own
+///   launcher (`RINGMASTER_STORE_SERVED=1`); otherwise rank 0 serves it, as torch's rank 0 does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Meeting {
+    Dir(String),
+    Coordinator(String),
+    Master {
+        /// `MASTER_ADDR:MASTER_PORT`.
+        addr: String,
+        /// Whether this process serves the store (rank 0 when no launcher does).
+        serve: bool,
+        /// How long to try to reach it.
+        timeout: Duration,
+    },
+}
+
+impl Meeting {
+    /// Reads the environment through `var` (a test passes its own).
+    ///
+    /// # Errors
+    /// No meeting point for a run of several ranks, or a malformed `MASTER_PORT` or timeout.
+    pub fn from_env(
+        rank: usize,
+        world: usize,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Meeting> {
+        let set = |k: &str| var(k).filter(|v| !v.is_empty());
+        if let Some(d) = set("RINGMASTER_STORE_DIR") {
+            return Ok(Meeting::Dir(d));
+        }
+        if let Some(a) = set("RINGMASTER_COORDINATOR") {
+            return Ok(Meeting::Coordinator(a));
+        }
+        let Some(host) = set("MASTER_ADDR") else {
+            bail!(
+                "WORLD_SIZE is {world} but the ranks have nowhere to meet: set MASTER_ADDR and \
+                 MASTER_PORT (rank 0 serves a store there, or torchrun does), run under an agent \
+                 (RINGMASTER_COORDINATOR), or set RINGMASTER_STORE_DIR"
+            );
+        };
+        let port = set("MASTER_PORT").unwrap_or_else(|| "29500".into());
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("MASTER_PORT={port} is not a port number"))?;
+        let timeout = match set("RINGMASTER_RDZV_TIMEOUT") {
+            None => DEFAULT_RDZV_TIMEOUT,
+            Some(t) => Duration::from_secs(t.parse().with_context(|| {
+                format!("RINGMASTER_RDZV_TIMEOUT={t} is not a number of seconds")
+            })?),
+        };
+        let served_elsewhere = set("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+            || set("RINGMASTER_STORE_SERVED").is_some_and(|v| v == "1");
+        let addr = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok(Meeting::Master {
+            addr,
+            serve: rank == 0 && !served_elsewhere,
+            timeout,
+        })
+    }
+}
+
+/// The TCP store this process serves (rank 0 without a launcher), alive as long as the process,
+/// and the client every bootstrap shares.
+static SERVED: std::sync::OnceLock<ringmaster_collectives::TcpStoreServer> =
+    std::sync::OnceLock::new();
+static MASTER_CLIENT: std::sync::OnceLock<std::sync::Arc<ringmaster_collectives::TcpStoreClient>> =
+    std::sync::OnceLock::new();
+
+/// A shared [`ringmaster_collectives::TcpStoreClient`] as a [`Store`].
+struct SharedClient(std::sync::Arc<ringmaster_collectives::TcpStoreClient>);
+
+impl Store for SharedClient {
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), ringmaster_collectives::CommError> {
+        self.0.set(key, value)
+    }
+    fn get(
+        &self,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ringmaster_collectives::CommError> {
+        self.0.get(key, timeout)
+    }
+}
+
+/// Serves (once per process) and connects to the store at `addr`; keys go under `ringmaster/`
+/// so that they never meet torch's own keys in torchrun's store.
+fn master_store(addr: &str, serve: bool, timeout: Duration) -> Result<Box<dyn Store>> {
+    if serve && SERVED.get().is_none() {
+        let server = ringmaster_collectives::TcpStoreServer::bind(addr)
+            .or_else(|e| {
+                // MASTER_ADDR may name this host by an address it cannot bind (a NAT or a
+                // load-balancer name): serve on every interface, as torch's rank 0 does.
+                let port = addr.rsplit(':').next().unwrap_or("29500");
+                ringmaster_collectives::TcpStoreServer::bind(format!("0.0.0.0:{port}"))
+                    .map_err(|e2| anyhow::anyhow!("{e}; and on 0.0.0.0:{port}: {e2}"))
+            })
+            .with_context(|| {
+                format!("rank 0 serving the rendezvous store on MASTER_ADDR:MASTER_PORT ({addr})")
+            })?;
+        let _ = SERVED.set(server);
+    }
+    if let Some(c) = MASTER_CLIENT.get() {
+        return Ok(Box::new(SharedClient(c.clone())));
+    }
+    let opts = ringmaster_collectives::TcpStoreOptions::default()
+        .with_connect_timeout(timeout)
+        .with_timeout(timeout)
+        .with_prefix("ringmaster");
+    let client =
+        ringmaster_collectives::TcpStoreClient::connect(addr, opts).with_context(|| {
+            format!("reaching the rendezvous store at MASTER_ADDR:MASTER_PORT ({addr})")
+        })?;
+    let client = MASTER_CLIENT.get_or_init(|| std::sync::Arc::new(client));
+    Ok(Box::new(SharedClient(client.clone())))
+}
+
+/// The job's bootstrap store (see [`Meeting`]), its job id and generation. The run id is
+/// `RINGMASTER_JOB_ID`, else torchrun's `TORCHELASTIC_RUN_ID`; the generation
+/// `RINGMASTER_GENERATION`, else `TORCHELASTIC_RESTART_COUNT` (a restarted worker group meets
+/// under new keys in a store that outlives it). Whether this process serves the store is
+/// decided by its global `RANK`, whatever subgroup it is connecting.
+pub fn bootstrap_store(world: usize) -> Result<(Box<dyn Store>, String, u64)> {
+    let (rank, _, _) = rank_world()?;
+    let var = |k: &str| std::env::var(k).ok();
+    let job = var("RINGMASTER_JOB_ID")
+        .or_else(|| var("TORCHELASTIC_RUN_ID"))
+        .filter(|j| !j.is_empty())
+        .unwrap_or_else(|| "local".into());
+    let generation: u64 = var("RINGMASTER_GENERATION")
+        .or_else(|| var("TORCHELASTIC_RESTART_COUNT"))
         .and_then(|g| g.parse().ok())
         .unwrap_or(0);
-    let store: Box<dyn Store> = match (
-        std::env::var("RINGMASTER_STORE_DIR"),
-        std::env::var("RINGMASTER_COORDINATOR"),
-    ) {
-        (Ok(d), _) if !d.is_empty() => Box::new(DirStore::new(d)?),
-        (_, Ok(addr)) if !addr.is_empty() => Box::new(crate::rendezvous::GrpcStore::connect(
+    let store: Box<dyn Store> = match Meeting::from_env(rank, world, var)? {
+        Meeting::Dir(d) => Box::new(DirStore::new(d)?),
+        Meeting::Coordinator(addr) => Box::new(crate::rendezvous::GrpcStore::connect(
             &addr, &job, generation,
         )?),
-        _ => bail!(
-            "WORLD_SIZE is {world} but there is no bootstrap store: run under an agent \
-             (RINGMASTER_COORDINATOR) or set RINGMASTER_STORE_DIR"
-        ),
+        Meeting::Master {
+            addr,
+            serve,
+            timeout,
+        } => master_store(&addr, serve, timeout)?,
     };
     Ok((store, job, generation))
 }

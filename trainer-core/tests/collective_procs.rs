@@ -163,3 +163,146 @@ fn a_killed_rank_fails_every_other_rank_within_the_timeout() {
     }
     assert!(took < Duration::from_secs(6), "{took:?}");
 }
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `trainer collective` ranks with the torchrun environment only: no coordinator, no store
+/// directory; `env` adds to RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT=`port`.
+fn spawn_master_rank(rank: usize, world: usize, port: u16, env: &[(&str, &str)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args([
+            "collective",
+            "--op",
+            "all-reduce",
+            "--bytes",
+            "40004",
+            "--check",
+        ])
+        .args(["--iters", "2", "--timeout", "60s", "--output", "json"])
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env_remove("RINGMASTER_COORDINATOR")
+        .env_remove("RINGMASTER_STORE_DIR")
+        .env_remove("RINGMASTER_JOB_ID")
+        .env_remove("RINGMASTER_GENERATION")
+        .env_remove("TORCHELASTIC_USE_AGENT_STORE")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting trainer collective")
+}
+
+fn all_succeed(ranks: &mut Ranks, what: &str) {
+    for (r, c) in std::mem::take(&mut ranks.0).into_iter().enumerate() {
+        let o = c.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "{what}: rank {r}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        // Rank 0 reports (and every rank checks its own result).
+        if r == 0 {
+            let out = String::from_utf8_lossy(&o.stdout);
+            let line: serde_json::Value =
+                serde_json::from_str(out.lines().next().unwrap_or("null")).unwrap();
+            assert_eq!(line["checked"], true, "{what}: {out}");
+        }
+    }
+}
+
+/// Without a coordinator or a store directory, ranks meet at MASTER_ADDR:MASTER_PORT: rank 0
+/// serves a TCP store there (on PyTorch's TCPStore protocol), as torch's rank 0 does, and the
+/// others connect with retries, so rank 0 may start last.
+#[test]
+fn ranks_meet_at_master_addr_where_rank_0_serves_the_store() {
+    let world = 4;
+    let port = free_port();
+    let mut ranks = Ranks(Vec::new());
+    for r in (0..world).rev() {
+        ranks.0.push(spawn_master_rank(r, world, port, &[]));
+        if r == world - 1 {
+            // The others try to connect before rank 0 serves.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    ranks.0.reverse();
+    all_succeed(&mut ranks, "rank 0 serving");
+}
+
+/// Under torchrun the store at MASTER_ADDR:MASTER_PORT is torchrun's own
+/// (`TORCHELASTIC_USE_AGENT_STORE=True`): every rank, rank 0 too, is a client, and the keys are
+/// scoped by `TORCHELASTIC_RUN_ID` and `TORCHELASTIC_RESTART_COUNT`, so a restarted group meets
+/// afresh in the same store. (Our server stands in for torchrun's here; the client's interop
+/// with torch's own servers is tested in ringmaster-collectives' tests/tcpstore_torch.rs.)
+#[test]
+fn under_torchrun_every_rank_is_a_client_of_the_agent_store() {
+    let server = ringmaster_collectives::TcpStoreServer::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().port();
+    for restart in ["0", "1"] {
+        let env = [
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RUN_ID", "tr-run"),
+            ("TORCHELASTIC_RESTART_COUNT", restart),
+        ];
+        let mut ranks = Ranks(
+            (0..2)
+                .map(|r| spawn_master_rank(r, 2, port, &env))
+                .collect(),
+        );
+        all_succeed(&mut ranks, &format!("restart {restart}"));
+    }
+    // Both generations left their own keys (rank addresses) under the run id.
+    let client = ringmaster_collectives::TcpStoreClient::connect(
+        &format!("127.0.0.1:{port}"),
+        ringmaster_collectives::TcpStoreOptions::default(),
+    )
+    .unwrap();
+    let keys = client.list_keys().unwrap();
+    for g in ["/0/", "/1/"] {
+        assert!(
+            keys.iter()
+                .any(|k| k.starts_with("ringmaster/tr-run") && k.contains(g)),
+            "{g}: {keys:?}"
+        );
+    }
+}
+
+/// Nothing at MASTER_ADDR:MASTER_PORT, or something that is not a store: a clear error naming
+/// the address, after the rendezvous timeout (`RINGMASTER_RDZV_TIMEOUT`), not a hang.
+#[test]
+fn an_unreachable_or_wrong_master_store_is_a_clear_error() {
+    let port = free_port();
+    let env = [("RINGMASTER_RDZV_TIMEOUT", "1")];
+    let out = spawn_master_rank(1, 2, port, &env)
+        .wait_with_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("MASTER_ADDR"),
+        "{err}"
+    );
+    // A listener that accepts and never answers (another service on the port).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let out = spawn_master_rank(1, 2, port, &env)
+        .wait_with_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("not a"),
+        "{err}"
+    );
+    drop(silent);
+}

@@ -237,7 +237,6 @@ fn run_env(config: &Path, world: usize, local: usize, store: &Path, env: &[(&str
     let mut procs = Procs(Vec::new());
     for rank in 0..world {
         let child = Command::new(TRAINER)
-            .envs(env.iter().copied())
             .arg(config)
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", world.to_string())
@@ -245,6 +244,7 @@ fn run_env(config: &Path, world: usize, local: usize, store: &Path, env: &[(&str
             .env("RINGMASTER_STORE_DIR", store)
             .env("RINGMASTER_JOB_ID", "ddp-test")
             .env_remove("RINGMASTER_COORDINATOR")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -619,6 +619,44 @@ fn cpu_ram_efficient_loading_starts_every_rank_from_rank_0s_weights() {
     );
     run(&efficient, 2, 2, &dir.join("store-saved-efficient"));
     assert_close("saved-efficient", dir, &ref_losses, &reference, 1e-5);
+}
+
+/// Daemonless: ranks started with the torchrun environment alone (RANK, WORLD_SIZE,
+/// MASTER_ADDR, MASTER_PORT; no coordinator, no store directory) meet at a store rank 0 serves
+/// and train as the same plan does with a shared directory: same losses and weights.
+#[test]
+fn ranks_meet_at_master_addr_and_train_as_with_a_shared_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    fixture(dir);
+    let zero2 = Some(("deepspeed", leak_ds(2)));
+    let with_dir = write_config(dir, "z2-dir", 2, 2, zero2, "");
+    run(&with_dir, 2, 2, &dir.join("store-z2"));
+    let reference = hf::load_dir(&dir.join("z2-dir")).unwrap().params;
+    let ref_losses = losses(&dir.join("z2-dir"));
+    let with_master = write_config(dir, "z2-master", 2, 2, zero2, "");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    run_env(
+        &with_master,
+        2,
+        2,
+        &dir.join("unused"),
+        &[
+            ("RINGMASTER_STORE_DIR", ""),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", &port),
+        ],
+    );
+    assert_close("z2-master", dir, &ref_losses, &reference, 1e-6);
+}
+
+fn leak_ds(stage: u8) -> &'static str {
+    Box::leak(ds(stage, false, false).into_boxed_str())
 }
 
 /// bf16 compute: ZeRO-3's unit-by-unit recompute on 2 ranks against the whole-graph bf16 run

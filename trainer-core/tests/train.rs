@@ -345,8 +345,13 @@ fn val_size_holds_out_rows_and_logs_their_loss() {
         "val_size: 0.25\neval_strategy: steps\neval_steps: 3\nplot_loss: true\n\
          per_device_eval_batch_size: 48\n",
     );
-    let err = ringmaster_trainer::load_config(&path).unwrap_err().to_string();
-    assert!(err.contains("val_size") && err.contains("eval_dataset"), "{err}");
+    let err = ringmaster_trainer::load_config(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("val_size") && err.contains("eval_dataset"),
+        "{err}"
+    );
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replace("eval_dataset: addition_eval\n", "")).unwrap();
     let cfg = ringmaster_trainer::load_config(&path).unwrap();
@@ -403,7 +408,11 @@ fn eval_dataset_gives_the_eval_loss_under_an_eval_strategy() {
     let plain = setup(dir.path(), "");
     assert!(plain.held_out.is_empty());
     let mut s = setup(dir.path(), "eval_strategy: steps\neval_steps: 3\n");
-    assert_eq!(s.samples.len(), plain.samples.len(), "training rows unchanged");
+    assert_eq!(
+        s.samples.len(),
+        plain.samples.len(),
+        "training rows unchanged"
+    );
     assert_eq!(s.held_out.len(), s.eval.len());
     assert!(!s.held_out.is_empty());
     // Each evaluation row is the eval set's conversation, encoded as a training row.
@@ -412,7 +421,12 @@ fn eval_dataset_gives_the_eval_loss_under_an_eval_strategy() {
         train::train::<CpuAutodiff>(&mut s, &mut Parallel::single(), Default::default()).unwrap();
     let steps: Vec<u64> = summary.eval_losses.iter().map(|p| p.0).collect();
     assert_eq!(steps, vec![3, 6]);
-    assert!(summary.eval_losses.iter().all(|p| p.1.is_finite() && p.1 > 0.0));
+    assert!(
+        summary
+            .eval_losses
+            .iter()
+            .all(|p| p.1.is_finite() && p.1 > 0.0)
+    );
     assert!(summary.eval.is_some(), "exact match still runs");
 }
 
