@@ -281,28 +281,20 @@ fn under_torchrun_every_rank_is_a_client_of_the_agent_store() {
 /// the address, after the rendezvous timeout (`RINGMASTER_RDZV_TIMEOUT`), not a hang.
 #[test]
 fn an_unreachable_or_wrong_master_store_is_a_clear_error() {
-    let port = free_port();
-    let env = [("RINGMASTER_RDZV_TIMEOUT", "1")];
-    let out = spawn_master_rank(1, 2, port, &env)
-        .wait_with_output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains(&format!("127.0.0.1:{port}")) && err.contains("MASTER_ADDR"),
-        "{err}"
-    );
+    let fails_naming = |port: u16, what: &str| {
+        let out = spawn_master_rank(1, 2, port, &[("RINGMASTER_RDZV_TIMEOUT", "1")])
+            .wait_with_output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains(&format!("127.0.0.1:{port}")) && err.contains(what),
+            "{err}"
+        );
+    };
+    fails_naming(free_port(), "MASTER_ADDR");
     // A listener that accepts and never answers (another service on the port).
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = silent.local_addr().unwrap().port();
-    let out = spawn_master_rank(1, 2, port, &env)
-        .wait_with_output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains(&format!("127.0.0.1:{port}")) && err.contains("not a"),
-        "{err}"
-    );
+    fails_naming(silent.local_addr().unwrap().port(), "not a");
     drop(silent);
 }
