@@ -1,0 +1,1 @@
+//! The four command-line dialects, each read into a [`crate::LaunchPlan`].

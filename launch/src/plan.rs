@@ -1,0 +1,138 @@
+//! The launch plan: what one node's launcher runs, whatever dialect described it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A launch command line or its files that cannot be run, with the reason (exit code 2).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct LaunchError(pub String);
+
+impl LaunchError {
+    pub fn new(msg: impl Into<String>) -> LaunchError {
+        LaunchError(msg.into())
+    }
+}
+
+/// Which tool's command line described the launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Torchrun,
+    /// `ringctl launch recipe.yaml` with LLaMA-Factory's environment variables.
+    LlamaFactory,
+    DeepSpeed,
+    Accelerate,
+}
+
+/// What every worker runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Program {
+    /// A training config: the trainer with the recipe file and its overrides.
+    Recipe { file: String, overrides: Vec<String> },
+    /// `python -u SCRIPT ARGS` (the interpreter from `PYTHON_EXEC`, else `python3`).
+    Script {
+        python: String,
+        script: String,
+        args: Vec<String>,
+    },
+    /// `python -u -m MODULE ARGS`.
+    Module {
+        python: String,
+        module: String,
+        args: Vec<String>,
+    },
+    /// Any command (`--no-python`, or after `--`).
+    Exec(Vec<String>),
+}
+
+/// MASTER_PORT: a number, or a free port node 0 picks (single-node runs only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    Fixed(u16),
+    Ephemeral,
+}
+
+/// Where a worker's output goes (torchrun's `--redirects`/`--tee` bits: 1 stdout, 2 stderr).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogPolicy {
+    /// `--log-dir`: per-rank files under `<dir>/<run_id>_<suffix>/attempt_<n>/<local_rank>/`.
+    pub dir: Option<PathBuf>,
+    /// Per local rank: which streams go to files only (0 none, 1 out, 2 err, 3 both).
+    pub redirects: Vec<u8>,
+    /// Per local rank: which streams go to files and the console.
+    pub tee: Vec<u8>,
+    /// Local ranks whose output reaches the console (`--local-ranks-filter`); `None`: all.
+    pub console_ranks: Option<Vec<usize>>,
+}
+
+/// One node's launch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchPlan {
+    pub dialect: Dialect,
+    /// Nodes in the job.
+    pub nnodes: usize,
+    /// This node's rank among them.
+    pub node_rank: usize,
+    /// Workers on this node.
+    pub nproc: usize,
+    /// `CUDA_VISIBLE_DEVICES` for this node's workers (`None`: inherited).
+    pub visible_devices: Option<Vec<String>>,
+    /// Where the launchers meet (node 0 serves the store there).
+    pub master_addr: String,
+    pub master_port: Port,
+    /// The run id (`--rdzv-id`, `TORCHELASTIC_RUN_ID`; keys in the store are scoped by it).
+    pub run_id: String,
+    /// Restarts of the whole job (every node's workers together), counted once for the job.
+    pub max_restarts: u32,
+    /// How long a launcher waits for the others (and for MASTER_ADDR:MASTER_PORT).
+    pub rdzv_timeout: Duration,
+    /// torchrun's `--role` (ROLE_NAME; console prefix `[role<local_rank>]:`).
+    pub role: String,
+    /// The address this node advertises (`--local-addr`; RINGMASTER_NODE_ADDR).
+    pub local_addr: Option<String>,
+    pub logs: LogPolicy,
+    pub program: Program,
+    /// DeepSpeed's `--local_rank=N` argument, inserted before the program's own arguments.
+    pub local_rank_arg: bool,
+    /// Variables the dialect adds for every worker (ACCELERATE_*, FSDP_*, ...).
+    pub extra_env: Vec<(String, String)>,
+    /// Things the user should know about how their command line was read (printed once).
+    pub notices: Vec<String>,
+}
+
+impl LaunchPlan {
+    /// A single-node plan running `program` on `nproc` workers, with the defaults every
+    /// dialect starts from (127.0.0.1:29500, run id `none`, no restarts, 600 s rendezvous).
+    pub fn new(dialect: Dialect, nproc: usize, program: Program) -> LaunchPlan {
+        LaunchPlan {
+            dialect,
+            nnodes: 1,
+            node_rank: 0,
+            nproc,
+            visible_devices: None,
+            master_addr: "127.0.0.1".into(),
+            master_port: Port::Fixed(29500),
+            run_id: "none".into(),
+            max_restarts: 0,
+            rdzv_timeout: Duration::from_secs(600),
+            role: "default".into(),
+            local_addr: None,
+            logs: LogPolicy::default(),
+            program,
+            local_rank_arg: false,
+            extra_env: Vec::new(),
+            notices: Vec::new(),
+        }
+    }
+}
+
+/// What a front-end may ask about the machine (a test passes its own).
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// CUDA devices visible to this process.
+    pub cuda_devices: usize,
+    /// Logical CPUs.
+    pub cpus: usize,
+    /// This machine's host name.
+    pub hostname: String,
+}
