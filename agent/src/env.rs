@@ -27,36 +27,32 @@ pub fn worker_env(i: &EnvInput<'_>) -> Vec<(String, String)> {
     let s = i.start;
     let e = i.entry;
     let visible: Vec<String> = i.local.iter().map(|r| r.slot.to_string()).collect();
-    let mut env: Vec<(String, String)> = vec![
-        ("RANK", e.rank.to_string()),
-        ("LOCAL_RANK", e.local_rank.to_string()),
-        ("WORLD_SIZE", s.world_size.to_string()),
-        ("LOCAL_WORLD_SIZE", i.local.len().to_string()),
-        ("NODE_RANK", e.node_rank.to_string()),
-        ("GROUP_RANK", e.node_rank.to_string()),
-        ("GROUP_WORLD_SIZE", s.nnodes.to_string()),
-        ("ROLE_RANK", e.rank.to_string()),
-        ("ROLE_WORLD_SIZE", s.world_size.to_string()),
-        ("ROLE_NAME", "default".to_owned()),
-        ("NNODES", s.nnodes.to_string()),
-        ("MASTER_ADDR", s.master_addr.clone()),
-        ("MASTER_PORT", s.master_port.to_string()),
-        ("CUDA_VISIBLE_DEVICES", visible.join(",")),
-        ("TORCHELASTIC_RESTART_COUNT", s.restart_count.to_string()),
-        ("RINGMASTER_RESTART_COUNT", s.restart_count.to_string()),
-        ("TORCHELASTIC_MAX_RESTARTS", s.max_restarts.to_string()),
-        ("TORCHELASTIC_RUN_ID", s.job_id.clone()),
-        ("RINGMASTER_JOB_ID", s.job_id.clone()),
-        ("RINGMASTER_JOB_NAME", s.job_name.clone()),
-        ("RINGMASTER_GENERATION", s.generation.to_string()),
-        ("RINGMASTER_COORDINATOR", i.coordinator.to_owned()),
-        ("RINGMASTER_NODE", i.node_name.to_owned()),
-        ("RINGMASTER_NODE_ADDR", i.node_addr.to_owned()),
-        ("RINGMASTER_WORK_DIR", i.work_dir.to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let mut env = ringmaster_launch::env::contract_env(&ringmaster_launch::env::Contract {
+        rank: e.rank as usize,
+        local_rank: e.local_rank as usize,
+        world_size: s.world_size as usize,
+        local_world_size: i.local.len(),
+        node_rank: e.node_rank as usize,
+        nnodes: s.nnodes as usize,
+        master_addr: &s.master_addr,
+        master_port: s.master_port as u16,
+        visible_devices: Some(&visible),
+        restart_count: u64::from(s.restart_count),
+        max_restarts: u64::from(s.max_restarts),
+        run_id: &s.job_id,
+        job_name: &s.job_name,
+        generation: s.generation,
+        role: "default",
+    });
+    env.extend(
+        [
+            ("RINGMASTER_COORDINATOR", i.coordinator),
+            ("RINGMASTER_NODE", i.node_name),
+            ("RINGMASTER_NODE_ADDR", i.node_addr),
+            ("RINGMASTER_WORK_DIR", i.work_dir),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
     if !s.resume_from.is_empty() {
         env.push(("RINGMASTER_RESUME_FROM".into(), s.resume_from.clone()));
     }
@@ -77,9 +73,10 @@ pub fn worker_env(i: &EnvInput<'_>) -> Vec<(String, String)> {
     if let Some(d) = &i.tls.domain {
         env.push((ringmaster_auth::client::ENV_TLS_DOMAIN.into(), d.clone()));
     }
-    if !i.inherited_omp && !s.env.contains_key("OMP_NUM_THREADS") {
-        env.push(("OMP_NUM_THREADS".into(), "1".into()));
-    }
+    env.extend(ringmaster_launch::env::omp_default(
+        i.inherited_omp,
+        s.env.contains_key("OMP_NUM_THREADS"),
+    ));
     let mut user: Vec<(&String, &String)> = s.env.iter().collect();
     user.sort();
     for (k, v) in user {

@@ -8,9 +8,11 @@
 //!
 //! Layout:
 //! - [`plan`] — the launch plan every front-end fills, and its errors.
+//! - [`env`] — the worker environment contract, shared with the agents.
 //! - [`frontends`] — the four command-line dialects (docs/design/launch-spec.md).
 //! - [`runtime`] — the node's launcher: join, spawn, watch, gang stop and restart.
 
+pub mod env;
 pub mod frontends;
 pub mod plan;
 pub mod runtime;
