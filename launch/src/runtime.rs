@@ -1,1 +1,727 @@
-//! The node's launcher.
+//! The node's launcher: one per node, every node running the same command line.
+//!
+//! 1. **Meet.** Node 0's launcher serves a TCP store (PyTorch's TCPStore protocol,
+//!    `ringmaster_collectives::tcpstore`) at MASTER_ADDR:MASTER_PORT; every launcher, node 0's
+//!    too, is its client, retrying until the rendezvous timeout. Keys live under
+//!    `ringmaster-launch/<run id>/`.
+//! 2. **Join.** Each launcher claims `node/<node rank>` (a second claim of a rank is refused
+//!    naming the host that holds it) with its worker count and a description of what it runs
+//!    (program, recipe contents, nnodes, restart budget). Every launcher reads every node's
+//!    entry: a node that runs something else than node 0 is refused by name on every node, and
+//!    the rank layout is the prefix sum of the worker counts in node order.
+//! 3. **Run a generation.** Workers start in their own process groups with the environment
+//!    contract of [`crate::env`], plus `RINGMASTER_STORE_SERVED=1` and
+//!    `TORCHELASTIC_USE_AGENT_STORE=True` so that trainers and torch processes use the
+//!    launchers' store as clients, with keys scoped by run id and generation.
+//! 4. **Watch.** A worker that exits non-zero claims `gen/<g>/failed` with its rank, node and
+//!    exit status (the first claim wins). Every launcher polls that key every
+//!    [`POLL`]: once set, each stops its workers (SIGTERM to the group, SIGKILL after the
+//!    grace period), so a failure anywhere stops every node within about a second plus the
+//!    grace. A node whose workers all exited 0 says so (`gen/<g>/done/<node>`); the job
+//!    succeeds when every node has.
+//! 5. **Restart together.** The restart budget is the job's, not a node's: generation `g` is the
+//!    `g`-th restart on every node, and all nodes take the same decision from the same key.
+//!    Before generation `g + 1` starts, every node says it has stopped generation `g`'s workers
+//!    (`gen/<g+1>/ready/<node>`) and waits for the others.
+//! 6. **Exit.** The exit code is the job's on every node: 0 when it succeeded, 1 when it failed
+//!    (after the last restart), with one line naming the rank that failed first. Node 0 keeps
+//!    the store until every node has read the end (or [`EXIT_WAIT`]).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use ringmaster_collectives::{TcpStoreClient, TcpStoreOptions, TcpStoreServer};
+use serde::{Deserialize, Serialize};
+
+use crate::env::{Contract, contract_env, omp_default};
+use crate::plan::{LaunchError, LaunchPlan, Port, Program};
+
+/// How often a launcher looks at its workers and at the job's failure key.
+pub const POLL: Duration = Duration::from_millis(100);
+/// How long node 0 keeps the store after the end, for the others to read it.
+pub const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// What the launcher needs besides the plan.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// The trainer binary, for [`Program::Recipe`].
+    pub trainer: PathBuf,
+    /// Between SIGTERM and SIGKILL when stopping workers.
+    pub stop_grace: Duration,
+    /// This machine's name (in messages and `RINGMASTER_NODE`).
+    pub hostname: String,
+}
+
+/// How the job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// 0 success, 1 failure (the same on every node).
+    pub code: i32,
+    /// What failed, naming the rank, its node and its exit status.
+    pub failure: Option<String>,
+    /// Restarts taken.
+    pub restarts: u64,
+}
+
+/// What a node says about itself when it joins.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct NodeInfo {
+    host: String,
+    nproc: usize,
+    /// What must be the same on every node, field by field.
+    agree: Vec<(String, String)>,
+}
+
+/// The last signal the launcher got (SIGINT, SIGTERM), 0 for none.
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    SIGNALLED.store(sig, Ordering::SeqCst);
+}
+
+fn install_signals() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            let _ = signal(sig, SigHandler::Handler(on_signal));
+        }
+    }
+}
+
+fn err(msg: impl Into<String>) -> LaunchError {
+    LaunchError::new(msg)
+}
+
+/// Runs this node's part of the job described by `plan`.
+///
+/// # Errors
+/// The store cannot be served or reached, the nodes do not agree, or a worker cannot start;
+/// each names the node, the address or the program.
+pub fn run(plan: &LaunchPlan, rt: &Runtime) -> Result<Outcome, LaunchError> {
+    install_signals();
+    let (client, server, port) = meet(plan)?;
+    let layout = join(plan, rt, &client)?;
+    for n in &plan.notices {
+        eprintln!("ringctl launch: {n}");
+    }
+    let result = generations(plan, rt, &client, &layout, port);
+    let _ = client.set(&format!("exit/{}", plan.node_rank), b"1");
+    if let Some(server) = server {
+        // Keep serving until every node has read how the job ended.
+        let deadline = Instant::now() + EXIT_WAIT;
+        for k in 0..plan.nnodes {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if client.get(&format!("exit/{k}"), left).is_err() {
+                break;
+            }
+        }
+        drop(server);
+    }
+    result
+}
+
+/// The rank layout the nodes agreed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Layout {
+    world: usize,
+    /// First global rank of this node.
+    base: usize,
+}
+
+/// Serves the store on node 0, and connects to it.
+fn meet(plan: &LaunchPlan) -> Result<(TcpStoreClient, Option<TcpStoreServer>, u16), LaunchError> {
+    let host = plan.master_addr.as_str();
+    let bracket = |h: &str, p: u16| {
+        if h.contains(':') && !h.starts_with('[') {
+            format!("[{h}]:{p}")
+        } else {
+            format!("{h}:{p}")
+        }
+    };
+    let (server, port) = if plan.node_rank == 0 {
+        let want = match plan.master_port {
+            Port::Fixed(p) => p,
+            Port::Ephemeral => 0,
+        };
+        let server = TcpStoreServer::bind(bracket(host, want))
+            .or_else(|first| {
+                // MASTER_ADDR may name this machine by an address it cannot bind (NAT, a DNS
+                // name of another interface): serve on every interface, as torch does.
+                TcpStoreServer::bind(format!("0.0.0.0:{want}"))
+                    .map_err(|e| format!("{first}; on 0.0.0.0:{want}: {e}"))
+            })
+            .map_err(|e| {
+                err(format!(
+                    "node 0 cannot serve the rendezvous store on MASTER_ADDR:MASTER_PORT \
+                     ({}): {e}",
+                    bracket(host, want)
+                ))
+            })?;
+        let port = server.local_addr().port();
+        (Some(server), port)
+    } else {
+        match plan.master_port {
+            Port::Fixed(p) => (None, p),
+            Port::Ephemeral => {
+                return Err(err(
+                    "a free MASTER_PORT can only be picked for a single-node run: give \
+                     --master-port (MASTER_PORT) on every node",
+                ));
+            }
+        }
+    };
+    let addr = bracket(host, port);
+    let opts = TcpStoreOptions::default()
+        .with_connect_timeout(plan.rdzv_timeout)
+        .with_timeout(plan.rdzv_timeout)
+        .with_prefix(format!("ringmaster-launch/{}", plan.run_id));
+    let client = TcpStoreClient::connect(&addr, opts).map_err(|e| {
+        err(format!(
+            "node {}: cannot reach the rendezvous store at MASTER_ADDR:MASTER_PORT ({addr}): {e}",
+            plan.node_rank
+        ))
+    })?;
+    Ok((client, server, port))
+}
+
+/// What must agree between nodes, as (what, value) pairs.
+fn agreement(plan: &LaunchPlan) -> Result<Vec<(String, String)>, LaunchError> {
+    let mut out = vec![
+        ("nnodes".to_owned(), plan.nnodes.to_string()),
+        ("max_restarts".to_owned(), plan.max_restarts.to_string()),
+        ("program".to_owned(), describe(&plan.program)),
+    ];
+    if let Program::Recipe { file, .. } = &plan.program {
+        let text = std::fs::read(file).map_err(|e| err(format!("training config {file}: {e}")))?;
+        out.push((
+            "training config contents".to_owned(),
+            format!("{:016x}", fnv1a(&text)),
+        ));
+    }
+    Ok(out)
+}
+
+fn describe(p: &Program) -> String {
+    match p {
+        Program::Recipe { file, overrides } => {
+            let name = std::path::Path::new(file)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| file.clone());
+            format!("trainer {name} {}", overrides.join(" "))
+                .trim_end()
+                .to_owned()
+        }
+        Program::Script { script, args, .. } => format!("{script} {}", args.join(" ")),
+        Program::Module { module, args, .. } => format!("-m {module} {}", args.join(" ")),
+        Program::Exec(argv) => argv.join(" "),
+    }
+}
+
+/// FNV-1a, 64 bits: a content fingerprint that every build computes alike.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Claims this node's rank, reads every node's entry, checks they agree and computes the layout.
+fn join(plan: &LaunchPlan, rt: &Runtime, client: &TcpStoreClient) -> Result<Layout, LaunchError> {
+    let me = NodeInfo {
+        host: rt.hostname.clone(),
+        nproc: plan.nproc,
+        agree: agreement(plan)?,
+    };
+    let mine = serde_json::to_vec(&me).expect("node info serializes");
+    let key = format!("node/{}", plan.node_rank);
+    let held = client
+        .compare_set(&key, b"", &mine)
+        .map_err(|e| err(format!("joining the job: {e}")))?;
+    if held != mine {
+        let other: Option<NodeInfo> = serde_json::from_slice(&held).ok();
+        return Err(err(format!(
+            "node rank {} is already taken by {} in run {}: give each node its own \
+             --node-rank (NODE_RANK)",
+            plan.node_rank,
+            other
+                .map(|o| o.host)
+                .unwrap_or_else(|| "another launcher".into()),
+            plan.run_id
+        )));
+    }
+    let deadline = Instant::now() + plan.rdzv_timeout;
+    let mut nodes = Vec::with_capacity(plan.nnodes);
+    for k in 0..plan.nnodes {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let raw = client.get(&format!("node/{k}"), left).map_err(|_| {
+            err(format!(
+                "node {}: node {k} did not join within {:?} (is its launcher started, with \
+                 --nnodes {} and the same MASTER_ADDR:MASTER_PORT and run id?)",
+                plan.node_rank, plan.rdzv_timeout, plan.nnodes
+            ))
+        })?;
+        let info: NodeInfo = serde_json::from_slice(&raw).map_err(|e| {
+            err(format!(
+                "node {k}'s entry in the store is not readable: {e}"
+            ))
+        })?;
+        nodes.push(info);
+    }
+    let first = &nodes[0];
+    for (k, n) in nodes.iter().enumerate().skip(1) {
+        if let Some(((what, theirs), (_, ours))) = n
+            .agree
+            .iter()
+            .zip(&first.agree)
+            .find(|((a, x), (b, y))| a != b || x != y)
+        {
+            return Err(err(format!(
+                "node {k} ({}) does not run what node 0 ({}) runs: {what} is `{theirs}` there, \
+                 `{ours}` on node 0",
+                n.host, first.host
+            )));
+        }
+        if n.agree.len() != first.agree.len() {
+            return Err(err(format!(
+                "node {k} ({}) does not run what node 0 ({}) runs",
+                n.host, first.host
+            )));
+        }
+    }
+    let base = nodes[..plan.node_rank].iter().map(|n| n.nproc).sum();
+    let world = nodes.iter().map(|n| n.nproc).sum();
+    Ok(Layout { world, base })
+}
+
+/// How one generation ended.
+enum GenEnd {
+    Succeeded,
+    Failed(String),
+    /// The launcher was told to stop (SIGINT/SIGTERM): no restart.
+    Stopped(String),
+}
+
+fn generations(
+    plan: &LaunchPlan,
+    rt: &Runtime,
+    client: &TcpStoreClient,
+    layout: &Layout,
+    port: u16,
+) -> Result<Outcome, LaunchError> {
+    let mut g: u64 = 0;
+    loop {
+        if g > 0 {
+            // Every node has stopped generation g-1's workers before any starts generation g's.
+            client
+                .set(&format!("gen/{g}/ready/{}", plan.node_rank), b"1")
+                .map_err(|e| lost(plan, &e))?;
+            for k in 0..plan.nnodes {
+                client
+                    .get(&format!("gen/{g}/ready/{k}"), plan.rdzv_timeout)
+                    .map_err(|e| lost(plan, &e))?;
+            }
+        }
+        let mut workers = spawn(plan, rt, layout, port, g)?;
+        match watch(plan, client, &mut workers, g, rt.stop_grace) {
+            Ok(GenEnd::Succeeded) => {
+                return Ok(Outcome {
+                    code: 0,
+                    failure: None,
+                    restarts: g,
+                });
+            }
+            Ok(GenEnd::Failed(why)) if g < u64::from(plan.max_restarts) => {
+                eprintln!(
+                    "ringctl launch: node {}: {why}; restarting every node's workers (restart {} \
+                     of {})",
+                    plan.node_rank,
+                    g + 1,
+                    plan.max_restarts
+                );
+                g += 1;
+            }
+            Ok(GenEnd::Failed(why)) | Ok(GenEnd::Stopped(why)) => {
+                return Ok(Outcome {
+                    code: 1,
+                    failure: Some(why),
+                    restarts: g,
+                });
+            }
+            Err(e) => {
+                stop(&mut workers, rt.stop_grace);
+                return Err(e);
+            }
+        }
+    }
+}
+
+fn lost(plan: &LaunchPlan, e: &dyn std::fmt::Display) -> LaunchError {
+    err(format!(
+        "node {}: lost the rendezvous store at {} ({e}); did node 0's launcher exit?",
+        plan.node_rank, plan.master_addr
+    ))
+}
+
+/// One worker process and where its output goes.
+struct Worker {
+    local_rank: usize,
+    rank: usize,
+    child: Child,
+    pumps: Vec<std::thread::JoinHandle<()>>,
+    exit: Option<std::process::ExitStatus>,
+}
+
+/// The argv of a worker of `program`.
+fn argv(plan: &LaunchPlan, rt: &Runtime, local_rank: usize) -> Vec<String> {
+    let lr = plan
+        .local_rank_arg
+        .then(|| format!("--local_rank={local_rank}"));
+    let mut out: Vec<String> = Vec::new();
+    match &plan.program {
+        Program::Recipe { file, overrides } => {
+            out.push(rt.trainer.display().to_string());
+            out.push(file.clone());
+            out.extend(overrides.iter().cloned());
+        }
+        Program::Script {
+            python,
+            script,
+            args,
+        } => {
+            out.extend([python.clone(), "-u".into(), script.clone()]);
+            out.extend(lr);
+            out.extend(args.iter().cloned());
+        }
+        Program::Module {
+            python,
+            module,
+            args,
+        } => {
+            out.extend([python.clone(), "-u".into(), "-m".into(), module.clone()]);
+            out.extend(lr);
+            out.extend(args.iter().cloned());
+        }
+        Program::Exec(cmd) => {
+            out.push(cmd[0].clone());
+            out.extend(lr);
+            out.extend(cmd[1..].iter().cloned());
+        }
+    }
+    out
+}
+
+/// The address this node's workers advertise to the others: `--local-addr`, else loopback
+/// for one node, else the local address of the route to MASTER_ADDR.
+fn node_addr(plan: &LaunchPlan, port: u16) -> String {
+    if let Some(a) = &plan.local_addr {
+        return a.clone();
+    }
+    if plan.nnodes == 1 {
+        return "127.0.0.1".into();
+    }
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| {
+            s.connect((plan.master_addr.as_str(), port))?;
+            s.local_addr()
+        })
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| "127.0.0.1".into())
+}
+
+fn spawn(
+    plan: &LaunchPlan,
+    rt: &Runtime,
+    layout: &Layout,
+    port: u16,
+    generation: u64,
+) -> Result<Vec<Worker>, LaunchError> {
+    let inherited_omp = std::env::var_os("OMP_NUM_THREADS").is_some();
+    let job_sets_omp = plan.extra_env.iter().any(|(k, _)| k == "OMP_NUM_THREADS");
+    let addr = node_addr(plan, port);
+    let logs = log_root(plan, generation)?;
+    let mut workers = Vec::with_capacity(plan.nproc);
+    for local_rank in 0..plan.nproc {
+        let rank = layout.base + local_rank;
+        let mut env = contract_env(&Contract {
+            rank,
+            local_rank,
+            world_size: layout.world,
+            local_world_size: plan.nproc,
+            node_rank: plan.node_rank,
+            nnodes: plan.nnodes,
+            master_addr: &plan.master_addr,
+            master_port: port,
+            visible_devices: plan.visible_devices.as_deref(),
+            restart_count: generation,
+            max_restarts: u64::from(plan.max_restarts),
+            run_id: &plan.run_id,
+            job_name: &plan.run_id,
+            generation,
+            role: &plan.role,
+        });
+        env.extend(
+            [
+                ("RINGMASTER_STORE_SERVED", "1"),
+                ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+                ("RINGMASTER_NODE", rt.hostname.as_str()),
+                ("RINGMASTER_NODE_ADDR", addr.as_str()),
+                (
+                    "RINGMASTER_RDZV_TIMEOUT",
+                    &plan.rdzv_timeout.as_secs().to_string(),
+                ),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        env.extend(omp_default(inherited_omp, job_sets_omp));
+        env.extend(plan.extra_env.iter().cloned());
+        let argv = argv(plan, rt, local_rank);
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .envs(env)
+            // The launchers' own ways of meeting must not leak into the workers'.
+            .env_remove("RINGMASTER_COORDINATOR")
+            .env_remove("RINGMASTER_STORE_DIR")
+            .stdin(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let streams = streams(&plan.logs, local_rank);
+        let files = match &logs {
+            Some(root) => {
+                let dir = root.join(local_rank.to_string());
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| err(format!("--log-dir {}: {e}", dir.display())))?;
+                Some(dir)
+            }
+            None => None,
+        };
+        let piped = files.is_some() || !streams.console_out || !streams.console_err;
+        if piped {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            err(format!(
+                "node {}: cannot start local rank {local_rank} (`{}`): {e}",
+                plan.node_rank, argv[0]
+            ))
+        })?;
+        let mut pumps = Vec::new();
+        if piped {
+            let prefix = format!("[{}{local_rank}]:", plan.role);
+            let out = child.stdout.take().expect("piped");
+            let errs = child.stderr.take().expect("piped");
+            let file = |name: &str, to_file: bool| {
+                files
+                    .as_ref()
+                    .filter(|_| to_file)
+                    .and_then(|d| std::fs::File::create(d.join(name)).ok())
+            };
+            pumps.push(pump(
+                out,
+                file("stdout.log", streams.file_out),
+                streams.console_out.then(|| prefix.clone()),
+                false,
+            ));
+            pumps.push(pump(
+                errs,
+                file("stderr.log", streams.file_err),
+                streams.console_err.then_some(prefix),
+                true,
+            ));
+        }
+        workers.push(Worker {
+            local_rank,
+            rank,
+            child,
+            pumps,
+            exit: None,
+        });
+    }
+    Ok(workers)
+}
+
+/// Where one worker's two streams go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Streams {
+    console_out: bool,
+    console_err: bool,
+    file_out: bool,
+    file_err: bool,
+}
+
+/// torchrun's rules: with `--log-dir`, a redirected stream goes to its file only, a teed one to
+/// its file and the console; `--local-ranks-filter` keeps the others off the console.
+fn streams(logs: &crate::plan::LogPolicy, local_rank: usize) -> Streams {
+    let bit = |v: &[u8], b: u8| v.get(local_rank).is_some_and(|x| x & b != 0);
+    let files = logs.dir.is_some();
+    let shown = logs
+        .console_ranks
+        .as_ref()
+        .is_none_or(|r| r.contains(&local_rank));
+    let (r, t) = (&logs.redirects, &logs.tee);
+    Streams {
+        file_out: files && (bit(r, 1) || bit(t, 1)),
+        file_err: files && (bit(r, 2) || bit(t, 2)),
+        console_out: shown && (!(files && bit(r, 1)) || bit(t, 1)),
+        console_err: shown && (!(files && bit(r, 2)) || bit(t, 2)),
+    }
+}
+
+/// `<dir>/<run_id>_<pid>/attempt_<g>/` when `--log-dir` is given.
+fn log_root(plan: &LaunchPlan, generation: u64) -> Result<Option<PathBuf>, LaunchError> {
+    let Some(dir) = &plan.logs.dir else {
+        return Ok(None);
+    };
+    let root = dir
+        .join(format!("{}_{}", plan.run_id, std::process::id()))
+        .join(format!("attempt_{generation}"));
+    std::fs::create_dir_all(&root)
+        .map_err(|e| err(format!("--log-dir {}: {e}", root.display())))?;
+    Ok(Some(root))
+}
+
+/// Copies a worker's stream to a file and/or the launcher's console (each line prefixed).
+fn pump(
+    from: impl Read + Send + 'static,
+    mut file: Option<std::fs::File>,
+    console: Option<String>,
+    stderr: bool,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(from);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            if let Some(f) = file.as_mut() {
+                let _ = f.write_all(&line);
+            }
+            if let Some(prefix) = &console {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end_matches('\n');
+                if stderr {
+                    eprintln!("{prefix}{text}");
+                } else {
+                    println!("{prefix}{text}");
+                }
+            }
+            line.clear();
+        }
+    })
+}
+
+/// Waits for this generation's end on this node, and for its end on every node.
+fn watch(
+    plan: &LaunchPlan,
+    client: &TcpStoreClient,
+    workers: &mut [Worker],
+    g: u64,
+    grace: Duration,
+) -> Result<GenEnd, LaunchError> {
+    let failed_key = format!("gen/{g}/failed");
+    let mut said_done = false;
+    loop {
+        for w in workers.iter_mut().filter(|w| w.exit.is_none()) {
+            if let Some(status) = w.child.try_wait().map_err(|e| err(e.to_string()))? {
+                w.exit = Some(status);
+                if !status.success() {
+                    let why = format!(
+                        "rank {} (node {}, local rank {}) {}",
+                        w.rank,
+                        plan.node_rank,
+                        w.local_rank,
+                        describe_exit(status)
+                    );
+                    client
+                        .compare_set(&failed_key, b"", why.as_bytes())
+                        .map_err(|e| lost(plan, &e))?;
+                }
+            }
+        }
+        let sig = SIGNALLED.load(Ordering::SeqCst);
+        if sig != 0 {
+            let why = format!(
+                "the launcher on node {} was stopped by signal {sig}",
+                plan.node_rank
+            );
+            let _ = client.compare_set(&failed_key, b"", why.as_bytes());
+            stop(workers, grace);
+            return Ok(GenEnd::Stopped(why));
+        }
+        if client
+            .check(&[failed_key.as_str()])
+            .map_err(|e| lost(plan, &e))?
+        {
+            let why = client
+                .get(&failed_key, POLL)
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .map_err(|e| lost(plan, &e))?;
+            stop(workers, grace);
+            if why.starts_with("the launcher on node") {
+                return Ok(GenEnd::Stopped(why));
+            }
+            return Ok(GenEnd::Failed(why));
+        }
+        if workers.iter().all(|w| w.exit.is_some()) {
+            if !said_done {
+                client
+                    .set(&format!("gen/{g}/done/{}", plan.node_rank), b"1")
+                    .map_err(|e| lost(plan, &e))?;
+                said_done = true;
+            }
+            let keys: Vec<String> = (0..plan.nnodes)
+                .map(|k| format!("gen/{g}/done/{k}"))
+                .collect();
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            if client.check(&keys).map_err(|e| lost(plan, &e))? {
+                join_pumps(workers);
+                return Ok(GenEnd::Succeeded);
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with code {c}"),
+        (None, Some(s)) => format!("was killed by signal {s}"),
+        _ => "ended".into(),
+    }
+}
+
+/// Stops every running worker: SIGTERM to its process group, SIGKILL after `grace`.
+fn stop(workers: &mut [Worker], grace: Duration) {
+    let running = |w: &mut Worker| w.exit.is_none() && matches!(w.child.try_wait(), Ok(None));
+    for w in workers.iter_mut() {
+        if running(w) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(w.child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && workers.iter_mut().any(running) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for w in workers.iter_mut() {
+        if running(w) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(w.child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = w.child.wait();
+    }
+    join_pumps(workers);
+}
+
+fn join_pumps(workers: &mut [Worker]) {
+    for w in workers.iter_mut() {
+        for p in w.pumps.drain(..) {
+            let _ = p.join();
+        }
+    }
+}
