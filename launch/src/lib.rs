@@ -10,11 +10,13 @@
 //! - [`plan`] — the launch plan every front-end fills, and its errors.
 //! - [`env`] — the worker environment contract, shared with the agents.
 //! - [`frontends`] — the four command-line dialects (docs/design/launch-spec.md).
+//! - [`probe`] — CUDA devices, CPUs and the host name of this machine.
 //! - [`runtime`] — the node's launcher: join, spawn, watch, gang stop and restart.
 
 pub mod env;
 pub mod frontends;
 pub mod plan;
+pub mod probe;
 pub mod runtime;
 
 pub use plan::{LaunchError, LaunchPlan};

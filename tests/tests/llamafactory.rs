@@ -116,6 +116,73 @@ fn every_llamafactory_recipe_trains_unchanged_on_2x2_local_ranks() {
         assert!(out.join(writes).is_file(), "{recipe}: no {writes}");
         assert!(out.join("training_loss.png").is_file(), "{recipe}: no plot");
         step_one_loss_is_the_starting_models_on_its_rows(&root, recipe, model, &out, losses[0]);
+        if recipe == "qwen3_full_sft_ds3.yaml" {
+            launch_without_a_daemon_trains_as_local_does(&root, recipe, model, work, &losses);
+        }
+    }
+}
+
+/// The same recipe started as LLaMA-Factory's multi-node command line, one `ringctl launch` per
+/// "node" with NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT / NPROC_PER_NODE (no coordinator,
+/// no agents), trains to the same per-step losses as `ringctl local` on 2 nodes x 2 slots.
+fn launch_without_a_daemon_trains_as_local_does(
+    root: &Path,
+    recipe: &str,
+    model: &Path,
+    work: &Path,
+    local_losses: &[f64],
+) {
+    let out = work.join("launch-out");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let node = |rank: &str| {
+        Command::new(bin("ringctl"))
+            .current_dir(root)
+            .arg("launch")
+            .arg(format!("examples/llamafactory/{recipe}"))
+            .arg(format!("model_name_or_path={}", model.display()))
+            .arg(format!("output_dir={}", out.display()))
+            .envs([
+                ("NNODES", "2"),
+                ("NODE_RANK", rank),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", &port),
+                ("NPROC_PER_NODE", "2"),
+            ])
+            .env_remove("RINGMASTER_COORDINATOR")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let n1 = node("1");
+    let n0 = node("0");
+    for (k, child) in [n0, n1].into_iter().enumerate() {
+        let o = child.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "ringctl launch, node {k}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let log = std::fs::read_to_string(out.join("trainer_log.jsonl")).unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("loss").and_then(|l| l.as_f64()))
+        .collect();
+    assert_eq!(losses.len(), local_losses.len(), "{log}");
+    for (i, (a, b)) in losses.iter().zip(local_losses).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+            "step {}: launch {a}, local {b}",
+            i + 1
+        );
     }
 }
 
