@@ -28,7 +28,10 @@ pub enum Dialect {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Program {
     /// A training config: the trainer with the recipe file and its overrides.
-    Recipe { file: String, overrides: Vec<String> },
+    Recipe {
+        file: String,
+        overrides: Vec<String>,
+    },
     /// `python -u SCRIPT ARGS` (the interpreter from `PYTHON_EXEC`, else `python3`).
     Script {
         python: String,
