@@ -101,11 +101,24 @@ pub struct LaunchPlan {
     pub extra_env: Vec<(String, String)>,
     /// Things the user should know about how their command line was read (printed once).
     pub notices: Vec<String>,
+    /// Every node's worker count, in node order, when the command line gives the whole world
+    /// (a DeepSpeed hostfile, possibly with different slot counts per node): the runtime takes
+    /// this node's first global rank (the sum before `node_rank`) and the world size (the sum)
+    /// from it, and can check the counts the other launchers report. `None`: only this node's
+    /// `nproc` is known; the rendezvous adds the counts up (torchrun's slow path).
+    pub node_slots: Option<Vec<usize>>,
+    /// How often the launcher polls its workers (torchrun's `--monitor-interval`, 0.1 s;
+    /// DeepSpeed's launcher polls every second).
+    pub monitor_interval: Duration,
+    /// DeepSpeed's `--enable_each_rank_log DIR`: each rank's stdout and stderr together to
+    /// `DIR/<YYYYmmddHHMMSS>_rank<RANK>.log` instead of the console (`logs` is then unused).
+    pub each_rank_log: Option<PathBuf>,
 }
 
 impl LaunchPlan {
     /// A single-node plan running `program` on `nproc` workers, with the defaults every
-    /// dialect starts from (127.0.0.1:29500, run id `none`, no restarts, 600 s rendezvous).
+    /// dialect starts from (127.0.0.1:29500, run id `none`, no restarts, 600 s rendezvous,
+    /// 0.1 s monitor interval).
     pub fn new(dialect: Dialect, nproc: usize, program: Program) -> LaunchPlan {
         LaunchPlan {
             dialect,
@@ -125,6 +138,9 @@ impl LaunchPlan {
             local_rank_arg: false,
             extra_env: Vec::new(),
             notices: Vec::new(),
+            node_slots: None,
+            monitor_interval: Duration::from_millis(100),
+            each_rank_log: None,
         }
     }
 }

@@ -1,1 +1,0 @@
-//! The four command-line dialects, each read into a [`crate::LaunchPlan`].
