@@ -19,7 +19,11 @@ pub fn detect() -> Probe {
         .unwrap_or(0);
     let cuda_devices = match std::env::var("CUDA_VISIBLE_DEVICES") {
         Ok(v) if v.trim().is_empty() => 0,
-        Ok(v) => v.split(',').filter(|s| !s.trim().is_empty()).count().min(present),
+        Ok(v) => v
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .count()
+            .min(present),
         Err(_) => present,
     };
     Probe {

@@ -14,8 +14,8 @@
 //!    `TORCHELASTIC_USE_AGENT_STORE=True` so that trainers and torch processes use the
 //!    launchers' store as clients, with keys scoped by run id and generation.
 //! 4. **Watch.** A worker that exits non-zero claims `gen/<g>/failed` with its rank, node and
-//!    exit status (the first claim wins). Every launcher polls that key every
-//!    [`POLL`]: once set, each stops its workers (SIGTERM to the group, SIGKILL after the
+//!    exit status (the first claim wins). Every launcher polls that key every monitor interval
+//!    (torchrun's `--monitor-interval`, 0.1 s by default): once set, each stops its workers (SIGTERM to the group, SIGKILL after the
 //!    grace period), so a failure anywhere stops every node within about a second plus the
 //!    grace. A node whose workers all exited 0 says so (`gen/<g>/done/<node>`); the job
 //!    succeeds when every node has.
@@ -39,8 +39,6 @@ use serde::{Deserialize, Serialize};
 use crate::env::{Contract, contract_env, omp_default};
 use crate::plan::{LaunchError, LaunchPlan, Port, Program};
 
-/// How often a launcher looks at its workers and at the job's failure key.
-pub const POLL: Duration = Duration::from_millis(100);
 /// How long node 0 keeps the store after the end, for the others to read it.
 pub const EXIT_WAIT: Duration = Duration::from_secs(10);
 
@@ -195,6 +193,9 @@ fn agreement(plan: &LaunchPlan) -> Result<Vec<(String, String)>, LaunchError> {
         ("max_restarts".to_owned(), plan.max_restarts.to_string()),
         ("program".to_owned(), describe(&plan.program)),
     ];
+    if let Some(slots) = &plan.node_slots {
+        out.push(("every node's worker count".to_owned(), format!("{slots:?}")));
+    }
     if let Program::Recipe { file, .. } = &plan.program {
         let text = std::fs::read(file).map_err(|e| err(format!("training config {file}: {e}")))?;
         out.push((
@@ -497,7 +498,21 @@ fn spawn(
             }
             None => None,
         };
-        let piped = files.is_some() || !streams.console_out || !streams.console_err;
+        // DeepSpeed's --enable_each_rank_log: both streams of the rank to one file, not the
+        // console.
+        let each = match &plan.each_rank_log {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| err(format!("--enable_each_rank_log {}: {e}", dir.display())))?;
+                let path = dir.join(format!("{}_rank{rank}.log", timestamp()));
+                let f = std::fs::File::create(&path)
+                    .map_err(|e| err(format!("--enable_each_rank_log {}: {e}", path.display())))?;
+                Some(std::sync::Arc::new(std::sync::Mutex::new(f)))
+            }
+            None => None,
+        };
+        let piped =
+            each.is_some() || files.is_some() || !streams.console_out || !streams.console_err;
         if piped {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
@@ -513,21 +528,26 @@ fn spawn(
             let out = child.stdout.take().expect("piped");
             let errs = child.stderr.take().expect("piped");
             let file = |name: &str, to_file: bool| {
+                if each.is_some() {
+                    return each.clone();
+                }
                 files
                     .as_ref()
                     .filter(|_| to_file)
                     .and_then(|d| std::fs::File::create(d.join(name)).ok())
+                    .map(|f| std::sync::Arc::new(std::sync::Mutex::new(f)))
             };
+            let console = each.is_none();
             pumps.push(pump(
                 out,
                 file("stdout.log", streams.file_out),
-                streams.console_out.then(|| prefix.clone()),
+                (console && streams.console_out).then(|| prefix.clone()),
                 false,
             ));
             pumps.push(pump(
                 errs,
                 file("stderr.log", streams.file_err),
-                streams.console_err.then_some(prefix),
+                (console && streams.console_err).then_some(prefix),
                 true,
             ));
         }
@@ -585,7 +605,7 @@ fn log_root(plan: &LaunchPlan, generation: u64) -> Result<Option<PathBuf>, Launc
 /// Copies a worker's stream to a file and/or the launcher's console (each line prefixed).
 fn pump(
     from: impl Read + Send + 'static,
-    mut file: Option<std::fs::File>,
+    file: Option<std::sync::Arc<std::sync::Mutex<std::fs::File>>>,
     console: Option<String>,
     stderr: bool,
 ) -> std::thread::JoinHandle<()> {
@@ -593,8 +613,8 @@ fn pump(
         let mut reader = BufReader::new(from);
         let mut line = Vec::new();
         while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-            if let Some(f) = file.as_mut() {
-                let _ = f.write_all(&line);
+            if let Some(f) = &file {
+                let _ = f.lock().map(|mut f| f.write_all(&line));
             }
             if let Some(prefix) = &console {
                 let text = String::from_utf8_lossy(&line);
@@ -608,6 +628,30 @@ fn pump(
             line.clear();
         }
     })
+}
+
+/// UTC now as `YYYYmmddHHMMSS` (DeepSpeed's per-rank log names).
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Waits for this generation's end on this node, and for its end on every node.
@@ -653,7 +697,7 @@ fn watch(
             .map_err(|e| lost(plan, &e))?
         {
             let why = client
-                .get(&failed_key, POLL)
+                .get(&failed_key, plan.monitor_interval)
                 .map(|v| String::from_utf8_lossy(&v).into_owned())
                 .map_err(|e| lost(plan, &e))?;
             stop(workers, grace);
@@ -678,7 +722,7 @@ fn watch(
                 return Ok(GenEnd::Succeeded);
             }
         }
-        std::thread::sleep(POLL);
+        std::thread::sleep(plan.monitor_interval);
     }
 }
 
@@ -723,5 +767,57 @@ fn join_pumps(workers: &mut [Worker]) {
         for p in w.pumps.drain(..) {
             let _ = p.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_utc_civil_time() {
+        // Against date(1), to the minute (a second boundary may fall between the two).
+        let ours = timestamp();
+        let theirs = std::process::Command::new("date")
+            .args(["-u", "+%Y%m%d%H%M%S"])
+            .output()
+            .unwrap();
+        let theirs = String::from_utf8_lossy(&theirs.stdout);
+        assert_eq!(ours.len(), 14);
+        assert_eq!(&ours[..12], &theirs.trim()[..12], "{ours} vs {theirs}");
+    }
+
+    #[test]
+    fn redirects_and_tee_route_streams_as_torchrun_does() {
+        let logs = crate::plan::LogPolicy {
+            dir: Some("/tmp/l".into()),
+            redirects: vec![3, 1, 0, 0],
+            tee: vec![0, 2, 0, 0],
+            console_ranks: Some(vec![0, 1, 2]),
+        };
+        let s = |r| streams(&logs, r);
+        // Rank 0: both streams to files only.
+        assert_eq!(
+            (
+                s(0).file_out,
+                s(0).file_err,
+                s(0).console_out,
+                s(0).console_err
+            ),
+            (true, true, false, false)
+        );
+        // Rank 1: out redirected; err teed (file and console).
+        assert_eq!(
+            (
+                s(1).file_out,
+                s(1).file_err,
+                s(1).console_out,
+                s(1).console_err
+            ),
+            (true, true, false, true)
+        );
+        // Rank 2: console only; rank 3 filtered off the console.
+        assert_eq!((s(2).file_out, s(2).console_out), (false, true));
+        assert_eq!((s(3).console_out, s(3).console_err), (false, false));
     }
 }

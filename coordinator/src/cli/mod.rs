@@ -226,6 +226,22 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Start this node's workers without a daemon, from a torchrun, DeepSpeed launcher,
+    /// `accelerate launch` or LLaMA-Factory command line (one `ringctl launch` per node):
+    /// `ringctl launch --nnodes 2 --node-rank 0 --master-addr H --nproc-per-node 8 recipe.yaml`,
+    /// `NNODES=2 NODE_RANK=1 MASTER_ADDR=H MASTER_PORT=29500 ringctl launch recipe.yaml`,
+    /// `ringctl launch deepspeed --include localhost:1 train.py`, `ringctl launch accelerate
+    /// launch --config_file cfg.yaml train.py`, `ringctl launch ... -- CMD ...`.
+    Launch {
+        /// The launcher's flags (any of the four dialects), then the program.
+        #[arg(
+            value_name = "[LAUNCHER FLAGS] (RECIPE [OVERRIDES] | SCRIPT [ARGS] | -- CMD ...)",
+            num_args = 0..,
+            trailing_var_arg = true,
+            allow_hyphen_values = true
+        )]
+        args: Vec<String>,
+    },
     /// Memory per GPU and per node of every plan (DeepSpeed's estimators); no coordinator needed.
     Estimate(estimate::EstimateArgs),
     /// Certificates for a small cluster: `ringctl certs init DIR --host coordinator.example`.
@@ -333,6 +349,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
     let target = || target.clone();
     match args.command {
         Command::Estimate(a) => estimate::run(&a),
+        Command::Launch { args } => launch(args).await,
         Command::Certs(c) => certs::run(&c),
         Command::Export {
             checkpoint,
@@ -340,11 +357,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             merge_lora,
             dtype,
         } => {
-            let trainer = std::env::current_exe()
-                .ok()
-                .and_then(|p| p.parent().map(|d| d.join("trainer")))
-                .filter(|p| p.exists())
-                .unwrap_or_else(|| PathBuf::from("trainer"));
+            let trainer = sibling("trainer");
             let mut cmd = std::process::Command::new(&trainer);
             cmd.arg("export").arg(&checkpoint).arg("--out").arg(&out);
             if merge_lora {
@@ -626,6 +639,40 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
 
 /// Removes ringctl's own `FLAG VALUE` or `FLAG=VALUE` from the arguments after FILE (the
 /// training config has no key of that name) and returns the value.
+/// `ringctl launch`: the plan from the command line and the environment (a bad one exits 2),
+/// then this node's launcher; the exit code is the job's.
+async fn launch(args: Vec<String>) -> Result<Exit, CliError> {
+    let probe = ringmaster_launch::probe::detect();
+    let env = |k: &str| std::env::var(k).ok();
+    let plan = ringmaster_launch::frontends::parse(&args, &env, &probe)
+        .map_err(|e| CliError::usage(format!("launch: {e}")))?;
+    let rt = ringmaster_launch::runtime::Runtime {
+        trainer: sibling("trainer"),
+        stop_grace: std::time::Duration::from_secs(3),
+        hostname: probe.hostname,
+    };
+    let outcome = tokio::task::spawn_blocking(move || ringmaster_launch::runtime::run(&plan, &rt))
+        .await
+        .map_err(|e| CliError::failed(format!("launch: {e}")))?
+        .map_err(|e| CliError::failed(format!("launch: {e}")))?;
+    match outcome.failure {
+        None => Ok(Exit::Ok),
+        Some(why) => Err(CliError::failed(format!(
+            "launch: the job failed after {} restart(s): {why}",
+            outcome.restarts
+        ))),
+    }
+}
+
+/// A binary next to ringctl, else the bare name (found on PATH).
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
 fn take_flag(args: &mut Vec<String>, flag: &str) -> Result<Option<String>, CliError> {
     let Some(i) = args
         .iter()
