@@ -936,20 +936,11 @@ pub(crate) fn plan(args: &[String], ctx: &Ctx) -> Result<LaunchPlan, LaunchError
     }
 
     // The program.
-    let module = a.is("module");
-    let no_python = a.is("no_python");
-    if module && no_python {
-        return Err(LaunchError::new(
-            "--module and --no_python cannot be used together",
-        ));
-    }
-    let how = if no_python {
-        How::Exec
-    } else if module {
-        How::Module
-    } else {
-        How::Script
-    };
+    let how = How::from_flags(
+        a.is("module"),
+        a.is("no_python"),
+        "--module and --no_python cannot be used together",
+    )?;
     let program = ctx.program(&p, how)?;
 
     let machines = a.int("num_machines")?.unwrap_or(1);
@@ -1175,14 +1166,7 @@ fn multi_gpu_env(a: &Args) -> Result<Vec<(String, String)>, LaunchError> {
             env.put("FSDP_IGNORED_MODULES", v.str());
         }
     }
-    env.put(
-        "OMP_NUM_THREADS",
-        a.str("num_cpu_threads_per_process")
-            .unwrap_or_else(|| "1".into()),
-    );
-    if a.is("enable_cpu_affinity") {
-        env.put("ACCELERATE_CPU_AFFINITY", "1");
-    }
+    cpu_threads_env(a, &mut env);
     if a.is("use_parallelism_config") {
         parallelism_env(a, &mut env);
     }
@@ -1204,6 +1188,18 @@ fn mixed_precision(a: &Args) -> Result<String, LaunchError> {
 }
 
 /// `setup_fp8_env`: every fp8 option as `ACCELERATE_FP8_*` when the precision is fp8.
+/// OMP_NUM_THREADS and ACCELERATE_CPU_AFFINITY, on every path that starts workers.
+fn cpu_threads_env(a: &Args, env: &mut EnvOut) {
+    env.put(
+        "OMP_NUM_THREADS",
+        a.str("num_cpu_threads_per_process")
+            .unwrap_or_else(|| "1".into()),
+    );
+    if a.is("enable_cpu_affinity") {
+        env.put("ACCELERATE_CPU_AFFINITY", "1");
+    }
+}
+
 fn fp8_env(a: &Args, env: &mut EnvOut) -> Result<(), LaunchError> {
     if mixed_precision(a)? != "fp8" {
         return Ok(());
@@ -1565,14 +1561,7 @@ fn simple_path(
     env.put("ACCELERATE_MIXED_PRECISION", mixed_precision(a)?);
     fp8_env(a, &mut env)?;
     dynamo_env(a, &mut env)?;
-    env.put(
-        "OMP_NUM_THREADS",
-        a.str("num_cpu_threads_per_process")
-            .unwrap_or_else(|| "1".into()),
-    );
-    if a.is("enable_cpu_affinity") {
-        env.put("ACCELERATE_CPU_AFFINITY", "1");
-    }
+    cpu_threads_env(a, &mut env);
     plan.extra_env = env.0;
     Ok(plan)
 }

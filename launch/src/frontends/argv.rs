@@ -5,6 +5,7 @@
 //! spelling. With `abbrev` (torchrun, DeepSpeed: argparse's default) an unambiguous prefix of a
 //! long option is accepted too.
 
+use super::Val;
 use crate::LaunchError;
 
 /// Whether an option takes a value.
@@ -99,6 +100,12 @@ impl Parsed {
 
     pub(crate) fn given(&self, key: &str) -> bool {
         self.last(key).is_some()
+    }
+
+    /// The last occurrence's value (empty for a flag), sourced to the spelling used.
+    pub(crate) fn val(&self, key: &str) -> Option<Val> {
+        self.last(key)
+            .map(|s| Val::flag(&s.spelled, s.value.as_deref().unwrap_or_default()))
     }
 }
 
@@ -317,31 +324,32 @@ mod tests {
         v.iter().map(|x| x.to_string()).collect()
     }
 
+    /// `args` parsed as a torchrun command line against `T` (abbreviations allowed).
+    fn parse_t(args: &[&str]) -> Result<Parsed, LaunchError> {
+        parse(&s(args), T, true, "torchrun", &[])
+    }
+
+    /// The value of the last occurrence of `key`.
+    fn value<'p>(p: &'p Parsed, key: &str) -> Option<&'p str> {
+        p.last(key).unwrap().value.as_deref()
+    }
+
     #[test]
     fn spellings_values_and_remainder() {
-        let p = parse(
-            &s(&[
-                "--nproc_per_node=2",
-                "--nnodes",
-                "1",
-                "-r3",
-                "-m",
-                "pkg.mod",
-                "--nnodes",
-                "9",
-            ]),
-            T,
-            true,
-            "torchrun",
-            &[],
-        )
+        let p = parse_t(&[
+            "--nproc_per_node=2",
+            "--nnodes",
+            "1",
+            "-r3",
+            "-m",
+            "pkg.mod",
+            "--nnodes",
+            "9",
+        ])
         .unwrap();
-        assert_eq!(
-            p.last("nproc_per_node").unwrap().value.as_deref(),
-            Some("2")
-        );
-        assert_eq!(p.last("nnodes").unwrap().value.as_deref(), Some("1"));
-        assert_eq!(p.last("redirects").unwrap().value.as_deref(), Some("3"));
+        assert_eq!(value(&p, "nproc_per_node"), Some("2"));
+        assert_eq!(value(&p, "nnodes"), Some("1"));
+        assert_eq!(value(&p, "redirects"), Some("3"));
         assert!(p.given("module"));
         assert_eq!(p.program.as_deref(), Some("pkg.mod"));
         assert_eq!(p.args, s(&["--nnodes", "9"]));
@@ -349,23 +357,13 @@ mod tests {
 
     #[test]
     fn dash_spelling_abbreviation_and_negative_values() {
-        let p = parse(
-            &s(&["--nproc-per-node", "4", "--max-res", "-1", "-r=0:1", "x.py"]),
-            T,
-            true,
-            "torchrun",
-            &[],
-        )
-        .unwrap();
-        assert_eq!(
-            p.last("nproc_per_node").unwrap().value.as_deref(),
-            Some("4")
-        );
-        assert_eq!(p.last("max_restarts").unwrap().value.as_deref(), Some("-1"));
-        assert_eq!(p.last("redirects").unwrap().value.as_deref(), Some("0:1"));
+        let p = parse_t(&["--nproc-per-node", "4", "--max-res", "-1", "-r=0:1", "x.py"]).unwrap();
+        assert_eq!(value(&p, "nproc_per_node"), Some("4"));
+        assert_eq!(value(&p, "max_restarts"), Some("-1"));
+        assert_eq!(value(&p, "redirects"), Some("0:1"));
         // `--nproc` matches both spellings of one option: not ambiguous.
-        assert!(parse(&s(&["--nproc", "2", "x"]), T, true, "t", &[]).is_ok());
-        let e = parse(&s(&["--master", "a", "x"]), T, true, "t", &[]).unwrap_err();
+        assert!(parse_t(&["--nproc", "2", "x"]).is_ok());
+        let e = parse_t(&["--master", "a", "x"]).unwrap_err();
         assert!(e.0.contains("ambiguous option: --master"), "{e}");
         let e = parse(&s(&["--nproc", "2", "x"]), T, false, "accelerate", &[]).unwrap_err();
         assert!(e.0.contains("unrecognized arguments: --nproc"), "{e}");
@@ -373,16 +371,16 @@ mod tests {
 
     #[test]
     fn dashdash_and_errors() {
-        let p = parse(&s(&["-m", "--", "./run.sh", "--x"]), T, true, "t", &[]).unwrap();
+        let p = parse_t(&["-m", "--", "./run.sh", "--x"]).unwrap();
         assert!(p.dashdash);
         assert_eq!(p.program.as_deref(), Some("./run.sh"));
         assert_eq!(p.args, s(&["--x"]));
-        let e = parse(&s(&["--nnodes", "--module"]), T, true, "t", &[]).unwrap_err();
+        let e = parse_t(&["--nnodes", "--module"]).unwrap_err();
         assert!(
             e.0.contains("argument --nnodes: expected one argument"),
             "{e}"
         );
-        let e = parse(&s(&["--module=1", "x"]), T, true, "t", &[]).unwrap_err();
+        let e = parse_t(&["--module=1", "x"]).unwrap_err();
         assert!(e.0.contains("ignored explicit argument '1'"), "{e}");
         let other: &[Opt] = &[Opt::value("num_gpus")];
         let e = parse(

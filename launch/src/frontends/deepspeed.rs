@@ -224,10 +224,7 @@ fn others() -> [(&'static str, &'static [Opt]); 2] {
 }
 
 fn get(p: &Parsed, key: &str) -> Option<Val> {
-    p.last(key).map(|s| Val {
-        v: s.value.clone().unwrap_or_default(),
-        src: Src::Flag(s.spelled.clone()),
-    })
+    p.val(key)
 }
 
 /// `deepspeed [options] script args...`, reading hostfiles from the filesystem.
@@ -262,20 +259,11 @@ pub(crate) fn plan_parsed(
              fixed node count and --max_restarts",
         ));
     }
-    let module = p.given("module");
-    let no_python = p.given("no_python");
-    if module && no_python {
-        return Err(LaunchError::new(
-            "Don't use both the '--no_python' flag and the '--module' flag at the same time.",
-        ));
-    }
-    let how = if no_python {
-        How::Exec
-    } else if module {
-        How::Module
-    } else {
-        How::Script
-    };
+    let how = How::from_flags(
+        p.given("module"),
+        p.given("no_python"),
+        "Don't use both the '--no_python' flag and the '--module' flag at the same time.",
+    )?;
     let program = ctx.program(p, how)?;
 
     let num = |key: &str| -> Result<Option<(i64, Val)>, LaunchError> {
@@ -713,18 +701,11 @@ mod tests {
         );
     }
 
-    fn flag(name: &str, v: &str) -> Val {
-        Val {
-            v: v.to_string(),
-            src: Src::Flag(name.to_string()),
-        }
-    }
-
     #[test]
     fn include_exclude() {
         let pool = hosts(&[("n0", 4), ("n1", 4)]);
-        let inc = |s: &str| select(&pool, Some(&flag("--include", s)), None);
-        let exc = |s: &str| select(&pool, None, Some(&flag("--exclude", s)));
+        let inc = |s: &str| select(&pool, Some(&Val::flag("--include", s)), None);
+        let exc = |s: &str| select(&pool, None, Some(&Val::flag("--exclude", s)));
         let w = |v: &[(&str, &[usize])]| -> Vec<(String, Vec<usize>)> {
             v.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect()
         };
@@ -761,7 +742,11 @@ mod tests {
                 .contains("'a' is not a slot number")
         );
         assert!(inc("n1:1:2").is_err());
-        let both = select(&pool, Some(&flag("-i", "n0")), Some(&flag("-e", "n1")));
+        let both = select(
+            &pool,
+            Some(&Val::flag("-i", "n0")),
+            Some(&Val::flag("-e", "n1")),
+        );
         assert_eq!(
             both.unwrap_err().0,
             "include_str and exclude_str are mutually exclusive."

@@ -187,6 +187,23 @@ pub(crate) enum How {
     Exec,
 }
 
+impl How {
+    /// From the `--module` and `--no_python` flags; both together is an error, worded as the
+    /// dialect words it (`conflict`).
+    pub(crate) fn from_flags(
+        module: bool,
+        no_python: bool,
+        conflict: &'static str,
+    ) -> Result<How, LaunchError> {
+        match (module, no_python) {
+            (true, true) => Err(LaunchError::new(conflict)),
+            (false, true) => Ok(How::Exec),
+            (true, false) => Ok(How::Module),
+            (false, false) => Ok(How::Script),
+        }
+    }
+}
+
 /// The launcher's environment. Empty values count as unset (`NNODES= ringctl launch ...`),
 /// except where [`Env::raw`] is asked (CUDA_VISIBLE_DEVICES="" hides every device).
 pub(crate) struct Env<'a>(pub &'a dyn Fn(&str) -> Option<String>);
@@ -253,6 +270,14 @@ pub(crate) struct Val {
 }
 
 impl Val {
+    /// A value given on the command line, as spelled there (`--nnodes`, `-r`).
+    pub(crate) fn flag(spelled: &str, v: &str) -> Val {
+        Val {
+            v: v.to_string(),
+            src: Src::Flag(spelled.to_string()),
+        }
+    }
+
     pub(crate) fn default(flag: &str, v: &str) -> Val {
         Val {
             v: v.to_string(),

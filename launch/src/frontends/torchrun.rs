@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::argv::{self, Opt, Parsed};
-use super::{Ctx, How, Layout, Src, Val, check_layout, random_run_id, unbracket};
+use super::{Ctx, How, Layout, Val, check_layout, random_run_id, unbracket};
 use crate::plan::{Dialect, LaunchError, LaunchPlan, LogPolicy, Port};
 
 /// torchrun's options (every long one also in its dash spelling), plus `--use-env` from
@@ -49,11 +49,8 @@ const C10D_PORT: u16 = 29400;
 
 /// A flag, else `PET_<KEY>`.
 fn get(p: &Parsed, ctx: &Ctx, key: &str) -> Option<Val> {
-    if let Some(seen) = p.last(key) {
-        return Some(Val {
-            v: seen.value.clone().unwrap_or_default(),
-            src: Src::Flag(seen.spelled.clone()),
-        });
+    if let Some(v) = p.val(key) {
+        return Some(v);
     }
     if NO_PET.contains(&key) {
         return None;
@@ -101,16 +98,12 @@ pub(crate) fn plan(args: &[String], ctx: &Ctx) -> Result<LaunchPlan, LaunchError
             );
         }
         How::Script
-    } else if no_python && module {
-        return Err(LaunchError::new(
-            "Don't use both the '--no-python' flag and the '--module' flag at the same time.",
-        ));
-    } else if no_python {
-        How::Exec
-    } else if module {
-        How::Module
     } else {
-        How::Script
+        How::from_flags(
+            module,
+            no_python,
+            "Don't use both the '--no-python' flag and the '--module' flag at the same time.",
+        )?
     };
     let program = ctx.program(&p, how)?;
 
@@ -591,16 +584,9 @@ pub(crate) fn ranks_filter(v: &Val) -> Result<Option<Vec<usize>>, LaunchError> {
 mod tests {
     use super::*;
 
-    fn flag(name: &str, v: &str) -> Val {
-        Val {
-            v: v.to_string(),
-            src: Src::Flag(name.to_string()),
-        }
-    }
-
     #[test]
     fn std_maps() {
-        let r = |v: &str, n| std_map(&flag("-r", v), n);
+        let r = |v: &str, n| std_map(&Val::flag("-r", v), n);
         assert_eq!(r("3", 2).unwrap(), vec![3, 3]);
         assert_eq!(r("0", 1).unwrap(), vec![0]);
         assert_eq!(r("0:3,1:1", 4).unwrap(), vec![3, 1, 0, 0]);
@@ -626,7 +612,7 @@ mod tests {
 
     #[test]
     fn filters_and_conf() {
-        let f = |v: &str| ranks_filter(&flag("--local-ranks-filter", v));
+        let f = |v: &str| ranks_filter(&Val::flag("--local-ranks-filter", v));
         assert_eq!(f("1,0,1").unwrap(), Some(vec![0, 1]));
         assert_eq!(f("").unwrap(), None);
         assert!(
@@ -636,7 +622,7 @@ mod tests {
                 .starts_with("--local_ranks_filter must be a comma-separated list of integers")
         );
         let mut notes = Vec::new();
-        let c = |v: &str, n: &mut Vec<String>| rdzv_conf(&flag("--rdzv-conf", v), n);
+        let c = |v: &str, n: &mut Vec<String>| rdzv_conf(&Val::flag("--rdzv-conf", v), n);
         assert_eq!(
             c("timeout=60,read_timeout=30", &mut notes).unwrap(),
             Some(Duration::from_secs(60))
@@ -665,7 +651,7 @@ mod tests {
 
     #[test]
     fn endpoints_and_nnodes() {
-        let ep = |v: &str, d| split_endpoint(&flag("--rdzv-endpoint", v), d);
+        let ep = |v: &str, d| split_endpoint(&Val::flag("--rdzv-endpoint", v), d);
         assert_eq!(
             ep("10.0.0.1:29400", None).unwrap(),
             ("10.0.0.1".to_string(), Port::Fixed(29400))
@@ -685,7 +671,7 @@ mod tests {
                 .contains("port is missing in endpoint: h")
         );
         assert!(ep("h:70000", None).is_err());
-        let nn = |v: &str| parse_nnodes(&flag("--nnodes", v));
+        let nn = |v: &str| parse_nnodes(&Val::flag("--nnodes", v));
         assert_eq!(nn("2").unwrap(), 2);
         assert_eq!(nn("3:3").unwrap(), 3);
         assert!(nn("1:4").unwrap_err().0.contains("elastic membership"));
