@@ -102,11 +102,13 @@ fn err(msg: impl Into<String>) -> LaunchError {
 pub fn run(plan: &LaunchPlan, rt: &Runtime) -> Result<Outcome, LaunchError> {
     install_signals();
     let (client, server, port) = meet(plan)?;
-    let layout = join(plan, rt, &client)?;
     for n in &plan.notices {
         eprintln!("ringctl launch: {n}");
     }
-    let result = generations(plan, rt, &client, &layout, port);
+    // A node that refuses the join still says it is leaving, so that node 0 keeps the store
+    // until every node has read what it needs to refuse too.
+    let result =
+        join(plan, rt, &client).and_then(|layout| generations(plan, rt, &client, &layout, port));
     let _ = client.set(&format!("exit/{}", plan.node_rank), b"1");
     if let Some(server) = server {
         // Keep serving until every node has read how the job ended.

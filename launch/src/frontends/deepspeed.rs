@@ -57,6 +57,9 @@ pub(crate) struct Host {
     pub slots: usize,
 }
 
+/// Most workers one host may run (`slots=`), as `ringmaster-hostfile` caps it.
+pub(crate) const MAX_SLOTS_PER_HOST: usize = 1024;
+
 /// Parses a hostfile (runner.py `_parse_hostfile`): blank and `#` lines skipped, every other line
 /// must match `^(\S+)\s+slots=(\d+)` (text after the digits is tolerated), no host twice, at
 /// least one host. Order of lines = node rank order. Errors name `path:line`.
@@ -85,6 +88,16 @@ pub(crate) fn parse_hostfile(text: &str, path: &str) -> Result<Vec<Host>, Launch
             return Err(bad());
         }
         let slots: usize = digits.parse().map_err(|_| bad())?;
+        // Ours, not DeepSpeed's: a node's workers are started one process per slot, so a
+        // count no machine has is refused before anything is allocated for it (the
+        // coordinator's hostfiles have the same cap).
+        if slots > MAX_SLOTS_PER_HOST {
+            return Err(LaunchError(format!(
+                "{path}:{}: {name} has slots={slots}; at most {MAX_SLOTS_PER_HOST} workers per \
+                 host",
+                i + 1
+            )));
+        }
         if hosts.iter().any(|h| h.name == name) {
             return Err(LaunchError(format!(
                 "{path}:{}: Hostfile contains multiple entries for {name}, unable to proceed with \
@@ -668,6 +681,11 @@ mod tests {
         assert_eq!(
             parse_hostfile(text, "hf").unwrap(),
             hosts(&[("n0", 4), ("n1", 2), ("n2", 0)])
+        );
+        let e = parse_hostfile("n0 slots=99999999999\n", "hf").unwrap_err();
+        assert!(
+            e.0.contains("hf:1: n0 has slots=99999999999; at most 1024"),
+            "{e}"
         );
         let e = parse_hostfile("n0 slots=4\nn0 slot=4\n", "hf").unwrap_err();
         assert_eq!(
