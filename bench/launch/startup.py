@@ -5,7 +5,8 @@ trainer with --no-python) and `ringctl local`, on 2 "nodes" x 2 ranks of this ma
     bench/.venv/bin/python bench/launch/startup.py [--bin target/release] [--rounds 3]
 
 The job: examples/llamafactory/qwen3_full_sft_ds3.yaml on a tiny random Qwen3 (made here as
-tests/tests/llamafactory.rs makes it), max_steps 40. Rounds alternate the launchers (paired,
+tests/tests/llamafactory.rs makes it), max_steps 40 (400 for the recovery runs, whose
+worker is killed at step 3; the restarted run starts again from step 1, no checkpoint). Rounds alternate the launchers (paired,
 interleaved). Prints one JSON line per measurement and a summary (median seconds).
 """
 
@@ -85,7 +86,9 @@ def make_model(trainer, work):
 
 
 def node_cmds(kind, args, model, out, port, restarts):
-    over = [f"model_name_or_path={model}", f"output_dir={out}", "max_steps=40", "save_steps=1000",
+    # Recovery runs last long enough for the kill to land mid-run.
+    steps = 400 if restarts else 40
+    over = [f"model_name_or_path={model}", f"output_dir={out}", f"max_steps={steps}", "save_steps=100000",
             "val_size=0", "eval_strategy=no"]
     if kind == "launch":
         return [([f"{args.bin}/ringctl", "launch", "--nnodes", "2", "--node-rank", str(k), "--master-addr",
@@ -135,18 +138,19 @@ def one(kind, args, model, work, n, recovery):
     cmds = node_cmds(kind, args, model, out, port, 1 if recovery else 0)
     procs = []
     try:
-        for c in cmds:
+        for i, c in enumerate(cmds):
+            if i:
+                time.sleep(0.2)
+            t_last = time.monotonic()
             procs.append(start(c))
-            time.sleep(0.2)
-        t_last = time.monotonic()
         w0 = Watch(procs[-1])
         t_first = w0.wait(lambda t, s: s == 1)
         rec = {"launcher": kind, "round": n, "last_launch_to_first_step_s": round(t_first - t_last, 3)}
         if recovery:
             w0.wait(lambda t, s: s >= 3)
             # A trainer worker of the first "node" (node 1; for local, any trainer) is killed.
-            victims = [p for p, a in descendants(procs[0].pid) if "trainer" in a and "ringctl" not in a
-                       and "torchrun" not in a]
+            victims = [p for p, a in descendants(procs[0].pid)
+                       if os.path.basename(a.split(" ", 1)[0]) == "trainer"]
             if not victims:
                 raise RuntimeError(f"{kind}: no trainer worker found to kill")
             t_kill = time.monotonic()
