@@ -35,7 +35,7 @@ pub fn worker_env(i: &EnvInput<'_>) -> Vec<(String, String)> {
         node_rank: e.node_rank as usize,
         nnodes: s.nnodes as usize,
         master_addr: &s.master_addr,
-        master_port: s.master_port as u16,
+        master_port: s.master_port,
         visible_devices: Some(&visible),
         restart_count: u64::from(s.restart_count),
         max_restarts: u64::from(s.max_restarts),

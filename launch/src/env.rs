@@ -13,7 +13,7 @@ pub struct Contract<'a> {
     pub node_rank: usize,
     pub nnodes: usize,
     pub master_addr: &'a str,
-    pub master_port: u16,
+    pub master_port: u32,
     /// `CUDA_VISIBLE_DEVICES` for the node's workers; `None`: not set (inherited).
     pub visible_devices: Option<&'a [String]>,
     /// Restarts of the job so far (the same on every node).

@@ -27,7 +27,7 @@
 //!    (after the last restart), with one line naming the rank that failed first. Node 0 keeps
 //!    the store until every node has read the end (or [`EXIT_WAIT`]).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -39,6 +39,8 @@ use serde::{Deserialize, Serialize};
 use crate::env::{Contract, contract_env, omp_default};
 use crate::plan::{LaunchError, LaunchPlan, Port, Program};
 
+/// Most workers a node may run (a node's entry in the store is checked against it).
+pub const MAX_WORKERS_PER_NODE: usize = 4096;
 /// How long node 0 keeps the store after the end, for the others to read it.
 pub const EXIT_WAIT: Duration = Duration::from_secs(10);
 
@@ -68,12 +70,15 @@ pub struct Outcome {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct NodeInfo {
     host: String,
+    /// This launcher's process and start time: two launchers claiming one rank on one host
+    /// still differ.
+    nonce: String,
     nproc: usize,
     /// What must be the same on every node, field by field.
     agree: Vec<(String, String)>,
 }
 
-/// The last signal the launcher got (SIGINT, SIGTERM), 0 for none.
+/// The last signal the launcher got (SIGINT, SIGTERM, SIGHUP, SIGQUIT), 0 for none.
 static SIGNALLED: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_signal(sig: libc::c_int) {
@@ -82,7 +87,12 @@ extern "C" fn on_signal(sig: libc::c_int) {
 
 fn install_signals() {
     use nix::sys::signal::{SigHandler, Signal, signal};
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe {
             let _ = signal(sig, SigHandler::Handler(on_signal));
@@ -109,7 +119,7 @@ pub fn run(plan: &LaunchPlan, rt: &Runtime) -> Result<Outcome, LaunchError> {
     // until every node has read what it needs to refuse too.
     let result =
         join(plan, rt, &client).and_then(|layout| generations(plan, rt, &client, &layout, port));
-    let _ = client.set(&format!("exit/{}", plan.node_rank), b"1");
+    sign_off(plan, port);
     if let Some(server) = server {
         // Keep serving until every node has read how the job ended.
         let deadline = Instant::now() + EXIT_WAIT;
@@ -124,6 +134,36 @@ pub fn run(plan: &LaunchPlan, rt: &Runtime) -> Result<Outcome, LaunchError> {
     result
 }
 
+/// Says this node is leaving (`exit/<node>`), through a fresh connection that gives up after a
+/// few seconds: when node 0's store is gone there is nobody to tell, and the main client would
+/// keep trying to reconnect for the whole rendezvous timeout.
+fn sign_off(plan: &LaunchPlan, port: u16) {
+    let opts = TcpStoreOptions::default()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_timeout(Duration::from_secs(3))
+        .with_prefix(format!("ringmaster-launch/{}", plan.run_id));
+    if let Ok(c) = TcpStoreClient::connect(&endpoint(&plan.master_addr, port), opts) {
+        let _ = c.set(&format!("exit/{}", plan.node_rank), b"1");
+    }
+}
+
+/// `host:port`, with IPv6 literals bracketed.
+fn endpoint(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Whether `host` names this machine's loopback (then the store need not listen elsewhere).
+fn is_loopback(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h == "localhost"
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The rank layout the nodes agreed on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Layout {
@@ -135,32 +175,32 @@ struct Layout {
 /// Serves the store on node 0, and connects to it.
 fn meet(plan: &LaunchPlan) -> Result<(TcpStoreClient, Option<TcpStoreServer>, u16), LaunchError> {
     let host = plan.master_addr.as_str();
-    let bracket = |h: &str, p: u16| {
-        if h.contains(':') && !h.starts_with('[') {
-            format!("[{h}]:{p}")
-        } else {
-            format!("{h}:{p}")
-        }
-    };
+    let bracket = endpoint;
     let (server, port) = if plan.node_rank == 0 {
         let want = match plan.master_port {
             Port::Fixed(p) => p,
             Port::Ephemeral => 0,
         };
-        let server = TcpStoreServer::bind(bracket(host, want))
-            .or_else(|first| {
-                // MASTER_ADDR may name this machine by an address it cannot bind (NAT, a DNS
-                // name of another interface): serve on every interface, as torch does.
-                TcpStoreServer::bind(format!("0.0.0.0:{want}"))
-                    .map_err(|e| format!("{first}; on 0.0.0.0:{want}: {e}"))
-            })
-            .map_err(|e| {
-                err(format!(
-                    "node 0 cannot serve the rendezvous store on MASTER_ADDR:MASTER_PORT \
+        // A loopback MASTER_ADDR keeps the store on loopback; otherwise it listens on every
+        // interface, as torch's does (MASTER_ADDR may resolve to 127.0.1.1 on the node itself,
+        // or name it through NAT), IPv6 and IPv4.
+        let server = if is_loopback(host) {
+            TcpStoreServer::bind(bracket(host, want)).map_err(|e| e.to_string())
+        } else {
+            TcpStoreServer::bind(format!("[::]:{want}"))
+                .or_else(|first| {
+                    TcpStoreServer::bind(format!("0.0.0.0:{want}"))
+                        .map_err(|e| format!("{first}; on 0.0.0.0:{want}: {e}"))
+                })
+                .map_err(|e| e.to_string())
+        }
+        .map_err(|e| {
+            err(format!(
+                "node 0 cannot serve the rendezvous store on MASTER_ADDR:MASTER_PORT \
                      ({}): {e}",
-                    bracket(host, want)
-                ))
-            })?;
+                bracket(host, want)
+            ))
+        })?;
         let port = server.local_addr().port();
         (Some(server), port)
     } else {
@@ -236,6 +276,13 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 fn join(plan: &LaunchPlan, rt: &Runtime, client: &TcpStoreClient) -> Result<Layout, LaunchError> {
     let me = NodeInfo {
         host: rt.hostname.clone(),
+        nonce: format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ),
         nproc: plan.nproc,
         agree: agreement(plan)?,
     };
@@ -259,8 +306,7 @@ fn join(plan: &LaunchPlan, rt: &Runtime, client: &TcpStoreClient) -> Result<Layo
     let deadline = Instant::now() + plan.rdzv_timeout;
     let mut nodes = Vec::with_capacity(plan.nnodes);
     for k in 0..plan.nnodes {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let raw = client.get(&format!("node/{k}"), left).map_err(|_| {
+        let raw = wait_key(client, &format!("node/{k}"), deadline)?.ok_or_else(|| {
             err(format!(
                 "node {}: node {k} did not join within {:?} (is its launcher started, with \
                  --nnodes {} and the same MASTER_ADDR:MASTER_PORT and run id?)",
@@ -295,9 +341,47 @@ fn join(plan: &LaunchPlan, rt: &Runtime, client: &TcpStoreClient) -> Result<Layo
             )));
         }
     }
+    // Entries come from the network: bounded before they size anything.
+    if let Some((k, n)) = nodes
+        .iter()
+        .enumerate()
+        .find(|(_, n)| n.nproc == 0 || n.nproc > MAX_WORKERS_PER_NODE)
+    {
+        return Err(err(format!(
+            "node {k} ({}) says it runs {} workers; 1 to {MAX_WORKERS_PER_NODE} are allowed",
+            n.host, n.nproc
+        )));
+    }
     let base = nodes[..plan.node_rank].iter().map(|n| n.nproc).sum();
     let world = nodes.iter().map(|n| n.nproc).sum();
     Ok(Layout { world, base })
+}
+
+/// Waits for `key` until `deadline` in one-second slices, so that a signal to the launcher is
+/// acted on within a second; `None` when the deadline passed.
+fn wait_key(
+    client: &TcpStoreClient,
+    key: &str,
+    deadline: Instant,
+) -> Result<Option<Vec<u8>>, LaunchError> {
+    loop {
+        let sig = SIGNALLED.load(Ordering::SeqCst);
+        if sig != 0 {
+            return Err(err(format!(
+                "stopped by signal {sig} while waiting for `{key}`"
+            )));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        match client.get(key, left.min(Duration::from_secs(1))) {
+            Ok(v) => return Ok(Some(v)),
+            // The client's wait timing out (its error says so); the deadline decides.
+            Err(e) if e.to_string().contains("not set within") => {}
+            Err(e) => return Err(err(format!("waiting for `{key}` in the store: {e}"))),
+        }
+    }
 }
 
 /// How one generation ended.
@@ -317,18 +401,23 @@ fn generations(
 ) -> Result<Outcome, LaunchError> {
     let mut g: u64 = 0;
     loop {
-        if g > 0 {
-            // Every node has stopped generation g-1's workers before any starts generation g's.
-            client
-                .set(&format!("gen/{g}/ready/{}", plan.node_rank), b"1")
-                .map_err(|e| lost(plan, &e))?;
-            for k in 0..plan.nnodes {
-                client
-                    .get(&format!("gen/{g}/ready/{k}"), plan.rdzv_timeout)
-                    .map_err(|e| lost(plan, &e))?;
-            }
+        if g > 0
+            && let Some(why) = restart_barrier(plan, client, port, g)?
+        {
+            return Ok(Outcome {
+                code: 1,
+                failure: Some(why),
+                restarts: g - 1,
+            });
         }
-        let mut workers = spawn(plan, rt, layout, port, g)?;
+        let mut workers = match spawn(plan, rt, layout, port, g) {
+            Ok(w) => w,
+            Err(e) => {
+                // The other nodes' workers must not wait for ranks that never started.
+                let _ = client.compare_set(&format!("gen/{g}/failed"), b"", e.0.as_bytes());
+                return Err(e);
+            }
+        };
         match watch(plan, client, &mut workers, g, rt.stop_grace) {
             Ok(GenEnd::Succeeded) => {
                 return Ok(Outcome {
@@ -360,6 +449,81 @@ fn generations(
             }
         }
     }
+}
+
+/// Before generation `g` starts anywhere: every node has stopped generation `g - 1`'s workers
+/// (`gen/<g>/ready/<k>`), then node 0 clears what those workers left in the store outside the
+/// launchers' own keys (torch processes told `TORCHELASTIC_USE_AGENT_STORE` expect a fresh
+/// store on every restart, as torchrun gives them) and says so (`gen/<g>/cleared`). A stop
+/// (`stop`) ends the wait on every node: `Some(reason)`.
+fn restart_barrier(
+    plan: &LaunchPlan,
+    client: &TcpStoreClient,
+    port: u16,
+    g: u64,
+) -> Result<Option<String>, LaunchError> {
+    client
+        .set(&format!("gen/{g}/ready/{}", plan.node_rank), b"1")
+        .map_err(|e| lost(plan, &e))?;
+    let deadline = Instant::now() + plan.rdzv_timeout;
+    let wait_for = |key: String| -> Result<Option<String>, LaunchError> {
+        loop {
+            if let Some(why) = stopped(plan, client)? {
+                return Ok(Some(why));
+            }
+            if client.check(&[key.as_str()]).map_err(|e| lost(plan, &e))? {
+                return Ok(None);
+            }
+            if Instant::now() >= deadline {
+                return Err(err(format!(
+                    "node {}: the other nodes did not get ready for restart {g} within {:?} \
+                     (`{key}`)",
+                    plan.node_rank, plan.rdzv_timeout
+                )));
+            }
+            std::thread::sleep(plan.monitor_interval);
+        }
+    };
+    for k in 0..plan.nnodes {
+        if let Some(why) = wait_for(format!("gen/{g}/ready/{k}"))? {
+            return Ok(Some(why));
+        }
+    }
+    if plan.node_rank == 0 {
+        clear_worker_keys(plan, port).map_err(|e| lost(plan, &e))?;
+        client
+            .set(&format!("gen/{g}/cleared"), b"1")
+            .map_err(|e| lost(plan, &e))?;
+    }
+    wait_for(format!("gen/{g}/cleared"))
+}
+
+/// Deletes every key of the store outside `ringmaster-launch/` (what the workers wrote).
+fn clear_worker_keys(
+    plan: &LaunchPlan,
+    port: u16,
+) -> Result<(), ringmaster_collectives::CommError> {
+    let opts = TcpStoreOptions::default()
+        .with_connect_timeout(plan.rdzv_timeout)
+        .with_timeout(plan.rdzv_timeout);
+    let all = TcpStoreClient::connect(&endpoint(&plan.master_addr, port), opts)?;
+    for key in all.list_keys()? {
+        if !key.starts_with("ringmaster-launch/") {
+            all.delete(&key)?;
+        }
+    }
+    Ok(())
+}
+
+/// The reason a launcher stopped the job (`stop`: a signal), if one did.
+fn stopped(plan: &LaunchPlan, client: &TcpStoreClient) -> Result<Option<String>, LaunchError> {
+    if !client.check(&["stop"]).map_err(|e| lost(plan, &e))? {
+        return Ok(None);
+    }
+    let why = client
+        .get("stop", plan.monitor_interval)
+        .map_err(|e| lost(plan, &e))?;
+    Ok(Some(String::from_utf8_lossy(&why).into_owned()))
 }
 
 fn lost(plan: &LaunchPlan, e: &dyn std::fmt::Display) -> LaunchError {
@@ -418,23 +582,44 @@ fn argv(plan: &LaunchPlan, rt: &Runtime, local_rank: usize) -> Vec<String> {
 }
 
 /// The address this node's workers advertise to the others: `--local-addr`, else loopback
-/// for one node, else the local address of the route to MASTER_ADDR.
-fn node_addr(plan: &LaunchPlan, port: u16) -> String {
+/// for one node, else the local address of this machine's route to MASTER_ADDR (in its
+/// address family).
+fn node_addr(plan: &LaunchPlan, port: u16) -> Result<String, LaunchError> {
+    use std::net::ToSocketAddrs;
     if let Some(a) = &plan.local_addr {
-        return a.clone();
+        return Ok(a.clone());
     }
     if plan.nnodes == 1 {
-        return "127.0.0.1".into();
+        return Ok("127.0.0.1".into());
     }
-    std::net::UdpSocket::bind("0.0.0.0:0")
-        .and_then(|s| {
-            s.connect((plan.master_addr.as_str(), port))?;
-            s.local_addr()
-        })
-        .map(|a| a.ip().to_string())
-        .unwrap_or_else(|_| "127.0.0.1".into())
+    let host = plan
+        .master_addr
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let route = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .and_then(|master| {
+            let any = if master.is_ipv6() {
+                "[::]:0"
+            } else {
+                "0.0.0.0:0"
+            };
+            let s = std::net::UdpSocket::bind(any).ok()?;
+            s.connect(master).ok()?;
+            s.local_addr().ok()
+        });
+    route.map(|a| a.ip().to_string()).ok_or_else(|| {
+        err(format!(
+            "node {}: cannot tell this machine's address toward MASTER_ADDR {}; give \
+             --local-addr",
+            plan.node_rank, plan.master_addr
+        ))
+    })
 }
 
+/// Starts this node's workers; if one cannot start, those already started are stopped.
 fn spawn(
     plan: &LaunchPlan,
     rt: &Runtime,
@@ -442,11 +627,28 @@ fn spawn(
     port: u16,
     generation: u64,
 ) -> Result<Vec<Worker>, LaunchError> {
+    let mut workers = Vec::with_capacity(plan.nproc);
+    match spawn_into(plan, rt, layout, port, generation, &mut workers) {
+        Ok(()) => Ok(workers),
+        Err(e) => {
+            stop(&mut workers, rt.stop_grace);
+            Err(e)
+        }
+    }
+}
+
+fn spawn_into(
+    plan: &LaunchPlan,
+    rt: &Runtime,
+    layout: &Layout,
+    port: u16,
+    generation: u64,
+    workers: &mut Vec<Worker>,
+) -> Result<(), LaunchError> {
     let inherited_omp = std::env::var_os("OMP_NUM_THREADS").is_some();
     let job_sets_omp = plan.extra_env.iter().any(|(k, _)| k == "OMP_NUM_THREADS");
-    let addr = node_addr(plan, port);
+    let addr = node_addr(plan, port)?;
     let logs = log_root(plan, generation)?;
-    let mut workers = Vec::with_capacity(plan.nproc);
     for local_rank in 0..plan.nproc {
         let rank = layout.base + local_rank;
         let mut env = contract_env(&Contract {
@@ -457,7 +659,7 @@ fn spawn(
             node_rank: plan.node_rank,
             nnodes: plan.nnodes,
             master_addr: &plan.master_addr,
-            master_port: port,
+            master_port: u32::from(port),
             visible_devices: plan.visible_devices.as_deref(),
             restart_count: generation,
             max_restarts: u64::from(plan.max_restarts),
@@ -474,7 +676,7 @@ fn spawn(
                 ("RINGMASTER_NODE_ADDR", addr.as_str()),
                 (
                     "RINGMASTER_RDZV_TIMEOUT",
-                    &plan.rdzv_timeout.as_secs().to_string(),
+                    &plan.rdzv_timeout.as_secs().max(1).to_string(),
                 ),
             ]
             .map(|(k, v)| (k.to_owned(), v.to_owned())),
@@ -490,6 +692,17 @@ fn spawn(
             .env_remove("RINGMASTER_STORE_DIR")
             .stdin(Stdio::null());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        // A launcher killed outright (SIGKILL, OOM) takes its workers with it: they are in
+        // their own process groups, out of reach of a signal to the launcher's group.
+        // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let streams = streams(&plan.logs, local_rank);
         let files = match &logs {
             Some(root) => {
@@ -561,7 +774,7 @@ fn spawn(
             exit: None,
         });
     }
-    Ok(workers)
+    Ok(())
 }
 
 /// Where one worker's two streams go.
@@ -604,7 +817,12 @@ fn log_root(plan: &LaunchPlan, generation: u64) -> Result<Option<PathBuf>, Launc
     Ok(Some(root))
 }
 
-/// Copies a worker's stream to a file and/or the launcher's console (each line prefixed).
+/// Longest piece of a worker's output handled as one line (longer ones are cut into pieces).
+const MAX_LINE: usize = 64 * 1024;
+
+/// Copies a worker's stream to a file and/or the launcher's console, each line prefixed on the
+/// console. Lines end at `\n` or `\r` (progress bars redraw with `\r`) and are cut at
+/// [`MAX_LINE`]; a console that went away (a closed pipe) is not an error of the worker's.
 fn pump(
     from: impl Read + Send + 'static,
     file: Option<std::sync::Arc<std::sync::Mutex<std::fs::File>>>,
@@ -612,22 +830,38 @@ fn pump(
     stderr: bool,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut reader = BufReader::new(from);
-        let mut line = Vec::new();
-        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+        let emit = |line: &[u8]| {
             if let Some(f) = &file {
-                let _ = f.lock().map(|mut f| f.write_all(&line));
+                let _ = f.lock().map(|mut f| f.write_all(line));
             }
             if let Some(prefix) = &console {
-                let text = String::from_utf8_lossy(&line);
-                let text = text.trim_end_matches('\n');
-                if stderr {
-                    eprintln!("{prefix}{text}");
+                let text = String::from_utf8_lossy(line);
+                let text = text.trim_end_matches(['\n', '\r']);
+                let _ = if stderr {
+                    writeln!(std::io::stderr().lock(), "{prefix}{text}")
                 } else {
-                    println!("{prefix}{text}");
+                    writeln!(std::io::stdout().lock(), "{prefix}{text}")
+                };
+            }
+        };
+        let mut reader = BufReader::new(from);
+        let mut line: Vec<u8> = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = match reader.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            for &b in &chunk[..n] {
+                line.push(b);
+                if b == b'\n' || b == b'\r' || line.len() >= MAX_LINE {
+                    emit(&line);
+                    line.clear();
                 }
             }
-            line.clear();
+        }
+        if !line.is_empty() {
+            emit(&line);
         }
     })
 }
@@ -686,11 +920,17 @@ fn watch(
         }
         let sig = SIGNALLED.load(Ordering::SeqCst);
         if sig != 0 {
+            // A stop is not a failure: no node restarts, and every node sees it (the restart
+            // barrier watches the same key), whatever failed before.
             let why = format!(
                 "the launcher on node {} was stopped by signal {sig}",
                 plan.node_rank
             );
-            let _ = client.compare_set(&failed_key, b"", why.as_bytes());
+            let _ = client.compare_set("stop", b"", why.as_bytes());
+            stop(workers, grace);
+            return Ok(GenEnd::Stopped(why));
+        }
+        if let Some(why) = stopped(plan, client)? {
             stop(workers, grace);
             return Ok(GenEnd::Stopped(why));
         }
@@ -703,9 +943,6 @@ fn watch(
                 .map(|v| String::from_utf8_lossy(&v).into_owned())
                 .map_err(|e| lost(plan, &e))?;
             stop(workers, grace);
-            if why.starts_with("the launcher on node") {
-                return Ok(GenEnd::Stopped(why));
-            }
             return Ok(GenEnd::Failed(why));
         }
         if workers.iter().all(|w| w.exit.is_some()) {
@@ -720,7 +957,7 @@ fn watch(
                 .collect();
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             if client.check(&keys).map_err(|e| lost(plan, &e))? {
-                join_pumps(workers);
+                stop(workers, grace);
                 return Ok(GenEnd::Succeeded);
             }
         }
@@ -737,28 +974,28 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// Stops every running worker: SIGTERM to its process group, SIGKILL after `grace`.
+/// Stops every worker's process group: SIGTERM, then SIGKILL after `grace` to what is left,
+/// children of exited workers included (a group that no longer exists is skipped). A group id
+/// is the worker's pid, which is not reused while the launcher has not reaped it.
 fn stop(workers: &mut [Worker], grace: Duration) {
-    let running = |w: &mut Worker| w.exit.is_none() && matches!(w.child.try_wait(), Ok(None));
-    for w in workers.iter_mut() {
-        if running(w) {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(w.child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    let group = |w: &Worker| Pid::from_raw(w.child.id() as i32);
+    for w in workers.iter() {
+        let _ = killpg(group(w), Signal::SIGTERM);
     }
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && workers.iter_mut().any(running) {
+    let alive = |w: &Worker| killpg(group(w), None).is_ok();
+    while Instant::now() < deadline && workers.iter().any(alive) {
+        for w in workers.iter_mut() {
+            let _ = w.child.try_wait();
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+    for w in workers.iter() {
+        let _ = killpg(group(w), Signal::SIGKILL);
+    }
     for w in workers.iter_mut() {
-        if running(w) {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(w.child.id() as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
         let _ = w.child.wait();
     }
     join_pumps(workers);

@@ -148,10 +148,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let bind = match args.bind {
         Some(b) => b,
-        None => std::env::var("RINGMASTER_NODE_ADDR")
-            .ok()
-            .and_then(|a| a.parse().ok())
-            .unwrap_or(IpAddr::from([127, 0, 0, 1])),
+        None => crate::dist::node_addr()?,
     };
     let mut cfg = RingConfig::new(&job, generation, rank, world);
     cfg.bind_addr = bind;

@@ -156,17 +156,24 @@ impl Store for SharedClient {
 /// so that they never meet torch's own keys in torchrun's store.
 fn master_store(addr: &str, serve: bool, timeout: Duration) -> Result<Box<dyn Store>> {
     if serve && SERVED.get().is_none() {
-        let server = ringmaster_collectives::TcpStoreServer::bind(addr)
-            .or_else(|e| {
-                // MASTER_ADDR may name this host by an address it cannot bind (a NAT or a
-                // load-balancer name): serve on every interface, as torch's rank 0 does.
-                let port = addr.rsplit(':').next().unwrap_or("29500");
+        // A loopback MASTER_ADDR keeps the store on loopback; any other listens on every
+        // interface (IPv6 and IPv4), as torch's rank 0 does: MASTER_ADDR may resolve to
+        // 127.0.1.1 on this host, or name it through NAT.
+        let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "29500"));
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback =
+            host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        let bound = if loopback {
+            ringmaster_collectives::TcpStoreServer::bind(addr).map_err(anyhow::Error::from)
+        } else {
+            ringmaster_collectives::TcpStoreServer::bind(format!("[::]:{port}")).or_else(|e| {
                 ringmaster_collectives::TcpStoreServer::bind(format!("0.0.0.0:{port}"))
-                    .map_err(|e2| anyhow::anyhow!("{e}; and on 0.0.0.0:{port}: {e2}"))
+                    .map_err(|e2| anyhow::anyhow!("{e}; on 0.0.0.0:{port}: {e2}"))
             })
-            .with_context(|| {
-                format!("rank 0 serving the rendezvous store on MASTER_ADDR:MASTER_PORT ({addr})")
-            })?;
+        };
+        let server = bound.with_context(|| {
+            format!("rank 0 serving the rendezvous store on MASTER_ADDR:MASTER_PORT ({addr})")
+        })?;
         let _ = SERVED.set(server);
     }
     if let Some(c) = MASTER_CLIENT.get() {
@@ -284,10 +291,7 @@ pub fn connect_group(
     };
     match fabric {
         Fabric::Ring => {
-            let bind = std::env::var("RINGMASTER_NODE_ADDR")
-                .ok()
-                .and_then(|a| a.parse().ok())
-                .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+            let bind = node_addr()?;
             let mut cfg = RingConfig::new(&group_name, generation, rank, world);
             cfg.bind_addr = bind;
             cfg.timeout = timeout;
@@ -313,6 +317,29 @@ pub fn connect_group(
         #[cfg(not(feature = "cuda"))]
         Fabric::Nccl { .. } => bail!("NCCL needs a trainer built with the `cuda` feature"),
     }
+}
+
+/// The address this rank's ring listens on: `RINGMASTER_NODE_ADDR` (an address, or a host
+/// name resolved here, as torchrun's `--local-addr` may give), else loopback.
+pub fn node_addr() -> Result<IpAddr> {
+    use std::net::ToSocketAddrs;
+    let Some(a) = std::env::var("RINGMASTER_NODE_ADDR")
+        .ok()
+        .filter(|a| !a.is_empty())
+    else {
+        return Ok(IpAddr::from([127, 0, 0, 1]));
+    };
+    if let Ok(ip) = a.trim_start_matches('[').trim_end_matches(']').parse() {
+        return Ok(ip);
+    }
+    (a.as_str(), 0)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.next())
+        .map(|s| s.ip())
+        .with_context(|| {
+            format!("RINGMASTER_NODE_ADDR={a}: neither an address nor a host name that resolves")
+        })
 }
 
 /// The ring's transport from `RINGMASTER_TRANSPORT`: `auto` (the default: Unix sockets with

@@ -648,7 +648,16 @@ async fn launch(args: Vec<String>) -> Result<Exit, CliError> {
         .map_err(|e| CliError::usage(format!("launch: {e}")))?;
     let rt = ringmaster_launch::runtime::Runtime {
         trainer: sibling("trainer"),
-        stop_grace: std::time::Duration::from_secs(3),
+        // torchrun's variable for the same grace; 3 s by default here (torchrun: 30 s), so
+        // that a failure anywhere clears every node quickly.
+        stop_grace: std::env::var("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map_or(
+                std::time::Duration::from_secs(3),
+                std::time::Duration::from_secs_f64,
+            ),
         hostname: probe.hostname,
     };
     let outcome = tokio::task::spawn_blocking(move || ringmaster_launch::runtime::run(&plan, &rt))

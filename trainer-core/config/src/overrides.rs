@@ -51,6 +51,26 @@ impl CommandLine {
         while i < args.len() {
             let arg = &args[i];
             if let Some(flag) = arg.strip_prefix("--") {
+                // HfArgumentParser's `--no_KEY` (store_false) for a bool key whose default is
+                // true: a bare flag that sets KEY to false; it never takes the next argument.
+                let bare = flag
+                    .split_once('=')
+                    .map_or(flag, |(k, _)| k)
+                    .replace('-', "_");
+                if let Some(negated) = bare.strip_prefix("no_")
+                    && !keys::is_known(&bare)
+                    && keys::DEFAULT_TRUE_BOOLS.contains(&negated)
+                {
+                    if flag.contains('=') {
+                        return Err(bad(
+                            arg,
+                            format!("`--{bare}` takes no value (it sets `{negated}` to false)"),
+                        ));
+                    }
+                    out.push(negated.to_owned(), Value::Bool(false), arg.clone())?;
+                    i += 1;
+                    continue;
+                }
                 let (key, value, written) = match flag.split_once('=') {
                     Some((k, v)) => (k, Some(v.to_owned()), arg.clone()),
                     None => match args.get(i + 1) {
@@ -62,22 +82,6 @@ impl CommandLine {
                     },
                 };
                 let key = key.replace('-', "_");
-                // HfArgumentParser's `--no_KEY` (store_false) for a bool key whose default is
-                // true: a bare flag that sets KEY to false.
-                if let Some(negated) = key.strip_prefix("no_")
-                    && !keys::is_known(&key)
-                    && keys::DEFAULT_TRUE_BOOLS.contains(&negated)
-                {
-                    if value.is_some() {
-                        return Err(bad(
-                            &written,
-                            format!("`--{key}` takes no value (it sets `{negated}` to false)"),
-                        ));
-                    }
-                    out.push(negated.to_owned(), Value::Bool(false), written)?;
-                    i += 1;
-                    continue;
-                }
                 let value = match value {
                     Some(v) => scalar(&key, &v, &written)?,
                     None => match keys::kind_of(&key) {
@@ -239,18 +243,18 @@ mod tests {
             "r.yaml",
             "--no_enable_thinking",
             "--no-use-fast-tokenizer",
+            "seed=3",
         ]))
         .unwrap();
         let mut map = Map::new();
         cl.apply(&mut map);
         assert_eq!(
             Value::Object(map),
-            json!({"enable_thinking": false, "use_fast_tokenizer": false})
+            json!({"enable_thinking": false, "use_fast_tokenizer": false, "seed": 3})
         );
         // Only bool keys whose default is true have a `--no_` form, and it takes no value.
         for (a, want) in [
             (&["--no_bf16"][..], "unknown key `no_bf16`"),
-            (&["--no_enable_thinking", "x"][..], "takes no value"),
             (&["--no_enable_thinking=1"][..], "takes no value"),
         ] {
             let e = CommandLine::parse(&args(a)).unwrap_err().to_string();
