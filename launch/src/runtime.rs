@@ -156,14 +156,6 @@ fn endpoint(host: &str, port: u16) -> String {
     }
 }
 
-/// Whether `host` names this machine's loopback (then the store need not listen elsewhere).
-fn is_loopback(host: &str) -> bool {
-    let h = host.trim_start_matches('[').trim_end_matches(']');
-    h == "localhost"
-        || h.parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 /// The rank layout the nodes agreed on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Layout {
@@ -181,20 +173,7 @@ fn meet(plan: &LaunchPlan) -> Result<(TcpStoreClient, Option<TcpStoreServer>, u1
             Port::Fixed(p) => p,
             Port::Ephemeral => 0,
         };
-        // A loopback MASTER_ADDR keeps the store on loopback; otherwise it listens on every
-        // interface, as torch's does (MASTER_ADDR may resolve to 127.0.1.1 on the node itself,
-        // or name it through NAT), IPv6 and IPv4.
-        let server = if is_loopback(host) {
-            TcpStoreServer::bind(bracket(host, want)).map_err(|e| e.to_string())
-        } else {
-            TcpStoreServer::bind(format!("[::]:{want}"))
-                .or_else(|first| {
-                    TcpStoreServer::bind(format!("0.0.0.0:{want}"))
-                        .map_err(|e| format!("{first}; on 0.0.0.0:{want}: {e}"))
-                })
-                .map_err(|e| e.to_string())
-        }
-        .map_err(|e| {
+        let server = TcpStoreServer::serve_for(host, want).map_err(|e| {
             err(format!(
                 "node 0 cannot serve the rendezvous store on MASTER_ADDR:MASTER_PORT \
                      ({}): {e}",

@@ -144,6 +144,7 @@ fn a_node_started_late_still_joins() {
     let p0 = plan(0, port, "true", 0);
     let p1 = plan(1, port, "true", 0);
     let h0 = thread::spawn(move || run(&p0, &runtime("n0")).map_err(|e| e.to_string()));
+    // The delay is the point: node 1 joins after node 0 has been waiting for it.
     thread::sleep(Duration::from_secs(2));
     let b = run(&p1, &runtime("n1")).map_err(|e| e.to_string());
     let a = h0.join().unwrap();
@@ -190,7 +191,15 @@ fn two_launchers_claiming_one_node_rank_are_refused() {
     p0b.nnodes = 1;
     // The second node-0 launcher cannot serve the port the first holds, and says so.
     let h = thread::spawn(move || run(&p0, &runtime("n0")).map_err(|e| e.to_string()));
-    thread::sleep(Duration::from_millis(300));
+    // Until the first launcher's store answers on the port.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the first launcher never served its store"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
     let e = run(&p0b, &runtime("n0b")).unwrap_err().to_string();
     assert!(e.contains("cannot serve the rendezvous store"), "{e}");
     assert_eq!(h.join().unwrap().unwrap().code, 0);

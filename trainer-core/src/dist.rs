@@ -156,24 +156,13 @@ impl Store for SharedClient {
 /// so that they never meet torch's own keys in torchrun's store.
 fn master_store(addr: &str, serve: bool, timeout: Duration) -> Result<Box<dyn Store>> {
     if serve && SERVED.get().is_none() {
-        // A loopback MASTER_ADDR keeps the store on loopback; any other listens on every
-        // interface (IPv6 and IPv4), as torch's rank 0 does: MASTER_ADDR may resolve to
-        // 127.0.1.1 on this host, or name it through NAT.
+        // On loopback for a loopback MASTER_ADDR, else on every interface (`serve_for`).
         let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "29500"));
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let loopback =
-            host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        let bound = if loopback {
-            ringmaster_collectives::TcpStoreServer::bind(addr).map_err(anyhow::Error::from)
-        } else {
-            ringmaster_collectives::TcpStoreServer::bind(format!("[::]:{port}")).or_else(|e| {
-                ringmaster_collectives::TcpStoreServer::bind(format!("0.0.0.0:{port}"))
-                    .map_err(|e2| anyhow::anyhow!("{e}; on 0.0.0.0:{port}: {e2}"))
-            })
-        };
-        let server = bound.with_context(|| {
-            format!("rank 0 serving the rendezvous store on MASTER_ADDR:MASTER_PORT ({addr})")
-        })?;
+        let port: u16 = port.parse().unwrap_or(29500);
+        let server =
+            ringmaster_collectives::TcpStoreServer::serve_for(host, port).with_context(|| {
+                format!("rank 0 serving the rendezvous store on MASTER_ADDR:MASTER_PORT ({addr})")
+            })?;
         let _ = SERVED.set(server);
     }
     if let Some(c) = MASTER_CLIENT.get() {

@@ -13,6 +13,15 @@ use ringmaster_collectives::{
 
 const SECOND: Duration = Duration::from_secs(1);
 
+/// Polls `f` until it holds, failing after 5 s with `what`.
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + 5 * SECOND;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn opts() -> TcpStoreOptions {
     TcpStoreOptions::default()
         .with_connect_timeout(2 * SECOND)
@@ -167,18 +176,18 @@ fn get_waits_for_a_later_set_without_blocking_others() {
         let start = Instant::now();
         (waiter.get("late", 5 * SECOND), start.elapsed())
     });
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until("the getter to wait", || s.num_waiting() == 1);
     // The waiting connection holds up no one else.
     let start = Instant::now();
     for i in 0..20 {
         setter.set(&format!("other{i}"), b"x").unwrap();
         assert_eq!(setter.add("count", 1).unwrap(), i + 1);
     }
-    assert!(start.elapsed() < SECOND, "{:?}", start.elapsed());
+    assert!(start.elapsed() < 3 * SECOND, "{:?}", start.elapsed());
     setter.set("late", b"here").unwrap();
     let (got, waited) = t.join().unwrap();
+    // It returned the value set after the others' calls: it was waiting through them.
     assert_eq!(got.unwrap(), b"here");
-    assert!(waited >= Duration::from_millis(150), "{waited:?}");
     assert!(waited < 3 * SECOND, "{waited:?}");
 }
 
@@ -191,7 +200,7 @@ fn wait_counts_keys_set_by_any_write() {
     let t = std::thread::spawn(move || {
         w.wait(&["already", "by_add", "by_append", "by_cs"], 5 * SECOND)
     });
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until("the waiter to wait", || s.num_waiting() == 1);
     c.add("by_add", 1).unwrap();
     c.append("by_append", b"x").unwrap();
     c.compare_set("by_cs", b"", b"y").unwrap();
@@ -209,7 +218,7 @@ fn get_timeout_names_key_and_leaves_the_connection_usable() {
     assert!(msg.contains("'never'") && msg.contains("150ms"), "{msg}");
     assert!(msg.contains(&s.local_addr().to_string()), "{msg}");
     assert!(
-        took >= Duration::from_millis(150) && took < SECOND,
+        took >= Duration::from_millis(150) && took < 3 * SECOND,
         "{took:?}"
     );
     // Same connection (CANCEL_WAIT, not a reconnect): the server still sees one.
@@ -232,7 +241,7 @@ fn cancel_after_the_keys_arrived_reads_stop_then_canceled() {
     f.extend_from_slice(&1u64.to_le_bytes());
     f.extend_from_slice(&string(b"/k")); // the client sends "/" + key, as torch's does
     r.write_all(&f).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    wait_until("the raw WAIT to register", || s.num_waiting() == 1);
     client(&s).set("k", b"v").unwrap();
     r.write_all(&[12u8]).unwrap(); // CANCEL_WAIT
     let mut b = [0u8; 2];
@@ -312,11 +321,11 @@ fn server_gone_mid_wait_is_an_error_not_a_hang() {
         let start = Instant::now();
         (c.get("never", 30 * SECOND), start.elapsed())
     });
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until("the getter to wait", || s.num_waiting() == 1);
     let start = Instant::now();
     s.shutdown();
     assert!(
-        start.elapsed() < SECOND,
+        start.elapsed() < 3 * SECOND,
         "shutdown took {:?}",
         start.elapsed()
     );
@@ -330,9 +339,11 @@ fn server_gone_mid_wait_is_an_error_not_a_hang() {
 fn a_silent_peer_is_not_a_store() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
+    let (done, until_done) = std::sync::mpsc::channel::<()>();
     let hold = std::thread::spawn(move || {
         let (c, _) = l.accept().unwrap();
-        std::thread::sleep(Duration::from_millis(800));
+        // Silent, and open until the client has given up.
+        let _ = until_done.recv_timeout(10 * SECOND);
         drop(c);
     });
     let start = Instant::now();
@@ -345,7 +356,8 @@ fn a_silent_peer_is_not_a_store() {
         )),
         "{msg}"
     );
-    assert!(start.elapsed() < Duration::from_millis(700));
+    assert!(start.elapsed() < 3 * SECOND, "{:?}", start.elapsed());
+    done.send(()).unwrap();
     hold.join().unwrap();
 }
 
@@ -353,10 +365,12 @@ fn a_silent_peer_is_not_a_store() {
 fn a_peer_talking_garbage_is_not_a_store() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
+    let (done, until_done) = std::sync::mpsc::channel::<()>();
     let talk = std::thread::spawn(move || {
         let (mut c, _) = l.accept().unwrap();
         c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        // Open until the client has read the garbage and given up.
+        let _ = until_done.recv_timeout(10 * SECOND);
     });
     let err = TcpStoreClient::connect(&addr, opts()).unwrap_err();
     let msg = err.to_string();
@@ -366,6 +380,7 @@ fn a_peer_talking_garbage_is_not_a_store() {
         )),
         "{msg}"
     );
+    done.send(()).unwrap();
     talk.join().unwrap();
 }
 
@@ -399,10 +414,9 @@ fn connect_retries_until_the_server_starts() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let starter = std::thread::spawn(move || {
+        // The delay is the point: the client must retry until a server is there.
         std::thread::sleep(Duration::from_millis(300));
-        let s = TcpStoreServer::bind(("127.0.0.1", port)).unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        s
+        TcpStoreServer::bind(("127.0.0.1", port)).unwrap()
     });
     let start = Instant::now();
     let c = TcpStoreClient::connect(&addr, opts().with_connect_timeout(5 * SECOND)).unwrap();
@@ -531,7 +545,7 @@ fn a_connection_that_never_validates_is_closed() {
     let mut validated = raw(&s);
     let start = Instant::now();
     assert!(closed_within(&mut silent, 2 * SECOND));
-    assert!(start.elapsed() < SECOND, "{:?}", start.elapsed());
+    assert!(start.elapsed() < 3 * SECOND, "{:?}", start.elapsed());
     // Past VALIDATE there is no read timeout (clients wait as long as they like).
     assert!(!closed_within(&mut validated, Duration::from_millis(400)));
 }
@@ -550,10 +564,10 @@ fn a_half_sent_request_wedges_no_one() {
     assert_eq!(c.get("a", SECOND).unwrap(), b"1");
     let other = client(&s);
     assert_eq!(other.add("n", 1).unwrap(), 1);
-    assert!(start.elapsed() < SECOND);
+    assert!(start.elapsed() < 3 * SECOND);
     // And a shutdown does not wait for it.
     let start = Instant::now();
     drop(s);
-    assert!(start.elapsed() < SECOND, "{:?}", start.elapsed());
+    assert!(start.elapsed() < 3 * SECOND, "{:?}", start.elapsed());
     assert!(closed_within(&mut r, SECOND));
 }

@@ -169,6 +169,8 @@ fn client_against_torch_server(python: &str, libuv: bool) {
     // A wait ended by another client's set.
     let c2 = TcpStoreClient::connect(&addr, opts()).unwrap();
     let t = std::thread::spawn(move || c2.get("late", 10 * SECOND));
+    // torch's server cannot be asked whether the getter waits yet; the result is the same
+    // either way, the pause only makes the waiting path the likely one.
     std::thread::sleep(Duration::from_millis(200));
     c.set("late", b"now").unwrap();
     assert_eq!(t.join().unwrap().unwrap(), b"now");

@@ -260,6 +260,30 @@ impl TcpStoreServer {
         TcpStoreServer::bind_with(addr, StoreLimits::default())
     }
 
+    /// Serves the store of a job whose ranks meet at `master_host:port` (MASTER_ADDR,
+    /// MASTER_PORT; port 0 picks a free one): on loopback when `master_host` is a loopback
+    /// address or `localhost`, otherwise on every interface, IPv6 and IPv4 (`[::]`, else
+    /// `0.0.0.0`), as torch's store does, since MASTER_ADDR may resolve to another local
+    /// address (127.0.1.1) or name the machine through NAT.
+    ///
+    /// # Errors
+    /// The port cannot be bound (in use); the error names each address tried.
+    pub fn serve_for(master_host: &str, port: u16) -> Result<TcpStoreServer, CommError> {
+        let host = master_host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if loopback {
+            return TcpStoreServer::bind((host, port));
+        }
+        TcpStoreServer::bind(("::", port)).or_else(|first| {
+            TcpStoreServer::bind(("0.0.0.0", port)).map_err(|e| {
+                CommError::Store(format!("on [::]:{port}: {first}; on 0.0.0.0:{port}: {e}"))
+            })
+        })
+    }
+
     /// [`TcpStoreServer::bind`] with other bounds.
     ///
     /// # Errors
@@ -306,6 +330,11 @@ impl TcpStoreServer {
     /// Open connections (validated or not).
     pub fn num_connections(&self) -> usize {
         lock(&self.shared.conns).live.len()
+    }
+
+    /// Connections waiting for keys right now (a WAIT, or a client's blocking get).
+    pub fn num_waiting(&self) -> usize {
+        lock(&self.shared.state).awaited.len()
     }
 
     /// Stops accepting, closes every connection (their clients see the connection drop) and
