@@ -522,14 +522,78 @@ struct Worker {
 }
 
 /// The argv of a worker of `program`.
-fn argv(plan: &LaunchPlan, rt: &Runtime, local_rank: usize) -> Vec<String> {
+/// Where this node's workers sit in the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// Ranks in the job.
+    pub world: usize,
+    /// This node's first global rank.
+    pub base: usize,
+    /// The store's port (MASTER_PORT as served).
+    pub port: u16,
+    /// The address this node's workers advertise (RINGMASTER_NODE_ADDR).
+    pub node_addr: String,
+    /// This machine's name (RINGMASTER_NODE).
+    pub hostname: String,
+}
+
+/// What the launcher adds to its own environment for this node's worker `local_rank` in
+/// `generation`: the contract of [`crate::env`], the store flags that make trainers and torch
+/// processes clients of the launchers' store, OMP_NUM_THREADS=1 unless `inherited_omp` or the
+/// dialect sets it, and the dialect's own variables (ACCELERATE_*, ...), which win.
+pub fn worker_env(
+    plan: &LaunchPlan,
+    at: &Placement,
+    local_rank: usize,
+    generation: u64,
+    inherited_omp: bool,
+) -> Vec<(String, String)> {
+    let job_sets_omp = plan.extra_env.iter().any(|(k, _)| k == "OMP_NUM_THREADS");
+    let mut env = contract_env(&Contract {
+        rank: at.base + local_rank,
+        local_rank,
+        world_size: at.world,
+        local_world_size: plan.nproc,
+        node_rank: plan.node_rank,
+        nnodes: plan.nnodes,
+        master_addr: &plan.master_addr,
+        master_port: u32::from(at.port),
+        visible_devices: plan.visible_devices.as_deref(),
+        restart_count: generation,
+        max_restarts: u64::from(plan.max_restarts),
+        run_id: &plan.run_id,
+        job_name: &plan.run_id,
+        generation,
+        role: &plan.role,
+    });
+    env.extend(
+        [
+            ("RINGMASTER_STORE_SERVED", "1"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("RINGMASTER_NODE", at.hostname.as_str()),
+            ("RINGMASTER_NODE_ADDR", at.node_addr.as_str()),
+            (
+                "RINGMASTER_RDZV_TIMEOUT",
+                &plan.rdzv_timeout.as_secs().max(1).to_string(),
+            ),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    env.extend(omp_default(inherited_omp, job_sets_omp));
+    env.extend(plan.extra_env.iter().cloned());
+    env
+}
+
+/// The command line of this node's worker `local_rank`: the trainer and the training config,
+/// or the program, with DeepSpeed's `--local_rank=N` where the dialect passes it.
+pub fn worker_argv(plan: &LaunchPlan, trainer: &std::path::Path, local_rank: usize) -> Vec<String> {
     let lr = plan
         .local_rank_arg
         .then(|| format!("--local_rank={local_rank}"));
     let mut out: Vec<String> = Vec::new();
     match &plan.program {
         Program::Recipe { file, overrides } => {
-            out.push(rt.trainer.display().to_string());
+            out.push(trainer.display().to_string());
             out.push(file.clone());
             out.extend(overrides.iter().cloned());
         }
@@ -625,44 +689,18 @@ fn spawn_into(
     workers: &mut Vec<Worker>,
 ) -> Result<(), LaunchError> {
     let inherited_omp = std::env::var_os("OMP_NUM_THREADS").is_some();
-    let job_sets_omp = plan.extra_env.iter().any(|(k, _)| k == "OMP_NUM_THREADS");
-    let addr = node_addr(plan, port)?;
+    let at = Placement {
+        world: layout.world,
+        base: layout.base,
+        port,
+        node_addr: node_addr(plan, port)?,
+        hostname: rt.hostname.clone(),
+    };
     let logs = log_root(plan, generation)?;
     for local_rank in 0..plan.nproc {
         let rank = layout.base + local_rank;
-        let mut env = contract_env(&Contract {
-            rank,
-            local_rank,
-            world_size: layout.world,
-            local_world_size: plan.nproc,
-            node_rank: plan.node_rank,
-            nnodes: plan.nnodes,
-            master_addr: &plan.master_addr,
-            master_port: u32::from(port),
-            visible_devices: plan.visible_devices.as_deref(),
-            restart_count: generation,
-            max_restarts: u64::from(plan.max_restarts),
-            run_id: &plan.run_id,
-            job_name: &plan.run_id,
-            generation,
-            role: &plan.role,
-        });
-        env.extend(
-            [
-                ("RINGMASTER_STORE_SERVED", "1"),
-                ("TORCHELASTIC_USE_AGENT_STORE", "True"),
-                ("RINGMASTER_NODE", rt.hostname.as_str()),
-                ("RINGMASTER_NODE_ADDR", addr.as_str()),
-                (
-                    "RINGMASTER_RDZV_TIMEOUT",
-                    &plan.rdzv_timeout.as_secs().max(1).to_string(),
-                ),
-            ]
-            .map(|(k, v)| (k.to_owned(), v.to_owned())),
-        );
-        env.extend(omp_default(inherited_omp, job_sets_omp));
-        env.extend(plan.extra_env.iter().cloned());
-        let argv = argv(plan, rt, local_rank);
+        let env = worker_env(plan, &at, local_rank, generation, inherited_omp);
+        let argv = worker_argv(plan, &rt.trainer, local_rank);
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .envs(env)

@@ -1410,3 +1410,153 @@ fn every_plan_is_consistent() {
         }
     }
 }
+
+/// The same job, node 1 of 2 nodes x 2 workers meeting at 10.0.0.1:29600 and training
+/// `recipe.yaml`, written in each of the four flag families (both spellings of the torchrun
+/// and accelerate flags, accelerate's flags and its config file): every form gives the same
+/// rank layout, the same worker command line and the same contract environment for each
+/// worker. Only DeepSpeed pins `CUDA_VISIBLE_DEVICES` (its hostfile's slots), as its launcher
+/// does; that is checked on its own.
+#[test]
+fn the_four_flag_families_give_the_same_layout_and_environment() {
+    use ringmaster_launch::runtime::{Placement, worker_argv, worker_env};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    std::fs::write(dir.path().join("hostfile"), "n0 slots=2\nn1 slots=2\n").unwrap();
+    std::fs::write(
+        dir.path().join("accelerate.yaml"),
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 4\n\
+         num_machines: 2\nmachine_rank: 1\nmain_process_ip: 10.0.0.1\nmain_process_port: 29600\n",
+    )
+    .unwrap();
+    let forms: Vec<(&str, String, &str)> = vec![
+        (
+            "torchrun",
+            "torchrun --nnodes 2 --nproc-per-node 2 --node-rank 1 --master-addr 10.0.0.1 \
+             --master-port 29600 recipe.yaml"
+                .into(),
+            "",
+        ),
+        (
+            "torchrun, underscores, no leading word",
+            "--nnodes=2 --nproc_per_node=2 --node_rank=1 --master_addr=10.0.0.1 \
+             --master_port=29600 recipe.yaml"
+                .into(),
+            "",
+        ),
+        (
+            "LLaMA-Factory's variables",
+            "recipe.yaml".into(),
+            "NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29600 NPROC_PER_NODE=2",
+        ),
+        (
+            "llamafactory-cli train",
+            "llamafactory-cli train recipe.yaml".into(),
+            "NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29600 NPROC_PER_NODE=2",
+        ),
+        (
+            "DeepSpeed",
+            format!(
+                "deepspeed --hostfile {d}/hostfile --no_ssh --node_rank 1 --master_addr 10.0.0.1 \
+                 --master_port 29600 recipe.yaml"
+            ),
+            "",
+        ),
+        (
+            "accelerate's flags",
+            "accelerate launch --num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.1 \
+             --main_process_port 29600 --num_processes 4 recipe.yaml"
+                .into(),
+            "",
+        ),
+        (
+            "accelerate's flags, dashes",
+            "accelerate launch --num-machines 2 --machine-rank 1 --main-process-ip 10.0.0.1 \
+             --main-process-port 29600 --num-processes 4 recipe.yaml"
+                .into(),
+            "",
+        ),
+        (
+            "accelerate's config file",
+            format!("accelerate launch --config_file {d}/accelerate.yaml recipe.yaml"),
+            "",
+        ),
+    ];
+    const CONTRACT: [&str; 16] = [
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "NODE_RANK",
+        "GROUP_RANK",
+        "GROUP_WORLD_SIZE",
+        "NNODES",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_RESTART_COUNT",
+        "TORCHELASTIC_MAX_RESTARTS",
+        "TORCHELASTIC_RUN_ID",
+        "TORCHELASTIC_USE_AGENT_STORE",
+        "RINGMASTER_STORE_SERVED",
+        "RINGMASTER_NODE_ADDR",
+    ];
+    type Worker = (Vec<String>, Vec<(String, String)>);
+    let mut first: Option<(&str, Vec<Worker>)> = None;
+    for (name, cmd, vars) in &forms {
+        let args: Vec<String> = cmd.split_whitespace().map(str::to_string).collect();
+        let vars: HashMap<String, String> = vars
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = |k: &str| vars.get(k).cloned();
+        let plan = parse(&args, &lookup, &probe(4)).unwrap_or_else(|e| panic!("{name}: {}", e.0));
+        let port = match plan.master_port {
+            Port::Fixed(p) => p,
+            Port::Ephemeral => panic!("{name}: no fixed port"),
+        };
+        let at = Placement {
+            world: world(&plan),
+            base: base(&plan),
+            port,
+            node_addr: "10.0.0.2".into(),
+            hostname: "n1".into(),
+        };
+        let workers: Vec<Worker> = (0..plan.nproc)
+            .map(|lr| {
+                let env = worker_env(&plan, &at, lr, 0, true);
+                let get = |k: &str| env.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v);
+                let contract = CONTRACT
+                    .iter()
+                    .map(|k| {
+                        let v = get(k).unwrap_or_else(|| panic!("{name}: worker {lr} lacks {k}"));
+                        (k.to_string(), v.clone())
+                    })
+                    .collect();
+                if *name == "DeepSpeed" {
+                    assert_eq!(get("CUDA_VISIBLE_DEVICES").map(String::as_str), Some("0,1"));
+                }
+                (worker_argv(&plan, Path::new("/bin/trainer"), lr), contract)
+            })
+            .collect();
+        match &first {
+            None => {
+                // The layout itself, once: node 1 holds ranks 2 and 3 of 4.
+                assert_eq!(workers.len(), 2, "{name}");
+                for (lr, (argv, env)) in workers.iter().enumerate() {
+                    assert_eq!(argv, &["/bin/trainer", "recipe.yaml"], "{name}");
+                    let get = |k: &str| env.iter().find(|(n, _)| n == k).unwrap().1.clone();
+                    assert_eq!(get("RANK"), (2 + lr).to_string());
+                    assert_eq!(get("WORLD_SIZE"), "4");
+                    assert_eq!(get("NODE_RANK"), "1");
+                    assert_eq!(get("MASTER_ADDR"), "10.0.0.1");
+                    assert_eq!(get("MASTER_PORT"), "29600");
+                }
+                first = Some((name, workers));
+            }
+            Some((first_name, want)) => {
+                assert_eq!(&workers, want, "{name} differs from {first_name}");
+            }
+        }
+    }
+}

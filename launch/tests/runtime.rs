@@ -204,3 +204,46 @@ fn two_launchers_claiming_one_node_rank_are_refused() {
     assert!(e.contains("cannot serve the rendezvous store"), "{e}");
     assert_eq!(h.join().unwrap().unwrap().code, 0);
 }
+
+/// Between generations node 0 deletes what the workers wrote to the store (torch workers told
+/// TORCHELASTIC_USE_AGENT_STORE expect a fresh store on each restart, as torchrun gives them)
+/// and keeps the launchers' own keys.
+#[test]
+fn the_store_is_cleared_of_worker_keys_between_restarts() {
+    use ringmaster_collectives::{TcpStoreClient, TcpStoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let port = free_port();
+    let script = format!(
+        "if [ $RINGMASTER_GENERATION = 0 ]; then touch {d}/gen0-$RANK; \
+           until [ -e {d}/fail ]; do sleep 0.05; done; \
+           if [ $RANK = 3 ]; then exit 3; fi; sleep 30; \
+         else touch {d}/gen1-$RANK; until [ -e {d}/done ]; do sleep 0.05; done; fi"
+    );
+    let (p0, p1) = (plan(0, port, &script, 1), plan(1, port, &script, 1));
+    let h0 = thread::spawn(move || run(&p0, &runtime("n0")).map_err(|e| e.to_string()));
+    let h1 = thread::spawn(move || run(&p1, &runtime("n1")).map_err(|e| e.to_string()));
+    let all = |g: u32| (0..4).all(|r| dir.path().join(format!("gen{g}-{r}")).exists());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !all(0) {
+        assert!(Instant::now() < deadline, "generation 0 never ran");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let store =
+        TcpStoreClient::connect(&format!("127.0.0.1:{port}"), TcpStoreOptions::default()).unwrap();
+    store.set("worker/written-in-generation-0", b"x").unwrap();
+    std::fs::write(dir.path().join("fail"), "").unwrap();
+    while !all(1) {
+        assert!(Instant::now() < deadline, "generation 1 never ran");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let gone = !store.check(&["worker/written-in-generation-0"]).unwrap();
+    let kept = store.check(&["ringmaster-launch/t/node/0"]).unwrap();
+    std::fs::write(dir.path().join("done"), "").unwrap();
+    for h in [h0, h1] {
+        let o = h.join().unwrap().unwrap();
+        assert_eq!((o.code, o.restarts), (0, 1), "{o:?}");
+    }
+    assert!(gone, "a worker's key survived the restart");
+    assert!(kept, "the launchers' own keys were cleared");
+}

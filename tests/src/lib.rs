@@ -6,6 +6,8 @@
 //!   in a log file that is printed when a test fails.
 //! - [`Cluster`] — a coordinator with a hostfile and join token, agents, and `ringctl` calls.
 //! - [`wait_until`] — poll a condition with a deadline, never a bare sleep.
+//! - [`TwoNodes`] — two "nodes" with their own addresses: network namespaces joined by a veth
+//!   pair, or loopback aliases where namespaces are refused.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -437,4 +439,165 @@ pub fn parse_env(text: &str) -> std::collections::BTreeMap<String, String> {
 /// Reads a file if it exists.
 pub fn read(p: &Path) -> Option<String> {
     std::fs::read_to_string(p).ok()
+}
+
+/// Two "nodes" with their own addresses, for launchers that must meet over a network.
+///
+/// Where this machine allows it (root and iproute2, as on CI), each node is a network namespace
+/// and the two are joined by a veth pair: node 0 is 10.203.0.1, node 1 is 10.203.0.2, and
+/// neither can reach the other's loopback, so anything that wrongly advertises 127.0.0.1 fails.
+/// Elsewhere the nodes are the loopback aliases 127.0.0.2 and 127.0.0.3 (every 127/8 address is
+/// local on Linux) and processes must be told their address; `RINGMASTER_TEST_NO_NETNS=1` picks
+/// them even where namespaces work. The namespaces are deleted on drop.
+pub struct TwoNodes {
+    /// Node 0's and node 1's address.
+    pub addrs: [String; 2],
+    namespaces: Option<[String; 2]>,
+}
+
+impl TwoNodes {
+    /// Sets the two nodes up; prints which kind it got.
+    pub fn start() -> TwoNodes {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = format!("{}x{n}", std::process::id() % 1_000_000);
+        let ns = [format!("rmt{id}a"), format!("rmt{id}b")];
+        // Interface names are at most 15 bytes: "rmv" + 6 digits + "x" + n + side.
+        let veth = [format!("rmv{id}a"), format!("rmv{id}b")];
+        let addrs = ["10.203.0.1", "10.203.0.2"];
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), ns[0].clone()],
+            vec!["netns".into(), "add".into(), ns[1].clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                veth[0].clone(),
+                "netns".into(),
+                ns[0].clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                veth[1].clone(),
+                "netns".into(),
+                ns[1].clone(),
+            ],
+        ];
+        let mut steps = steps;
+        for side in 0..2 {
+            let n = ns[side].clone();
+            steps.push(vec![
+                "-n".into(),
+                n.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{}/24", addrs[side]),
+                "dev".into(),
+                veth[side].clone(),
+            ]);
+            steps.push(vec![
+                "-n".into(),
+                n.clone(),
+                "link".into(),
+                "set".into(),
+                veth[side].clone(),
+                "up".into(),
+            ]);
+            steps.push(vec![
+                "-n".into(),
+                n,
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ]);
+        }
+        let mut failed = std::env::var_os("RINGMASTER_TEST_NO_NETNS")
+            .is_some_and(|v| v == "1")
+            .then(|| "RINGMASTER_TEST_NO_NETNS=1".to_owned());
+        let todo = if failed.is_none() { &steps[..] } else { &[] };
+        for step in todo {
+            match Command::new("ip").args(step).output() {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => {
+                    failed = Some(format!(
+                        "ip {}: {}",
+                        step.join(" "),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ));
+                    break;
+                }
+                Err(e) => {
+                    failed = Some(format!("ip: {e}"));
+                    break;
+                }
+            }
+        }
+        match failed {
+            None => {
+                eprintln!(
+                    "two nodes: network namespaces {} ({}) and {} ({}) joined by a veth pair",
+                    ns[0], addrs[0], ns[1], addrs[1]
+                );
+                TwoNodes {
+                    addrs: addrs.map(str::to_owned),
+                    namespaces: Some(ns),
+                }
+            }
+            Some(why) => {
+                for n in &ns {
+                    let _ = Command::new("ip").args(["netns", "del", n]).output();
+                }
+                eprintln!(
+                    "two nodes: no network namespaces here ({why}); loopback aliases 127.0.0.2 \
+                     and 127.0.0.3"
+                );
+                TwoNodes {
+                    addrs: ["127.0.0.2".into(), "127.0.0.3".into()],
+                    namespaces: None,
+                }
+            }
+        }
+    }
+
+    /// Whether the nodes are network namespaces (else loopback aliases).
+    pub fn isolated(&self) -> bool {
+        self.namespaces.is_some()
+    }
+
+    /// `program` run on node `node`: inside its namespace (`ip netns exec` execs the program,
+    /// so the child is the program itself).
+    pub fn command(&self, node: usize, program: &Path) -> Command {
+        match &self.namespaces {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns[node]]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// A port free on node `node`'s address when checked (in a fresh namespace, which listens
+    /// on nothing, torch's default 29500).
+    pub fn free_port(&self, node: usize) -> u16 {
+        match &self.namespaces {
+            Some(_) => 29_500,
+            None => std::net::TcpListener::bind((self.addrs[node].as_str(), 0))
+                .and_then(|l| l.local_addr())
+                .expect("binding a free port")
+                .port(),
+        }
+    }
+}
+
+impl Drop for TwoNodes {
+    fn drop(&mut self) {
+        if let Some(ns) = &self.namespaces {
+            // Deleting a namespace deletes its end of the veth pair, and so the pair.
+            for n in ns {
+                let _ = Command::new("ip").args(["netns", "del", n]).output();
+            }
+        }
+    }
 }
