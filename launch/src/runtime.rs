@@ -535,20 +535,27 @@ pub struct Placement {
     pub node_addr: String,
     /// This machine's name (RINGMASTER_NODE).
     pub hostname: String,
+    /// The network interface that holds `node_addr`, when one does (GLOO_SOCKET_IFNAME).
+    pub interface: Option<String>,
 }
 
 /// What the launcher adds to its own environment for this node's worker `local_rank` in
 /// `generation`: the contract of [`crate::env`], the store flags that make trainers and torch
-/// processes clients of the launchers' store, OMP_NUM_THREADS=1 unless `inherited_omp` or the
-/// dialect sets it, and the dialect's own variables (ACCELERATE_*, ...), which win.
+/// processes clients of the launchers' store, the dialect's own variables (ACCELERATE_*, ...),
+/// which win, and two defaults where neither the launcher's environment (`inherited` says
+/// whether it has a variable) nor the dialect sets them: OMP_NUM_THREADS=1, and on several
+/// nodes GLOO_SOCKET_IFNAME = the interface of this node's address. Without that, gloo (torch's
+/// CPU backend) binds the address the host name resolves to, which is loopback on many machines
+/// (Debian's /etc/hosts maps it to 127.0.1.1): the ranks of other nodes cannot connect, the
+/// most common multi-node failure of torch's own launchers.
 pub fn worker_env(
     plan: &LaunchPlan,
     at: &Placement,
     local_rank: usize,
     generation: u64,
-    inherited_omp: bool,
+    inherited: &dyn Fn(&str) -> bool,
 ) -> Vec<(String, String)> {
-    let job_sets_omp = plan.extra_env.iter().any(|(k, _)| k == "OMP_NUM_THREADS");
+    let sets = |k: &str| inherited(k) || plan.extra_env.iter().any(|(n, _)| n == k);
     let mut env = contract_env(&Contract {
         rank: at.base + local_rank,
         local_rank,
@@ -579,9 +586,31 @@ pub fn worker_env(
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned())),
     );
-    env.extend(omp_default(inherited_omp, job_sets_omp));
+    env.extend(omp_default(
+        inherited("OMP_NUM_THREADS"),
+        sets("OMP_NUM_THREADS"),
+    ));
+    if plan.nnodes > 1
+        && !sets("GLOO_SOCKET_IFNAME")
+        && let Some(i) = &at.interface
+    {
+        env.push(("GLOO_SOCKET_IFNAME".to_owned(), i.clone()));
+    }
     env.extend(plan.extra_env.iter().cloned());
     env
+}
+
+/// The network interface that holds `addr` on this machine, if any.
+pub fn interface_of(addr: &str) -> Option<String> {
+    let ip: std::net::IpAddr = addr.trim_matches(['[', ']']).parse().ok()?;
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|i| {
+        let a = i.address?;
+        let found = match ip {
+            std::net::IpAddr::V4(v4) => a.as_sockaddr_in().is_some_and(|s| s.ip() == v4),
+            std::net::IpAddr::V6(v6) => a.as_sockaddr_in6().is_some_and(|s| s.ip() == v6),
+        };
+        found.then_some(i.interface_name)
+    })
 }
 
 /// The command line of this node's worker `local_rank`: the trainer and the training config,
@@ -688,18 +717,20 @@ fn spawn_into(
     generation: u64,
     workers: &mut Vec<Worker>,
 ) -> Result<(), LaunchError> {
-    let inherited_omp = std::env::var_os("OMP_NUM_THREADS").is_some();
+    let node_addr = node_addr(plan, port)?;
     let at = Placement {
         world: layout.world,
         base: layout.base,
         port,
-        node_addr: node_addr(plan, port)?,
+        interface: interface_of(&node_addr),
+        node_addr,
         hostname: rt.hostname.clone(),
     };
+    let inherited = |k: &str| std::env::var_os(k).is_some();
     let logs = log_root(plan, generation)?;
     for local_rank in 0..plan.nproc {
         let rank = layout.base + local_rank;
-        let env = worker_env(plan, &at, local_rank, generation, inherited_omp);
+        let env = worker_env(plan, &at, local_rank, generation, &inherited);
         let argv = worker_argv(plan, &rt.trainer, local_rank);
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])

@@ -1482,7 +1482,7 @@ fn the_four_flag_families_give_the_same_layout_and_environment() {
             "",
         ),
     ];
-    const CONTRACT: [&str; 16] = [
+    const CONTRACT: [&str; 18] = [
         "RANK",
         "LOCAL_RANK",
         "WORLD_SIZE",
@@ -1499,6 +1499,8 @@ fn the_four_flag_families_give_the_same_layout_and_environment() {
         "TORCHELASTIC_USE_AGENT_STORE",
         "RINGMASTER_STORE_SERVED",
         "RINGMASTER_NODE_ADDR",
+        "GLOO_SOCKET_IFNAME",
+        "OMP_NUM_THREADS",
     ];
     type Worker = (Vec<String>, Vec<(String, String)>);
     let mut first: Option<(&str, Vec<Worker>)> = None;
@@ -1521,10 +1523,11 @@ fn the_four_flag_families_give_the_same_layout_and_environment() {
             port,
             node_addr: "10.0.0.2".into(),
             hostname: "n1".into(),
+            interface: Some("eth1".into()),
         };
         let workers: Vec<Worker> = (0..plan.nproc)
             .map(|lr| {
-                let env = worker_env(&plan, &at, lr, 0, true);
+                let env = worker_env(&plan, &at, lr, 0, &|_| false);
                 let get = |k: &str| env.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v);
                 let contract = CONTRACT
                     .iter()

@@ -247,3 +247,12 @@ fn the_store_is_cleared_of_worker_keys_between_restarts() {
     assert!(gone, "a worker's key survived the restart");
     assert!(kept, "the launchers' own keys were cleared");
 }
+
+#[test]
+fn the_interface_that_holds_an_address_is_found() {
+    use ringmaster_launch::runtime::interface_of;
+    assert_eq!(interface_of("127.0.0.1").as_deref(), Some("lo"));
+    // TEST-NET-1 (RFC 5737): on no machine.
+    assert_eq!(interface_of("192.0.2.77"), None);
+    assert_eq!(interface_of("node-a"), None);
+}

@@ -420,3 +420,106 @@ fn trainers_started_by_hand_with_master_addr_alone_train_as_local_does() {
     }
     assert_same_losses("trainers by hand", &losses(&out), &want);
 }
+
+/// A `--` command that uses Ringmaster's collectives (`trainer collective`) meets through the
+/// launchers' store like the trainer does: an all-reduce checked against its reference across
+/// the two nodes.
+#[test]
+fn a_command_using_ringmasters_collectives_runs_across_the_two_nodes() {
+    let nodes = TwoNodes::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = nodes.free_port(0);
+    let mut procs: Vec<Proc> = (0..2)
+        .map(|node| {
+            let mut cmd = nodes.command(node, &bin("ringctl"));
+            cmd.args(["launch", "--nnodes", "2", "--nproc-per-node", "2"])
+                .arg(format!("--node-rank={node}"))
+                .arg(format!("--master-addr={}", nodes.addrs[0]))
+                .arg(format!("--master-port={port}"));
+            if !nodes.isolated() {
+                cmd.arg(format!("--local-addr={}", nodes.addrs[node]));
+            }
+            cmd.arg("--")
+                .arg(bin("trainer"))
+                .args([
+                    "collective",
+                    "--op",
+                    "all-reduce",
+                    "--bytes",
+                    "1MiB",
+                    "--check",
+                ])
+                .env_remove("RINGMASTER_COORDINATOR")
+                .env_remove("RINGMASTER_STORE_DIR");
+            Proc::spawn(
+                &format!("collective node {node}"),
+                cmd,
+                dir.path().join(format!("node{node}.log")),
+            )
+        })
+        .collect();
+    for p in &mut procs {
+        let (code, log) = wait_end(p);
+        assert_eq!(code, Some(0), "{}:\n{log}", p.name);
+    }
+    // Rank 0's left neighbour is rank 3, on the other node: TCP between the nodes.
+    let log = procs[0].log_text();
+    assert!(
+        log.contains("rank 0/4: ring connected (from the left: tcp"),
+        "{log}"
+    );
+}
+
+/// examples/launch/allreduce.py, a torch program (gloo), under `ringctl launch` on the two
+/// nodes: `init_process_group` meets through the launchers' store (torch's TCPStore protocol,
+/// TORCHELASTIC_USE_AGENT_STORE), a rank that fails in the first attempt restarts both nodes
+/// and the second attempt reduces. Runs where a Python with torch is named by
+/// RINGMASTER_TEST_TORCH_PYTHON (bench/.venv/bin/python); CI has no torch.
+#[test]
+fn a_torch_program_meets_through_the_launchers_store_and_restarts() {
+    let Some(python) = std::env::var_os("RINGMASTER_TEST_TORCH_PYTHON") else {
+        eprintln!("skipped: RINGMASTER_TEST_TORCH_PYTHON is not set (no torch here)");
+        return;
+    };
+    let nodes = TwoNodes::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = nodes.free_port(0);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/launch/allreduce.py");
+    let mut procs: Vec<Proc> = (0..2)
+        .map(|node| {
+            let mut cmd = nodes.command(node, &bin("ringctl"));
+            cmd.args(["launch", "--nnodes", "2", "--nproc-per-node", "2"])
+                .arg(format!("--node-rank={node}"))
+                .arg(format!("--master-addr={}", nodes.addrs[0]))
+                .arg(format!("--master-port={port}"))
+                .args(["--max-restarts", "1"]);
+            if !nodes.isolated() {
+                cmd.arg(format!("--local-addr={}", nodes.addrs[node]));
+            }
+            cmd.arg("--")
+                .arg(&python)
+                .arg(&script)
+                .args(["--fail-once", "3"])
+                .env_remove("RINGMASTER_COORDINATOR")
+                .env_remove("RINGMASTER_STORE_DIR");
+            Proc::spawn(
+                &format!("torch node {node}"),
+                cmd,
+                dir.path().join(format!("node{node}.log")),
+            )
+        })
+        .collect();
+    let mut text = String::new();
+    for p in &mut procs {
+        let (code, log) = wait_end(p);
+        assert_eq!(code, Some(0), "{}:\n{log}", p.name);
+        text.push_str(&log);
+    }
+    for rank in 0..4 {
+        let want = format!(
+            "rank {rank}/4 on node {}, attempt 1: all_reduce 10",
+            rank / 2
+        );
+        assert!(text.contains(&want), "no `{want}` in:\n{text}");
+    }
+}
