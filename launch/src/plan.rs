@@ -76,6 +76,10 @@ pub struct LaunchPlan {
     pub nnodes: usize,
     /// This node's rank among them.
     pub node_rank: usize,
+    /// Node ranks are given in the order the launchers join (torchrun's c10d rendezvous
+    /// without `--node-rank`): `node_rank` is then decided at the join, and the launcher on
+    /// the machine MASTER_ADDR names serves the store, whatever rank it gets.
+    pub join_order: bool,
     /// Workers on this node.
     pub nproc: usize,
     /// `CUDA_VISIBLE_DEVICES` for this node's workers (`None`: inherited).
@@ -139,6 +143,7 @@ impl LaunchPlan {
             extra_env: Vec::new(),
             notices: Vec::new(),
             node_slots: None,
+            join_order: false,
             monitor_interval: Duration::from_millis(100),
             each_rank_log: None,
         }

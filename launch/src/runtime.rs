@@ -111,15 +111,20 @@ fn err(msg: impl Into<String>) -> LaunchError {
 /// each names the node, the address or the program.
 pub fn run(plan: &LaunchPlan, rt: &Runtime) -> Result<Outcome, LaunchError> {
     install_signals();
-    let (client, server, port) = meet(plan)?;
+    let (client, server, port) = meet(plan, rt)?;
     for n in &plan.notices {
         eprintln!("ringctl launch: {n}");
     }
+    // The node rank is known once joined (join order decides it in c10d's form).
+    let mut plan = plan.clone();
     // A node that refuses the join still says it is leaving, so that node 0 keeps the store
     // until every node has read what it needs to refuse too.
-    let result =
-        join(plan, rt, &client).and_then(|layout| generations(plan, rt, &client, &layout, port));
-    sign_off(plan, port);
+    let joined = join(&mut plan, rt, &client);
+    let ranked = joined.is_ok() || !plan.join_order;
+    let result = joined.and_then(|layout| generations(&plan, rt, &client, &layout, port));
+    if ranked {
+        sign_off(&plan, port);
+    }
     if let Some(server) = server {
         // Keep serving until every node has read how the job ended.
         let deadline = Instant::now() + EXIT_WAIT;
@@ -164,15 +169,29 @@ struct Layout {
     base: usize,
 }
 
-/// Serves the store on node 0, and connects to it.
-fn meet(plan: &LaunchPlan) -> Result<(TcpStoreClient, Option<TcpStoreServer>, u16), LaunchError> {
+/// Serves the store (on node 0; in join order, on the machine MASTER_ADDR names), and
+/// connects to it.
+fn meet(
+    plan: &LaunchPlan,
+    rt: &Runtime,
+) -> Result<(TcpStoreClient, Option<TcpStoreServer>, u16), LaunchError> {
     let host = plan.master_addr.as_str();
     let bracket = endpoint;
-    let (server, port) = if plan.node_rank == 0 {
-        let want = match plan.master_port {
-            Port::Fixed(p) => p,
-            Port::Ephemeral => 0,
-        };
+    let want = match plan.master_port {
+        Port::Fixed(p) => p,
+        Port::Ephemeral => 0,
+    };
+    // In join order every launcher on MASTER_ADDR's machine tries to serve; the first one
+    // does and the others (the port taken) are its clients, as torchrun's c10d agents are.
+    let local_server = if plan.join_order && is_this_machine(host, &rt.hostname) {
+        TcpStoreServer::serve_for(host, want).ok()
+    } else {
+        None
+    };
+    let (server, port) = if let Some(server) = local_server {
+        let port = server.local_addr().port();
+        (Some(server), port)
+    } else if !plan.join_order && plan.node_rank == 0 {
         let server = TcpStoreServer::serve_for(host, want).map_err(|e| {
             err(format!(
                 "node 0 cannot serve the rendezvous store on MASTER_ADDR:MASTER_PORT \
@@ -194,14 +213,18 @@ fn meet(plan: &LaunchPlan) -> Result<(TcpStoreClient, Option<TcpStoreServer>, u1
         }
     };
     let addr = bracket(host, port);
+    let who = if plan.join_order {
+        "this node".to_owned()
+    } else {
+        format!("node {}", plan.node_rank)
+    };
     let opts = TcpStoreOptions::default()
         .with_connect_timeout(plan.rdzv_timeout)
         .with_timeout(plan.rdzv_timeout)
         .with_prefix(format!("ringmaster-launch/{}", plan.run_id));
     let client = TcpStoreClient::connect(&addr, opts).map_err(|e| {
         err(format!(
-            "node {}: cannot reach the rendezvous store at MASTER_ADDR:MASTER_PORT ({addr}): {e}",
-            plan.node_rank
+            "{who}: cannot reach the rendezvous store at MASTER_ADDR:MASTER_PORT ({addr}): {e}"
         ))
     })?;
     Ok((client, server, port))
@@ -251,8 +274,30 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Claims this node's rank, reads every node's entry, checks they agree and computes the layout.
-fn join(plan: &LaunchPlan, rt: &Runtime, client: &TcpStoreClient) -> Result<Layout, LaunchError> {
+/// Whether `host` (MASTER_ADDR) names this machine: loopback, an address of one of its
+/// interfaces, its host name, or a name that resolves to one of its addresses.
+fn is_this_machine(host: &str, hostname: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host == "localhost" || host.eq_ignore_ascii_case(hostname) {
+        return true;
+    }
+    let local = |ip: std::net::IpAddr| ip.is_loopback() || interface_of(&ip.to_string()).is_some();
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => local(ip),
+        Err(_) => (host, 0)
+            .to_socket_addrs()
+            .is_ok_and(|mut addrs| addrs.any(|a| local(a.ip()))),
+    }
+}
+
+/// Claims this node's rank (in join order: the first free one, which becomes `plan.node_rank`),
+/// reads every node's entry, checks they agree and computes the layout.
+fn join(
+    plan: &mut LaunchPlan,
+    rt: &Runtime,
+    client: &TcpStoreClient,
+) -> Result<Layout, LaunchError> {
     let me = NodeInfo {
         host: rt.hostname.clone(),
         nonce: format!(
@@ -266,6 +311,29 @@ fn join(plan: &LaunchPlan, rt: &Runtime, client: &TcpStoreClient) -> Result<Layo
         agree: agreement(plan)?,
     };
     let mine = serde_json::to_vec(&me).expect("node info serializes");
+    if plan.join_order {
+        let mut claimed = None;
+        for k in 0..plan.nnodes {
+            let held = client
+                .compare_set(&format!("node/{k}"), b"", &mine)
+                .map_err(|e| err(format!("joining the job: {e}")))?;
+            if held == mine {
+                claimed = Some(k);
+                break;
+            }
+        }
+        plan.node_rank = claimed.ok_or_else(|| {
+            err(format!(
+                "all {} node ranks of run {} are taken: is --nnodes right on every node, or does \
+                 another job use this run id?",
+                plan.nnodes, plan.run_id
+            ))
+        })?;
+        eprintln!(
+            "ringctl launch: joined run {} as node {} of {}",
+            plan.run_id, plan.node_rank, plan.nnodes
+        );
+    }
     let key = format!("node/{}", plan.node_rank);
     let held = client
         .compare_set(&key, b"", &mine)

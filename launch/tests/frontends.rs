@@ -409,13 +409,19 @@ fn rows() -> Vec<Row> {
             "20",
             "",
             "--rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29400 --rdzv-id job7 --nnodes 2 --nproc-per-node 8 train.py",
-            Err("pass --node-rank (0..1) on each node"),
+            // No node rank: the launchers number themselves as they join.
+            Plan(|p| {
+                assert!(p.join_order);
+                assert_eq!((p.run_id.as_str(), p.nnodes, p.nproc), ("job7", 2, 8));
+                assert_eq!(master(p), ("10.0.0.1", Port::Fixed(29400)));
+            }),
         ),
         row(
             "20b",
             "",
             "--rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29400 --rdzv-id job7 --nnodes 2 --node-rank 1 --nproc-per-node 8 train.py",
             Plan(|p| {
+                assert!(!p.join_order);
                 assert_eq!(p.run_id, "job7");
                 assert_eq!(master(p), ("10.0.0.1", Port::Fixed(29400)));
                 assert_eq!((p.node_rank, world(p), base(p)), (1, 16, 8));
@@ -700,13 +706,18 @@ fn rows() -> Vec<Row> {
             "41",
             "RDZV_ID=job NNODES=2 MASTER_ADDR=h0 MASTER_PORT=29400 MAX_RESTARTS=2",
             "recipe.yaml",
-            Err("set NODE_RANK (0..1) on each node"),
+            Plan(|p| {
+                assert!(p.join_order);
+                assert_eq!((p.run_id.as_str(), p.nnodes, p.max_restarts), ("job", 2, 2));
+                assert_eq!(master(p), ("h0", Port::Fixed(29400)));
+            }),
         ),
         row(
             "41b",
             "RDZV_ID=job NNODES=2 NODE_RANK=1 MASTER_ADDR=h0 MASTER_PORT=29400 MAX_RESTARTS=2",
             "llamafactory-cli train recipe.yaml",
             Plan(|p| {
+                assert!(!p.join_order);
                 assert_eq!(
                     (p.run_id.as_str(), p.node_rank, p.max_restarts),
                     ("job", 1, 2)

@@ -256,3 +256,31 @@ fn the_interface_that_holds_an_address_is_found() {
     assert_eq!(interface_of("192.0.2.77"), None);
     assert_eq!(interface_of("node-a"), None);
 }
+
+/// torchrun's c10d form without node ranks: both launchers are on MASTER_ADDR's machine, the
+/// first to bind serves the store and the other is its client, and they number themselves
+/// 0 and 1 as they join; the layout follows.
+#[test]
+fn launchers_without_node_ranks_number_themselves_as_they_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let script = format!("env > {}/env-$RANK", dir.path().display());
+    let unranked = || {
+        let mut p = plan(0, port, &script, 0);
+        p.join_order = true;
+        p
+    };
+    let [a, b] = both(unranked(), unranked());
+    for r in [&a, &b] {
+        assert_eq!(r.as_ref().unwrap().code, 0, "{r:?}");
+    }
+    let mut nodes = std::collections::BTreeSet::new();
+    for rank in 0..4 {
+        let env = read_env(dir.path(), rank);
+        assert_eq!(env["NODE_RANK"], (rank / 2).to_string(), "rank {rank}");
+        assert_eq!(env["LOCAL_RANK"], (rank % 2).to_string(), "rank {rank}");
+        nodes.insert(env["RINGMASTER_NODE"].clone());
+    }
+    // Each launcher took one node rank.
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+}

@@ -421,21 +421,14 @@ fn trainers_started_by_hand_with_master_addr_alone_train_as_local_does() {
     assert_same_losses("trainers by hand", &losses(&out), &want);
 }
 
-/// A `--` command that uses Ringmaster's collectives (`trainer collective`) meets through the
-/// launchers' store like the trainer does: an all-reduce checked against its reference across
-/// the two nodes.
-#[test]
-fn a_command_using_ringmasters_collectives_runs_across_the_two_nodes() {
-    let nodes = TwoNodes::start();
+/// `ringctl launch FLAGS -- trainer collective --check` on both nodes (node `k`'s flags from
+/// `flags(k)`); every launcher must succeed. Returns their logs.
+fn collective_on_two_nodes(nodes: &TwoNodes, flags: impl Fn(usize) -> Vec<String>) -> [String; 2] {
     let dir = tempfile::tempdir().unwrap();
-    let port = nodes.free_port(0);
     let mut procs: Vec<Proc> = (0..2)
         .map(|node| {
             let mut cmd = nodes.command(node, &bin("ringctl"));
-            cmd.args(["launch", "--nnodes", "2", "--nproc-per-node", "2"])
-                .arg(format!("--node-rank={node}"))
-                .arg(format!("--master-addr={}", nodes.addrs[0]))
-                .arg(format!("--master-port={port}"));
+            cmd.arg("launch").args(flags(node));
             if !nodes.isolated() {
                 cmd.arg(format!("--local-addr={}", nodes.addrs[node]));
             }
@@ -462,12 +455,55 @@ fn a_command_using_ringmasters_collectives_runs_across_the_two_nodes() {
         let (code, log) = wait_end(p);
         assert_eq!(code, Some(0), "{}:\n{log}", p.name);
     }
+    [procs[0].log_text(), procs[1].log_text()]
+}
+
+/// A `--` command that uses Ringmaster's collectives (`trainer collective`) meets through the
+/// launchers' store like the trainer does: an all-reduce checked against its reference across
+/// the two nodes.
+#[test]
+fn a_command_using_ringmasters_collectives_runs_across_the_two_nodes() {
+    let nodes = TwoNodes::start();
+    let port = nodes.free_port(0);
+    let [log, _] = collective_on_two_nodes(&nodes, |node| {
+        vec![
+            "--nnodes=2".into(),
+            "--nproc-per-node=2".into(),
+            format!("--node-rank={node}"),
+            format!("--master-addr={}", nodes.addrs[0]),
+            format!("--master-port={port}"),
+        ]
+    });
     // Rank 0's left neighbour is rank 3, on the other node: TCP between the nodes.
-    let log = procs[0].log_text();
     assert!(
         log.contains("rank 0/4: ring connected (from the left: tcp"),
         "{log}"
     );
+}
+
+/// torchrun's c10d form with no node rank (`--rdzv-backend c10d --rdzv-endpoint`), as
+/// LLaMA-Factory's RDZV_ID form gives it: the launcher on the endpoint's machine serves the
+/// store, both take node ranks as they join, and the ranks meet.
+#[test]
+fn c10d_launchers_without_node_ranks_number_themselves_as_they_join() {
+    let nodes = TwoNodes::start();
+    let port = nodes.free_port(0);
+    let logs = collective_on_two_nodes(&nodes, |_| {
+        vec![
+            "--nnodes=2".into(),
+            "--nproc-per-node=2".into(),
+            "--rdzv-backend=c10d".into(),
+            format!("--rdzv-endpoint={}:{port}", nodes.addrs[0]),
+            "--rdzv-id=join-order".into(),
+        ]
+    });
+    let joined: Vec<bool> = (0..2)
+        .map(|k| {
+            logs.iter()
+                .any(|l| l.contains(&format!("joined run join-order as node {k} of 2")))
+        })
+        .collect();
+    assert_eq!(joined, [true, true], "{logs:?}");
 }
 
 /// examples/launch/allreduce.py, a torch program (gloo), under `ringctl launch` on the two

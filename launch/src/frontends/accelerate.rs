@@ -1040,8 +1040,8 @@ fn torchrun_path(
     match a.str("rdzv_backend").as_deref() {
         None | Some("static") => {}
         Some("c10d") if nm > 1 => notices.push(format!(
-            "--rdzv_backend c10d: node ranks come from {} (ringctl launch does not number \
-             machines by join order)",
+            "--rdzv_backend c10d: node ranks come from {} (accelerate passes its machine rank \
+             to torchrun)",
             rank_val.show()
         )),
         Some("c10d") => {}

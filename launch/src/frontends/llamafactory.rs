@@ -111,12 +111,8 @@ pub(crate) fn plan(args: &[String], ctx: &Ctx) -> Result<LaunchPlan, LaunchError
         plan.run_id = id.v.clone();
         plan.max_restarts = super::torchrun::max_restarts(restarts.as_ref())?;
         if nnodes > 1 && rank_val.is_none() {
-            return Err(LaunchError(format!(
-                "{} uses torchrun's c10d rendezvous, which numbers nodes by join order; ringctl \
-                 launch does not do that yet: set NODE_RANK (0..{}) on each node",
-                id.show(),
-                nnodes - 1
-            )));
+            // torchrun's c10d rendezvous numbers the nodes as they join.
+            plan.join_order = true;
         }
     } else {
         if let Some(r) = &restarts {

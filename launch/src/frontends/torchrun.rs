@@ -201,9 +201,8 @@ pub(crate) fn plan(args: &[String], ctx: &Ctx) -> Result<LaunchPlan, LaunchError
                         plan.node_rank = node_rank;
                         if nnodes > 1 {
                             notices.push(format!(
-                                "--rdzv-backend c10d: node ranks come from {} (ringctl launch \
-                                 does not number nodes by join order); node 0 serves the store \
-                                 at {}",
+                                "--rdzv-backend c10d: node ranks come from {}; node 0 serves \
+                                 the store at {}",
                                 r.src.show("N"),
                                 endpoint
                                     .as_ref()
@@ -212,13 +211,9 @@ pub(crate) fn plan(args: &[String], ctx: &Ctx) -> Result<LaunchPlan, LaunchError
                         }
                     }
                     None if nnodes > 1 => {
-                        return Err(LaunchError(format!(
-                            "{} with {}: c10d numbers the nodes by join order, which ringctl \
-                             launch does not do yet; pass --node-rank (0..{}) on each node",
-                            backend.show(),
-                            nnodes_val.show(),
-                            nnodes - 1
-                        )));
+                        // c10d's own numbering: the launchers take node ranks as they join,
+                        // and the one on the endpoint's machine serves the store.
+                        plan.join_order = true;
                     }
                     None => plan.node_rank = 0,
                 }
