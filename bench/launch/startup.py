@@ -6,8 +6,9 @@ trainer with --no-python) and `ringctl local`, on 2 "nodes" x 2 ranks of this ma
 
 The job: examples/llamafactory/qwen3_full_sft_ds3.yaml on a tiny random Qwen3 (made here as
 tests/tests/llamafactory.rs makes it), max_steps 40 (400 for the recovery runs, whose
-worker is killed at step 3; the restarted run starts again from step 1, no checkpoint). Rounds alternate the launchers (paired,
-interleaved). Prints one JSON line per measurement and a summary (median seconds).
+worker is killed at step 3; the restarted run starts again from step 1, no checkpoint; for
+`ringctl local` a job file with max_restarts 1 and restart_backoff 0s wraps the recipe). Rounds
+alternate the launchers (paired, interleaved). Prints one JSON line per measurement and a summary (median seconds).
 """
 
 import argparse
@@ -98,8 +99,16 @@ def node_cmds(kind, args, model, out, port, restarts):
         return [([args.torchrun, "--nnodes", "2", "--node-rank", str(k), "--master-addr", "127.0.0.1",
                   "--master-port", str(port), "--nproc-per-node", "2", "--max-restarts", str(restarts),
                   "--no-python", f"{args.bin}/trainer", RECIPE] + over) for k in (1, 0)]
-    # ringctl local: one command for the whole cluster.
-    return [[f"{args.bin}/ringctl", "local", RECIPE, "--nodes", "2", "--slots", "2", "--work-dir",
+    # ringctl local: one command for the whole cluster. Restarts are a job spec's field: a job
+    # file around the recipe, with no pause before the restart (the other two restart at once;
+    # the default backoff is 1 s).
+    job = RECIPE
+    if restarts:
+        job = f"{out}-job.yaml"
+        with open(job, "w") as f:
+            f.write(f"name: bench\nmax_restarts: {restarts}\nrestart_backoff: 0s\n"
+                    f"train: {os.path.join(ROOT, RECIPE)}\n")
+    return [[f"{args.bin}/ringctl", "local", job, "--nodes", "2", "--slots", "2", "--work-dir",
              out + "-cluster"] + over[:1] + [f"output_dir={out}-cluster/out"] + over[2:]]
 
 
@@ -178,8 +187,6 @@ def main():
     for recovery in (False, True):
         for n in range(args.rounds):
             for kind in kinds:
-                if recovery and kind == "local":
-                    continue  # ringctl local's recovery is the agents' (measured in docs/benchmarks.md)
                 r = one(kind, args, model, work, n, recovery)
                 print(json.dumps(r), flush=True)
                 results.append(r)

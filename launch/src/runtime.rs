@@ -518,9 +518,6 @@ fn restart_barrier(
             if let Some(why) = stopped(plan, client)? {
                 return Ok(Some(why));
             }
-            if client.check(&[key.as_str()]).map_err(|e| lost(plan, &e))? {
-                return Ok(None);
-            }
             if Instant::now() >= deadline {
                 return Err(err(format!(
                     "node {}: the other nodes did not get ready for restart {g} within {:?} \
@@ -528,7 +525,10 @@ fn restart_barrier(
                     plan.node_rank, plan.rdzv_timeout
                 )));
             }
-            std::thread::sleep(plan.monitor_interval);
+            // Returns as soon as the key is set; a stop is looked at between slices.
+            if wait_slice(client, &key, plan.monitor_interval).map_err(|e| lost(plan, &e))? {
+                return Ok(None);
+            }
         }
     };
     for k in 0..plan.nnodes {
@@ -1077,7 +1077,21 @@ fn watch(
                 return Ok(GenEnd::Succeeded);
             }
         }
-        std::thread::sleep(plan.monitor_interval);
+        // The pause between polls of the workers, cut short when a node claims a failure.
+        wait_slice(client, &failed_key, plan.monitor_interval).map_err(|e| lost(plan, &e))?;
+    }
+}
+
+/// Waits up to `slice` for `key` (the store answers as soon as it is set): whether it is set.
+fn wait_slice(
+    client: &TcpStoreClient,
+    key: &str,
+    slice: Duration,
+) -> Result<bool, ringmaster_collectives::CommError> {
+    match client.wait(&[key], slice) {
+        Ok(()) => Ok(true),
+        Err(e) if e.to_string().contains("not set within") => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
