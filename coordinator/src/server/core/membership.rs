@@ -1,0 +1,417 @@
+//! Membership: agents joining (and re-joining after a coordinator restart), heartbeats and
+//! lost nodes, what agents report about their workers, and sending to an agent.
+
+use super::*;
+
+impl Core {
+    pub(super) fn agent_join(
+        &mut self,
+        join: pb::Join,
+        peer: Option<SocketAddr>,
+        tx: AgentTx,
+    ) -> Result<(u64, pb::JoinAck), Status> {
+        let name = join.name.clone();
+        if !crate::spec::is_safe_name(&name) {
+            return Err(Status::invalid_argument(format!(
+                "node name '{name}' is not valid: use 1-63 characters of A-Z a-z 0-9 . _ -"
+            )));
+        }
+        // The agent refuses `--slots` above the same limit; a raw Join may not get past it.
+        const _: () =
+            assert!(ringmaster_agent::MAX_SLOTS == ringmaster_hostfile::hostfile::MAX_SLOTS);
+        if join.slots > ringmaster_agent::MAX_SLOTS {
+            return Err(Status::resource_exhausted(format!(
+                "node '{}' announces {} slots, above the limit of {} slots per agent",
+                name,
+                join.slots,
+                ringmaster_agent::MAX_SLOTS
+            )));
+        }
+        if let Some(hf) = &self.cfg.hostfile
+            && !hf.hosts.iter().any(|h| h.name == name)
+        {
+            let known: Vec<&str> = hf.hosts.iter().map(|h| h.name.as_str()).collect();
+            return Err(Status::permission_denied(format!(
+                "node '{name}' is not in the coordinator's hostfile (hosts: {})",
+                known.join(", ")
+            )));
+        }
+        let now = Instant::now();
+        if let Some(n) = self.nodes.get(&name)
+            && n.conn.is_some()
+            && n.incarnation != join.incarnation
+            && now.duration_since(n.last_seen) < self.cfg.heartbeat_timeout
+        {
+            return Err(Status::already_exists(format!(
+                "node name '{name}' is already joined by another live agent ({}); give each agent its own --name",
+                n.advertise_addr
+            )));
+        }
+        let advertise = if join.advertise_addr.is_empty() {
+            peer.map(|p| p.ip().to_string()).unwrap_or_default()
+        } else {
+            join.advertise_addr.clone()
+        };
+        let hostfile_slots = self
+            .cfg
+            .hostfile
+            .as_ref()
+            .and_then(|hf| hf.hosts.iter().find(|h| h.name == name).map(|h| h.slots));
+        let slots = match hostfile_slots {
+            Some(s) => {
+                if s != join.slots {
+                    tracing::warn!(node = %name, hostfile = s, announced = join.slots, "agent announces a different slot count; the hostfile's count rules");
+                }
+                s
+            }
+            None => join.slots.max(1),
+        };
+        let conn_id = self.next_conn;
+        self.next_conn += 1;
+        let previous_incarnation = self.nodes.get(&name).map(|n| n.incarnation.clone());
+        let node = self
+            .nodes
+            .entry(name.clone())
+            .or_insert_with(|| Node::new(slots, now));
+        let rejoin = node.joined;
+        node.slots = slots;
+        node.announced_slots = join.slots;
+        node.advertise_addr = advertise.clone();
+        node.hostname = join.hostname.clone();
+        node.version = join.version.clone();
+        node.incarnation = join.incarnation.clone();
+        node.conn = Some(AgentConn {
+            id: conn_id,
+            tx: tx.clone(),
+        });
+        node.last_seen = now;
+        node.joined = true;
+        node.lost = false;
+        node.running_workers = join.running.len() as u32;
+        tracing::info!(
+            node = %name,
+            slots,
+            addr = %advertise,
+            running = join.running.len(),
+            rejoin,
+            "agent joined"
+        );
+        let rec = NodeRecord {
+            name: name.clone(),
+            slots,
+            advertise_addr: advertise,
+            hostname: join.hostname.clone(),
+            version: join.version.clone(),
+        };
+        self.persist.put(
+            format!("nodes/{name}"),
+            serde_json::to_vec(&rec).expect("node record serializes"),
+        );
+        self.dirty = true;
+
+        // The JoinAck goes first on the stream, before anything reconciliation sends.
+        let ack = pb::JoinAck {
+            slots,
+            heartbeat_interval_ms: (self.cfg.heartbeat_timeout.as_millis() as u64 / 4)
+                .clamp(50, 5_000),
+            coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
+            rendezvous_addr: String::new(),
+        };
+        let _ = tx.try_send(Ok(pb::CoordinatorMessage {
+            msg: Some(pb::coordinator_message::Msg::JoinAck(ack.clone())),
+        }));
+
+        // Reconcile what the agent runs with what the jobs expect.
+        let restarted =
+            previous_incarnation.is_some_and(|p| !p.is_empty() && p != join.incarnation);
+        self.reconcile(&name, &join, restarted);
+        Ok((conn_id, ack))
+    }
+
+    pub(super) fn reconcile(&mut self, node: &str, join: &pb::Join, restarted: bool) {
+        let mut reported: BTreeSet<(String, u64, u32)> = BTreeSet::new();
+        for w in &join.running {
+            reported.insert((w.job_id.clone(), w.generation, w.rank));
+            let current = self.jobs.get(&w.job_id).is_some_and(|j| {
+                j.state.has_workers() && j.generation == w.generation && !j.stopping
+            });
+            if current {
+                self.apply(
+                    &w.job_id,
+                    Event::WorkerStarted {
+                        generation: w.generation,
+                        rank: w.rank,
+                        pid: w.pid,
+                    },
+                );
+            } else {
+                tracing::warn!(node, job = %w.job_id, generation = w.generation, rank = w.rank, "agent runs a worker of an ended generation; stopping it");
+                self.send_to(
+                    node,
+                    pb::coordinator_message::Msg::StopWorkers(pb::StopWorkers {
+                        job_id: w.job_id.clone(),
+                        generation: w.generation,
+                        grace_ms: crate::job::ABORT_GRACE_MS,
+                        reason: "generation ended while the agent was away".into(),
+                    }),
+                );
+            }
+        }
+        for e in &join.exited_while_away {
+            reported.insert((e.job_id.clone(), e.generation, e.rank));
+            self.worker_exited(e.clone());
+        }
+        // Ranks this node should be running that the agent does not know of are gone.
+        let mut lost: Vec<(String, Vec<u32>)> = Vec::new();
+        for job in self.jobs.values() {
+            if !job.state.has_workers() {
+                continue;
+            }
+            let ranks: Vec<u32> = job
+                .ranks
+                .iter()
+                .filter(|r| r.node == node && !r.state.is_done())
+                .filter(|r| r.state != RankState::Starting || restarted || r.pid.is_some())
+                .filter(|r| !reported.contains(&(job.id.clone(), job.generation, r.rank)))
+                .map(|r| r.rank)
+                .collect();
+            if !ranks.is_empty() {
+                lost.push((job.id.clone(), ranks));
+            }
+        }
+        for (id, ranks) in lost {
+            let message = if restarted {
+                format!("agent on {node} restarted; ranks {ranks:?} are gone")
+            } else {
+                format!("agent on {node} reconnected without ranks {ranks:?}")
+            };
+            self.apply(
+                &id,
+                Event::RanksLost {
+                    node: node.to_owned(),
+                    ranks,
+                    message,
+                },
+            );
+        }
+    }
+
+    pub(super) fn check_heartbeats(&mut self) {
+        let now = Instant::now();
+        let timeout = self.cfg.heartbeat_timeout;
+        let mut newly_lost = Vec::new();
+        for (name, n) in &mut self.nodes {
+            if n.lost || !n.joined {
+                continue;
+            }
+            if now.duration_since(n.last_seen) > timeout {
+                n.lost = true;
+                n.conn = None;
+                newly_lost.push(name.clone());
+            }
+        }
+        for name in newly_lost {
+            let since =
+                humantime::format_duration(Duration::from_millis(timeout.as_millis() as u64));
+            let never = self.started.elapsed() <= timeout + Duration::from_millis(500);
+            tracing::warn!(node = %name, "node lost: no heartbeat for {since}");
+            self.dirty = true;
+            let affected: Vec<(String, Vec<u32>)> = self
+                .jobs
+                .values()
+                .filter(|j| j.state.has_workers())
+                .map(|j| {
+                    (
+                        j.id.clone(),
+                        j.ranks
+                            .iter()
+                            .filter(|r| r.node == name && !r.state.is_done())
+                            .map(|r| r.rank)
+                            .collect::<Vec<_>>(),
+                    )
+                })
+                .filter(|(_, r)| !r.is_empty())
+                .collect();
+            for (id, ranks) in affected {
+                let message = if never {
+                    format!(
+                        "node {name} lost: its agent did not come back within {since} of the coordinator's restart"
+                    )
+                } else {
+                    format!("node {name} lost: no heartbeat for {since}")
+                };
+                self.apply(
+                    &id,
+                    Event::RanksLost {
+                        node: name.clone(),
+                        ranks,
+                        message,
+                    },
+                );
+            }
+        }
+    }
+
+    pub(super) fn node_statuses(&self) -> Vec<pb::NodeStatus> {
+        let now = Instant::now();
+        let mut names: Vec<&String> = self.nodes.keys().collect();
+        if self.cfg.hostfile.is_none() {
+            names.sort_by(|a, b| ringmaster_hostfile::natural_cmp(a, b));
+        } else if let Some(hf) = &self.cfg.hostfile {
+            names = hf.hosts.iter().map(|h| &h.name).collect();
+        }
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let n = self.nodes.get(name)?;
+                let state = if n.alive() {
+                    "JOINED"
+                } else if n.lost {
+                    "LOST"
+                } else if n.joined {
+                    "DISCONNECTED"
+                } else {
+                    "EXPECTED"
+                };
+                Some(pb::NodeStatus {
+                    name: name.clone(),
+                    slots: n.slots,
+                    state: state.into(),
+                    advertise_addr: n.advertise_addr.clone(),
+                    version: n.version.clone(),
+                    last_heartbeat_ms_ago: n
+                        .joined
+                        .then(|| now.duration_since(n.last_seen).as_millis() as u64),
+                    running_workers: n.running_workers,
+                    hostname: n.hostname.clone(),
+                })
+            })
+            .collect()
+    }
+
+    pub(super) fn send_to(&mut self, node: &str, msg: pb::coordinator_message::Msg) -> bool {
+        let Some(conn) = self.nodes.get(node).and_then(|n| n.conn.as_ref()) else {
+            return false;
+        };
+        match conn
+            .tx
+            .try_send(Ok(pb::CoordinatorMessage { msg: Some(msg) }))
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(node, error = %e, "could not send to agent");
+                false
+            }
+        }
+    }
+
+    pub(super) fn agent_msg(&mut self, node: &str, conn: u64, msg: pb::agent_message::Msg) {
+        use pb::agent_message::Msg;
+        match self.nodes.get_mut(node) {
+            Some(n) if n.conn.as_ref().is_some_and(|c| c.id == conn) => {
+                n.last_seen = Instant::now();
+            }
+            _ => return, // a superseded connection
+        }
+        match msg {
+            Msg::Heartbeat(hb) => {
+                if let Some(n) = self.nodes.get_mut(node) {
+                    n.running_workers = hb.running_workers;
+                }
+            }
+            Msg::WorkerStarted(w) => {
+                let current = self
+                    .jobs
+                    .get(&w.job_id)
+                    .is_some_and(|j| j.generation == w.generation && j.state.has_workers());
+                if current {
+                    tracing::info!(job = %w.job_id, generation = w.generation, rank = w.rank, pid = w.pid, node, "worker started");
+                    self.apply(
+                        &w.job_id,
+                        Event::WorkerStarted {
+                            generation: w.generation,
+                            rank: w.rank,
+                            pid: w.pid,
+                        },
+                    );
+                } else {
+                    self.send_to(
+                        node,
+                        pb::coordinator_message::Msg::StopWorkers(pb::StopWorkers {
+                            job_id: w.job_id,
+                            generation: w.generation,
+                            grace_ms: 0,
+                            reason: "generation already ended".into(),
+                        }),
+                    );
+                }
+            }
+            Msg::WorkerExited(e) => self.worker_exited(e),
+            Msg::StartFailed(f) => {
+                tracing::warn!(job = %f.job_id, generation = f.generation, rank = f.rank, node, "worker failed to start: {}", f.message);
+                self.apply(
+                    &f.job_id.clone(),
+                    Event::StartFailed {
+                        generation: f.generation,
+                        rank: f.rank,
+                        message: f.message,
+                    },
+                );
+            }
+            Msg::PortAllocated(p) => {
+                if let Some((job, generation, node0)) = self.port_requests.remove(&p.request_id) {
+                    let event = if p.error.is_empty() && p.port != 0 {
+                        let addr = self
+                            .nodes
+                            .get(&node0)
+                            .map(|n| n.advertise_addr.clone())
+                            .unwrap_or_default();
+                        Event::PortAllocated {
+                            generation,
+                            addr,
+                            port: p.port,
+                        }
+                    } else {
+                        Event::PortFailed {
+                            generation,
+                            message: format!("agent on {node0}: {}", p.error),
+                        }
+                    };
+                    self.apply(&job, event);
+                }
+            }
+            Msg::LogChunk(c) => {
+                // The agent sends data only against credits, and the reader's channel holds
+                // the whole window: a full channel means an agent that ignores its credits.
+                // The fetch then ends without eof, which its reader reports as a truncation.
+                let eof = c.eof;
+                let id = c.request_id;
+                let failed = match self.log_requests.get(&id) {
+                    Some((_, tx)) => {
+                        let r = if c.error.is_empty() {
+                            Ok(c)
+                        } else {
+                            Err(Status::failed_precondition(c.error))
+                        };
+                        tx.try_send(r).is_err()
+                    }
+                    None => true,
+                };
+                if eof {
+                    self.log_requests.remove(&id);
+                } else if failed {
+                    self.log_requests.remove(&id);
+                    self.send_to(
+                        node,
+                        pb::coordinator_message::Msg::CancelFetch(pb::CancelFetch {
+                            request_id: id,
+                        }),
+                    );
+                }
+            }
+            Msg::Join(_) => {
+                tracing::warn!(node, "agent sent a second Join on one stream; ignored");
+            }
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! Persisting and publishing: changed jobs go to the store in one commit per burst, and their
+//! status to watchers.
+
+use super::*;
+
+impl Core {
+    /// Marks a job for persisting and publishing; done once per burst of commands by
+    /// [`Core::flush_changed`], so that 1,000 WorkerStarted in a row cost one write, not 1,000.
+    pub(super) fn save(&mut self, id: &str) {
+        self.changed.insert(id.to_owned());
+    }
+
+    pub(super) fn flush_changed(&mut self) {
+        for id in std::mem::take(&mut self.progressed) {
+            if !self.changed.contains(&id) && self.jobs.contains_key(&id) {
+                self.publish(&id);
+            }
+        }
+        for id in std::mem::take(&mut self.changed) {
+            if let Some(job) = self.jobs.get(&id) {
+                self.persist.put(
+                    format!("jobs/{id}"),
+                    serde_json::to_vec(job).expect("job serializes"),
+                );
+                self.publish(&id);
+            }
+        }
+    }
+
+    pub(super) fn publish(&mut self, id: &str) {
+        if let Some(w) = self.watchers.get(id) {
+            let st = status::job_status(&self.jobs[id]);
+            w.send_replace(st);
+            if self.jobs[id].state.is_terminal() && w.receiver_count() == 0 {
+                self.watchers.remove(id);
+            }
+        }
+    }
+}

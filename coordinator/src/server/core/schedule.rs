@@ -1,0 +1,319 @@
+//! Scheduling: placing waiting jobs, restarts that are due, applying a job's events through
+//! [`crate::job::next`] and carrying out its actions (ports, starting and stopping workers).
+
+use super::*;
+
+impl Core {
+    /// Hands the jobs whose restart backoff ran out to the state machine.
+    pub(super) fn restarts_due(&mut self) {
+        let now = now_ms();
+        let due: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|j| {
+                j.state == JobState::Restarting && j.restart_not_before_ms.is_some_and(|t| now >= t)
+            })
+            .map(|j| j.id.clone())
+            .collect();
+        for id in due {
+            self.apply(&id, Event::Tick);
+        }
+    }
+
+    pub(super) fn busy(&self) -> Busy {
+        let mut busy = Busy::new();
+        for j in self.jobs.values() {
+            // A job holds its slots while any worker of it may be alive.
+            let holds = j.state.has_workers() || j.ranks.iter().any(|r| !r.state.is_done());
+            if !holds {
+                continue;
+            }
+            for s in &j.placement {
+                for slot in &s.slots {
+                    busy.entry(s.name.clone())
+                        .or_default()
+                        .insert(*slot, j.id.clone());
+                }
+            }
+        }
+        busy
+    }
+
+    /// Offers a placement to every job waiting for one, oldest first.
+    pub(super) fn schedule(&mut self) {
+        let mut waiting: Vec<(u64, String)> = self
+            .jobs
+            .values()
+            .filter(|j| !self.unacked.contains(&j.id))
+            .filter(|j| {
+                j.state == JobState::Pending
+                    || (j.state == JobState::Restarting
+                        && j.restart_not_before_ms.is_none()
+                        && j.ranks.iter().all(|r| r.state.is_done()))
+            })
+            .map(|j| (j.created_unix_ms, j.id.clone()))
+            .collect();
+        waiting.sort();
+        for (_, id) in waiting {
+            let views: BTreeMap<String, NodeView> = self
+                .nodes
+                .iter()
+                .map(|(k, n)| {
+                    (
+                        k.clone(),
+                        NodeView {
+                            slots: n.slots,
+                            alive: n.alive(),
+                        },
+                    )
+                })
+                .collect();
+            let mut busy = self.busy();
+            // A restarting job's own old slots do not block it.
+            for m in busy.values_mut() {
+                m.retain(|_, j| *j != id);
+            }
+            let placement = placement::place(
+                &self.jobs[&id].spec,
+                self.cfg.hostfile.as_ref(),
+                &views,
+                &busy,
+            );
+            self.apply(&id, Event::Placement(placement));
+        }
+    }
+
+    /// Feeds an event to a job's state machine and carries out the actions.
+    /// Applies `event` to job `id`, then every event its actions raised, in order. The way in
+    /// for commands and timers; actions [`Core::raise`] instead.
+    pub(super) fn apply(&mut self, id: &str, event: Event) {
+        debug_assert!(
+            !self.applying,
+            "Core::apply re-entered (an action must raise)"
+        );
+        self.applying = true;
+        self.step(id, event);
+        while let Some((id, event)) = self.raised.pop_front() {
+            self.step(&id, event);
+        }
+        self.applying = false;
+    }
+
+    /// Queues `event` for job `id`, to be applied once the event being applied is done.
+    pub(super) fn raise(&mut self, id: &str, event: Event) {
+        debug_assert!(self.applying, "Core::raise outside an apply");
+        self.raised.push_back((id.to_owned(), event));
+    }
+
+    /// One event: the job's next state from [`crate::job::next`], its actions carried out,
+    /// the job saved if it changed.
+    fn step(&mut self, id: &str, event: Event) {
+        let Some(job) = self.jobs.remove(id) else {
+            return;
+        };
+        let before = job.clone();
+        let (mut job, actions) = crate::job::next(job, event, now_ms());
+        let changed = job != before;
+        if changed {
+            job.updated_unix_ms = now_ms();
+            if job.state != before.state {
+                tracing::info!(
+                    job = %job.id,
+                    generation = job.generation,
+                    from = before.state.as_str(),
+                    to = job.state.as_str(),
+                    reason = job.pending_reason.as_deref().unwrap_or(""),
+                    "job state"
+                );
+                if job.state.is_terminal() || job.state == JobState::Restarting {
+                    self.dirty = true;
+                }
+            }
+            if job.stopping != before.stopping {
+                self.dirty = true;
+            }
+        }
+        self.jobs.insert(id.to_owned(), job);
+        for a in actions {
+            self.act(id, a);
+        }
+        if changed {
+            self.save(id);
+        }
+    }
+
+    pub(super) fn act(&mut self, id: &str, action: Action) {
+        match action {
+            Action::AllocatePort { generation, node } => {
+                let rid = self.next_request;
+                self.next_request += 1;
+                let sent = self.send_to(
+                    &node,
+                    pb::coordinator_message::Msg::AllocatePort(pb::AllocatePort {
+                        request_id: rid,
+                    }),
+                );
+                if sent {
+                    self.port_requests
+                        .insert(rid, (id.to_owned(), generation, node));
+                } else {
+                    self.raise(
+                        id,
+                        Event::PortFailed {
+                            generation,
+                            message: format!("node {node} is not connected"),
+                        },
+                    );
+                }
+            }
+            Action::StartWorkers { generation } => self.start_workers(id, generation),
+            Action::Reschedule => self.dirty = true,
+            Action::StopWorkers {
+                generation,
+                nodes,
+                grace_ms,
+            } => {
+                let mut unreachable = Vec::new();
+                for node in nodes {
+                    let sent = self.send_to(
+                        &node,
+                        pb::coordinator_message::Msg::StopWorkers(pb::StopWorkers {
+                            job_id: id.to_owned(),
+                            generation,
+                            grace_ms,
+                            reason: "generation ended".into(),
+                        }),
+                    );
+                    if !sent {
+                        unreachable.push(node);
+                    }
+                }
+                for node in unreachable {
+                    let ranks: Vec<u32> = self.jobs[id]
+                        .ranks
+                        .iter()
+                        .filter(|r| r.node == node && !r.state.is_done())
+                        .map(|r| r.rank)
+                        .collect();
+                    if !ranks.is_empty() {
+                        self.raise(
+                            id,
+                            Event::RanksLost {
+                                node: node.clone(),
+                                ranks,
+                                message: format!("node {node} unreachable during teardown"),
+                            },
+                        );
+                    }
+                }
+            }
+            Action::CloseGeneration { generation } => {
+                // A generation ended by a failure: its trainers abort their collectives at once
+                // (their progress streams end with ABORTED) instead of waiting out a timeout
+                // for a peer that is gone. A cancel lets them checkpoint, a success is done.
+                if let Some(j) = self.jobs.get(id)
+                    && matches!(j.state, JobState::Restarting | JobState::Failed)
+                    && j.generation == generation
+                {
+                    let reason = j
+                        .failure
+                        .as_ref()
+                        .map(|f| f.message.clone())
+                        .unwrap_or_else(|| "the job failed".into());
+                    self.rendezvous.abort(id, generation, &reason);
+                }
+                self.rendezvous.close(id, generation);
+            }
+        }
+    }
+
+    pub(super) fn start_workers(&mut self, id: &str, generation: u64) {
+        if let Some(j) = self.jobs.get_mut(id) {
+            // The new generation reports where it resumed from.
+            j.resumed_from = None;
+        }
+        let job = &self.jobs[id];
+        self.rendezvous.open(id, generation);
+        let ranks: Vec<pb::RankEntry> = job
+            .ranks
+            .iter()
+            .map(|r| pb::RankEntry {
+                rank: r.rank,
+                local_rank: r.local_rank,
+                node_rank: r.node_rank,
+                node: r.node.clone(),
+                slot: r.slot,
+            })
+            .collect();
+        let (program, train_config) = match (&job.spec.command, &job.spec.train) {
+            (Some(cmd), _) => (cmd.clone(), String::new()),
+            (None, Some(train)) => (
+                Vec::new(),
+                serde_json::to_string(train).expect("training config serializes"),
+            ),
+            (None, None) => (Vec::new(), String::new()),
+        };
+        let msg = pb::StartWorkers {
+            job_id: id.to_owned(),
+            generation,
+            restart_count: job.restart_count,
+            max_restarts: job.spec.max_restarts,
+            world_size: job.world_size(),
+            nnodes: job.placement.len() as u32,
+            master_addr: job.master_addr.clone().unwrap_or_default(),
+            master_port: job.master_port.unwrap_or_default(),
+            ranks,
+            program,
+            env: job.spec.env.clone().into_iter().collect(),
+            train_config,
+            files: job.files.clone().into_iter().collect(),
+            rendezvous_addr: String::new(),
+            resume_from: job
+                .last_checkpoint
+                .as_ref()
+                .map(|c| c.path.clone())
+                .unwrap_or_default(),
+            job_name: job.name.clone(),
+            worker_token: self.cfg.creds.worker_token(id, generation),
+            workdir: job.spec.workdir.clone().unwrap_or_default(),
+        };
+        tracing::info!(job = %id, generation, world_size = msg.world_size, master = %format!("{}:{}", msg.master_addr, msg.master_port), "starting workers");
+        let nodes = job.nodes();
+        let mut unreachable = Vec::new();
+        // Each agent gets only its own ranks: the message stays O(local ranks), so that a
+        // 1,000-node start is 1,000 small messages, not 1,000 copies of the whole table.
+        let mut by_node: BTreeMap<String, Vec<pb::RankEntry>> = BTreeMap::new();
+        for r in msg.ranks {
+            by_node.entry(r.node.clone()).or_default().push(r);
+        }
+        let template = pb::StartWorkers {
+            ranks: Vec::new(),
+            ..msg
+        };
+        for node in nodes {
+            let m = pb::StartWorkers {
+                ranks: by_node.remove(&node).unwrap_or_default(),
+                ..template.clone()
+            };
+            if !self.send_to(&node, pb::coordinator_message::Msg::StartWorkers(m)) {
+                unreachable.push(node);
+            }
+        }
+        for node in unreachable {
+            let ranks: Vec<u32> = self.jobs[id]
+                .ranks
+                .iter()
+                .filter(|r| r.node == node)
+                .map(|r| r.rank)
+                .collect();
+            self.raise(
+                id,
+                Event::RanksLost {
+                    node: node.clone(),
+                    ranks,
+                    message: format!("node {node} not connected when the generation started"),
+                },
+            );
+        }
+    }
+}
