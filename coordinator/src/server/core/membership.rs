@@ -115,7 +115,6 @@ impl Core {
             heartbeat_interval_ms: (self.cfg.heartbeat_timeout.as_millis() as u64 / 4)
                 .clamp(50, 5_000),
             coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
-            rendezvous_addr: String::new(),
         };
         let _ = tx.try_send(Ok(pb::CoordinatorMessage {
             msg: Some(pb::coordinator_message::Msg::JoinAck(ack.clone())),

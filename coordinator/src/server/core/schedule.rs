@@ -267,7 +267,6 @@ impl Core {
             env: job.spec.env.clone().into_iter().collect(),
             train_config,
             files: job.files.clone().into_iter().collect(),
-            rendezvous_addr: String::new(),
             resume_from: job
                 .last_checkpoint
                 .as_ref()
