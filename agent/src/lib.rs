@@ -10,29 +10,16 @@
 //! - [`lock`] — one agent per work dir (`<work-dir>/agent.lock`).
 //! - [`paths`] — the allowed roots a job may write under (`--allowed-root`).
 //! - [`supervisor`] — spawning, log capture, process-group signals.
-//! - [`logging`] — tracing setup shared by every Ringmaster binary.
-//! - [`shutdown_signal`], [`error_chain`] — also shared with the coordinator's binaries.
+//! - [`logging`], [`shutdown_signal`] — from `ringmaster-common`, shared with the coordinator's
+//!   binaries; [`error_chain`] from `ringmaster-auth`.
 //! - this file — [`Config`] and [`run`], the connection loop.
 
 pub mod env;
 pub mod lock;
-pub mod logging;
 pub mod paths;
 pub mod supervisor;
 
-/// Resolves on the first SIGTERM or SIGINT (the binaries' shutdown request).
-///
-/// # Panics
-/// If the signal handlers cannot be installed (no tokio runtime with signals enabled).
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-}
+pub use ringmaster_common::{logging, shutdown_signal};
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -11,7 +11,9 @@
 //! - [`local`] — `ringctl local`: a whole cluster on this machine.
 //!
 //! Credentials and TLS live in the burn-free `ringmaster-auth` crate (`coordinator/auth`), shared
-//! with agents and trainers; the tracing setup is `ringmaster_agent::logging`.
+//! with agents and trainers; the tracing setup, the shutdown signal and name checks are
+//! `ringmaster-common`'s. The daemon does not link the agent crate: `ringctl local` starts the
+//! `agent` binary next to it.
 
 pub mod cli;
 pub mod job;

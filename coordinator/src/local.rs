@@ -1,9 +1,9 @@
 //! `ringctl local FILE --nodes N --slots S`: the whole cluster on this machine.
 //!
-//! Starts a coordinator (temporary data dir, free loopback port, a generated hostfile naming
-//! node-0…node-N-1 and a random join token) and N agents in this process, submits FILE,
-//! watches it, and tears everything down: agents stop their workers (SIGTERM, grace,
-//! SIGKILL) before the command returns. The exit code is the job's result. Ctrl-C cancels the
+//! Starts a coordinator in this process (temporary data dir, free loopback port, a generated
+//! hostfile naming node-0…node-N-1 and a random join token) and N `agent` processes (the binary
+//! next to ringctl, else on PATH), submits FILE, watches it, and tears everything down: agents
+//! stop their workers (SIGTERM, grace, SIGKILL) before the command returns. The exit code is the job's result. Ctrl-C cancels the
 //! job first. Jobs may write under the directory ringctl runs in and the cluster's directory
 //! (the agents' allowed roots), where a config's relative paths point.
 
@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use ringmaster_hostfile::{Host, Hostfile};
 use tokio_util::sync::CancellationToken;
+
+use ringmaster_common::logging::LogFormat;
 
 use crate::cli::{self, CliError, Exit, Output};
 use crate::server;
@@ -31,6 +33,7 @@ pub async fn run(
     slots: u32,
     work_dir: Option<PathBuf>,
     output: Output,
+    log_format: LogFormat,
 ) -> Result<Exit, CliError> {
     if nodes == 0 || nodes > MAX_LOCAL_NODES {
         return Err(CliError::usage(format!(
@@ -90,11 +93,8 @@ pub async fn run(
         server::run(coord_cfg, listener, async move { stop.cancelled().await }).await
     });
 
-    let trainer = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join("trainer")))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("trainer"));
+    let trainer = crate::cli::sibling("trainer");
+    let agent = crate::cli::sibling("agent");
     // Jobs may write under the directory ringctl runs in (where a config's relative paths
     // point, e.g. the quickstart's `output/quickstart`) and under the cluster's own directory.
     let mut allowed_roots = vec![root.clone()];
@@ -102,28 +102,61 @@ pub async fn run(
         Ok(d) => allowed_roots.push(d),
         Err(e) => tracing::warn!(error = %e, "no current directory: it is not an allowed root"),
     }
-    let stop_agents = CancellationToken::new();
+    let token_file = root.join("join-token");
+    write_private(&token_file, &token)
+        .map_err(|e| CliError::failed(format!("writing {}: {e}", token_file.display())))?;
     let mut agents = Vec::new();
     for name in &names {
-        let cfg = ringmaster_agent::Config {
-            join: addr.clone(),
-            name: name.clone(),
-            slots,
-            work_dir: root.join(name),
-            token: Some(token.clone()),
-            tls: Default::default(),
-            worker_user: None,
-            advertise_addr: "127.0.0.1".into(),
-            trainer: trainer.clone(),
-            max_backoff: Duration::from_secs(1),
-            shutdown_grace: Duration::from_secs(5),
-            log_rotation: Default::default(),
-            allowed_roots: allowed_roots.clone(),
-        };
-        let stop = stop_agents.clone();
-        agents.push(tokio::spawn(async move {
-            ringmaster_agent::run(cfg, async move { stop.cancelled().await }).await
-        }));
+        let mut cmd = tokio::process::Command::new(&agent);
+        cmd.arg("--join")
+            .arg(&addr)
+            .args(["--name", name, "--slots", &slots.to_string()])
+            .arg("--work-dir")
+            .arg(root.join(name))
+            .arg("--join-token-file")
+            .arg(&token_file)
+            .args(["--advertise-addr", "127.0.0.1"])
+            .arg("--trainer")
+            .arg(&trainer)
+            .args(["--max-backoff", "1s", "--shutdown-grace", "5s"])
+            .args([
+                "--log-format",
+                match log_format {
+                    LogFormat::Text => "text",
+                    LogFormat::Json => "json",
+                },
+            ]);
+        for r in &allowed_roots {
+            cmd.arg("--allowed-root").arg(r);
+        }
+        // The local coordinator speaks plaintext on loopback; a CA meant for another cluster
+        // must not switch the agents to TLS.
+        cmd.env_remove("RINGMASTER_TLS_CA")
+            .stdin(std::process::Stdio::null())
+            // Ctrl-C reaches ringctl alone, which cancels the job before it stops the agents.
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+        unsafe {
+            cmd.pre_exec(|| {
+                // ringctl killed outright takes its agents (and so their workers) with it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        match cmd.spawn() {
+            Ok(child) => agents.push(child),
+            Err(e) => {
+                stop_agents(agents).await;
+                stop_coordinator.cancel();
+                return Err(CliError::failed(format!(
+                    "starting the agent ({}): {e}; ringctl local runs the `agent` binary next \
+                     to ringctl (cargo build --release builds both) or on PATH",
+                    agent.display()
+                )));
+            }
+        }
     }
     if output == Output::Text {
         eprintln!(
@@ -139,17 +172,46 @@ pub async fn run(
     };
     let result = drive(&target, &sub, output).await;
 
-    stop_agents.cancel();
-    for a in agents {
-        match tokio::time::timeout(Duration::from_secs(15), a).await {
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "agent ended with an error"),
-            Ok(_) => {}
-            Err(_) => tracing::warn!("an agent did not stop within 15s"),
-        }
-    }
+    stop_agents(agents).await;
     stop_coordinator.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), coordinator).await;
     result
+}
+
+/// Stops the agents: SIGTERM (each stops its workers within its shutdown grace), SIGKILL to
+/// one that has not exited within 15 s.
+async fn stop_agents(agents: Vec<tokio::process::Child>) {
+    for a in &agents {
+        if let Some(pid) = a.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    for mut a in agents {
+        match tokio::time::timeout(Duration::from_secs(15), a.wait()).await {
+            Ok(Ok(st)) if !st.success() => tracing::warn!(status = %st, "an agent ended badly"),
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!("an agent did not stop within 15s: killing it");
+                let _ = a.kill().await;
+            }
+        }
+    }
+}
+
+/// Writes `text` to a new file only its owner may read (the join token).
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
 }
 
 /// Submits and watches; Ctrl-C cancels the job and waits for it to end.

@@ -224,7 +224,7 @@ impl SpecError {
 /// with `.` or `-`, at most 63 characters.
 pub fn is_safe_name(s: &str) -> bool {
     // The agent applies the same rule before it builds any path from a job id.
-    ringmaster_agent::supervisor::is_safe_component(s)
+    ringmaster_common::names::is_safe_component(s)
 }
 
 fn is_env_name(s: &str) -> bool {

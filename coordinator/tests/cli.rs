@@ -53,3 +53,13 @@ fn missing_spec_file_exits_2_naming_it() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/job.yaml"));
 }
+
+/// The agent refuses `--slots` above the limit the coordinator enforces on a Join (the
+/// hostfile's): the two crates do not depend on each other, so the test ties them.
+#[test]
+fn the_agent_and_the_coordinator_share_the_slot_limit() {
+    assert_eq!(
+        ringmaster_agent::MAX_SLOTS,
+        ringmaster_hostfile::hostfile::MAX_SLOTS
+    );
+}

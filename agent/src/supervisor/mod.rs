@@ -60,15 +60,7 @@ pub struct Supervisor {
     roots: AllowedRoots,
 }
 
-/// True for names safe as one path component: `[A-Za-z0-9._-]`, not starting with `.`/`-`.
-pub fn is_safe_component(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && !s.starts_with('.')
-        && !s.starts_with('-')
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-}
+pub use ringmaster_common::names::is_safe_component;
 
 fn exited(
     key: &WorkerKey,

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use ringmaster_agent::logging::{self, LogFormat};
+use ringmaster_common::logging::{self, LogFormat};
 use ringmaster_coordinator::server::limits::{JobLimits, RendezvousLimits, StateConfig};
 use ringmaster_hostfile::Hostfile;
 
@@ -236,9 +236,9 @@ fn main() -> ExitCode {
             Err(e) => return usage(format!("--listen {listen}: {e}")),
         };
         let shutdown = async {
-            ringmaster_agent::shutdown_signal().await;
+            ringmaster_common::shutdown_signal().await;
             tokio::spawn(async {
-                ringmaster_agent::shutdown_signal().await;
+                ringmaster_common::shutdown_signal().await;
                 eprintln!("coordinator: second signal, exiting now");
                 std::process::exit(130);
             });

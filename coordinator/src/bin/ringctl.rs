@@ -18,7 +18,7 @@ fn main() -> ExitCode {
         // SAFETY: single-threaded at this point; nothing else reads the environment yet.
         unsafe { std::env::set_var("RUST_LOG", filter) };
     }
-    ringmaster_agent::logging::init(args.log_format);
+    ringmaster_common::logging::init(args.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
-use ringmaster_agent::logging::LogFormat;
 use ringmaster_auth::{AuthChannel, Bearer, ClientTls};
+use ringmaster_common::logging::LogFormat;
 use ringmaster_proto as pb;
 
 use crate::spec;
@@ -347,6 +347,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
     // Read only by the commands that dial the coordinator.
     let target = Target::from_args(&args);
     let target = || target.clone();
+    let log_format = args.log_format;
     match args.command {
         Command::Estimate(a) => estimate::run(&a),
         Command::Launch { args } => launch(args).await,
@@ -399,7 +400,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
                 output = parse_output(&v)?;
             }
             let sub = submission(&args)?;
-            crate::local::run(sub, nodes, slots, work_dir, output).await
+            crate::local::run(sub, nodes, slots, work_dir, output, log_format).await
         }
         Command::Submit {
             mut args,
@@ -674,7 +675,7 @@ async fn launch(args: Vec<String>) -> Result<Exit, CliError> {
 }
 
 /// A binary next to ringctl, else the bare name (found on PATH).
-fn sibling(name: &str) -> PathBuf {
+pub(crate) fn sibling(name: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(|d| d.join(name)))

@@ -16,15 +16,13 @@ impl Core {
                 "node name '{name}' is not valid: use 1-63 characters of A-Z a-z 0-9 . _ -"
             )));
         }
-        // The agent refuses `--slots` above the same limit; a raw Join may not get past it.
-        const _: () =
-            assert!(ringmaster_agent::MAX_SLOTS == ringmaster_hostfile::hostfile::MAX_SLOTS);
-        if join.slots > ringmaster_agent::MAX_SLOTS {
+        // The hostfile's limit; the agent refuses `--slots` above the same one (checked in
+        // coordinator/tests), and a raw Join may not get past it.
+        let max_slots = ringmaster_hostfile::hostfile::MAX_SLOTS;
+        if join.slots > max_slots {
             return Err(Status::resource_exhausted(format!(
-                "node '{}' announces {} slots, above the limit of {} slots per agent",
-                name,
+                "node '{name}' announces {} slots, above the limit of {max_slots} slots per agent",
                 join.slots,
-                ringmaster_agent::MAX_SLOTS
             )));
         }
         if let Some(hf) = &self.cfg.hostfile
