@@ -101,6 +101,9 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             }
             core.send(Cmd::AgentGone { node: name, conn }).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(futures::StreamExt::map(
+            ReceiverStream::new(rx),
+            |m| m.map_err(Status::from),
+        ))))
     }
 }

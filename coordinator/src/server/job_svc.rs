@@ -181,7 +181,7 @@ impl pb::job_service_server::JobService for JobSvc {
                 // The agent's eof chunk or an error ends the stream.
                 _ => r.done = true,
             }
-            Some((item, r))
+            Some((item.map_err(Status::from), r))
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -191,7 +191,7 @@ impl pb::job_service_server::JobService for JobSvc {
 const LOG_CREDIT_BATCH: u32 = LOG_WINDOW_CHUNKS / 2;
 
 struct LogReader {
-    rx: mpsc::Receiver<Result<pb::LogChunk, Status>>,
+    rx: mpsc::Receiver<Result<pb::LogChunk, crate::server::error::CoreError>>,
     taken: u32,
     done: bool,
     fetch: FetchGuard,

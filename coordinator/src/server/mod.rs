@@ -12,6 +12,7 @@
 
 pub mod agent_svc;
 pub mod core;
+pub mod error;
 pub mod job_svc;
 pub mod limits;
 pub mod rendezvous;

@@ -35,30 +35,30 @@ impl Core {
         &mut self,
         spec: JobSpec,
         files: BTreeMap<String, Vec<u8>>,
-    ) -> Result<String, Status> {
+    ) -> Result<String, CoreError> {
         self.writable()?;
         let train = spec
             .validate("job spec")
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| CoreError::Invalid(e.to_string()))?;
         if let Some(train) = &train {
             crate::spec::validate_files(train, &files, "job spec")
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                .map_err(|e| CoreError::Invalid(e.to_string()))?;
         }
         let size = job_bytes(&spec, &files);
         if size > MAX_SPEC_BYTES as u64 {
-            return Err(Status::invalid_argument(format!(
+            return Err(CoreError::Invalid(format!(
                 "job spec and files total {size} bytes, above the limit of {} per job",
                 show_bytes(MAX_SPEC_BYTES as u64)
             )));
         }
         if let Some(hf) = &self.cfg.hostfile {
             placement::check_against_hostfile(&spec, hf)
-                .map_err(|e| Status::invalid_argument(format!("job spec: {e}")))?;
+                .map_err(|e| CoreError::Invalid(format!("job spec: {e}")))?;
         }
         self.make_room(size)?;
         let n = self.ids.take().map_err(|e| {
             tracing::error!(error = %e, "cannot hand out a job id");
-            Status::unavailable(format!("cannot hand out a job id: {e}"))
+            CoreError::Unavailable(format!("cannot hand out a job id: {e}"))
         })?;
         let base = spec.name.clone().unwrap_or_else(|| "job".to_owned());
         let base: String = base.chars().take(50).collect();
@@ -96,16 +96,16 @@ impl Core {
             Err(stopped) => {
                 tracing::error!(job = %id, "submit refused: {stopped}");
                 self.remove_job(&id);
-                Err(Status::unavailable(stopped.to_string()))
+                Err(CoreError::Unavailable(stopped.to_string()))
             }
         };
         let _ = reply.send(r);
     }
 
     /// Refuses a write (submit, cancel, checkpoint) once the state writer has stopped.
-    pub(super) fn writable(&self) -> Result<(), Status> {
+    pub(super) fn writable(&self) -> Result<(), CoreError> {
         match self.persist.stopped() {
-            Some(stopped) => Err(Status::unavailable(stopped.to_string())),
+            Some(stopped) => Err(CoreError::Unavailable(stopped.to_string())),
             None => Ok(()),
         }
     }
@@ -129,7 +129,7 @@ impl Core {
 
     /// Makes room for one more job of `size` bytes under `--max-jobs` and `--max-job-bytes`,
     /// removing the oldest finished jobs if need be.
-    pub(super) fn make_room(&mut self, size: u64) -> Result<(), Status> {
+    pub(super) fn make_room(&mut self, size: u64) -> Result<(), CoreError> {
         let limits = self.cfg.job_limits;
         let full =
             |c: &Core| c.jobs.len() >= limits.max_jobs || c.job_bytes + size > limits.max_job_bytes;
@@ -144,14 +144,14 @@ impl Core {
             }
         }
         if self.jobs.len() >= limits.max_jobs {
-            return Err(Status::resource_exhausted(format!(
+            return Err(CoreError::LimitReached(format!(
                 "the coordinator holds {} unfinished jobs, the limit (--max-jobs {}); wait for \
                  jobs to finish or cancel some",
                 self.jobs.len(),
                 limits.max_jobs
             )));
         }
-        Err(Status::resource_exhausted(format!(
+        Err(CoreError::LimitReached(format!(
             "job specs and files of the unfinished jobs take {}, and this job's {size} bytes \
              would go above the limit of {} (--max-job-bytes)",
             show_bytes(self.job_bytes),

@@ -7,7 +7,7 @@ impl Core {
         &mut self,
         req: pb::LogsRequest,
         tx: LogTx,
-    ) -> Result<u64, Status> {
+    ) -> Result<u64, CoreError> {
         let job = self
             .jobs
             .get(&req.job_id)
@@ -25,7 +25,9 @@ impl Core {
             job.past_nodes(generation)
                 .and_then(|ranks| ranks.get(req.rank as usize).cloned())
         }) else {
-            return Err(Status::not_found(job.no_rank_reason(req.rank, generation)));
+            return Err(CoreError::NotFound(
+                job.no_rank_reason(req.rank, generation),
+            ));
         };
         let rid = self.next_request;
         self.next_request += 1;
@@ -55,7 +57,7 @@ impl Core {
                     pb::coordinator_message::Msg::CancelFetch(pb::CancelFetch { request_id: rid }),
                 );
             }
-            return Err(Status::unavailable(format!(
+            return Err(CoreError::Unavailable(format!(
                 "node {node}, which ran rank {}, is not connected",
                 req.rank
             )));

@@ -9,10 +9,10 @@ impl Core {
         join: pb::Join,
         peer: Option<SocketAddr>,
         tx: AgentTx,
-    ) -> Result<(u64, pb::JoinAck), Status> {
+    ) -> Result<(u64, pb::JoinAck), CoreError> {
         let name = join.name.clone();
         if !crate::spec::is_safe_name(&name) {
-            return Err(Status::invalid_argument(format!(
+            return Err(CoreError::Invalid(format!(
                 "node name '{name}' is not valid: use 1-63 characters of A-Z a-z 0-9 . _ -"
             )));
         }
@@ -20,7 +20,7 @@ impl Core {
         // coordinator/tests), and a raw Join may not get past it.
         let max_slots = ringmaster_hostfile::hostfile::MAX_SLOTS;
         if join.slots > max_slots {
-            return Err(Status::resource_exhausted(format!(
+            return Err(CoreError::LimitReached(format!(
                 "node '{name}' announces {} slots, above the limit of {max_slots} slots per agent",
                 join.slots,
             )));
@@ -29,7 +29,7 @@ impl Core {
             && !hf.hosts.iter().any(|h| h.name == name)
         {
             let known: Vec<&str> = hf.hosts.iter().map(|h| h.name.as_str()).collect();
-            return Err(Status::permission_denied(format!(
+            return Err(CoreError::Refused(format!(
                 "node '{name}' is not in the coordinator's hostfile (hosts: {})",
                 known.join(", ")
             )));
@@ -40,7 +40,7 @@ impl Core {
             && n.incarnation != join.incarnation
             && now.duration_since(n.last_seen) < self.cfg.heartbeat_timeout
         {
-            return Err(Status::already_exists(format!(
+            return Err(CoreError::NameTaken(format!(
                 "node name '{name}' is already joined by another live agent ({}); give each agent its own --name",
                 n.advertise_addr
             )));
@@ -388,7 +388,7 @@ impl Core {
                         let r = if c.error.is_empty() {
                             Ok(c)
                         } else {
-                            Err(Status::failed_precondition(c.error))
+                            Err(CoreError::Precondition(c.error))
                         };
                         tx.try_send(r).is_err()
                     }

@@ -25,10 +25,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::server::error::CoreError;
 use ringmaster_hostfile::Hostfile;
 use ringmaster_proto as pb;
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::Status;
 
 use crate::job::{Action, CheckpointRef, Event, Job, JobState, RankState};
 use crate::persist::{JobIds, Persister, WritesStopped};
@@ -45,8 +45,8 @@ mod publish;
 mod reports;
 mod schedule;
 
-pub type AgentTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
-pub type LogTx = mpsc::Sender<Result<pb::LogChunk, Status>>;
+pub type AgentTx = mpsc::Sender<Result<pb::CoordinatorMessage, CoreError>>;
+pub type LogTx = mpsc::Sender<Result<pb::LogChunk, CoreError>>;
 
 /// Log chunks an agent may send for one fetch beyond what its reader has taken: the first
 /// credit granted, and the most that wait in the coordinator for a slow reader.
@@ -58,7 +58,7 @@ pub enum Cmd {
         join: pb::Join,
         peer: Option<SocketAddr>,
         tx: AgentTx,
-        reply: oneshot::Sender<Result<(u64, pb::JoinAck), Status>>,
+        reply: oneshot::Sender<Result<(u64, pb::JoinAck), CoreError>>,
     },
     AgentMsg {
         node: String,
@@ -72,27 +72,27 @@ pub enum Cmd {
     Submit {
         spec: JobSpec,
         files: BTreeMap<String, Vec<u8>>,
-        reply: oneshot::Sender<Result<pb::JobStatus, Status>>,
+        reply: oneshot::Sender<Result<pb::JobStatus, CoreError>>,
     },
     Get {
         id: String,
-        reply: oneshot::Sender<Result<pb::JobStatus, Status>>,
+        reply: oneshot::Sender<Result<pb::JobStatus, CoreError>>,
     },
     List {
         reply: oneshot::Sender<Vec<pb::JobStatus>>,
     },
     Watch {
         id: String,
-        reply: oneshot::Sender<Result<watch::Receiver<pb::JobStatus>, Status>>,
+        reply: oneshot::Sender<Result<watch::Receiver<pb::JobStatus>, CoreError>>,
     },
     Cancel {
         id: String,
         grace_ms: u64,
-        reply: oneshot::Sender<Result<pb::JobStatus, Status>>,
+        reply: oneshot::Sender<Result<pb::JobStatus, CoreError>>,
     },
     Checkpoint {
         id: String,
-        reply: oneshot::Sender<Result<pb::JobStatus, Status>>,
+        reply: oneshot::Sender<Result<pb::JobStatus, CoreError>>,
     },
     Nodes {
         reply: oneshot::Sender<Vec<pb::NodeStatus>>,
@@ -102,7 +102,7 @@ pub enum Cmd {
     Logs {
         req: pb::LogsRequest,
         tx: LogTx,
-        reply: oneshot::Sender<Result<u64, Status>>,
+        reply: oneshot::Sender<Result<u64, CoreError>>,
     },
     /// The reader of a log fetch took `chunks` more chunks: let the agent send as many.
     LogCredit {
@@ -124,14 +124,17 @@ pub struct Handle {
 
 impl Handle {
     /// Sends a command and waits for its reply.
-    pub async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Status> {
+    pub async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Cmd,
+    ) -> Result<T, CoreError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(make(tx))
             .await
-            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
+            .map_err(|_| CoreError::Unavailable("coordinator is shutting down".into()))?;
         rx.await
-            .map_err(|_| Status::unavailable("coordinator is shutting down"))
+            .map_err(|_| CoreError::Unavailable("coordinator is shutting down".into()))
     }
 
     /// Sends a command that has no reply.
@@ -155,7 +158,7 @@ pub struct CoreConfig {
 struct Acked {
     id: String,
     result: Result<(), WritesStopped>,
-    reply: oneshot::Sender<Result<pb::JobStatus, Status>>,
+    reply: oneshot::Sender<Result<pb::JobStatus, CoreError>>,
 }
 
 /// How often finished jobs are checked against the retention limits.
@@ -450,7 +453,7 @@ impl Core {
                     .collect();
                 for id in dead {
                     if let Some((_, tx)) = self.log_requests.remove(&id) {
-                        let _ = tx.try_send(Err(Status::unavailable(format!(
+                        let _ = tx.try_send(Err(CoreError::Unavailable(format!(
                             "node {node} disconnected while sending the log"
                         ))));
                     }
@@ -556,16 +559,10 @@ impl Core {
             Cmd::Progress(p) => self.progress(p),
         }
     }
-
-    // ───────────── membership ─────────────
-
-    // ───────────── agent messages ─────────────
-
-    // ───────────── jobs ─────────────
 }
 
-fn unknown_job(id: &str) -> Status {
-    Status::not_found(format!("no job '{id}'"))
+fn unknown_job(id: &str) -> CoreError {
+    CoreError::UnknownJob(id.to_owned())
 }
 
 /// Spawns the loop; returns its handle and the task.

@@ -7,17 +7,17 @@ impl Core {
     /// `ringctl checkpoint`: SIGUSR1 to every worker of the running generation. Each trainer
     /// raises a flag that travels with the next step's loss all-reduce, so that every rank
     /// checkpoints after the same step; the commit comes back as `last_checkpoint`.
-    pub(super) fn request_checkpoint(&mut self, id: &str) -> Result<pb::JobStatus, Status> {
+    pub(super) fn request_checkpoint(&mut self, id: &str) -> Result<pb::JobStatus, CoreError> {
         let Some(job) = self.jobs.get(id) else {
             return Err(unknown_job(id));
         };
         if job.spec.train.is_none() {
-            return Err(Status::invalid_argument(format!(
+            return Err(CoreError::Invalid(format!(
                 "job {id} runs a command, not the trainer: only `train:` jobs can be asked to                  checkpoint"
             )));
         }
         if job.state != JobState::Running || job.stopping {
-            return Err(Status::failed_precondition(format!(
+            return Err(CoreError::Precondition(format!(
                 "job {id} is {}{}: a checkpoint can be requested only while it is RUNNING",
                 job.state.as_str(),
                 if job.stopping { " (stopping)" } else { "" }
@@ -42,7 +42,7 @@ impl Core {
             }
         }
         if !unreachable.is_empty() {
-            return Err(Status::unavailable(format!(
+            return Err(CoreError::Unavailable(format!(
                 "node(s) {} not connected: the request did not reach every rank (the ranks that                  got it wait for the others at the next step, so none checkpoints alone)",
                 unreachable.join(", ")
             )));

@@ -45,7 +45,7 @@ fn spec(name: &str) -> JobSpec {
     }
 }
 
-async fn submit(h: &Handle, name: &str) -> Result<pb::JobStatus, Status> {
+async fn submit(h: &Handle, name: &str) -> Result<pb::JobStatus, CoreError> {
     h.call(|reply| Cmd::Submit {
         spec: spec(name),
         files: BTreeMap::new(),
@@ -77,12 +77,15 @@ async fn failed_writes_refuse_submit_cancel_and_checkpoint_but_reads_work() {
         .failures
         .store(u32::MAX, std::sync::atomic::Ordering::SeqCst);
     let err = submit(&h, "b").await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(matches!(err, CoreError::Unavailable(_)), "{err:?}");
     assert!(
-        err.message().contains("stopped accepting writes"),
+        err.to_string().contains("stopped accepting writes"),
         "{err:?}"
     );
-    assert!(err.message().contains("No space left on device"), "{err:?}");
+    assert!(
+        err.to_string().contains("No space left on device"),
+        "{err:?}"
+    );
     // The unsaved job was never acknowledged, so it is not kept either.
     let jobs = h.call(|reply| Cmd::List { reply }).await.unwrap();
     let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
@@ -107,7 +110,7 @@ async fn failed_writes_refuse_submit_cancel_and_checkpoint_but_reads_work() {
             _ => submit(&h, "c").await,
         };
         let err = r.expect_err(call);
-        assert_eq!(err.code(), tonic::Code::Unavailable, "{call}: {err:?}");
+        assert!(matches!(err, CoreError::Unavailable(_)), "{call}: {err:?}");
     }
     let st = h
         .call(|reply| Cmd::Get {
@@ -182,8 +185,8 @@ async fn max_jobs_removes_the_oldest_finished_job_then_refuses() {
     assert!(!c.jobs.contains_key("f-1") && c.jobs.contains_key(&id));
     // Full of unfinished jobs: refused, naming the limit.
     let err = c.submit(spec("p"), BTreeMap::new()).unwrap_err();
-    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
-    assert!(err.message().contains("--max-jobs 4"), "{err:?}");
+    assert!(matches!(err, CoreError::LimitReached(_)), "{err:?}");
+    assert!(err.to_string().contains("--max-jobs 4"), "{err:?}");
 }
 
 #[tokio::test]
@@ -199,12 +202,12 @@ async fn max_job_bytes_counts_specs_and_files() {
     let files = |n| BTreeMap::from([("ds.json".to_owned(), vec![b' '; n])]);
     c.submit(spec("a"), files(30_000)).unwrap();
     let err = c.submit(spec("b"), files(20_000)).unwrap_err();
-    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
-    assert!(err.message().contains("--max-job-bytes"), "{err:?}");
+    assert!(matches!(err, CoreError::LimitReached(_)), "{err:?}");
+    assert!(err.to_string().contains("--max-job-bytes"), "{err:?}");
     c.submit(spec("c"), files(5_000)).unwrap();
     // One job above the per-job limit is bad input, whatever the room.
     let err = c.submit(spec("d"), files(MAX_SPEC_BYTES + 1)).unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(matches!(err, CoreError::Invalid(_)), "{err:?}");
 }
 
 fn train_job(output_dir: &str) -> Job {
