@@ -10,6 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         unsafe { std::env::set_var("PROTOC", protoc) };
     }
     println!("cargo:rerun-if-changed=proto/ringmaster.proto");
-    tonic_prost_build::configure().compile_protos(&["proto/ringmaster.proto"], &["proto"])?;
+    // The descriptor set feeds the coordinator's gRPC reflection service (grpcurl list/describe).
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("ringmaster_descriptor.bin"))
+        .compile_protos(&["proto/ringmaster.proto"], &["proto"])?;
     Ok(())
 }

@@ -17,5 +17,9 @@ pub mod v1 {
 
 pub use v1::*;
 
+/// The encoded `FileDescriptorSet` of `ringmaster.proto`, for the gRPC reflection service.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ringmaster_descriptor.bin"));
+
 /// Protocol version an agent announces when it joins; the coordinator refuses another major.
 pub const PROTOCOL_VERSION: &str = "1";

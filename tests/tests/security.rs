@@ -582,3 +582,68 @@ fn workers_run_as_the_worker_user_and_cannot_read_the_agents_secrets() {
     assert_eq!(c.agents[i].wait_exit(Duration::from_secs(20)), Some(2));
     assert!(c.agents[i].log_text().contains("must not run as root"));
 }
+
+/// What a reflection request answers with `token`: the service names, or the status.
+async fn reflect(
+    c: &Cluster,
+    token: Option<&str>,
+    request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> Result<tonic_reflection::pb::v1::server_reflection_response::MessageResponse, tonic::Status> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    let mut client = ServerReflectionClient::new(channel(c, token).await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let mut answers = client
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await?
+        .into_inner();
+    let answer = answers.message().await?.expect("one answer");
+    Ok(answer.message_response.expect("an answer with a response"))
+}
+
+/// gRPC reflection (what `grpcurl list` and `grpcurl describe` use) shows every service and its
+/// schema to an operator credential (a viewer's is enough) and nothing to a caller without one.
+#[test]
+fn grpc_reflection_shows_the_services_to_operators_only() {
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let c0 = tempfile::tempdir().unwrap();
+    let ops = c0.path().join("operators");
+    std::fs::write(&ops, format!("admin alice {ADMIN}\nviewer bob {VIEWER}\n")).unwrap();
+    let c = Cluster::start_with(
+        None,
+        "10s",
+        ClusterOpts {
+            coordinator_args: vec!["--operator-token-file".into(), ops.display().to_string()],
+            ..Default::default()
+        },
+    );
+    rt().block_on(async {
+        let list = || MessageRequest::ListServices(String::new());
+        let Ok(MessageResponse::ListServicesResponse(l)) = reflect(&c, Some(VIEWER), list()).await
+        else {
+            panic!("no service list");
+        };
+        let names: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+        for want in [
+            "ringmaster.v1.AgentService",
+            "ringmaster.v1.RendezvousService",
+            "ringmaster.v1.JobService",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+        }
+        let describe = MessageRequest::FileContainingSymbol("ringmaster.v1.JobService".into());
+        let Ok(MessageResponse::FileDescriptorResponse(f)) =
+            reflect(&c, Some(ADMIN), describe).await
+        else {
+            panic!("no descriptor for JobService");
+        };
+        assert!(!f.file_descriptor_proto.is_empty());
+        let refused = reflect(&c, None, list()).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    });
+}

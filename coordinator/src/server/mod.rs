@@ -273,6 +273,26 @@ pub async fn run(
         Gate::new(creds.clone(), Service::Rendezvous),
     );
 
+    // gRPC reflection (`grpcurl list`, `describe`), v1 and the v1alpha older clients ask for,
+    // behind the operators' gate: the schema is shown to whoever may call JobService.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = InterceptedService::new(
+        reflection()
+            .build_v1()
+            .context("the gRPC reflection service")?,
+        Gate::new(creds.clone(), Service::Jobs),
+    );
+    let reflection_v1alpha = InterceptedService::new(
+        reflection()
+            .build_v1alpha()
+            .context("the gRPC reflection service")?,
+        Gate::new(creds.clone(), Service::Jobs),
+    );
+
     tracing::info!(
         %addr,
         hostfile_hosts = config.hostfile.as_ref().map(|h| h.hosts.len()),
@@ -318,6 +338,8 @@ pub async fn run(
         .add_service(agent)
         .add_service(jobs)
         .add_service(rdzv)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             tracing::info!("coordinator shutting down");
