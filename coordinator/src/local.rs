@@ -103,8 +103,13 @@ pub async fn run(
         Err(e) => tracing::warn!(error = %e, "no current directory: it is not an allowed root"),
     }
     let token_file = root.join("join-token");
-    write_private(&token_file, &token)
-        .map_err(|e| CliError::failed(format!("writing {}: {e}", token_file.display())))?;
+    if let Err(e) = write_private(&token_file, &token) {
+        stop_coordinator.cancel();
+        return Err(CliError::failed(format!(
+            "writing {}: {e}",
+            token_file.display()
+        )));
+    }
     let mut agents = Vec::new();
     for name in &names {
         let mut cmd = tokio::process::Command::new(&agent);
@@ -129,18 +134,31 @@ pub async fn run(
         for r in &allowed_roots {
             cmd.arg("--allowed-root").arg(r);
         }
-        // The local coordinator speaks plaintext on loopback; a CA meant for another cluster
-        // must not switch the agents to TLS.
-        cmd.env_remove("RINGMASTER_TLS_CA")
-            .stdin(std::process::Stdio::null())
+        // The local coordinator speaks plaintext on loopback with its own token: another
+        // cluster's CA, TLS name, token file or address must not reach the agents or, through
+        // them, the workers.
+        for var in [
+            "RINGMASTER_TLS_CA",
+            "RINGMASTER_TLS_DOMAIN",
+            "RINGMASTER_TOKEN_FILE",
+            "RINGMASTER_COORDINATOR",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.stdin(std::process::Stdio::null())
             // Ctrl-C reaches ringctl alone, which cancels the job before it stops the agents.
             .process_group(0);
         // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+        let parent = std::process::id();
         unsafe {
-            cmd.pre_exec(|| {
-                // ringctl killed outright takes its agents (and so their workers) with it.
+            cmd.pre_exec(move || {
+                // ringctl killed outright takes its agents (and so their workers) with it; if
+                // it died before the prctl, the agent must not start at all.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("ringctl exited"));
                 }
                 Ok(())
             });
@@ -170,7 +188,14 @@ pub async fn run(
         token: Some(token.clone()),
         ..Default::default()
     };
-    let result = drive(&target, &sub, output).await;
+    // An agent that exits while the job runs (a wrong `agent` binary, a work dir locked by
+    // another agent) would leave the job pending for ever: it ends the run, naming the agent.
+    let result = tokio::select! {
+        r = drive(&target, &sub, output) => r,
+        (name, status) = first_exit(&mut agents, &names) => Err(CliError::failed(format!(
+            "the agent of {name} exited ({status}) while the job ran; its output is above"
+        ))),
+    };
 
     stop_agents(agents).await;
     stop_coordinator.cancel();
@@ -201,15 +226,33 @@ async fn stop_agents(agents: Vec<tokio::process::Child>) {
     }
 }
 
-/// Writes `text` to a new file only its owner may read (the join token).
+/// Resolves when the first agent exits: its node's name and exit status.
+async fn first_exit(agents: &mut [tokio::process::Child], names: &[String]) -> (String, String) {
+    loop {
+        for (a, name) in agents.iter_mut().zip(names) {
+            if let Ok(Some(st)) = a.try_wait() {
+                return (name.clone(), st.to_string());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Writes `text` to a new file only its owner may read (the join token): an old file of that
+/// name goes first, and a link planted in its place is not followed.
 fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     f.write_all(text.as_bytes())
 }

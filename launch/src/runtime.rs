@@ -3,9 +3,10 @@
 //! 1. **Meet.** Node 0's launcher serves a TCP store (PyTorch's TCPStore protocol,
 //!    `ringmaster_collectives::tcpstore`) at MASTER_ADDR:MASTER_PORT; every launcher, node 0's
 //!    too, is its client, retrying until the rendezvous timeout. Keys live under
-//!    `ringmaster-launch/<run id>/`.
-//! 2. **Join.** Each launcher claims `node/<node rank>` (a second claim of a rank is refused
-//!    naming the host that holds it) with its worker count and a description of what it runs
+//!    `ringmaster-launch/<run id>/`. In join order (torchrun's c10d without node ranks) the
+//!    launcher on the machine MASTER_ADDR names serves it, whatever rank it then gets.
+//! 2. **Join.** Each launcher claims `node/<node rank>` (in join order the first free one; a
+//!    second claim of a rank is refused naming the host that holds it) with its worker count and a description of what it runs
 //!    (program, recipe contents, nnodes, restart budget). Every launcher reads every node's
 //!    entry: a node that runs something else than node 0 is refused by name on every node, and
 //!    the rank layout is the prefix sum of the worker counts in node order.
@@ -119,10 +120,12 @@ pub fn run(plan: &LaunchPlan, rt: &Runtime) -> Result<Outcome, LaunchError> {
     let mut plan = plan.clone();
     // A node that refuses the join still says it is leaving, so that node 0 keeps the store
     // until every node has read what it needs to refuse too.
-    let joined = join(&mut plan, rt, &client);
-    let ranked = joined.is_ok() || !plan.join_order;
+    let mut claimed = false;
+    let joined = join(&mut plan, rt, &client, &mut claimed);
     let result = joined.and_then(|layout| generations(&plan, rt, &client, &layout, port));
-    if ranked {
+    // Only a launcher that holds its rank says it leaves: another's `exit/<k>` would let the
+    // store go before node k read the end.
+    if claimed {
         sign_off(&plan, port);
     }
     if let Some(server) = server {
@@ -183,8 +186,26 @@ fn meet(
     };
     // In join order every launcher on MASTER_ADDR's machine tries to serve; the first one
     // does and the others (the port taken) are its clients, as torchrun's c10d agents are.
+    // Any other reason not to serve is an error, not a silent turn to a store that may not be
+    // this job's.
     let local_server = if plan.join_order && is_this_machine(host, &rt.hostname) {
-        TcpStoreServer::serve_for(host, want).ok()
+        match TcpStoreServer::serve_for(host, want) {
+            Ok(server) => Some(server),
+            Err(e) if e.to_string().contains("Address already in use") => {
+                eprintln!(
+                    "ringctl launch: {} is already served on this machine: joining it as a \
+                     client",
+                    bracket(host, want)
+                );
+                None
+            }
+            Err(e) => {
+                return Err(err(format!(
+                    "cannot serve the rendezvous store on MASTER_ADDR:MASTER_PORT ({}): {e}",
+                    bracket(host, want)
+                )));
+            }
+        }
     } else {
         None
     };
@@ -297,6 +318,7 @@ fn join(
     plan: &mut LaunchPlan,
     rt: &Runtime,
     client: &TcpStoreClient,
+    claimed: &mut bool,
 ) -> Result<Layout, LaunchError> {
     let me = NodeInfo {
         host: rt.hostname.clone(),
@@ -350,6 +372,7 @@ fn join(
             plan.run_id
         )));
     }
+    *claimed = true;
     let deadline = Instant::now() + plan.rdzv_timeout;
     let mut nodes = Vec::with_capacity(plan.nnodes);
     for k in 0..plan.nnodes {
@@ -515,6 +538,15 @@ fn restart_barrier(
     let deadline = Instant::now() + plan.rdzv_timeout;
     let wait_for = |key: String| -> Result<Option<String>, LaunchError> {
         loop {
+            let sig = SIGNALLED.load(Ordering::SeqCst);
+            if sig != 0 {
+                let why = format!(
+                    "the launcher on node {} was stopped by signal {sig}",
+                    plan.node_rank
+                );
+                let _ = client.compare_set("stop", b"", why.as_bytes());
+                return Ok(Some(why));
+            }
             if let Some(why) = stopped(plan, client)? {
                 return Ok(Some(why));
             }
@@ -575,7 +607,7 @@ fn stopped(plan: &LaunchPlan, client: &TcpStoreClient) -> Result<Option<String>,
 
 fn lost(plan: &LaunchPlan, e: &dyn std::fmt::Display) -> LaunchError {
     err(format!(
-        "node {}: lost the rendezvous store at {} ({e}); did node 0's launcher exit?",
+        "node {}: lost the rendezvous store at {} ({e}); did the launcher serving it exit?",
         plan.node_rank, plan.master_addr
     ))
 }
@@ -658,7 +690,12 @@ pub fn worker_env(
         inherited("OMP_NUM_THREADS"),
         sets("OMP_NUM_THREADS"),
     ));
+    let loopback = at
+        .node_addr
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback());
     if plan.nnodes > 1
+        && !loopback
         && !sets("GLOO_SOCKET_IFNAME")
         && let Some(i) = &at.interface
     {

@@ -417,6 +417,12 @@ fn rows() -> Vec<Row> {
             }),
         ),
         row(
+            "20c",
+            "",
+            "--rdzv-backend c10d --rdzv-id job7 --nnodes 2 --nproc-per-node 8 train.py",
+            Err("needs --rdzv-endpoint HOST:PORT"),
+        ),
+        row(
             "20b",
             "",
             "--rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29400 --rdzv-id job7 --nnodes 2 --node-rank 1 --nproc-per-node 8 train.py",

@@ -516,9 +516,16 @@ impl TwoNodes {
             .is_some_and(|v| v == "1")
             .then(|| "RINGMASTER_TEST_NO_NETNS=1".to_owned());
         let todo = if failed.is_none() { &steps[..] } else { &[] };
+        // The namespaces this call made: only those are deleted if a later step fails (a name
+        // that already existed belongs to someone else).
+        let mut made = Vec::new();
         for step in todo {
             match Command::new("ip").args(step).output() {
-                Ok(o) if o.status.success() => {}
+                Ok(o) if o.status.success() => {
+                    if step[0] == "netns" && step[1] == "add" {
+                        made.push(step[2].clone());
+                    }
+                }
                 Ok(o) => {
                     failed = Some(format!(
                         "ip {}: {}",
@@ -545,7 +552,7 @@ impl TwoNodes {
                 }
             }
             Some(why) => {
-                for n in &ns {
+                for n in &made {
                     let _ = Command::new("ip").args(["netns", "del", n]).output();
                 }
                 eprintln!(

@@ -326,7 +326,14 @@ fn a_signal_to_one_launcher_stops_both_nodes_without_a_restart() {
             p.name
         );
     }
-    assert!(trainers("stop", 1).is_empty(), "a generation 1 started");
+    for p in [&n0, &n1] {
+        let log = p.log_text();
+        assert!(
+            !log.contains("restarting every node's workers"),
+            "{}: a stop took a restart:\n{log}",
+            p.name
+        );
+    }
 }
 
 #[test]

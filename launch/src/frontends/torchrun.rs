@@ -210,6 +210,15 @@ pub(crate) fn plan(args: &[String], ctx: &Ctx) -> Result<LaunchPlan, LaunchError
                             ));
                         }
                     }
+                    None if nnodes > 1 && endpoint.is_none() => {
+                        // Every node would serve its own store at localhost and wait alone.
+                        return Err(LaunchError(format!(
+                            "{} with {} and no node rank needs --rdzv-endpoint HOST:PORT (the \
+                             machine that serves the rendezvous store, the same on every node)",
+                            backend.show(),
+                            nnodes_val.show()
+                        )));
+                    }
                     None if nnodes > 1 => {
                         // c10d's own numbering: the launchers take node ranks as they join,
                         // and the one on the endpoint's machine serves the store.
