@@ -538,13 +538,7 @@ fn restart_barrier(
     let deadline = Instant::now() + plan.rdzv_timeout;
     let wait_for = |key: String| -> Result<Option<String>, LaunchError> {
         loop {
-            let sig = SIGNALLED.load(Ordering::SeqCst);
-            if sig != 0 {
-                let why = format!(
-                    "the launcher on node {} was stopped by signal {sig}",
-                    plan.node_rank
-                );
-                let _ = client.compare_set("stop", b"", why.as_bytes());
+            if let Some(why) = signalled(plan, client) {
                 return Ok(Some(why));
             }
             if let Some(why) = stopped(plan, client)? {
@@ -592,6 +586,21 @@ fn clear_worker_keys(
         }
     }
     Ok(())
+}
+
+/// If this launcher got a signal: tells every node (`stop`, the first reason wins) and
+/// returns the reason.
+fn signalled(plan: &LaunchPlan, client: &TcpStoreClient) -> Option<String> {
+    let sig = SIGNALLED.load(Ordering::SeqCst);
+    if sig == 0 {
+        return None;
+    }
+    let why = format!(
+        "the launcher on node {} was stopped by signal {sig}",
+        plan.node_rank
+    );
+    let _ = client.compare_set("stop", b"", why.as_bytes());
+    Some(why)
 }
 
 /// The reason a launcher stopped the job (`stop`: a signal), if one did.
@@ -1071,15 +1080,9 @@ fn watch(
                 }
             }
         }
-        let sig = SIGNALLED.load(Ordering::SeqCst);
-        if sig != 0 {
-            // A stop is not a failure: no node restarts, and every node sees it (the restart
-            // barrier watches the same key), whatever failed before.
-            let why = format!(
-                "the launcher on node {} was stopped by signal {sig}",
-                plan.node_rank
-            );
-            let _ = client.compare_set("stop", b"", why.as_bytes());
+        // A stop is not a failure: no node restarts, and every node sees it (the restart
+        // barrier watches the same key), whatever failed before.
+        if let Some(why) = signalled(plan, client) {
             stop(workers, grace);
             return Ok(GenEnd::Stopped(why));
         }
