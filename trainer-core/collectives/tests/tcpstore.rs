@@ -508,6 +508,9 @@ fn total_bytes_and_connections_are_bounded() {
     let a = client(&s);
     a.set("big", &[1u8; 600]).unwrap();
     a.set("big", &[2u8; 900]).unwrap(); // replaces: still within
+    // SET has no reply: a round trip on `a` makes sure the server counted both before `b`
+    // writes (its connection runs on another server thread).
+    assert_eq!(a.get("big", SECOND).unwrap(), vec![2u8; 900]);
     let b = client(&s);
     // Over the total: b's connection is closed (its next call reconnects).
     b.set("more", &[3u8; 200]).unwrap();
