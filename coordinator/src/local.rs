@@ -228,14 +228,10 @@ async fn stop_agents(agents: Vec<tokio::process::Child>) {
 
 /// Resolves when the first agent exits: its node's name and exit status.
 async fn first_exit(agents: &mut [tokio::process::Child], names: &[String]) -> (String, String) {
-    loop {
-        for (a, name) in agents.iter_mut().zip(names) {
-            if let Ok(Some(st)) = a.try_wait() {
-                return (name.clone(), st.to_string());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let waits = agents.iter_mut().map(|a| Box::pin(a.wait()));
+    let (status, i, _) = futures::future::select_all(waits).await;
+    let status = status.map_or_else(|e| format!("wait failed: {e}"), |st| st.to_string());
+    (names[i].clone(), status)
 }
 
 /// Writes `text` to a new file only its owner may read (the join token): an old file of that

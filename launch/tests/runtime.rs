@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use ringmaster_launch::plan::{Dialect, LaunchPlan, Port, Program};
 use ringmaster_launch::runtime::{Outcome, Runtime, run};
+use ringmaster_tests::wait_until;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -192,14 +193,11 @@ fn two_launchers_claiming_one_node_rank_are_refused() {
     // The second node-0 launcher cannot serve the port the first holds, and says so.
     let h = thread::spawn(move || run(&p0, &runtime("n0")).map_err(|e| e.to_string()));
     // Until the first launcher's store answers on the port.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the first launcher never served its store"
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        "the first launcher's store",
+        || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
+    );
     let e = run(&p0b, &runtime("n0b")).unwrap_err().to_string();
     assert!(e.contains("cannot serve the rendezvous store"), "{e}");
     assert_eq!(h.join().unwrap().unwrap().code, 0);
@@ -224,19 +222,13 @@ fn the_store_is_cleared_of_worker_keys_between_restarts() {
     let h0 = thread::spawn(move || run(&p0, &runtime("n0")).map_err(|e| e.to_string()));
     let h1 = thread::spawn(move || run(&p1, &runtime("n1")).map_err(|e| e.to_string()));
     let all = |g: u32| (0..4).all(|r| dir.path().join(format!("gen{g}-{r}")).exists());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !all(0) {
-        assert!(Instant::now() < deadline, "generation 0 never ran");
-        thread::sleep(Duration::from_millis(20));
-    }
+    let within = Duration::from_secs(30);
+    wait_until(within, "generation 0 running", || all(0).then_some(()));
     let store =
         TcpStoreClient::connect(&format!("127.0.0.1:{port}"), TcpStoreOptions::default()).unwrap();
     store.set("worker/written-in-generation-0", b"x").unwrap();
     std::fs::write(dir.path().join("fail"), "").unwrap();
-    while !all(1) {
-        assert!(Instant::now() < deadline, "generation 1 never ran");
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(within, "generation 1 running", || all(1).then_some(()));
     let gone = !store.check(&["worker/written-in-generation-0"]).unwrap();
     let kept = store.check(&["ringmaster-launch/t/node/0"]).unwrap();
     std::fs::write(dir.path().join("done"), "").unwrap();
