@@ -308,3 +308,40 @@ pub(crate) fn concurrent_cas<S: StateStore>(store: Arc<S>) {
         THREADS * PER_THREAD
     );
 }
+
+/// Values up to 1 MiB round-trip unchanged (etcd's default request limit is 1.5 MiB).
+pub(crate) fn large_values(store: &dyn StateStore) {
+    let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 7 + i / 251) as u8).collect();
+    let v = store.put("big", &big, Precondition::Absent).unwrap();
+    let got = store.get("big").unwrap().unwrap();
+    assert_eq!(got.version, v);
+    assert!(got.value == big, "a 1 MiB value changed on the way");
+    let listed = store.list("bi").unwrap();
+    assert_eq!(keys(&listed), ["big"]);
+    assert!(listed[0].1.value == big);
+}
+
+/// Listings longer than any page size come back whole and in order.
+pub(crate) fn long_listings(store: &dyn StateStore) {
+    let n = 300;
+    for chunk in (0..n).collect::<Vec<u32>>().chunks(50) {
+        let ops = chunk
+            .iter()
+            .map(|i| {
+                Op::put(
+                    format!("many/{i:04}"),
+                    i.to_be_bytes().to_vec(),
+                    Precondition::Absent,
+                )
+            })
+            .collect();
+        store.commit(ops).unwrap();
+    }
+    store.put("many0", b"outside", Precondition::Any).unwrap();
+    let all = store.list("many/").unwrap();
+    assert_eq!(all.len(), n as usize);
+    for (i, (k, v)) in all.iter().enumerate() {
+        assert_eq!(k, &format!("many/{i:04}"));
+        assert_eq!(v.value, (i as u32).to_be_bytes());
+    }
+}

@@ -1,6 +1,6 @@
 //! The coordinator's persistent state: a small key/value [`StateStore`] with
-//! versioned compare-and-swap, shaped like etcd so that an etcd backend can
-//! implement the same trait later.
+//! versioned compare-and-swap, shaped like etcd, with an embedded backend
+//! (redb) and an etcd backend.
 //!
 //! Every write of a key gets a new [`Version`], taken from a store-wide
 //! revision counter (like etcd's `mod_revision`): versions are `> 0`, never
@@ -21,6 +21,9 @@
 //! - `memory.rs`: [`MemoryStore`], a `Mutex<BTreeMap>` for unit tests.
 //! - `redb_store.rs`: [`RedbStore`], the embedded, durable store in
 //!   `<data dir>/state.redb`.
+//! - `etcd_store.rs`: [`EtcdStore`], the state in an etcd cluster
+//!   (`etcd://h1:2379,h2:2379/prefix`), with [`EtcdOptions`] for TLS and users.
+//! - `testing.rs`: a real etcd member for tests ([`testing::EtcdServer`]).
 //! - `damage.rs`: checks of a redb file's header before redb reads it, and
 //!   the guard that turns a panic inside redb into [`StoreError::Corrupt`].
 //! - `conformance.rs` (tests only): one behavioural test suite run against
@@ -30,13 +33,17 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 mod damage;
+mod etcd_store;
 mod memory;
 mod plan;
 mod redb_store;
 
+pub mod testing;
+
 #[cfg(test)]
 mod conformance;
 
+pub use etcd_store::{EtcdOptions, EtcdStore, EtcdUrl};
 pub use memory::MemoryStore;
 pub use redb_store::{DB_FILE_NAME, RedbStore};
 
@@ -183,6 +190,9 @@ pub enum StoreError {
     /// The store URL is not one this build can open.
     #[error("state store URL {url:?}: {reason}")]
     Url { url: String, reason: String },
+    /// No etcd endpoint answered when the store was opened.
+    #[error("etcd unreachable at {endpoints}: {detail}")]
+    Unreachable { endpoints: String, detail: String },
     /// Any other backend failure, with context.
     #[error("state store backend error: {0}")]
     Backend(String),
@@ -225,20 +235,32 @@ pub trait StateStore: Send + Sync + 'static {
     fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, StoreError>;
 }
 
+/// Open the store named by `url` with default [`EtcdOptions`]; see [`open_url_with`].
+pub fn open_url(url: &str, data_dir: &Path) -> Result<Box<dyn StateStore>, StoreError> {
+    open_url_with(url, data_dir, &EtcdOptions::default())
+}
+
+/// Whether `url` names a store outside this machine (etcd), which the data dir does not hold.
+pub fn is_remote(url: &str) -> bool {
+    url.trim().starts_with("etcd://")
+}
+
 /// Open the store named by `url`:
 ///
 /// - `""`, `"embedded"` or `"redb"`: a [`RedbStore`] in `data_dir`;
 /// - `"memory"`: a [`MemoryStore`] (nothing persists);
-/// - `"etcd://..."`: not built yet, an error;
+/// - `"etcd://host:port[,host:port...][/prefix]"`: an [`EtcdStore`], reached with `etcd`
+///   (TLS, user); fails naming each endpoint when none answers;
 /// - anything else: an error naming the URL.
-pub fn open_url(url: &str, data_dir: &Path) -> Result<Box<dyn StateStore>, StoreError> {
+pub fn open_url_with(
+    url: &str,
+    data_dir: &Path,
+    etcd: &EtcdOptions,
+) -> Result<Box<dyn StateStore>, StoreError> {
     match url.trim() {
         "" | "embedded" | "redb" => Ok(Box::new(RedbStore::open(data_dir)?)),
         "memory" => Ok(Box::new(MemoryStore::new())),
-        u if u.starts_with("etcd://") => Err(StoreError::Url {
-            url: url.to_string(),
-            reason: "etcd store not built yet".to_string(),
-        }),
+        u if is_remote(u) => Ok(Box::new(EtcdStore::open(u, etcd)?)),
         _ => Err(StoreError::Url {
             url: url.to_string(),
             reason: "unknown store; expected \"embedded\", \"redb\", \"memory\" or \"etcd://...\""
@@ -266,12 +288,12 @@ mod tests {
         let mem = open_url("memory", dir.path()).unwrap();
         assert_eq!(mem.get("k").unwrap(), None);
 
-        let err = open_url("etcd://10.0.0.1:2379", dir.path())
+        let err = open_url("etcd://user@10.0.0.1:2379", dir.path())
             .err()
-            .expect("etcd is not built yet");
+            .expect("credentials in an etcd URL");
         let msg = err.to_string();
-        assert!(msg.contains("etcd store not built yet"), "{msg}");
-        assert!(msg.contains("etcd://10.0.0.1:2379"), "{msg}");
+        assert!(msg.contains("--etcd-password-file"), "{msg}");
+        assert!(msg.contains("etcd://user@10.0.0.1:2379"), "{msg}");
 
         let err = open_url("postgres://db", dir.path())
             .err()

@@ -126,4 +126,11 @@ mod tests {
     fn conformance_concurrent_cas() {
         conformance::concurrent_cas(std::sync::Arc::new(MemoryStore::new()));
     }
+
+    #[test]
+    fn conformance_large_values_and_long_listings() {
+        let store = MemoryStore::new();
+        conformance::large_values(&store);
+        conformance::long_listings(&store);
+    }
 }

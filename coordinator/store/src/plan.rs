@@ -23,16 +23,7 @@ pub(crate) fn check_ops(
     ops: &[Op],
     mut current: impl FnMut(&str) -> Result<Option<Version>, StoreError>,
 ) -> Result<Vec<Option<Version>>, StoreError> {
-    let mut seen = BTreeSet::new();
-    for op in ops {
-        check_key(op.key())?;
-        if !seen.insert(op.key()) {
-            return Err(StoreError::Invalid(format!(
-                "key {:?} appears more than once in one commit",
-                op.key()
-            )));
-        }
-    }
+    check_keys(ops)?;
     ops.iter()
         .map(|op| {
             let cur = current(op.key())?;
@@ -48,6 +39,21 @@ pub(crate) fn check_ops(
             }
         })
         .collect()
+}
+
+/// Reject a commit with an invalid key or a key that appears twice.
+pub(crate) fn check_keys(ops: &[Op]) -> Result<(), StoreError> {
+    let mut seen = BTreeSet::new();
+    for op in ops {
+        check_key(op.key())?;
+        if !seen.insert(op.key()) {
+            return Err(StoreError::Invalid(format!(
+                "key {:?} appears more than once in one commit",
+                op.key()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Whether applying `ops`, whose keys have the `current` versions, changes

@@ -427,6 +427,13 @@ mod tests {
     }
 
     #[test]
+    fn conformance_large_values_and_long_listings() {
+        let (_dir, store) = fresh();
+        conformance::large_values(&store);
+        conformance::long_listings(&store);
+    }
+
+    #[test]
     fn creates_dir_and_file() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("a").join("b");

@@ -1,0 +1,190 @@
+//! Test support: a real etcd member started from the `etcd` binary on `PATH` (Debian's
+//! `etcd-server`), on free loopback ports with its own data directory, stopped and removed
+//! when dropped. Used by this crate's tests and by the workspace's integration tests.
+//!
+//! Without an `etcd` binary, [`EtcdServer::start_or_skip`] prints that the test is skipped
+//! and returns `None`, except under `CI=true`, where CI installs etcd and a missing binary
+//! is a failure.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a member may take to answer `/health` after it starts.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// One etcd member (a cluster of one) for tests.
+#[derive(Debug)]
+pub struct EtcdServer {
+    child: Option<Child>,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+}
+
+/// An `etcd` binary: `$RINGMASTER_TEST_ETCD`, else `etcd` on `PATH`.
+fn etcd_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("RINGMASTER_TEST_ETCD") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("etcd"))
+        .find(|p| p.is_file())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl EtcdServer {
+    /// Start a member for `test`, or `None` (printed as skipped) when there is no etcd
+    /// binary and CI is not set. Panics when the member does not start.
+    pub fn start_or_skip(test: &str) -> Option<EtcdServer> {
+        if etcd_binary().is_none() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{test}: no etcd binary on PATH (CI installs Debian's etcd-server)"
+            );
+            eprintln!("{test}: skipped: no etcd binary on PATH (apt install etcd-server)");
+            return None;
+        }
+        Some(EtcdServer::start().unwrap_or_else(|e| panic!("{test}: {e}")))
+    }
+
+    /// Start a member on free loopback ports and wait until it serves.
+    pub fn start() -> Result<EtcdServer, String> {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ringmaster-etcd-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut server = EtcdServer {
+            child: None,
+            dir,
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let bin = etcd_binary().ok_or("no etcd binary on PATH")?;
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(|e| format!("etcd log: {e}"))?;
+        let child = Command::new(&bin)
+            .args(["--name", "test"])
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--initial-cluster-token", "ringmaster-test"])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("{}: {e}", bin.display()))?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("etcd.log")
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    fn healthy(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_err() {
+            return false;
+        }
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer.contains("\"health\":\"true\"")
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let start = Instant::now();
+        while !self.healthy() {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(format!(
+                    "etcd exited at start ({status}):\n{}",
+                    self.log_tail()
+                ));
+            }
+            if start.elapsed() > READY_WITHIN {
+                return Err(format!(
+                    "etcd did not become healthy within {READY_WITHIN:?}:\n{}",
+                    self.log_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// `host:port` of the member's client endpoint.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// An `etcd://` URL for this member with the key prefix `root`.
+    pub fn url(&self, root: &str) -> String {
+        format!("etcd://{}/{root}", self.endpoint())
+    }
+
+    /// The member's data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Kill the member (SIGKILL: as a crashed machine); its data stays for [`Self::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start the member again on the same ports and data, and wait until it serves.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn().unwrap_or_else(|e| panic!("etcd restart: {e}"));
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
