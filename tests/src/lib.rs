@@ -176,6 +176,31 @@ pub struct Cluster {
     pub pki: Option<PathBuf>,
     /// Extra flags for every coordinator start.
     pub coordinator_args: Vec<String>,
+    /// `--store` of every coordinator start (None: the embedded store in `data`).
+    pub store_url: Option<String>,
+    /// The etcd member holding the state, when the cluster runs on etcd. Declared last: it
+    /// stops after the processes above.
+    pub etcd: Option<ringmaster_store::testing::EtcdServer>,
+}
+
+/// Where a test cluster's coordinator keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestStore {
+    /// redb in the cluster's data dir.
+    Embedded,
+    /// A real etcd member started for the cluster (the `etcd` binary; Debian's etcd-server).
+    Etcd,
+}
+
+impl TestStore {
+    /// `RINGMASTER_TEST_STORE=etcd` runs every cluster test on etcd (CI runs the control-plane
+    /// suite both ways); anything else, or unset, the embedded store.
+    pub fn from_env() -> TestStore {
+        match std::env::var("RINGMASTER_TEST_STORE").as_deref() {
+            Ok("etcd") => TestStore::Etcd,
+            _ => TestStore::Embedded,
+        }
+    }
 }
 
 /// How [`Cluster::start_with`] sets a cluster up.
@@ -185,6 +210,8 @@ pub struct ClusterOpts {
     pub tls: bool,
     /// Extra coordinator flags.
     pub coordinator_args: Vec<String>,
+    /// Where the coordinator keeps its state (default: [`TestStore::from_env`]).
+    pub store: TestStore,
 }
 
 impl Default for ClusterOpts {
@@ -192,6 +219,7 @@ impl Default for ClusterOpts {
         ClusterOpts {
             tls: true,
             coordinator_args: Vec::new(),
+            store: TestStore::from_env(),
         }
     }
 }
@@ -243,8 +271,14 @@ impl Cluster {
             certs_init(&p);
             p
         });
+        let etcd = (opts.store == TestStore::Etcd).then(|| {
+            ringmaster_store::testing::EtcdServer::start()
+                .unwrap_or_else(|e| panic!("starting etcd for the test cluster: {e}"))
+        });
         let mut c = Cluster {
             addr: String::new(),
+            store_url: etcd.as_ref().map(|e| e.url("ringmaster-test")),
+            etcd,
             dir,
             coordinator: None,
             agents: Vec::new(),
@@ -278,6 +312,9 @@ impl Cluster {
             }
             if let Some(pki) = &self.pki {
                 cmd.args(ringmaster_auth::Pki::new(pki).coordinator_args());
+            }
+            if let Some(url) = &self.store_url {
+                cmd.args(["--store", url]);
             }
             cmd.args(&self.coordinator_args);
             let log = self.path(&format!("coordinator-{attempt}-{port}.log"));

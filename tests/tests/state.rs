@@ -47,7 +47,16 @@ fn damaged_copies(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn a_damaged_store_stops_the_coordinator_and_reset_state_moves_it_aside() {
-    let mut c = Cluster::start(None, "10s");
+    // The damage is to redb's file: this test is about the embedded store whatever
+    // RINGMASTER_TEST_STORE says.
+    let mut c = Cluster::start_with(
+        None,
+        "10s",
+        ringmaster_tests::ClusterOpts {
+            store: ringmaster_tests::TestStore::Embedded,
+            ..Default::default()
+        },
+    );
     let first = c.submit("a.yaml", "name: a\ncommand: [sleep, '60']\n");
     assert_eq!(first, "a-1");
     stop_coordinator(&mut c);

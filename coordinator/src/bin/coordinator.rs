@@ -24,9 +24,12 @@ struct Args {
     /// Where the embedded state store lives.
     #[arg(long, default_value = "ringmaster-data", value_name = "DIR")]
     data_dir: PathBuf,
-    /// State store: `embedded` (default) or `etcd://HOST:PORT`.
+    /// State store: `embedded` (default, redb in --data-dir), `memory` (nothing persists), or
+    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (keys under PREFIX, default `ringmaster`).
     #[arg(long, default_value = "embedded", value_name = "URL")]
     store: String,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// File holding the token agents must present to join. Once any credential is configured,
     /// every call needs one; without --operator-token-file this token is also the admin
     /// credential for ringctl.
@@ -57,6 +60,49 @@ struct Args {
     log_format: LogFormat,
     #[command(flatten)]
     state: StateArgs,
+}
+
+/// How to reach etcd when --store is `etcd://...`.
+#[derive(clap::Args, Debug)]
+struct EtcdArgs {
+    /// PEM CA that signed the etcd members' certificates; enables TLS to etcd.
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd's --client-cert-auth.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user (etcd's authentication); the password comes from --etcd-password-file.
+    #[arg(long, value_name = "NAME", requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+    /// File holding the etcd user's password (first line).
+    #[arg(long, value_name = "FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    fn given(&self) -> Option<&'static str> {
+        [
+            (self.etcd_ca.is_some(), "--etcd-ca"),
+            (self.etcd_cert.is_some(), "--etcd-cert"),
+            (self.etcd_user.is_some(), "--etcd-user"),
+        ]
+        .into_iter()
+        .find_map(|(set, flag)| set.then_some(flag))
+    }
+
+    fn options(self) -> ringmaster_store::EtcdOptions {
+        ringmaster_store::EtcdOptions {
+            ca: self.etcd_ca,
+            cert: self.etcd_cert,
+            key: self.etcd_key,
+            user: self.etcd_user,
+            password_file: self.etcd_password_file,
+            ..Default::default()
+        }
+    }
 }
 
 /// The coordinator's state: recovery from a damaged store, and limits on what it keeps
@@ -215,10 +261,21 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return usage(e),
     };
+    if ringmaster_store::is_remote(&args.store) {
+        if let Err(e) = ringmaster_store::EtcdUrl::parse(&args.store) {
+            return usage(format!("--store: {e}"));
+        }
+    } else if let Some(flag) = args.etcd.given() {
+        return usage(format!(
+            "{flag} applies to an etcd store only (--store etcd://...; this is --store {})",
+            args.store
+        ));
+    }
     let config = ringmaster_coordinator::server::Config {
         hostfile,
         data_dir: args.data_dir,
         store_url: args.store,
+        etcd: args.etcd.options(),
         join_token,
         operator_tokens,
         tls,

@@ -42,8 +42,10 @@ pub const MAX_SUBMIT_BYTES: usize = 8 << 20;
 pub struct Config {
     pub hostfile: Option<Hostfile>,
     pub data_dir: PathBuf,
-    /// `embedded` (default), `memory`, or `etcd://...` once implemented.
+    /// `embedded` (default), `memory`, or `etcd://host:port[,host:port...][/prefix]`.
     pub store_url: String,
+    /// How to reach etcd (TLS, user) when `store_url` is `etcd://...`.
+    pub etcd: ringmaster_store::EtcdOptions,
     pub join_token: Option<String>,
     /// Operator tokens with roles (`--operator-token-file`); None: the join token is the admin
     /// credential.
@@ -63,7 +65,7 @@ pub struct Config {
 fn open_state(config: &Config) -> anyhow::Result<(Persister, crate::persist::Loaded)> {
     let dir = &config.data_dir;
     let open = || -> Result<_, ringmaster_store::StoreError> {
-        let store = ringmaster_store::open_url(&config.store_url, dir)?;
+        let store = ringmaster_store::open_url_with(&config.store_url, dir, &config.etcd)?;
         Persister::start(store, &["jobs/", "nodes/", "meta/"])
     };
     match open() {
@@ -96,6 +98,9 @@ fn open_state(config: &Config) -> anyhow::Result<(Persister, crate::persist::Loa
              --reset-state to move the file aside (to state.redb.damaged-<unix time>) and \
              start with an empty state"
         )),
+        Err(e) if ringmaster_store::is_remote(&config.store_url) => {
+            Err(anyhow::Error::new(e).context("opening the state store"))
+        }
         Err(e) => {
             Err(anyhow::Error::new(e)
                 .context(format!("opening the state store in {}", dir.display())))
@@ -110,6 +115,7 @@ impl Config {
             hostfile: None,
             data_dir,
             store_url: "embedded".into(),
+            etcd: Default::default(),
             join_token: None,
             operator_tokens: None,
             tls: None,
@@ -167,13 +173,22 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (persist, mut loaded) = open_state(&config)?;
-    if config.store_url.trim() != "memory" {
+    // Opening etcd waits on the network: off the async threads.
+    let (persist, mut loaded) = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || open_state(&config))
+            .await
+            .context("opening the state store")??
+    };
+    let remote = ringmaster_store::is_remote(&config.store_url);
+    if config.store_url.trim() != "memory" && !remote {
         private_data_dir(&config.data_dir)?;
     }
-    let persistent = config.store_url.trim() != "memory";
+    // The job-id floor file guards an embedded store that was reset; with etcd the ids live
+    // in the store alone, so that any coordinator on it goes on from the same place.
+    let local_ids = config.store_url.trim() != "memory" && !remote;
     let ids = JobIds::load(
-        persistent.then_some(config.data_dir.as_path()),
+        local_ids.then_some(config.data_dir.as_path()),
         core::stored_next_job(&loaded.records),
     )?;
     let mut creds = Credentials::new(config.join_token.clone(), config.operator_tokens.clone());

@@ -154,7 +154,8 @@ impl EtcdUrl {
 
 /// A [`StateStore`] on etcd. See the module documentation for the mapping.
 pub struct EtcdStore {
-    rt: tokio::runtime::Runtime,
+    /// Always `Some` until drop, which shuts it down without waiting (safe in async code).
+    rt: Option<tokio::runtime::Runtime>,
     kv: KvClient,
     /// `<root>/`: prepended to every key.
     prefix: String,
@@ -173,25 +174,21 @@ impl std::fmt::Debug for EtcdStore {
 impl Drop for EtcdStore {
     fn drop(&mut self) {
         // Calls in flight are abandoned; the runtime's threads end without being waited on.
-        let rt = std::mem::replace(
-            &mut self.rt,
-            tokio::runtime::Builder::new_current_thread()
-                .build()
-                .expect("an empty current-thread runtime"),
-        );
-        rt.shutdown_background();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
 /// A client error with its causes, on one line.
 fn describe(e: &etcd_client::Error) -> String {
-    let mut text = match e {
-        etcd_client::Error::GRpcStatus(s) => {
-            format!("{:?}: {}", s.code(), s.message())
-        }
-        other => other.to_string(),
+    let (mut text, mut source) = match e {
+        etcd_client::Error::GRpcStatus(s) => (
+            format!("{:?}: {}", s.code(), s.message()),
+            std::error::Error::source(s),
+        ),
+        other => (other.to_string(), std::error::Error::source(e)),
     };
-    let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         let t = s.to_string();
         if !text.contains(&t) {
@@ -290,16 +287,27 @@ impl EtcdStore {
                 }
             }
         })?;
-        let client = result.map_err(|detail| StoreError::Unreachable {
-            endpoints: parsed.endpoints.join(","),
-            detail,
-        })?;
+        let client = match result {
+            Ok(client) => client,
+            Err(detail) => {
+                // Not dropped: dropping a runtime inside async code panics.
+                rt.shutdown_background();
+                return Err(StoreError::Unreachable {
+                    endpoints: parsed.endpoints.join(","),
+                    detail,
+                });
+            }
+        };
         Ok(EtcdStore {
             kv: client.kv_client().max_decoding_message_size(MAX_RESPONSE),
-            rt,
+            rt: Some(rt),
             prefix: format!("{}/", parsed.root),
             endpoints: parsed.endpoints,
         })
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("the runtime lives until drop")
     }
 
     /// The etcd key of store key `key`.
@@ -320,7 +328,7 @@ impl EtcdStore {
         let mut tries = 0u32;
         loop {
             tries += 1;
-            let err = match on(&self.rt, call(self.kv.clone()))? {
+            let err = match on(self.rt(), call(self.kv.clone()))? {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
@@ -405,7 +413,7 @@ impl EtcdStore {
             tries += 1;
             let t = txn.clone();
             let mut kv = self.kv.clone();
-            let attempt = on(&self.rt, async move { kv.txn(t).await })?;
+            let attempt = on(self.rt(), async move { kv.txn(t).await })?;
             let resp = match attempt {
                 Ok(r) => r,
                 Err(e) => {

@@ -1,0 +1,163 @@
+//! The coordinator's state in etcd (`--store etcd://...`): a real etcd member (Debian's
+//! etcd-server), real coordinator, agents and ringctl on 127.0.0.1.
+//!
+//! Without an `etcd` binary these tests print "skipped", except under CI=true (CI installs it).
+//! CI also runs the control-plane suite with `RINGMASTER_TEST_STORE=etcd`.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use ringmaster_store::testing::EtcdServer;
+use ringmaster_tests::{Cluster, ClusterOpts, TestStore, bin, read, wait_until};
+
+const HOSTFILE: &str = "w0 slots=2\nw1 slots=2\n";
+
+fn etcd_available(test: &str) -> bool {
+    // Starts and stops a member only to apply the skip rule in one place.
+    EtcdServer::start_or_skip(test).is_some()
+}
+
+fn on_etcd() -> Cluster {
+    let mut c = Cluster::start_with(
+        Some(HOSTFILE),
+        "3s",
+        ClusterOpts {
+            store: TestStore::Etcd,
+            ..Default::default()
+        },
+    );
+    c.start_agent("w0", 2, &[]);
+    c.start_agent("w1", 2, &[]);
+    c.wait_joined(&["w0", "w1"]);
+    c
+}
+
+/// The coordinator's machine is lost with its disk: a new coordinator with an empty data dir
+/// on the same etcd knows the job, its ranks and pids, the agents re-attach, nothing is
+/// launched twice, and job ids go on from where they were.
+#[test]
+fn a_coordinator_with_an_empty_data_dir_takes_over_the_jobs_in_etcd() {
+    if !etcd_available("etcd takeover") {
+        return;
+    }
+    let _serial = ringmaster_tests::timing_sensitive();
+    let mut c = on_etcd();
+    let out = c.path("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let out = out.display().to_string();
+    let job = c.submit(
+        "takeover.yaml",
+        &format!(
+            "command: [sh, -c, 'echo $$ >> {out}/started-$RANK; while [ ! -e {out}/finish ]; do sleep 0.1; done']\n"
+        ),
+    );
+    let before = c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
+    let pids = |st: &serde_json::Value| -> Vec<u64> {
+        st["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["pid"].as_u64().unwrap_or(0))
+            .collect()
+    };
+    let port: u16 = c.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let coordinator = c.coordinator.as_mut().unwrap();
+    coordinator.signal(Signal::SIGKILL);
+    coordinator.wait_exit(Duration::from_secs(5));
+    // Nothing of the old coordinator's machine remains (it should have written nothing there).
+    let _ = std::fs::remove_dir_all(c.path("data"));
+    c.start_coordinator(Some(port));
+    let after = wait_until(Duration::from_secs(20), "ranks re-attached", || {
+        let st = c.status(&job);
+        let ok = st["state"] == "RUNNING"
+            && st["ranks"]
+                .as_array()?
+                .iter()
+                .all(|r| r["state"] == "RUNNING");
+        ok.then_some(st)
+    });
+    assert_eq!(pids(&before), pids(&after));
+    assert!(
+        !c.path("data").exists(),
+        "an etcd coordinator wrote to its data dir"
+    );
+    std::fs::write(format!("{out}/finish"), b"").unwrap();
+    let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(30));
+    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
+    for r in 0..4 {
+        let started = read(&c.path(&format!("out/started-{r}"))).unwrap();
+        assert_eq!(started.lines().count(), 1, "rank {r} started: {started:?}");
+    }
+    // Job ids come from etcd, not from the lost data dir: the next job gets a new one.
+    let next = c.submit("next.yaml", "command: [\"true\"]\n");
+    assert_ne!(next, job);
+    let st = c.wait_state(&next, &["SUCCEEDED", "FAILED"], Duration::from_secs(30));
+    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
+}
+
+/// An etcd nobody answers at: the coordinator exits 1 within its connect and request
+/// timeouts, with one error naming each endpoint.
+#[test]
+fn an_unreachable_etcd_stops_the_coordinator_at_start_naming_the_endpoints() {
+    let dead: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("etcd://127.0.0.1:{},127.0.0.1:{}/rm", dead[0], dead[1]);
+    let start = Instant::now();
+    let out = Command::new(bin("coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--store", &url, "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for p in &dead {
+        assert!(err.contains(&format!("127.0.0.1:{p}: ")), "{err}");
+    }
+    assert!(err.contains("etcd unreachable"), "{err}");
+    // Connect (3 s) and request (5 s) timeouts bound it, twice over for the per-endpoint
+    // diagnosis: generous, only to catch a hang.
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+}
+
+/// Flags that make no sense are usage errors (exit 2) that name the flag.
+#[test]
+fn bad_etcd_flags_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (args, says) in [
+        (
+            vec!["--store", "etcd://u:p@h1:2379"],
+            "--etcd-password-file",
+        ),
+        (vec!["--store", "etcd://h1:99999"], "bad port"),
+        (vec!["--store", "etcd://h1/a//b"], "bad key prefix"),
+        (
+            vec!["--etcd-ca", "/nonexistent.pem"],
+            "--etcd-ca applies to an etcd store only",
+        ),
+        (
+            vec!["--store", "etcd://h1", "--etcd-user", "root"],
+            "--etcd-password-file",
+        ),
+    ] {
+        let out = Command::new(bin("coordinator"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
