@@ -8,8 +8,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use ringmaster_store::testing::EtcdServer;
-use ringmaster_tests::{Cluster, ClusterOpts, TestStore, bin, read, wait_until};
+use ringmaster_auth::Pki;
+use ringmaster_store::testing::{EtcdServer, EtcdTls};
+use ringmaster_store::{EtcdOptions, EtcdStore, Precondition, StateStore};
+use ringmaster_tests::{Cluster, ClusterOpts, TestStore, bin, certs_init, read, wait_until};
 
 const HOSTFILE: &str = "w0 slots=2\nw1 slots=2\n";
 
@@ -160,4 +162,164 @@ fn bad_etcd_flags_are_usage_errors() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(says), "{args:?}: {err}");
     }
+}
+
+/// A job through a coordinator whose state is in the etcd at `url`, reached with `flags`.
+fn job_through(url: &str, flags: &[String]) {
+    let mut args = vec!["--store".to_string(), url.to_string()];
+    args.extend_from_slice(flags);
+    let mut c = Cluster::start_with(
+        Some("w0 slots=1\n"),
+        "10s",
+        ClusterOpts {
+            store: TestStore::Embedded,
+            coordinator_args: args,
+            ..Default::default()
+        },
+    );
+    c.start_agent("w0", 1, &[]);
+    c.wait_joined(&["w0"]);
+    let job = c.submit("j.yaml", "command: [\"true\"]\n");
+    let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(30));
+    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
+}
+
+/// etcd over TLS with client certificates required: the store and the coordinator connect
+/// with --etcd-ca/--etcd-cert/--etcd-key; without a client certificate, or without the CA,
+/// opening fails naming the endpoint.
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    if !etcd_available("etcd tls") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    certs_init(&pki_dir);
+    let pki = Pki::new(&pki_dir);
+    // The coordinator's certificate (127.0.0.1, server auth) serves etcd here; the agent's
+    // (client auth) is the coordinator's client certificate.
+    let server = EtcdServer::start_with(Some(EtcdTls {
+        ca: pki.ca(),
+        cert: pki.coordinator_cert(),
+        key: pki.coordinator_key(),
+    }))
+    .unwrap();
+    let url = server.url("tls");
+    let good = EtcdOptions {
+        ca: Some(pki.ca()),
+        cert: Some(pki.agent_cert("agent")),
+        key: Some(pki.agent_key("agent")),
+        ..Default::default()
+    };
+    let store = EtcdStore::open(&url, &good).unwrap();
+    store.put("k", b"v", Precondition::Absent).unwrap();
+    assert_eq!(store.get("k").unwrap().unwrap().value, b"v");
+    drop(store);
+
+    let quick = EtcdOptions {
+        connect_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(1),
+        ..good.clone()
+    };
+    for (what, opts) in [
+        (
+            "no client certificate",
+            EtcdOptions {
+                cert: None,
+                key: None,
+                ..quick.clone()
+            },
+        ),
+        (
+            "no CA (plain text to a TLS port)",
+            EtcdOptions {
+                ca: None,
+                cert: None,
+                key: None,
+                ..quick.clone()
+            },
+        ),
+    ] {
+        let err = EtcdStore::open(&url, &opts).unwrap_err().to_string();
+        assert!(err.contains(&server.endpoint()), "{what}: {err}");
+    }
+
+    let p = |f: std::path::PathBuf| f.display().to_string();
+    job_through(
+        &url,
+        &[
+            "--etcd-ca".into(),
+            p(pki.ca()),
+            "--etcd-cert".into(),
+            p(pki.agent_cert("agent")),
+            "--etcd-key".into(),
+            p(pki.agent_key("agent")),
+        ],
+    );
+}
+
+/// etcd with authentication on: the right user and password file work (store and
+/// coordinator); a wrong password is refused at open, saying so, not "unreachable".
+#[test]
+fn etcd_with_a_user_and_password_file() {
+    let Some(server) = EtcdServer::start_or_skip("etcd auth") else {
+        return;
+    };
+    let endpoint = server.endpoint();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut c = etcd_client::Client::connect([endpoint.as_str()], None)
+            .await
+            .unwrap();
+        c.user_add("root", "root-pw", None).await.unwrap();
+        c.user_grant_role("root", "root").await.unwrap();
+        c.user_add("ringmaster", "s3cret pw", None).await.unwrap();
+        c.role_add("ringmaster").await.unwrap();
+        c.role_grant_permission(
+            "ringmaster",
+            etcd_client::Permission::read_write("rm/").with_prefix(),
+        )
+        .await
+        .unwrap();
+        c.user_grant_role("ringmaster", "ringmaster").await.unwrap();
+        c.auth_enable().await.unwrap();
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "s3cret pw\n").unwrap();
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, "guess\n").unwrap();
+    let opts = |file: &std::path::Path| EtcdOptions {
+        user: Some("ringmaster".into()),
+        password_file: Some(file.to_path_buf()),
+        ..Default::default()
+    };
+    let url = server.url("rm");
+    let store = EtcdStore::open(&url, &opts(&pw)).unwrap();
+    store.put("k", b"v", Precondition::Absent).unwrap();
+    assert_eq!(store.get("k").unwrap().unwrap().value, b"v");
+    drop(store);
+
+    let err = EtcdStore::open(&url, &opts(&bad)).unwrap_err().to_string();
+    assert!(err.contains("refused"), "{err}");
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(!err.contains("unreachable"), "{err}");
+
+    // Outside the role's prefix: refused, naming the user's role as the thing to check.
+    let other = EtcdStore::open(&server.url("elsewhere"), &opts(&pw)).unwrap();
+    let err = other
+        .put("k", b"v", Precondition::Any)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(err.contains("role"), "{err}");
+
+    job_through(
+        &url,
+        &[
+            "--etcd-user".into(),
+            "ringmaster".into(),
+            "--etcd-password-file".into(),
+            pw.display().to_string(),
+        ],
+    );
 }

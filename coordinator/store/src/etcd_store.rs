@@ -260,6 +260,8 @@ impl EtcdStore {
             };
             match tokio::time::timeout(probe_timeout, attempt).await {
                 Ok(Ok(client)) => Ok(client),
+                // An answer (a refused password, a permission): not a reachability problem.
+                Ok(Err(e)) if !transient(&e) => Err((false, describe(&e))),
                 // Say what each endpoint answered, not only what the balanced channel saw.
                 first => {
                     let mut why = Vec::new();
@@ -283,18 +285,20 @@ impl EtcdStore {
                             _ => why.push(format!("no answer within {probe_timeout:?}")),
                         }
                     }
-                    Err(why.join("; "))
+                    Err((true, why.join("; ")))
                 }
             }
         })?;
         let client = match result {
             Ok(client) => client,
-            Err(detail) => {
+            Err((unreachable, detail)) => {
                 // Not dropped: dropping a runtime inside async code panics.
                 rt.shutdown_background();
-                return Err(StoreError::Unreachable {
-                    endpoints: parsed.endpoints.join(","),
-                    detail,
+                let endpoints = parsed.endpoints.join(",");
+                return Err(if unreachable {
+                    StoreError::Unreachable { endpoints, detail }
+                } else {
+                    StoreError::Backend(format!("etcd at {endpoints} refused us: {detail}"))
                 });
             }
         };

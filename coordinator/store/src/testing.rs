@@ -6,7 +6,6 @@
 //! and returns `None`, except under `CI=true`, where CI installs etcd and a missing binary
 //! is a failure.
 
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,6 +22,18 @@ pub struct EtcdServer {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    tls: Option<EtcdTls>,
+}
+
+/// TLS on the member's client endpoint, with client certificates required
+/// (`--client-cert-auth`): PEM files.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// The CA client certificates must chain to.
+    pub ca: PathBuf,
+    /// The member's certificate (for 127.0.0.1) and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// An `etcd` binary: `$RINGMASTER_TEST_ETCD`, else `etcd` on `PATH`.
@@ -60,6 +71,11 @@ impl EtcdServer {
 
     /// Start a member on free loopback ports and wait until it serves.
     pub fn start() -> Result<EtcdServer, String> {
+        EtcdServer::start_with(None)
+    }
+
+    /// As [`EtcdServer::start`], serving clients over TLS when `tls` is given.
+    pub fn start_with(tls: Option<EtcdTls>) -> Result<EtcdServer, String> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "ringmaster-etcd-{}-{}",
@@ -73,6 +89,7 @@ impl EtcdServer {
             dir,
             client_port: free_port(),
             peer_port: free_port(),
+            tls,
         };
         server.spawn()?;
         Ok(server)
@@ -80,14 +97,26 @@ impl EtcdServer {
 
     fn spawn(&mut self) -> Result<(), String> {
         let bin = etcd_binary().ok_or("no etcd binary on PATH")?;
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .map_err(|e| format!("etcd log: {e}"))?;
-        let child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let ready_before = self.ready_count();
+        let child = cmd
             .args(["--name", "test"])
             .arg("--data-dir")
             .arg(self.dir.join("data"))
@@ -104,7 +133,15 @@ impl EtcdServer {
             .spawn()
             .map_err(|e| format!("{}: {e}", bin.display()))?;
         self.child = Some(child);
-        self.wait_ready()
+        self.wait_ready(ready_before)
+    }
+
+    /// How often the member has said it serves clients (its log grows across restarts).
+    fn ready_count(&self) -> usize {
+        std::fs::read_to_string(self.log_path())
+            .unwrap_or_default()
+            .matches("ready to serve client requests")
+            .count()
     }
 
     fn log_path(&self) -> PathBuf {
@@ -117,22 +154,16 @@ impl EtcdServer {
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
-    fn healthy(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_err() {
-            return false;
-        }
-        let mut answer = String::new();
-        let _ = s.read_to_string(&mut answer);
-        answer.contains("\"health\":\"true\"")
+    /// Serving: it said so (after its raft leader is known) since the start, and the port takes
+    /// connections.
+    fn healthy(&self, ready_before: usize) -> bool {
+        self.ready_count() > ready_before
+            && TcpStream::connect(("127.0.0.1", self.client_port)).is_ok()
     }
 
-    fn wait_ready(&mut self) -> Result<(), String> {
+    fn wait_ready(&mut self, ready_before: usize) -> Result<(), String> {
         let start = Instant::now();
-        while !self.healthy() {
+        while !self.healthy(ready_before) {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
