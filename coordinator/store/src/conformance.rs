@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::{Op, Precondition, StateStore, StoreError, Version, Versioned};
+use crate::{Fence, Op, Precondition, StateStore, StoreError, Version, Versioned};
 
 fn keys(list: &[(String, Versioned)]) -> Vec<&str> {
     list.iter().map(|(k, _)| k.as_str()).collect()
@@ -344,4 +344,73 @@ pub(crate) fn long_listings(store: &dyn StateStore) {
         assert_eq!(k, &format!("many/{i:04}"));
         assert_eq!(v.value, (i as u32).to_be_bytes());
     }
+}
+
+/// Fenced commits land while the fence key lives with its creation revision, and are refused
+/// (nothing written, preconditions or not) once it is deleted or created anew.
+pub(crate) fn fencing(store: &dyn StateStore) {
+    let created = store.put("leader/a", b"me", Precondition::Absent).unwrap();
+    let fence = Fence {
+        key: "leader/a".into(),
+        created,
+    };
+    let vs = store
+        .commit_fenced(
+            &fence,
+            vec![Op::put("jobs/1", b"x".to_vec(), Precondition::Absent)],
+        )
+        .unwrap();
+    assert!(vs[0] > created);
+    // Preconditions still apply under a fence.
+    let r = store.commit_fenced(
+        &fence,
+        vec![Op::put("jobs/1", b"y".to_vec(), Precondition::Absent)],
+    );
+    expect_conflict(r, "jobs/1", Precondition::Absent, Some(vs[0]));
+    // Rewriting the fence key keeps its creation revision: the fence holds.
+    store
+        .put("leader/a", b"me again", Precondition::Any)
+        .unwrap();
+    store
+        .commit_fenced(
+            &fence,
+            vec![Op::put("jobs/2", b"x".to_vec(), Precondition::Any)],
+        )
+        .unwrap();
+
+    let gone = |r: Result<Vec<Version>, StoreError>| match r {
+        Err(StoreError::Fenced { key, created: c }) => {
+            assert_eq!(key, "leader/a");
+            assert_eq!(c, created);
+        }
+        other => panic!("expected a fenced write, got {other:?}"),
+    };
+    assert!(store.delete("leader/a", Precondition::Any).unwrap());
+    gone(store.commit_fenced(
+        &fence,
+        vec![Op::put("jobs/3", b"x".to_vec(), Precondition::Any)],
+    ));
+    gone(store.commit_fenced(&fence, vec![Op::delete("jobs/1", Precondition::Any)]));
+    assert_eq!(store.get("jobs/3").unwrap(), None);
+    assert!(store.get("jobs/1").unwrap().is_some());
+    // A new leader's key under the same name is another leadership.
+    let again = store
+        .put("leader/a", b"other", Precondition::Absent)
+        .unwrap();
+    assert_ne!(again, created);
+    gone(store.commit_fenced(
+        &fence,
+        vec![Op::put("jobs/3", b"x".to_vec(), Precondition::Any)],
+    ));
+    assert_eq!(store.get("jobs/3").unwrap(), None);
+    let fresh = Fence {
+        key: "leader/a".into(),
+        created: again,
+    };
+    store
+        .commit_fenced(
+            &fresh,
+            vec![Op::put("jobs/3", b"x".to_vec(), Precondition::Any)],
+        )
+        .unwrap();
 }

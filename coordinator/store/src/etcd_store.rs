@@ -31,7 +31,7 @@ use etcd_client::{
 };
 
 use crate::plan::{check_key, check_keys};
-use crate::{Op, Precondition, StateStore, StoreError, Version, Versioned};
+use crate::{Fence, Op, Precondition, StateStore, StoreError, Version, Versioned};
 
 /// The root prefix when the URL names none.
 pub const DEFAULT_ROOT: &str = "ringmaster";
@@ -380,10 +380,13 @@ impl EtcdStore {
         ))
     }
 
-    /// Apply `ops` as one transaction. Returns the revision and, per op, whether the key
-    /// existed (for deletes).
-    fn txn(&self, ops: &[Op]) -> Result<(Version, Vec<bool>), StoreError> {
+    /// Apply `ops` as one transaction, only while `fence` holds when given. Returns the
+    /// revision and, per op, whether the key existed (for deletes).
+    fn txn(&self, fence: Option<&Fence>, ops: &[Op]) -> Result<(Version, Vec<bool>), StoreError> {
         check_keys(ops)?;
+        if let Some(f) = fence {
+            check_key(&f.key)?;
+        }
         let mut compares = Vec::new();
         let mut then = Vec::new();
         let mut reads = Vec::new();
@@ -406,6 +409,20 @@ impl EtcdStore {
                 Op::Put { value, .. } => TxnOp::put(key.clone(), value.clone(), None),
                 Op::Delete { .. } => TxnOp::delete(key.clone(), None),
             });
+            reads.push(TxnOp::get(key, None));
+        }
+        if let Some(f) = fence {
+            let key = self.full(&f.key);
+            // 0 ("absent") or beyond i64 is never a leadership: -1 never matches.
+            let created = i64::try_from(f.created)
+                .ok()
+                .filter(|&c| c > 0)
+                .unwrap_or(-1);
+            compares.push(Compare::create_revision(
+                key.clone(),
+                CompareOp::Equal,
+                created,
+            ));
             reads.push(TxnOp::get(key, None));
         }
         let txn = Txn::new().when(compares).and_then(then).or_else(reads);
@@ -445,8 +462,21 @@ impl EtcdStore {
                     .collect();
                 return Ok((revision, existed));
             }
+            if let Some(f) = fence {
+                let created = match answers.last() {
+                    Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.create_revision()),
+                    _ => None,
+                };
+                if created.and_then(|c| u64::try_from(c).ok()) != Some(f.created) {
+                    return Err(StoreError::Fenced {
+                        key: f.key.clone(),
+                        created: f.created,
+                    });
+                }
+            }
             let seen: Vec<Seen> = answers
                 .iter()
+                .take(ops.len())
                 .map(|a| match a {
                     TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
                         (
@@ -628,20 +658,34 @@ impl StateStore for EtcdStore {
     }
 
     fn put(&self, key: &str, value: &[u8], expect: Precondition) -> Result<Version, StoreError> {
-        let (revision, _) = self.txn(&[Op::put(key, value, expect)])?;
+        let (revision, _) = self.txn(None, &[Op::put(key, value, expect)])?;
         Ok(revision)
     }
 
     fn delete(&self, key: &str, expect: Precondition) -> Result<bool, StoreError> {
-        let (_, existed) = self.txn(&[Op::delete(key, expect)])?;
+        let (_, existed) = self.txn(None, &[Op::delete(key, expect)])?;
         Ok(existed[0])
     }
 
     fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, StoreError> {
+        self.commit_maybe_fenced(None, ops)
+    }
+
+    fn commit_fenced(&self, fence: &Fence, ops: Vec<Op>) -> Result<Vec<Version>, StoreError> {
+        self.commit_maybe_fenced(Some(fence), ops)
+    }
+}
+
+impl EtcdStore {
+    fn commit_maybe_fenced(
+        &self,
+        fence: Option<&Fence>,
+        ops: Vec<Op>,
+    ) -> Result<Vec<Version>, StoreError> {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
-        let (revision, _) = self.txn(&ops)?;
+        let (revision, _) = self.txn(fence, &ops)?;
         Ok(ops
             .iter()
             .map(|op| match op {
@@ -752,6 +796,7 @@ mod tests {
         conformance::concurrent_cas(std::sync::Arc::new(store(&server, "cas")));
         conformance::large_values(&store(&server, "large"));
         conformance::long_listings(&store(&server, "long"));
+        conformance::fencing(&store(&server, "fencing"));
     }
 
     #[test]

@@ -93,6 +93,15 @@ impl fmt::Display for Precondition {
     }
 }
 
+/// A leadership that writes depend on: the election key (a store key) and the revision it
+/// was created at. A write fenced by it lands only while that key still exists with that
+/// creation revision, so a deposed leader that still runs writes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fence {
+    pub key: String,
+    pub created: Version,
+}
+
 /// One operation of an atomic [`StateStore::commit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -193,6 +202,13 @@ pub enum StoreError {
     /// No etcd endpoint answered when the store was opened.
     #[error("etcd unreachable at {endpoints}: {detail}")]
     Unreachable { endpoints: String, detail: String },
+    /// A fenced write found its leadership gone (the fence key deleted or created anew):
+    /// nothing was written. Never retried.
+    #[error("write fenced: leadership {key:?} (created at revision {created}) is gone")]
+    Fenced { key: String, created: Version },
+    /// The backend cannot do what was asked (e.g. fencing on a store without elections).
+    #[error("state store: {0}")]
+    Unsupported(String),
     /// Any other backend failure, with context.
     #[error("state store backend error: {0}")]
     Backend(String),
@@ -202,6 +218,11 @@ impl StoreError {
     /// Whether this is a failed precondition ([`StoreError::Conflict`]).
     pub fn is_conflict(&self) -> bool {
         matches!(self, StoreError::Conflict { .. })
+    }
+
+    /// Whether a fenced write found its leadership gone ([`StoreError::Fenced`]).
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, StoreError::Fenced { .. })
     }
 
     /// Whether the stored data is damaged ([`StoreError::Corrupt`]).
@@ -233,6 +254,16 @@ pub trait StateStore: Send + Sync + 'static {
     /// A key may appear only once per commit. Returns the new version of each
     /// op (0 for deletes); all puts of one commit get the same version.
     fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, StoreError>;
+
+    /// [`StateStore::commit`], applied only while `fence` holds (its key exists, created at
+    /// its revision); otherwise [`StoreError::Fenced`] and nothing is written. Checked in the
+    /// same atomic step as the preconditions. Stores without elections do not fence.
+    fn commit_fenced(&self, fence: &Fence, ops: Vec<Op>) -> Result<Vec<Version>, StoreError> {
+        let _ = (fence, ops);
+        Err(StoreError::Unsupported(
+            "fenced writes need a store with leader election (etcd)".to_string(),
+        ))
+    }
 }
 
 /// Open the store named by `url` with default [`EtcdOptions`]; see [`open_url_with`].

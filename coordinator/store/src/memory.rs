@@ -4,14 +4,16 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::plan::{check_key, check_ops, writes_anything};
-use crate::{Op, Precondition, StateStore, StoreError, Version, Versioned};
+use crate::plan::{check_key, check_keys, check_ops, writes_anything};
+use crate::{Fence, Op, Precondition, StateStore, StoreError, Version, Versioned};
 
 #[derive(Debug, Default)]
 struct Inner {
     /// The last revision handed out; 0 before the first write.
     revision: Version,
     map: BTreeMap<String, Versioned>,
+    /// The revision each present key was created at (for fences).
+    created: BTreeMap<String, Version>,
 }
 
 /// An in-memory [`StateStore`] (a `Mutex<BTreeMap>`), for unit tests.
@@ -33,8 +35,21 @@ impl MemoryStore {
 
     /// Validate and apply `ops` atomically; returns each op's current version
     /// before the commit and the new revision.
-    fn apply(&self, ops: Vec<Op>) -> Result<(Vec<Option<Version>>, Version), StoreError> {
+    fn apply(
+        &self,
+        fence: Option<&Fence>,
+        ops: Vec<Op>,
+    ) -> Result<(Vec<Option<Version>>, Version), StoreError> {
         let mut inner = self.lock();
+        if let Some(f) = fence
+            && inner.created.get(&f.key) != Some(&f.created)
+        {
+            check_keys(&ops)?;
+            return Err(StoreError::Fenced {
+                key: f.key.clone(),
+                created: f.created,
+            });
+        }
         let current = check_ops(&ops, |k| Ok(inner.map.get(k).map(|v| v.version)))?;
         if !writes_anything(&ops, &current) {
             return Ok((current, inner.revision));
@@ -44,6 +59,7 @@ impl MemoryStore {
         for op in ops {
             match op {
                 Op::Put { key, value, .. } => {
+                    inner.created.entry(key.clone()).or_insert(revision);
                     inner.map.insert(
                         key,
                         Versioned {
@@ -53,11 +69,27 @@ impl MemoryStore {
                     );
                 }
                 Op::Delete { key, .. } => {
+                    inner.created.remove(&key);
                     inner.map.remove(&key);
                 }
             }
         }
         Ok((current, revision))
+    }
+}
+
+impl MemoryStore {
+    fn commit_maybe_fenced(
+        &self,
+        fence: Option<&Fence>,
+        ops: Vec<Op>,
+    ) -> Result<Vec<Version>, StoreError> {
+        let kinds: Vec<bool> = ops.iter().map(|op| matches!(op, Op::Put { .. })).collect();
+        let (_, revision) = self.apply(fence, ops)?;
+        Ok(kinds
+            .into_iter()
+            .map(|is_put| if is_put { revision } else { 0 })
+            .collect())
     }
 }
 
@@ -78,22 +110,21 @@ impl StateStore for MemoryStore {
     }
 
     fn put(&self, key: &str, value: &[u8], expect: Precondition) -> Result<Version, StoreError> {
-        let (_, revision) = self.apply(vec![Op::put(key, value, expect)])?;
+        let (_, revision) = self.apply(None, vec![Op::put(key, value, expect)])?;
         Ok(revision)
     }
 
     fn delete(&self, key: &str, expect: Precondition) -> Result<bool, StoreError> {
-        let (current, _) = self.apply(vec![Op::delete(key, expect)])?;
+        let (current, _) = self.apply(None, vec![Op::delete(key, expect)])?;
         Ok(current[0].is_some())
     }
 
     fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, StoreError> {
-        let kinds: Vec<bool> = ops.iter().map(|op| matches!(op, Op::Put { .. })).collect();
-        let (_, revision) = self.apply(ops)?;
-        Ok(kinds
-            .into_iter()
-            .map(|is_put| if is_put { revision } else { 0 })
-            .collect())
+        self.commit_maybe_fenced(None, ops)
+    }
+
+    fn commit_fenced(&self, fence: &Fence, ops: Vec<Op>) -> Result<Vec<Version>, StoreError> {
+        self.commit_maybe_fenced(Some(fence), ops)
     }
 }
 
@@ -125,6 +156,11 @@ mod tests {
     #[test]
     fn conformance_concurrent_cas() {
         conformance::concurrent_cas(std::sync::Arc::new(MemoryStore::new()));
+    }
+
+    #[test]
+    fn conformance_fencing() {
+        conformance::fencing(&MemoryStore::new());
     }
 
     #[test]
