@@ -181,7 +181,7 @@ impl Drop for EtcdStore {
 }
 
 /// A client error with its causes, on one line.
-fn describe(e: &etcd_client::Error) -> String {
+pub(crate) fn describe(e: &etcd_client::Error) -> String {
     let (mut text, mut source) = match e {
         etcd_client::Error::GRpcStatus(s) => (
             format!("{:?}: {}", s.code(), s.message()),
@@ -241,7 +241,7 @@ impl EtcdStore {
     /// fails here, naming each endpoint and why.
     pub fn open(url: &str, opts: &EtcdOptions) -> Result<EtcdStore, StoreError> {
         let parsed = EtcdUrl::parse(url)?;
-        let connect = connect_options(opts)?;
+        let connect = connect_options(opts, Some(opts.request_timeout))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("etcd-store")
@@ -546,12 +546,19 @@ fn on<T: Send + 'static>(
         .map_err(|_| StoreError::Backend("etcd store: its runtime stopped".to_string()))
 }
 
-fn connect_options(opts: &EtcdOptions) -> Result<ConnectOptions, StoreError> {
+/// The client's options: TLS, user, timeouts. `request_timeout` None: requests may wait as
+/// long as they need (a campaign, a lease keep-alive stream).
+pub(crate) fn connect_options(
+    opts: &EtcdOptions,
+    request_timeout: Option<Duration>,
+) -> Result<ConnectOptions, StoreError> {
     let mut c = ConnectOptions::new()
         .with_connect_timeout(opts.connect_timeout)
-        .with_timeout(opts.request_timeout)
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_require_leader(true);
+    if let Some(t) = request_timeout {
+        c = c.with_timeout(t);
+    }
     match (&opts.user, &opts.password_file) {
         (Some(user), Some(file)) => {
             let pw = read(file, "etcd password file")?;

@@ -23,6 +23,8 @@
 //!   `<data dir>/state.redb`.
 //! - `etcd_store.rs`: [`EtcdStore`], the state in an etcd cluster
 //!   (`etcd://h1:2379,h2:2379/prefix`), with [`EtcdOptions`] for TLS and users.
+//! - `election.rs`: [`Elector`] and [`Leadership`]: leader election among coordinators on
+//!   an etcd lease; the leadership is the [`Fence`] of every leader write.
 //! - `testing.rs`: a real etcd member for tests ([`testing::EtcdServer`]).
 //! - `damage.rs`: checks of a redb file's header before redb reads it, and
 //!   the guard that turns a panic inside redb into [`StoreError::Corrupt`].
@@ -33,6 +35,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 mod damage;
+mod election;
 mod etcd_store;
 mod memory;
 mod plan;
@@ -43,6 +46,7 @@ pub mod testing;
 #[cfg(test)]
 mod conformance;
 
+pub use election::{Elector, Leadership};
 pub use etcd_store::{EtcdOptions, EtcdStore, EtcdUrl};
 pub use memory::MemoryStore;
 pub use redb_store::{DB_FILE_NAME, RedbStore};
