@@ -45,7 +45,8 @@ pub const MAX_SLOTS: u32 = 1024;
 /// Everything an agent needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// host:port of the coordinator.
+    /// host:port of the coordinator, or of several sharing one etcd (`a:29500,b:29500`; the
+    /// agent joins whichever leads).
     pub join: String,
     pub name: String,
     pub slots: u32,
@@ -120,6 +121,8 @@ struct Agent {
     undelivered: Vec<pb::WorkerExited>,
     fetches: HashMap<u64, LogFetch>,
     hb_seq: u64,
+    /// Which of the `--join` addresses was joined last (tried first next time).
+    joined: usize,
 }
 
 /// The advertised address: the one given, else the local address of a route to the
@@ -153,7 +156,8 @@ pub async fn run(
     mut cfg: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
-    if !cfg.join.contains(':') {
+    let joins = ringmaster_auth::client::addresses(&cfg.join);
+    if joins.is_empty() || joins.iter().any(|a| !a.contains(':')) {
         return Err(AgentError::BadAddress(cfg.join.clone()));
     }
     work_dir_private(&cfg.work_dir, cfg.worker_user.is_some()).map_err(|source| {
@@ -178,11 +182,13 @@ pub async fn run(
         tracing::warn!(groups = killed, "killed workers left by an earlier agent");
     }
     if cfg.advertise_addr.is_empty() {
-        cfg.advertise_addr = default_advertise(&cfg.join);
+        cfg.advertise_addr = default_advertise(joins[0]);
     }
     // TLS files are read now, so that a wrong path is a usage error at start, not a retry loop.
-    ringmaster_auth::client::endpoint(&cfg.join, &cfg.tls)
-        .map_err(|e| AgentError::BadTls(e.to_string()))?;
+    for a in &joins {
+        ringmaster_auth::client::endpoint(a, &cfg.tls)
+            .map_err(|e| AgentError::BadTls(e.to_string()))?;
+    }
     let (exit_tx, mut exit_rx) = mpsc::channel::<pb::WorkerExited>(1024);
     let mut sup = Supervisor::new(
         cfg.work_dir.clone(),
@@ -204,6 +210,7 @@ pub async fn run(
         undelivered: Vec::new(),
         fetches: HashMap::new(),
         hb_seq: 0,
+        joined: 0,
     };
     tracing::info!(name = %agent.cfg.name, slots = agent.cfg.slots, coordinator = %agent.cfg.join, work_dir = %agent.cfg.work_dir.display(), "agent starting");
 
@@ -301,9 +308,42 @@ pub async fn run(
 }
 
 impl Agent {
+    /// Joins the coordinator of `--join`, or the leader of several (`a:29500,b:29500`):
+    /// starting with the one joined last, each in turn; a standby's refusal names the leader,
+    /// which is tried next.
     async fn connect(&mut self) -> Result<Up, ConnectError> {
-        let endpoint = ringmaster_auth::client::endpoint(&self.cfg.join, &self.cfg.tls)
-            .map_err(|e| ConnectError::Fatal(e.to_string()))?
+        let list = self.cfg.join.clone();
+        let addrs = ringmaster_auth::client::addresses(&list);
+        if addrs.len() == 1 {
+            return self.connect_to(addrs[0]).await.map_err(|(e, _)| e);
+        }
+        let mut why = Vec::new();
+        let mut i = self.joined % addrs.len();
+        for _ in 0..addrs.len() {
+            match self.connect_to(addrs[i]).await {
+                Ok(up) => {
+                    self.joined = i;
+                    tracing::info!(coordinator = addrs[i], "joined the leading coordinator");
+                    return Ok(up);
+                }
+                Err((ConnectError::Fatal(m), _)) => {
+                    return Err(ConnectError::Fatal(format!("{}: {m}", addrs[i])));
+                }
+                Err((ConnectError::Retry(r), hint)) => {
+                    why.push(format!("{}: {r}", addrs[i]));
+                    i = hint
+                        .and_then(|h| addrs.iter().position(|a| *a == h))
+                        .unwrap_or((i + 1) % addrs.len());
+                }
+            }
+        }
+        Err(ConnectError::Retry(why.join("; ")))
+    }
+
+    /// Joins the coordinator at `addr`. A refusal may name the leader (a standby's hint).
+    async fn connect_to(&mut self, addr: &str) -> Result<Up, (ConnectError, Option<String>)> {
+        let endpoint = ringmaster_auth::client::endpoint(addr, &self.cfg.tls)
+            .map_err(|e| (ConnectError::Fatal(e.to_string()), None))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -312,14 +352,15 @@ impl Agent {
             let why = ringmaster_auth::client::explain(&e, &self.cfg.tls);
             // A coordinator whose certificate does not chain to our CA is not ours: never run
             // its commands, and do not keep knocking as if it were a network hiccup.
-            if ringmaster_auth::client::is_untrusted_peer(&why) {
+            let e = if ringmaster_auth::client::is_untrusted_peer(&why) {
                 ConnectError::Fatal(format!("TLS: {why}"))
             } else {
                 ConnectError::Retry(why)
-            }
+            };
+            (e, None)
         })?;
         let bearer = ringmaster_auth::Bearer::new(self.cfg.token.as_deref())
-            .map_err(|e| ConnectError::Fatal(e.to_string()))?;
+            .map_err(|e| (ConnectError::Fatal(e.to_string()), None))?;
         let mut client =
             pb::agent_service_client::AgentServiceClient::with_interceptor(channel, bearer)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -344,25 +385,31 @@ impl Agent {
         .expect("the receiver is alive until the call starts");
         let classify = |s: tonic::Status| {
             use tonic::Code;
-            match s.code() {
+            let e = match s.code() {
                 Code::Unauthenticated
                 | Code::PermissionDenied
                 | Code::FailedPrecondition
                 | Code::InvalidArgument => ConnectError::Fatal(s.message().to_owned()),
                 _ => ConnectError::Retry(format!("{:?}: {}", s.code(), s.message())),
-            }
+            };
+            (e, ringmaster_auth::client::leader_hint(&s))
         };
         let mut inbound = tokio::time::timeout(
             Duration::from_secs(10),
             client.session(ReceiverStream::new(rx)),
         )
         .await
-        .map_err(|_| ConnectError::Retry("no answer to Join within 10s".into()))?
+        .map_err(|_| {
+            (
+                ConnectError::Retry("no answer to Join within 10s".into()),
+                None,
+            )
+        })?
         .map_err(classify)?
         .into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
-            .map_err(|_| ConnectError::Retry("no JoinAck within 10s".into()))?
+            .map_err(|_| (ConnectError::Retry("no JoinAck within 10s".into()), None))?
             .map_err(classify)?;
         let ack = match first.and_then(|m| m.msg) {
             Some(pb::coordinator_message::Msg::JoinAck(a)) => a,
@@ -372,9 +419,12 @@ impl Agent {
                     None => "nothing".to_owned(),
                     Some(m) => format!("{:?}", std::mem::discriminant(&m)),
                 };
-                return Err(ConnectError::Retry(format!(
-                    "expected JoinAck, got another message first ({kind})"
-                )));
+                return Err((
+                    ConnectError::Retry(format!(
+                        "expected JoinAck, got another message first ({kind})"
+                    )),
+                    None,
+                ));
             }
         };
         self.undelivered.clear();

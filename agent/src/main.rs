@@ -11,8 +11,9 @@ use ringmaster_agent::logging::{self, LogFormat};
 #[derive(Parser, Debug)]
 #[command(name = "agent", version)]
 struct Args {
-    /// Coordinator address, HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Coordinator address, HOST:PORT; or several sharing one etcd, HOST:PORT,HOST:PORT,...
+    /// (the agent joins whichever leads, and follows a failover).
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]")]
     join: String,
     /// This node's name (as in the hostfile). Default: the host name.
     #[arg(long)]

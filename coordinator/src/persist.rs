@@ -12,6 +12,11 @@
 //! [`Durable`], and [`Persister::stopped`] says why, so that the coordinator refuses writes
 //! instead of acknowledging what it cannot keep.
 //!
+//! Under an elected leader (etcd), every commit carries the leadership's [`Fence`]: a deposed
+//! leader's write is refused by the store in the same transaction. A fenced write is never
+//! retried; the writer stops and [`Persister::fenced`] resolves, so that the coordinator steps
+//! down.
+//!
 //! [`JobIds`] keeps the job id counter's floor in a small file beside the store, so that ids
 //! are never reused on a data dir, not even after a damaged store was moved aside.
 
@@ -23,8 +28,8 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ringmaster_store::{Op, Precondition, StateStore, StoreError, Version};
-use tokio::sync::oneshot;
+use ringmaster_store::{Fence, Op, Precondition, StateStore, StoreError, Version};
+use tokio::sync::{oneshot, watch};
 
 /// Why the writer stopped: the store error after the last retry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,6 +94,7 @@ pub struct Persister {
     tx: Option<std_mpsc::Sender<Msg>>,
     thread: Option<JoinHandle<()>>,
     stopped: Arc<OnceLock<WritesStopped>>,
+    fenced: watch::Receiver<bool>,
 }
 
 impl Persister {
@@ -113,6 +119,20 @@ impl Persister {
         prefixes: &[&str],
         retry: RetryPolicy,
     ) -> Result<(Persister, Loaded), StoreError> {
+        Persister::start_fenced(store, prefixes, retry, None)
+    }
+
+    /// As [`Persister::start_with`], every commit fenced by `fence` when given (an elected
+    /// leader's writes).
+    ///
+    /// # Errors
+    /// A store that cannot be read.
+    pub fn start_fenced(
+        store: Box<dyn StateStore>,
+        prefixes: &[&str],
+        retry: RetryPolicy,
+        fence: Option<Fence>,
+    ) -> Result<(Persister, Loaded), StoreError> {
         let mut versions: HashMap<String, Version> = HashMap::new();
         let mut records = Vec::new();
         for p in prefixes {
@@ -122,12 +142,15 @@ impl Persister {
             }
         }
         let stopped = Arc::new(OnceLock::new());
+        let (fenced_tx, fenced) = watch::channel(false);
         let (tx, rx) = std_mpsc::channel::<Msg>();
         let writer = Writer {
             store,
             versions,
             retry,
             stopped: stopped.clone(),
+            fence,
+            fenced: fenced_tx,
         };
         let thread = std::thread::Builder::new()
             .name("state-writer".into())
@@ -138,6 +161,7 @@ impl Persister {
                 tx: Some(tx),
                 thread: Some(thread),
                 stopped,
+                fenced,
             },
             Loaded { records },
         ))
@@ -168,6 +192,15 @@ impl Persister {
     pub fn stopped(&self) -> Option<&WritesStopped> {
         self.stopped.get()
     }
+
+    /// Resolves when a commit was refused by the fence: this coordinator no longer leads.
+    pub fn fenced(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.fenced.clone();
+        async move {
+            // An error: the writer is gone, which ends this coordinator anyway.
+            let _ = rx.wait_for(|f| *f).await;
+        }
+    }
 }
 
 impl Drop for Persister {
@@ -184,6 +217,8 @@ struct Writer {
     versions: HashMap<String, Version>,
     retry: RetryPolicy,
     stopped: Arc<OnceLock<WritesStopped>>,
+    fence: Option<Fence>,
+    fenced: watch::Sender<bool>,
 }
 
 impl Writer {
@@ -227,6 +262,17 @@ impl Writer {
                     if attempt > 1 {
                         tracing::warn!(attempt, "state saved after retrying");
                     }
+                    return;
+                }
+                Err(e) if e.is_fenced() => {
+                    tracing::error!(
+                        error = %e,
+                        "lost leadership: a newer coordinator leads; this one writes nothing more"
+                    );
+                    let _ = self.stopped.set(WritesStopped {
+                        reason: format!("{e} (this coordinator no longer leads)"),
+                    });
+                    let _ = self.fenced.send(true);
                     return;
                 }
                 Err(e) if attempt < attempts => {
@@ -290,7 +336,7 @@ impl Writer {
             return Ok(());
         }
         let keys: Vec<String> = ops.iter().map(|op| op.key().to_owned()).collect();
-        match self.store.commit(ops.clone()) {
+        match self.commit(ops.clone()) {
             Ok(new_versions) => {
                 for (k, v) in keys.into_iter().zip(new_versions) {
                     self.record(k, v);
@@ -311,9 +357,11 @@ impl Writer {
                         None => Precondition::Absent,
                     };
                     let v = match op {
-                        Op::Put { value, .. } => self.store.put(&key, &value, expect)?,
+                        Op::Put { value, .. } => {
+                            self.commit(vec![Op::put(key.clone(), value, expect)])?[0]
+                        }
                         Op::Delete { .. } => {
-                            self.store.delete(&key, expect)?;
+                            self.commit(vec![Op::delete(key.clone(), expect)])?;
                             0
                         }
                     };
@@ -322,6 +370,14 @@ impl Writer {
                 Ok(())
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// One commit, fenced when this writer writes for an elected leader.
+    fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, StoreError> {
+        match &self.fence {
+            Some(f) => self.store.commit_fenced(f, ops),
+            None => self.store.commit(ops),
         }
     }
 
@@ -548,44 +604,84 @@ mod tests {
         );
     }
 
+    /// A store the test and the persister both hold.
+    struct Shared(std::sync::Arc<MemoryStore>);
+    impl StateStore for Shared {
+        fn get(
+            &self,
+            key: &str,
+        ) -> Result<Option<ringmaster_store::Versioned>, ringmaster_store::StoreError> {
+            self.0.get(key)
+        }
+        fn list(
+            &self,
+            prefix: &str,
+        ) -> Result<Vec<(String, ringmaster_store::Versioned)>, ringmaster_store::StoreError>
+        {
+            self.0.list(prefix)
+        }
+        fn put(
+            &self,
+            key: &str,
+            value: &[u8],
+            expect: Precondition,
+        ) -> Result<Version, ringmaster_store::StoreError> {
+            self.0.put(key, value, expect)
+        }
+        fn delete(
+            &self,
+            key: &str,
+            expect: Precondition,
+        ) -> Result<bool, ringmaster_store::StoreError> {
+            self.0.delete(key, expect)
+        }
+        fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, ringmaster_store::StoreError> {
+            self.0.commit(ops)
+        }
+        fn commit_fenced(
+            &self,
+            fence: &ringmaster_store::Fence,
+            ops: Vec<Op>,
+        ) -> Result<Vec<Version>, ringmaster_store::StoreError> {
+            self.0.commit_fenced(fence, ops)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fenced_write_stops_the_writer_and_says_leadership_is_lost() {
+        let store = std::sync::Arc::new(MemoryStore::new());
+        let created = store.put("leader/me", b"a", Precondition::Absent).unwrap();
+        let fence = ringmaster_store::Fence {
+            key: "leader/me".into(),
+            created,
+        };
+        let (p, _) = Persister::start_fenced(
+            Box::new(Shared(store.clone())),
+            &["jobs/"],
+            quick(3),
+            Some(fence),
+        )
+        .unwrap();
+        p.put("jobs/a".into(), b"1".to_vec());
+        p.flush().wait().await.unwrap();
+        assert_eq!(store.get("jobs/a").unwrap().unwrap().value, b"1");
+        // Another coordinator's election replaces ours.
+        store.delete("leader/me", Precondition::Any).unwrap();
+        store
+            .put("leader/other", b"b", Precondition::Absent)
+            .unwrap();
+        p.put("jobs/a".into(), b"2".to_vec());
+        let err = p.flush().wait().await.expect_err("fenced");
+        assert!(err.reason.contains("no longer leads"), "{err}");
+        tokio::time::timeout(Duration::from_secs(5), p.fenced())
+            .await
+            .expect("fenced() resolves");
+        assert_eq!(store.get("jobs/a").unwrap().unwrap().value, b"1");
+    }
+
     #[tokio::test]
     async fn a_foreign_write_is_overwritten_not_lost() {
         let store = std::sync::Arc::new(MemoryStore::new());
-        struct Shared(std::sync::Arc<MemoryStore>);
-        impl StateStore for Shared {
-            fn get(
-                &self,
-                key: &str,
-            ) -> Result<Option<ringmaster_store::Versioned>, ringmaster_store::StoreError>
-            {
-                self.0.get(key)
-            }
-            fn list(
-                &self,
-                prefix: &str,
-            ) -> Result<Vec<(String, ringmaster_store::Versioned)>, ringmaster_store::StoreError>
-            {
-                self.0.list(prefix)
-            }
-            fn put(
-                &self,
-                key: &str,
-                value: &[u8],
-                expect: Precondition,
-            ) -> Result<Version, ringmaster_store::StoreError> {
-                self.0.put(key, value, expect)
-            }
-            fn delete(
-                &self,
-                key: &str,
-                expect: Precondition,
-            ) -> Result<bool, ringmaster_store::StoreError> {
-                self.0.delete(key, expect)
-            }
-            fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, ringmaster_store::StoreError> {
-                self.0.commit(ops)
-            }
-        }
         let (p, _) = Persister::start(Box::new(Shared(store.clone())), &["jobs/"]).unwrap();
         p.put("jobs/a".into(), b"1".to_vec());
         p.flush().wait().await.unwrap();

@@ -296,30 +296,38 @@ impl Cluster {
         self.dir.path().join(p)
     }
 
-    /// (Re)starts the coordinator on the same data dir; on the same port when given.
-    pub fn start_coordinator(&mut self, port: Option<u16>) {
+    /// A coordinator command on `addr` with its data in `data` (a directory name in the
+    /// cluster's dir) and the cluster's credentials, TLS, hostfile and store.
+    fn coordinator_command(&self, addr: &str, data: &str) -> Command {
+        let mut cmd = Command::new(bin("coordinator"));
+        cmd.args(["--listen", addr, "--data-dir"])
+            .arg(self.path(data))
+            .arg("--join-token-file")
+            .arg(&self.token_file)
+            .args(["--heartbeat-timeout", &self.heartbeat_timeout]);
+        if let Some(h) = &self.hostfile {
+            cmd.arg("--hostfile").arg(h);
+        }
+        if let Some(pki) = &self.pki {
+            cmd.args(ringmaster_auth::Pki::new(pki).coordinator_args());
+        }
+        if let Some(url) = &self.store_url {
+            cmd.args(["--store", url]);
+        }
+        cmd.args(&self.coordinator_args);
+        cmd
+    }
+
+    /// Starts a coordinator on a free port (the given one when `port` is set) and waits until
+    /// its port answers; retries another port when one was taken meanwhile.
+    fn spawn_coordinator(&self, port: Option<u16>, data: &str) -> (Proc, String) {
         for attempt in 0..20 {
             let port = port.unwrap_or_else(free_port);
             let addr = format!("127.0.0.1:{port}");
-            let mut cmd = Command::new(bin("coordinator"));
-            cmd.args(["--listen", &addr, "--data-dir"])
-                .arg(self.path("data"))
-                .arg("--join-token-file")
-                .arg(&self.token_file)
-                .args(["--heartbeat-timeout", &self.heartbeat_timeout]);
-            if let Some(h) = &self.hostfile {
-                cmd.arg("--hostfile").arg(h);
-            }
-            if let Some(pki) = &self.pki {
-                cmd.args(ringmaster_auth::Pki::new(pki).coordinator_args());
-            }
-            if let Some(url) = &self.store_url {
-                cmd.args(["--store", url]);
-            }
-            cmd.args(&self.coordinator_args);
-            let log = self.path(&format!("coordinator-{attempt}-{port}.log"));
+            let cmd = self.coordinator_command(&addr, data);
+            let log = self.path(&format!("coordinator-{data}-{attempt}-{port}.log"));
             let mut p = Proc::spawn("coordinator", cmd, log);
-            // Ready once the health port answers.
+            // Ready once the port answers.
             let deadline = Instant::now() + Duration::from_secs(20);
             let mut up = false;
             while Instant::now() < deadline {
@@ -332,9 +340,7 @@ impl Cluster {
                 }
             }
             if up {
-                self.addr = addr;
-                self.coordinator = Some(p);
-                return;
+                return (p, addr);
             }
             let log = p.log_text();
             if !log.contains("Address already in use") {
@@ -343,6 +349,19 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(200));
         }
         panic!("no free port for the coordinator");
+    }
+
+    /// (Re)starts the coordinator on the same data dir; on the same port when given.
+    pub fn start_coordinator(&mut self, port: Option<u16>) {
+        let (p, addr) = self.spawn_coordinator(port, "data");
+        self.addr = addr;
+        self.coordinator = Some(p);
+    }
+
+    /// Starts one more coordinator on the cluster's store, with its own data dir (`data`):
+    /// on etcd, a standby that leads when the leader is gone. Returns it and its address.
+    pub fn start_another_coordinator(&self, data: &str) -> (Proc, String) {
+        self.spawn_coordinator(None, data)
     }
 
     /// Starts an agent named `name` with `slots`; extra flags appended.

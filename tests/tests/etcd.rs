@@ -98,6 +98,104 @@ fn a_coordinator_with_an_empty_data_dir_takes_over_the_jobs_in_etcd() {
     assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
 }
 
+/// Two coordinators on one etcd, a 2x2 job running: the leader is SIGKILLed; the standby
+/// leads within the TTL (plus a little), the agents (given both addresses) re-attach to it,
+/// ringctl given both addresses finds it, the job goes on with the same pids and no restart,
+/// and nothing is launched twice. Then the new leader is stopped cleanly (SIGTERM): it resigns,
+/// and a third coordinator leads at once, not after the TTL.
+#[test]
+fn the_standby_takes_over_when_the_leader_dies_and_the_job_goes_on() {
+    if !etcd_available("etcd failover") {
+        return;
+    }
+    let _serial = ringmaster_tests::timing_sensitive();
+    let ttl = Duration::from_secs(2);
+    let mut c = Cluster::start_with(
+        Some(HOSTFILE),
+        "5s",
+        ClusterOpts {
+            store: TestStore::Etcd,
+            coordinator_args: vec!["--leader-ttl".into(), "2s".into()],
+            ..Default::default()
+        },
+    );
+    let first = c.addr.clone();
+    let (standby, second) = c.start_another_coordinator("data-b");
+    // The standby refuses, naming the leader.
+    c.addr = second.clone();
+    let out = c.ringctl(&["nodes"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("the leader is at {first}")), "{err}");
+
+    c.addr = format!("{first},{second}");
+    c.start_agent("w0", 2, &[]);
+    c.start_agent("w1", 2, &[]);
+    c.wait_joined(&["w0", "w1"]);
+    let out = c.path("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let out = out.display().to_string();
+    let job = c.submit(
+        "failover.yaml",
+        &format!(
+            "command: [sh, -c, 'echo $$ >> {out}/started-$RANK; while [ ! -e {out}/finish ]; do sleep 0.1; done']\n"
+        ),
+    );
+    let before = c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
+    let pids = |st: &serde_json::Value| -> Vec<u64> {
+        st["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["pid"].as_u64().unwrap_or(0))
+            .collect()
+    };
+
+    let leader = c.coordinator.as_mut().unwrap();
+    leader.signal(Signal::SIGKILL);
+    leader.wait_exit(Duration::from_secs(5));
+    let killed = Instant::now();
+    wait_until(ttl + Duration::from_secs(10), "the standby to lead", || {
+        std::fs::read_to_string(&standby.log)
+            .ok()?
+            .contains("INFO leading")
+            .then_some(())
+    });
+    let took = killed.elapsed();
+    assert!(took <= ttl + Duration::from_secs(3), "took {took:?}");
+    let after = wait_until(Duration::from_secs(20), "ranks re-attached", || {
+        let st = c.status(&job);
+        let ok = st["state"] == "RUNNING"
+            && st["ranks"]
+                .as_array()?
+                .iter()
+                .all(|r| r["state"] == "RUNNING");
+        ok.then_some(st)
+    });
+    assert_eq!(pids(&before), pids(&after));
+    assert_eq!(after["generation"], before["generation"], "{after:#}");
+    assert_eq!(after["restart_count"].as_u64().unwrap_or(0), 0, "{after:#}");
+    std::fs::write(format!("{out}/finish"), b"").unwrap();
+    let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(30));
+    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
+    for r in 0..4 {
+        let started = read(&c.path(&format!("out/started-{r}"))).unwrap();
+        assert_eq!(started.lines().count(), 1, "rank {r} started: {started:?}");
+    }
+
+    // A clean stop resigns: a third coordinator leads well within the TTL.
+    let (third, _addr) = c.start_another_coordinator("data-c");
+    standby.signal(Signal::SIGTERM);
+    let stopped = Instant::now();
+    wait_until(ttl + Duration::from_secs(10), "the third to lead", || {
+        std::fs::read_to_string(&third.log)
+            .ok()?
+            .contains("INFO leading")
+            .then_some(())
+    });
+    assert!(stopped.elapsed() < ttl, "{:?}", stopped.elapsed());
+}
+
 /// An etcd nobody answers at: the coordinator exits 1 within its connect and request
 /// timeouts, with one error naming each endpoint.
 #[test]

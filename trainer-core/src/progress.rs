@@ -329,14 +329,20 @@ async fn send_loop(
     let mut warned = false;
     loop {
         let tls = ringmaster_auth::ClientTls::from_env();
-        let endpoint = match ringmaster_auth::client::endpoint(&addr, &tls) {
-            Ok(e) => e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true),
-            Err(e) => {
+        // One address, or the leader of several (coordinators sharing one etcd): after a
+        // failover the stream reconnects to whichever leads now.
+        let connected = ringmaster_auth::client::connect_leader(
+            &addr,
+            &tls,
+            Duration::from_secs(5),
+            "ringmaster.v1.RendezvousService",
+        )
+        .await;
+        match connected {
+            Err(e @ ringmaster_auth::DialError::Config(_)) => {
                 eprintln!("trainer: progress: {e}; not reporting");
                 return;
             }
-        };
-        match endpoint.connect().await {
             Ok(ch) => {
                 warned = false;
                 let mut client =
@@ -368,9 +374,7 @@ async fn send_loop(
                 }
             }
             Err(e) if !warned => {
-                eprintln!(
-                    "trainer: progress: coordinator at {addr} unreachable ({e}); retrying every second"
-                );
+                eprintln!("trainer: progress: {e}; retrying every second");
                 warned = true;
             }
             Err(_) => {}

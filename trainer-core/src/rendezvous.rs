@@ -19,7 +19,8 @@ pub struct GrpcStore {
 }
 
 impl GrpcStore {
-    /// Connects to the coordinator at `addr` (host:port).
+    /// Connects to the coordinator at `addr` (host:port), or to the leader of a list of
+    /// coordinators (`a:29500,b:29500`).
     ///
     /// # Errors
     /// The coordinator cannot be reached.
@@ -31,8 +32,13 @@ impl GrpcStore {
         let tls = ClientTls::from_env();
         let client = rt
             .block_on(async {
-                let ch =
-                    ringmaster_auth::client::connect(addr, &tls, Duration::from_secs(10)).await?;
+                let ch = ringmaster_auth::client::connect_leader(
+                    addr,
+                    &tls,
+                    Duration::from_secs(10),
+                    "ringmaster.v1.RendezvousService",
+                )
+                .await?;
                 Ok::<_, ringmaster_auth::DialError>(
                     pb::rendezvous_service_client::RendezvousServiceClient::with_interceptor(
                         ch,

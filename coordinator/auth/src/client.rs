@@ -133,6 +133,78 @@ pub async fn connect(addr: &str, tls: &ClientTls, timeout: Duration) -> Result<C
     })
 }
 
+/// The metadata key of a standby coordinator's refusals: the leader's address.
+pub const LEADER_HINT: &str = "ringmaster-leader";
+
+/// The addresses of a coordinator list: `a:29500,b:29500` (coordinators sharing one etcd, one
+/// of which leads), or one address.
+pub fn addresses(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect()
+}
+
+/// The leader's address a standby coordinator named in its refusal, if any.
+pub fn leader_hint(status: &tonic::Status) -> Option<String> {
+    status
+        .metadata()
+        .get(LEADER_HINT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Connects to the leading coordinator of `list`. With one address, as [`connect`]. With
+/// several, to the first whose health check says `service` is SERVING (standbys say
+/// NOT_SERVING), trying each in turn.
+///
+/// # Errors
+/// A bad address or TLS file ([`DialError::Config`]), or no address leads.
+pub async fn connect_leader(
+    list: &str,
+    tls: &ClientTls,
+    timeout: Duration,
+    service: &str,
+) -> Result<Channel, DialError> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let addrs = addresses(list);
+    match addrs.as_slice() {
+        [] => Err(DialError::Config(format!(
+            "coordinator address '{list}': expected HOST:PORT[,HOST:PORT...]"
+        ))),
+        [one] => connect(one, tls, timeout).await,
+        many => {
+            let mut why = Vec::new();
+            for addr in many {
+                let ch = match connect(addr, tls, timeout).await {
+                    Ok(ch) => ch,
+                    Err(e @ DialError::Config(_)) => return Err(e),
+                    Err(DialError::Unreachable { message, .. }) => {
+                        why.push(format!("{addr}: {message}"));
+                        continue;
+                    }
+                };
+                let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+                let check = tonic_health::pb::HealthCheckRequest {
+                    service: service.to_owned(),
+                };
+                match tokio::time::timeout(timeout, health.check(check)).await {
+                    Ok(Ok(r)) if r.get_ref().status() == ServingStatus::Serving => {
+                        return Ok(ch);
+                    }
+                    Ok(Ok(_)) => why.push(format!("{addr}: a standby (not the leader)")),
+                    Ok(Err(s)) => why.push(format!("{addr}: {}", s.message())),
+                    Err(_) => why.push(format!("{addr}: no health answer within {timeout:?}")),
+                }
+            }
+            Err(DialError::Unreachable {
+                addr: list.to_owned(),
+                message: format!("no coordinator leads: {}", why.join("; ")),
+            })
+        }
+    }
+}
+
 /// One line for a connection error, with a hint where the cause is a TLS mismatch.
 pub fn explain(e: &(dyn std::error::Error + 'static), tls: &ClientTls) -> String {
     let mut s = error_chain(e);

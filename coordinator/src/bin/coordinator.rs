@@ -30,6 +30,15 @@ struct Args {
     store: String,
     #[command(flatten)]
     etcd: EtcdArgs,
+    /// With --store etcd://: the address this coordinator publishes when it leads, which
+    /// standbys point clients to. Default: the --listen address, or this host's name and
+    /// port when listening on every interface.
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
+    /// With --store etcd://: the leadership lease's TTL. A dead leader is replaced within
+    /// about this; a leader that cannot renew its lease for this long stops.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    leader_ttl: Duration,
     /// File holding the token agents must present to join. Once any credential is configured,
     /// every call needs one; without --operator-token-file this token is also the admin
     /// credential for ringctl.
@@ -265,7 +274,17 @@ fn main() -> ExitCode {
         if let Err(e) = ringmaster_store::EtcdUrl::parse(&args.store) {
             return usage(format!("--store: {e}"));
         }
-    } else if let Some(flag) = args.etcd.given() {
+        if args.leader_ttl < Duration::from_secs(2) {
+            return usage(format!(
+                "--leader-ttl {} is below the 2s minimum",
+                humantime::format_duration(args.leader_ttl)
+            ));
+        }
+    } else if let Some(flag) = args
+        .etcd
+        .given()
+        .or(args.advertise.as_ref().map(|_| "--advertise"))
+    {
         return usage(format!(
             "{flag} applies to an etcd store only (--store etcd://...; this is --store {})",
             args.store
@@ -276,6 +295,8 @@ fn main() -> ExitCode {
         data_dir: args.data_dir,
         store_url: args.store,
         etcd: args.etcd.options(),
+        advertise: args.advertise,
+        leader_ttl: args.leader_ttl,
         join_token,
         operator_tokens,
         tls,

@@ -87,7 +87,8 @@ pub enum Output {
 #[derive(Parser, Debug)]
 #[command(name = "ringctl", version)]
 pub struct Args {
-    /// Coordinator address. Default: $RINGMASTER_COORDINATOR, then 127.0.0.1:29500.
+    /// Coordinator address, or several (`a:29500,b:29500`: coordinators sharing one etcd;
+    /// ringctl finds the leader). Default: $RINGMASTER_COORDINATOR, then 127.0.0.1:29500.
     #[arg(long, global = true, value_name = "HOST:PORT")]
     pub coordinator: Option<String>,
     /// File holding the operator credential (a token of the coordinator's operator token file,
@@ -316,16 +317,20 @@ impl Target {
 pub async fn connect(target: &Target) -> Result<Client, CliError> {
     let bearer =
         Bearer::new(target.token.as_deref()).map_err(|e| CliError::usage(e.to_string()))?;
-    let channel =
-        ringmaster_auth::client::connect(&target.addr, &target.tls, Duration::from_secs(5))
-            .await
-            .map_err(|e| {
-                if e.is_config() {
-                    CliError::usage(e.to_string())
-                } else {
-                    CliError::failed(e.to_string())
-                }
-            })?;
+    let channel = ringmaster_auth::client::connect_leader(
+        &target.addr,
+        &target.tls,
+        Duration::from_secs(5),
+        "ringmaster.v1.JobService",
+    )
+    .await
+    .map_err(|e| {
+        if e.is_config() {
+            CliError::usage(e.to_string())
+        } else {
+            CliError::failed(e.to_string())
+        }
+    })?;
     Ok(
         pb::job_service_client::JobServiceClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(64 << 20),

@@ -6,6 +6,7 @@
 //! - `job_svc` — `JobService` for operators.
 //! - `rendezvous` — `RendezvousService`: the trainers' store, barrier and progress.
 //! - `limits` — the operator's settings for the coordinator's state and its limits.
+//! - `leader` — with the state in etcd: the campaign, the standby's answers, stepping down.
 //!
 //! Every service sits behind a [`Gate`] (credentials, `ringmaster-auth`); the handlers check
 //! per-method roles (admin for Submit/Cancel/Checkpoint) and the worker credential's scope.
@@ -14,6 +15,7 @@ pub mod agent_svc;
 pub mod core;
 pub mod error;
 pub mod job_svc;
+pub mod leader;
 pub mod limits;
 pub mod rendezvous;
 
@@ -46,6 +48,11 @@ pub struct Config {
     pub store_url: String,
     /// How to reach etcd (TLS, user) when `store_url` is `etcd://...`.
     pub etcd: ringmaster_store::EtcdOptions,
+    /// With etcd: the address this coordinator publishes when it leads (None: the listen
+    /// address, or the host name with its port when listening on every interface).
+    pub advertise: Option<String>,
+    /// With etcd: the leadership lease's TTL (a dead leader is replaced within about this).
+    pub leader_ttl: Duration,
     pub join_token: Option<String>,
     /// Operator tokens with roles (`--operator-token-file`); None: the join token is the admin
     /// credential.
@@ -62,11 +69,19 @@ pub struct Config {
 /// Opens the state store and reads it. A damaged store is an error naming the file and the
 /// damage, unless `--reset-state` is given: then it is moved aside, said so, and the
 /// coordinator starts with an empty store.
-fn open_state(config: &Config) -> anyhow::Result<(Persister, crate::persist::Loaded)> {
+fn open_state(
+    config: &Config,
+    fence: Option<ringmaster_store::Fence>,
+) -> anyhow::Result<(Persister, crate::persist::Loaded)> {
     let dir = &config.data_dir;
     let open = || -> Result<_, ringmaster_store::StoreError> {
         let store = ringmaster_store::open_url_with(&config.store_url, dir, &config.etcd)?;
-        Persister::start(store, &["jobs/", "nodes/", "meta/"])
+        Persister::start_fenced(
+            store,
+            &["jobs/", "nodes/", "meta/"],
+            crate::persist::RetryPolicy::default(),
+            fence.clone(),
+        )
     };
     match open() {
         Ok(opened) => {
@@ -116,6 +131,8 @@ impl Config {
             data_dir,
             store_url: "embedded".into(),
             etcd: Default::default(),
+            advertise: None,
+            leader_ttl: Duration::from_secs(5),
             join_token: None,
             operator_tokens: None,
             tls: None,
@@ -173,10 +190,100 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let shut = tokio_util::sync::CancellationToken::new();
+    {
+        let shut = shut.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            shut.cancel();
+        });
+    }
+    let addr = listener.local_addr()?;
+    let listener = Arc::new(listener);
+    let server_tls = config
+        .tls
+        .as_ref()
+        .map(ServerTls::load)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let remote = ringmaster_store::is_remote(&config.store_url);
+    // With etcd, several coordinators may share the state: lead before reading it.
+    let leadership = if remote {
+        if let Some(why) = insecure_listen_refusal(
+            &addr,
+            &Credentials::new(config.join_token.clone(), config.operator_tokens.clone()),
+            config.insecure,
+        ) {
+            anyhow::bail!(why);
+        }
+        let advertise = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| default_advertise(addr));
+        let elector = ringmaster_store::Elector::connect(
+            &config.store_url,
+            &config.etcd,
+            advertise.clone(),
+            config.leader_ttl,
+        )
+        .await
+        .context("joining the leader election")?;
+        let current = elector.leader().await.ok().flatten();
+        tracing::info!(
+            %advertise,
+            leader = current.as_deref().unwrap_or("none"),
+            ttl = %humantime::format_duration(config.leader_ttl),
+            "campaigning for leadership (standby until elected)"
+        );
+        match leader::campaign(&elector, listener.clone(), server_tls.clone(), shut.clone()).await?
+        {
+            Some(l) => {
+                tracing::info!(%advertise, epoch = l.epoch(), "leading");
+                Some(Arc::new(l))
+            }
+            None => return Ok(()),
+        }
+    } else {
+        None
+    };
+    let result = serve(config, addr, listener, server_tls, leadership.clone(), shut).await;
+    if let Some(l) = leadership {
+        // A clean stop hands over at once; after a loss there is nothing to resign.
+        if l.valid() {
+            l.resign().await;
+        }
+    }
+    result
+}
+
+/// This coordinator's address for others when it leads: the listen address, or the host name
+/// and port when it listens on every interface.
+fn default_advertise(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        let host = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("{host}:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+/// Serves as the only coordinator on the state (the leader, with etcd) until `shut`, or until
+/// the leadership is lost (an error).
+async fn serve(
+    config: Config,
+    addr: std::net::SocketAddr,
+    listener: Arc<TcpListener>,
+    server_tls: Option<tonic::transport::ServerTlsConfig>,
+    leadership: Option<Arc<ringmaster_store::Leadership>>,
+    shut: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let fence = leadership.as_ref().map(|l| l.fence().clone());
     // Opening etcd waits on the network: off the async threads.
     let (persist, mut loaded) = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || open_state(&config))
+        tokio::task::spawn_blocking(move || open_state(&config, fence))
             .await
             .context("opening the state store")??
     };
@@ -192,16 +299,9 @@ pub async fn run(
         core::stored_next_job(&loaded.records),
     )?;
     let mut creds = Credentials::new(config.join_token.clone(), config.operator_tokens.clone());
-    let addr = listener.local_addr()?;
     if let Some(why) = insecure_listen_refusal(&addr, &creds, config.insecure) {
         anyhow::bail!(why);
     }
-    let server_tls = config
-        .tls
-        .as_ref()
-        .map(ServerTls::load)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
     // Worker credentials are derived from one secret kept with the state, so that a restarted
     // coordinator (or, later, another one on the same store) accepts the credentials of
     // workers that kept running.
@@ -235,7 +335,9 @@ pub async fn run(
         heartbeat_timeout: config.heartbeat_timeout,
         creds: creds.clone(),
         job_limits: config.state.jobs,
+        leading: leadership.clone(),
     };
+    let fenced = persist.fenced();
     let stopping = tokio_util::sync::CancellationToken::new();
     let core = core::Core::new(core_cfg, persist, loaded.records, rendezvous.clone(), ids);
     let (handle, core_task) = core::spawn(core, stopping.clone());
@@ -326,18 +428,9 @@ pub async fn run(
     if server_tls.is_none() && !addr.ip().is_loopback() {
         tracing::warn!("no TLS (--tls-cert/--tls-key): credentials cross the network in clear");
     }
-    // The server's own tcp_nodelay does not reach sockets of a caller-supplied listener: set it
-    // here, or Nagle's algorithm holds small replies for a delayed ACK (~40 ms each).
-    let incoming = tokio_stream::StreamExt::map(
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-        |conn| {
-            conn.inspect(|s| {
-                if let Err(e) = s.set_nodelay(true) {
-                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
-                }
-            })
-        },
-    );
+    // The server's own tcp_nodelay does not reach sockets of a caller-supplied listener:
+    // `accept` sets it.
+    let incoming = leader::accept(listener);
     let stop = stopping.clone();
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = server_tls {
@@ -356,14 +449,31 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
+            shut.cancelled().await;
             tracing::info!("coordinator shutting down");
             // The loop ends agent streams and watches, so that graceful shutdown can finish.
             stop.cancel();
         });
     tokio::pin!(server);
+    // Leadership lost (lease not renewed in time, or a write refused by the fence): stop at
+    // once, serving nothing more; the error exits the process.
+    let lost = {
+        let leadership = leadership.clone();
+        async move {
+            match leadership {
+                Some(l) => {
+                    tokio::select! {
+                        _ = l.lost() => {}
+                        _ = fenced => {}
+                    }
+                    l.epoch()
+                }
+                None => std::future::pending().await,
+            }
+        }
+    };
     let result = tokio::select! {
-        r = &mut server => r,
+        r = &mut server => r.context("gRPC server"),
         _ = async {
             stopping.cancelled().await;
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -371,10 +481,18 @@ pub async fn run(
             tracing::warn!("requests still open 5s after shutdown began; closing them");
             Ok(())
         }
+        epoch = lost => {
+            tracing::error!(epoch, "lost leadership: stopping at once (a newer coordinator leads, or etcd could not renew the lease in time)");
+            stopping.cancel();
+            Err(anyhow::anyhow!(
+                "lost leadership (epoch {epoch}): another coordinator leads, or etcd did not renew \
+                 the lease in time; this coordinator stopped so that it acts on nothing stale"
+            ))
+        }
     };
     drop(handle);
     progress_task.abort();
     // The loop ends once every handle is gone (the services were dropped with the server).
     let _ = tokio::time::timeout(Duration::from_secs(5), core_task).await;
-    result.context("gRPC server")
+    result
 }

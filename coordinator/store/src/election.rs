@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, LeaderKey, ResignOptions};
 use tokio::sync::watch;
 
-use crate::etcd_store::{EtcdOptions, EtcdUrl, connect_options, describe};
+use crate::etcd_store::{EtcdOptions, EtcdUrl, connect_checked, connect_options, describe};
 use crate::{Fence, StoreError};
 
 /// What a leader subtracts from the TTL before it stops trusting its lease.
@@ -91,19 +91,12 @@ impl Elector {
         let mut connect = connect_options(opts, None)?;
         connect = connect.with_keep_alive(Duration::from_secs(1), Duration::from_secs(1));
         let endpoints = parsed.endpoints.join(",");
-        let client = tokio::time::timeout(
+        let client = connect_checked(
+            parsed.endpoints.clone(),
+            connect,
             opts.connect_timeout + opts.request_timeout,
-            Client::connect(&parsed.endpoints, Some(connect)),
         )
-        .await
-        .map_err(|_| StoreError::Unreachable {
-            endpoints: endpoints.clone(),
-            detail: "no answer".into(),
-        })?
-        .map_err(|e| StoreError::Unreachable {
-            endpoints: endpoints.clone(),
-            detail: describe(&e),
-        })?;
+        .await?;
         Ok(Elector {
             client,
             name: format!("{}/leader", parsed.root),
@@ -287,7 +280,7 @@ impl Leadership {
 
     /// Give the leadership up at once (a clean shutdown): the next candidate need not wait
     /// for the TTL.
-    pub async fn resign(self) {
+    pub async fn resign(&self) {
         self.keeper.abort();
         let mut c = self.client.clone();
         let _ = tokio::time::timeout(

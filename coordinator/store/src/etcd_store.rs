@@ -250,56 +250,20 @@ impl EtcdStore {
             .map_err(|e| {
                 StoreError::Backend(format!("etcd store: cannot start its runtime: {e}"))
             })?;
-        let endpoints = parsed.endpoints.clone();
-        let probe_timeout = opts.connect_timeout + opts.request_timeout;
-        let result = on(&rt, async move {
-            let attempt = async {
-                let mut client = Client::connect(&endpoints, Some(connect.clone())).await?;
-                client.status().await?;
-                Ok::<_, etcd_client::Error>(client)
-            };
-            match tokio::time::timeout(probe_timeout, attempt).await {
-                Ok(Ok(client)) => Ok(client),
-                // An answer (a refused password, a permission): not a reachability problem.
-                Ok(Err(e)) if !transient(&e) => Err((false, describe(&e))),
-                // Say what each endpoint answered, not only what the balanced channel saw.
-                first => {
-                    let mut why = Vec::new();
-                    for ep in &endpoints {
-                        let one = async {
-                            let mut c = Client::connect([ep], Some(connect.clone())).await?;
-                            c.status().await?;
-                            Ok::<_, etcd_client::Error>(())
-                        };
-                        let detail = match tokio::time::timeout(probe_timeout, one).await {
-                            Ok(Ok(())) => continue,
-                            Ok(Err(e)) => describe(&e),
-                            Err(_) => format!("no answer within {probe_timeout:?}"),
-                        };
-                        why.push(format!("{ep}: {detail}"));
-                    }
-                    if why.is_empty() {
-                        // Every member answered on its own: the first failure was passing.
-                        match first {
-                            Ok(Err(e)) => why.push(describe(&e)),
-                            _ => why.push(format!("no answer within {probe_timeout:?}")),
-                        }
-                    }
-                    Err((true, why.join("; ")))
-                }
-            }
-        })?;
+        let result = on(
+            &rt,
+            connect_checked(
+                parsed.endpoints.clone(),
+                connect,
+                opts.connect_timeout + opts.request_timeout,
+            ),
+        )?;
         let client = match result {
             Ok(client) => client,
-            Err((unreachable, detail)) => {
+            Err(e) => {
                 // Not dropped: dropping a runtime inside async code panics.
                 rt.shutdown_background();
-                let endpoints = parsed.endpoints.join(",");
-                return Err(if unreachable {
-                    StoreError::Unreachable { endpoints, detail }
-                } else {
-                    StoreError::Backend(format!("etcd at {endpoints} refused us: {detail}"))
-                });
+                return Err(e);
             }
         };
         Ok(EtcdStore {
@@ -512,6 +476,59 @@ impl EtcdStore {
             )));
         }
     }
+}
+
+/// Connects to `endpoints` and checks that the cluster answers. Fails with
+/// [`StoreError::Unreachable`] naming what each endpoint answered, or with the cluster's
+/// refusal (a wrong password) as such.
+pub(crate) async fn connect_checked(
+    endpoints: Vec<String>,
+    connect: ConnectOptions,
+    probe_timeout: Duration,
+) -> Result<Client, StoreError> {
+    let joined = endpoints.join(",");
+    let attempt = async {
+        let mut client = Client::connect(&endpoints, Some(connect.clone())).await?;
+        client.status().await?;
+        Ok::<_, etcd_client::Error>(client)
+    };
+    let first = match tokio::time::timeout(probe_timeout, attempt).await {
+        Ok(Ok(client)) => return Ok(client),
+        // An answer (a refused password, a permission): not a reachability problem.
+        Ok(Err(e)) if !transient(&e) => {
+            return Err(StoreError::Backend(format!(
+                "etcd at {joined} refused us: {}",
+                describe(&e)
+            )));
+        }
+        first => first,
+    };
+    // Say what each endpoint answered, not only what the balanced channel saw.
+    let mut why = Vec::new();
+    for ep in &endpoints {
+        let one = async {
+            let mut c = Client::connect([ep], Some(connect.clone())).await?;
+            c.status().await?;
+            Ok::<_, etcd_client::Error>(())
+        };
+        let detail = match tokio::time::timeout(probe_timeout, one).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => describe(&e),
+            Err(_) => format!("no answer within {probe_timeout:?}"),
+        };
+        why.push(format!("{ep}: {detail}"));
+    }
+    if why.is_empty() {
+        // Every member answered on its own: the first failure was passing.
+        match first {
+            Ok(Err(e)) => why.push(describe(&e)),
+            _ => why.push(format!("no answer within {probe_timeout:?}")),
+        }
+    }
+    Err(StoreError::Unreachable {
+        endpoints: joined,
+        detail: why.join("; "),
+    })
 }
 
 /// When a retried commit conflicts: the revision of the earlier attempt, if the keys show that

@@ -287,6 +287,12 @@ impl Core {
     }
 
     pub(super) fn send_to(&mut self, node: &str, msg: pb::coordinator_message::Msg) -> bool {
+        if let Some(leading) = &self.cfg.leading
+            && !leading.valid()
+        {
+            tracing::warn!(node, "not sent: this coordinator's leadership has lapsed");
+            return false;
+        }
         let Some(conn) = self.nodes.get(node).and_then(|n| n.conn.as_ref()) else {
             return false;
         };

@@ -152,7 +152,13 @@ pub struct CoreConfig {
     pub creds: std::sync::Arc<ringmaster_auth::Credentials>,
     /// How many jobs are kept, and for how long once finished.
     pub job_limits: JobLimits,
+    /// With an elected leader: whether it still leads. Nothing is sent to an agent once this
+    /// says no (a paused leader that wakes after its lease ran out commands nothing).
+    pub leading: Option<std::sync::Arc<ringmaster_store::Leadership>>,
 }
+
+/// A generation whose record reached the store (or could not): `(job, generation, result)`.
+type Started = (String, u64, Result<(), WritesStopped>);
 
 /// A submitted job's record reached the store (or could not): the submit can be answered.
 struct Acked {
@@ -254,6 +260,9 @@ pub struct Core {
     unacked: BTreeSet<String>,
     acks_tx: mpsc::UnboundedSender<Acked>,
     acks_rx: Option<mpsc::UnboundedReceiver<Acked>>,
+    /// Generations whose record was committed, to start (durable, then start).
+    starts_tx: mpsc::UnboundedSender<Started>,
+    starts_rx: Option<mpsc::UnboundedReceiver<Started>>,
     /// Bytes of the specs and files of every job held.
     job_bytes: u64,
     last_retention: Instant,
@@ -292,6 +301,7 @@ impl Core {
     ) -> Core {
         let now = Instant::now();
         let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+        let (starts_tx, starts_rx) = mpsc::unbounded_channel();
         let mut core = Core {
             cfg,
             persist,
@@ -305,6 +315,8 @@ impl Core {
             unacked: BTreeSet::new(),
             acks_tx,
             acks_rx: Some(acks_rx),
+            starts_tx,
+            starts_rx: Some(starts_rx),
             job_bytes: 0,
             last_retention: now,
             port_requests: HashMap::new(),
@@ -374,9 +386,13 @@ impl Core {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopped = false;
         let mut acks = self.acks_rx.take().expect("the loop runs once");
+        let mut starts = self.starts_rx.take().expect("the loop runs once");
         loop {
             tokio::select! {
                 Some(ack) = acks.recv() => self.acked(ack),
+                Some((id, generation, result)) = starts.recv() => {
+                    self.durable(&id, generation, result);
+                }
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => {
                         self.handle(cmd);

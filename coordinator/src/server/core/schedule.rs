@@ -83,16 +83,22 @@ impl Core {
         }
     }
 
-    /// Feeds an event to a job's state machine and carries out the actions.
     /// Applies `event` to job `id`, then every event its actions raised, in order. The way in
     /// for commands and timers; actions [`Core::raise`] instead.
     pub(super) fn apply(&mut self, id: &str, event: Event) {
+        let id = id.to_owned();
+        self.acting(move |core| core.step(&id, event));
+    }
+
+    /// Runs `f` as the start of an apply: the events it raises, and those they raise, are
+    /// stepped through in order afterwards. Never re-entered.
+    pub(super) fn acting(&mut self, f: impl FnOnce(&mut Core)) {
         debug_assert!(
             !self.applying,
             "Core::apply re-entered (an action must raise)"
         );
         self.applying = true;
-        self.step(id, event);
+        f(self);
         while let Some((id, event)) = self.raised.pop_front() {
             self.step(&id, event);
         }
@@ -166,7 +172,7 @@ impl Core {
                     );
                 }
             }
-            Action::StartWorkers { generation } => self.start_workers(id, generation),
+            Action::StartWorkers { generation } => self.start_when_durable(id, generation),
             Action::Reschedule => self.dirty = true,
             Action::StopWorkers {
                 generation,
@@ -225,6 +231,46 @@ impl Core {
                 self.rendezvous.close(id, generation);
             }
         }
+    }
+
+    /// Durable, then start: the generation's record (placement, master port) is committed
+    /// before any agent is told to start it, so that a coordinator that takes over (a
+    /// restart, another leader on etcd) knows every generation an agent may be running and
+    /// never restarts workers it was not told of.
+    fn start_when_durable(&mut self, id: &str, generation: u64) {
+        let Some(job) = self.jobs.get(id) else { return };
+        self.persist.put(
+            format!("jobs/{id}"),
+            serde_json::to_vec(job).expect("job serializes"),
+        );
+        let durable = self.persist.flush();
+        let tx = self.starts_tx.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let result = durable.wait().await;
+            let _ = tx.send((id, generation, result));
+        });
+    }
+
+    /// The generation's record is committed (or the writer stopped): start its workers if
+    /// the job still waits for exactly them.
+    pub(super) fn durable(
+        &mut self,
+        id: &str,
+        generation: u64,
+        result: Result<(), crate::persist::WritesStopped>,
+    ) {
+        let Some(job) = self.jobs.get(id) else { return };
+        if job.state != crate::job::JobState::Starting || job.generation != generation {
+            return;
+        }
+        if let Err(e) = result {
+            // Running jobs go on when the store fails (the operator is told at every write);
+            // a coordinator that lost its leadership sends nothing (send_to).
+            tracing::warn!(job = %id, generation, "starting workers whose generation is not saved: {e}");
+        }
+        let id = id.to_owned();
+        self.acting(move |core| core.start_workers(&id, generation));
     }
 
     pub(super) fn start_workers(&mut self, id: &str, generation: u64) {

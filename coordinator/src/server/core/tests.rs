@@ -33,6 +33,7 @@ fn core(store: &Arc<Flaky>, job_limits: JobLimits) -> Core {
         heartbeat_timeout: Duration::from_secs(10),
         creds: Default::default(),
         job_limits,
+        leading: None,
     };
     Core::new(cfg, persist, loaded.records, Rendezvous::default(), ids)
 }
