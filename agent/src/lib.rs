@@ -123,6 +123,9 @@ struct Agent {
     hb_seq: u64,
     /// Which of the `--join` addresses was joined last (tried first next time).
     joined: usize,
+    /// The highest coordinator leadership epoch seen: a coordinator below it was deposed,
+    /// and nothing it sends is carried out.
+    epoch: u64,
 }
 
 /// The advertised address: the one given, else the local address of a route to the
@@ -211,6 +214,7 @@ pub async fn run(
         fetches: HashMap::new(),
         hb_seq: 0,
         joined: 0,
+        epoch: 0,
     };
     tracing::info!(name = %agent.cfg.name, slots = agent.cfg.slots, coordinator = %agent.cfg.join, work_dir = %agent.cfg.work_dir.display(), "agent starting");
 
@@ -249,6 +253,11 @@ pub async fn run(
                     _ = &mut shutdown => break Ok(()),
                     Some(e) = exit_rx.recv() => agent.worker_exited(e, Some(&tx)).await,
                     msg = u.inbound.message() => match msg {
+                        Ok(Some(m)) if m.leader_epoch < agent.epoch => {
+                            tracing::warn!(epoch = m.leader_epoch, highest = agent.epoch, "a command from a deposed coordinator; ignored, reconnecting");
+                            up = None;
+                            retry_at = Instant::now() + initial_backoff;
+                        }
                         Ok(Some(m)) => {
                             if let Some(m) = m.msg {
                                 agent.handle(m, &tx).await;
@@ -346,19 +355,34 @@ impl Agent {
             .map_err(|e| (ConnectError::Fatal(e.to_string()), None))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20));
-        let channel = endpoint.connect().await.map_err(|e| {
-            let why = ringmaster_auth::client::explain(&e, &self.cfg.tls);
-            // A coordinator whose certificate does not chain to our CA is not ours: never run
-            // its commands, and do not keep knocking as if it were a network hiccup.
-            let e = if ringmaster_auth::client::is_untrusted_peer(&why) {
-                ConnectError::Fatal(format!("TLS: {why}"))
-            } else {
-                ConnectError::Retry(why)
-            };
-            (e, None)
-        })?;
+            // A coordinator that hangs (a paused or partitioned leader) is noticed within
+            // about 5 s, well inside the heartbeat timeout a new leader gives agents to come
+            // back: HTTP/2 PINGs need the process, not only its kernel, to answer.
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true);
+        // Bounded as a whole: a paused coordinator's kernel accepts, then nothing answers.
+        let channel = tokio::time::timeout(Duration::from_secs(5), endpoint.connect())
+            .await
+            .map_err(|_| {
+                (
+                    ConnectError::Retry(
+                        "accepted the connection but did not answer within 5s".into(),
+                    ),
+                    None,
+                )
+            })?
+            .map_err(|e| {
+                let why = ringmaster_auth::client::explain(&e, &self.cfg.tls);
+                // A coordinator whose certificate does not chain to our CA is not ours: never run
+                // its commands, and do not keep knocking as if it were a network hiccup.
+                let e = if ringmaster_auth::client::is_untrusted_peer(&why) {
+                    ConnectError::Fatal(format!("TLS: {why}"))
+                } else {
+                    ConnectError::Retry(why)
+                };
+                (e, None)
+            })?;
         let bearer = ringmaster_auth::Bearer::new(self.cfg.token.as_deref())
             .map_err(|e| (ConnectError::Fatal(e.to_string()), None))?;
         let mut client =
@@ -412,6 +436,15 @@ impl Agent {
             .map_err(|_| (ConnectError::Retry("no JoinAck within 10s".into()), None))?
             .map_err(classify)?;
         let ack = match first.and_then(|m| m.msg) {
+            Some(pb::coordinator_message::Msg::JoinAck(a)) if a.leader_epoch < self.epoch => {
+                return Err((
+                    ConnectError::Retry(format!(
+                        "a deposed coordinator (leadership epoch {} below {})",
+                        a.leader_epoch, self.epoch
+                    )),
+                    None,
+                ));
+            }
             Some(pb::coordinator_message::Msg::JoinAck(a)) => a,
             other => {
                 // Only the kind: a message may carry a worker credential.
@@ -428,8 +461,10 @@ impl Agent {
             }
         };
         self.undelivered.clear();
+        self.epoch = ack.leader_epoch;
         tracing::info!(
             slots = ack.slots,
+            leader_epoch = ack.leader_epoch,
             heartbeat_ms = ack.heartbeat_interval_ms,
             running = self.sup.len(),
             "joined the coordinator"

@@ -127,10 +127,18 @@ pub async fn connect(addr: &str, tls: &ClientTls, timeout: Duration) -> Result<C
     let ep = endpoint(addr, tls)?
         .connect_timeout(timeout)
         .tcp_nodelay(true);
-    ep.connect().await.map_err(|e| DialError::Unreachable {
-        addr: addr.to_owned(),
-        message: explain(&e, tls),
-    })
+    // The connect timeout bounds the TCP connect; a peer that accepts and then never answers
+    // (a paused process: its kernel completes the handshake) would hold the TLS handshake.
+    match tokio::time::timeout(timeout, ep.connect()).await {
+        Ok(r) => r.map_err(|e| DialError::Unreachable {
+            addr: addr.to_owned(),
+            message: explain(&e, tls),
+        }),
+        Err(_) => Err(DialError::Unreachable {
+            addr: addr.to_owned(),
+            message: format!("accepted the connection but did not answer within {timeout:?}"),
+        }),
+    }
 }
 
 /// The metadata key of a standby coordinator's refusals: the leader's address.

@@ -11,6 +11,13 @@ impl Core {
         tx: AgentTx,
     ) -> Result<(u64, pb::JoinAck), CoreError> {
         let name = join.name.clone();
+        if let Some(l) = &self.cfg.leading
+            && !l.valid()
+        {
+            return Err(CoreError::Unavailable(
+                "this coordinator's leadership has lapsed; join the current leader".into(),
+            ));
+        }
         if !crate::spec::is_safe_name(&name) {
             return Err(CoreError::Invalid(format!(
                 "node name '{name}' is not valid: use 1-63 characters of A-Z a-z 0-9 . _ -"
@@ -113,9 +120,11 @@ impl Core {
             heartbeat_interval_ms: (self.cfg.heartbeat_timeout.as_millis() as u64 / 4)
                 .clamp(50, 5_000),
             coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
+            leader_epoch: self.epoch(),
         };
         let _ = tx.try_send(Ok(pb::CoordinatorMessage {
             msg: Some(pb::coordinator_message::Msg::JoinAck(ack.clone())),
+            leader_epoch: self.epoch(),
         }));
 
         // Reconcile what the agent runs with what the jobs expect.
@@ -286,6 +295,11 @@ impl Core {
             .collect()
     }
 
+    /// This coordinator's leadership epoch (0: alone on its store, no election).
+    pub(super) fn epoch(&self) -> u64 {
+        self.cfg.leading.as_ref().map_or(0, |l| l.epoch())
+    }
+
     pub(super) fn send_to(&mut self, node: &str, msg: pb::coordinator_message::Msg) -> bool {
         if let Some(leading) = &self.cfg.leading
             && !leading.valid()
@@ -296,10 +310,10 @@ impl Core {
         let Some(conn) = self.nodes.get(node).and_then(|n| n.conn.as_ref()) else {
             return false;
         };
-        match conn
-            .tx
-            .try_send(Ok(pb::CoordinatorMessage { msg: Some(msg) }))
-        {
+        match conn.tx.try_send(Ok(pb::CoordinatorMessage {
+            msg: Some(msg),
+            leader_epoch: self.epoch(),
+        })) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(node, error = %e, "could not send to agent");
