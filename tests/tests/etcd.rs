@@ -150,6 +150,28 @@ fn the_standby_takes_over_when_the_leader_dies_and_the_job_goes_on() {
             .map(|r| r["pid"].as_u64().unwrap_or(0))
             .collect()
     };
+    // The standby answers operators' reads from etcd (as the leader saved them), behind the
+    // same credentials; writes go to the leader.
+    let both = c.addr.clone();
+    c.addr = second.clone();
+    let read_on_standby = wait_until(Duration::from_secs(10), "the standby's read", || {
+        let st = c.status(&job);
+        (st["state"] == "RUNNING").then_some(st)
+    });
+    assert_eq!(pids(&read_on_standby), pids(&before));
+    let listed = c.ringctl(&["jobs", "--output", "json"]);
+    assert!(listed.status.success(), "{listed:?}");
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&job));
+    let cancel = c.ringctl(&["cancel", &job]);
+    assert_eq!(cancel.status.code(), Some(1), "{cancel:?}");
+    assert!(String::from_utf8_lossy(&cancel.stderr).contains("the leader is at"));
+    let mut anonymous = c.ringctl_cmd();
+    anonymous
+        .env_remove("RINGMASTER_TOKEN_FILE")
+        .args(["status", &job]);
+    let refused = anonymous.output().unwrap();
+    assert_ne!(refused.status.code(), Some(0), "{refused:?}");
+    c.addr = both;
 
     let leader = c.coordinator.as_mut().unwrap();
     leader.signal(Signal::SIGKILL);

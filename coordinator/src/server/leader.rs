@@ -2,9 +2,12 @@
 //!
 //! A coordinator on etcd campaigns before it reads any state ([`campaign`]). While it waits it
 //! is a standby: it listens, its health service says NOT_SERVING for Ringmaster's services,
-//! and every Ringmaster call gets UNAVAILABLE "this coordinator is a standby; the leader is at
-//! X" with the leader's address in the `ringmaster-leader` metadata, so that agents, trainers
-//! and ringctl given several addresses move on to the leader. Once elected it reads the state
+//! it answers the operators' reads (`JobService.Get`/`List`, behind the same credentials)
+//! from etcd, and every other call gets UNAVAILABLE "this coordinator is a standby; the leader
+//! is at X" with the leader's address in the `ringmaster-leader` metadata, so that agents,
+//! trainers and ringctl given several addresses move on to the leader. A standby's reads show
+//! what the leader last saved: states, ranks, restarts and checkpoints, not the step and loss
+//! of the last second (progress is published, not saved, per report). Once elected it reads the state
 //! fresh and serves as the only writer, every write fenced by its leadership.
 //!
 //! A leader that loses its leadership (its lease not renewed in time, or a write refused by
@@ -21,7 +24,14 @@ use ringmaster_store::Elector;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use ringmaster_auth::Credentials;
+use ringmaster_auth::credentials::{Gate, Service};
+use ringmaster_store::StateStore;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status};
+
 use super::{agent_svc, job_svc, rendezvous};
+use crate::job::Job;
 
 /// The metadata key of a standby's refusals: the leader's address.
 pub const LEADER_HINT: &str = "ringmaster-leader";
@@ -42,16 +52,25 @@ pub(super) fn accept(
     })
 }
 
-/// Waits until `elector` leads (then `Some`), or `shutdown` (then `None`), serving as a
-/// standby on `listener` meanwhile.
+/// What a standby serves with: its view of the cluster and the operators' credentials.
+pub(super) struct Standby {
+    pub elector: Elector,
+    /// The shared state, read for `JobService.Get`/`List`.
+    pub store: Arc<dyn StateStore>,
+    pub creds: Arc<Credentials>,
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
+/// Waits until the standby's elector leads (then `Some`), or `shutdown` (then `None`),
+/// serving as a standby on `listener` meanwhile.
 pub(super) async fn campaign(
-    elector: &Elector,
+    standby: Standby,
     listener: Arc<TcpListener>,
-    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<ringmaster_store::Leadership>> {
     let stop = CancellationToken::new();
-    let standby = tokio::spawn(serve_standby(elector.clone(), listener, tls, stop.clone()));
+    let elector = standby.elector.clone();
+    let standby = tokio::spawn(serve_standby(standby, listener, stop.clone()));
     let won = tokio::select! {
         won = elector.campaign() => Some(won),
         _ = shutdown.cancelled() => None,
@@ -65,8 +84,8 @@ pub(super) async fn campaign(
     won.transpose().context("campaigning for leadership")
 }
 
-/// The standby's answer to every Ringmaster call.
-async fn refusal(elector: Elector) -> http::Response<axum::body::Body> {
+/// The standby's refusal: UNAVAILABLE naming the leader.
+async fn not_the_leader(elector: &Elector) -> Status {
     let leader = elector.leader().await.ok().flatten();
     let mut md = tonic::metadata::MetadataMap::new();
     let message = match &leader {
@@ -78,15 +97,126 @@ async fn refusal(elector: Elector) -> http::Response<axum::body::Body> {
         }
         None => "this coordinator is a standby and no leader is elected yet".to_owned(),
     };
-    tonic::Status::with_metadata(tonic::Code::Unavailable, message, md).into_http()
+    Status::with_metadata(tonic::Code::Unavailable, message, md)
+}
+
+/// The standby's answer to every call it does not serve.
+async fn refusal(elector: Elector) -> http::Response<axum::body::Body> {
+    not_the_leader(&elector).await.into_http()
+}
+
+/// The jobs as the leader last saved them.
+async fn saved_jobs(store: Arc<dyn StateStore>) -> Result<Vec<Job>, Status> {
+    let records = tokio::task::spawn_blocking(move || store.list("jobs/"))
+        .await
+        .map_err(|e| Status::internal(format!("reading the state store: {e}")))?
+        .map_err(|e| Status::unavailable(format!("reading the state store: {e}")))?;
+    let mut jobs: Vec<Job> = records
+        .iter()
+        .filter_map(|(k, v)| {
+            let job = serde_json::from_slice::<Job>(&v.value);
+            if let Err(e) = &job {
+                tracing::warn!(key = %k, error = %e, "unreadable job record skipped");
+            }
+            job.ok()
+        })
+        .collect();
+    jobs.sort_by_key(|j| (j.created_unix_ms, j.id.clone()));
+    Ok(jobs)
+}
+
+/// A standby's `JobService`: reads from the store, everything else to the leader.
+struct StandbyJobs {
+    elector: Elector,
+    store: Arc<dyn StateStore>,
+}
+
+type BoxStream<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::job_service_server::JobService for StandbyJobs {
+    async fn submit(
+        &self,
+        _: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        Err(not_the_leader(&self.elector).await)
+    }
+
+    async fn get(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let id = req.into_inner().job_id;
+        let jobs = saved_jobs(self.store.clone()).await?;
+        jobs.iter()
+            .find(|j| j.id == id)
+            .map(|j| Response::new(crate::status::job_status(j)))
+            .ok_or_else(|| Status::not_found(format!("no job '{id}'")))
+    }
+
+    async fn list(
+        &self,
+        _: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let jobs = saved_jobs(self.store.clone()).await?;
+        let refs: Vec<&Job> = jobs.iter().collect();
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: crate::status::list(&refs, super::core::LIST_BUDGET_BYTES),
+        }))
+    }
+
+    type WatchStream = BoxStream<pb::JobStatus>;
+
+    async fn watch(
+        &self,
+        _: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(not_the_leader(&self.elector).await)
+    }
+
+    async fn cancel(
+        &self,
+        _: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        Err(not_the_leader(&self.elector).await)
+    }
+
+    async fn checkpoint(
+        &self,
+        _: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        Err(not_the_leader(&self.elector).await)
+    }
+
+    async fn nodes(
+        &self,
+        _: Request<pb::NodesRequest>,
+    ) -> Result<Response<pb::NodesResponse>, Status> {
+        Err(not_the_leader(&self.elector).await)
+    }
+
+    type LogsStream = BoxStream<pb::LogChunk>;
+
+    async fn logs(
+        &self,
+        _: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        Err(not_the_leader(&self.elector).await)
+    }
 }
 
 async fn serve_standby(
-    elector: Elector,
+    standby: Standby,
     listener: Arc<TcpListener>,
-    tls: Option<tonic::transport::ServerTlsConfig>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Standby {
+        elector,
+        store,
+        creds,
+        tls,
+    } = standby;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_not_serving::<pb::agent_service_server::AgentServiceServer<agent_svc::AgentSvc>>()
@@ -97,8 +227,18 @@ async fn serve_standby(
     reporter
         .set_not_serving::<pb::rendezvous_service_server::RendezvousServiceServer<rendezvous::RendezvousSvc>>()
         .await;
+    // Reads behind the operators' gate, as on the leader.
+    let jobs = InterceptedService::new(
+        pb::job_service_server::JobServiceServer::new(StandbyJobs {
+            elector: elector.clone(),
+            store,
+        }),
+        Gate::new(creds, Service::Jobs),
+    );
     let fallback = axum::Router::new().fallback(move || refusal(elector.clone()));
-    let routes = tonic::service::Routes::from(fallback).add_service(health);
+    let routes = tonic::service::Routes::from(fallback)
+        .add_service(health)
+        .add_service(jobs);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("TLS settings")?;

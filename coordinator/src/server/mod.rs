@@ -235,8 +235,26 @@ pub async fn run(
             ttl = %humantime::format_duration(config.leader_ttl),
             "campaigning for leadership (standby until elected)"
         );
-        match leader::campaign(&elector, listener.clone(), server_tls.clone(), shut.clone()).await?
-        {
+        // The standby reads jobs from the same etcd for operators (opened off the async
+        // threads: it checks that etcd answers).
+        let store: Arc<dyn ringmaster_store::StateStore> = {
+            let (url, opts) = (config.store_url.clone(), config.etcd.clone());
+            Arc::new(
+                tokio::task::spawn_blocking(move || ringmaster_store::EtcdStore::open(&url, &opts))
+                    .await
+                    .context("opening the state store")??,
+            )
+        };
+        let standby = leader::Standby {
+            elector,
+            store,
+            creds: Arc::new(Credentials::new(
+                config.join_token.clone(),
+                config.operator_tokens.clone(),
+            )),
+            tls: server_tls.clone(),
+        };
+        match leader::campaign(standby, listener.clone(), shut.clone()).await? {
             Some(l) => {
                 tracing::info!(%advertise, epoch = l.epoch(), "leading");
                 Some(Arc::new(l))
