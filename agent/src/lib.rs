@@ -240,8 +240,17 @@ pub async fn run(
                             }
                             Err(ConnectError::Retry(why)) => {
                                 tracing::warn!(coordinator = %agent.cfg.join, retry_in_ms = backoff.as_millis() as u64, "coordinator unreachable: {why}");
-                                retry_at = Instant::now() + backoff;
-                                backoff = (backoff * 2).min(agent.cfg.max_backoff);
+                                if why.contains("standby") {
+                                    // A standby answered: an election is under way and a
+                                    // leader serves within its lease's TTL. Knock every 1-2 s
+                                    // (jittered: thousands of agents do this at once) rather
+                                    // than backing off past the takeover.
+                                    let jitter = Duration::from_millis(rand::random::<u64>() % 1000);
+                                    retry_at = Instant::now() + Duration::from_secs(1) + jitter;
+                                } else {
+                                    retry_at = Instant::now() + backoff;
+                                    backoff = (backoff * 2).min(agent.cfg.max_backoff);
+                                }
                             }
                         }
                     }

@@ -310,9 +310,38 @@ impl Writer {
         }
     }
 
+    /// Commits `pending`: one atomic commit, or several where the store limits a commit's
+    /// operations or bytes (etcd). The records are independent; `meta/` records (the job id
+    /// counter) go in the first commit, so that an interrupted batch can skip an id but never
+    /// hand one out twice.
+    fn write_batch(
+        &mut self,
+        pending: &BTreeMap<String, Option<Vec<u8>>>,
+    ) -> Result<(), StoreError> {
+        let max_ops = self.store.max_ops_per_commit().unwrap_or(usize::MAX).max(1);
+        let max_bytes = self.store.max_commit_bytes().unwrap_or(usize::MAX);
+        let (meta, rest): (Vec<_>, Vec<_>) =
+            pending.iter().partition(|(k, _)| k.starts_with("meta/"));
+        let mut chunk = BTreeMap::new();
+        let mut bytes = 0;
+        for (k, v) in meta.into_iter().chain(rest) {
+            let size = k.len() + v.as_ref().map_or(0, Vec::len);
+            if !chunk.is_empty() && (chunk.len() >= max_ops || bytes + size > max_bytes) {
+                self.write_chunk(&std::mem::take(&mut chunk))?;
+                bytes = 0;
+            }
+            chunk.insert(k.clone(), v.clone());
+            bytes += size;
+        }
+        if !chunk.is_empty() {
+            self.write_chunk(&chunk)?;
+        }
+        Ok(())
+    }
+
     /// One atomic commit of `pending`. On a conflict (another writer on the same store) this
     /// coordinator's records are written over theirs, key by key.
-    fn write_batch(
+    fn write_chunk(
         &mut self,
         pending: &BTreeMap<String, Option<Vec<u8>>>,
     ) -> Result<(), StoreError> {
@@ -644,6 +673,113 @@ mod tests {
             ops: Vec<Op>,
         ) -> Result<Vec<Version>, ringmaster_store::StoreError> {
             self.0.commit_fenced(fence, ops)
+        }
+    }
+
+    /// A store that takes at most 3 operations per commit and records each commit's keys.
+    struct Limited(MemoryStore, std::sync::Mutex<Vec<Vec<String>>>);
+    impl StateStore for Limited {
+        fn get(
+            &self,
+            key: &str,
+        ) -> Result<Option<ringmaster_store::Versioned>, ringmaster_store::StoreError> {
+            self.0.get(key)
+        }
+        fn list(
+            &self,
+            prefix: &str,
+        ) -> Result<Vec<(String, ringmaster_store::Versioned)>, ringmaster_store::StoreError>
+        {
+            self.0.list(prefix)
+        }
+        fn put(
+            &self,
+            key: &str,
+            value: &[u8],
+            expect: Precondition,
+        ) -> Result<Version, ringmaster_store::StoreError> {
+            self.0.put(key, value, expect)
+        }
+        fn delete(
+            &self,
+            key: &str,
+            expect: Precondition,
+        ) -> Result<bool, ringmaster_store::StoreError> {
+            self.0.delete(key, expect)
+        }
+        fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, ringmaster_store::StoreError> {
+            assert!(ops.len() <= 3, "{} ops in one commit", ops.len());
+            self.1
+                .lock()
+                .unwrap()
+                .push(ops.iter().map(|o| o.key().to_owned()).collect());
+            self.0.commit(ops)
+        }
+        fn max_ops_per_commit(&self) -> Option<usize> {
+            Some(3)
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_are_split_to_the_stores_limit_with_the_id_counter_first() {
+        let store = std::sync::Arc::new(Limited(MemoryStore::new(), Default::default()));
+        struct Arced(std::sync::Arc<Limited>);
+        impl StateStore for Arced {
+            fn get(
+                &self,
+                key: &str,
+            ) -> Result<Option<ringmaster_store::Versioned>, ringmaster_store::StoreError>
+            {
+                self.0.get(key)
+            }
+            fn list(
+                &self,
+                prefix: &str,
+            ) -> Result<Vec<(String, ringmaster_store::Versioned)>, ringmaster_store::StoreError>
+            {
+                self.0.list(prefix)
+            }
+            fn put(
+                &self,
+                key: &str,
+                value: &[u8],
+                expect: Precondition,
+            ) -> Result<Version, ringmaster_store::StoreError> {
+                self.0.put(key, value, expect)
+            }
+            fn delete(
+                &self,
+                key: &str,
+                expect: Precondition,
+            ) -> Result<bool, ringmaster_store::StoreError> {
+                self.0.delete(key, expect)
+            }
+            fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, ringmaster_store::StoreError> {
+                self.0.commit(ops)
+            }
+            fn max_ops_per_commit(&self) -> Option<usize> {
+                self.0.max_ops_per_commit()
+            }
+        }
+        let (p, _) = Persister::start(Box::new(Arced(store.clone())), &["jobs/", "meta/"]).unwrap();
+        for i in 0..7 {
+            p.put(format!("jobs/{i}"), vec![i]);
+        }
+        p.put("meta/coordinator".into(), b"{}".to_vec());
+        p.flush().wait().await.unwrap();
+        let commits = store.1.lock().unwrap().clone();
+        let keys: Vec<&String> = commits.iter().flatten().collect();
+        assert_eq!(keys.len(), 8, "{commits:?}");
+        assert!(
+            commits[0].contains(&"meta/coordinator".to_owned()),
+            "{commits:?}"
+        );
+        assert!(commits.len() >= 3, "{commits:?}");
+        for i in 0..7u8 {
+            assert_eq!(
+                store.0.get(&format!("jobs/{i}")).unwrap().unwrap().value,
+                [i]
+            );
         }
     }
 

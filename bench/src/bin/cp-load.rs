@@ -15,7 +15,10 @@
 //! (agents: join token; the probe and submits: the admin token), and with tokens over TLS
 //! with mutual TLS for the agents (certificates from `ringctl certs init`).
 //!
-//! `cargo run --release -p ringmaster-bench --bin cp-load -- --agents 1000 [--security tls]`
+//! `--etcd` keeps the coordinator's state in a fresh etcd member (the `etcd` on PATH) instead
+//! of redb: the same load, the other `StateStore` backend.
+//!
+//! `cargo run --release -p ringmaster-bench --bin cp-load -- --agents 1000 [--security tls] [--etcd]`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +55,9 @@ struct Args {
     /// Sequential submits timed.
     #[arg(long, default_value_t = 50)]
     submits: usize,
+    /// The coordinator's state in a fresh etcd member (`etcd` on PATH) instead of redb.
+    #[arg(long)]
+    etcd: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -117,6 +123,15 @@ async fn main() -> anyhow::Result<()> {
         .arg(dir.path().join("data"))
         .env("RUST_LOG", "warn")
         .stderr(std::process::Stdio::null());
+    // Kept until the end (dropped after the coordinator, declared below): dropping it stops
+    // etcd.
+    let _etcd = if args.etcd {
+        let server = ringmaster_store::testing::EtcdServer::start().map_err(anyhow::Error::msg)?;
+        cmd.args(["--store", &server.url("cp-load")]);
+        Some(server)
+    } else {
+        None
+    };
     let token = (args.security != Security::None).then_some(TOKEN);
     if token.is_some() {
         std::fs::write(dir.path().join("token"), TOKEN)?;

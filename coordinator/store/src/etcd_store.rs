@@ -698,6 +698,17 @@ impl StateStore for EtcdStore {
     fn commit_fenced(&self, fence: &Fence, ops: Vec<Op>) -> Result<Vec<Version>, StoreError> {
         self.commit_maybe_fenced(Some(fence), ops)
     }
+
+    /// etcd's default `--max-txn-ops` is 128, counted per list; a commit's failure branch reads
+    /// every key and the fence: 100 leaves room.
+    fn max_ops_per_commit(&self) -> Option<usize> {
+        Some(100)
+    }
+
+    /// etcd's default `--max-request-bytes` is 1.5 MiB.
+    fn max_commit_bytes(&self) -> Option<usize> {
+        Some(1 << 20)
+    }
 }
 
 impl EtcdStore {

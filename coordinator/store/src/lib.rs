@@ -259,6 +259,19 @@ pub trait StateStore: Send + Sync + 'static {
     /// op (0 for deletes); all puts of one commit get the same version.
     fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, StoreError>;
 
+    /// The most operations one commit may hold, where the backend limits it (etcd refuses
+    /// transactions over `--max-txn-ops`, 128 by default). Writers of many independent
+    /// records split their batches to fit.
+    fn max_ops_per_commit(&self) -> Option<usize> {
+        None
+    }
+
+    /// The most bytes (keys and values) one commit should carry, where the backend limits it
+    /// (etcd refuses requests over `--max-request-bytes`, 1.5 MiB by default).
+    fn max_commit_bytes(&self) -> Option<usize> {
+        None
+    }
+
     /// [`StateStore::commit`], applied only while `fence` holds (its key exists, created at
     /// its revision); otherwise [`StoreError::Fenced`] and nothing is written. Checked in the
     /// same atomic step as the preconditions. Stores without elections do not fence.
