@@ -634,8 +634,8 @@ mod tests {
     }
 
     /// A store the test and the persister both hold.
-    struct Shared(std::sync::Arc<MemoryStore>);
-    impl StateStore for Shared {
+    struct Shared<S>(std::sync::Arc<S>);
+    impl<S: StateStore> StateStore for Shared<S> {
         fn get(
             &self,
             key: &str,
@@ -673,6 +673,9 @@ mod tests {
             ops: Vec<Op>,
         ) -> Result<Vec<Version>, ringmaster_store::StoreError> {
             self.0.commit_fenced(fence, ops)
+        }
+        fn max_ops_per_commit(&self) -> Option<usize> {
+            self.0.max_ops_per_commit()
         }
     }
 
@@ -723,45 +726,8 @@ mod tests {
     #[tokio::test]
     async fn batches_are_split_to_the_stores_limit_with_the_id_counter_first() {
         let store = std::sync::Arc::new(Limited(MemoryStore::new(), Default::default()));
-        struct Arced(std::sync::Arc<Limited>);
-        impl StateStore for Arced {
-            fn get(
-                &self,
-                key: &str,
-            ) -> Result<Option<ringmaster_store::Versioned>, ringmaster_store::StoreError>
-            {
-                self.0.get(key)
-            }
-            fn list(
-                &self,
-                prefix: &str,
-            ) -> Result<Vec<(String, ringmaster_store::Versioned)>, ringmaster_store::StoreError>
-            {
-                self.0.list(prefix)
-            }
-            fn put(
-                &self,
-                key: &str,
-                value: &[u8],
-                expect: Precondition,
-            ) -> Result<Version, ringmaster_store::StoreError> {
-                self.0.put(key, value, expect)
-            }
-            fn delete(
-                &self,
-                key: &str,
-                expect: Precondition,
-            ) -> Result<bool, ringmaster_store::StoreError> {
-                self.0.delete(key, expect)
-            }
-            fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, ringmaster_store::StoreError> {
-                self.0.commit(ops)
-            }
-            fn max_ops_per_commit(&self) -> Option<usize> {
-                self.0.max_ops_per_commit()
-            }
-        }
-        let (p, _) = Persister::start(Box::new(Arced(store.clone())), &["jobs/", "meta/"]).unwrap();
+        let (p, _) =
+            Persister::start(Box::new(Shared(store.clone())), &["jobs/", "meta/"]).unwrap();
         for i in 0..7 {
             p.put(format!("jobs/{i}"), vec![i]);
         }

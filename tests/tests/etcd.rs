@@ -55,14 +55,6 @@ fn a_coordinator_with_an_empty_data_dir_takes_over_the_jobs_in_etcd() {
         ),
     );
     let before = c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
-    let pids = |st: &serde_json::Value| -> Vec<u64> {
-        st["ranks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["pid"].as_u64().unwrap_or(0))
-            .collect()
-    };
     let port: u16 = c.addr.rsplit(':').next().unwrap().parse().unwrap();
     let coordinator = c.coordinator.as_mut().unwrap();
     coordinator.signal(Signal::SIGKILL);
@@ -98,6 +90,67 @@ fn a_coordinator_with_an_empty_data_dir_takes_over_the_jobs_in_etcd() {
     assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
 }
 
+/// Two coordinators on one etcd with a 2-second lease (the first leads), two agents given both
+/// addresses, and a 2x2 job of sleep loops RUNNING. Returns the cluster (its `addr` is the
+/// list), the standby and its address, the job and its status, and the jobs' output dir.
+fn two_coordinators_and_a_job(
+    heartbeat: &str,
+) -> (
+    Cluster,
+    ringmaster_tests::Proc,
+    String,
+    String,
+    serde_json::Value,
+    String,
+) {
+    let mut c = Cluster::start_with(
+        Some(HOSTFILE),
+        heartbeat,
+        ClusterOpts {
+            store: TestStore::Etcd,
+            coordinator_args: vec!["--leader-ttl".into(), "2s".into()],
+            ..Default::default()
+        },
+    );
+    let first = c.addr.clone();
+    let (standby, second) = c.start_another_coordinator("data-b");
+    c.addr = format!("{first},{second}");
+    c.start_agent("w0", 2, &[]);
+    c.start_agent("w1", 2, &[]);
+    c.wait_joined(&["w0", "w1"]);
+    let out = c.path("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let out = out.display().to_string();
+    let job = c.submit(
+        "job.yaml",
+        &format!(
+            "command: [sh, -c, 'echo $$ >> {out}/started-$RANK; while [ ! -e {out}/finish ]; do sleep 0.1; done']\n"
+        ),
+    );
+    let running = c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
+    (c, standby, second, job, running, out)
+}
+
+/// The job ends when told to, having run each rank exactly once.
+fn finishes_with_one_launch_per_rank(c: &Cluster, job: &str, out: &str) {
+    std::fs::write(format!("{out}/finish"), b"").unwrap();
+    let st = c.wait_state(job, &["SUCCEEDED", "FAILED"], Duration::from_secs(30));
+    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
+    for r in 0..4 {
+        let started = read(&c.path(&format!("out/started-{r}"))).unwrap();
+        assert_eq!(started.lines().count(), 1, "rank {r} started: {started:?}");
+    }
+}
+
+fn pids(st: &serde_json::Value) -> Vec<u64> {
+    st["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["pid"].as_u64().unwrap_or(0))
+        .collect()
+}
+
 /// Two coordinators on one etcd, a 2x2 job running: the leader is SIGKILLed; the standby
 /// leads within the TTL (plus a little), the agents (given both addresses) re-attach to it,
 /// ringctl given both addresses finds it, the job goes on with the same pids and no restart,
@@ -110,46 +163,17 @@ fn the_standby_takes_over_when_the_leader_dies_and_the_job_goes_on() {
     }
     let _serial = ringmaster_tests::timing_sensitive();
     let ttl = Duration::from_secs(2);
-    let mut c = Cluster::start_with(
-        Some(HOSTFILE),
-        "5s",
-        ClusterOpts {
-            store: TestStore::Etcd,
-            coordinator_args: vec!["--leader-ttl".into(), "2s".into()],
-            ..Default::default()
-        },
-    );
-    let first = c.addr.clone();
-    let (standby, second) = c.start_another_coordinator("data-b");
-    // The standby refuses, naming the leader.
+    let (mut c, standby, second, job, before, out) = two_coordinators_and_a_job("5s");
+    let first = c.addr.split(',').next().unwrap().to_owned();
+    // The standby refuses what it does not serve, naming the leader.
+    let both = c.addr.clone();
     c.addr = second.clone();
-    let out = c.ringctl(&["nodes"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let out_nodes = c.ringctl(&["nodes"]);
+    let err = String::from_utf8_lossy(&out_nodes.stderr);
+    assert_eq!(out_nodes.status.code(), Some(1), "{err}");
     assert!(err.contains(&format!("the leader is at {first}")), "{err}");
+    c.addr = both;
 
-    c.addr = format!("{first},{second}");
-    c.start_agent("w0", 2, &[]);
-    c.start_agent("w1", 2, &[]);
-    c.wait_joined(&["w0", "w1"]);
-    let out = c.path("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let out = out.display().to_string();
-    let job = c.submit(
-        "failover.yaml",
-        &format!(
-            "command: [sh, -c, 'echo $$ >> {out}/started-$RANK; while [ ! -e {out}/finish ]; do sleep 0.1; done']\n"
-        ),
-    );
-    let before = c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
-    let pids = |st: &serde_json::Value| -> Vec<u64> {
-        st["ranks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["pid"].as_u64().unwrap_or(0))
-            .collect()
-    };
     // The standby answers operators' reads from etcd (as the leader saved them), behind the
     // same credentials; writes go to the leader.
     let both = c.addr.clone();
@@ -197,13 +221,7 @@ fn the_standby_takes_over_when_the_leader_dies_and_the_job_goes_on() {
     assert_eq!(pids(&before), pids(&after));
     assert_eq!(after["generation"], before["generation"], "{after:#}");
     assert_eq!(after["restart_count"].as_u64().unwrap_or(0), 0, "{after:#}");
-    std::fs::write(format!("{out}/finish"), b"").unwrap();
-    let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(30));
-    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
-    for r in 0..4 {
-        let started = read(&c.path(&format!("out/started-{r}"))).unwrap();
-        assert_eq!(started.lines().count(), 1, "rank {r} started: {started:?}");
-    }
+    finishes_with_one_launch_per_rank(&c, &job, &out);
 
     // A clean stop resigns: a third coordinator leads well within the TTL.
     let (third, _addr) = c.start_another_coordinator("data-c");
@@ -228,31 +246,7 @@ fn a_leader_paused_past_its_lease_wakes_deposed_and_stops() {
     }
     let _serial = ringmaster_tests::timing_sensitive();
     let ttl = Duration::from_secs(2);
-    let mut c = Cluster::start_with(
-        Some(HOSTFILE),
-        "10s",
-        ClusterOpts {
-            store: TestStore::Etcd,
-            coordinator_args: vec!["--leader-ttl".into(), "2s".into()],
-            ..Default::default()
-        },
-    );
-    let first = c.addr.clone();
-    let (standby, second) = c.start_another_coordinator("data-b");
-    c.addr = format!("{first},{second}");
-    c.start_agent("w0", 2, &[]);
-    c.start_agent("w1", 2, &[]);
-    c.wait_joined(&["w0", "w1"]);
-    let out = c.path("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let out = out.display().to_string();
-    let job = c.submit(
-        "paused.yaml",
-        &format!(
-            "command: [sh, -c, 'echo $$ >> {out}/started-$RANK; while [ ! -e {out}/finish ]; do sleep 0.1; done']\n"
-        ),
-    );
-    let before = c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
+    let (mut c, standby, second, job, before, out) = two_coordinators_and_a_job("10s");
 
     let old = c.coordinator.as_ref().unwrap();
     old.signal(Signal::SIGSTOP);
@@ -287,13 +281,7 @@ fn a_leader_paused_past_its_lease_wakes_deposed_and_stops() {
         let text = a.log_text();
         assert!(!text.contains("deposed coordinator"), "{}: {text}", a.name);
     }
-    std::fs::write(format!("{out}/finish"), b"").unwrap();
-    let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(30));
-    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
-    for r in 0..4 {
-        let started = read(&c.path(&format!("out/started-{r}"))).unwrap();
-        assert_eq!(started.lines().count(), 1, "rank {r} started: {started:?}");
-    }
+    finishes_with_one_launch_per_rank(&c, &job, &out);
 }
 
 /// An etcd nobody answers at: the coordinator exits 1 within its connect and request
