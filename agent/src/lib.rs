@@ -123,9 +123,10 @@ struct Agent {
     hb_seq: u64,
     /// Which of the `--join` addresses was joined last (tried first next time).
     joined: usize,
-    /// The highest coordinator leadership epoch seen: a coordinator below it was deposed,
-    /// and nothing it sends is carried out.
+    /// The highest coordinator leadership epoch seen (in the election `epoch_scope`): a
+    /// coordinator below it was deposed, and nothing it sends is carried out.
     epoch: u64,
+    epoch_scope: String,
 }
 
 /// The advertised address: the one given, else the local address of a route to the
@@ -215,6 +216,7 @@ pub async fn run(
         hb_seq: 0,
         joined: 0,
         epoch: 0,
+        epoch_scope: String::new(),
     };
     tracing::info!(name = %agent.cfg.name, slots = agent.cfg.slots, coordinator = %agent.cfg.join, work_dir = %agent.cfg.work_dir.display(), "agent starting");
 
@@ -445,7 +447,11 @@ impl Agent {
             .map_err(|_| (ConnectError::Retry("no JoinAck within 10s".into()), None))?
             .map_err(classify)?;
         let ack = match first.and_then(|m| m.msg) {
-            Some(pb::coordinator_message::Msg::JoinAck(a)) if a.leader_epoch < self.epoch => {
+            Some(pb::coordinator_message::Msg::JoinAck(a))
+                if !a.leader_scope.is_empty()
+                    && a.leader_scope == self.epoch_scope
+                    && a.leader_epoch < self.epoch =>
+            {
                 return Err((
                     ConnectError::Retry(format!(
                         "a deposed coordinator (leadership epoch {} below {})",
@@ -470,7 +476,10 @@ impl Agent {
             }
         };
         self.undelivered.clear();
+        // Epochs count within one election; another (a restored etcd, no election at all)
+        // starts the count again.
         self.epoch = ack.leader_epoch;
+        self.epoch_scope = ack.leader_scope.clone();
         tracing::info!(
             slots = ack.slots,
             leader_epoch = ack.leader_epoch,

@@ -95,6 +95,7 @@ pub struct Persister {
     thread: Option<JoinHandle<()>>,
     stopped: Arc<OnceLock<WritesStopped>>,
     fenced: watch::Receiver<bool>,
+    max_record_bytes: Option<usize>,
 }
 
 impl Persister {
@@ -143,6 +144,8 @@ impl Persister {
         }
         let stopped = Arc::new(OnceLock::new());
         let (fenced_tx, fenced) = watch::channel(false);
+        // A record must fit in one request, with room for its key and the transaction.
+        let max_record_bytes = store.max_commit_bytes().map(|b| b.saturating_sub(4096));
         let (tx, rx) = std_mpsc::channel::<Msg>();
         let writer = Writer {
             store,
@@ -162,6 +165,7 @@ impl Persister {
                 thread: Some(thread),
                 stopped,
                 fenced,
+                max_record_bytes,
             },
             Loaded { records },
         ))
@@ -193,13 +197,19 @@ impl Persister {
         self.stopped.get()
     }
 
-    /// Resolves when a commit was refused by the fence: this coordinator no longer leads.
+    /// Resolves when the writer stopped: a commit was refused by the fence (this coordinator
+    /// no longer leads), or the retries of a failed commit were spent.
     pub fn fenced(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.fenced.clone();
         async move {
             // An error: the writer is gone, which ends this coordinator anyway.
             let _ = rx.wait_for(|f| *f).await;
         }
+    }
+
+    /// The most bytes one record may have in this store (etcd's request limit), if limited.
+    pub fn max_record_bytes(&self) -> Option<usize> {
+        self.max_record_bytes
     }
 }
 
@@ -297,6 +307,8 @@ impl Writer {
                          on is lost when this coordinator stops"
                     );
                     let _ = self.stopped.set(stop);
+                    // An elected leader steps down on it (server::serve).
+                    let _ = self.fenced.send(true);
                     return;
                 }
             }
@@ -676,6 +688,9 @@ mod tests {
         }
         fn max_ops_per_commit(&self) -> Option<usize> {
             self.0.max_ops_per_commit()
+        }
+        fn max_commit_bytes(&self) -> Option<usize> {
+            self.0.max_commit_bytes()
         }
     }
 

@@ -225,6 +225,12 @@ fn the_standby_takes_over_when_the_leader_dies_and_the_job_goes_on() {
 
     // A clean stop resigns: a third coordinator leads well within the TTL.
     let (third, _addr) = c.start_another_coordinator("data-c");
+    wait_until(Duration::from_secs(10), "the third to campaign", || {
+        std::fs::read_to_string(&third.log)
+            .ok()?
+            .contains("campaigning for leadership")
+            .then_some(())
+    });
     standby.signal(Signal::SIGTERM);
     let stopped = Instant::now();
     wait_until(ttl + Duration::from_secs(10), "the third to lead", || {
@@ -272,11 +278,25 @@ fn a_leader_paused_past_its_lease_wakes_deposed_and_stops() {
     // The pause itself is the scenario: three TTLs in all, then wake it.
     std::thread::sleep(3 * ttl);
     let old = c.coordinator.as_mut().unwrap();
+    let before_wake = old.log_text().len();
     old.signal(Signal::SIGCONT);
     let code = old.wait_exit(Duration::from_secs(15));
     let log = old.log_text();
     assert_eq!(code, Some(1), "{log}");
     assert!(log.contains("lost leadership"), "{log}");
+    // Awake, it concluded nothing from its own pause: no node lost, no job changed, nothing
+    // sent or started, no rank declared gone.
+    let awake = &log[before_wake..];
+    for never in [
+        "job state",
+        "starting workers",
+        "not sent",
+        "lost node",
+        "node lost",
+        "ranks lost",
+    ] {
+        assert!(!awake.contains(never), "{never:?} after waking:\n{awake}");
+    }
     for a in &c.agents {
         let text = a.log_text();
         assert!(!text.contains("deposed coordinator"), "{}: {text}", a.name);

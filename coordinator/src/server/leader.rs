@@ -70,23 +70,62 @@ pub(super) async fn campaign(
 ) -> anyhow::Result<Option<ringmaster_store::Leadership>> {
     let stop = CancellationToken::new();
     let elector = standby.elector.clone();
-    let standby = tokio::spawn(serve_standby(standby, listener, stop.clone()));
+    let mut standby = tokio::spawn(serve_standby(standby, listener, stop.clone()));
+    // A failed campaign (etcd unreachable for a while, an etcd election) is tried again: a
+    // standby stays one until it leads or is stopped.
+    let won = async {
+        let mut pause = Duration::from_millis(500);
+        loop {
+            match elector.campaign().await {
+                Ok(l) => return l,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?pause, "campaign failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    };
     let won = tokio::select! {
-        won = elector.campaign() => Some(won),
+        won = won => Some(won),
         _ = shutdown.cancelled() => None,
     };
     stop.cancel();
-    match tokio::time::timeout(Duration::from_secs(2), standby).await {
+    match tokio::time::timeout(Duration::from_secs(2), &mut standby).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the standby server failed"),
         Ok(_) => {}
-        Err(_) => tracing::warn!("standby connections still open 2 s after leading; dropped"),
+        Err(_) => {
+            standby.abort();
+            tracing::warn!("standby connections still open 2 s after leading; closed");
+        }
     }
-    won.transpose().context("campaigning for leadership")
+    Ok(won)
+}
+
+/// The leader's address as a standby tells it: asked of etcd at most once a second (thousands
+/// of agents knock during an election), with a bounded wait.
+struct LeaderCache {
+    elector: Elector,
+    last: tokio::sync::Mutex<Option<(std::time::Instant, Option<String>)>>,
+}
+
+impl LeaderCache {
+    async fn get(&self) -> Option<String> {
+        let mut last = self.last.lock().await;
+        if let Some((at, leader)) = last.as_ref()
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return leader.clone();
+        }
+        let leader = self.elector.leader().await.ok().flatten();
+        *last = Some((std::time::Instant::now(), leader.clone()));
+        leader
+    }
 }
 
 /// The standby's refusal: UNAVAILABLE naming the leader.
-async fn not_the_leader(elector: &Elector) -> Status {
-    let leader = elector.leader().await.ok().flatten();
+async fn not_the_leader(leader: &LeaderCache) -> Status {
+    let leader = leader.get().await;
     let mut md = tonic::metadata::MetadataMap::new();
     let message = match &leader {
         Some(l) => {
@@ -101,8 +140,8 @@ async fn not_the_leader(elector: &Elector) -> Status {
 }
 
 /// The standby's answer to every call it does not serve.
-async fn refusal(elector: Elector) -> http::Response<axum::body::Body> {
-    not_the_leader(&elector).await.into_http()
+async fn refusal(leader: Arc<LeaderCache>) -> http::Response<axum::body::Body> {
+    not_the_leader(&leader).await.into_http()
 }
 
 /// The jobs as the leader last saved them.
@@ -127,7 +166,7 @@ async fn saved_jobs(store: Arc<dyn StateStore>) -> Result<Vec<Job>, Status> {
 
 /// A standby's `JobService`: reads from the store, everything else to the leader.
 struct StandbyJobs {
-    elector: Elector,
+    leader: Arc<LeaderCache>,
     store: Arc<dyn StateStore>,
 }
 
@@ -140,7 +179,7 @@ impl pb::job_service_server::JobService for StandbyJobs {
         &self,
         _: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
-        Err(not_the_leader(&self.elector).await)
+        Err(not_the_leader(&self.leader).await)
     }
 
     async fn get(
@@ -148,11 +187,19 @@ impl pb::job_service_server::JobService for StandbyJobs {
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
         let id = req.into_inner().job_id;
-        let jobs = saved_jobs(self.store.clone()).await?;
-        jobs.iter()
-            .find(|j| j.id == id)
-            .map(|j| Response::new(crate::status::job_status(j)))
-            .ok_or_else(|| Status::not_found(format!("no job '{id}'")))
+        if !ringmaster_common::names::is_safe_component(&id) {
+            return Err(Status::not_found(format!("no job '{id}'")));
+        }
+        let store = self.store.clone();
+        let key = format!("jobs/{id}");
+        let record = tokio::task::spawn_blocking(move || store.get(&key))
+            .await
+            .map_err(|e| Status::internal(format!("reading the state store: {e}")))?
+            .map_err(|e| Status::unavailable(format!("reading the state store: {e}")))?;
+        let job = record
+            .and_then(|v| serde_json::from_slice::<Job>(&v.value).ok())
+            .ok_or_else(|| Status::not_found(format!("no job '{id}'")))?;
+        Ok(Response::new(crate::status::job_status(&job)))
     }
 
     async fn list(
@@ -172,28 +219,28 @@ impl pb::job_service_server::JobService for StandbyJobs {
         &self,
         _: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(not_the_leader(&self.elector).await)
+        Err(not_the_leader(&self.leader).await)
     }
 
     async fn cancel(
         &self,
         _: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
-        Err(not_the_leader(&self.elector).await)
+        Err(not_the_leader(&self.leader).await)
     }
 
     async fn checkpoint(
         &self,
         _: Request<pb::CheckpointRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
-        Err(not_the_leader(&self.elector).await)
+        Err(not_the_leader(&self.leader).await)
     }
 
     async fn nodes(
         &self,
         _: Request<pb::NodesRequest>,
     ) -> Result<Response<pb::NodesResponse>, Status> {
-        Err(not_the_leader(&self.elector).await)
+        Err(not_the_leader(&self.leader).await)
     }
 
     type LogsStream = BoxStream<pb::LogChunk>;
@@ -202,7 +249,7 @@ impl pb::job_service_server::JobService for StandbyJobs {
         &self,
         _: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        Err(not_the_leader(&self.elector).await)
+        Err(not_the_leader(&self.leader).await)
     }
 }
 
@@ -228,14 +275,18 @@ async fn serve_standby(
         .set_not_serving::<pb::rendezvous_service_server::RendezvousServiceServer<rendezvous::RendezvousSvc>>()
         .await;
     // Reads behind the operators' gate, as on the leader.
+    let leader = Arc::new(LeaderCache {
+        elector,
+        last: Default::default(),
+    });
     let jobs = InterceptedService::new(
         pb::job_service_server::JobServiceServer::new(StandbyJobs {
-            elector: elector.clone(),
+            leader: leader.clone(),
             store,
         }),
         Gate::new(creds, Service::Jobs),
     );
-    let fallback = axum::Router::new().fallback(move || refusal(elector.clone()));
+    let fallback = axum::Router::new().fallback(move || refusal(leader.clone()));
     let routes = tonic::service::Routes::from(fallback)
         .add_service(health)
         .add_service(jobs);

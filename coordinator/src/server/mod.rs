@@ -480,8 +480,19 @@ async fn serve(
         async move {
             match leadership {
                 Some(l) => {
+                    // Lapsed (no renewal answered for TTL - 1 s) counts too: another
+                    // coordinator may lead by now.
+                    let lapsed = {
+                        let l = l.clone();
+                        async move {
+                            while l.valid() {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    };
                     tokio::select! {
                         _ = l.lost() => {}
+                        _ = lapsed => {}
                         _ = fenced => {}
                     }
                     l.epoch()
@@ -500,11 +511,12 @@ async fn serve(
             Ok(())
         }
         epoch = lost => {
-            tracing::error!(epoch, "lost leadership: stopping at once (a newer coordinator leads, or etcd could not renew the lease in time)");
+            tracing::error!(epoch, "lost leadership: stopping at once (a newer coordinator leads, etcd could not renew the lease in time, or the state could not be saved)");
             stopping.cancel();
             Err(anyhow::anyhow!(
-                "lost leadership (epoch {epoch}): another coordinator leads, or etcd did not renew \
-                 the lease in time; this coordinator stopped so that it acts on nothing stale"
+                "lost leadership (epoch {epoch}): another coordinator leads, etcd did not renew \
+                 the lease in time, or the state could not be saved; this coordinator stopped so \
+                 that it acts on nothing stale and a standby can take over"
             ))
         }
     };

@@ -53,6 +53,8 @@ impl std::fmt::Debug for Elector {
 /// This process's leadership, from a won campaign until it is lost or resigned.
 pub struct Leadership {
     fence: Fence,
+    /// `<etcd cluster id>/<root>`: the election the epoch counts in.
+    scope: String,
     key: LeaderKey,
     lease: i64,
     ttl: Duration,
@@ -118,7 +120,15 @@ impl Elector {
     /// The current leader's published value (its address), if there is a leader.
     pub async fn leader(&self) -> Result<Option<String>, StoreError> {
         let mut c = self.client.clone();
-        match c.leader(self.name.clone()).await {
+        let asked = tokio::time::timeout(Duration::from_secs(2), c.leader(self.name.clone()))
+            .await
+            .map_err(|_| {
+                StoreError::Backend(format!(
+                    "etcd at {}: reading the leader: no answer within 2 s",
+                    self.endpoints
+                ))
+            })?;
+        match asked {
             Ok(r) => Ok(r
                 .kv()
                 .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
@@ -132,25 +142,30 @@ impl Elector {
     /// candidate that dies while waiting leaves nothing behind after its TTL.
     pub async fn campaign(&self) -> Result<Leadership, StoreError> {
         let mut c = self.client.clone();
-        let ttl_s = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX).max(2);
-        let lease = c
+        // Whole seconds, rounded up; then the TTL etcd granted is the one trusted.
+        let wanted = self.ttl.as_secs() + u64::from(self.ttl.subsec_nanos() > 0);
+        let ttl_s = i64::try_from(wanted).unwrap_or(i64::MAX).max(2);
+        let granted = c
             .lease_grant(ttl_s, None)
             .await
-            .map_err(|e| self.err("granting a lease", &e))?
-            .id();
+            .map_err(|e| self.err("granting a lease", &e))?;
+        let lease = granted.id();
+        let ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0).max(2));
         let renewed = Arc::new(Mutex::new(Instant::now()));
         let (lost_tx, lost) = watch::channel(false);
-        let keeper = tokio::spawn(keep_alive(
+        // Aborted if this future is dropped mid-campaign (a shutdown), so that the lease is
+        // not kept alive by a task nobody owns.
+        let mut keeper = AbortOnDrop(Some(tokio::spawn(keep_alive(
             self.client.clone(),
             lease,
-            self.ttl,
+            ttl,
             Arc::clone(&renewed),
             lost_tx,
-        ));
+        ))));
+        let mut scope = String::new();
         let won = tokio::select! {
             won = c.campaign(self.name.clone(), self.value.clone(), lease) => won,
             _ = wait_lost(lost.clone()) => {
-                keeper.abort();
                 return Err(StoreError::Backend(format!(
                     "etcd at {}: the lease was lost while campaigning",
                     self.endpoints
@@ -158,15 +173,19 @@ impl Elector {
             }
         };
         let key = match won {
-            Ok(mut r) => r.take_leader(),
+            Ok(mut r) => {
+                if let Some(h) = r.header() {
+                    scope = format!("{:x}/{}", h.cluster_id(), self.prefix.trim_end_matches('/'));
+                }
+                r.take_leader()
+            }
             Err(e) => {
-                keeper.abort();
+                drop(keeper);
                 let _ = c.lease_revoke(lease).await;
                 return Err(self.err("campaigning for leadership", &e));
             }
         };
         let Some(key) = key else {
-            keeper.abort();
             return Err(StoreError::Backend(
                 "etcd answered a campaign without a leader key".into(),
             ));
@@ -178,12 +197,16 @@ impl Elector {
         };
         Ok(Leadership {
             fence,
+            scope,
             key,
             lease,
-            ttl: self.ttl,
+            ttl,
             renewed,
             lost,
-            keeper,
+            keeper: keeper
+                .0
+                .take()
+                .expect("the keeper runs until the leadership ends"),
             client: self.client.clone(),
         })
     }
@@ -239,6 +262,17 @@ async fn keep_alive(
     }
 }
 
+/// A task aborted when this is dropped.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.abort();
+        }
+    }
+}
+
 async fn wait_lost(mut lost: watch::Receiver<bool>) {
     while !*lost.borrow_and_update() {
         if lost.changed().await.is_err() {
@@ -258,6 +292,11 @@ impl Leadership {
     /// election.
     pub fn epoch(&self) -> u64 {
         self.fence.created
+    }
+
+    /// The election the epoch counts in: `<etcd cluster id>/<root>`.
+    pub fn scope(&self) -> &str {
+        &self.scope
     }
 
     /// Whether this process may still act as leader: its last renewal was answered less than

@@ -35,8 +35,9 @@ use crate::{Fence, Op, Precondition, StateStore, StoreError, Version, Versioned}
 
 /// The root prefix when the URL names none.
 pub const DEFAULT_ROOT: &str = "ringmaster";
-/// How long a call retries transient failures before it gives up.
-pub const RETRY_FOR: Duration = Duration::from_secs(5);
+/// How long a call retries transient failures before it gives up: several request timeouts,
+/// so that one hung member costs a retry, not the call.
+pub const RETRY_FOR: Duration = Duration::from_secs(6);
 /// Keys read per request when listing (values can be up to etcd's 1.5 MiB request limit).
 const PAGE: i64 = 64;
 /// The largest response the client decodes (a page of large values).
@@ -69,7 +70,7 @@ impl Default for EtcdOptions {
             user: None,
             password_file: None,
             connect_timeout: Duration::from_secs(3),
-            request_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -206,7 +207,10 @@ fn transient(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         etcd_client::Error::GRpcStatus(s) => match s.code() {
-            Code::Unavailable | Code::DeadlineExceeded | Code::Aborted => true,
+            // Cancelled: tonic's answer when the client's own request timeout fires.
+            Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Cancelled => true,
+            // etcd asking its clients to slow down.
+            Code::ResourceExhausted => s.message().contains("too many requests"),
             // etcd reports its own elections and timeouts as Unknown with these texts.
             Code::Unknown => {
                 let m = s.message();
@@ -327,6 +331,7 @@ impl EtcdStore {
                         self.endpoints.join(",")
                     ));
                 }
+                Code::ResourceExhausted if transient(err) => {}
                 Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange => {
                     return StoreError::Invalid(format!("etcd refused {what}: {detail}"));
                 }

@@ -55,6 +55,23 @@ impl Core {
             placement::check_against_hostfile(&spec, hf)
                 .map_err(|e| CoreError::Invalid(format!("job spec: {e}")))?;
         }
+        if let Some(limit) = self.persist.max_record_bytes() {
+            // The job is saved as one record; the store (etcd) caps a request. Half is left
+            // for what the job gathers as it runs (ranks, failures, generations).
+            let record =
+                serde_json::to_vec(&Job::new("x".repeat(60), spec.clone(), files.clone(), 0))
+                    .map_or(0, |v| v.len());
+            if record > limit / 2 {
+                return Err(CoreError::Invalid(format!(
+                    "job spec and files take {} as a saved record, above the {} this state \
+                     store allows one job at submit (half of its request limit of {}); inline \
+                     fewer or smaller files (keep data on shared storage)",
+                    show_bytes(record as u64),
+                    show_bytes((limit / 2) as u64),
+                    show_bytes(limit as u64)
+                )));
+            }
+        }
         self.make_room(size)?;
         let n = self.ids.take().map_err(|e| {
             tracing::error!(error = %e, "cannot hand out a job id");

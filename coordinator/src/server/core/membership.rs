@@ -121,6 +121,12 @@ impl Core {
                 .clamp(50, 5_000),
             coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
             leader_epoch: self.epoch(),
+            leader_scope: self
+                .cfg
+                .leading
+                .as_ref()
+                .map(|l| l.scope().to_owned())
+                .unwrap_or_default(),
         };
         let _ = tx.try_send(Ok(pb::CoordinatorMessage {
             msg: Some(pb::coordinator_message::Msg::JoinAck(ack.clone())),

@@ -376,6 +376,12 @@ impl Core {
         core
     }
 
+    /// Whether this coordinator was elected and its leadership has lapsed (it may have been
+    /// replaced): then it acts on nothing.
+    fn lapsed(&self) -> bool {
+        self.cfg.leading.as_ref().is_some_and(|l| !l.valid())
+    }
+
     /// Runs until every [`Handle`] is dropped.
     pub async fn run(
         mut self,
@@ -394,6 +400,10 @@ impl Core {
                     self.durable(&id, generation, result);
                 }
                 cmd = rx.recv() => match cmd {
+                    // A leader whose lease lapsed decides nothing: what it would conclude
+                    // (nodes silent, sends failing) is an artefact of its own pause, and the
+                    // server stops it within moments. Callers see their reply dropped.
+                    Some(_) if self.lapsed() => {}
                     Some(cmd) => {
                         self.handle(cmd);
                         // Handle what queued up meanwhile before re-evaluating placements, so
@@ -409,12 +419,16 @@ impl Core {
                     }
                     None => break,
                 },
-                _ = tick.tick(), if !stopped => {
-                    self.check_heartbeats();
-                    self.restarts_due();
-                    if self.last_retention.elapsed() >= RETENTION_EVERY {
-                        self.last_retention = Instant::now();
-                        self.retire_finished();
+                // Checked in the branch too: the guard was evaluated before a pause, and the
+                // tick may be the first thing that runs after it.
+                _ = tick.tick(), if !stopped && !self.lapsed() => {
+                    if !self.lapsed() {
+                        self.check_heartbeats();
+                        self.restarts_due();
+                        if self.last_retention.elapsed() >= RETENTION_EVERY {
+                            self.last_retention = Instant::now();
+                            self.retire_finished();
+                        }
                     }
                 }
                 _ = stopping.cancelled(), if !stopped => {
@@ -429,7 +443,7 @@ impl Core {
                     let _ = self.persist.flush().wait().await;
                 }
             }
-            if self.dirty {
+            if self.dirty && !self.lapsed() {
                 self.dirty = false;
                 self.schedule();
             }

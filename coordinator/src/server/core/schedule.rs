@@ -265,9 +265,18 @@ impl Core {
             return;
         }
         if let Err(e) = result {
-            // Running jobs go on when the store fails (the operator is told at every write);
-            // a coordinator that lost its leadership sends nothing (send_to).
+            if self.cfg.leading.is_some() {
+                // An elected leader whose writes stopped is stepping down: the next leader
+                // must not find workers of a generation it never heard of.
+                tracing::error!(job = %id, generation, "not starting workers: their generation is not saved: {e}");
+                return;
+            }
+            // Alone on an embedded store, running jobs go on when the store fails (the
+            // operator is told at every write).
             tracing::warn!(job = %id, generation, "starting workers whose generation is not saved: {e}");
+        }
+        if self.lapsed() {
+            return;
         }
         let id = id.to_owned();
         self.acting(move |core| core.start_workers(&id, generation));
