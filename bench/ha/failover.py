@@ -89,7 +89,6 @@ def main():
 
         for i in range(3):
             start_coordinator(i)
-            time.sleep(0.3)
         all_addrs = ",".join(addrs)
         for n in ("n0", "n1"):
             spawn(n, [

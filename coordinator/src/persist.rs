@@ -645,8 +645,16 @@ mod tests {
         );
     }
 
-    /// A store the test and the persister both hold.
-    struct Shared<S>(std::sync::Arc<S>);
+    /// A store the test and the persister both hold; with a [`CommitLog`], it also takes at
+    /// most `max_ops` operations per commit and records each commit's keys.
+    struct Shared<S>(std::sync::Arc<S>, Option<std::sync::Arc<CommitLog>>);
+
+    #[derive(Default)]
+    struct CommitLog {
+        max_ops: usize,
+        commits: std::sync::Mutex<Vec<Vec<String>>>,
+    }
+
     impl<S: StateStore> StateStore for Shared<S> {
         fn get(
             &self,
@@ -677,6 +685,13 @@ mod tests {
             self.0.delete(key, expect)
         }
         fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, ringmaster_store::StoreError> {
+            if let Some(log) = &self.1 {
+                assert!(ops.len() <= log.max_ops, "{} ops in one commit", ops.len());
+                log.commits
+                    .lock()
+                    .unwrap()
+                    .push(ops.iter().map(|o| o.key().to_owned()).collect());
+            }
             self.0.commit(ops)
         }
         fn commit_fenced(
@@ -687,68 +702,34 @@ mod tests {
             self.0.commit_fenced(fence, ops)
         }
         fn max_ops_per_commit(&self) -> Option<usize> {
-            self.0.max_ops_per_commit()
+            match &self.1 {
+                Some(log) => Some(log.max_ops),
+                None => self.0.max_ops_per_commit(),
+            }
         }
         fn max_commit_bytes(&self) -> Option<usize> {
             self.0.max_commit_bytes()
         }
     }
 
-    /// A store that takes at most 3 operations per commit and records each commit's keys.
-    struct Limited(MemoryStore, std::sync::Mutex<Vec<Vec<String>>>);
-    impl StateStore for Limited {
-        fn get(
-            &self,
-            key: &str,
-        ) -> Result<Option<ringmaster_store::Versioned>, ringmaster_store::StoreError> {
-            self.0.get(key)
-        }
-        fn list(
-            &self,
-            prefix: &str,
-        ) -> Result<Vec<(String, ringmaster_store::Versioned)>, ringmaster_store::StoreError>
-        {
-            self.0.list(prefix)
-        }
-        fn put(
-            &self,
-            key: &str,
-            value: &[u8],
-            expect: Precondition,
-        ) -> Result<Version, ringmaster_store::StoreError> {
-            self.0.put(key, value, expect)
-        }
-        fn delete(
-            &self,
-            key: &str,
-            expect: Precondition,
-        ) -> Result<bool, ringmaster_store::StoreError> {
-            self.0.delete(key, expect)
-        }
-        fn commit(&self, ops: Vec<Op>) -> Result<Vec<Version>, ringmaster_store::StoreError> {
-            assert!(ops.len() <= 3, "{} ops in one commit", ops.len());
-            self.1
-                .lock()
-                .unwrap()
-                .push(ops.iter().map(|o| o.key().to_owned()).collect());
-            self.0.commit(ops)
-        }
-        fn max_ops_per_commit(&self) -> Option<usize> {
-            Some(3)
-        }
-    }
-
     #[tokio::test]
     async fn batches_are_split_to_the_stores_limit_with_the_id_counter_first() {
-        let store = std::sync::Arc::new(Limited(MemoryStore::new(), Default::default()));
-        let (p, _) =
-            Persister::start(Box::new(Shared(store.clone())), &["jobs/", "meta/"]).unwrap();
+        let store = std::sync::Arc::new(MemoryStore::new());
+        let log = std::sync::Arc::new(CommitLog {
+            max_ops: 3,
+            ..Default::default()
+        });
+        let (p, _) = Persister::start(
+            Box::new(Shared(store.clone(), Some(log.clone()))),
+            &["jobs/", "meta/"],
+        )
+        .unwrap();
         for i in 0..7 {
             p.put(format!("jobs/{i}"), vec![i]);
         }
         p.put("meta/coordinator".into(), b"{}".to_vec());
         p.flush().wait().await.unwrap();
-        let commits = store.1.lock().unwrap().clone();
+        let commits = log.commits.lock().unwrap().clone();
         let keys: Vec<&String> = commits.iter().flatten().collect();
         assert_eq!(keys.len(), 8, "{commits:?}");
         assert!(
@@ -757,10 +738,7 @@ mod tests {
         );
         assert!(commits.len() >= 3, "{commits:?}");
         for i in 0..7u8 {
-            assert_eq!(
-                store.0.get(&format!("jobs/{i}")).unwrap().unwrap().value,
-                [i]
-            );
+            assert_eq!(store.get(&format!("jobs/{i}")).unwrap().unwrap().value, [i]);
         }
     }
 
@@ -773,7 +751,7 @@ mod tests {
             created,
         };
         let (p, _) = Persister::start_fenced(
-            Box::new(Shared(store.clone())),
+            Box::new(Shared(store.clone(), None)),
             &["jobs/"],
             quick(3),
             Some(fence),
@@ -799,7 +777,7 @@ mod tests {
     #[tokio::test]
     async fn a_foreign_write_is_overwritten_not_lost() {
         let store = std::sync::Arc::new(MemoryStore::new());
-        let (p, _) = Persister::start(Box::new(Shared(store.clone())), &["jobs/"]).unwrap();
+        let (p, _) = Persister::start(Box::new(Shared(store.clone(), None)), &["jobs/"]).unwrap();
         p.put("jobs/a".into(), b"1".to_vec());
         p.flush().wait().await.unwrap();
         store.put("jobs/a", b"foreign", Precondition::Any).unwrap();

@@ -439,6 +439,47 @@ impl Cluster {
         });
     }
 
+    /// Submits a job whose ranks each append their pid to `out/started-$RANK` and then wait
+    /// until `out/finish` exists; returns the job id and the `out` directory.
+    pub fn submit_held_job(&self, file_name: &str) -> (String, String) {
+        let out = self.path("out");
+        std::fs::create_dir_all(&out).expect("creating the jobs' out dir");
+        let out = out.display().to_string();
+        let job = self.submit(
+            file_name,
+            &format!(
+                "command: [sh, -c, 'echo $$ >> {out}/started-$RANK; while [ ! -e {out}/finish ]; do sleep 0.1; done']\n"
+            ),
+        );
+        (job, out)
+    }
+
+    /// Lets a job of [`Cluster::submit_held_job`] finish and checks that it succeeded with
+    /// each of its `ranks` launched exactly once.
+    pub fn finish_held_job(&self, job: &str, ranks: u32) {
+        std::fs::write(self.path("out/finish"), b"").expect("writing out/finish");
+        let st = self.wait_state(job, &["SUCCEEDED", "FAILED"], Duration::from_secs(30));
+        assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
+        for r in 0..ranks {
+            let started = read(&self.path(&format!("out/started-{r}"))).unwrap_or_default();
+            assert_eq!(started.lines().count(), 1, "rank {r} started: {started:?}");
+        }
+    }
+
+    /// Waits until `job` is RUNNING with every rank RUNNING (e.g. re-attached after a
+    /// coordinator change); returns its status.
+    pub fn wait_all_ranks_running(&self, job: &str, timeout: Duration) -> Value {
+        wait_until(timeout, "every rank RUNNING", || {
+            let st = self.status(job);
+            let ok = st["state"] == "RUNNING"
+                && st["ranks"]
+                    .as_array()?
+                    .iter()
+                    .all(|r| r["state"] == "RUNNING");
+            ok.then_some(st)
+        })
+    }
+
     /// Writes a job spec file and submits it; returns the job id.
     pub fn submit(&self, file_name: &str, spec: &str) -> String {
         let p = self.path(file_name);
@@ -493,6 +534,19 @@ pub fn parse_env(text: &str) -> std::collections::BTreeMap<String, String> {
 }
 
 /// Reads a file if it exists.
+/// The pid of every rank in a job status, in rank order (0 where none is known).
+pub fn rank_pids(st: &Value) -> Vec<u64> {
+    st["ranks"]
+        .as_array()
+        .map(|ranks| {
+            ranks
+                .iter()
+                .map(|r| r["pid"].as_u64().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn read(p: &Path) -> Option<String> {
     std::fs::read_to_string(p).ok()
 }

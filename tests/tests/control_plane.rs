@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use ringmaster_tests::{Cluster, alive, parse_env, read, wait_until};
+use ringmaster_tests::{Cluster, alive, parse_env, rank_pids, read, wait_until};
 
 const HOSTFILE: &str = "# two nodes\nw0 slots=2\nw1 slots=2\n";
 
@@ -266,20 +266,9 @@ fn a_killed_agent_ends_the_generation_and_is_named() {
 fn a_restarted_coordinator_reconciles_running_workers() {
     let _serial = ringmaster_tests::timing_sensitive();
     let mut c = two_by_two("3s");
-    let out = out_dir(&c);
-    let job = c.submit(
-        "reconcile.yaml",
-        &format!(
-            "command: [sh, -c, 'echo $$ >> {out}/started-$RANK; while [ ! -e {out}/finish ]; do sleep 0.1; done']\n"
-        ),
-    );
+    let (job, _out) = c.submit_held_job("reconcile.yaml");
     let before = c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
-    let pids: Vec<u64> = before["ranks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["pid"].as_u64().unwrap())
-        .collect();
+    let pids = rank_pids(&before);
     let port: u16 = c.addr.rsplit(':').next().unwrap().parse().unwrap();
     c.coordinator.as_ref().unwrap().signal(Signal::SIGKILL);
     c.coordinator
@@ -288,30 +277,11 @@ fn a_restarted_coordinator_reconciles_running_workers() {
         .wait_exit(Duration::from_secs(5));
     c.start_coordinator(Some(port));
     // The job is known again, and its ranks are running with the same pids.
-    let after = wait_until(Duration::from_secs(15), "ranks reconciled", || {
-        let st = c.status(&job);
-        let ok = st["state"] == "RUNNING"
-            && st["ranks"]
-                .as_array()?
-                .iter()
-                .all(|r| r["state"] == "RUNNING");
-        ok.then_some(st)
-    });
-    let pids_after: Vec<u64> = after["ranks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["pid"].as_u64().unwrap())
-        .collect();
+    let after = c.wait_all_ranks_running(&job, Duration::from_secs(15));
+    let pids_after = rank_pids(&after);
     assert_eq!(pids, pids_after);
-    std::fs::write(c.path("out/finish"), b"").unwrap();
-    let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(20));
-    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
     // No worker was launched twice.
-    for r in 0..4 {
-        let started = read(&c.path(&format!("out/started-{r}"))).unwrap();
-        assert_eq!(started.lines().count(), 1, "rank {r} started: {started:?}");
-    }
+    c.finish_held_job(&job, 4);
 }
 
 #[test]

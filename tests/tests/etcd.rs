@@ -11,7 +11,7 @@ use nix::sys::signal::Signal;
 use ringmaster_auth::Pki;
 use ringmaster_store::testing::{EtcdServer, EtcdTls};
 use ringmaster_store::{EtcdOptions, EtcdStore, Precondition, StateStore};
-use ringmaster_tests::{Cluster, ClusterOpts, TestStore, bin, certs_init, read, wait_until};
+use ringmaster_tests::{Cluster, ClusterOpts, TestStore, bin, certs_init, rank_pids, wait_until};
 
 const HOSTFILE: &str = "w0 slots=2\nw1 slots=2\n";
 
@@ -45,15 +45,7 @@ fn a_coordinator_with_an_empty_data_dir_takes_over_the_jobs_in_etcd() {
     }
     let _serial = ringmaster_tests::timing_sensitive();
     let mut c = on_etcd();
-    let out = c.path("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let out = out.display().to_string();
-    let job = c.submit(
-        "takeover.yaml",
-        &format!(
-            "command: [sh, -c, 'echo $$ >> {out}/started-$RANK; while [ ! -e {out}/finish ]; do sleep 0.1; done']\n"
-        ),
-    );
+    let (job, _out) = c.submit_held_job("takeover.yaml");
     let before = c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
     let port: u16 = c.addr.rsplit(':').next().unwrap().parse().unwrap();
     let coordinator = c.coordinator.as_mut().unwrap();
@@ -62,27 +54,13 @@ fn a_coordinator_with_an_empty_data_dir_takes_over_the_jobs_in_etcd() {
     // Nothing of the old coordinator's machine remains (it should have written nothing there).
     let _ = std::fs::remove_dir_all(c.path("data"));
     c.start_coordinator(Some(port));
-    let after = wait_until(Duration::from_secs(20), "ranks re-attached", || {
-        let st = c.status(&job);
-        let ok = st["state"] == "RUNNING"
-            && st["ranks"]
-                .as_array()?
-                .iter()
-                .all(|r| r["state"] == "RUNNING");
-        ok.then_some(st)
-    });
-    assert_eq!(pids(&before), pids(&after));
+    let after = c.wait_all_ranks_running(&job, Duration::from_secs(20));
+    assert_eq!(rank_pids(&before), rank_pids(&after));
     assert!(
         !c.path("data").exists(),
         "an etcd coordinator wrote to its data dir"
     );
-    std::fs::write(format!("{out}/finish"), b"").unwrap();
-    let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(30));
-    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
-    for r in 0..4 {
-        let started = read(&c.path(&format!("out/started-{r}"))).unwrap();
-        assert_eq!(started.lines().count(), 1, "rank {r} started: {started:?}");
-    }
+    c.finish_held_job(&job, 4);
     // Job ids come from etcd, not from the lost data dir: the next job gets a new one.
     let next = c.submit("next.yaml", "command: [\"true\"]\n");
     assert_ne!(next, job);
@@ -92,7 +70,7 @@ fn a_coordinator_with_an_empty_data_dir_takes_over_the_jobs_in_etcd() {
 
 /// Two coordinators on one etcd with a 2-second lease (the first leads), two agents given both
 /// addresses, and a 2x2 job of sleep loops RUNNING. Returns the cluster (its `addr` is the
-/// list), the standby and its address, the job and its status, and the jobs' output dir.
+/// list), the standby and its address, and the job and its status.
 fn two_coordinators_and_a_job(
     heartbeat: &str,
 ) -> (
@@ -101,7 +79,6 @@ fn two_coordinators_and_a_job(
     String,
     String,
     serde_json::Value,
-    String,
 ) {
     let mut c = Cluster::start_with(
         Some(HOSTFILE),
@@ -118,37 +95,9 @@ fn two_coordinators_and_a_job(
     c.start_agent("w0", 2, &[]);
     c.start_agent("w1", 2, &[]);
     c.wait_joined(&["w0", "w1"]);
-    let out = c.path("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let out = out.display().to_string();
-    let job = c.submit(
-        "job.yaml",
-        &format!(
-            "command: [sh, -c, 'echo $$ >> {out}/started-$RANK; while [ ! -e {out}/finish ]; do sleep 0.1; done']\n"
-        ),
-    );
+    let (job, _out) = c.submit_held_job("job.yaml");
     let running = c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
-    (c, standby, second, job, running, out)
-}
-
-/// The job ends when told to, having run each rank exactly once.
-fn finishes_with_one_launch_per_rank(c: &Cluster, job: &str, out: &str) {
-    std::fs::write(format!("{out}/finish"), b"").unwrap();
-    let st = c.wait_state(job, &["SUCCEEDED", "FAILED"], Duration::from_secs(30));
-    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
-    for r in 0..4 {
-        let started = read(&c.path(&format!("out/started-{r}"))).unwrap();
-        assert_eq!(started.lines().count(), 1, "rank {r} started: {started:?}");
-    }
-}
-
-fn pids(st: &serde_json::Value) -> Vec<u64> {
-    st["ranks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["pid"].as_u64().unwrap_or(0))
-        .collect()
+    (c, standby, second, job, running)
 }
 
 /// Two coordinators on one etcd, a 2x2 job running: the leader is SIGKILLed; the standby
@@ -163,7 +112,7 @@ fn the_standby_takes_over_when_the_leader_dies_and_the_job_goes_on() {
     }
     let _serial = ringmaster_tests::timing_sensitive();
     let ttl = Duration::from_secs(2);
-    let (mut c, standby, second, job, before, out) = two_coordinators_and_a_job("5s");
+    let (mut c, standby, second, job, before) = two_coordinators_and_a_job("5s");
     let first = c.addr.split(',').next().unwrap().to_owned();
     // The standby refuses what it does not serve, naming the leader.
     let both = c.addr.clone();
@@ -182,7 +131,7 @@ fn the_standby_takes_over_when_the_leader_dies_and_the_job_goes_on() {
         let st = c.status(&job);
         (st["state"] == "RUNNING").then_some(st)
     });
-    assert_eq!(pids(&read_on_standby), pids(&before));
+    assert_eq!(rank_pids(&read_on_standby), rank_pids(&before));
     let listed = c.ringctl(&["jobs", "--output", "json"]);
     assert!(listed.status.success(), "{listed:?}");
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&job));
@@ -209,19 +158,11 @@ fn the_standby_takes_over_when_the_leader_dies_and_the_job_goes_on() {
     });
     let took = killed.elapsed();
     assert!(took <= ttl + Duration::from_secs(3), "took {took:?}");
-    let after = wait_until(Duration::from_secs(20), "ranks re-attached", || {
-        let st = c.status(&job);
-        let ok = st["state"] == "RUNNING"
-            && st["ranks"]
-                .as_array()?
-                .iter()
-                .all(|r| r["state"] == "RUNNING");
-        ok.then_some(st)
-    });
-    assert_eq!(pids(&before), pids(&after));
+    let after = c.wait_all_ranks_running(&job, Duration::from_secs(20));
+    assert_eq!(rank_pids(&before), rank_pids(&after));
     assert_eq!(after["generation"], before["generation"], "{after:#}");
     assert_eq!(after["restart_count"].as_u64().unwrap_or(0), 0, "{after:#}");
-    finishes_with_one_launch_per_rank(&c, &job, &out);
+    c.finish_held_job(&job, 4);
 
     // A clean stop resigns: a third coordinator leads well within the TTL.
     let (third, _addr) = c.start_another_coordinator("data-c");
@@ -252,7 +193,7 @@ fn a_leader_paused_past_its_lease_wakes_deposed_and_stops() {
     }
     let _serial = ringmaster_tests::timing_sensitive();
     let ttl = Duration::from_secs(2);
-    let (mut c, standby, second, job, before, out) = two_coordinators_and_a_job("10s");
+    let (mut c, standby, second, job, before) = two_coordinators_and_a_job("10s");
 
     let old = c.coordinator.as_ref().unwrap();
     old.signal(Signal::SIGSTOP);
@@ -265,18 +206,10 @@ fn a_leader_paused_past_its_lease_wakes_deposed_and_stops() {
     // ringctl is given the standby alone here: the frozen leader would cost every call its
     // connect timeout.
     c.addr = second.clone();
-    let after = wait_until(Duration::from_secs(30), "ranks re-attached", || {
-        let st = c.status(&job);
-        let ok = st["state"] == "RUNNING"
-            && st["ranks"]
-                .as_array()?
-                .iter()
-                .all(|r| r["state"] == "RUNNING");
-        ok.then_some(st)
-    });
+    let after = c.wait_all_ranks_running(&job, Duration::from_secs(30));
     assert_eq!(after["generation"], before["generation"], "{after:#}");
-    // The pause itself is the scenario: three TTLs in all, then wake it.
-    std::thread::sleep(3 * ttl);
+    // Its lease ended (the standby leads) and the agents left it: wake it now, paused past
+    // its lease.
     let old = c.coordinator.as_mut().unwrap();
     let before_wake = old.log_text().len();
     old.signal(Signal::SIGCONT);
@@ -301,7 +234,7 @@ fn a_leader_paused_past_its_lease_wakes_deposed_and_stops() {
         let text = a.log_text();
         assert!(!text.contains("deposed coordinator"), "{}: {text}", a.name);
     }
-    finishes_with_one_launch_per_rank(&c, &job, &out);
+    c.finish_held_job(&job, 4);
 }
 
 /// An etcd nobody answers at: the coordinator exits 1 within its connect and request

@@ -386,9 +386,13 @@ mod tests {
 
         // b waits while a leads.
         let b2 = b.clone();
-        let waiting = rt.spawn(async move { b2.campaign().await });
-        std::thread::sleep(Duration::from_millis(500));
-        assert!(!waiting.is_finished(), "b led while a's lease lived");
+        let mut waiting = rt.spawn(async move { b2.campaign().await });
+        let led_early = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(500), &mut waiting)
+                .await
+                .is_ok()
+        });
+        assert!(!led_early, "b led while a's lease lived");
 
         // a stops renewing (a frozen or cut-off leader): within the TTL it knows itself
         // invalid, and b leads within TTL + 1 s of the last renewal.

@@ -161,6 +161,9 @@ pub struct EtcdStore {
     /// `<root>/`: prepended to every key.
     prefix: String,
     endpoints: Vec<String>,
+    /// Write transactions tried, retries included (for tests that must know a write failed
+    /// once before they heal the cluster).
+    attempts: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -275,6 +278,7 @@ impl EtcdStore {
             rt: Some(rt),
             prefix: format!("{}/", parsed.root),
             endpoints: parsed.endpoints,
+            attempts: Default::default(),
         })
     }
 
@@ -401,6 +405,8 @@ impl EtcdStore {
         let mut tries = 0u32;
         loop {
             tries += 1;
+            self.attempts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let t = txn.clone();
             let mut kv = self.kv.clone();
             let attempt = on(self.rt(), async move { kv.txn(t).await })?;
@@ -754,7 +760,7 @@ fn range_end(prefix: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::conformance;
-    use crate::testing::EtcdServer;
+    use crate::testing::{EtcdServer, free_port};
 
     #[test]
     fn urls() {
@@ -890,22 +896,25 @@ mod tests {
         let s = store(&server, "restart");
         let v1 = s.put("k", b"1", Precondition::Absent).unwrap();
         server.stop();
+        let tried = || s.attempts.load(std::sync::atomic::Ordering::Relaxed);
+        let before = tried();
         let restarted = std::thread::scope(|scope| {
             let writer = scope.spawn(|| s.put("k", b"2", Precondition::Version(v1)));
-            std::thread::sleep(Duration::from_millis(300));
+            // Heal only once the write has failed at least once (its first try, then a retry
+            // is under way), within a deadline.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while tried() < before + 2 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the write never retried"
+                );
+                std::thread::yield_now();
+            }
             server.restart();
             writer.join().unwrap()
         });
         let v2 = restarted.unwrap();
         assert!(v2 > v1);
         assert_eq!(s.get("k").unwrap().unwrap().value, b"2");
-    }
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
     }
 }
