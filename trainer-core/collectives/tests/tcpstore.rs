@@ -242,7 +242,11 @@ fn cancel_after_the_keys_arrived_reads_stop_then_canceled() {
     f.extend_from_slice(&string(b"/k")); // the client sends "/" + key, as torch's does
     r.write_all(&f).unwrap();
     wait_until("the raw WAIT to register", || s.num_waiting() == 1);
-    client(&s).set("k", b"v").unwrap();
+    let setter = client(&s);
+    setter.set("k", b"v").unwrap();
+    // SET has no reply: a CHECK on the same connection is answered only after the SET was
+    // applied, so the CANCEL_WAIT below cannot overtake it.
+    assert!(setter.check(&["k"]).unwrap());
     r.write_all(&[12u8]).unwrap(); // CANCEL_WAIT
     let mut b = [0u8; 2];
     r.set_read_timeout(Some(2 * SECOND)).unwrap();
