@@ -16,6 +16,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::spec::JobSpec;
 
+pub mod ranks;
+pub mod record;
+
+pub use ranks::{RANK_CHUNK, RankMut, Ranks};
+
 /// Log lines kept of a failed rank.
 pub const LOG_TAIL_LINES: usize = 20;
 /// Bytes of those lines kept per failure (the newest): a worker's lines can be 64 KiB each.
@@ -180,7 +185,8 @@ pub struct Job {
     pub pending_reason: Option<String>,
     /// Nodes and slots of the current generation, in node-rank order.
     pub placement: Vec<Selected>,
-    pub ranks: Vec<RankRecord>,
+    /// The current generation's ranks; changed only through [`Ranks`]' mutators.
+    pub ranks: Ranks,
     pub master_addr: Option<String>,
     pub master_port: Option<u32>,
     pub failure: Option<Failure>,
@@ -221,6 +227,9 @@ pub struct Job {
     /// When the current generation reached RUNNING (Unix ms).
     #[serde(default)]
     pub running_since_ms: Option<u64>,
+    /// What of this job the store holds already (see [`record`]).
+    #[serde(skip)]
+    pub saved: record::Saved,
 }
 
 impl Job {
@@ -235,7 +244,7 @@ impl Job {
             restart_count: 0,
             pending_reason: Some("waiting for placement".into()),
             placement: Vec::new(),
-            ranks: Vec::new(),
+            ranks: Ranks::default(),
             master_addr: None,
             master_port: None,
             failure: None,
@@ -253,6 +262,7 @@ impl Job {
             restart_streak: 0,
             restart_not_before_ms: None,
             running_since_ms: None,
+            saved: record::Saved::default(),
         }
     }
 
@@ -291,12 +301,9 @@ impl Job {
         self.placement.iter().map(|s| s.name.clone()).collect()
     }
 
-    fn all_ranks_done(&self) -> bool {
-        self.ranks.iter().all(|r| r.state.is_done())
-    }
-
-    fn rank_mut(&mut self, rank: u32) -> Option<&mut RankRecord> {
-        self.ranks.get_mut(rank as usize).filter(|r| r.rank == rank)
+    /// Every rank's process is gone (O(1): the ranks count their states).
+    pub fn all_ranks_done(&self) -> bool {
+        self.ranks.all_done()
     }
 }
 
@@ -449,7 +456,7 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
                 return;
             }
             let stopping = job.stopping;
-            if let Some(r) = job.rank_mut(rank)
+            if let Some(mut r) = job.ranks.get_mut(rank)
                 && matches!(r.state, RankState::Starting | RankState::Unknown)
             {
                 r.state = RankState::Running;
@@ -458,10 +465,7 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
             if stopping {
                 // Raced with an abort: the stop already sent covers this worker.
             } else if job.state == JobState::Starting
-                && job
-                    .ranks
-                    .iter()
-                    .all(|r| r.state == RankState::Running || r.state == RankState::Exited)
+                && job.ranks.all_in(&[RankState::Running, RankState::Exited])
             {
                 job.state = JobState::Running;
                 job.running_since_ms = Some(now_ms);
@@ -475,8 +479,8 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
             if stale(generation) {
                 return;
             }
-            let node = match job.rank_mut(rank) {
-                Some(r) => {
+            let node = match job.ranks.get_mut(rank) {
+                Some(mut r) => {
                     r.state = RankState::Failed;
                     r.node.clone()
                 }
@@ -510,8 +514,8 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
             }
             let stopping = job.stopping;
             let ok = exit_code == Some(0) && signal.is_none();
-            let node = match job.rank_mut(rank) {
-                Some(r) if !r.state.is_done() => {
+            let node = match job.ranks.get_mut(rank) {
+                Some(mut r) if !r.state.is_done() => {
                     r.exit_code = exit_code;
                     r.signal = signal;
                     r.state = if stopping {
@@ -528,7 +532,7 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
             if stopping || job.state.is_terminal() {
                 finish_teardown(job, now_ms);
             } else if ok {
-                if job.ranks.iter().all(|r| r.state == RankState::Exited) {
+                if job.ranks.all_in(&[RankState::Exited]) {
                     job.state = JobState::Succeeded;
                     job.pending_reason = None;
                     actions.push(Action::CloseGeneration { generation });
@@ -559,7 +563,7 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
         } => {
             let mut first = None;
             for rank in &ranks {
-                if let Some(r) = job.rank_mut(*rank)
+                if let Some(mut r) = job.ranks.get_mut(*rank)
                     && !r.state.is_done()
                 {
                     r.state = RankState::Lost;
@@ -684,23 +688,26 @@ fn backoff_reason(job: &Job, now_ms: u64) -> String {
 
 fn start_generation(job: &mut Job, sel: Vec<Selected>, actions: &mut Vec<Action>) {
     let table: Vec<RankSlot> = ringmaster_hostfile::rank_table(&sel);
-    job.ranks = table
-        .into_iter()
-        .map(|r| RankRecord {
-            rank: r.rank,
-            local_rank: r.local_rank,
-            node_rank: r.node_rank,
-            node: r.node,
-            slot: r.slot,
-            state: RankState::Starting,
-            pid: None,
-            exit_code: None,
-            signal: None,
-            step: None,
-            collective_seq: None,
-            last_report_ms: None,
-        })
-        .collect();
+    job.ranks.replace(
+        table
+            .into_iter()
+            .map(|r| RankRecord {
+                rank: r.rank,
+                local_rank: r.local_rank,
+                node_rank: r.node_rank,
+                node: r.node,
+                slot: r.slot,
+                state: RankState::Starting,
+                pid: None,
+                exit_code: None,
+                signal: None,
+                step: None,
+                collective_seq: None,
+                last_report_ms: None,
+            })
+            .collect(),
+    );
+    job.saved.placement_changed();
     let node0 = sel[0].name.clone();
     job.rank_nodes.insert(
         job.generation,

@@ -323,20 +323,32 @@ impl Writer {
     }
 
     /// Commits `pending`: one atomic commit, or several where the store limits a commit's
-    /// operations or bytes (etcd). The records are independent; `meta/` records (the job id
-    /// counter) go in the first commit, so that an interrupted batch can skip an id but never
-    /// hand one out twice.
+    /// operations or bytes (etcd). When it takes several, they go in an order that keeps
+    /// every prefix of them consistent: `meta/` records (the job id counter) first, so that
+    /// an interrupted batch can skip an id but never hand one out twice; then the job parts
+    /// written (`jobparts/`), then the records that name them (job headers and the rest),
+    /// then the parts deleted ([`crate::job::record`]).
     fn write_batch(
         &mut self,
         pending: &BTreeMap<String, Option<Vec<u8>>>,
     ) -> Result<(), StoreError> {
         let max_ops = self.store.max_ops_per_commit().unwrap_or(usize::MAX).max(1);
         let max_bytes = self.store.max_commit_bytes().unwrap_or(usize::MAX);
-        let (meta, rest): (Vec<_>, Vec<_>) =
-            pending.iter().partition(|(k, _)| k.starts_with("meta/"));
+        let order = |(k, v): &(&String, &Option<Vec<u8>>)| match (
+            k.starts_with("meta/"),
+            k.starts_with("jobparts/"),
+            v.is_some(),
+        ) {
+            (true, _, _) => 0,
+            (_, true, true) => 1,
+            (_, false, _) => 2,
+            (_, true, false) => 3,
+        };
+        let mut ordered: Vec<(&String, &Option<Vec<u8>>)> = pending.iter().collect();
+        ordered.sort_by_key(order);
         let mut chunk = BTreeMap::new();
         let mut bytes = 0;
-        for (k, v) in meta.into_iter().chain(rest) {
+        for (k, v) in ordered {
             let size = k.len() + v.as_ref().map_or(0, Vec::len);
             if !chunk.is_empty() && (chunk.len() >= max_ops || bytes + size > max_bytes) {
                 self.write_chunk(&std::mem::take(&mut chunk))?;

@@ -31,7 +31,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use super::{agent_svc, job_svc, rendezvous};
-use crate::job::Job;
+use crate::job::{Job, record};
 
 /// The metadata key of a standby's refusals: the leader's address.
 pub const LEADER_HINT: &str = "ringmaster-leader";
@@ -146,22 +146,29 @@ async fn refusal(leader: Arc<LeaderCache>) -> http::Response<axum::body::Body> {
 
 /// The jobs as the leader last saved them.
 async fn saved_jobs(store: Arc<dyn StateStore>) -> Result<Vec<Job>, Status> {
-    let records = tokio::task::spawn_blocking(move || store.list("jobs/"))
-        .await
-        .map_err(|e| Status::internal(format!("reading the state store: {e}")))?
-        .map_err(|e| Status::unavailable(format!("reading the state store: {e}")))?;
-    let mut jobs: Vec<Job> = records
-        .iter()
-        .filter_map(|(k, v)| {
-            let job = serde_json::from_slice::<Job>(&v.value);
-            if let Err(e) = &job {
-                tracing::warn!(key = %k, error = %e, "unreadable job record skipped");
-            }
-            job.ok()
-        })
-        .collect();
+    let records = read_store(move || {
+        let mut all = store.list(record::HEADERS)?;
+        all.extend(store.list(record::PARTS)?);
+        Ok(all)
+    })
+    .await?;
+    let decoded = record::decode(records.into_iter().map(|(k, v)| (k, v.value)));
+    for (key, error) in &decoded.unreadable {
+        tracing::warn!(key, error, "unreadable job record skipped");
+    }
+    let mut jobs = decoded.jobs;
     jobs.sort_by_key(|j| (j.created_unix_ms, j.id.clone()));
     Ok(jobs)
+}
+
+/// Runs a blocking store read off the async threads.
+async fn read_store<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, ringmaster_store::StoreError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| Status::internal(format!("reading the state store: {e}")))?
+        .map_err(|e| Status::unavailable(format!("reading the state store: {e}")))
 }
 
 /// A standby's `JobService`: reads from the store, everything else to the leader.
@@ -191,13 +198,21 @@ impl pb::job_service_server::JobService for StandbyJobs {
             return Err(Status::not_found(format!("no job '{id}'")));
         }
         let store = self.store.clone();
-        let key = format!("jobs/{id}");
-        let record = tokio::task::spawn_blocking(move || store.get(&key))
-            .await
-            .map_err(|e| Status::internal(format!("reading the state store: {e}")))?
-            .map_err(|e| Status::unavailable(format!("reading the state store: {e}")))?;
-        let job = record
-            .and_then(|v| serde_json::from_slice::<Job>(&v.value).ok())
+        let (header, prefix) = (record::header_key(&id), format!("{}{id}/", record::PARTS));
+        let list = prefix.clone();
+        let (header, parts) = read_store(move || {
+            let Some(h) = store.get(&header)? else {
+                return Ok((None, Vec::new()));
+            };
+            Ok((Some(h.value), store.list(&list)?))
+        })
+        .await?;
+        let parts = parts
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v.value)))
+            .collect();
+        let job = header
+            .and_then(|h| record::decode_one(&h, &parts).ok())
             .ok_or_else(|| Status::not_found(format!("no job '{id}'")))?;
         Ok(Response::new(crate::status::job_status(&job)))
     }

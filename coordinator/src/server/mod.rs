@@ -78,7 +78,7 @@ fn open_state(
         let store = ringmaster_store::open_url_with(&config.store_url, dir, &config.etcd)?;
         Persister::start_fenced(
             store,
-            &["jobs/", "nodes/", "meta/"],
+            &["jobs/", "jobparts/", "nodes/", "meta/"],
             crate::persist::RetryPolicy::default(),
             fence.clone(),
         )

@@ -132,7 +132,7 @@ impl Core {
         let mut v: Vec<(u64, String)> = self
             .jobs
             .values()
-            .filter(|j| j.state.is_terminal() && j.ranks.iter().all(|r| r.state.is_done()))
+            .filter(|j| j.state.is_terminal() && j.ranks.all_done())
             .map(|j| {
                 (
                     j.finished_unix_ms.unwrap_or(j.updated_unix_ms),
@@ -198,12 +198,14 @@ impl Core {
             self.job_bytes = self
                 .job_bytes
                 .saturating_sub(job_bytes(&job.spec, &job.files));
+            for key in job.record_keys() {
+                self.persist.delete(key);
+            }
         }
         self.unacked.remove(id);
         self.changed.remove(id);
         self.progressed.remove(id);
         self.watchers.remove(id);
         self.rendezvous.forget(id);
-        self.persist.delete(format!("jobs/{id}"));
     }
 }

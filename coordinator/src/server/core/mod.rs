@@ -333,31 +333,41 @@ impl Core {
                 core.nodes.insert(h.name.clone(), Node::new(h.slots, now));
             }
         }
-        for (key, value) in loaded {
-            if let Some(id) = key.strip_prefix("jobs/") {
-                match serde_json::from_slice::<Job>(&value) {
-                    Ok(mut job) => {
-                        if job.state == JobState::Starting && job.master_port.is_none() {
-                            // Nothing was started yet: start over cleanly.
-                            job.state = JobState::Pending;
-                            job.ranks.clear();
-                            job.placement.clear();
-                        }
-                        if job.state.has_workers() {
-                            for r in &mut job.ranks {
-                                if !r.state.is_done() {
-                                    r.state = RankState::Unknown;
-                                }
-                            }
-                            core.rendezvous.open(&job.id, job.generation);
-                        }
-                        tracing::info!(job = %job.id, generation = job.generation, state = job.state.as_str(), "recovered job");
-                        core.job_bytes += job_bytes(&job.spec, &job.files);
-                        core.jobs.insert(id.to_owned(), job);
+        let (job_records, loaded): (Vec<_>, Vec<_>) = loaded.into_iter().partition(|(k, _)| {
+            k.starts_with(crate::job::record::HEADERS) || k.starts_with(crate::job::record::PARTS)
+        });
+        let decoded = crate::job::record::decode(job_records);
+        for (key, error) in &decoded.unreadable {
+            tracing::error!(key, error, "unreadable job record skipped");
+        }
+        for key in decoded.orphans {
+            tracing::info!(key, "deleting a part of no job (a job removed halfway)");
+            core.persist.delete(key);
+        }
+        for mut job in decoded.jobs {
+            if job.state == JobState::Starting && job.master_port.is_none() {
+                // Nothing was started yet: start over cleanly.
+                job.state = JobState::Pending;
+                job.ranks.replace(Vec::new());
+                job.placement.clear();
+                job.saved.placement_changed();
+            }
+            if job.state.has_workers() {
+                job.ranks.for_each_mut(|r| {
+                    if !r.state.is_done() {
+                        r.state = RankState::Unknown;
                     }
-                    Err(e) => tracing::error!(key, error = %e, "unreadable job record skipped"),
-                }
-            } else if let Some(name) = key.strip_prefix("nodes/")
+                });
+                // What is saved stays as it was until the job changes again.
+                job.ranks.take_dirty();
+                core.rendezvous.open(&job.id, job.generation);
+            }
+            tracing::info!(job = %job.id, generation = job.generation, state = job.state.as_str(), "recovered job");
+            core.job_bytes += job_bytes(&job.spec, &job.files);
+            core.jobs.insert(job.id.clone(), job);
+        }
+        for (key, value) in loaded {
+            if let Some(name) = key.strip_prefix("nodes/")
                 && let Ok(rec) = serde_json::from_slice::<NodeRecord>(&value)
             {
                 let in_hostfile = core.cfg.hostfile.is_none() || core.nodes.contains_key(name);

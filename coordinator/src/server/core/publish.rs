@@ -17,14 +17,25 @@ impl Core {
             }
         }
         for id in std::mem::take(&mut self.changed) {
-            if let Some(job) = self.jobs.get(&id) {
-                self.persist.put(
-                    format!("jobs/{id}"),
-                    serde_json::to_vec(job).expect("job serializes"),
-                );
+            if self.persist_job(&id) {
                 self.publish(&id);
             }
         }
+    }
+
+    /// Queues the writes that bring the store up to date with job `id` (its header and the
+    /// parts that changed, [`crate::job::record`]); false if there is no such job.
+    pub(super) fn persist_job(&mut self, id: &str) -> bool {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return false;
+        };
+        for (key, value) in job.record_writes() {
+            match value {
+                Some(v) => self.persist.put(key, v),
+                None => self.persist.delete(key),
+            }
+        }
+        true
     }
 
     pub(super) fn publish(&mut self, id: &str) {

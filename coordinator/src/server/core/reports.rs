@@ -63,14 +63,10 @@ impl Core {
         // Once a finished job's processes are all gone, nothing may report for it (a leaked
         // worker credential must not move its checkpoint afterwards). Reports still count while
         // a cancelled job's ranks are exiting: they commit their last checkpoint then.
-        if job.state.is_terminal() && job.ranks.iter().all(|r| r.state.is_done()) {
+        if job.state.is_terminal() && job.ranks.all_done() {
             return;
         }
-        if let Some(r) = job.ranks.get_mut(p.rank as usize) {
-            r.step = Some(p.step);
-            r.collective_seq = Some(p.collective_seq);
-            r.last_report_ms = Some(now_ms());
-        }
+        job.ranks.report(p.rank, p.step, p.collective_seq, now_ms());
         let mut persist = false;
         if p.rank == 0
             && let Some(c) = &p.committed_checkpoint

@@ -49,7 +49,7 @@ impl Core {
                 j.state == JobState::Pending
                     || (j.state == JobState::Restarting
                         && j.restart_not_before_ms.is_none()
-                        && j.ranks.iter().all(|r| r.state.is_done()))
+                        && j.ranks.all_done())
             })
             .map(|j| (j.created_unix_ms, j.id.clone()))
             .collect();
@@ -114,12 +114,14 @@ impl Core {
     /// One event: the job's next state from [`crate::job::next`], its actions carried out,
     /// the job saved if it changed.
     fn step(&mut self, id: &str, event: Event) {
-        let Some(job) = self.jobs.remove(id) else {
+        let Some(mut job) = self.jobs.remove(id) else {
             return;
         };
-        let before = job.clone();
+        // Change detection costs the header, not the ranks: those count their own changes.
+        let before = job.without_bulk(|j| j.clone());
+        let rank_writes = job.ranks.writes();
         let (mut job, actions) = crate::job::next(job, event, now_ms());
-        let changed = job != before;
+        let changed = job.ranks.writes() != rank_writes || job.without_bulk(|j| *j != before);
         if changed {
             job.updated_unix_ms = now_ms();
             if job.state != before.state {
@@ -238,11 +240,9 @@ impl Core {
     /// restart, another leader on etcd) knows every generation an agent may be running and
     /// never restarts workers it was not told of.
     fn start_when_durable(&mut self, id: &str, generation: u64) {
-        let Some(job) = self.jobs.get(id) else { return };
-        self.persist.put(
-            format!("jobs/{id}"),
-            serde_json::to_vec(job).expect("job serializes"),
-        );
+        if !self.persist_job(id) {
+            return;
+        }
         let durable = self.persist.flush();
         let tx = self.starts_tx.clone();
         let id = id.to_owned();

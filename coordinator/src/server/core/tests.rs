@@ -23,7 +23,7 @@ fn core(store: &Arc<Flaky>, job_limits: JobLimits) -> Core {
     };
     let (persist, loaded) = Persister::start_with(
         Box::new(FlakyStore(store.clone())),
-        &["jobs/", "meta/"],
+        &["jobs/", "jobparts/", "meta/"],
         retry,
     )
     .unwrap();
@@ -63,8 +63,16 @@ async fn a_submit_is_answered_once_the_job_is_in_the_store() {
     assert_eq!(st.id, "a-1");
     // Read the store the moment the reply arrives: the job and the id counter are there.
     let rec = store.inner.get("jobs/a-1").unwrap().expect("job on disk");
-    let job: Job = serde_json::from_slice(&rec.value).unwrap();
+    let parts = store
+        .inner
+        .list("jobparts/a-1/")
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k["jobparts/a-1/".len()..].to_owned(), v.value))
+        .collect();
+    let job = crate::job::record::decode_one(&rec.value, &parts).unwrap();
     assert_eq!(job.id, "a-1");
+    assert_eq!(job.spec, spec("a"));
     let meta = store.inner.get("meta/coordinator").unwrap().unwrap();
     assert_eq!(meta.value, br#"{"next_job":2}"#);
 }
@@ -163,6 +171,18 @@ async fn finished_jobs_are_retired_by_count_and_age_from_memory_and_store() {
         .map(|(k, _)| k)
         .collect();
     assert_eq!(stored, ["jobs/f-3", "jobs/f-4", "jobs/live-5"]);
+    // The removed jobs' parts went with their headers.
+    let parts: BTreeSet<String> = store
+        .inner
+        .list("jobparts/")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k.split('/').nth(1).unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        parts,
+        BTreeSet::from(["f-3".into(), "f-4".into(), "live-5".into()])
+    );
     assert_eq!(
         c.job_bytes,
         c.jobs

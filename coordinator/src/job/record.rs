@@ -1,0 +1,548 @@
+//! How a [`Job`] is laid out in the state store: a small header and parts written only when
+//! they change, so that a burst of events on a 10,000-rank job writes the header and the rank
+//! chunks it touched, and a job of any size fits etcd's 1.5 MiB request limit.
+//!
+//! - `jobs/<id>`: the header, `{"format": 2, "job": <the job without its bulk>, "parts": …}`
+//!   (state, generation, counters, failures, checkpoints: bounded);
+//! - `jobparts/<id>/spec/<n>`: the spec and its files as JSON, cut in pieces of at most
+//!   [`SPEC_PART_BYTES`]; written once, at submit;
+//! - `jobparts/<id>/placement`: the current generation's nodes and slots;
+//! - `jobparts/<id>/gen/<g>`: the node of every rank of generation `g` (for logs of older
+//!   generations; the newest [`super::RANK_NODE_GENERATIONS`]);
+//! - `jobparts/<id>/ranks/<k>`: ranks `k*RANK_CHUNK ..` of the current generation.
+//!
+//! The header names the parts it needs, and is committed after them (the persister orders a
+//! burst: parts written, headers, parts deleted), so a header never names a part that is not
+//! there, even when a burst is split over several commits. A header written in the older
+//! one-record layout (the whole job as JSON) still loads; the job is saved in this layout at
+//! its next change. Parts without a header (a job removed halfway) are deleted at load.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Job, Ranks};
+use crate::spec::JobSpec;
+
+/// Prefix of job headers.
+pub const HEADERS: &str = "jobs/";
+/// Prefix of job parts.
+pub const PARTS: &str = "jobparts/";
+/// Largest piece of a job's spec and files.
+pub const SPEC_PART_BYTES: usize = 512 << 10;
+const FORMAT: u32 = 2;
+
+/// What of a job the store holds already (not state: ignored by comparisons).
+#[derive(Debug, Clone, Default)]
+pub struct Saved {
+    /// Pieces of the spec, once written.
+    spec_parts: Option<usize>,
+    /// The current placement is written.
+    placement: bool,
+    /// Generations whose rank nodes are written.
+    generations: BTreeSet<u64>,
+    /// Rank chunks written (of the current or an older generation).
+    rank_chunks: usize,
+}
+
+impl PartialEq for Saved {
+    fn eq(&self, _: &Saved) -> bool {
+        true
+    }
+}
+
+impl Saved {
+    /// A new generation's placement must be written.
+    pub fn placement_changed(&mut self) {
+        self.placement = false;
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Parts {
+    spec: usize,
+    rank_chunks: usize,
+    generations: Vec<u64>,
+}
+
+#[derive(Serialize)]
+struct HeaderOut<'a> {
+    format: u32,
+    job: &'a Job,
+    parts: Parts,
+}
+
+#[derive(Deserialize)]
+struct HeaderIn {
+    format: u32,
+    job: Job,
+    parts: Parts,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SpecAndFiles {
+    spec: JobSpec,
+    files: BTreeMap<String, Vec<u8>>,
+}
+
+/// The key of job `id`'s header.
+pub fn header_key(id: &str) -> String {
+    format!("{HEADERS}{id}")
+}
+
+fn part_key(id: &str, part: &str) -> String {
+    format!("{PARTS}{id}/{part}")
+}
+
+/// A write to the store: a value, or `None` to delete.
+pub type Write = (String, Option<Vec<u8>>);
+
+impl Job {
+    /// The writes that bring the store up to date with this job: the parts that changed since
+    /// the last call, then the header. Costs the size of what changed, not of the job.
+    pub fn record_writes(&mut self) -> Vec<Write> {
+        let id = self.id.clone();
+        let mut out = Vec::new();
+        if self.saved.spec_parts.is_none() {
+            // Never saved in this layout (new, or loaded from the one-record layout).
+            self.ranks.mark_all_dirty();
+        }
+        let spec_parts = match self.saved.spec_parts {
+            Some(n) => n,
+            None => {
+                let both = SpecAndFiles {
+                    spec: std::mem::take(&mut self.spec),
+                    files: std::mem::take(&mut self.files),
+                };
+                let bytes = serde_json::to_vec(&both).expect("spec serializes");
+                self.spec = both.spec;
+                self.files = both.files;
+                let pieces: Vec<&[u8]> = bytes.chunks(SPEC_PART_BYTES).collect();
+                for (n, p) in pieces.iter().enumerate() {
+                    out.push((part_key(&id, &format!("spec/{n}")), Some(p.to_vec())));
+                }
+                self.saved.spec_parts = Some(pieces.len());
+                pieces.len()
+            }
+        };
+        if !self.saved.placement {
+            let v = serde_json::to_vec(&self.placement).expect("placement serializes");
+            out.push((part_key(&id, "placement"), Some(v)));
+            self.saved.placement = true;
+        }
+        let gens: BTreeSet<u64> = self.rank_nodes.keys().copied().collect();
+        for g in gens.difference(&self.saved.generations) {
+            let v = serde_json::to_vec(&self.rank_nodes[g]).expect("nodes serialize");
+            out.push((part_key(&id, &format!("gen/{g}")), Some(v)));
+        }
+        for g in self.saved.generations.difference(&gens) {
+            out.push((part_key(&id, &format!("gen/{g}")), None));
+        }
+        self.saved.generations = gens;
+        let chunks = self.ranks.chunks();
+        for k in self.ranks.take_dirty() {
+            let k = k as usize;
+            if k < chunks {
+                let v = serde_json::to_vec(self.ranks.chunk(k)).expect("ranks serialize");
+                out.push((part_key(&id, &format!("ranks/{k}")), Some(v)));
+            }
+        }
+        for k in chunks..self.saved.rank_chunks {
+            out.push((part_key(&id, &format!("ranks/{k}")), None));
+        }
+        self.saved.rank_chunks = chunks;
+        let header = self.without_bulk(|job| {
+            serde_json::to_vec(&HeaderOut {
+                format: FORMAT,
+                job,
+                parts: Parts {
+                    spec: spec_parts,
+                    rank_chunks: chunks,
+                    generations: job.saved.generations.iter().copied().collect(),
+                },
+            })
+            .expect("job header serializes")
+        });
+        out.push((header_key(&id), Some(header)));
+        out
+    }
+
+    /// Every key this job has in the store (to remove it), header first.
+    pub fn record_keys(&self) -> Vec<String> {
+        let id = &self.id;
+        let mut keys = vec![header_key(id), part_key(id, "placement")];
+        keys.extend(
+            (0..self.saved.spec_parts.unwrap_or(0)).map(|n| part_key(id, &format!("spec/{n}"))),
+        );
+        keys.extend(
+            self.saved
+                .generations
+                .iter()
+                .map(|g| part_key(id, &format!("gen/{g}"))),
+        );
+        keys.extend((0..self.saved.rank_chunks).map(|k| part_key(id, &format!("ranks/{k}"))));
+        keys
+    }
+
+    /// Runs `f` on the job with its bulk (spec, files, placement, ranks, rank nodes) taken
+    /// out: what a header holds, and what an event's change detection compares.
+    pub fn without_bulk<R>(&mut self, f: impl FnOnce(&mut Job) -> R) -> R {
+        let spec = std::mem::take(&mut self.spec);
+        let files = std::mem::take(&mut self.files);
+        let placement = std::mem::take(&mut self.placement);
+        let ranks = std::mem::take(&mut self.ranks);
+        let rank_nodes = std::mem::take(&mut self.rank_nodes);
+        let r = f(self);
+        self.spec = spec;
+        self.files = files;
+        self.placement = placement;
+        self.ranks = ranks;
+        self.rank_nodes = rank_nodes;
+        r
+    }
+}
+
+/// The jobs in `records` (headers and parts, as listed from the store).
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub jobs: Vec<Job>,
+    /// Job records that could not be read: (key, why).
+    pub unreadable: Vec<(String, String)>,
+    /// Parts of no job (to delete).
+    pub orphans: Vec<String>,
+}
+
+/// Reassembles the jobs from their headers and parts.
+pub fn decode(records: impl IntoIterator<Item = (String, Vec<u8>)>) -> Decoded {
+    let mut headers = BTreeMap::new();
+    let mut parts: BTreeMap<String, BTreeMap<String, Vec<u8>>> = BTreeMap::new();
+    for (k, v) in records {
+        if let Some(id) = k.strip_prefix(HEADERS) {
+            headers.insert(id.to_owned(), v);
+        } else if let Some(rest) = k.strip_prefix(PARTS)
+            && let Some((id, part)) = rest.split_once('/')
+        {
+            parts
+                .entry(id.to_owned())
+                .or_default()
+                .insert(part.to_owned(), v);
+        }
+    }
+    let mut out = Decoded::default();
+    for (id, header) in headers {
+        let mine = parts.remove(&id).unwrap_or_default();
+        match decode_one(&header, &mine) {
+            Ok(job) if job.id == id => out.jobs.push(job),
+            Ok(job) => out.unreadable.push((
+                header_key(&id),
+                format!("the record names job '{}'", job.id),
+            )),
+            Err(e) => out.unreadable.push((header_key(&id), e)),
+        }
+    }
+    for (id, rest) in parts {
+        out.orphans
+            .extend(rest.into_keys().map(|p| part_key(&id, &p)));
+    }
+    out
+}
+
+/// One job from its header and its parts (keys relative to `jobparts/<id>/`).
+pub fn decode_one(header: &[u8], parts: &BTreeMap<String, Vec<u8>>) -> Result<Job, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(header).map_err(|e| format!("not JSON: {e}"))?;
+    if value.get("format").is_none() {
+        // The one-record layout: everything counts as unsaved, so its next change writes the
+        // parts and a header.
+        return serde_json::from_value(value).map_err(|e| e.to_string());
+    }
+    let h: HeaderIn = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    if h.format != FORMAT {
+        return Err(format!(
+            "record format {} (this coordinator reads {FORMAT})",
+            h.format
+        ));
+    }
+    let part = |name: String| {
+        parts
+            .get(&name)
+            .ok_or_else(|| format!("part '{name}' is missing"))
+    };
+    let read = |name: String, what: &str| -> Result<&[u8], String> {
+        part(name)
+            .map(Vec::as_slice)
+            .map_err(|e| format!("{what}: {e}"))
+    };
+    let mut job = h.job;
+    let mut spec = Vec::new();
+    for n in 0..h.parts.spec {
+        spec.extend_from_slice(read(format!("spec/{n}"), "spec")?);
+    }
+    let both: SpecAndFiles = serde_json::from_slice(&spec).map_err(|e| format!("spec: {e}"))?;
+    job.spec = both.spec;
+    job.files = both.files;
+    job.placement = serde_json::from_slice(read("placement".into(), "placement")?)
+        .map_err(|e| format!("placement: {e}"))?;
+    for g in &h.parts.generations {
+        let nodes: Vec<String> = serde_json::from_slice(read(format!("gen/{g}"), "rank nodes")?)
+            .map_err(|e| format!("rank nodes of generation {g}: {e}"))?;
+        job.rank_nodes.insert(*g, nodes);
+    }
+    let mut ranks = Vec::new();
+    for k in 0..h.parts.rank_chunks {
+        let chunk: Vec<super::RankRecord> =
+            serde_json::from_slice(read(format!("ranks/{k}"), "ranks")?)
+                .map_err(|e| format!("rank chunk {k}: {e}"))?;
+        ranks.extend(chunk);
+    }
+    if ranks.iter().enumerate().any(|(i, r)| r.rank as usize != i) {
+        return Err("rank chunks out of order".into());
+    }
+    job.ranks = Ranks::from(ranks);
+    job.ranks.take_dirty();
+    job.saved = Saved {
+        spec_parts: Some(h.parts.spec),
+        placement: true,
+        generations: h.parts.generations.into_iter().collect(),
+        rank_chunks: h.parts.rank_chunks,
+    };
+    Ok(job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{Event, RankState, next};
+    use ringmaster_hostfile::Selected;
+
+    fn placement(nodes: usize, slots: u32) -> Vec<Selected> {
+        (0..nodes)
+            .map(|i| Selected {
+                name: format!("node{i}"),
+                slots: (0..slots).collect(),
+            })
+            .collect()
+    }
+
+    /// A job running `nodes × slots` ranks, after `generations` generations, with files of
+    /// `file_bytes`.
+    fn job(nodes: usize, slots: u32, generations: u64, file_bytes: usize) -> Job {
+        let files = BTreeMap::from([("big.bin".to_owned(), vec![7u8; file_bytes])]);
+        let spec = JobSpec {
+            command: Some(vec!["true".into()]),
+            max_restarts: 1000,
+            ..JobSpec::default()
+        };
+        let mut j = Job::new("big-1".into(), spec, files, 0);
+        for g in 0..generations {
+            j = next(j, Event::Placement(Ok(placement(nodes, slots))), 0).0;
+            j = next(
+                j,
+                Event::PortAllocated {
+                    generation: g,
+                    addr: "a".into(),
+                    port: 1,
+                },
+                0,
+            )
+            .0;
+            for r in 0..nodes as u32 * slots {
+                j = next(
+                    j,
+                    Event::WorkerStarted {
+                        generation: g,
+                        rank: r,
+                        pid: 10 + r,
+                    },
+                    0,
+                )
+                .0;
+            }
+            if g + 1 < generations {
+                j = next(
+                    j,
+                    Event::WorkerExited {
+                        generation: g,
+                        rank: 0,
+                        exit_code: Some(1),
+                        signal: None,
+                        log_tail: vec!["boom".into()],
+                    },
+                    0,
+                )
+                .0;
+                for r in 1..nodes as u32 * slots {
+                    j = next(
+                        j,
+                        Event::WorkerExited {
+                            generation: g,
+                            rank: r,
+                            exit_code: None,
+                            signal: Some(15),
+                            log_tail: vec![],
+                        },
+                        0,
+                    )
+                    .0;
+                }
+                j.restart_not_before_ms = None;
+            }
+        }
+        j
+    }
+
+    /// Applies `writes` to `store` and returns it as a listing.
+    fn apply(store: &mut BTreeMap<String, Vec<u8>>, writes: Vec<Write>) {
+        for (k, v) in writes {
+            match v {
+                Some(v) => store.insert(k, v),
+                None => store.remove(&k),
+            };
+        }
+    }
+
+    #[test]
+    fn a_job_round_trips_through_header_and_parts() {
+        let mut j = job(40, 8, 3, SPEC_PART_BYTES + 1000);
+        assert_eq!(j.state, crate::job::JobState::Running);
+        let mut store = BTreeMap::new();
+        let writes = j.record_writes();
+        let keys: Vec<&str> = writes.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys.last(), Some(&"jobs/big-1"), "the header comes last");
+        assert!(keys.contains(&"jobparts/big-1/spec/1"), "{keys:?}");
+        assert!(keys.contains(&"jobparts/big-1/ranks/1"), "{keys:?}");
+        assert!(keys.contains(&"jobparts/big-1/gen/2"), "{keys:?}");
+        for (k, v) in &writes {
+            assert!(v.as_ref().unwrap().len() <= SPEC_PART_BYTES, "{k}");
+        }
+        apply(&mut store, writes);
+        let d = decode(store.clone());
+        assert!(d.unreadable.is_empty() && d.orphans.is_empty(), "{d:?}");
+        assert_eq!(d.jobs.len(), 1);
+        assert_eq!(d.jobs[0], j);
+        assert_eq!(d.jobs[0].ranks.count(RankState::Running), 320);
+        assert_eq!(d.jobs[0].record_keys().len(), store.len());
+    }
+
+    #[test]
+    fn an_event_writes_the_header_and_the_chunk_it_touched() {
+        let mut j = job(40, 8, 1, 100);
+        let mut store = BTreeMap::new();
+        apply(&mut store, j.record_writes());
+        let whole: usize = store.values().map(Vec::len).sum();
+        j = next(
+            j,
+            Event::WorkerExited {
+                generation: 0,
+                rank: 300,
+                exit_code: Some(0),
+                signal: None,
+                log_tail: vec![],
+            },
+            0,
+        )
+        .0;
+        let writes = j.record_writes();
+        let keys: Vec<&str> = writes.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["jobparts/big-1/ranks/1", "jobs/big-1"]);
+        let bytes: usize = writes
+            .iter()
+            .map(|(_, v)| v.as_ref().map_or(0, Vec::len))
+            .sum();
+        assert!(bytes * 2 < whole, "{bytes} of {whole}");
+        apply(&mut store, writes);
+        assert_eq!(decode(store).jobs[0], j);
+        // Nothing changed, nothing but the header.
+        assert_eq!(j.record_writes().len(), 1);
+    }
+
+    #[test]
+    fn a_smaller_generation_deletes_the_chunks_and_generations_it_no_longer_has() {
+        let mut j = job(40, 8, 1, 10);
+        let mut store = BTreeMap::new();
+        apply(&mut store, j.record_writes());
+        j = next(
+            j,
+            Event::WorkerExited {
+                generation: 0,
+                rank: 0,
+                exit_code: Some(1),
+                signal: None,
+                log_tail: vec![],
+            },
+            0,
+        )
+        .0;
+        for r in 1..320 {
+            j = next(
+                j,
+                Event::WorkerExited {
+                    generation: 0,
+                    rank: r,
+                    exit_code: None,
+                    signal: Some(15),
+                    log_tail: vec![],
+                },
+                0,
+            )
+            .0;
+        }
+        j.restart_not_before_ms = None;
+        j = next(j, Event::Placement(Ok(placement(1, 2))), 0).0;
+        for _ in 0..crate::job::RANK_NODE_GENERATIONS {
+            j.rank_nodes
+                .insert(j.rank_nodes.keys().last().unwrap() + 1, vec!["x".into()]);
+        }
+        while j.rank_nodes.len() > crate::job::RANK_NODE_GENERATIONS {
+            j.rank_nodes.pop_first();
+        }
+        let writes = j.record_writes();
+        let deleted: Vec<&str> = writes
+            .iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(deleted, ["jobparts/big-1/gen/0", "jobparts/big-1/ranks/1"]);
+        apply(&mut store, writes);
+        let back = decode(store.clone());
+        assert_eq!(back.jobs[0], j);
+        assert_eq!(back.jobs[0].ranks.len(), 2);
+        assert_eq!(j.record_keys().len(), store.len());
+    }
+
+    #[test]
+    fn the_one_record_layout_loads_and_is_rewritten_whole() {
+        let j = job(2, 2, 2, 10);
+        // What a coordinator before this layout wrote: the whole job as one record.
+        let old = serde_json::to_vec(&j).unwrap();
+        let d = decode([("jobs/big-1".to_owned(), old)]);
+        assert_eq!(d.jobs.len(), 1, "{d:?}");
+        let mut back = d.jobs.into_iter().next().unwrap();
+        assert_eq!(back, j);
+        let mut store = BTreeMap::new();
+        apply(&mut store, back.record_writes());
+        assert!(
+            store.contains_key("jobparts/big-1/ranks/0")
+                && store.contains_key("jobparts/big-1/spec/0")
+        );
+        assert_eq!(decode(store).jobs[0], j);
+    }
+
+    #[test]
+    fn missing_parts_and_orphans_are_named() {
+        let mut j = job(2, 2, 1, 10);
+        let mut store = BTreeMap::new();
+        apply(&mut store, j.record_writes());
+        store.insert("jobparts/gone-7/ranks/0".into(), b"[]".to_vec());
+        store.remove("jobparts/big-1/ranks/0");
+        let d = decode(store);
+        assert!(d.jobs.is_empty());
+        assert_eq!(d.unreadable.len(), 1);
+        assert!(
+            d.unreadable[0].1.contains("'ranks/0' is missing"),
+            "{:?}",
+            d.unreadable
+        );
+        assert_eq!(d.orphans, ["jobparts/gone-7/ranks/0"]);
+    }
+}
