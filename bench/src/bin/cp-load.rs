@@ -324,9 +324,42 @@ async fn main() -> anyhow::Result<()> {
     );
     ready.wait().await;
 
-    // Heartbeat phase.
+    // Right after the rendezvous, while the coordinator handles every agent's WorkerStarted:
+    // how long operator calls wait, and when the job is RUNNING (no heartbeats yet).
     let mut probe =
         pb::job_service_client::JobServiceClient::new(channel(&addr, &tls, token).await?);
+    let t = Instant::now();
+    let mut lat = Vec::new();
+    let mut running_at = None;
+    while t.elapsed() < Duration::from_secs(args.seconds) || running_at.is_none() {
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("the job was not RUNNING 120 s after the rendezvous");
+        }
+        let s = Instant::now();
+        let st = probe
+            .get(pb::GetJobRequest {
+                job_id: job.id.clone(),
+            })
+            .await?
+            .into_inner();
+        lat.push(s.elapsed().as_secs_f64() * 1e3);
+        if running_at.is_none() && st.state == "RUNNING" {
+            running_at = Some(t.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let max = lat.iter().cloned().fold(0.0, f64::max);
+    println!(
+        "after rendezvous: job RUNNING {:.3} s later; {} probes over {:.1} s: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        running_at.unwrap_or_default().as_secs_f64(),
+        lat.len(),
+        t.elapsed().as_secs_f64(),
+        percentile(&mut lat, 0.5),
+        percentile(&mut lat, 0.99),
+        max
+    );
+
+    // Heartbeat phase.
     println!("offered hb/s | absorbed hb/s | probe p50 ms | p99 ms | max ms");
     for offered in &args.rates {
         let per_agent_milli = offered * 1000 / args.agents as u64;
