@@ -9,7 +9,7 @@
 //! the slice. The progress fields a trainer reports every second ([`Ranks::report`]) are
 //! saved with the chunk's next change, not on their own.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::{Deref, DerefMut};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -38,6 +38,8 @@ fn index(s: RankState) -> usize {
 pub struct Ranks {
     list: Vec<RankRecord>,
     counts: [u32; STATES],
+    /// Node → its ranks, in rank order (a rank's node is fixed for the generation).
+    by_node: HashMap<String, Vec<u32>>,
     /// Chunks changed since [`Ranks::take_dirty`].
     dirty: BTreeSet<u32>,
     /// Changes made through the mutators, ever (a cheap "did this event change a rank").
@@ -147,11 +149,22 @@ impl Ranks {
 
     fn recount(&mut self) {
         self.counts = [0; STATES];
+        self.by_node.clear();
         for r in &self.list {
             self.counts[index(r.state)] += 1;
+            self.by_node.entry(r.node.clone()).or_default().push(r.rank);
         }
         self.dirty = (0..self.chunks() as u32).collect();
         self.writes += 1;
+    }
+
+    /// The ranks placed on `node` (O(its ranks), not a scan of the job).
+    pub fn on_node(&self, node: &str) -> impl Iterator<Item = &RankRecord> {
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .map(|&r| &self.list[r as usize])
     }
 
     /// Ranks in `state`.
@@ -268,6 +281,14 @@ mod tests {
                 r.iter().all(|x| x.state.is_done()),
                 "after change {i}"
             );
+            let node = format!("n{}", rnd(700));
+            let on: Vec<u32> = r.on_node(&node).map(|x| x.rank).collect();
+            let scan: Vec<u32> = r
+                .iter()
+                .filter(|x| x.node == node)
+                .map(|x| x.rank)
+                .collect();
+            assert_eq!(on, scan, "after change {i}: ranks on {node}");
         }
     }
 

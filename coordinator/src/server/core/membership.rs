@@ -181,8 +181,8 @@ impl Core {
             }
             let ranks: Vec<u32> = job
                 .ranks
-                .iter()
-                .filter(|r| r.node == node && !r.state.is_done())
+                .on_node(node)
+                .filter(|r| !r.state.is_done())
                 .filter(|r| r.state != RankState::Starting || restarted || r.pid.is_some())
                 .filter(|r| !reported.contains(&(job.id.clone(), job.generation, r.rank)))
                 .map(|r| r.rank)
@@ -236,8 +236,8 @@ impl Core {
                     (
                         j.id.clone(),
                         j.ranks
-                            .iter()
-                            .filter(|r| r.node == name && !r.state.is_done())
+                            .on_node(&name)
+                            .filter(|r| !r.state.is_done())
                             .map(|r| r.rank)
                             .collect::<Vec<_>>(),
                     )

@@ -199,8 +199,8 @@ impl Core {
                 for node in unreachable {
                     let ranks: Vec<u32> = self.jobs[id]
                         .ranks
-                        .iter()
-                        .filter(|r| r.node == node && !r.state.is_done())
+                        .on_node(&node)
+                        .filter(|r| !r.state.is_done())
                         .map(|r| r.rank)
                         .collect();
                     if !ranks.is_empty() {
@@ -354,12 +354,7 @@ impl Core {
             }
         }
         for node in unreachable {
-            let ranks: Vec<u32> = self.jobs[id]
-                .ranks
-                .iter()
-                .filter(|r| r.node == node)
-                .map(|r| r.rank)
-                .collect();
+            let ranks: Vec<u32> = self.jobs[id].ranks.on_node(&node).map(|r| r.rank).collect();
             self.raise(
                 id,
                 Event::RanksLost {
