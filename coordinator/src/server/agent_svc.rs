@@ -71,7 +71,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let (conn, _ack) = self
             .core
             .call(|reply| Cmd::AgentJoin {
-                join,
+                join: join.into(),
                 peer,
                 tx,
                 reply,
@@ -87,7 +87,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                             core.send(Cmd::AgentMsg {
                                 node: name.clone(),
                                 conn,
-                                msg,
+                                msg: msg.into(),
                             })
                             .await;
                         }
@@ -103,7 +103,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         });
         Ok(Response::new(Box::pin(futures::StreamExt::map(
             ReceiverStream::new(rx),
-            |m| m.map_err(Status::from),
+            |m| m.map(pb::CoordinatorMessage::from).map_err(Status::from),
         ))))
     }
 }

@@ -133,7 +133,9 @@ impl pb::job_service_server::JobService for JobSvc {
         _req: Request<pb::NodesRequest>,
     ) -> Result<Response<pb::NodesResponse>, Status> {
         let nodes = self.core.call(|reply| Cmd::Nodes { reply }).await?;
-        Ok(Response::new(pb::NodesResponse { nodes }))
+        Ok(Response::new(pb::NodesResponse {
+            nodes: nodes.into_iter().map(Into::into).collect(),
+        }))
     }
 
     type LogsStream = BoxStream<pb::LogChunk>;
@@ -142,7 +144,7 @@ impl pb::job_service_server::JobService for JobSvc {
         &self,
         req: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        let req = req.into_inner();
+        let req = req.into_inner().into();
         let (tx, rx) = mpsc::channel(LOG_WINDOW_CHUNKS as usize + 2);
         let request_id = self
             .core
@@ -181,7 +183,7 @@ impl pb::job_service_server::JobService for JobSvc {
                 // The agent's eof chunk or an error ends the stream.
                 _ => r.done = true,
             }
-            Some((item.map_err(Status::from), r))
+            Some((item.map(pb::LogChunk::from).map_err(Status::from), r))
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -191,7 +193,9 @@ impl pb::job_service_server::JobService for JobSvc {
 const LOG_CREDIT_BATCH: u32 = LOG_WINDOW_CHUNKS / 2;
 
 struct LogReader {
-    rx: mpsc::Receiver<Result<pb::LogChunk, crate::server::error::CoreError>>,
+    rx: mpsc::Receiver<
+        Result<crate::server::core::types::LogChunk, crate::server::error::CoreError>,
+    >,
     taken: u32,
     done: bool,
     fetch: FetchGuard,

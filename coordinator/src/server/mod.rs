@@ -12,6 +12,7 @@
 //! per-method roles (admin for Submit/Cancel/Checkpoint) and the worker credential's scope.
 
 pub mod agent_svc;
+mod convert;
 pub mod core;
 pub mod error;
 pub mod job_svc;
@@ -364,7 +365,9 @@ async fn serve(
     let h2 = handle.clone();
     let progress_task = tokio::spawn(async move {
         while let Some(p) = progress_rx.recv().await {
-            h2.send(core::Cmd::Progress(p)).await;
+            if let Some(p) = convert::progress(p) {
+                h2.send(core::Cmd::Progress(p)).await;
+            }
         }
     });
 

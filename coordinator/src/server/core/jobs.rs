@@ -4,7 +4,7 @@
 use super::*;
 
 impl Core {
-    pub(super) fn worker_exited(&mut self, e: pb::WorkerExited) {
+    pub(super) fn worker_exited(&mut self, e: WorkerExited) {
         let Some(job) = self.jobs.get(&e.job_id) else {
             return;
         };

@@ -3,11 +3,7 @@
 use super::*;
 
 impl Core {
-    pub(super) fn start_log_fetch(
-        &mut self,
-        req: pb::LogsRequest,
-        tx: LogTx,
-    ) -> Result<u64, CoreError> {
+    pub(super) fn start_log_fetch(&mut self, req: LogQuery, tx: LogTx) -> Result<u64, CoreError> {
         let job = self
             .jobs
             .get(&req.job_id)
@@ -15,8 +11,8 @@ impl Core {
         let generation = req.generation.unwrap_or(job.generation);
         let node = if generation == job.generation {
             job.ranks
-                .iter()
-                .find(|r| r.rank == req.rank)
+                .get(req.rank as usize)
+                .filter(|r| r.rank == req.rank)
                 .map(|r| r.node.clone())
         } else {
             None
@@ -33,7 +29,7 @@ impl Core {
         self.next_request += 1;
         let sent = self.send_to(
             &node,
-            pb::coordinator_message::Msg::FetchLog(pb::FetchLog {
+            ToAgent::FetchLog(FetchLog {
                 request_id: rid,
                 job_id: req.job_id.clone(),
                 generation,
@@ -45,17 +41,14 @@ impl Core {
         let credited = sent
             && self.send_to(
                 &node,
-                pb::coordinator_message::Msg::LogCredit(pb::LogCredit {
+                ToAgent::LogCredit {
                     request_id: rid,
                     chunks: LOG_WINDOW_CHUNKS,
-                }),
+                },
             );
         if !credited {
             if sent {
-                self.send_to(
-                    &node,
-                    pb::coordinator_message::Msg::CancelFetch(pb::CancelFetch { request_id: rid }),
-                );
+                self.send_to(&node, ToAgent::CancelFetch { request_id: rid });
             }
             return Err(CoreError::Unavailable(format!(
                 "node {node}, which ran rank {}, is not connected",

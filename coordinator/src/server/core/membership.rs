@@ -6,10 +6,10 @@ use super::*;
 impl Core {
     pub(super) fn agent_join(
         &mut self,
-        join: pb::Join,
+        join: JoinRequest,
         peer: Option<SocketAddr>,
         tx: AgentTx,
-    ) -> Result<(u64, pb::JoinAck), CoreError> {
+    ) -> Result<(u64, JoinAck), CoreError> {
         let name = join.name.clone();
         if let Some(l) = &self.cfg.leading
             && !l.valid()
@@ -115,7 +115,7 @@ impl Core {
         self.dirty = true;
 
         // The JoinAck goes first on the stream, before anything reconciliation sends.
-        let ack = pb::JoinAck {
+        let ack = JoinAck {
             slots,
             heartbeat_interval_ms: (self.cfg.heartbeat_timeout.as_millis() as u64 / 4)
                 .clamp(50, 5_000),
@@ -128,8 +128,8 @@ impl Core {
                 .map(|l| l.scope().to_owned())
                 .unwrap_or_default(),
         };
-        let _ = tx.try_send(Ok(pb::CoordinatorMessage {
-            msg: Some(pb::coordinator_message::Msg::JoinAck(ack.clone())),
+        let _ = tx.try_send(Ok(Outbound {
+            msg: ToAgent::JoinAck(ack.clone()),
             leader_epoch: self.epoch(),
         }));
 
@@ -140,7 +140,7 @@ impl Core {
         Ok((conn_id, ack))
     }
 
-    pub(super) fn reconcile(&mut self, node: &str, join: &pb::Join, restarted: bool) {
+    pub(super) fn reconcile(&mut self, node: &str, join: &JoinRequest, restarted: bool) {
         let mut reported: BTreeSet<(String, u64, u32)> = BTreeSet::new();
         for w in &join.running {
             reported.insert((w.job_id.clone(), w.generation, w.rank));
@@ -160,7 +160,7 @@ impl Core {
                 tracing::warn!(node, job = %w.job_id, generation = w.generation, rank = w.rank, "agent runs a worker of an ended generation; stopping it");
                 self.send_to(
                     node,
-                    pb::coordinator_message::Msg::StopWorkers(pb::StopWorkers {
+                    ToAgent::StopWorkers(StopWorkers {
                         job_id: w.job_id.clone(),
                         generation: w.generation,
                         grace_ms: crate::job::ABORT_GRACE_MS,
@@ -264,7 +264,7 @@ impl Core {
         }
     }
 
-    pub(super) fn node_statuses(&self) -> Vec<pb::NodeStatus> {
+    pub(super) fn node_statuses(&self) -> Vec<NodeInfo> {
         let now = Instant::now();
         let mut names: Vec<&String> = self.nodes.keys().collect();
         if self.cfg.hostfile.is_none() {
@@ -285,10 +285,10 @@ impl Core {
                 } else {
                     "EXPECTED"
                 };
-                Some(pb::NodeStatus {
+                Some(NodeInfo {
                     name: name.clone(),
                     slots: n.slots,
-                    state: state.into(),
+                    state,
                     advertise_addr: n.advertise_addr.clone(),
                     version: n.version.clone(),
                     last_heartbeat_ms_ago: n
@@ -306,7 +306,7 @@ impl Core {
         self.cfg.leading.as_ref().map_or(0, |l| l.epoch())
     }
 
-    pub(super) fn send_to(&mut self, node: &str, msg: pb::coordinator_message::Msg) -> bool {
+    pub(super) fn send_to(&mut self, node: &str, msg: ToAgent) -> bool {
         if let Some(leading) = &self.cfg.leading
             && !leading.valid()
         {
@@ -316,8 +316,8 @@ impl Core {
         let Some(conn) = self.nodes.get(node).and_then(|n| n.conn.as_ref()) else {
             return false;
         };
-        match conn.tx.try_send(Ok(pb::CoordinatorMessage {
-            msg: Some(msg),
+        match conn.tx.try_send(Ok(Outbound {
+            msg,
             leader_epoch: self.epoch(),
         })) {
             Ok(()) => true,
@@ -328,8 +328,8 @@ impl Core {
         }
     }
 
-    pub(super) fn agent_msg(&mut self, node: &str, conn: u64, msg: pb::agent_message::Msg) {
-        use pb::agent_message::Msg;
+    pub(super) fn agent_msg(&mut self, node: &str, conn: u64, msg: AgentEvent) {
+        use AgentEvent as Msg;
         match self.nodes.get_mut(node) {
             Some(n) if n.conn.as_ref().is_some_and(|c| c.id == conn) => {
                 n.last_seen = Instant::now();
@@ -337,9 +337,9 @@ impl Core {
             _ => return, // a superseded connection
         }
         match msg {
-            Msg::Heartbeat(hb) => {
+            Msg::Heartbeat { running_workers } => {
                 if let Some(n) = self.nodes.get_mut(node) {
-                    n.running_workers = hb.running_workers;
+                    n.running_workers = running_workers;
                 }
             }
             Msg::WorkerStarted(w) => {
@@ -360,7 +360,7 @@ impl Core {
                 } else {
                     self.send_to(
                         node,
-                        pb::coordinator_message::Msg::StopWorkers(pb::StopWorkers {
+                        ToAgent::StopWorkers(StopWorkers {
                             job_id: w.job_id,
                             generation: w.generation,
                             grace_ms: 0,
@@ -424,15 +424,10 @@ impl Core {
                     self.log_requests.remove(&id);
                 } else if failed {
                     self.log_requests.remove(&id);
-                    self.send_to(
-                        node,
-                        pb::coordinator_message::Msg::CancelFetch(pb::CancelFetch {
-                            request_id: id,
-                        }),
-                    );
+                    self.send_to(node, ToAgent::CancelFetch { request_id: id });
                 }
             }
-            Msg::Join(_) => {
+            Msg::Join => {
                 tracing::warn!(node, "agent sent a second Join on one stream; ignored");
             }
         }

@@ -44,9 +44,16 @@ mod membership;
 mod publish;
 mod reports;
 mod schedule;
+pub mod types;
 
-pub type AgentTx = mpsc::Sender<Result<pb::CoordinatorMessage, CoreError>>;
-pub type LogTx = mpsc::Sender<Result<pb::LogChunk, CoreError>>;
+use types::{
+    AgentEvent, FetchLog, JoinAck, JoinRequest, LogChunk, LogQuery, NodeInfo, Outbound,
+    ProgressReport, RankEntry, SignalWorkers, StartTemplate, StartWorkers, StopWorkers, ToAgent,
+    WorkerExited,
+};
+
+pub type AgentTx = mpsc::Sender<Result<Outbound, CoreError>>;
+pub type LogTx = mpsc::Sender<Result<LogChunk, CoreError>>;
 
 /// Log chunks an agent may send for one fetch beyond what its reader has taken: the first
 /// credit granted, and the most that wait in the coordinator for a slow reader.
@@ -55,15 +62,15 @@ pub const LOG_WINDOW_CHUNKS: u32 = 16;
 /// Commands the gRPC handlers send to the loop.
 pub enum Cmd {
     AgentJoin {
-        join: pb::Join,
+        join: JoinRequest,
         peer: Option<SocketAddr>,
         tx: AgentTx,
-        reply: oneshot::Sender<Result<(u64, pb::JoinAck), CoreError>>,
+        reply: oneshot::Sender<Result<(u64, JoinAck), CoreError>>,
     },
     AgentMsg {
         node: String,
         conn: u64,
-        msg: pb::agent_message::Msg,
+        msg: AgentEvent,
     },
     AgentGone {
         node: String,
@@ -95,12 +102,12 @@ pub enum Cmd {
         reply: oneshot::Sender<Result<pb::JobStatus, CoreError>>,
     },
     Nodes {
-        reply: oneshot::Sender<Vec<pb::NodeStatus>>,
+        reply: oneshot::Sender<Vec<NodeInfo>>,
     },
     /// Starts a log fetch; replies with its request id. `tx` must hold
     /// [`LOG_WINDOW_CHUNKS`] + 2 items (the window, the final chunk and a disconnect error).
     Logs {
-        req: pb::LogsRequest,
+        req: LogQuery,
         tx: LogTx,
         reply: oneshot::Sender<Result<u64, CoreError>>,
     },
@@ -113,7 +120,7 @@ pub enum Cmd {
     LogDone {
         request_id: u64,
     },
-    Progress(pb::Progress),
+    Progress(ProgressReport),
 }
 
 /// Cheap, cloneable access to the loop.
@@ -571,29 +578,18 @@ impl Core {
             Cmd::LogCredit { request_id, chunks } => {
                 if let Some((node, _)) = self.log_requests.get(&request_id) {
                     let node = node.clone();
-                    let credit = pb::coordinator_message::Msg::LogCredit(pb::LogCredit {
-                        request_id,
-                        chunks,
-                    });
+                    let credit = ToAgent::LogCredit { request_id, chunks };
                     if !self.send_to(&node, credit) {
                         // Without this credit the fetch would stall for good: end it, and
                         // the reader, seeing no eof, reports the log truncated.
                         self.log_requests.remove(&request_id);
-                        self.send_to(
-                            &node,
-                            pb::coordinator_message::Msg::CancelFetch(pb::CancelFetch {
-                                request_id,
-                            }),
-                        );
+                        self.send_to(&node, ToAgent::CancelFetch { request_id });
                     }
                 }
             }
             Cmd::LogDone { request_id } => {
                 if let Some((node, _)) = self.log_requests.remove(&request_id) {
-                    self.send_to(
-                        &node,
-                        pb::coordinator_message::Msg::CancelFetch(pb::CancelFetch { request_id }),
-                    );
+                    self.send_to(&node, ToAgent::CancelFetch { request_id });
                 }
             }
             Cmd::Progress(p) => self.progress(p),

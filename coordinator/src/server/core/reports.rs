@@ -30,7 +30,7 @@ impl Core {
         for node in nodes {
             let sent = self.send_to(
                 &node,
-                pb::coordinator_message::Msg::SignalWorkers(pb::SignalWorkers {
+                ToAgent::SignalWorkers(SignalWorkers {
                     job_id: id.to_owned(),
                     generation,
                     signal: nix::sys::signal::Signal::SIGUSR1 as i32,
@@ -50,14 +50,11 @@ impl Core {
         Ok(status::job_status(&self.jobs[id]))
     }
 
-    pub(super) fn progress(&mut self, p: pb::Progress) {
-        let Some(scope) = p.scope.as_ref() else {
+    pub(super) fn progress(&mut self, p: ProgressReport) {
+        let Some(job) = self.jobs.get_mut(&p.job_id) else {
             return;
         };
-        let Some(job) = self.jobs.get_mut(&scope.job_id) else {
-            return;
-        };
-        if job.generation != scope.generation {
+        if job.generation != p.generation {
             return;
         }
         // Once a finished job's processes are all gone, nothing may report for it (a leaked

@@ -155,12 +155,7 @@ impl Core {
             Action::AllocatePort { generation, node } => {
                 let rid = self.next_request;
                 self.next_request += 1;
-                let sent = self.send_to(
-                    &node,
-                    pb::coordinator_message::Msg::AllocatePort(pb::AllocatePort {
-                        request_id: rid,
-                    }),
-                );
+                let sent = self.send_to(&node, ToAgent::AllocatePort { request_id: rid });
                 if sent {
                     self.port_requests
                         .insert(rid, (id.to_owned(), generation, node));
@@ -185,7 +180,7 @@ impl Core {
                 for node in nodes {
                     let sent = self.send_to(
                         &node,
-                        pb::coordinator_message::Msg::StopWorkers(pb::StopWorkers {
+                        ToAgent::StopWorkers(StopWorkers {
                             job_id: id.to_owned(),
                             generation,
                             grace_ms,
@@ -289,17 +284,6 @@ impl Core {
         }
         let job = &self.jobs[id];
         self.rendezvous.open(id, generation);
-        let ranks: Vec<pb::RankEntry> = job
-            .ranks
-            .iter()
-            .map(|r| pb::RankEntry {
-                rank: r.rank,
-                local_rank: r.local_rank,
-                node_rank: r.node_rank,
-                node: r.node.clone(),
-                slot: r.slot,
-            })
-            .collect();
         let (program, train_config) = match (&job.spec.command, &job.spec.train) {
             (Some(cmd), _) => (cmd.clone(), String::new()),
             (None, Some(train)) => (
@@ -308,7 +292,8 @@ impl Core {
             ),
             (None, None) => (Vec::new(), String::new()),
         };
-        let msg = pb::StartWorkers {
+        // What every node is told, shared: a generation's files are not copied per node.
+        let common = std::sync::Arc::new(StartTemplate {
             job_id: id.to_owned(),
             generation,
             restart_count: job.restart_count,
@@ -317,11 +302,10 @@ impl Core {
             nnodes: job.placement.len() as u32,
             master_addr: job.master_addr.clone().unwrap_or_default(),
             master_port: job.master_port.unwrap_or_default(),
-            ranks,
             program,
-            env: job.spec.env.clone().into_iter().collect(),
+            env: job.spec.env.clone(),
             train_config,
-            files: job.files.clone().into_iter().collect(),
+            files: job.files.clone(),
             resume_from: job
                 .last_checkpoint
                 .as_ref()
@@ -330,26 +314,35 @@ impl Core {
             job_name: job.name.clone(),
             worker_token: self.cfg.creds.worker_token(id, generation),
             workdir: job.spec.workdir.clone().unwrap_or_default(),
-        };
-        tracing::info!(job = %id, generation, world_size = msg.world_size, master = %format!("{}:{}", msg.master_addr, msg.master_port), "starting workers");
-        let nodes = job.nodes();
-        let mut unreachable = Vec::new();
+        });
+        tracing::info!(job = %id, generation, world_size = common.world_size, master = %format!("{}:{}", common.master_addr, common.master_port), "starting workers");
         // Each agent gets only its own ranks: the message stays O(local ranks), so that a
         // 1,000-node start is 1,000 small messages, not 1,000 copies of the whole table.
-        let mut by_node: BTreeMap<String, Vec<pb::RankEntry>> = BTreeMap::new();
-        for r in msg.ranks {
-            by_node.entry(r.node.clone()).or_default().push(r);
-        }
-        let template = pb::StartWorkers {
-            ranks: Vec::new(),
-            ..msg
-        };
-        for node in nodes {
-            let m = pb::StartWorkers {
-                ranks: by_node.remove(&node).unwrap_or_default(),
-                ..template.clone()
-            };
-            if !self.send_to(&node, pb::coordinator_message::Msg::StartWorkers(m)) {
+        let orders: Vec<(String, StartWorkers)> = job
+            .nodes()
+            .into_iter()
+            .map(|node| {
+                let ranks = job
+                    .ranks
+                    .on_node(&node)
+                    .map(|r| RankEntry {
+                        rank: r.rank,
+                        local_rank: r.local_rank,
+                        node_rank: r.node_rank,
+                        node: r.node.clone(),
+                        slot: r.slot,
+                    })
+                    .collect();
+                let m = StartWorkers {
+                    common: common.clone(),
+                    ranks,
+                };
+                (node, m)
+            })
+            .collect();
+        let mut unreachable = Vec::new();
+        for (node, m) in orders {
+            if !self.send_to(&node, ToAgent::StartWorkers(m)) {
                 unreachable.push(node);
             }
         }
