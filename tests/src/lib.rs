@@ -364,6 +364,41 @@ impl Cluster {
         self.spawn_coordinator(None, data)
     }
 
+    /// [`Cluster::start_another_coordinator`] on a given port.
+    pub fn start_another_coordinator_at(&self, port: u16, data: &str) -> Proc {
+        self.spawn_coordinator(Some(port), data).0
+    }
+
+    /// A training config `<name>.yaml` in the cluster's dir: the quickstart's model and data,
+    /// 30 steps of global batch 64 on 4 ranks, ZeRO-2, a checkpoint every 10 steps into
+    /// `<name>/`; `extra` appended (keys the config does not set already).
+    pub fn quickstart_config(&self, name: &str, extra: &str) -> PathBuf {
+        let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let ds = self.path("ds_z2.json");
+        std::fs::write(
+            &ds,
+            r#"{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}"#,
+        )
+        .unwrap();
+        let p = self.path(&format!("{name}.yaml"));
+        std::fs::write(
+            &p,
+            format!(
+                "model_name_or_path: {m}\ntrain_from_scratch: true\nstage: sft\nfinetuning_type: full\n\
+                 dataset: addition_train\ndataset_dir: {d}\ntemplate: default\ncutoff_len: 64\n\
+                 output_dir: {o}\nper_device_train_batch_size: 16\ngradient_accumulation_steps: 1\n\
+                 learning_rate: 3.0e-3\nmax_steps: 30\nlogging_steps: 1\nsave_steps: 10\nseed: 3\n\
+                 deepspeed: {ds}\n{extra}",
+                m = ex.join("model").display(),
+                d = ex.join("data").display(),
+                o = self.path(name).display(),
+                ds = ds.display(),
+            ),
+        )
+        .unwrap();
+        p
+    }
+
     /// Starts an agent named `name` with `slots`; extra flags appended.
     pub fn start_agent(&mut self, name: &str, slots: u32, extra: &[&str]) -> usize {
         let mut cmd = Command::new(bin("agent"));

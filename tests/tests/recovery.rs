@@ -7,40 +7,13 @@ use ringmaster_tests::{Cluster, wait_until};
 
 const HOSTFILE: &str = "w0 slots=2\nw1 slots=2\n";
 
-fn examples() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart")
-}
-
 /// The quickstart's model and data, 30 steps of global batch 64 on 4 ranks, ZeRO-2.
 fn training_config(c: &Cluster, name: &str) -> std::path::PathBuf {
     training_config_with(c, name, "")
 }
 
 fn training_config_with(c: &Cluster, name: &str, extra: &str) -> std::path::PathBuf {
-    let ex = examples();
-    let ds = c.path("ds_z2.json");
-    std::fs::write(
-        &ds,
-        r#"{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}"#,
-    )
-    .unwrap();
-    let p = c.path(&format!("{name}.yaml"));
-    std::fs::write(
-        &p,
-        format!(
-            "model_name_or_path: {m}\ntrain_from_scratch: true\nstage: sft\nfinetuning_type: full\n\
-             dataset: addition_train\ndataset_dir: {d}\ntemplate: default\ncutoff_len: 64\n\
-             output_dir: {o}\nper_device_train_batch_size: 16\ngradient_accumulation_steps: 1\n\
-             learning_rate: 3.0e-3\nmax_steps: 30\nlogging_steps: 1\nsave_steps: 10\nseed: 3\n\
-             deepspeed: {ds}\n{extra}",
-            m = ex.join("model").display(),
-            d = ex.join("data").display(),
-            o = c.path(name).display(),
-            ds = ds.display(),
-        ),
-    )
-    .unwrap();
-    p
+    c.quickstart_config(name, extra)
 }
 
 /// Every `step → loss` line of `trainer_log.jsonl`, the last occurrence of a step winning (a
