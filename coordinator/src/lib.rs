@@ -2,7 +2,8 @@
 //!
 //! Layout:
 //! - [`spec`] — job specs: parsing, inlining the training config, validation.
-//! - [`job`] — the job state machine, a pure transition function.
+//! - [`job`] — the job state machine, a pure transition function; `job/ranks.rs` (ranks that
+//!   count their states and changes), `job/record.rs` (a job's header and parts in the store).
 //! - [`placement`] — where a job can run: hostfile, filters, joined nodes, busy slots.
 //! - [`persist`] — the state writer thread over a `StateStore`.
 //! - [`status`] — job status in wire and JSON form.

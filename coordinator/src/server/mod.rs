@@ -7,6 +7,8 @@
 //! - `rendezvous` — `RendezvousService`: the trainers' store, barrier and progress.
 //! - `limits` — the operator's settings for the coordinator's state and its limits.
 //! - `leader` — with the state in etcd: the campaign, the standby's answers, stepping down.
+//! - `convert` — protobuf ↔ the core's own types, for the handlers above.
+//! - `error` — `CoreError`, and its one conversion to a gRPC status.
 //!
 //! Every service sits behind a [`Gate`] (credentials, `ringmaster-auth`); the handlers check
 //! per-method roles (admin for Submit/Cancel/Checkpoint) and the worker credential's scope.

@@ -18,7 +18,10 @@
 //! - `schedule` — placement, restarts that are due, `apply`/`raise`/`step` and the actions;
 //! - `reports` — trainers' progress, checkpoints and checkpoint requests;
 //! - `logs` — log fetches from agents;
-//! - `publish` — what changed goes to the store and to watchers;
+//! - `publish` — what changed goes to the store (a job's header and changed parts) and to
+//!   watchers;
+//! - `types` — what commands carry and what goes to agents, as the core's own types (the
+//!   handlers translate from/to protobuf in `server/convert.rs`);
 //! - `tests`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
