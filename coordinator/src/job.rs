@@ -16,9 +16,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::spec::JobSpec;
 
+pub mod conditions;
 pub mod ranks;
 pub mod record;
 
+pub use conditions::{Condition, ConditionType, Durations, Reason};
 pub use ranks::{RANK_CHUNK, RankMut, Ranks};
 
 /// Log lines kept of a failed rank.
@@ -152,6 +154,9 @@ pub struct Failure {
     /// generation ended (a hung or slow rank), if any was.
     #[serde(default)]
     pub lagging_rank: Option<u32>,
+    /// What kind of failure this was (`Unknown` in records from before reasons existed).
+    #[serde(default)]
+    pub reason: Reason,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -227,6 +232,22 @@ pub struct Job {
     /// When the current generation reached RUNNING (Unix ms).
     #[serde(default)]
     pub running_since_ms: Option<u64>,
+    /// Kubeflow-style conditions, derived from the state after every transition
+    /// ([`conditions::update`]).
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Time spent recovering so far (failures that restart → the next generation running).
+    #[serde(default)]
+    pub recovery_ms: u64,
+    /// Set while recovering: since when.
+    #[serde(default)]
+    pub recovering_since_ms: Option<u64>,
+    /// When a generation first reached RUNNING.
+    #[serde(default)]
+    pub first_running_ms: Option<u64>,
+    /// The last placement attempt found no fit (cleared when a generation starts).
+    #[serde(default)]
+    pub unschedulable: bool,
     /// What of this job the store holds already (see [`record`]).
     #[serde(skip)]
     pub saved: record::Saved,
@@ -262,8 +283,20 @@ impl Job {
             restart_streak: 0,
             restart_not_before_ms: None,
             running_since_ms: None,
+            conditions: Vec::new(),
+            recovery_ms: 0,
+            recovering_since_ms: None,
+            first_running_ms: None,
+            unschedulable: false,
             saved: record::Saved::default(),
         }
+        .with_conditions()
+    }
+
+    fn with_conditions(mut self) -> Job {
+        let created = self.created_unix_ms;
+        conditions::update(&mut self, created);
+        self
     }
 
     /// The node of every rank of a generation that was started.
@@ -344,6 +377,8 @@ pub enum Event {
         node: String,
         ranks: Vec<u32>,
         message: String,
+        /// `NodeLost` or `AgentRestarted`.
+        reason: Reason,
     },
     Cancel {
         grace_ms: u64,
@@ -381,6 +416,7 @@ pub fn next(mut job: Job, event: Event, now_ms: u64) -> (Job, Vec<Action>) {
     if job.state.is_terminal() && job.finished_unix_ms.is_none() {
         job.finished_unix_ms = Some(now_ms);
     }
+    conditions::update(&mut job, now_ms);
     (job, actions)
 }
 
@@ -399,6 +435,7 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
             (JobState::Restarting, _) if backing_off => {}
             (JobState::Pending | JobState::Restarting, Err(reason)) => {
                 job.pending_reason = Some(reason);
+                job.unschedulable = true;
             }
             _ => {}
         },
@@ -443,6 +480,7 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
                     message: format!("could not allocate MASTER_PORT: {message}"),
                     log_tail: Vec::new(),
                     lagging_rank: None,
+                    reason: Reason::StartFailed,
                 };
                 fail_generation(job, failure, actions, now_ms);
             }
@@ -496,6 +534,7 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
                     message: format!("rank {rank} could not start: {message}"),
                     log_tail: Vec::new(),
                     lagging_rank: None,
+                    reason: Reason::StartFailed,
                 };
                 fail_generation(job, failure, actions, now_ms);
             } else {
@@ -552,6 +591,7 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
                     message: format!("rank {rank} on {node} {how}"),
                     log_tail: tail(log_tail, LOG_TAIL_BYTES),
                     lagging_rank: None,
+                    reason: Reason::of_exit(job.spec.train.is_some(), exit_code, signal),
                 };
                 fail_generation(job, failure, actions, now_ms);
             }
@@ -560,6 +600,7 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
             node,
             ranks,
             message,
+            reason,
         } => {
             let mut first = None;
             for rank in &ranks {
@@ -583,6 +624,7 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
                     message,
                     log_tail: Vec::new(),
                     lagging_rank: None,
+                    reason,
                 };
                 fail_generation(job, failure, actions, now_ms);
             } else {
@@ -708,6 +750,7 @@ fn start_generation(job: &mut Job, sel: Vec<Selected>, actions: &mut Vec<Action>
             .collect(),
     );
     job.saved.placement_changed();
+    job.unschedulable = false;
     let node0 = sel[0].name.clone();
     job.rank_nodes.insert(
         job.generation,
@@ -1067,6 +1110,7 @@ mod tests {
                 node: "w1".into(),
                 ranks: vec![2, 3],
                 message: "node w1 lost: no heartbeat for 10s".into(),
+                reason: Reason::NodeLost,
             },
         );
         assert_eq!(j.state, JobState::Failed);

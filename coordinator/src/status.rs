@@ -16,11 +16,16 @@ fn failure(f: &Failure) -> pb::Failure {
         log_tail: f.log_tail.clone(),
         generation: f.generation,
         lagging_rank: f.lagging_rank,
+        reason: f.reason.as_str().to_owned(),
     }
 }
 
-/// The wire status of a job.
+/// The wire status of a job, its durations as of now.
 pub fn job_status(job: &Job) -> pb::JobStatus {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let d = job.durations(now);
     pb::JobStatus {
         id: job.id.clone(),
         name: job.name.clone(),
@@ -70,6 +75,21 @@ pub fn job_status(job: &Job) -> pb::JobStatus {
         checkpoint_warnings: job.checkpoint_warnings.clone(),
         failures_omitted: job.failures_omitted,
         summary: false,
+        conditions: job
+            .conditions
+            .iter()
+            .map(|c| pb::Condition {
+                r#type: c.kind.as_str().to_owned(),
+                status: c.status,
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+                last_transition_unix_ms: c.last_transition_unix_ms,
+            })
+            .collect(),
+        duration_ms: d.total_ms,
+        queued_ms: d.queued_ms,
+        recovery_ms: d.recovery_ms,
+        duration_excluding_recovery_ms: d.excluding_recovery_ms,
     }
 }
 
@@ -86,7 +106,8 @@ pub fn summary(job: &Job) -> pb::JobStatus {
 /// The statuses of a List reply: [`summary`] of each job; if these take more than
 /// `budget_bytes` in all, ranks, nodes, log tails and checkpoint warnings are left out too and
 /// reasons and messages shortened, so that the reply stays within what clients accept however
-/// many jobs there are (10,000 jobs take about 10 MB then).
+/// many jobs there are (10,000 jobs take about 10 MB then). Conditions keep their type,
+/// status and reason then, not their message.
 pub fn list(jobs: &[&Job], budget_bytes: usize) -> Vec<pb::JobStatus> {
     use prost::Message;
     let mut out: Vec<pb::JobStatus> = jobs.iter().map(|j| summary(j)).collect();
@@ -103,6 +124,9 @@ pub fn list(jobs: &[&Job], budget_bytes: usize) -> Vec<pb::JobStatus> {
             if let Some(f) = &mut st.failure {
                 f.log_tail = Vec::new();
                 short(&mut f.message);
+            }
+            for c in &mut st.conditions {
+                c.message = String::new();
             }
         }
     }
@@ -122,6 +146,7 @@ fn failure_json(f: &pb::Failure) -> Value {
         "log_tail": f.log_tail,
         "generation": f.generation,
         "lagging_rank": f.lagging_rank,
+        "reason": f.reason,
     })
 }
 
@@ -167,6 +192,17 @@ pub fn to_json(s: &pb::JobStatus) -> Value {
         "summary": s.summary,
         "created_unix_ms": s.created_unix_ms,
         "updated_unix_ms": s.updated_unix_ms,
+        "conditions": s.conditions.iter().map(|c| json!({
+            "type": c.r#type,
+            "status": c.status,
+            "reason": c.reason,
+            "message": c.message,
+            "last_transition_unix_ms": c.last_transition_unix_ms,
+        })).collect::<Vec<_>>(),
+        "duration_ms": s.duration_ms,
+        "queued_ms": s.queued_ms,
+        "recovery_ms": s.recovery_ms,
+        "duration_excluding_recovery_ms": s.duration_excluding_recovery_ms,
     })
 }
 
@@ -218,6 +254,11 @@ mod tests {
             "failure",
             "failures",
             "failures_omitted",
+            "conditions",
+            "duration_ms",
+            "queued_ms",
+            "recovery_ms",
+            "duration_excluding_recovery_ms",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }

@@ -144,6 +144,43 @@ fn a_failed_rank_restarts_the_whole_gang() {
     assert_eq!(f["rank"], 2);
     assert_eq!(f["node"], "w1");
     assert_eq!(f["exit_code"], 1);
+    assert_eq!(f["reason"], "WorkerExited");
+    // Conditions: it restarted and recovered, then succeeded; the recovery is timed.
+    let conditions: Vec<(String, bool, String)> = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["type"].as_str().unwrap().to_owned(),
+                c["status"].as_bool().unwrap(),
+                c["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want = [
+        ("Created", true, "Submitted"),
+        ("Running", false, "AllRanksSucceeded"),
+        ("Restarting", false, "AllRanksSucceeded"),
+        ("Succeeded", true, "AllRanksSucceeded"),
+    ]
+    .map(|(t, s, r)| (t.to_owned(), s, r.to_owned()));
+    assert_eq!(conditions, want, "{st:#}");
+    let (total, recovery) = (
+        st["duration_ms"].as_u64().unwrap(),
+        st["recovery_ms"].as_u64().unwrap(),
+    );
+    assert!(recovery > 0 && recovery <= total, "{st:#}");
+    assert_eq!(
+        st["duration_excluding_recovery_ms"].as_u64().unwrap(),
+        total - recovery
+    );
+    let shown = c.ringctl(&["status", &job]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("conditions: Created=True (Submitted)"),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -157,7 +194,24 @@ fn without_restarts_the_job_fails_with_its_root_cause() {
     assert_eq!(f["rank"], 2, "{st:#}");
     assert_eq!(f["node"], "w1");
     assert_eq!(f["exit_code"], 1);
+    assert_eq!(f["reason"], "WorkerExited");
     assert!(f["signal"].is_null());
+    let failed = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Failed")
+        .unwrap_or_else(|| panic!("no Failed condition: {st:#}"));
+    assert_eq!(
+        (failed["status"].as_bool(), failed["reason"].as_str()),
+        (Some(true), Some("WorkerExited"))
+    );
+    let shown = c.ringctl(&["status", &job]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("failure (generation 0, WorkerExited): rank 2 on w1 exited with code 1"),
+        "{shown}"
+    );
     let tail: Vec<&str> = f["log_tail"]
         .as_array()
         .unwrap()
@@ -219,6 +273,9 @@ fn cancel_kills_every_process_including_grandchildren() {
     assert!(t0.elapsed() < Duration::from_secs(3));
     let st = c.status(&job);
     assert_eq!(st["state"], "CANCELLED");
+    let cancelled = st["conditions"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(cancelled["type"], "Cancelled", "{st:#}");
+    assert_eq!(cancelled["reason"], "Cancelled", "{st:#}");
 }
 
 #[test]
@@ -239,6 +296,7 @@ fn a_killed_agent_ends_the_generation_and_is_named() {
     let f = &st["failure"];
     assert_eq!(f["node"], "w1", "{st:#}");
     assert!(f["message"].as_str().unwrap().contains("w1 lost"), "{st:#}");
+    assert_eq!(f["reason"], "NodeLost", "{st:#}");
     // The surviving node's workers are stopped; the killed agent's died with it.
     let pids: Vec<u32> = (0..4)
         .map(|r| {

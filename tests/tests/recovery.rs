@@ -158,6 +158,12 @@ fn a_stopped_rank_times_out_the_others_and_is_named_as_lagging() {
         "the others failed {took:?} after the stop (timeout 5 s + 5 s)"
     );
     assert_eq!(failure["lagging_rank"], 2, "{failure:#}");
+    // The first rank to exit is the root cause: one whose call timed out, or one that lost its
+    // connection to such a rank as it exited.
+    assert!(
+        failure["reason"] == "CollectiveTimeout" || failure["reason"] == "CollectiveFailed",
+        "{failure:#}"
+    );
     assert_ne!(
         failure["rank"], 2,
         "the root cause is a rank that timed out: {failure:#}"
@@ -212,6 +218,7 @@ fn a_generation_the_coordinator_ends_aborts_waiting_collectives_at_once() {
             .contains("node w1 lost"),
         "{st:#}"
     );
+    assert_eq!(st["failure"]["reason"], "NodeLost", "{st:#}");
     let ranks = wait_until(Duration::from_secs(30), "w0's ranks to exit", || {
         let st = c.status(&job);
         let r = st["ranks"].as_array()?.clone();

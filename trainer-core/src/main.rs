@@ -179,8 +179,13 @@ fn main() -> ExitCode {
     }))
 }
 
-/// Exit codes: 0 success; 2 a bad config, flag or input file (nothing was trained); 1 a
-/// failure while running; 143 stopped by SIGTERM after committing a checkpoint.
+/// Exit codes: 0 success; 2 a bad config, flag or input file (nothing was trained); 3 a
+/// collective call timed out waiting for a peer; 4 another collective failure (a peer's
+/// connection lost, a mismatched call, a failed bootstrap); 5 saving a checkpoint failed; 1 any
+/// other failure while running (a collective aborted because the coordinator ended the
+/// generation included); 143 stopped by SIGTERM after committing a checkpoint. The
+/// coordinator reads 2-5 as a failure's reason (ConfigInvalid, CollectiveTimeout,
+/// CollectiveFailed, CheckpointFailed).
 fn exit(r: Result<(), ringmaster_trainer::run::RunError>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -196,7 +201,71 @@ fn exit(r: Result<(), ringmaster_trainer::run::RunError>) -> ExitCode {
                 // 128 + SIGTERM, as a shell reports a process ended by the signal.
                 return ExitCode::from(143);
             }
-            ExitCode::from(1)
+            ExitCode::from(failure_code(&e))
         }
+    }
+}
+
+/// The exit code of a failure while running (see [`exit`]).
+fn failure_code(e: &anyhow::Error) -> u8 {
+    use ringmaster_collectives::CommError;
+    let comm = e.chain().find_map(|c| c.downcast_ref::<CommError>());
+    match comm {
+        Some(CommError::Timeout { .. }) => 3,
+        Some(CommError::Aborted { .. }) => 1,
+        Some(_) => 4,
+        None if e
+            .downcast_ref::<ringmaster_trainer::train::CheckpointFailed>()
+            .is_some() =>
+        {
+            5
+        }
+        None => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ringmaster_collectives::{CommError, Op};
+
+    use super::failure_code;
+
+    #[test]
+    fn failures_map_to_the_codes_the_coordinator_reads() {
+        let timeout = || CommError::Timeout {
+            op: Op::AllReduce,
+            seq: 7,
+            peer: 2,
+            waited: Duration::from_secs(5),
+        };
+        let lost = CommError::PeerLost {
+            op: Op::AllReduce,
+            seq: 7,
+            peer: 2,
+            detail: "reset".into(),
+        };
+        let aborted = CommError::Aborted {
+            op: Op::AllReduce,
+            seq: 7,
+            reason: "generation ended".into(),
+        };
+        let ckpt = ringmaster_trainer::train::CheckpointFailed { step: 10 };
+        assert_eq!(
+            failure_code(&anyhow::Error::new(timeout()).context("step 12")),
+            3
+        );
+        assert_eq!(failure_code(&anyhow::Error::new(lost)), 4);
+        assert_eq!(failure_code(&anyhow::Error::new(aborted)), 1);
+        // A checkpoint that failed because a peer timed out in its barrier: the timeout.
+        assert_eq!(
+            failure_code(&anyhow::Error::new(timeout()).context(ckpt)),
+            3
+        );
+        let disk = anyhow::anyhow!("No space left on device");
+        let ckpt = ringmaster_trainer::train::CheckpointFailed { step: 10 };
+        assert_eq!(failure_code(&disk.context(ckpt)), 5);
+        assert_eq!(failure_code(&anyhow::anyhow!("anything else")), 1);
     }
 }

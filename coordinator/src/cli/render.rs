@@ -98,8 +98,13 @@ fn failure_text(f: &pb::Failure) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "failure (generation {}): {}{}",
+        "failure (generation {}{}): {}{}",
         f.generation,
+        if f.reason.is_empty() || f.reason == "Unknown" {
+            String::new()
+        } else {
+            format!(", {}", f.reason)
+        },
         f.message,
         match (f.exit_code, f.signal) {
             (_, Some(sig)) => format!(" [signal {sig}]"),
@@ -123,6 +128,30 @@ pub fn status_block(j: &pb::JobStatus) -> String {
     );
     if let Some(r) = &j.pending_reason {
         let _ = writeln!(s, "reason:   {r}");
+    }
+    if j.duration_ms > 0 {
+        let d = |ms: u64| humantime::format_duration(std::time::Duration::from_secs(ms / 1000));
+        let mut line = format!("time:     {} (queued {}", d(j.duration_ms), d(j.queued_ms));
+        if j.recovery_ms > 0 {
+            let _ = write!(
+                line,
+                ", recovering {}; {} without recovery",
+                d(j.recovery_ms),
+                d(j.duration_excluding_recovery_ms)
+            );
+        }
+        let _ = writeln!(s, "{line})");
+    }
+    if !j.conditions.is_empty() {
+        let shown: Vec<String> = j
+            .conditions
+            .iter()
+            .map(|c| {
+                let status = if c.status { "True" } else { "False" };
+                format!("{}={status} ({})", c.r#type, c.reason)
+            })
+            .collect();
+        let _ = writeln!(s, "conditions: {}", shown.join("  "));
     }
     if let (Some(a), Some(p)) = (&j.master_addr, j.master_port) {
         let _ = writeln!(s, "master:   {a}:{p}");

@@ -124,6 +124,14 @@ pub fn trainable_stage(plan: &ringmaster_config::plan::Plan, lora: bool) -> u8 {
     }
 }
 
+/// Saving the checkpoint of `step` failed (the trainer exits 5, unless a collective failure
+/// caused it).
+#[derive(Debug, thiserror::Error)]
+#[error("saving the checkpoint of step {step} failed")]
+pub struct CheckpointFailed {
+    pub step: u64,
+}
+
 /// The run stopped on SIGTERM after committing a checkpoint at `step`.
 #[derive(Debug, thiserror::Error)]
 #[error("terminated by SIGTERM after step {step} (checkpoint committed)")]
@@ -287,7 +295,8 @@ pub fn train<B: TrainBackend>(
             };
             let protect = resumed.from.as_deref();
             let dir =
-                checkpoint::save_step(setup, &mut eng, par.rank, &info, par.progress, protect)?;
+                checkpoint::save_step(setup, &mut eng, par.rank, &info, par.progress, protect)
+                    .map_err(|e| e.context(CheckpointFailed { step: done }))?;
             if stop {
                 if par.rank == 0 {
                     eprintln!(

@@ -203,6 +203,11 @@ impl Core {
                     node: node.to_owned(),
                     ranks,
                     message,
+                    reason: if restarted {
+                        crate::job::Reason::AgentRestarted
+                    } else {
+                        crate::job::Reason::NodeLost
+                    },
                 },
             );
         }
@@ -258,6 +263,7 @@ impl Core {
                         node: name.clone(),
                         ranks,
                         message,
+                        reason: crate::job::Reason::NodeLost,
                     },
                 );
             }

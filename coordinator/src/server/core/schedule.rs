@@ -205,6 +205,7 @@ impl Core {
                                 node: node.clone(),
                                 ranks,
                                 message: format!("node {node} unreachable during teardown"),
+                                reason: crate::job::Reason::NodeLost,
                             },
                         );
                     }
@@ -354,6 +355,7 @@ impl Core {
                     node: node.clone(),
                     ranks,
                     message: format!("node {node} not connected when the generation started"),
+                    reason: crate::job::Reason::NodeLost,
                 },
             );
         }

@@ -400,8 +400,10 @@ impl CommQueue<'_> {
     }
 }
 
+/// Keeps the [`CommError`] itself in the chain (the trainer's exit code tells a collective
+/// timeout from other collective failures by it), with `what` as context.
 pub(super) fn comm_err(what: &str) -> impl FnOnce(CommError) -> anyhow::Error + '_ {
-    move |e| anyhow!("{what}: {e}")
+    move |e| anyhow::Error::new(e).context(what.to_owned())
 }
 
 /// Reduce-scatters the padded unit `full` (N shards of `shard` elements) in pieces of at most

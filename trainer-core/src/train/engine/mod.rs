@@ -461,7 +461,7 @@ impl<'c, B: TrainBackend> Engine<'c, B> {
     /// Waits for every rank of the job (a checkpoint's shards all written).
     pub fn barrier(&mut self) -> Result<()> {
         match self.groups.main.as_deref_mut() {
-            Some(c) => c.barrier().map_err(|e| anyhow!("{e}")),
+            Some(c) => c.barrier().map_err(anyhow::Error::new),
             None => Ok(()),
         }
     }
