@@ -111,6 +111,7 @@ pub async fn run(
         )));
     }
     let mut agents = Vec::new();
+    let mut readers = Vec::new();
     for name in &names {
         let mut cmd = tokio::process::Command::new(&agent);
         cmd.arg("--join")
@@ -124,13 +125,12 @@ pub async fn run(
             .arg("--trainer")
             .arg(&trainer)
             .args(["--max-backoff", "1s", "--shutdown-grace", "5s"])
-            .args([
-                "--log-format",
-                match log_format {
-                    LogFormat::Text => "text",
-                    LogFormat::Json => "json",
-                },
-            ]);
+            // Text: the agents log JSON into a pipe and ringctl shows their workers' lines as
+            // `[rank 2] …` (`show_agent_output`); JSON: their records pass through as they are.
+            .args(["--log-format", "json"]);
+        if log_format == LogFormat::Text {
+            cmd.stderr(std::process::Stdio::piped());
+        }
         for r in &allowed_roots {
             cmd.arg("--allowed-root").arg(r);
         }
@@ -164,7 +164,12 @@ pub async fn run(
             });
         }
         match cmd.spawn() {
-            Ok(child) => agents.push(child),
+            Ok(mut child) => {
+                if let Some(err) = child.stderr.take() {
+                    readers.push(tokio::spawn(show_agent_output(name.clone(), err)));
+                }
+                agents.push(child);
+            }
             Err(e) => {
                 stop_agents(agents).await;
                 stop_coordinator.cancel();
@@ -198,9 +203,58 @@ pub async fn run(
     };
 
     stop_agents(agents).await;
+    // The agents are gone: their pipes end once the last lines are shown.
+    for r in readers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+    }
     stop_coordinator.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), coordinator).await;
     result
+}
+
+/// Shows what an agent logs (JSON lines on `err`) the way a user of `ringctl local` reads it:
+/// a worker's line as `[rank 2] text`, the agent's warnings and errors as
+/// `[node-1] WARN message key=value` (keys in name order), anything that is not a JSON record
+/// as it is.
+async fn show_agent_output(node: String, err: tokio::process::ChildStderr) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(err).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(shown) = agent_line(&node, &line) {
+            eprintln!("{shown}");
+        }
+    }
+}
+
+/// What `ringctl local` shows of one line an agent logged (None: nothing).
+fn agent_line(node: &str, line: &str) -> Option<String> {
+    let Ok(serde_json::Value::Object(rec)) = serde_json::from_str::<serde_json::Value>(line) else {
+        return Some(line.to_owned());
+    };
+    let text = |k: &str| rec.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    let message = text("message");
+    let level = text("level");
+    // A worker's line: "[<job> rank <n>] <text>" with the job's fields
+    // (agent/src/supervisor/logs/capture.rs).
+    let worker = level == "INFO" && rec.contains_key("generation");
+    if let Some((head, rest)) = message.strip_prefix('[').and_then(|m| m.split_once("] "))
+        && let Some((_, rank)) = head.rsplit_once(" rank ")
+        && worker
+        && rank.parse::<u32>().is_ok()
+    {
+        return Some(format!("[rank {rank}] {rest}"));
+    }
+    if !matches!(level, "WARN" | "ERROR") {
+        return None;
+    }
+    let mut shown = format!("[{node}] {level} {message}");
+    for (k, v) in &rec {
+        if !matches!(k.as_str(), "message" | "level" | "timestamp") {
+            let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+            shown.push_str(&format!(" {k}={v}"));
+        }
+    }
+    Some(shown)
 }
 
 /// Stops the agents: SIGTERM (each stops its workers within its shutdown grace), SIGKILL to
@@ -278,5 +332,30 @@ async fn drive(
             let _ = tokio::time::timeout(Duration::from_secs(10), &mut watch).await;
             Ok(Exit::Failed)
         }
+    }
+}
+
+#[cfg(test)]
+mod agent_output_tests {
+    use super::agent_line;
+
+    #[test]
+    fn worker_lines_read_as_rank_lines_and_the_agents_chatter_is_left_out() {
+        let worker = r#"{"timestamp":"2026-12-07T04:00:00Z","level":"INFO","message":"[hello-1 rank 3] rank 3 of 4","job":"hello-1","generation":0}"#;
+        assert_eq!(
+            agent_line("n1", worker).as_deref(),
+            Some("[rank 3] rank 3 of 4")
+        );
+        let info = r#"{"timestamp":"t","level":"INFO","message":"agent joined"}"#;
+        assert_eq!(agent_line("n1", info), None);
+        let warn = r#"{"timestamp":"t","level":"WARN","message":"reconnecting","error":"refused","attempt":3}"#;
+        assert_eq!(
+            agent_line("n1", warn).as_deref(),
+            Some("[n1] WARN reconnecting attempt=3 error=refused")
+        );
+        assert_eq!(
+            agent_line("n1", "agent: bad flag").as_deref(),
+            Some("agent: bad flag")
+        );
     }
 }

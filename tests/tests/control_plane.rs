@@ -455,7 +455,9 @@ fn ringctl_local_runs_a_job_and_leaves_nothing_behind() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert_eq!(res.status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("rank 3 of 4"), "{stderr}");
+    // Worker lines read `[rank N] …`, not tracing records.
+    assert!(stderr.contains("[rank 3] rank 3 of 4"), "{stderr}");
+    assert!(!stderr.contains("generation="), "{stderr}");
     let mut pids = Vec::new();
     for r in 0..4 {
         for k in ["bg", "w"] {
