@@ -320,7 +320,7 @@ async fn drive(
     }
     let mut watch_client = client.clone();
     let id = job.id.clone();
-    let watch = cli::watch_job(&mut watch_client, &id, output);
+    let watch = cli::watch_job(&mut watch_client, &id, output, None);
     tokio::pin!(watch);
     tokio::select! {
         r = &mut watch => r,

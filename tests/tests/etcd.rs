@@ -282,6 +282,31 @@ fn a_training_job_trains_through_a_failover_and_the_gap_checkpoint_is_recorded()
     wait_until(Duration::from_secs(120), "the first step", || {
         (c.status(&job)["progress"]["step"].as_u64()? >= 1).then_some(())
     });
+    // An operator watching, given both addresses: the watch follows through the failover.
+    let mut watch = c
+        .ringctl_cmd()
+        .args(["watch", &job, "--output", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = lines.clone();
+        let stdout = watch.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                lines.lock().unwrap().push(l);
+            }
+        })
+    };
+    wait_until(Duration::from_secs(10), "the watch's first status", || {
+        (!lines.lock().unwrap().is_empty()).then_some(())
+    });
     let leader = c.coordinator.as_mut().unwrap();
     leader.signal(Signal::SIGKILL);
     leader.wait_exit(Duration::from_secs(5));
@@ -322,6 +347,31 @@ fn a_training_job_trains_through_a_failover_and_the_gap_checkpoint_is_recorded()
         steps,
         (1..=80).collect::<Vec<u64>>(),
         "each step logged once"
+    );
+    let exited = wait_until(Duration::from_secs(30), "the watch to end", || {
+        watch.try_wait().unwrap()
+    });
+    reader.join().unwrap();
+    let out = watch.wait_with_output().unwrap();
+    let stdout = lines.lock().unwrap().join("\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(exited.success(), "watch: {stderr}\n{stdout}");
+    let states: Vec<String> = stdout
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["state"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        states.first().map(String::as_str),
+        Some("RUNNING"),
+        "{stdout}"
+    );
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("SUCCEEDED"),
+        "{stdout}"
     );
     // The agents re-attached to the new leader with the workers they ran: none was started
     // twice.

@@ -310,6 +310,43 @@ impl Target {
     }
 }
 
+fn is_final(state: &str) -> bool {
+    matches!(state, "SUCCEEDED" | "FAILED" | "CANCELLED")
+}
+
+/// How long a watch looks for a coordinator again after it lost one (a failover takes the
+/// leader's lease TTL, 5 s by default, and a restart a few seconds).
+const REWATCH_FOR: Duration = Duration::from_secs(60);
+
+/// Watches `job` again on whichever coordinator answers (the leader, given several), retrying
+/// every second for [`REWATCH_FOR`].
+async fn rewatch(target: &Target, job: &str) -> Result<tonic::Streaming<pb::JobStatus>, CliError> {
+    let deadline = tokio::time::Instant::now() + REWATCH_FOR;
+    loop {
+        let attempt = async {
+            let mut client = connect(target).await?;
+            let s = client
+                .watch(pb::WatchRequest {
+                    job_id: job.to_owned(),
+                })
+                .await?;
+            Ok::<_, CliError>(s.into_inner())
+        };
+        match attempt.await {
+            Ok(s) => return Ok(s),
+            Err(e) if e.exit == Exit::Usage => return Err(e),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(CliError::failed(format!(
+                    "lost the coordinator and found none within {}s: {}",
+                    REWATCH_FOR.as_secs(),
+                    e.message
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
 /// Connects to the job service.
 ///
 /// # Errors
@@ -428,7 +465,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
                 println!("submitted {} ({})", job.id, job.state);
             }
             if watch {
-                return watch_job(&mut client, &job.id, output).await;
+                return watch_job(&mut client, &job.id, output, Some(&target()?)).await;
             }
             Ok(Exit::Ok)
         }
@@ -456,8 +493,9 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             Ok(Exit::Ok)
         }
         Command::Watch { job, output } => {
-            let mut client = connect(&target()?).await?;
-            watch_job(&mut client, &job, output).await
+            let target = target()?;
+            let mut client = connect(&target).await?;
+            watch_job(&mut client, &job, output, Some(&target)).await
         }
         Command::Logs {
             job,
@@ -798,6 +836,7 @@ pub async fn watch_job(
     client: &mut pb::job_service_client::JobServiceClient<AuthChannel>,
     job: &str,
     output: Output,
+    reconnect: Option<&Target>,
 ) -> Result<Exit, CliError> {
     let mut stream = client
         .watch(pb::WatchRequest {
@@ -807,13 +846,47 @@ pub async fn watch_job(
         .into_inner();
     let mut last: Option<pb::JobStatus> = None;
     let mut printer = render::WatchPrinter::default();
-    while let Some(st) = stream.next().await {
-        let st = st?;
-        match output {
-            Output::Json => print_json(&status::to_json(&st)),
-            Output::Text => printer.update(&st),
+    // Reconnects in a row that brought no status (a coordinator that keeps failing the watch).
+    let mut fruitless = 0;
+    loop {
+        let lost = match stream.next().await {
+            Some(Ok(st)) => {
+                fruitless = 0;
+                match output {
+                    Output::Json => print_json(&status::to_json(&st)),
+                    Output::Text => printer.update(&st),
+                }
+                last = Some(st);
+                continue;
+            }
+            Some(Err(e)) => e,
+            None if last.as_ref().is_some_and(|s| is_final(&s.state)) => break,
+            None => tonic::Status::unavailable("the coordinator ended the watch"),
+        };
+        // The coordinator went away (a restart, a failover to another coordinator): find the
+        // one that leads now and watch on from there, for as long as a failover takes.
+        let Some(target) = reconnect else {
+            return Err(lost.into());
+        };
+        fruitless += 1;
+        if fruitless > 5
+            || !matches!(
+                lost.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Internal
+            )
+        {
+            return Err(lost.into());
         }
-        last = Some(st);
+        if output == Output::Text {
+            eprintln!(
+                "watch: lost the coordinator ({}); reconnecting",
+                lost.message()
+            );
+        }
+        stream = rewatch(target, job).await?;
     }
     let Some(last) = last else {
         return Err(CliError::failed("watch ended without a status"));
