@@ -749,7 +749,7 @@ fn start_generation(job: &mut Job, sel: Vec<Selected>, actions: &mut Vec<Action>
             })
             .collect(),
     );
-    job.saved.placement_changed();
+    job.saved.placement_changed(job.generation);
     job.unschedulable = false;
     let node0 = sel[0].name.clone();
     job.rank_nodes.insert(

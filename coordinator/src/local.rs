@@ -218,11 +218,16 @@ pub async fn run(
 /// as it is.
 async fn show_agent_output(node: String, err: tokio::process::ChildStderr) {
     use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(err).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if let Some(shown) = agent_line(&node, &line) {
+    let mut reader = tokio::io::BufReader::new(err);
+    let mut buf = Vec::new();
+    // Bytes, not `lines()`: a line that is not UTF-8 must not stop the reading (the agent
+    // would block once the pipe is full).
+    while matches!(reader.read_until(b'\n', &mut buf).await, Ok(n) if n > 0) {
+        let line = String::from_utf8_lossy(&buf);
+        if let Some(shown) = agent_line(&node, line.trim_end_matches(['\n', '\r'])) {
             eprintln!("{shown}");
         }
+        buf.clear();
     }
 }
 
@@ -249,7 +254,7 @@ fn agent_line(node: &str, line: &str) -> Option<String> {
     }
     let mut shown = format!("[{node}] {level} {message}");
     for (k, v) in &rec {
-        if !matches!(k.as_str(), "message" | "level" | "timestamp") {
+        if !matches!(k.as_str(), "message" | "level" | "timestamp" | "target") {
             let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
             shown.push_str(&format!(" {k}={v}"));
         }

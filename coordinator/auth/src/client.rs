@@ -126,7 +126,13 @@ pub fn endpoint(addr: &str, tls: &ClientTls) -> Result<Endpoint, DialError> {
 pub async fn connect(addr: &str, tls: &ClientTls, timeout: Duration) -> Result<Channel, DialError> {
     let ep = endpoint(addr, tls)?
         .connect_timeout(timeout)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // A coordinator whose machine vanished (power, partition) sends no reset: HTTP/2 PINGs
+        // notice it within 20 s, so that a watch or a trainer's progress stream moves on to
+        // the coordinator that leads now instead of waiting for ever.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
     // The connect timeout bounds the TCP connect; a peer that accepts and then never answers
     // (a paused process: its kernel completes the handshake) would hold the TLS handshake.
     match tokio::time::timeout(timeout, ep.connect()).await {

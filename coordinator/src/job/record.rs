@@ -52,9 +52,12 @@ impl PartialEq for Saved {
 }
 
 impl Saved {
-    /// A new generation's placement must be written.
-    pub fn placement_changed(&mut self) {
+    /// Generation `generation` starts (again): its placement and rank nodes must be written,
+    /// even when a record of the same generation number was written before (a job that went
+    /// back to PENDING at load keeps its generation).
+    pub fn placement_changed(&mut self, generation: u64) {
         self.placement = false;
+        self.generations.remove(&generation);
     }
 }
 
@@ -508,6 +511,31 @@ mod tests {
         assert_eq!(back.jobs[0], j);
         assert_eq!(back.jobs[0].ranks.len(), 2);
         assert_eq!(j.record_keys().len(), store.len());
+    }
+
+    #[test]
+    fn a_generation_started_again_under_its_number_rewrites_its_rank_nodes() {
+        let mut j = next(job(2, 2, 0, 10), Event::Placement(Ok(placement(2, 2))), 0).0;
+        let mut store = BTreeMap::new();
+        apply(&mut store, j.record_writes());
+        // What the loader does with a STARTING job that has no port yet: back to PENDING in
+        // the same generation; the next placement differs.
+        j.state = crate::job::JobState::Pending;
+        j.ranks.replace(Vec::new());
+        j.placement.clear();
+        j.saved.placement_changed(j.generation);
+        let mut other = placement(1, 4);
+        other[0].name = "elsewhere".into();
+        j = next(j, Event::Placement(Ok(other)), 0).0;
+        let writes = j.record_writes();
+        assert!(
+            writes.iter().any(|(k, _)| k == "jobparts/big-1/gen/0"),
+            "{writes:?}"
+        );
+        apply(&mut store, writes);
+        let back = decode(store).jobs.remove(0);
+        assert_eq!(back.rank_nodes[&0], vec!["elsewhere".to_owned(); 4]);
+        assert_eq!(back, j);
     }
 
     #[test]

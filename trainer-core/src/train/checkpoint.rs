@@ -246,12 +246,10 @@ pub fn save<B: TrainBackend>(
             (serde_json::to_string(&entry)? + "\n").as_bytes(),
         )?;
     }
-    eng.barrier().map_err(|e| {
-        anyhow!(
-            "checkpoint {}: waiting for every shard: {e:#}",
-            dir.display()
-        )
-    })?;
+    // The collective error stays in the chain: a peer that timed out here is a collective
+    // timeout (the trainer's exit code), not a failed checkpoint.
+    eng.barrier()
+        .with_context(|| format!("checkpoint {}: waiting for every shard", dir.display()))?;
     if rank != 0 {
         return Ok(());
     }

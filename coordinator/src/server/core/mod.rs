@@ -360,7 +360,7 @@ impl Core {
                 job.state = JobState::Pending;
                 job.ranks.replace(Vec::new());
                 job.placement.clear();
-                job.saved.placement_changed();
+                job.saved.placement_changed(job.generation);
             }
             if job.state.has_workers() {
                 job.ranks.for_each_mut(|r| {

@@ -73,7 +73,7 @@ pub mod layout;
 mod passes;
 mod state;
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use burn::backend::Autodiff;
 use burn::tensor::DType;
 use burn::tensor::backend::AutodiffBackend;
@@ -578,7 +578,7 @@ impl<'c, B: TrainBackend> Engine<'c, B> {
             flag(signals.checkpoint),
         ];
         comm.all_reduce((&mut l[..]).into(), ReduceOp::Sum)
-            .map_err(|e| anyhow!("agreeing on the step's loss: {e}"))?;
+            .map_err(|e| anyhow::Error::new(e).context("agreeing on the step's loss"))?;
         Ok((
             l[0] as f64,
             StepSignals {
