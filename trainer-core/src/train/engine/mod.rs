@@ -578,7 +578,10 @@ impl<'c, B: TrainBackend> Engine<'c, B> {
             flag(signals.checkpoint),
         ];
         comm.all_reduce((&mut l[..]).into(), ReduceOp::Sum)
-            .map_err(|e| anyhow::Error::new(e).context("agreeing on the step's loss"))?;
+            // As text, on purpose: a rank whose collectives the coordinator aborted (the
+            // generation ended elsewhere) fails here, and must exit 1, not 4 (a collective
+            // failure of its own); the comm thread's errors keep their type.
+            .map_err(|e| anyhow::anyhow!("agreeing on the step's loss: {e}"))?;
         Ok((
             l[0] as f64,
             StepSignals {
