@@ -178,9 +178,9 @@ pub struct Cluster {
     pub coordinator_args: Vec<String>,
     /// `--store` of every coordinator start (None: the embedded store in `data`).
     pub store_url: Option<String>,
-    /// The etcd member holding the state, when the cluster runs on etcd. Declared last: it
-    /// stops after the processes above.
-    pub etcd: Option<ringmaster_store::testing::EtcdServer>,
+    /// The etcd members holding the state, when the cluster runs on etcd. Declared last: they
+    /// stop after the processes above.
+    pub etcd: Option<ringmaster_store::testing::EtcdCluster>,
 }
 
 /// Where a test cluster's coordinator keeps its state.
@@ -212,6 +212,8 @@ pub struct ClusterOpts {
     pub coordinator_args: Vec<String>,
     /// Where the coordinator keeps its state (default: [`TestStore::from_env`]).
     pub store: TestStore,
+    /// With etcd: how many members its cluster has (default 1).
+    pub etcd_members: usize,
 }
 
 impl Default for ClusterOpts {
@@ -220,6 +222,7 @@ impl Default for ClusterOpts {
             tls: true,
             coordinator_args: Vec::new(),
             store: TestStore::from_env(),
+            etcd_members: 1,
         }
     }
 }
@@ -272,7 +275,7 @@ impl Cluster {
             p
         });
         let etcd = (opts.store == TestStore::Etcd).then(|| {
-            ringmaster_store::testing::EtcdServer::start()
+            ringmaster_store::testing::EtcdCluster::start(opts.etcd_members.max(1))
                 .unwrap_or_else(|e| panic!("starting etcd for the test cluster: {e}"))
         });
         let mut c = Cluster {

@@ -11,9 +11,11 @@
 //! fresh and serves as the only writer, every write fenced by its leadership.
 //!
 //! A leader that loses its leadership (its lease not renewed in time, or a write refused by
-//! the fence) stops serving and the process exits with an error: its in-memory view may be
-//! stale, and a supervisor (systemd, Kubernetes) restarts it as a fresh candidate. This is
-//! what Kubernetes' controller-manager and scheduler do on a lost lease.
+//! the fence) stops serving at once, drops everything it held in memory (its view may be
+//! stale), gives its old lease up, and campaigns again as a fresh standby (`server::run`): if
+//! it is elected again it reads the state anew, as any new leader does. Kubernetes'
+//! controller-manager exits on a lost lease and relies on its supervisor for the restart;
+//! here the process stays up, one fewer moving part for an operator without one.
 
 use std::sync::Arc;
 use std::time::Duration;

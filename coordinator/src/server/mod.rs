@@ -209,28 +209,50 @@ pub async fn run(
         .map(ServerTls::load)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let remote = ringmaster_store::is_remote(&config.store_url);
+    if !ringmaster_store::is_remote(&config.store_url) {
+        // The only coordinator on its state: serves until shutdown.
+        return serve(config, addr, listener, server_tls, None, shut)
+            .await
+            .map(|_| ());
+    }
     // With etcd, several coordinators may share the state: lead before reading it.
-    let leadership = if remote {
-        if let Some(why) = insecure_listen_refusal(
-            &addr,
-            &Credentials::new(config.join_token.clone(), config.operator_tokens.clone()),
-            config.insecure,
-        ) {
-            anyhow::bail!(why);
-        }
-        let advertise = config
-            .advertise
-            .clone()
-            .unwrap_or_else(|| default_advertise(addr));
-        let elector = ringmaster_store::Elector::connect(
-            &config.store_url,
-            &config.etcd,
-            advertise.clone(),
-            config.leader_ttl,
+    if let Some(why) = insecure_listen_refusal(
+        &addr,
+        &Credentials::new(config.join_token.clone(), config.operator_tokens.clone()),
+        config.insecure,
+    ) {
+        anyhow::bail!(why);
+    }
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| default_advertise(addr));
+    let elector = ringmaster_store::Elector::connect(
+        &config.store_url,
+        &config.etcd,
+        advertise.clone(),
+        config.leader_ttl,
+    )
+    .await
+    .context("joining the leader election")?;
+    // The standby reads jobs from the same etcd for operators (opened off the async threads:
+    // it checks that etcd answers).
+    let store: Arc<dyn ringmaster_store::StateStore> = {
+        let (url, opts) = (config.store_url.clone(), config.etcd.clone());
+        Arc::new(
+            tokio::task::spawn_blocking(move || ringmaster_store::EtcdStore::open(&url, &opts))
+                .await
+                .context("opening the state store")??,
         )
-        .await
-        .context("joining the leader election")?;
+    };
+    let creds = Arc::new(Credentials::new(
+        config.join_token.clone(),
+        config.operator_tokens.clone(),
+    ));
+    // Standby, leader, and standby again after a lost leadership: a deposed leader drops all
+    // it knew (its view may be stale) and campaigns as a fresh candidate, reading the state
+    // anew if it is elected again.
+    loop {
         let current = elector.leader().await.ok().flatten();
         tracing::info!(
             %advertise,
@@ -238,43 +260,48 @@ pub async fn run(
             ttl = %humantime::format_duration(config.leader_ttl),
             "campaigning for leadership (standby until elected)"
         );
-        // The standby reads jobs from the same etcd for operators (opened off the async
-        // threads: it checks that etcd answers).
-        let store: Arc<dyn ringmaster_store::StateStore> = {
-            let (url, opts) = (config.store_url.clone(), config.etcd.clone());
-            Arc::new(
-                tokio::task::spawn_blocking(move || ringmaster_store::EtcdStore::open(&url, &opts))
-                    .await
-                    .context("opening the state store")??,
-            )
-        };
         let standby = leader::Standby {
-            elector,
-            store,
-            creds: Arc::new(Credentials::new(
-                config.join_token.clone(),
-                config.operator_tokens.clone(),
-            )),
+            elector: elector.clone(),
+            store: store.clone(),
+            creds: creds.clone(),
             tls: server_tls.clone(),
         };
-        match leader::campaign(standby, listener.clone(), shut.clone()).await? {
-            Some(l) => {
-                tracing::info!(%advertise, epoch = l.epoch(), "leading");
-                Some(Arc::new(l))
+        let Some(l) = leader::campaign(standby, listener.clone(), shut.clone()).await? else {
+            return Ok(());
+        };
+        tracing::info!(%advertise, epoch = l.epoch(), "leading");
+        let l = Arc::new(l);
+        let ended = serve(
+            config.clone(),
+            addr,
+            listener.clone(),
+            server_tls.clone(),
+            Some(l.clone()),
+            shut.clone(),
+        )
+        .await;
+        // A clean stop hands over at once. After a loss the lease may still live in etcd (a
+        // leader that could not renew it in time): give it up too, so that this candidate
+        // does not queue behind its own old key.
+        l.resign().await;
+        match ended? {
+            Ended::Stopped => return Ok(()),
+            Ended::LostLeadership { epoch } => {
+                tracing::warn!(
+                    epoch,
+                    "rejoining the election as a standby after losing leadership"
+                );
             }
-            None => return Ok(()),
-        }
-    } else {
-        None
-    };
-    let result = serve(config, addr, listener, server_tls, leadership.clone(), shut).await;
-    if let Some(l) = leadership {
-        // A clean stop hands over at once; after a loss there is nothing to resign.
-        if l.valid() {
-            l.resign().await;
         }
     }
-    result
+}
+
+/// How [`serve`] ended without an error.
+enum Ended {
+    /// Shutdown was asked for.
+    Stopped,
+    /// The leadership of `epoch` was lost: every service stopped, the state dropped.
+    LostLeadership { epoch: u64 },
 }
 
 /// This coordinator's address for others when it leads: the listen address, or the host name
@@ -291,7 +318,7 @@ fn default_advertise(addr: std::net::SocketAddr) -> String {
 }
 
 /// Serves as the only coordinator on the state (the leader, with etcd) until `shut`, or until
-/// the leadership is lost (an error).
+/// the leadership is lost.
 async fn serve(
     config: Config,
     addr: std::net::SocketAddr,
@@ -299,7 +326,7 @@ async fn serve(
     server_tls: Option<tonic::transport::ServerTlsConfig>,
     leadership: Option<Arc<ringmaster_store::Leadership>>,
     shut: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ended> {
     let fence = leadership.as_ref().map(|l| l.fence().clone());
     // Opening etcd waits on the network: off the async threads.
     let (persist, mut loaded) = {
@@ -454,7 +481,9 @@ async fn serve(
     // The server's own tcp_nodelay does not reach sockets of a caller-supplied listener:
     // `accept` sets it.
     let incoming = leader::accept(listener);
-    let stop = stopping.clone();
+    // Stops the server gracefully (no new connections, GOAWAY to the open ones) and the loop
+    // with it, which ends agent streams and watches so that the open calls can finish.
+    let server_stop = tokio_util::sync::CancellationToken::new();
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = server_tls {
         builder = builder
@@ -471,15 +500,10 @@ async fn serve(
         .add_service(rdzv)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, async move {
-            shut.cancelled().await;
-            tracing::info!("coordinator shutting down");
-            // The loop ends agent streams and watches, so that graceful shutdown can finish.
-            stop.cancel();
-        });
-    tokio::pin!(server);
+        .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned());
+    let mut server = Box::pin(server);
     // Leadership lost (lease not renewed in time, or a write refused by the fence): stop at
-    // once, serving nothing more; the error exits the process.
+    // once, serving nothing more.
     let lost = {
         let leadership = leadership.clone();
         async move {
@@ -506,28 +530,37 @@ async fn serve(
             }
         }
     };
-    let result = tokio::select! {
-        r = &mut server => r.context("gRPC server"),
-        _ = async {
-            stopping.cancelled().await;
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        } => {
-            tracing::warn!("requests still open 5s after shutdown began; closing them");
-            Ok(())
+    let ended = tokio::select! {
+        r = &mut server => {
+            r.context("gRPC server")?;
+            Ended::Stopped
+        }
+        _ = shut.cancelled() => {
+            tracing::info!("coordinator shutting down");
+            Ended::Stopped
         }
         epoch = lost => {
             tracing::error!(epoch, "lost leadership: stopping at once (a newer coordinator leads, etcd could not renew the lease in time, or the state could not be saved)");
-            stopping.cancel();
-            Err(anyhow::anyhow!(
-                "lost leadership (epoch {epoch}): another coordinator leads, etcd did not renew \
-                 the lease in time, or the state could not be saved; this coordinator stopped so \
-                 that it acts on nothing stale and a standby can take over"
-            ))
+            Ended::LostLeadership { epoch }
         }
     };
+    server_stop.cancel();
+    stopping.cancel();
+    match tokio::time::timeout(Duration::from_secs(5), &mut server).await {
+        Ok(r) => r.context("gRPC server")?,
+        Err(_) => tracing::warn!("requests still open 5s after shutdown began; closing them"),
+    }
+    drop(server);
     drop(handle);
     progress_task.abort();
-    // The loop ends once every handle is gone (the services were dropped with the server).
-    let _ = tokio::time::timeout(Duration::from_secs(5), core_task).await;
-    result
+    // The loop ends once every handle is gone (the services were dropped with the server);
+    // one that does not is ended here, so that nothing of this leadership acts any more.
+    let mut core_task = core_task;
+    if tokio::time::timeout(Duration::from_secs(5), &mut core_task)
+        .await
+        .is_err()
+    {
+        core_task.abort();
+    }
+    Ok(ended)
 }

@@ -1,6 +1,7 @@
-//! Test support: a real etcd member started from the `etcd` binary on `PATH` (Debian's
-//! `etcd-server`), on free loopback ports with its own data directory, stopped and removed
-//! when dropped. Used by this crate's tests and by the workspace's integration tests.
+//! Test support: real etcd members started from the `etcd` binary on `PATH` (Debian's
+//! `etcd-server`), on free loopback ports with their own data directories, stopped and removed
+//! when dropped: one member ([`EtcdServer`]) or a cluster of several ([`EtcdCluster`]). Used by
+//! this crate's tests and by the workspace's integration tests.
 //!
 //! Without an `etcd` binary, [`EtcdServer::start_or_skip`] prints that the test is skipped
 //! and returns `None`, except under `CI=true`, where CI installs etcd and a missing binary
@@ -15,14 +16,24 @@ use std::time::{Duration, Instant};
 /// How long a member may take to answer `/health` after it starts.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
-/// One etcd member (a cluster of one) for tests.
+/// One etcd member for tests: a cluster of one, or a member of an [`EtcdCluster`].
 #[derive(Debug)]
 pub struct EtcdServer {
     child: Option<Child>,
     dir: PathBuf,
+    /// The member's name in its cluster.
+    name: String,
     client_port: u16,
     peer_port: u16,
+    /// `--initial-cluster`: every member's name and peer URL.
+    initial_cluster: String,
     tls: Option<EtcdTls>,
+}
+
+/// Several etcd members on loopback forming one cluster (quorum: a majority of them).
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<EtcdServer>,
 }
 
 /// TLS on the member's client endpoint, with client certificates required
@@ -77,6 +88,14 @@ impl EtcdServer {
 
     /// As [`EtcdServer::start`], serving clients over TLS when `tls` is given.
     pub fn start_with(tls: Option<EtcdTls>) -> Result<EtcdServer, String> {
+        let mut server = EtcdServer::new("test", tls)?;
+        server.initial_cluster = format!("test=http://127.0.0.1:{}", server.peer_port);
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// A member not started yet, on free ports, with a fresh data directory.
+    fn new(name: &str, tls: Option<EtcdTls>) -> Result<EtcdServer, String> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "ringmaster-etcd-{}-{}",
@@ -85,18 +104,26 @@ impl EtcdServer {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let mut server = EtcdServer {
+        Ok(EtcdServer {
             child: None,
             dir,
+            name: name.to_owned(),
             client_port: free_port(),
             peer_port: free_port(),
+            initial_cluster: String::new(),
             tls,
-        };
-        server.spawn()?;
-        Ok(server)
+        })
     }
 
+    /// Start the process and wait until it serves.
     fn spawn(&mut self) -> Result<(), String> {
+        let ready_before = self.launch()?;
+        self.wait_ready(ready_before)
+    }
+
+    /// Start the process; returns how often its log said it was ready before (for
+    /// [`Self::wait_ready`]): the members of a cluster serve only once a quorum runs.
+    fn launch(&mut self) -> Result<usize, String> {
         let bin = etcd_binary().ok_or("no etcd binary on PATH")?;
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
@@ -118,14 +145,14 @@ impl EtcdServer {
         }
         let ready_before = self.ready_count();
         let child = cmd
-            .args(["--name", "test"])
+            .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(self.dir.join("data"))
             .args(["--listen-client-urls", &client])
             .args(["--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-token", "ringmaster-test"])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .stdin(Stdio::null())
@@ -134,7 +161,7 @@ impl EtcdServer {
             .spawn()
             .map_err(|e| format!("{}: {e}", bin.display()))?;
         self.child = Some(child);
-        self.wait_ready(ready_before)
+        Ok(ready_before)
     }
 
     /// How often the member has said it serves clients (its log grows across restarts).
@@ -211,6 +238,68 @@ impl EtcdServer {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn().unwrap_or_else(|e| panic!("etcd restart: {e}"));
+    }
+}
+
+impl EtcdCluster {
+    /// Start `n` members on loopback as one new cluster and wait until each serves.
+    pub fn start(n: usize) -> Result<EtcdCluster, String> {
+        let mut members = (0..n)
+            .map(|i| EtcdServer::new(&format!("m{i}"), None))
+            .collect::<Result<Vec<_>, _>>()?;
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.initial_cluster.clone_from(&initial);
+        }
+        let mut cluster = EtcdCluster { members };
+        cluster.start_all()?;
+        Ok(cluster)
+    }
+
+    /// Start every member (again, on its data) and wait until each serves.
+    pub fn start_all(&mut self) -> Result<(), String> {
+        let ready: Vec<usize> = self
+            .members
+            .iter_mut()
+            .map(EtcdServer::launch)
+            .collect::<Result<_, _>>()?;
+        for (m, before) in self.members.iter_mut().zip(ready) {
+            m.wait_ready(before)?;
+        }
+        Ok(())
+    }
+
+    /// Kill every member at once (SIGKILL, as a power cut); their data stays for
+    /// [`Self::start_all`].
+    pub fn stop_all(&mut self) {
+        for m in &mut self.members {
+            m.stop();
+        }
+    }
+
+    /// The members.
+    pub fn members(&self) -> &[EtcdServer] {
+        &self.members
+    }
+
+    /// An `etcd://` URL naming every member, with the key prefix `root`.
+    pub fn url(&self, root: &str) -> String {
+        let endpoints: Vec<String> = self.members.iter().map(EtcdServer::endpoint).collect();
+        format!("etcd://{}/{root}", endpoints.join(","))
+    }
+
+    /// Kill member `i` (SIGKILL); its data stays for [`Self::start_member`].
+    pub fn stop_member(&mut self, i: usize) {
+        self.members[i].stop();
+    }
+
+    /// Start member `i` again on its ports and data, and wait until it serves.
+    pub fn start_member(&mut self, i: usize) {
+        self.members[i].restart();
     }
 }
 
