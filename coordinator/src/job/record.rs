@@ -6,16 +6,23 @@
 //!   (state, generation, counters, failures, checkpoints: bounded);
 //! - `jobparts/<id>/spec/<n>`: the spec and its files as JSON, cut in pieces of at most
 //!   [`SPEC_PART_BYTES`]; written once, at submit;
-//! - `jobparts/<id>/placement`: the current generation's nodes and slots;
+//! - `jobparts/<id>/placement@<w>`: the current generation's nodes and slots;
 //! - `jobparts/<id>/gen/<g>`: the node of every rank of generation `g` (for logs of older
 //!   generations; the newest [`super::RANK_NODE_GENERATIONS`]);
-//! - `jobparts/<id>/ranks/<k>`: ranks `k*RANK_CHUNK ..` of the current generation.
+//! - `jobparts/<id>/ranks/<k>@<w>`: ranks `k*RANK_CHUNK ..` of the current generation.
 //!
 //! The header names the parts it needs, and is committed after them (the persister orders a
 //! burst: parts written, headers, parts deleted), so a header never names a part that is not
-//! there, even when a burst is split over several commits. A header written in the older
-//! one-record layout (the whole job as JSON) still loads; the job is saved in this layout at
-//! its next change. Parts without a header (a job removed halfway) are deleted at load.
+//! there, even when a burst is split over several commits. Parts that change (placement, rank
+//! chunks) are never rewritten in place: each write puts them under a new key carrying the
+//! header's write number `w`, and deletes the old key after the header. So a header always
+//! reads the parts it was written with: a crash between the commits of a split burst (etcd
+//! takes at most 100 operations and 1 MiB per transaction: a burst on a job of more than
+//! ~6,000 ranks is split) leaves the previous header with its previous parts, whole, plus new
+//! parts that no header names, which the next load deletes. Keys without `@<w>` are parts of
+//! an earlier format-2 record (read as version 0). A header written in the older one-record
+//! layout (the whole job as JSON) still loads; the job is saved in this layout at its next
+//! change. Parts without a header (a job removed halfway) are deleted at load.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -37,12 +44,17 @@ const FORMAT: u32 = 2;
 pub struct Saved {
     /// Pieces of the spec, once written.
     spec_parts: Option<usize>,
-    /// The current placement is written.
-    placement: bool,
+    /// The version of the placement part in the store, if one is.
+    placement: Option<u64>,
+    /// The placement changed since it was written.
+    placement_stale: bool,
     /// Generations whose rank nodes are written.
     generations: BTreeSet<u64>,
-    /// Rank chunks written (of the current or an older generation).
-    rank_chunks: usize,
+    /// The version of each rank chunk in the store (of the current or an older generation).
+    rank_chunks: Vec<u64>,
+    /// The newest write number used (by a header or by any part in the store): the next
+    /// write's parts carry a larger one.
+    writes: u64,
 }
 
 impl PartialEq for Saved {
@@ -56,7 +68,7 @@ impl Saved {
     /// even when a record of the same generation number was written before (a job that went
     /// back to PENDING at load keeps its generation).
     pub fn placement_changed(&mut self, generation: u64) {
-        self.placement = false;
+        self.placement_stale = true;
         self.generations.remove(&generation);
     }
 }
@@ -66,6 +78,15 @@ struct Parts {
     spec: usize,
     rank_chunks: usize,
     generations: Vec<u64>,
+    /// The version of each rank chunk (empty in records written before versions: all 0).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rank_versions: Vec<u64>,
+    /// The version of the placement part.
+    #[serde(default)]
+    placement: u64,
+    /// This header's write number.
+    #[serde(default)]
+    writes: u64,
 }
 
 #[derive(Serialize)]
@@ -95,6 +116,23 @@ pub fn header_key(id: &str) -> String {
 
 fn part_key(id: &str, part: &str) -> String {
     format!("{PARTS}{id}/{part}")
+}
+
+/// The name of version `v` of a part that is rewritten (`name@v`; version 0 is the plain name
+/// of records written before versions).
+fn versioned(name: &str, v: u64) -> String {
+    if v == 0 {
+        name.to_owned()
+    } else {
+        format!("{name}@{v}")
+    }
+}
+
+/// The version a part's name carries (0 without one).
+fn version_of(part: &str) -> u64 {
+    part.rsplit_once('@')
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A write to the store: a value, or `None` to delete.
@@ -128,10 +166,18 @@ impl Job {
                 pieces.len()
             }
         };
-        if !self.saved.placement {
+        // This write's number: the parts it replaces go under new keys, the old keys are
+        // deleted after the header (the persister's order), so that the previous header and
+        // its parts stay whole until this header lands.
+        self.saved.writes += 1;
+        let w = self.saved.writes;
+        if self.saved.placement_stale || self.saved.placement.is_none() {
             let v = serde_json::to_vec(&self.placement).expect("placement serializes");
-            out.push((part_key(&id, "placement"), Some(v)));
-            self.saved.placement = true;
+            out.push((part_key(&id, &versioned("placement", w)), Some(v)));
+            if let Some(old) = self.saved.placement.replace(w) {
+                out.push((part_key(&id, &versioned("placement", old)), None));
+            }
+            self.saved.placement_stale = false;
         }
         let gens: BTreeSet<u64> = self.rank_nodes.keys().copied().collect();
         for g in gens.difference(&self.saved.generations) {
@@ -143,17 +189,33 @@ impl Job {
         }
         self.saved.generations = gens;
         let chunks = self.ranks.chunks();
-        for k in self.ranks.take_dirty() {
-            let k = k as usize;
-            if k < chunks {
-                let v = serde_json::to_vec(self.ranks.chunk(k)).expect("ranks serialize");
-                out.push((part_key(&id, &format!("ranks/{k}")), Some(v)));
+        let mut versions = std::mem::take(&mut self.saved.rank_chunks);
+        let mut dirty: BTreeSet<usize> = self
+            .ranks
+            .take_dirty()
+            .into_iter()
+            .map(|k| k as usize)
+            .filter(|&k| k < chunks)
+            .collect();
+        // Chunks the store does not have yet are written whether marked or not.
+        dirty.extend(versions.len().min(chunks)..chunks);
+        for (k, &old) in versions.iter().enumerate().skip(chunks) {
+            out.push((part_key(&id, &versioned(&format!("ranks/{k}"), old)), None));
+        }
+        versions.truncate(chunks);
+        for k in dirty {
+            let v = serde_json::to_vec(self.ranks.chunk(k)).expect("ranks serialize");
+            let name = format!("ranks/{k}");
+            out.push((part_key(&id, &versioned(&name, w)), Some(v)));
+            match versions.get_mut(k) {
+                Some(old) => {
+                    out.push((part_key(&id, &versioned(&name, *old)), None));
+                    *old = w;
+                }
+                None => versions.push(w),
             }
         }
-        for k in chunks..self.saved.rank_chunks {
-            out.push((part_key(&id, &format!("ranks/{k}")), None));
-        }
-        self.saved.rank_chunks = chunks;
+        self.saved.rank_chunks = versions;
         let header = self.without_bulk(|job| {
             serde_json::to_vec(&HeaderOut {
                 format: FORMAT,
@@ -162,6 +224,9 @@ impl Job {
                     spec: spec_parts,
                     rank_chunks: chunks,
                     generations: job.saved.generations.iter().copied().collect(),
+                    rank_versions: job.saved.rank_chunks.clone(),
+                    placement: job.saved.placement.unwrap_or(0),
+                    writes: w,
                 },
             })
             .expect("job header serializes")
@@ -173,7 +238,12 @@ impl Job {
     /// Every key this job has in the store (to remove it), header first.
     pub fn record_keys(&self) -> Vec<String> {
         let id = &self.id;
-        let mut keys = vec![header_key(id), part_key(id, "placement")];
+        let mut keys = vec![header_key(id)];
+        keys.extend(
+            self.saved
+                .placement
+                .map(|v| part_key(id, &versioned("placement", v))),
+        );
         keys.extend(
             (0..self.saved.spec_parts.unwrap_or(0)).map(|n| part_key(id, &format!("spec/{n}"))),
         );
@@ -183,7 +253,13 @@ impl Job {
                 .iter()
                 .map(|g| part_key(id, &format!("gen/{g}"))),
         );
-        keys.extend((0..self.saved.rank_chunks).map(|k| part_key(id, &format!("ranks/{k}"))));
+        keys.extend(
+            self.saved
+                .rank_chunks
+                .iter()
+                .enumerate()
+                .map(|(k, &v)| part_key(id, &versioned(&format!("ranks/{k}"), v))),
+        );
         keys
     }
 
@@ -235,7 +311,17 @@ pub fn decode(records: impl IntoIterator<Item = (String, Vec<u8>)>) -> Decoded {
     for (id, header) in headers {
         let mine = parts.remove(&id).unwrap_or_default();
         match decode_one(&header, &mine) {
-            Ok(job) if job.id == id => out.jobs.push(job),
+            Ok(job) if job.id == id => {
+                // Parts its header does not name: written for a header that never landed,
+                // or replaced by one whose deletes did not.
+                let named: BTreeSet<String> = job.record_keys().into_iter().collect();
+                out.orphans.extend(
+                    mine.into_keys()
+                        .map(|p| part_key(&id, &p))
+                        .filter(|k| !named.contains(k)),
+                );
+                out.jobs.push(job);
+            }
             Ok(job) => out.unreadable.push((
                 header_key(&id),
                 format!("the record names job '{}'", job.id),
@@ -284,17 +370,31 @@ pub fn decode_one(header: &[u8], parts: &BTreeMap<String, Vec<u8>>) -> Result<Jo
     let both: SpecAndFiles = serde_json::from_slice(&spec).map_err(|e| format!("spec: {e}"))?;
     job.spec = both.spec;
     job.files = both.files;
-    job.placement = serde_json::from_slice(read("placement".into(), "placement")?)
-        .map_err(|e| format!("placement: {e}"))?;
+    job.placement = serde_json::from_slice(read(
+        versioned("placement", h.parts.placement),
+        "placement",
+    )?)
+    .map_err(|e| format!("placement: {e}"))?;
     for g in &h.parts.generations {
         let nodes: Vec<String> = serde_json::from_slice(read(format!("gen/{g}"), "rank nodes")?)
             .map_err(|e| format!("rank nodes of generation {g}: {e}"))?;
         job.rank_nodes.insert(*g, nodes);
     }
+    let versions = if h.parts.rank_versions.is_empty() {
+        vec![0; h.parts.rank_chunks]
+    } else if h.parts.rank_versions.len() == h.parts.rank_chunks {
+        h.parts.rank_versions
+    } else {
+        return Err(format!(
+            "the header names {} rank chunks and {} versions",
+            h.parts.rank_chunks,
+            h.parts.rank_versions.len()
+        ));
+    };
     let mut ranks = Vec::new();
-    for k in 0..h.parts.rank_chunks {
+    for (k, &v) in versions.iter().enumerate() {
         let chunk: Vec<super::RankRecord> =
-            serde_json::from_slice(read(format!("ranks/{k}"), "ranks")?)
+            serde_json::from_slice(read(versioned(&format!("ranks/{k}"), v), "ranks")?)
                 .map_err(|e| format!("rank chunk {k}: {e}"))?;
         ranks.extend(chunk);
     }
@@ -303,11 +403,21 @@ pub fn decode_one(header: &[u8], parts: &BTreeMap<String, Vec<u8>>) -> Result<Jo
     }
     job.ranks = Ranks::from(ranks);
     job.ranks.take_dirty();
+    // Write numbers go on past every part in the store, named or not: a new write never
+    // reuses the key of a part that a load is about to delete.
+    let writes = parts
+        .keys()
+        .map(|p| version_of(p))
+        .chain([h.parts.writes])
+        .max()
+        .unwrap_or(0);
     job.saved = Saved {
         spec_parts: Some(h.parts.spec),
-        placement: true,
+        placement: Some(h.parts.placement),
+        placement_stale: false,
         generations: h.parts.generations.into_iter().collect(),
-        rank_chunks: h.parts.rank_chunks,
+        rank_chunks: versions,
+        writes,
     };
     Ok(job)
 }
@@ -413,7 +523,7 @@ mod tests {
         let keys: Vec<&str> = writes.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys.last(), Some(&"jobs/big-1"), "the header comes last");
         assert!(keys.contains(&"jobparts/big-1/spec/1"), "{keys:?}");
-        assert!(keys.contains(&"jobparts/big-1/ranks/1"), "{keys:?}");
+        assert!(keys.contains(&"jobparts/big-1/ranks/1@1"), "{keys:?}");
         assert!(keys.contains(&"jobparts/big-1/gen/2"), "{keys:?}");
         for (k, v) in &writes {
             assert!(v.as_ref().unwrap().len() <= SPEC_PART_BYTES, "{k}");
@@ -447,7 +557,16 @@ mod tests {
         .0;
         let writes = j.record_writes();
         let keys: Vec<&str> = writes.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, ["jobparts/big-1/ranks/1", "jobs/big-1"]);
+        // The chunk under a new key, its old key deleted (after the header: the persister's
+        // order), the header.
+        assert_eq!(
+            keys,
+            [
+                "jobparts/big-1/ranks/1@2",
+                "jobparts/big-1/ranks/1@1",
+                "jobs/big-1"
+            ]
+        );
         let bytes: usize = writes
             .iter()
             .map(|(_, v)| v.as_ref().map_or(0, Vec::len))
@@ -500,12 +619,21 @@ mod tests {
             j.rank_nodes.pop_first();
         }
         let writes = j.record_writes();
-        let deleted: Vec<&str> = writes
+        let mut deleted: Vec<&str> = writes
             .iter()
             .filter(|(_, v)| v.is_none())
             .map(|(k, _)| k.as_str())
             .collect();
-        assert_eq!(deleted, ["jobparts/big-1/gen/0", "jobparts/big-1/ranks/1"]);
+        deleted.sort_unstable();
+        assert_eq!(
+            deleted,
+            [
+                "jobparts/big-1/gen/0",
+                "jobparts/big-1/placement@1",
+                "jobparts/big-1/ranks/0@1",
+                "jobparts/big-1/ranks/1@1"
+            ]
+        );
         apply(&mut store, writes);
         let back = decode(store.clone());
         assert_eq!(back.jobs[0], j);
@@ -550,7 +678,7 @@ mod tests {
         let mut store = BTreeMap::new();
         apply(&mut store, back.record_writes());
         assert!(
-            store.contains_key("jobparts/big-1/ranks/0")
+            store.contains_key("jobparts/big-1/ranks/0@1")
                 && store.contains_key("jobparts/big-1/spec/0")
         );
         assert_eq!(decode(store).jobs[0], j);
@@ -562,15 +690,132 @@ mod tests {
         let mut store = BTreeMap::new();
         apply(&mut store, j.record_writes());
         store.insert("jobparts/gone-7/ranks/0".into(), b"[]".to_vec());
-        store.remove("jobparts/big-1/ranks/0");
+        store.remove("jobparts/big-1/ranks/0@1");
         let d = decode(store);
         assert!(d.jobs.is_empty());
         assert_eq!(d.unreadable.len(), 1);
         assert!(
-            d.unreadable[0].1.contains("'ranks/0' is missing"),
+            d.unreadable[0].1.contains("'ranks/0@1' is missing"),
             "{:?}",
             d.unreadable
         );
         assert_eq!(d.orphans, ["jobparts/gone-7/ranks/0"]);
+    }
+
+    /// A burst split over several commits and cut after its part puts (a crash between etcd
+    /// transactions): the previous header still reads exactly its own parts, the new parts are
+    /// orphans, and the next write never reuses their keys.
+    #[test]
+    fn a_burst_cut_after_its_parts_leaves_the_previous_header_whole() {
+        let mut j = job(40, 8, 1, 100);
+        let mut store = BTreeMap::new();
+        apply(&mut store, j.record_writes());
+        let before = decode(store.clone()).jobs.remove(0);
+        for r in 0..320 {
+            j = next(
+                j,
+                Event::WorkerExited {
+                    generation: 0,
+                    rank: r,
+                    exit_code: Some(0),
+                    signal: None,
+                    log_tail: vec![],
+                },
+                0,
+            )
+            .0;
+        }
+        let puts: Vec<Write> = j
+            .record_writes()
+            .into_iter()
+            .filter(|(k, v)| k.starts_with(PARTS) && v.is_some())
+            .collect();
+        assert_eq!(puts.len(), 2, "both rank chunks changed");
+        apply(&mut store, puts);
+        let mut d = decode(store.clone());
+        assert!(d.unreadable.is_empty(), "{d:?}");
+        assert_eq!(d.jobs.len(), 1);
+        assert_eq!(d.jobs[0], before);
+        assert_eq!(d.jobs[0].ranks.count(RankState::Running), 320);
+        d.orphans.sort_unstable();
+        assert_eq!(
+            d.orphans,
+            ["jobparts/big-1/ranks/0@2", "jobparts/big-1/ranks/1@2"]
+        );
+        // The next leader deletes them and writes on under newer numbers.
+        let mut back = d.jobs.remove(0);
+        back.ranks.mark_all_dirty();
+        let writes = back.record_writes();
+        assert!(
+            writes.iter().all(|(k, _)| !d.orphans.contains(k)),
+            "{writes:?}"
+        );
+        for o in &d.orphans {
+            store.remove(o);
+        }
+        apply(&mut store, writes);
+        let again = decode(store.clone());
+        assert!(
+            again.orphans.is_empty() && again.unreadable.is_empty(),
+            "{again:?}"
+        );
+        assert_eq!(again.jobs[0], before);
+        assert_eq!(again.jobs[0].record_keys().len(), store.len());
+    }
+
+    /// A format-2 record written before part versions (plain `placement`, `ranks/<k>`) loads,
+    /// and its next write moves the parts it changes to versioned keys.
+    #[test]
+    fn parts_without_versions_load_and_move_on_to_versioned_keys() {
+        let mut j = job(40, 8, 1, 100);
+        let mut store = BTreeMap::new();
+        apply(&mut store, j.record_writes());
+        // Rewrite the store as the earlier format 2 had it.
+        let mut old = BTreeMap::new();
+        for (k, v) in store {
+            let k = k.replace("@1", "");
+            let v = if k == "jobs/big-1" {
+                let mut h: serde_json::Value = serde_json::from_slice(&v).unwrap();
+                let parts = h["parts"].as_object_mut().unwrap();
+                for f in ["rank_versions", "placement", "writes"] {
+                    parts.remove(f);
+                }
+                serde_json::to_vec(&h).unwrap()
+            } else {
+                v
+            };
+            old.insert(k, v);
+        }
+        let d = decode(old.clone());
+        assert!(d.unreadable.is_empty() && d.orphans.is_empty(), "{d:?}");
+        let mut back = d.jobs.into_iter().next().unwrap();
+        assert_eq!(back, j);
+        j = next(
+            back.clone(),
+            Event::WorkerExited {
+                generation: 0,
+                rank: 3,
+                exit_code: Some(0),
+                signal: None,
+                log_tail: vec![],
+            },
+            0,
+        )
+        .0;
+        back = j;
+        let writes = back.record_writes();
+        let keys: Vec<&str> = writes.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "jobparts/big-1/ranks/0@1",
+                "jobparts/big-1/ranks/0",
+                "jobs/big-1"
+            ]
+        );
+        apply(&mut old, writes);
+        let d = decode(old.clone());
+        assert!(d.orphans.is_empty(), "{d:?}");
+        assert_eq!(d.jobs[0], back);
     }
 }
