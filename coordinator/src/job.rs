@@ -17,10 +17,14 @@ use serde::{Deserialize, Serialize};
 use crate::spec::JobSpec;
 
 pub mod conditions;
+pub mod events;
 pub mod ranks;
 pub mod record;
+#[cfg(test)]
+mod testkit;
 
 pub use conditions::{Condition, ConditionType, Durations, Reason};
+pub use events::{EventKind, EventLog, JobEvent};
 pub use ranks::{RANK_CHUNK, RankMut, Ranks};
 
 /// Log lines kept of a failed rank.
@@ -248,6 +252,10 @@ pub struct Job {
     /// The last placement attempt found no fit (cleared when a generation starts).
     #[serde(default)]
     pub unschedulable: bool,
+    /// What happened to the job, when and why ([`events`]): a part of its record, not of
+    /// the header.
+    #[serde(default, skip_serializing_if = "EventLog::is_empty")]
+    pub events: EventLog,
     /// What of this job the store holds already (see [`record`]).
     #[serde(skip)]
     pub saved: record::Saved,
@@ -288,6 +296,7 @@ impl Job {
             recovering_since_ms: None,
             first_running_ms: None,
             unschedulable: false,
+            events: EventLog::default(),
             saved: record::Saved::default(),
         }
         .with_conditions()
@@ -296,6 +305,24 @@ impl Job {
     fn with_conditions(mut self) -> Job {
         let created = self.created_unix_ms;
         conditions::update(&mut self, created);
+        let message = format!(
+            "submitted: {}",
+            if self.spec.train.is_some() {
+                "a training job"
+            } else {
+                "a command job"
+            }
+        );
+        self.events.push(JobEvent {
+            seq: 0,
+            unix_ms: created,
+            generation: 0,
+            kind: EventKind::Submitted,
+            reason: None,
+            rank: None,
+            node: None,
+            message,
+        });
         self
     }
 
@@ -412,11 +439,14 @@ pub const ABORT_GRACE_MS: u64 = 3_000;
 /// restart backoff and the timestamps), same outputs.
 pub fn next(mut job: Job, event: Event, now_ms: u64) -> (Job, Vec<Action>) {
     let mut actions = Vec::new();
+    let before = events::Before::of(&job);
+    let cancel = matches!(event, Event::Cancel { .. });
     transition(&mut job, event, now_ms, &mut actions);
     if job.state.is_terminal() && job.finished_unix_ms.is_none() {
         job.finished_unix_ms = Some(now_ms);
     }
     conditions::update(&mut job, now_ms);
+    events::record(&before, &mut job, cancel, now_ms);
     (job, actions)
 }
 
@@ -707,7 +737,7 @@ pub fn cap(mut s: String, max: usize) -> String {
 }
 
 /// How long until `not_before`, for a reason text: whole seconds (rounded up) from 1 s on.
-fn wait_text(ms: u64) -> String {
+pub(crate) fn wait_text(ms: u64) -> String {
     if ms >= 1000 {
         humantime::format_duration(std::time::Duration::from_secs(ms.div_ceil(1000))).to_string()
     } else {

@@ -90,7 +90,47 @@ pub fn job_status(job: &Job) -> pb::JobStatus {
         queued_ms: d.queued_ms,
         recovery_ms: d.recovery_ms,
         duration_excluding_recovery_ms: d.excluding_recovery_ms,
+        recent_events: job
+            .events
+            .newest(RECENT_EVENTS)
+            .into_iter()
+            .map(event)
+            .collect(),
+        events_omitted: job.events.omitted(),
     }
+}
+
+/// Events a status carries (the newest).
+pub const RECENT_EVENTS: usize = 5;
+
+/// A job event on the wire.
+pub fn event(e: &crate::job::JobEvent) -> pb::JobEvent {
+    pb::JobEvent {
+        seq: e.seq,
+        unix_ms: e.unix_ms,
+        generation: e.generation,
+        kind: e.kind.as_str().to_owned(),
+        reason: e.reason.map(|r| r.as_str().to_owned()).unwrap_or_default(),
+        rank: e.rank,
+        node: e.node.clone().unwrap_or_default(),
+        message: e.message.clone(),
+        warning: e.kind.is_warning(),
+    }
+}
+
+/// One event as JSON (`ringctl events --output json`, and `recent_events` of a status).
+pub fn event_json(e: &pb::JobEvent) -> Value {
+    json!({
+        "seq": e.seq,
+        "unix_ms": e.unix_ms,
+        "generation": e.generation,
+        "kind": e.kind,
+        "reason": (!e.reason.is_empty()).then_some(&e.reason),
+        "rank": e.rank,
+        "node": (!e.node.is_empty()).then_some(&e.node),
+        "message": e.message,
+        "warning": e.warning,
+    })
 }
 
 /// A job as a List reply shows it: without the failure history (`failures_omitted` counts
@@ -99,6 +139,7 @@ pub fn summary(job: &Job) -> pb::JobStatus {
     let mut st = job_status(job);
     st.failures = Vec::new();
     st.failures_omitted = job.failure_count();
+    st.recent_events = Vec::new();
     st.summary = true;
     st
 }
@@ -203,6 +244,8 @@ pub fn to_json(s: &pb::JobStatus) -> Value {
         "queued_ms": s.queued_ms,
         "recovery_ms": s.recovery_ms,
         "duration_excluding_recovery_ms": s.duration_excluding_recovery_ms,
+        "recent_events": s.recent_events.iter().map(event_json).collect::<Vec<_>>(),
+        "events_omitted": s.events_omitted,
     })
 }
 
@@ -259,6 +302,8 @@ mod tests {
             "queued_ms",
             "recovery_ms",
             "duration_excluding_recovery_ms",
+            "recent_events",
+            "events_omitted",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }

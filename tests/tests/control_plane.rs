@@ -109,6 +109,24 @@ fn environment_and_rank_order_follow_the_hostfile() {
 }
 
 /// Rank 2 fails in generation 0 while the others would sleep for a minute.
+/// `ringctl events JOB --output json`: the job's events, oldest first.
+fn events(c: &Cluster, job: &str) -> Vec<serde_json::Value> {
+    let out = c.ringctl(&["events", job, "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per event"))
+        .collect()
+}
+
+fn kinds(events: &[serde_json::Value]) -> Vec<&str> {
+    events.iter().map(|e| e["kind"].as_str().unwrap()).collect()
+}
+
 fn flaky_spec(out: &str, max_restarts: u32) -> String {
     format!(
         "name: flaky\nmax_restarts: {max_restarts}\ncommand:\n  - sh\n  - -c\n  - |\n    \
@@ -181,6 +199,64 @@ fn a_failed_rank_restarts_the_whole_gang() {
         shown.contains("conditions: Created=True (Submitted)"),
         "{shown}"
     );
+    // Its story, as events: the failure with its root cause, the restart, the recovery.
+    // (Generation 0 may fail before all its ranks run: rank 2 exits at once.)
+    let ev = events(&c, &job);
+    let story: Vec<&str> = ev
+        .iter()
+        .filter(|e| !(e["kind"] == "Running" && e["generation"] == 0))
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        story,
+        [
+            "Submitted",
+            "GenerationStarted",
+            "RankFailed",
+            "Restarting",
+            "GenerationStarted",
+            "Running",
+            "Succeeded"
+        ],
+        "{ev:#?}"
+    );
+    let failed = ev.iter().find(|e| e["kind"] == "RankFailed").unwrap();
+    assert_eq!(
+        (
+            &failed["reason"],
+            &failed["rank"],
+            &failed["node"],
+            &failed["warning"]
+        ),
+        (
+            &serde_json::json!("WorkerExited"),
+            &serde_json::json!(2),
+            &serde_json::json!("w1"),
+            &serde_json::json!(true)
+        ),
+        "{failed:#}"
+    );
+    let restarted = ev
+        .iter()
+        .filter(|e| e["kind"] == "GenerationStarted")
+        .nth(1)
+        .unwrap();
+    assert_eq!(restarted["generation"], 1, "{ev:#?}");
+    let seqs: Vec<u64> = ev.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=ev.len() as u64).collect::<Vec<u64>>());
+    assert_eq!(st["recent_events"].as_array().unwrap().len(), 5, "{st:#}");
+    assert_eq!(st["recent_events"][4]["kind"], "Succeeded", "{st:#}");
+    let described = c.ringctl(&["describe", &job]);
+    let text = String::from_utf8_lossy(&described.stdout);
+    assert!(described.status.success(), "{described:?}");
+    for want in [
+        "state:    SUCCEEDED",
+        "events:",
+        "Warning  RankFailed",
+        "WorkerExited",
+    ] {
+        assert!(text.contains(want), "{want:?} in:\n{text}");
+    }
 }
 
 #[test]
@@ -276,6 +352,13 @@ fn cancel_kills_every_process_including_grandchildren() {
     let cancelled = st["conditions"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(cancelled["type"], "Cancelled", "{st:#}");
     assert_eq!(cancelled["reason"], "Cancelled", "{st:#}");
+    let ev = events(&c, &job);
+    let k = kinds(&ev);
+    assert_eq!(
+        &k[k.len() - 2..],
+        ["CancelRequested", "Cancelled"],
+        "{ev:#?}"
+    );
 }
 
 #[test]
@@ -297,6 +380,10 @@ fn a_killed_agent_ends_the_generation_and_is_named() {
     assert_eq!(f["node"], "w1", "{st:#}");
     assert!(f["message"].as_str().unwrap().contains("w1 lost"), "{st:#}");
     assert_eq!(f["reason"], "NodeLost", "{st:#}");
+    let ev = events(&c, &job);
+    let k = kinds(&ev);
+    assert_eq!(&k[k.len() - 2..], ["NodeLost", "Failed"], "{ev:#?}");
+    assert_eq!(ev[k.len() - 2]["node"], "w1", "{ev:#?}");
     // The surviving node's workers are stopped; the killed agent's died with it.
     let pids: Vec<u32> = (0..4)
         .map(|r| {
@@ -338,8 +425,39 @@ fn a_restarted_coordinator_reconciles_running_workers() {
     let after = c.wait_all_ranks_running(&job, Duration::from_secs(15));
     let pids_after = rank_pids(&after);
     assert_eq!(pids, pids_after);
+    // Its events were saved with it; a follower sees the rest as it happens and ends with
+    // the job.
+    assert_eq!(
+        kinds(&events(&c, &job)),
+        ["Submitted", "GenerationStarted", "Running"]
+    );
+    let mut follow = c.ringctl_cmd();
+    follow.args(["events", &job, "--follow", "--output", "json"]);
+    let mut follower =
+        ringmaster_tests::Proc::spawn("events --follow", follow, c.path("events.log"));
+    let json_lines = |p: &ringmaster_tests::Proc| -> Vec<serde_json::Value> {
+        p.log_text()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    wait_until(Duration::from_secs(10), "the follower to print", || {
+        (json_lines(&follower).len() >= 3).then_some(())
+    });
     // No worker was launched twice.
     c.finish_held_job(&job, 4);
+    assert_eq!(
+        follower.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        follower.log_text()
+    );
+    let lines = json_lines(&follower);
+    assert_eq!(
+        kinds(&lines),
+        ["Submitted", "GenerationStarted", "Running", "Succeeded"]
+    );
 }
 
 #[test]

@@ -150,6 +150,17 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Show a job with its failure history and every event it kept (`kubectl describe`).
+    Describe { job: String },
+    /// Print a job's events (what happened, when, why), oldest first.
+    Events {
+        job: String,
+        /// Then every new event until the job ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Follow a job until it ends (exit code: 0 if it succeeded, 1 otherwise).
     Watch {
         job: String,
@@ -320,6 +331,63 @@ const REWATCH_FOR: Duration = Duration::from_secs(60);
 
 /// Watches `job` again on whichever coordinator answers (the leader, given several), retrying
 /// every second for [`REWATCH_FOR`].
+/// `ringctl events`: the job's events, and with `follow` every new one until the job ends,
+/// reconnecting (after the last event printed) when the coordinator goes away, as `watch`
+/// does.
+async fn print_events(
+    target: &Target,
+    job: &str,
+    follow: bool,
+    output: Output,
+) -> Result<Exit, CliError> {
+    let mut after = 0;
+    let mut fruitless = 0;
+    loop {
+        let attempt = async {
+            let mut client = connect(target).await?;
+            let s = client
+                .events(pb::EventsRequest {
+                    job_id: job.to_owned(),
+                    after_seq: after,
+                    follow,
+                })
+                .await?;
+            Ok::<_, CliError>(s.into_inner())
+        };
+        let lost = match attempt.await {
+            Ok(mut stream) => loop {
+                match stream.message().await {
+                    Ok(Some(e)) => {
+                        fruitless = 0;
+                        after = e.seq;
+                        match output {
+                            Output::Json => print_json(&status::event_json(&e)),
+                            Output::Text => println!("{}", render::event_line(&e)),
+                        }
+                    }
+                    Ok(None) => return Ok(Exit::Ok),
+                    Err(s) if follow && s.code() == tonic::Code::Unavailable => {
+                        break s.message().to_owned();
+                    }
+                    Err(s) => return Err(s.into()),
+                }
+            },
+            Err(e) if !follow || e.exit == Exit::Usage => return Err(e),
+            Err(e) => e.message,
+        };
+        fruitless += 1;
+        if fruitless > 5 {
+            return Err(CliError::failed(format!(
+                "events: lost the coordinator and found none: {lost}"
+            )));
+        }
+        if output == Output::Text {
+            eprintln!("events: lost the coordinator ({lost}); reconnecting");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 async fn rewatch(target: &Target, job: &str) -> Result<tonic::Streaming<pb::JobStatus>, CliError> {
     let deadline = tokio::time::Instant::now() + REWATCH_FOR;
     loop {
@@ -492,6 +560,34 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             }
             Ok(Exit::Ok)
         }
+        Command::Describe { job } => {
+            let mut client = connect(&target()?).await?;
+            let st = client
+                .get(pb::GetJobRequest {
+                    job_id: job.clone(),
+                })
+                .await?
+                .into_inner();
+            let mut stream = client
+                .events(pb::EventsRequest {
+                    job_id: job,
+                    after_seq: 0,
+                    follow: false,
+                })
+                .await?
+                .into_inner();
+            let mut events = Vec::new();
+            while let Some(e) = stream.message().await? {
+                events.push(e);
+            }
+            print!("{}", render::describe(&st, &events));
+            Ok(Exit::Ok)
+        }
+        Command::Events {
+            job,
+            follow,
+            output,
+        } => print_events(&target()?, &job, follow, output).await,
         Command::Watch { job, output } => {
             let target = target()?;
             let mut client = connect(&target).await?;

@@ -212,6 +212,56 @@ pub fn status_block(j: &pb::JobStatus) -> String {
     s
 }
 
+/// One event as a line of `ringctl events` and `ringctl describe`: time (UTC), type, kind,
+/// generation, reason, message.
+pub fn event_line(e: &pb::JobEvent) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.unix_ms);
+    let kind = if e.warning { "Warning" } else { "Normal" };
+    let reason = if e.reason.is_empty() { "-" } else { &e.reason };
+    format!(
+        "{:>4}  {}  {kind:<7}  {:<19}  gen {:<3}  {reason:<20}  {}",
+        e.seq,
+        humantime::format_rfc3339_seconds(at),
+        e.kind,
+        e.generation,
+        e.message
+    )
+}
+
+/// `ringctl describe`: the status, the failure history and every event kept.
+pub fn describe(j: &pb::JobStatus, events: &[pb::JobEvent]) -> String {
+    let mut s = status_block(j);
+    if j.failures.len() > 1 || j.failures_omitted > 0 {
+        let _ = writeln!(
+            s,
+            "failures: {} (oldest first{}):",
+            j.failures.len() as u64 + j.failures_omitted,
+            if j.failures_omitted > 0 {
+                format!("; {} left out of the history", j.failures_omitted)
+            } else {
+                String::new()
+            }
+        );
+        for f in &j.failures {
+            let reason = if f.reason.is_empty() { "-" } else { &f.reason };
+            let _ = writeln!(s, "  gen {:<3}  {reason:<20}  {}", f.generation, f.message);
+        }
+    }
+    let _ = writeln!(s, "events:");
+    if events.is_empty() {
+        let _ = writeln!(s, "  (none)");
+    }
+    let mut last = 0;
+    for e in events {
+        if last > 0 && e.seq > last + 1 {
+            let _ = writeln!(s, "  ... {} events left out", e.seq - last - 1);
+        }
+        last = e.seq;
+        let _ = writeln!(s, "  {}", event_line(e));
+    }
+    s
+}
+
 /// Prints a line when a job's state or generation changes, and its progress at most every
 /// [`PROGRESS_EVERY`] (and at the last step).
 #[derive(Default)]

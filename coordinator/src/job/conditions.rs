@@ -399,9 +399,8 @@ impl Job {
 mod tests {
     use std::collections::BTreeMap;
 
-    use ringmaster_hostfile::Selected;
-
     use super::*;
+    use crate::job::testkit::{exit, placement, start};
     use crate::job::{Event, next};
     use crate::spec::JobSpec;
 
@@ -419,53 +418,13 @@ mod tests {
         Job::new("j-1".into(), spec, BTreeMap::new(), 1_000)
     }
 
-    fn placement() -> Vec<Selected> {
-        vec![Selected {
-            name: "w0".into(),
-            slots: vec![0, 1],
-        }]
-    }
-
     /// Starts a generation at `t` and has both ranks running at `t + 10`.
-    fn run(mut j: Job, t: u64) -> Job {
-        let g = j.generation + u64::from(j.state == JobState::Restarting);
-        j = next(j, Event::Placement(Ok(placement())), t).0;
-        j = next(
-            j,
-            Event::PortAllocated {
-                generation: g,
-                addr: "a".into(),
-                port: 1,
-            },
-            t,
-        )
-        .0;
-        for rank in 0..2 {
-            j = next(
-                j,
-                Event::WorkerStarted {
-                    generation: g,
-                    rank,
-                    pid: 9,
-                },
-                t + 10,
-            )
-            .0;
-        }
+    fn run(j: Job, t: u64) -> Job {
+        let mut sel = placement(1, 2);
+        sel[0].name = "w0".into();
+        let j = start(j, sel, t, t + 10);
         assert_eq!(j.state, JobState::Running);
         j
-    }
-
-    fn exit(j: Job, rank: u32, code: Option<i32>, signal: Option<i32>, t: u64) -> Job {
-        let g = j.generation;
-        let e = Event::WorkerExited {
-            generation: g,
-            rank,
-            exit_code: code,
-            signal,
-            log_tail: vec![],
-        };
-        next(j, e, t).0
     }
 
     fn cond(j: &Job, kind: ConditionType) -> Option<&Condition> {
@@ -628,7 +587,7 @@ mod tests {
                 reason.as_str()
             );
         }
-        let mut j = next(job(0, false), Event::Placement(Ok(placement())), 2_000).0;
+        let mut j = next(job(0, false), Event::Placement(Ok(placement(1, 2))), 2_000).0;
         j = next(
             j,
             Event::StartFailed {

@@ -9,7 +9,8 @@
 //! - `jobparts/<id>/placement@<w>`: the current generation's nodes and slots;
 //! - `jobparts/<id>/gen/<g>`: the node of every rank of generation `g` (for logs of older
 //!   generations; the newest [`super::RANK_NODE_GENERATIONS`]);
-//! - `jobparts/<id>/ranks/<k>@<w>`: ranks `k*RANK_CHUNK ..` of the current generation.
+//! - `jobparts/<id>/ranks/<k>@<w>`: ranks `k*RANK_CHUNK ..` of the current generation;
+//! - `jobparts/<id>/events@<w>`: the event history ([`super::events`]), when it has events.
 //!
 //! The header names the parts it needs, and is committed after them (the persister orders a
 //! burst: parts written, headers, parts deleted), so a header never names a part that is not
@@ -52,6 +53,8 @@ pub struct Saved {
     generations: BTreeSet<u64>,
     /// The version of each rank chunk in the store (of the current or an older generation).
     rank_chunks: Vec<u64>,
+    /// The version of the event history in the store and its newest event then.
+    events: Option<(u64, u64)>,
     /// The newest write number used (by a header or by any part in the store): the next
     /// write's parts carry a larger one.
     writes: u64,
@@ -87,6 +90,9 @@ struct Parts {
     /// This header's write number.
     #[serde(default)]
     writes: u64,
+    /// The version of the event history part (absent: no events stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    events: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -216,6 +222,14 @@ impl Job {
             }
         }
         self.saved.rank_chunks = versions;
+        let newest = self.events.newest_seq();
+        if newest > 0 && self.saved.events.map(|(_, n)| n) != Some(newest) {
+            let v = serde_json::to_vec(&self.events).expect("events serialize");
+            out.push((part_key(&id, &versioned("events", w)), Some(v)));
+            if let Some((old, _)) = self.saved.events.replace((w, newest)) {
+                out.push((part_key(&id, &versioned("events", old)), None));
+            }
+        }
         let header = self.without_bulk(|job| {
             serde_json::to_vec(&HeaderOut {
                 format: FORMAT,
@@ -227,6 +241,7 @@ impl Job {
                     rank_versions: job.saved.rank_chunks.clone(),
                     placement: job.saved.placement.unwrap_or(0),
                     writes: w,
+                    events: job.saved.events.map(|(v, _)| v),
                 },
             })
             .expect("job header serializes")
@@ -255,6 +270,11 @@ impl Job {
         );
         keys.extend(
             self.saved
+                .events
+                .map(|(v, _)| part_key(id, &versioned("events", v))),
+        );
+        keys.extend(
+            self.saved
                 .rank_chunks
                 .iter()
                 .enumerate()
@@ -263,15 +283,18 @@ impl Job {
         keys
     }
 
-    /// Runs `f` on the job with its bulk (spec, files, placement, ranks, rank nodes) taken
-    /// out: what a header holds, and what an event's change detection compares.
+    /// Runs `f` on the job with its bulk (spec, files, placement, ranks, rank nodes, events)
+    /// taken out: what a header holds, and what an event's change detection compares (events
+    /// are added only by transitions that change the header too).
     pub fn without_bulk<R>(&mut self, f: impl FnOnce(&mut Job) -> R) -> R {
         let spec = std::mem::take(&mut self.spec);
         let files = std::mem::take(&mut self.files);
         let placement = std::mem::take(&mut self.placement);
         let ranks = std::mem::take(&mut self.ranks);
         let rank_nodes = std::mem::take(&mut self.rank_nodes);
+        let events = std::mem::take(&mut self.events);
         let r = f(self);
+        self.events = events;
         self.spec = spec;
         self.files = files;
         self.placement = placement;
@@ -403,6 +426,10 @@ pub fn decode_one(header: &[u8], parts: &BTreeMap<String, Vec<u8>>) -> Result<Jo
     }
     job.ranks = Ranks::from(ranks);
     job.ranks.take_dirty();
+    if let Some(v) = h.parts.events {
+        job.events = serde_json::from_slice(read(versioned("events", v), "events")?)
+            .map_err(|e| format!("events: {e}"))?;
+    }
     // Write numbers go on past every part in the store, named or not: a new write never
     // reuses the key of a part that a load is about to delete.
     let writes = parts
@@ -417,6 +444,7 @@ pub fn decode_one(header: &[u8], parts: &BTreeMap<String, Vec<u8>>) -> Result<Jo
         placement_stale: false,
         generations: h.parts.generations.into_iter().collect(),
         rank_chunks: versions,
+        events: h.parts.events.map(|v| (v, job.events.newest_seq())),
         writes,
     };
     Ok(job)
@@ -425,17 +453,8 @@ pub fn decode_one(header: &[u8], parts: &BTreeMap<String, Vec<u8>>) -> Result<Jo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{Event, RankState, next};
-    use ringmaster_hostfile::Selected;
-
-    fn placement(nodes: usize, slots: u32) -> Vec<Selected> {
-        (0..nodes)
-            .map(|i| Selected {
-                name: format!("node{i}"),
-                slots: (0..slots).collect(),
-            })
-            .collect()
-    }
+    use crate::job::testkit::{placement, start};
+    use crate::job::{Event, EventLog, RankState, next};
 
     /// A job running `nodes × slots` ranks, after `generations` generations, with files of
     /// `file_bytes`.
@@ -448,29 +467,7 @@ mod tests {
         };
         let mut j = Job::new("big-1".into(), spec, files, 0);
         for g in 0..generations {
-            j = next(j, Event::Placement(Ok(placement(nodes, slots))), 0).0;
-            j = next(
-                j,
-                Event::PortAllocated {
-                    generation: g,
-                    addr: "a".into(),
-                    port: 1,
-                },
-                0,
-            )
-            .0;
-            for r in 0..nodes as u32 * slots {
-                j = next(
-                    j,
-                    Event::WorkerStarted {
-                        generation: g,
-                        rank: r,
-                        pid: 10 + r,
-                    },
-                    0,
-                )
-                .0;
-            }
+            j = start(j, placement(nodes, slots), 0, 0);
             if g + 1 < generations {
                 j = next(
                     j,
@@ -628,6 +625,7 @@ mod tests {
         assert_eq!(
             deleted,
             [
+                "jobparts/big-1/events@1",
                 "jobparts/big-1/gen/0",
                 "jobparts/big-1/placement@1",
                 "jobparts/big-1/ranks/0@1",
@@ -730,7 +728,7 @@ mod tests {
             .into_iter()
             .filter(|(k, v)| k.starts_with(PARTS) && v.is_some())
             .collect();
-        assert_eq!(puts.len(), 2, "both rank chunks changed");
+        assert_eq!(puts.len(), 3, "both rank chunks and the events changed");
         apply(&mut store, puts);
         let mut d = decode(store.clone());
         assert!(d.unreadable.is_empty(), "{d:?}");
@@ -740,7 +738,11 @@ mod tests {
         d.orphans.sort_unstable();
         assert_eq!(
             d.orphans,
-            ["jobparts/big-1/ranks/0@2", "jobparts/big-1/ranks/1@2"]
+            [
+                "jobparts/big-1/events@2",
+                "jobparts/big-1/ranks/0@2",
+                "jobparts/big-1/ranks/1@2"
+            ]
         );
         // The next leader deletes them and writes on under newer numbers.
         let mut back = d.jobs.remove(0);
@@ -770,14 +772,18 @@ mod tests {
         let mut j = job(40, 8, 1, 100);
         let mut store = BTreeMap::new();
         apply(&mut store, j.record_writes());
-        // Rewrite the store as the earlier format 2 had it.
+        // Rewrite the store as the earlier format 2 had it (no versions, no events).
+        j.events = EventLog::default();
         let mut old = BTreeMap::new();
         for (k, v) in store {
             let k = k.replace("@1", "");
+            if k.ends_with("/events") {
+                continue;
+            }
             let v = if k == "jobs/big-1" {
                 let mut h: serde_json::Value = serde_json::from_slice(&v).unwrap();
                 let parts = h["parts"].as_object_mut().unwrap();
-                for f in ["rank_versions", "placement", "writes"] {
+                for f in ["rank_versions", "placement", "writes", "events"] {
                     parts.remove(f);
                 }
                 serde_json::to_vec(&h).unwrap()

@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use ringmaster_auth::{Credentials, Role};
 use ringmaster_proto as pb;
 use tokio::sync::mpsc;
@@ -186,6 +186,99 @@ impl pb::job_service_server::JobService for JobSvc {
             Some((item.map(pb::LogChunk::from).map_err(Status::from), r))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    type EventsStream = BoxStream<pb::JobEvent>;
+
+    async fn events(
+        &self,
+        req: Request<pb::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let r = req.into_inner();
+        let (id, follow) = (r.job_id, r.follow);
+        let (first, done) = self
+            .core
+            .call(|reply| Cmd::Events {
+                id: id.clone(),
+                after: r.after_seq,
+                reply,
+            })
+            .await??;
+        let first: Vec<Result<pb::JobEvent, Status>> =
+            first.iter().map(|e| Ok(crate::status::event(e))).collect();
+        if !follow || done {
+            return Ok(Response::new(Box::pin(futures::stream::iter(first))));
+        }
+        // Following: on every change of the job's status, the events since the last one
+        // sent, until the job has ended and its last events are out.
+        let rx = self
+            .core
+            .call(|reply| Cmd::Watch {
+                id: id.clone(),
+                reply,
+            })
+            .await??;
+        let last = first
+            .last()
+            .and_then(|e| e.as_ref().ok())
+            .map_or(r.after_seq, |e| e.seq);
+        let follow = EventFollower {
+            core: self.core.clone(),
+            id,
+            rx,
+            last,
+            done: false,
+        };
+        let rest = futures::stream::unfold(follow, |mut f| async move {
+            loop {
+                if f.done {
+                    return None;
+                }
+                if f.rx.changed().await.is_err() {
+                    // The coordinator stopped serving: the client follows on elsewhere.
+                    let gone = Status::unavailable("the coordinator stopped serving; follow again");
+                    return Some((vec![Err(gone)], f.stop()));
+                }
+                let (after, id) = (f.last, f.id.clone());
+                let got = match f.core.call(|reply| Cmd::Events { id, after, reply }).await {
+                    Ok(got) => got,
+                    Err(e) => return Some((vec![Err(Status::from(e))], f.stop())),
+                };
+                match got {
+                    Ok((events, done)) => {
+                        f.done = done;
+                        if let Some(e) = events.last() {
+                            f.last = e.seq;
+                        }
+                        if !events.is_empty() || done {
+                            let out = events.iter().map(|e| Ok(crate::status::event(e))).collect();
+                            return Some((out, f));
+                        }
+                    }
+                    Err(e) => return Some((vec![Err(Status::from(e))], f.stop())),
+                }
+            }
+        })
+        .flat_map(futures::stream::iter);
+        Ok(Response::new(Box::pin(
+            futures::stream::iter(first).chain(rest),
+        )))
+    }
+}
+
+/// A follower of a job's events ([`pb::job_service_server::JobService::events`]).
+struct EventFollower {
+    core: Handle,
+    id: String,
+    rx: tokio::sync::watch::Receiver<pb::JobStatus>,
+    last: u64,
+    done: bool,
+}
+
+impl EventFollower {
+    fn stop(mut self) -> EventFollower {
+        self.done = true;
+        self
     }
 }
 

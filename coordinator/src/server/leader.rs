@@ -72,6 +72,7 @@ pub(super) async fn campaign(
 ) -> anyhow::Result<Option<ringmaster_store::Leadership>> {
     let stop = CancellationToken::new();
     let elector = standby.elector.clone();
+    let standby_addr = elector.value().to_owned();
     let mut standby = tokio::spawn(serve_standby(standby, listener, stop.clone()));
     // A failed campaign (etcd unreachable for a while, an etcd election) is tried again: a
     // standby stays one until it leads or is stopped.
@@ -89,9 +90,14 @@ pub(super) async fn campaign(
         }
     };
     let won = tokio::select! {
-        won = won => Some(won),
+        biased;
         _ = shutdown.cancelled() => None,
+        won = won => Some(won),
     };
+    if let Some(l) = &won {
+        // Leading from now on (logged before the standby's connections drain).
+        tracing::info!(advertise = %standby_addr, epoch = l.epoch(), "leading");
+    }
     stop.cancel();
     match tokio::time::timeout(Duration::from_secs(2), &mut standby).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the standby server failed"),
@@ -148,10 +154,14 @@ async fn refusal(leader: Arc<LeaderCache>) -> http::Response<axum::body::Body> {
 
 /// The jobs as the leader last saved them.
 async fn saved_jobs(store: Arc<dyn StateStore>) -> Result<Vec<Job>, Status> {
+    // One listing of both prefixes (`jobs/`, `jobparts/`), read at one revision: two would
+    // see a header written between them without the parts it names.
     let records = read_store(move || {
-        let mut all = store.list(record::HEADERS)?;
-        all.extend(store.list(record::PARTS)?);
-        Ok(all)
+        let all = store.list("job")?;
+        Ok(all
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(record::HEADERS) || k.starts_with(record::PARTS))
+            .collect::<Vec<_>>())
     })
     .await?;
     let decoded = record::decode(records.into_iter().map(|(k, v)| (k, v.value)));
@@ -179,6 +189,42 @@ struct StandbyJobs {
     store: Arc<dyn StateStore>,
 }
 
+impl StandbyJobs {
+    /// Job `id` as the leader last saved it.
+    async fn saved_job(&self, id: String) -> Result<Job, Status> {
+        if !ringmaster_common::names::is_safe_component(&id) {
+            return Err(Status::not_found(format!("no job '{id}'")));
+        }
+        // The header and the parts are two reads: the leader may replace parts in between
+        // (it deletes the old keys after the new header). Then the parts the header read
+        // first names are gone, and a second try reads both anew.
+        for _ in 0..3 {
+            let store = self.store.clone();
+            let (header, prefix) = (record::header_key(&id), format!("{}{id}/", record::PARTS));
+            let list = prefix.clone();
+            let (header, parts) = read_store(move || {
+                let Some(h) = store.get(&header)? else {
+                    return Ok((None, Vec::new()));
+                };
+                Ok((Some(h.value), store.list(&list)?))
+            })
+            .await?;
+            let Some(header) = header else { break };
+            let parts = parts
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v.value)))
+                .collect();
+            match record::decode_one(&header, &parts) {
+                Ok(job) => return Ok(job),
+                Err(e) => {
+                    tracing::debug!(job = %id, error = %e, "job record read mid-write; reading again")
+                }
+            }
+        }
+        Err(Status::not_found(format!("no job '{id}'")))
+    }
+}
+
 type BoxStream<T> =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -195,28 +241,28 @@ impl pb::job_service_server::JobService for StandbyJobs {
         &self,
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
-        let id = req.into_inner().job_id;
-        if !ringmaster_common::names::is_safe_component(&id) {
-            return Err(Status::not_found(format!("no job '{id}'")));
-        }
-        let store = self.store.clone();
-        let (header, prefix) = (record::header_key(&id), format!("{}{id}/", record::PARTS));
-        let list = prefix.clone();
-        let (header, parts) = read_store(move || {
-            let Some(h) = store.get(&header)? else {
-                return Ok((None, Vec::new()));
-            };
-            Ok((Some(h.value), store.list(&list)?))
-        })
-        .await?;
-        let parts = parts
-            .into_iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v.value)))
-            .collect();
-        let job = header
-            .and_then(|h| record::decode_one(&h, &parts).ok())
-            .ok_or_else(|| Status::not_found(format!("no job '{id}'")))?;
+        let job = self.saved_job(req.into_inner().job_id).await?;
         Ok(Response::new(crate::status::job_status(&job)))
+    }
+
+    type EventsStream = BoxStream<pb::JobEvent>;
+
+    /// The saved events; following them needs the leader (a standby sees no new ones).
+    async fn events(
+        &self,
+        req: Request<pb::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let r = req.into_inner();
+        let job = self.saved_job(r.job_id).await?;
+        if r.follow && !job.state.is_terminal() {
+            return Err(not_the_leader(&self.leader).await);
+        }
+        let events: Vec<Result<pb::JobEvent, Status>> = job
+            .events
+            .after(r.after_seq)
+            .map(|e| Ok(crate::status::event(e)))
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(events))))
     }
 
     async fn list(

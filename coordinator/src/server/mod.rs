@@ -253,6 +253,9 @@ pub async fn run(
     // it knew (its view may be stale) and campaigns as a fresh candidate, reading the state
     // anew if it is elected again.
     loop {
+        if shut.is_cancelled() {
+            return Ok(());
+        }
         let current = elector.leader().await.ok().flatten();
         tracing::info!(
             %advertise,
@@ -269,7 +272,6 @@ pub async fn run(
         let Some(l) = leader::campaign(standby, listener.clone(), shut.clone()).await? else {
             return Ok(());
         };
-        tracing::info!(%advertise, epoch = l.epoch(), "leading");
         let l = Arc::new(l);
         let ended = serve(
             config.clone(),
@@ -282,8 +284,13 @@ pub async fn run(
         .await;
         // A clean stop hands over at once. After a loss the lease may still live in etcd (a
         // leader that could not renew it in time): give it up too, so that this candidate
-        // does not queue behind its own old key.
-        l.resign().await;
+        // does not queue behind its own old key, but without waiting on an etcd that may be
+        // gone (resigning deletes only this term's key, never a newer leader's).
+        if matches!(ended, Ok(Ended::Stopped)) || l.valid() {
+            l.resign().await;
+        } else {
+            tokio::spawn(async move { l.resign().await });
+        }
         match ended? {
             Ended::Stopped => return Ok(()),
             Ended::LostLeadership { epoch } => {
@@ -435,6 +442,7 @@ async fn serve(
             store: rendezvous,
             progress: progress_tx,
             creds: creds.clone(),
+            stopping: stopping.clone(),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES),
         Gate::new(creds.clone(), Service::Rendezvous),
@@ -530,25 +538,32 @@ async fn serve(
             }
         }
     };
+    let mut server_ended = false;
     let ended = tokio::select! {
         r = &mut server => {
-            r.context("gRPC server")?;
-            Ended::Stopped
+            server_ended = true;
+            r.context("gRPC server").map(|()| Ended::Stopped)
         }
         _ = shut.cancelled() => {
             tracing::info!("coordinator shutting down");
-            Ended::Stopped
+            Ok(Ended::Stopped)
         }
         epoch = lost => {
             tracing::error!(epoch, "lost leadership: stopping at once (a newer coordinator leads, etcd could not renew the lease in time, or the state could not be saved)");
-            Ended::LostLeadership { epoch }
+            Ok(Ended::LostLeadership { epoch })
         }
     };
+    // Whatever ended it, everything of this term stops before `serve` returns: the loop
+    // (which ends agent streams, watches and log fetches), open rendezvous waits and progress
+    // streams (their `stopping`), then the server.
     server_stop.cancel();
     stopping.cancel();
-    match tokio::time::timeout(Duration::from_secs(5), &mut server).await {
-        Ok(r) => r.context("gRPC server")?,
-        Err(_) => tracing::warn!("requests still open 5s after shutdown began; closing them"),
+    if !server_ended {
+        match tokio::time::timeout(Duration::from_secs(5), &mut server).await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "the gRPC server failed while stopping"),
+            Ok(Ok(())) => {}
+            Err(_) => tracing::warn!("requests still open 5s after shutdown began; closing them"),
+        }
     }
     drop(server);
     drop(handle);
@@ -562,5 +577,5 @@ async fn serve(
     {
         core_task.abort();
     }
-    Ok(ended)
+    ended
 }

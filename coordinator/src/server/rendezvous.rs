@@ -399,6 +399,15 @@ pub struct RendezvousSvc {
     pub store: Rendezvous,
     pub progress: mpsc::Sender<pb::Progress>,
     pub creds: Arc<Credentials>,
+    /// Set when this coordinator stops serving (shutdown, or a lost leadership): open waits
+    /// and progress streams end with UNAVAILABLE at once, so that trainers reconnect to the
+    /// coordinator that serves now instead of talking to one that no longer listens.
+    pub stopping: tokio_util::sync::CancellationToken,
+}
+
+/// What an open call gets when its coordinator stops serving.
+fn stopped() -> Status {
+    Status::unavailable("this coordinator stopped serving (shut down, or no longer the leader)")
 }
 
 impl RendezvousSvc {
@@ -431,7 +440,10 @@ impl pb::rendezvous_service_server::RendezvousService for RendezvousSvc {
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let scope = self.scope(&req, &req.get_ref().scope)?;
         let r = req.into_inner();
-        let v = self.store.get(&scope, &r.key, ms(r.wait_ms)).await?;
+        let v = tokio::select! {
+            v = self.store.get(&scope, &r.key, ms(r.wait_ms)) => v?,
+            () = self.stopping.cancelled() => return Err(stopped()),
+        };
         Ok(Response::new(pb::GetResponse {
             found: v.is_some(),
             value: v.unwrap_or_default(),
@@ -476,9 +488,10 @@ impl pb::rendezvous_service_server::RendezvousService for RendezvousSvc {
     ) -> Result<Response<pb::BarrierResponse>, Status> {
         let scope = self.scope(&req, &req.get_ref().scope)?;
         let r = req.into_inner();
-        self.store
-            .barrier(&scope, &r.name, r.rank, r.world_size, ms(r.timeout_ms))
-            .await?;
+        tokio::select! {
+            r = self.store.barrier(&scope, &r.name, r.rank, r.world_size, ms(r.timeout_ms)) => r?,
+            () = self.stopping.cancelled() => return Err(stopped()),
+        }
         Ok(Response::new(pb::BarrierResponse {}))
     }
 
@@ -512,6 +525,7 @@ impl pb::rendezvous_service_server::RendezvousService for RendezvousSvc {
                     let _ = self.progress.try_send(p);
                 }
                 () = aborted => {}
+                () = self.stopping.cancelled() => return Err(stopped()),
             }
         }
         Ok(Response::new(pb::ProgressAck {}))

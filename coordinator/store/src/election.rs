@@ -117,6 +117,11 @@ impl Elector {
         ))
     }
 
+    /// What this candidate publishes when it leads (its address).
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+
     /// The current leader's published value (its address), if there is a leader.
     pub async fn leader(&self) -> Result<Option<String>, StoreError> {
         let mut c = self.client.clone();

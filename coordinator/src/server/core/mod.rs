@@ -95,6 +95,12 @@ pub enum Cmd {
         id: String,
         reply: oneshot::Sender<Result<watch::Receiver<pb::JobStatus>, CoreError>>,
     },
+    /// The job's kept events after sequence number `after`, and whether the job has ended.
+    Events {
+        id: String,
+        after: u64,
+        reply: oneshot::Sender<Result<(Vec<crate::job::JobEvent>, bool), CoreError>>,
+    },
     Cancel {
         id: String,
         grace_ms: u64,
@@ -351,7 +357,10 @@ impl Core {
             tracing::error!(key, error, "unreadable job record skipped");
         }
         for key in decoded.orphans {
-            tracing::info!(key, "deleting a part of no job (a job removed halfway)");
+            tracing::info!(
+                key,
+                "deleting a job record part that no header names (a job removed, or a save cut short)"
+            );
             core.persist.delete(key);
         }
         for mut job in decoded.jobs {
@@ -399,7 +408,12 @@ impl Core {
     /// Whether this coordinator was elected and its leadership has lapsed (it may have been
     /// replaced): then it acts on nothing.
     fn lapsed(&self) -> bool {
-        self.cfg.leading.as_ref().is_some_and(|l| !l.valid())
+        // A leader whose writes stopped (fenced, or retries spent) is deposed too, even while
+        // its lease is still renewed: `serve` is ending it.
+        self.cfg
+            .leading
+            .as_ref()
+            .is_some_and(|l| !l.valid() || self.persist.stopped().is_some())
     }
 
     /// Runs until every [`Handle`] is dropped.
@@ -470,6 +484,9 @@ impl Core {
             self.flush_changed();
         }
         let _ = self.persist.flush().wait().await;
+        // Dropping the persister joins its writer thread, which may be retrying a commit
+        // against an unreachable store for a while: not on a runtime worker.
+        drop(tokio::task::spawn_blocking(move || drop(self)));
     }
 
     fn handle(&mut self, cmd: Cmd) {
@@ -536,6 +553,16 @@ impl Core {
                 let mut jobs: Vec<&Job> = self.jobs.values().collect();
                 jobs.sort_by_key(|j| (j.created_unix_ms, j.id.clone()));
                 let _ = reply.send(status::list(&jobs, LIST_BUDGET_BYTES));
+            }
+            Cmd::Events { id, after, reply } => {
+                let r = match self.jobs.get(&id) {
+                    None => Err(unknown_job(&id)),
+                    Some(job) => Ok((
+                        job.events.after(after).cloned().collect(),
+                        job.state.is_terminal(),
+                    )),
+                };
+                let _ = reply.send(r);
             }
             Cmd::Watch { id, reply } => {
                 let r = match self.jobs.get(&id) {

@@ -82,6 +82,7 @@ impl Core {
                 step: c.step,
                 path: c.path.clone(),
             });
+            crate::job::events::checkpoint_committed(job, now_ms());
             persist = true;
         }
         if p.rank == 0
@@ -93,6 +94,7 @@ impl Core {
             });
             if job.resumed_from != from {
                 job.resumed_from = from;
+                crate::job::events::resumed(job, now_ms());
                 let generation = job.generation;
                 for w in &r.skipped {
                     tracing::warn!(job = %job.id, generation, "resume skipped {w}");
