@@ -21,7 +21,7 @@ pub mod events;
 pub mod ranks;
 pub mod record;
 #[cfg(test)]
-mod testkit;
+pub(crate) mod testkit;
 
 pub use conditions::{Condition, ConditionType, Durations, Reason};
 pub use events::{EventKind, EventLog, JobEvent};

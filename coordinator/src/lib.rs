@@ -3,7 +3,10 @@
 //! Layout:
 //! - [`spec`] — job specs: parsing, inlining the training config, validation.
 //! - [`job`] — the job state machine, a pure transition function; `job/ranks.rs` (ranks that
-//!   count their states and changes), `job/record.rs` (a job's header and parts in the store).
+//!   count their states and changes), `job/record.rs` (a job's header and parts in the store),
+//!   `job/conditions.rs` (reasons, conditions, durations), `job/events.rs` (the event log).
+//! - [`metrics`] — Prometheus metrics (`--metrics-listen`): counters fed by job events, gauges
+//!   from the loop per scrape.
 //! - [`placement`] — where a job can run: hostfile, filters, joined nodes, busy slots.
 //! - [`persist`] — the state writer thread over a `StateStore`.
 //! - [`status`] — job status in wire and JSON form.
@@ -19,6 +22,7 @@
 pub mod cli;
 pub mod job;
 pub mod local;
+pub mod metrics;
 pub mod persist;
 pub mod placement;
 pub mod server;

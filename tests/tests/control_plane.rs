@@ -9,13 +9,50 @@ use ringmaster_tests::{Cluster, alive, parse_env, rank_pids, read, wait_until};
 const HOSTFILE: &str = "# two nodes\nw0 slots=2\nw1 slots=2\n";
 
 fn two_by_two(heartbeat: &str) -> Cluster {
-    let mut c = Cluster::start(Some(HOSTFILE), heartbeat);
+    two_by_two_with(heartbeat, Vec::new())
+}
+
+/// As [`two_by_two`], the coordinator serving Prometheus metrics; returns their address.
+fn two_by_two_with_metrics(heartbeat: &str) -> (Cluster, String) {
+    let addr = format!("127.0.0.1:{}", ringmaster_tests::free_port());
+    let c = two_by_two_with(heartbeat, vec!["--metrics-listen".into(), addr.clone()]);
+    (c, addr)
+}
+
+fn two_by_two_with(heartbeat: &str, coordinator_args: Vec<String>) -> Cluster {
+    let mut c = Cluster::start_with(
+        Some(HOSTFILE),
+        heartbeat,
+        ringmaster_tests::ClusterOpts {
+            coordinator_args,
+            ..Default::default()
+        },
+    );
     // Join in reverse hostfile order: ranks must still follow the hostfile.
     c.start_agent("w1", 2, &[]);
     c.wait_joined(&["w1"]);
     c.start_agent("w0", 2, &[]);
     c.wait_joined(&["w0", "w1"]);
     c
+}
+
+/// `GET path` from the metrics server at `addr`: (status line, body).
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting to the metrics server");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
 }
 
 fn out_dir(c: &Cluster) -> String {
@@ -141,7 +178,7 @@ fn flaky_spec(out: &str, max_restarts: u32) -> String {
 
 #[test]
 fn a_failed_rank_restarts_the_whole_gang() {
-    let c = two_by_two("10s");
+    let (c, metrics) = two_by_two_with_metrics("10s");
     let out = out_dir(&c);
     let started = Instant::now();
     let job = c.submit("flaky.yaml", &flaky_spec(&out, 1));
@@ -257,6 +294,24 @@ fn a_failed_rank_restarts_the_whole_gang() {
     ] {
         assert!(text.contains(want), "{want:?} in:\n{text}");
     }
+    // The same story in Prometheus' counters; the finished job has no series of its own.
+    let (status, body) = http_get(&metrics, "/metrics");
+    assert!(status.contains(" 200 "), "{status}");
+    for want in [
+        "ringmaster_leader 1",
+        "ringmaster_jobs_submitted_total 1",
+        "ringmaster_job_failures_total{reason=\"WorkerExited\"} 1",
+        "ringmaster_job_restarts_total 1",
+        "ringmaster_restart_seconds_count 1",
+        "ringmaster_jobs_finished_total{state=\"SUCCEEDED\",reason=\"\"} 1",
+        "ringmaster_jobs{state=\"SUCCEEDED\"} 1",
+        "ringmaster_nodes{state=\"JOINED\"} 2",
+    ] {
+        assert!(body.contains(want), "{want:?} in:\n{body}");
+    }
+    assert!(!body.contains(&format!("job=\"{job}\"")), "{body}");
+    let (status, _) = http_get(&metrics, "/other");
+    assert!(status.contains(" 404 "), "{status}");
 }
 
 #[test]
@@ -364,13 +419,22 @@ fn cancel_kills_every_process_including_grandchildren() {
 #[test]
 fn a_killed_agent_ends_the_generation_and_is_named() {
     let _serial = ringmaster_tests::timing_sensitive();
-    let c = two_by_two("2s");
+    let (c, metrics) = two_by_two_with_metrics("2s");
     let out = out_dir(&c);
     let job = c.submit(
         "long.yaml",
         &format!("command: [sh, -c, 'echo $$ > {out}/w-$RANK; exec sleep 1000']\n"),
     );
     c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
+    // A running job has its series.
+    let (_, body) = http_get(&metrics, "/metrics");
+    for want in [
+        format!("ringmaster_job_world_size{{job=\"{job}\"}} 4"),
+        format!("ringmaster_job_generation{{job=\"{job}\"}} 0"),
+        "ringmaster_jobs{state=\"RUNNING\"} 1".to_owned(),
+    ] {
+        assert!(body.contains(&want), "{want:?} in:\n{body}");
+    }
     // agents[0] is w1 (started first).
     let t0 = Instant::now();
     c.agents[0].signal(Signal::SIGKILL);
@@ -384,6 +448,11 @@ fn a_killed_agent_ends_the_generation_and_is_named() {
     let k = kinds(&ev);
     assert_eq!(&k[k.len() - 2..], ["NodeLost", "Failed"], "{ev:#?}");
     assert_eq!(ev[k.len() - 2]["node"], "w1", "{ev:#?}");
+    let (_, body) = http_get(&metrics, "/metrics");
+    assert!(
+        body.contains("ringmaster_job_failures_total{reason=\"NodeLost\"} 1"),
+        "{body}"
+    );
     // The surviving node's workers are stopped; the killed agent's died with it.
     let pids: Vec<u32> = (0..4)
         .map(|r| {
@@ -442,7 +511,7 @@ fn a_restarted_coordinator_reconciles_running_workers() {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     };
-    wait_until(Duration::from_secs(10), "the follower to print", || {
+    wait_until(Duration::from_secs(30), "the follower to print", || {
         (json_lines(&follower).len() >= 3).then_some(())
     });
     // No worker was launched twice.

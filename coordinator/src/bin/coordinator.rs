@@ -64,6 +64,10 @@ struct Args {
     /// A node that sends no heartbeat for this long is lost.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     heartbeat_timeout: Duration,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (plain HTTP, no credential: bind
+    /// an address only the monitoring system reaches). Off by default.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -302,6 +306,7 @@ fn main() -> ExitCode {
         tls,
         insecure: args.insecure,
         heartbeat_timeout: args.heartbeat_timeout,
+        metrics_listen: args.metrics_listen,
         state,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

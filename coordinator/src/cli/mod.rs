@@ -341,7 +341,8 @@ async fn print_events(
     output: Output,
 ) -> Result<Exit, CliError> {
     let mut after = 0;
-    let mut fruitless = 0;
+    // Reconnects go on for as long as a failover takes, from the last event printed.
+    let mut deadline = tokio::time::Instant::now() + REWATCH_FOR;
     loop {
         let attempt = async {
             let mut client = connect(target).await?;
@@ -358,7 +359,7 @@ async fn print_events(
             Ok(mut stream) => loop {
                 match stream.message().await {
                     Ok(Some(e)) => {
-                        fruitless = 0;
+                        deadline = tokio::time::Instant::now() + REWATCH_FOR;
                         after = e.seq;
                         match output {
                             Output::Json => print_json(&status::event_json(&e)),
@@ -375,10 +376,10 @@ async fn print_events(
             Err(e) if !follow || e.exit == Exit::Usage => return Err(e),
             Err(e) => e.message,
         };
-        fruitless += 1;
-        if fruitless > 5 {
+        if tokio::time::Instant::now() >= deadline {
             return Err(CliError::failed(format!(
-                "events: lost the coordinator and found none: {lost}"
+                "events: lost the coordinator and found none within {}s: {lost}",
+                REWATCH_FOR.as_secs()
             )));
         }
         if output == Output::Text {

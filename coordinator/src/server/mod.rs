@@ -65,6 +65,8 @@ pub struct Config {
     /// Serve a non-loopback address without any credential (`--insecure`).
     pub insecure: bool,
     pub heartbeat_timeout: Duration,
+    /// Where to serve Prometheus metrics (`--metrics-listen`), if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The state store's recovery and the limits on what the coordinator keeps.
     pub state: limits::StateConfig,
 }
@@ -141,6 +143,7 @@ impl Config {
             tls: None,
             insecure: false,
             heartbeat_timeout: Duration::from_secs(10),
+            metrics_listen: None,
             state: Default::default(),
         }
     }
@@ -209,9 +212,27 @@ pub async fn run(
         .map(ServerTls::load)
         .transpose()
         .map_err(anyhow::Error::msg)?;
+    // Metrics for the whole process: counters that outlive a leadership, gauges from the loop
+    // that serves now (`source`).
+    let (metrics, counters) = crate::metrics::Metrics::new();
+    let (source, source_rx) = tokio::sync::watch::channel(None);
+    if let Some(at) = config.metrics_listen {
+        let l = TcpListener::bind(at)
+            .await
+            .with_context(|| format!("--metrics-listen {at}: cannot listen"))?;
+        let at = l.local_addr()?;
+        tracing::info!(%at, "Prometheus metrics at http://{at}/metrics");
+        tokio::spawn(crate::metrics::serve(
+            l,
+            Arc::new(counters),
+            source_rx,
+            shut.clone(),
+        ));
+    }
+    let term = Term { metrics, source };
     if !ringmaster_store::is_remote(&config.store_url) {
         // The only coordinator on its state: serves until shutdown.
-        return serve(config, addr, listener, server_tls, None, shut)
+        return serve(config, addr, listener, server_tls, None, &term, shut)
             .await
             .map(|_| ());
     }
@@ -279,6 +300,7 @@ pub async fn run(
             listener.clone(),
             server_tls.clone(),
             Some(l.clone()),
+            &term,
             shut.clone(),
         )
         .await;
@@ -301,6 +323,13 @@ pub async fn run(
             }
         }
     }
+}
+
+/// What each term of serving shares with the process: the metrics' counters, and where the
+/// metrics server finds the loop that serves now.
+struct Term {
+    metrics: crate::metrics::Metrics,
+    source: tokio::sync::watch::Sender<Option<core::Handle>>,
 }
 
 /// How [`serve`] ended without an error.
@@ -332,6 +361,7 @@ async fn serve(
     listener: Arc<TcpListener>,
     server_tls: Option<tonic::transport::ServerTlsConfig>,
     leadership: Option<Arc<ringmaster_store::Leadership>>,
+    term: &Term,
     shut: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<Ended> {
     let fence = leadership.as_ref().map(|l| l.fence().clone());
@@ -391,11 +421,13 @@ async fn serve(
         creds: creds.clone(),
         job_limits: config.state.jobs,
         leading: leadership.clone(),
+        metrics: term.metrics.clone(),
     };
     let fenced = persist.fenced();
     let stopping = tokio_util::sync::CancellationToken::new();
     let core = core::Core::new(core_cfg, persist, loaded.records, rendezvous.clone(), ids);
     let (handle, core_task) = core::spawn(core, stopping.clone());
+    term.source.send_replace(Some(handle.clone()));
 
     let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel::<pb::Progress>(4096);
     let h2 = handle.clone();
@@ -558,6 +590,7 @@ async fn serve(
     // streams (their `stopping`), then the server.
     server_stop.cancel();
     stopping.cancel();
+    term.source.send_replace(None);
     if !server_ended {
         match tokio::time::timeout(Duration::from_secs(5), &mut server).await {
             Ok(Err(e)) => tracing::warn!(error = %e, "the gRPC server failed while stopping"),

@@ -95,6 +95,10 @@ pub enum Cmd {
         id: String,
         reply: oneshot::Sender<Result<watch::Receiver<pb::JobStatus>, CoreError>>,
     },
+    /// The gauges of a `/metrics` scrape.
+    Metrics {
+        reply: oneshot::Sender<crate::metrics::Snapshot>,
+    },
     /// The job's kept events after sequence number `after`, and whether the job has ended.
     Events {
         id: String,
@@ -171,6 +175,8 @@ pub struct CoreConfig {
     /// With an elected leader: whether it still leads. Nothing is sent to an agent once this
     /// says no (a paused leader that wakes after its lease ran out commands nothing).
     pub leading: Option<std::sync::Arc<ringmaster_store::Leadership>>,
+    /// The process's counters, fed from the job events as changed jobs are saved.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// A generation whose record reached the store (or could not): `(job, generation, result)`.
@@ -383,6 +389,7 @@ impl Core {
             }
             tracing::info!(job = %job.id, generation = job.generation, state = job.state.as_str(), "recovered job");
             core.job_bytes += job_bytes(&job.spec, &job.files);
+            core.cfg.metrics.seen(&job);
             core.jobs.insert(job.id.clone(), job);
         }
         for (key, value) in loaded {
@@ -553,6 +560,14 @@ impl Core {
                 let mut jobs: Vec<&Job> = self.jobs.values().collect();
                 jobs.sort_by_key(|j| (j.created_unix_ms, j.id.clone()));
                 let _ = reply.send(status::list(&jobs, LIST_BUDGET_BYTES));
+            }
+            Cmd::Metrics { reply } => {
+                let mut nodes: BTreeMap<&'static str, u64> = BTreeMap::new();
+                for n in self.node_statuses() {
+                    *nodes.entry(n.state).or_default() += 1;
+                }
+                let nodes = nodes.into_iter().map(|(s, n)| (s.to_owned(), n)).collect();
+                let _ = reply.send(crate::metrics::Snapshot::of(self.jobs.values(), nodes));
             }
             Cmd::Events { id, after, reply } => {
                 let r = match self.jobs.get(&id) {

@@ -17,6 +17,9 @@ impl Core {
             }
         }
         for id in std::mem::take(&mut self.changed) {
+            if let Some(job) = self.jobs.get(&id) {
+                self.cfg.metrics.observe(job);
+            }
             if self.persist_job(&id) {
                 self.publish(&id);
             }

@@ -29,6 +29,7 @@ fn core(store: &Arc<Flaky>, job_limits: JobLimits) -> Core {
     .unwrap();
     let ids = JobIds::load(None, stored_next_job(&loaded.records)).unwrap();
     let cfg = CoreConfig {
+        metrics: crate::metrics::Metrics::new().0,
         hostfile: None,
         heartbeat_timeout: Duration::from_secs(10),
         creds: Default::default(),

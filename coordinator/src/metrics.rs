@@ -1,0 +1,562 @@
+//! The coordinator's Prometheus metrics (`--metrics-listen ADDR:PORT`, `GET /metrics`, text
+//! format 0.0.4), through the `prometheus-client` crate.
+//!
+//! Two kinds:
+//! - **Counters and histograms** that live as long as the process ([`Metrics`]): jobs
+//!   submitted, failures by reason, restarts, jobs finished by state and reason, checkpoints
+//!   committed, restart latency. They are counted from the job events ([`crate::job::events`])
+//!   as the loop saves each changed job, so they count exactly what `ringctl events` shows.
+//! - **Gauges of the moment** ([`Snapshot`]), built by the loop at each scrape and encoded into
+//!   a fresh registry: jobs and nodes by state, and per job that has not finished its step,
+//!   loss, tokens/s, restarts, world size and generation, with per-rank steps for jobs of at
+//!   most [`MAX_RANK_SERIES`] ranks. A finished job has no series at all, so the label
+//!   cardinality is bounded by the running jobs.
+//!
+//! Served on plain HTTP (hyper), separate from the gRPC port, without credentials: bind it to an
+//! address only the monitoring system reaches.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::job::{EventKind, Job};
+
+/// Jobs with more ranks than this get no per-rank series.
+pub const MAX_RANK_SERIES: usize = 64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FinishedLabels {
+    state: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabel {
+    job: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RankLabels {
+    job: String,
+    rank: String,
+    node: String,
+}
+
+/// The process's counters and histograms; clones share them.
+#[derive(Clone)]
+pub struct Metrics {
+    jobs_submitted: Counter,
+    job_failures: Family<ReasonLabel, Counter>,
+    job_restarts: Counter,
+    jobs_finished: Family<FinishedLabels, Counter>,
+    checkpoints_committed: Counter,
+    restart_seconds: Histogram,
+    /// The newest event counted, per job.
+    seen: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// New counters, and the registry that encodes them.
+    pub fn new() -> (Metrics, Registry) {
+        let m = Metrics {
+            jobs_submitted: Counter::default(),
+            job_failures: Family::default(),
+            job_restarts: Counter::default(),
+            jobs_finished: Family::default(),
+            checkpoints_committed: Counter::default(),
+            // 50 ms .. ~100 s.
+            restart_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            seen: Arc::default(),
+        };
+        let mut r = Registry::with_prefix("ringmaster");
+        r.register(
+            "jobs_submitted",
+            "Jobs submitted to this coordinator",
+            m.jobs_submitted.clone(),
+        );
+        r.register(
+            "job_failures",
+            "Generations that failed, by the root cause's reason",
+            m.job_failures.clone(),
+        );
+        r.register(
+            "job_restarts",
+            "Restarts of jobs (a failed generation followed by a new one)",
+            m.job_restarts.clone(),
+        );
+        r.register(
+            "jobs_finished",
+            "Jobs that ended, by final state and reason",
+            m.jobs_finished.clone(),
+        );
+        r.register(
+            "checkpoints_committed",
+            "Checkpoints every rank of a job committed",
+            m.checkpoints_committed.clone(),
+        );
+        r.register(
+            "restart_seconds",
+            "From a generation's failure to the next generation running",
+            m.restart_seconds.clone(),
+        );
+        (m, r)
+    }
+
+    /// Marks the events `job` has now as counted (a job loaded from the store: its past is
+    /// not this process's to count).
+    pub fn seen(&self, job: &Job) {
+        self.lock().insert(job.id.clone(), job.events.newest_seq());
+    }
+
+    /// Forgets a removed job.
+    pub fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// Counts the events of `job` not counted yet.
+    pub fn observe(&self, job: &Job) {
+        let newest = job.events.newest_seq();
+        let after = {
+            let mut seen = self.lock();
+            let last = seen.entry(job.id.clone()).or_insert(0);
+            if *last >= newest {
+                return;
+            }
+            std::mem::replace(last, newest)
+        };
+        for e in job.events.after(after) {
+            let reason = e.reason.map(|r| r.as_str()).unwrap_or("").to_owned();
+            match e.kind {
+                EventKind::Submitted => {
+                    self.jobs_submitted.inc();
+                }
+                EventKind::RankFailed | EventKind::NodeLost => {
+                    self.job_failures
+                        .get_or_create(&ReasonLabel { reason })
+                        .inc();
+                }
+                EventKind::Restarting => {
+                    self.job_restarts.inc();
+                }
+                EventKind::CheckpointCommitted => {
+                    self.checkpoints_committed.inc();
+                }
+                EventKind::Running if e.generation > 0 => {
+                    // The failure this generation recovers from: the newest before it.
+                    let failed =
+                        job.events.iter().rev().filter(|f| f.seq < e.seq).find(|f| {
+                            matches!(f.kind, EventKind::RankFailed | EventKind::NodeLost)
+                        });
+                    if let Some(f) = failed {
+                        let ms = e.unix_ms.saturating_sub(f.unix_ms);
+                        self.restart_seconds.observe(ms as f64 / 1000.0);
+                    }
+                }
+                EventKind::Succeeded | EventKind::Failed | EventKind::Cancelled => {
+                    let state = job.state.as_str().to_owned();
+                    self.jobs_finished
+                        .get_or_create(&FinishedLabels { state, reason })
+                        .inc();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// What the loop knows at a scrape (plain data; encoded outside the loop).
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub jobs_by_state: Vec<(String, u64)>,
+    pub nodes_by_state: Vec<(String, u64)>,
+    pub jobs: Vec<JobSnapshot>,
+}
+
+/// One job that has not finished.
+#[derive(Debug, Default, Clone)]
+pub struct JobSnapshot {
+    pub id: String,
+    pub generation: u64,
+    pub world_size: u32,
+    pub restarts: u32,
+    pub step: Option<u64>,
+    pub total_steps: Option<u64>,
+    pub loss: Option<f64>,
+    pub tokens_per_second: Option<f64>,
+    /// (rank, node, step) of each rank, when the job has at most [`MAX_RANK_SERIES`].
+    pub ranks: Vec<(u32, String, Option<u64>)>,
+}
+
+impl Snapshot {
+    /// The snapshot of `jobs` and of node states.
+    pub fn of<'a>(jobs: impl Iterator<Item = &'a Job>, nodes: Vec<(String, u64)>) -> Snapshot {
+        let mut by_state: std::collections::BTreeMap<&'static str, u64> = [
+            "PENDING",
+            "STARTING",
+            "RUNNING",
+            "RESTARTING",
+            "SUCCEEDED",
+            "FAILED",
+            "CANCELLED",
+        ]
+        .into_iter()
+        .map(|s| (s, 0))
+        .collect();
+        let mut out = Snapshot {
+            nodes_by_state: nodes,
+            ..Snapshot::default()
+        };
+        for j in jobs {
+            *by_state.entry(j.state.as_str()).or_default() += 1;
+            if j.state.is_terminal() {
+                continue;
+            }
+            let ranks = if j.ranks.len() <= MAX_RANK_SERIES {
+                j.ranks
+                    .iter()
+                    .map(|r| (r.rank, r.node.clone(), r.step))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            out.jobs.push(JobSnapshot {
+                id: j.id.clone(),
+                generation: j.generation,
+                world_size: j.world_size(),
+                restarts: j.restart_count,
+                step: j.progress.step,
+                total_steps: j.progress.total_steps,
+                loss: j.progress.loss,
+                tokens_per_second: j.progress.tokens_per_second,
+                ranks,
+            });
+        }
+        out.jobs_by_state = by_state
+            .into_iter()
+            .map(|(s, n)| (s.to_owned(), n))
+            .collect();
+        out
+    }
+
+    /// These gauges in a registry of their own (built per scrape).
+    fn registry(&self, leading: bool) -> Registry {
+        let mut r = Registry::with_prefix("ringmaster");
+        let lead: Gauge = Gauge::default();
+        lead.set(i64::from(leading));
+        r.register(
+            "leader",
+            "1 when this coordinator serves (leads), 0 while it is a standby",
+            lead,
+        );
+        let jobs: Family<StateLabel, Gauge> = Family::default();
+        for (state, n) in &self.jobs_by_state {
+            jobs.get_or_create(&StateLabel {
+                state: state.clone(),
+            })
+            .set(*n as i64);
+        }
+        r.register("jobs", "Jobs held, by state", jobs);
+        let nodes: Family<StateLabel, Gauge> = Family::default();
+        for (state, n) in &self.nodes_by_state {
+            nodes
+                .get_or_create(&StateLabel {
+                    state: state.clone(),
+                })
+                .set(*n as i64);
+        }
+        r.register("nodes", "Nodes known, by state", nodes);
+        let float = || Family::<JobLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let int = || Family::<JobLabel, Gauge>::default();
+        let (step, total, restarts, world, generation) = (int(), int(), int(), int(), int());
+        let (loss, tps) = (float(), float());
+        let rank_step: Family<RankLabels, Gauge> = Family::default();
+        for j in &self.jobs {
+            let l = JobLabel { job: j.id.clone() };
+            if let Some(s) = j.step {
+                step.get_or_create(&l).set(s as i64);
+            }
+            if let Some(t) = j.total_steps {
+                total.get_or_create(&l).set(t as i64);
+            }
+            if let Some(v) = j.loss.filter(|v| v.is_finite()) {
+                loss.get_or_create(&l).set(v);
+            }
+            if let Some(v) = j.tokens_per_second.filter(|v| v.is_finite()) {
+                tps.get_or_create(&l).set(v);
+            }
+            restarts.get_or_create(&l).set(i64::from(j.restarts));
+            world.get_or_create(&l).set(i64::from(j.world_size));
+            generation.get_or_create(&l).set(j.generation as i64);
+            for (rank, node, s) in &j.ranks {
+                if let Some(s) = s {
+                    rank_step
+                        .get_or_create(&RankLabels {
+                            job: j.id.clone(),
+                            rank: rank.to_string(),
+                            node: node.clone(),
+                        })
+                        .set(*s as i64);
+                }
+            }
+        }
+        r.register("job_step", "Training step of a running job (rank 0)", step);
+        r.register("job_total_steps", "Steps a running job will take", total);
+        r.register("job_loss", "Training loss at the last step (rank 0)", loss);
+        r.register(
+            "job_tokens_per_second",
+            "Tokens per second of the whole job (global batch)",
+            tps,
+        );
+        r.register("job_restart_count", "Restarts so far of a job", restarts);
+        r.register("job_world_size", "Ranks of a job's generation", world);
+        r.register("job_generation", "A job's current generation", generation);
+        r.register(
+            "rank_step",
+            "Step each rank last reported (jobs of at most 64 ranks)",
+            rank_step,
+        );
+        r
+    }
+}
+
+/// The whole `/metrics` text: the process's counters and the gauges of `snapshot` (absent
+/// while this coordinator is a standby).
+pub fn render(counters: &Registry, snapshot: Option<&Snapshot>) -> String {
+    use prometheus_client::encoding::prometheus_text::encode;
+    let mut out = String::new();
+    if encode(&mut out, counters).is_err() {
+        out.clear();
+    }
+    let gauges = snapshot
+        .cloned()
+        .unwrap_or_default()
+        .registry(snapshot.is_some());
+    let mut more = String::new();
+    if encode(&mut more, &gauges).is_ok() {
+        out.push_str(&more);
+    }
+    out
+}
+
+/// Where a scrape gets the gauges: the serving coordinator's loop, when it leads.
+pub type SnapshotSource = tokio::sync::watch::Receiver<Option<crate::server::core::Handle>>;
+
+/// Serves `GET /metrics` on `listener` until `stop`.
+pub async fn serve(
+    listener: TcpListener,
+    counters: Arc<Registry>,
+    source: SnapshotSource,
+    stop: CancellationToken,
+) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::{Method, Response, StatusCode};
+    loop {
+        let (stream, _) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener: accept failed");
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let (counters, source) = (counters.clone(), source.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                let (counters, source) = (counters.clone(), source.clone());
+                async move {
+                    if req.method() != Method::GET || req.uri().path() != "/metrics" {
+                        let mut not_found = Response::new(Full::new(Bytes::from_static(
+                            b"not found: the metrics are at GET /metrics\n",
+                        )));
+                        *not_found.status_mut() = StatusCode::NOT_FOUND;
+                        return Ok::<_, std::convert::Infallible>(not_found);
+                    }
+                    let handle = source.borrow().clone();
+                    let snapshot = match handle {
+                        Some(h) => h
+                            .call(|reply| crate::server::core::Cmd::Metrics { reply })
+                            .await
+                            .ok(),
+                        None => None,
+                    };
+                    let text = render(&counters, snapshot.as_ref());
+                    let mut ok = Response::new(Full::new(Bytes::from(text)));
+                    ok.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(
+                            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                        ),
+                    );
+                    Ok(ok)
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(io, service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "metrics connection ended");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::job::testkit::{exit, placement, start};
+    use crate::job::{Event, next};
+    use crate::spec::JobSpec;
+
+    #[test]
+    fn events_are_counted_once_and_running_jobs_alone_have_series() {
+        let (m, registry) = Metrics::new();
+        let spec = JobSpec {
+            command: Some(vec!["true".into()]),
+            max_restarts: 1,
+            ..JobSpec::default()
+        };
+        let mut j = Job::new("m-1".into(), spec, BTreeMap::new(), 0);
+        j = start(j, placement(2, 2), 1_000, 1_000);
+        m.observe(&j);
+        j = exit(j, 3, Some(1), None, 2_000);
+        for r in 0..3 {
+            j = exit(j, r, None, Some(15), 2_100);
+        }
+        j.restart_not_before_ms = None;
+        j = next(j, Event::Tick, 2_500).0;
+        j = start(j, placement(2, 2), 3_000, 4_000);
+        m.observe(&j);
+        m.observe(&j);
+        let running = Snapshot::of([&j].into_iter(), vec![("JOINED".into(), 2)]);
+        let text = render(&registry, Some(&running));
+        for want in [
+            "ringmaster_jobs_submitted_total 1",
+            "ringmaster_job_failures_total{reason=\"WorkerExited\"} 1",
+            "ringmaster_job_restarts_total 1",
+            "ringmaster_restart_seconds_count 1",
+            "ringmaster_restart_seconds_sum 2.0",
+            "ringmaster_jobs{state=\"RUNNING\"} 1",
+            "ringmaster_nodes{state=\"JOINED\"} 2",
+            "ringmaster_job_world_size{job=\"m-1\"} 4",
+            "ringmaster_job_generation{job=\"m-1\"} 1",
+            "ringmaster_leader 1",
+        ] {
+            assert!(text.contains(want), "{want:?} in:\n{text}");
+        }
+        for r in 0..4 {
+            j = exit(j, r, Some(0), None, 5_000);
+        }
+        m.observe(&j);
+        let done = Snapshot::of([&j].into_iter(), Vec::new());
+        let text = render(&registry, Some(&done));
+        assert!(
+            text.contains("ringmaster_jobs_finished_total{state=\"SUCCEEDED\",reason=\"\"} 1"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("job=\"m-1\""),
+            "a finished job keeps series:\n{text}"
+        );
+        // A standby: counters, no gauges of jobs, leader 0.
+        let text = render(&registry, None);
+        assert!(text.contains("ringmaster_leader 0"), "{text}");
+    }
+
+    /// Every metric the example Grafana dashboard queries is one this coordinator serves.
+    #[test]
+    fn the_dashboard_queries_metrics_that_exist() {
+        let dashboard = include_str!("../../deploy/grafana/ringmaster.json");
+        let (m, registry) = Metrics::new();
+        let spec = JobSpec {
+            command: Some(vec!["true".into()]),
+            ..JobSpec::default()
+        };
+        let j = start(
+            Job::new("d-1".into(), spec.clone(), BTreeMap::new(), 0),
+            placement(1, 1),
+            0,
+            0,
+        );
+        m.observe(&j);
+        let mut j = j;
+        j.progress = crate::job::Progress {
+            step: Some(5),
+            total_steps: Some(10),
+            loss: Some(1.5),
+            tokens_per_second: Some(100.0),
+        };
+        j.ranks.report(0, 5, 1, 0);
+        // One that failed, so that the labelled counters have a sample.
+        let failed = start(
+            Job::new("d-2".into(), spec, BTreeMap::new(), 0),
+            placement(1, 1),
+            0,
+            0,
+        );
+        let failed = exit(failed, 0, Some(1), None, 10);
+        m.observe(&failed);
+        let snapshot = Snapshot::of([&j, &failed].into_iter(), vec![("JOINED".into(), 1)]);
+        let text = render(&registry, Some(&snapshot));
+        let mut names: Vec<&str> = dashboard
+            .match_indices("ringmaster_")
+            .map(|(i, _)| {
+                let rest = &dashboard[i..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        assert!(names.len() >= 10, "{names:?}");
+        for name in names {
+            let family = name
+                .strip_suffix("_total")
+                .or_else(|| name.strip_suffix("_bucket"))
+                .unwrap_or(name);
+            assert!(
+                text.contains(&format!("# TYPE {name} "))
+                    || text.contains(&format!("# TYPE {family} ")),
+                "the dashboard queries {name}, which is not served:\n{text}"
+            );
+        }
+    }
+}
