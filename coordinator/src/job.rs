@@ -177,6 +177,17 @@ pub struct CheckpointRef {
     pub path: String,
 }
 
+/// A rank of the running generation whose compute time per step is well above its peers'.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Straggler {
+    pub rank: u32,
+    pub node: String,
+    /// Its window-mean compute time over its peers' median when flagged (1.34: 34% slower).
+    pub slowdown: f64,
+    /// The step (of rank 0) at which it was flagged.
+    pub since_step: u64,
+}
+
 /// How many checkpoint warnings a job keeps.
 pub const MAX_CHECKPOINT_WARNINGS: usize = 32;
 
@@ -252,6 +263,9 @@ pub struct Job {
     /// The last placement attempt found no fit (cleared when a generation starts).
     #[serde(default)]
     pub unschedulable: bool,
+    /// Ranks of the current generation flagged as stragglers ([`crate::straggler`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stragglers: Vec<Straggler>,
     /// What happened to the job, when and why ([`events`]): a part of its record, not of
     /// the header.
     #[serde(default, skip_serializing_if = "EventLog::is_empty")]
@@ -296,6 +310,7 @@ impl Job {
             recovering_since_ms: None,
             first_running_ms: None,
             unschedulable: false,
+            stragglers: Vec::new(),
             events: EventLog::default(),
             saved: record::Saved::default(),
         }
@@ -759,6 +774,7 @@ fn backoff_reason(job: &Job, now_ms: u64) -> String {
 }
 
 fn start_generation(job: &mut Job, sel: Vec<Selected>, actions: &mut Vec<Action>) {
+    job.stragglers.clear();
     let table: Vec<RankSlot> = ringmaster_hostfile::rank_table(&sel);
     job.ranks.replace(
         table

@@ -28,3 +28,4 @@ pub mod placement;
 pub mod server;
 pub mod spec;
 pub mod status;
+pub mod straggler;

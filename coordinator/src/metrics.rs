@@ -213,13 +213,31 @@ pub struct JobSnapshot {
     pub total_steps: Option<u64>,
     pub loss: Option<f64>,
     pub tokens_per_second: Option<f64>,
-    /// (rank, node, step) of each rank, when the job has at most [`MAX_RANK_SERIES`].
-    pub ranks: Vec<(u32, String, Option<u64>)>,
+    /// Each rank, when the job has at most [`MAX_RANK_SERIES`] (flagged stragglers always).
+    pub ranks: Vec<RankSnapshot>,
+}
+
+/// One rank of a running job.
+#[derive(Debug, Default, Clone)]
+pub struct RankSnapshot {
+    pub rank: u32,
+    pub node: String,
+    pub step: Option<u64>,
+    /// Mean compute seconds per step over the straggler detector's window.
+    pub compute_seconds: Option<f64>,
+    pub collective_wait_seconds: Option<f64>,
+    pub memory_bytes: Option<u64>,
+    pub straggler: bool,
 }
 
 impl Snapshot {
-    /// The snapshot of `jobs` and of node states.
-    pub fn of<'a>(jobs: impl Iterator<Item = &'a Job>, nodes: Vec<(String, u64)>) -> Snapshot {
+    /// The snapshot of `jobs` and of node states; `facts` gives a rank's telemetry (window
+    /// mean compute seconds, last wait and memory).
+    pub fn of<'a>(
+        jobs: impl Iterator<Item = &'a Job>,
+        nodes: Vec<(String, u64)>,
+        facts: impl Fn(&Job, u32) -> Option<(Option<f64>, crate::server::core::RankFacts)>,
+    ) -> Snapshot {
         let mut by_state: std::collections::BTreeMap<&'static str, u64> = [
             "PENDING",
             "STARTING",
@@ -241,14 +259,24 @@ impl Snapshot {
             if j.state.is_terminal() {
                 continue;
             }
-            let ranks = if j.ranks.len() <= MAX_RANK_SERIES {
-                j.ranks
-                    .iter()
-                    .map(|r| (r.rank, r.node.clone(), r.step))
-                    .collect()
-            } else {
-                Vec::new()
-            };
+            let flagged = |rank: u32| j.stragglers.iter().any(|s| s.rank == rank);
+            let ranks = j
+                .ranks
+                .iter()
+                .filter(|r| j.ranks.len() <= MAX_RANK_SERIES || flagged(r.rank))
+                .map(|r| {
+                    let f = facts(j, r.rank);
+                    RankSnapshot {
+                        rank: r.rank,
+                        node: r.node.clone(),
+                        step: r.step,
+                        compute_seconds: f.and_then(|(c, _)| c),
+                        collective_wait_seconds: f.map(|(_, x)| x.collective_wait_seconds),
+                        memory_bytes: f.map(|(_, x)| x.memory_bytes),
+                        straggler: flagged(r.rank),
+                    }
+                })
+                .collect();
             out.jobs.push(JobSnapshot {
                 id: j.id.clone(),
                 generation: j.generation,
@@ -300,6 +328,11 @@ impl Snapshot {
         let (step, total, restarts, world, generation) = (int(), int(), int(), int(), int());
         let (loss, tps) = (float(), float());
         let rank_step: Family<RankLabels, Gauge> = Family::default();
+        let rank_float =
+            || Family::<RankLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let (rank_compute, rank_wait) = (rank_float(), rank_float());
+        let rank_memory: Family<RankLabels, Gauge> = Family::default();
+        let rank_straggler: Family<RankLabels, Gauge> = Family::default();
         for j in &self.jobs {
             let l = JobLabel { job: j.id.clone() };
             if let Some(s) = j.step {
@@ -317,16 +350,25 @@ impl Snapshot {
             restarts.get_or_create(&l).set(i64::from(j.restarts));
             world.get_or_create(&l).set(i64::from(j.world_size));
             generation.get_or_create(&l).set(j.generation as i64);
-            for (rank, node, s) in &j.ranks {
-                if let Some(s) = s {
-                    rank_step
-                        .get_or_create(&RankLabels {
-                            job: j.id.clone(),
-                            rank: rank.to_string(),
-                            node: node.clone(),
-                        })
-                        .set(*s as i64);
+            for r in &j.ranks {
+                let l = RankLabels {
+                    job: j.id.clone(),
+                    rank: r.rank.to_string(),
+                    node: r.node.clone(),
+                };
+                if let Some(s) = r.step {
+                    rank_step.get_or_create(&l).set(s as i64);
                 }
+                if let Some(v) = r.compute_seconds {
+                    rank_compute.get_or_create(&l).set(v);
+                }
+                if let Some(v) = r.collective_wait_seconds {
+                    rank_wait.get_or_create(&l).set(v);
+                }
+                if let Some(v) = r.memory_bytes {
+                    rank_memory.get_or_create(&l).set(v as i64);
+                }
+                rank_straggler.get_or_create(&l).set(i64::from(r.straggler));
             }
         }
         r.register("job_step", "Training step of a running job (rank 0)", step);
@@ -344,6 +386,26 @@ impl Snapshot {
             "rank_step",
             "Step each rank last reported (jobs of at most 64 ranks)",
             rank_step,
+        );
+        r.register(
+            "rank_compute_seconds",
+            "Mean compute time per step of a rank over the last 20 steps (step time less collective wait)",
+            rank_compute,
+        );
+        r.register(
+            "rank_collective_wait_seconds",
+            "Time a rank's last step waited in collectives",
+            rank_wait,
+        );
+        r.register(
+            "rank_memory_bytes",
+            "A rank's memory at its last report (resident, or device memory on a GPU)",
+            rank_memory,
+        );
+        r.register(
+            "rank_straggler",
+            "1 while a rank is flagged as a straggler (jobs above 64 ranks: flagged ranks only)",
+            rank_straggler,
         );
         r
     }
@@ -464,7 +526,7 @@ mod tests {
         j = start(j, placement(2, 2), 3_000, 4_000);
         m.observe(&j);
         m.observe(&j);
-        let running = Snapshot::of([&j].into_iter(), vec![("JOINED".into(), 2)]);
+        let running = Snapshot::of([&j].into_iter(), vec![("JOINED".into(), 2)], |_, _| None);
         let text = render(&registry, Some(&running));
         for want in [
             "ringmaster_jobs_submitted_total 1",
@@ -484,7 +546,7 @@ mod tests {
             j = exit(j, r, Some(0), None, 5_000);
         }
         m.observe(&j);
-        let done = Snapshot::of([&j].into_iter(), Vec::new());
+        let done = Snapshot::of([&j].into_iter(), Vec::new(), |_, _| None);
         let text = render(&registry, Some(&done));
         assert!(
             text.contains("ringmaster_jobs_finished_total{state=\"SUCCEEDED\",reason=\"\"} 1"),
@@ -532,7 +594,11 @@ mod tests {
         );
         let failed = exit(failed, 0, Some(1), None, 10);
         m.observe(&failed);
-        let snapshot = Snapshot::of([&j, &failed].into_iter(), vec![("JOINED".into(), 1)]);
+        let snapshot = Snapshot::of(
+            [&j, &failed].into_iter(),
+            vec![("JOINED".into(), 1)],
+            |_, _| None,
+        );
         let text = render(&registry, Some(&snapshot));
         let mut names: Vec<&str> = dashboard
             .match_indices("ringmaster_")

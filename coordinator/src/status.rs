@@ -97,6 +97,16 @@ pub fn job_status(job: &Job) -> pb::JobStatus {
             .map(event)
             .collect(),
         events_omitted: job.events.omitted(),
+        stragglers: job
+            .stragglers
+            .iter()
+            .map(|s| pb::Straggler {
+                rank: s.rank,
+                node: s.node.clone(),
+                slowdown: s.slowdown,
+                since_step: s.since_step,
+            })
+            .collect(),
     }
 }
 
@@ -246,6 +256,12 @@ pub fn to_json(s: &pb::JobStatus) -> Value {
         "duration_excluding_recovery_ms": s.duration_excluding_recovery_ms,
         "recent_events": s.recent_events.iter().map(event_json).collect::<Vec<_>>(),
         "events_omitted": s.events_omitted,
+        "stragglers": s.stragglers.iter().map(|x| json!({
+            "rank": x.rank,
+            "node": x.node,
+            "slowdown": x.slowdown,
+            "since_step": x.since_step,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -304,6 +320,7 @@ mod tests {
             "duration_excluding_recovery_ms",
             "recent_events",
             "events_omitted",
+            "stragglers",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }

@@ -565,3 +565,101 @@ fn a_full_output_dir_fails_the_save_and_keeps_earlier_checkpoints() {
     );
     assert!(c.path("exported/model.safetensors").is_file());
 }
+
+/// A rank that slows down (the trainer's test knob: rank 2 takes twice its own compute time
+/// per step from step 20 to 60) is flagged as a straggler while the job runs, within 50
+/// steps, naming its rank and node and how much slower it is: in the status, as an event and
+/// as a metric. The flag clears within 50 steps once it is back in line, and the job is not
+/// disturbed.
+#[test]
+fn a_slow_rank_is_flagged_as_a_straggler_and_cleared_when_it_recovers() {
+    let _serial = ringmaster_tests::timing_sensitive();
+    let metrics = format!("127.0.0.1:{}", ringmaster_tests::free_port());
+    let mut c = Cluster::start_with(
+        Some(HOSTFILE),
+        "30s",
+        ringmaster_tests::ClusterOpts {
+            coordinator_args: vec!["--metrics-listen".into(), metrics.clone()],
+            ..Default::default()
+        },
+    );
+    c.start_agent("w0", 2, &[]);
+    c.start_agent("w1", 2, &[]);
+    c.wait_joined(&["w0", "w1"]);
+    let cfg = config_steps(&c, "s", 130, 1000, "");
+    let yaml = std::fs::read_to_string(&cfg).unwrap().replace(
+        "per_device_train_batch_size: 16",
+        "per_device_train_batch_size: 4",
+    );
+    std::fs::write(&cfg, yaml).unwrap();
+    let job = c.submit(
+        "s-job.yaml",
+        &format!(
+            "name: s\nenv:\n  RINGMASTER_TEST_SLOW_STEPS: \"rank=2,factor=2,from=20,to=60\"\ntrain: {}\n",
+            cfg.display()
+        ),
+    );
+    let flagged = wait_until(Duration::from_secs(600), "rank 2 flagged", || {
+        let st = c.status(&job);
+        (!st["stragglers"].as_array()?.is_empty()).then_some(st)
+    });
+    let s = &flagged["stragglers"];
+    assert_eq!(s.as_array().unwrap().len(), 1, "{flagged:#}");
+    assert_eq!(
+        (&s[0]["rank"], &s[0]["node"]),
+        (&2.into(), &"w1".into()),
+        "{flagged:#}"
+    );
+    let since = s[0]["since_step"].as_u64().unwrap();
+    assert!((20..=70).contains(&since), "flagged at step {since}");
+    assert!(s[0]["slowdown"].as_f64().unwrap() > 1.3, "{flagged:#}");
+    let scraped = metrics_text(&metrics);
+    let want = format!("ringmaster_rank_straggler{{job=\"{job}\",rank=\"2\",node=\"w1\"}} 1");
+    assert!(scraped.contains(&want), "{want} in:\n{scraped}");
+    assert!(
+        scraped.contains("ringmaster_rank_compute_seconds{"),
+        "{scraped}"
+    );
+    let shown = text(&c.ringctl(&["status", &job]));
+    assert!(shown.contains("straggler: rank 2 on w1 is"), "{shown}");
+    // Back in line after step 60: cleared within 50 steps, while the job still runs.
+    let cleared = wait_until(Duration::from_secs(600), "rank 2 cleared", || {
+        let st = c.status(&job);
+        st["stragglers"].as_array()?.is_empty().then_some(st)
+    });
+    let step = cleared["progress"]["step"].as_u64().unwrap_or(0);
+    assert!(step <= 60 + 50, "cleared at step {step}: {cleared:#}");
+    let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(600));
+    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
+    let out = c.ringctl(&["events", &job, "--output", "json"]);
+    let kinds: Vec<(String, Option<u64>)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["kind"].as_str().unwrap().to_owned(), v["rank"].as_u64())
+        })
+        .filter(|(k, _)| k.starts_with("Straggler"))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("StragglerDetected".to_owned(), Some(2)),
+            ("StragglerCleared".to_owned(), Some(2))
+        ]
+    );
+}
+
+/// The coordinator's `/metrics` text.
+fn metrics_text(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting to the metrics server");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}

@@ -172,6 +172,16 @@ pub fn status_block(j: &pb::JobStatus) -> String {
                 .unwrap_or_else(|| "-".into())
         );
     }
+    for x in &j.stragglers {
+        let _ = writeln!(
+            s,
+            "straggler: rank {} on {} is {:.0}% slower than its peers (since step {})",
+            x.rank,
+            x.node,
+            (x.slowdown - 1.0) * 100.0,
+            x.since_step
+        );
+    }
     if let Some(c) = &j.last_checkpoint {
         let _ = writeln!(s, "checkpoint: step {} at {}", c.step, c.path);
     }

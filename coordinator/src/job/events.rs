@@ -43,6 +43,10 @@ pub enum EventKind {
     /// The generation resumed from a checkpoint.
     Resumed,
     CancelRequested,
+    /// A rank's compute time per step is well above its peers' ([`crate::straggler`]).
+    StragglerDetected,
+    /// A flagged rank is back in line with its peers.
+    StragglerCleared,
     Succeeded,
     Failed,
     Cancelled,
@@ -64,6 +68,8 @@ impl EventKind {
             EventKind::CheckpointCommitted => "CheckpointCommitted",
             EventKind::Resumed => "Resumed",
             EventKind::CancelRequested => "CancelRequested",
+            EventKind::StragglerDetected => "StragglerDetected",
+            EventKind::StragglerCleared => "StragglerCleared",
             EventKind::Succeeded => "Succeeded",
             EventKind::Failed => "Failed",
             EventKind::Cancelled => "Cancelled",
@@ -79,6 +85,7 @@ impl EventKind {
             EventKind::Unschedulable
                 | EventKind::RankFailed
                 | EventKind::NodeLost
+                | EventKind::StragglerDetected
                 | EventKind::Failed
         )
     }
@@ -386,15 +393,30 @@ pub fn resumed(job: &mut Job, now_ms: u64) {
 }
 
 fn push_now(job: &mut Job, kind: EventKind, message: String, now_ms: u64) {
+    push_about(job, kind, None, message, now_ms);
+}
+
+/// Records a straggler flagged or cleared (outside [`super::next`]).
+pub fn straggler(job: &mut Job, detected: bool, rank: u32, message: String, now_ms: u64) {
+    let kind = if detected {
+        EventKind::StragglerDetected
+    } else {
+        EventKind::StragglerCleared
+    };
+    push_about(job, kind, Some(rank), message, now_ms);
+}
+
+fn push_about(job: &mut Job, kind: EventKind, rank: Option<u32>, message: String, now_ms: u64) {
     let generation = job.generation;
+    let node = rank.and_then(|r| job.ranks.get(r as usize).map(|x| x.node.clone()));
     job.events.push(JobEvent {
         seq: 0,
         unix_ms: now_ms,
         generation,
         kind,
         reason: None,
-        rank: None,
-        node: None,
+        rank,
+        node,
         message,
     });
 }

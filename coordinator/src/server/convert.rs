@@ -259,6 +259,9 @@ pub fn progress(p: pb::Progress) -> Option<ProgressReport> {
         loss: p.loss,
         tokens_per_second: p.tokens_per_second,
         collective_seq: p.collective_seq,
+        compute_seconds: p.compute_seconds,
+        collective_wait_seconds: p.collective_wait_seconds,
+        memory_bytes: p.memory_bytes,
         committed_checkpoint: p.committed_checkpoint.map(checkpoint),
         resume: p.resume.map(|r| ResumeReport {
             from: r.from.map(checkpoint),

@@ -22,9 +22,10 @@ pub mod loader;
 pub mod report;
 pub mod resume;
 pub mod setup;
+pub mod slow;
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
@@ -238,6 +239,8 @@ pub fn train<B: TrainBackend>(
         (resumed.step, total),
         setup.cfg.dataloader_num_workers.unwrap_or(0) as usize,
     );
+    let slow = slow::SlowSteps::from_env(u32::try_from(par.rank).unwrap_or(u32::MAX))?;
+    let mut last_compute = Duration::ZERO;
     for step in resumed.step..total {
         let data = loader.get(step)?;
         let tokens = data.tokens;
@@ -248,6 +251,10 @@ pub fn train<B: TrainBackend>(
         };
         let lr = sched.lr(step);
         let step_start = Instant::now();
+        let injected = slow.as_ref().and_then(|s| s.delay(step, last_compute));
+        if let Some(d) = injected {
+            std::thread::sleep(d);
+        }
         let out = eng
             .step(&mut setup.weights(), &input, &mut scaling, lr, || {
                 StepSignals {
@@ -262,6 +269,10 @@ pub fn train<B: TrainBackend>(
         losses.push(out.loss);
         all_tokens += tokens;
         skipped_total += u64::from(out.skipped);
+        last_compute = step_start
+            .elapsed()
+            .saturating_sub(injected.unwrap_or_default())
+            .saturating_sub(Duration::from_secs_f64(out.comm_wait.max(0.0)));
         if let Some(p) = par.progress {
             let secs = step_start.elapsed().as_secs_f64();
             p.report(crate::progress::StepReport {

@@ -196,6 +196,7 @@ impl Core {
     pub(super) fn remove_job(&mut self, id: &str) {
         if let Some(job) = self.jobs.remove(id) {
             self.cfg.metrics.forget(id);
+            self.telemetry.remove(id);
             self.job_bytes = self
                 .job_bytes
                 .saturating_sub(job_bytes(&job.spec, &job.files));

@@ -47,6 +47,8 @@ mod membership;
 mod publish;
 mod reports;
 mod schedule;
+mod telemetry;
+pub use telemetry::RankFacts;
 pub mod types;
 
 use types::{
@@ -303,6 +305,8 @@ pub struct Core {
     /// An event is being applied (checks the rule above in debug builds).
     applying: bool,
     started: Instant,
+    /// Per-step facts of each job's ranks and its straggler detector (not job state).
+    telemetry: HashMap<String, telemetry::Telemetry>,
 }
 
 fn now_ms() -> u64 {
@@ -349,6 +353,7 @@ impl Core {
             raised: std::collections::VecDeque::new(),
             applying: false,
             started: now,
+            telemetry: HashMap::new(),
         };
         if let Some(hf) = &core.cfg.hostfile {
             for h in &hf.hosts {
@@ -567,7 +572,12 @@ impl Core {
                     *nodes.entry(n.state).or_default() += 1;
                 }
                 let nodes = nodes.into_iter().map(|(s, n)| (s.to_owned(), n)).collect();
-                let _ = reply.send(crate::metrics::Snapshot::of(self.jobs.values(), nodes));
+                let facts = |job: &Job, rank: u32| {
+                    self.telemetry_of(&job.id, job.generation)
+                        .and_then(|t| t.rank(rank))
+                };
+                let snapshot = crate::metrics::Snapshot::of(self.jobs.values(), nodes, facts);
+                let _ = reply.send(snapshot);
             }
             Cmd::Events { id, after, reply } => {
                 let r = match self.jobs.get(&id) {

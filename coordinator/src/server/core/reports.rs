@@ -125,6 +125,7 @@ impl Core {
         } else {
             self.progressed.insert(id);
         }
+        self.telemetry(&p);
     }
 }
 

@@ -235,6 +235,11 @@ pub struct ProgressReport {
     pub loss: Option<f64>,
     pub tokens_per_second: f64,
     pub collective_seq: u64,
+    /// The step's compute time (its time less the collective wait), seconds.
+    pub compute_seconds: f64,
+    pub collective_wait_seconds: f64,
+    /// The rank's resident memory (or device memory on a GPU), bytes.
+    pub memory_bytes: u64,
     /// Rank 0: the newest checkpoint the generation committed (re-sent with every report).
     pub committed_checkpoint: Option<CheckpointRef>,
     /// Rank 0: where the generation started from (re-sent with every report).

@@ -1,0 +1,102 @@
+//! What trainers report every step that is not job state: each rank's compute time,
+//! collective wait and memory, and the straggler detector fed by them. Kept beside the jobs,
+//! not in them: a job's ranks are saved when they change, and these change every step.
+
+use crate::job::{Straggler, events};
+use crate::straggler::{Change, Detector, WINDOW};
+
+use super::*;
+
+/// One job generation's telemetry.
+#[derive(Debug, Default)]
+pub(super) struct Telemetry {
+    generation: u64,
+    detector: Detector,
+    ranks: HashMap<u32, RankFacts>,
+}
+
+/// A rank's last report.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RankFacts {
+    pub collective_wait_seconds: f64,
+    pub memory_bytes: u64,
+}
+
+impl Telemetry {
+    /// Rank `rank`'s facts: the mean compute seconds of its window, its last collective wait
+    /// and memory.
+    pub(crate) fn rank(&self, rank: u32) -> Option<(Option<f64>, RankFacts)> {
+        let facts = *self.ranks.get(&rank)?;
+        Some((self.detector.mean(rank), facts))
+    }
+}
+
+impl Core {
+    /// Takes a valid report's per-step facts; flags and clears stragglers.
+    pub(super) fn telemetry(&mut self, p: &ProgressReport) {
+        let t = self.telemetry.entry(p.job_id.clone()).or_default();
+        if t.generation != p.generation {
+            *t = Telemetry {
+                generation: p.generation,
+                ..Telemetry::default()
+            };
+        }
+        t.ranks.insert(
+            p.rank,
+            RankFacts {
+                collective_wait_seconds: p.collective_wait_seconds,
+                memory_bytes: p.memory_bytes,
+            },
+        );
+        let changes = t.detector.record(p.rank, p.step, p.compute_seconds);
+        if !changes.is_empty() {
+            self.stragglers_changed(&p.job_id, changes);
+        }
+    }
+
+    fn stragglers_changed(&mut self, id: &str, changes: Vec<Change>) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        let step = job.progress.step.unwrap_or(0);
+        let now = now_ms();
+        for change in changes {
+            match change {
+                Change::Flagged { rank, slowdown } => {
+                    let node = job
+                        .ranks
+                        .get(rank as usize)
+                        .map(|r| r.node.clone())
+                        .unwrap_or_default();
+                    let pct = (slowdown - 1.0) * 100.0;
+                    tracing::warn!(job = %id, generation = job.generation, rank, node = %node, slower_pct = format!("{pct:.0}"), "straggler");
+                    job.stragglers.retain(|s| s.rank != rank);
+                    job.stragglers.push(Straggler {
+                        rank,
+                        node: node.clone(),
+                        slowdown,
+                        since_step: step,
+                    });
+                    let message = format!(
+                        "rank {rank} on {node}: compute time per step {pct:.0}% above its peers' median over the last {WINDOW} steps"
+                    );
+                    events::straggler(job, true, rank, message, now);
+                }
+                Change::Cleared { rank } => {
+                    tracing::info!(job = %id, generation = job.generation, rank, "straggler cleared");
+                    job.stragglers.retain(|s| s.rank != rank);
+                    let message = format!("rank {rank} is back in line with its peers");
+                    events::straggler(job, false, rank, message, now);
+                }
+            }
+        }
+        self.save(id);
+    }
+
+    /// A job's telemetry of its current generation, if any.
+    pub(super) fn telemetry_of(&self, id: &str, generation: u64) -> Option<&Telemetry> {
+        self.telemetry
+            .get(id)
+            .filter(|t| t.generation == generation)
+    }
+}
