@@ -462,6 +462,10 @@ pub fn next(mut job: Job, event: Event, now_ms: u64) -> (Job, Vec<Action>) {
     }
     conditions::update(&mut job, now_ms);
     events::record(&before, &mut job, cancel, now_ms);
+    // Straggler flags hold for a running generation only.
+    if job.state != JobState::Running {
+        job.stragglers.clear();
+    }
     (job, actions)
 }
 

@@ -433,6 +433,32 @@ pub fn render(counters: &Registry, snapshot: Option<&Snapshot>) -> String {
 /// Where a scrape gets the gauges: the serving coordinator's loop, when it leads.
 pub type SnapshotSource = tokio::sync::watch::Receiver<Option<crate::server::core::Handle>>;
 
+/// Connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 16;
+/// The longest a connection may take, request to response written.
+const CONNECTION_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a snapshot is reused: a burst of scrapes costs the loop one.
+const SNAPSHOT_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The newest snapshot and when it was taken; locked while one is being fetched.
+type SnapshotCache = Arc<tokio::sync::Mutex<Option<(std::time::Instant, Snapshot)>>>;
+
+async fn snapshot(source: &SnapshotSource, cache: &SnapshotCache) -> Option<Snapshot> {
+    let handle = source.borrow().clone()?;
+    let mut cached = cache.lock().await;
+    if let Some((at, s)) = cached.as_ref()
+        && at.elapsed() < SNAPSHOT_FOR
+    {
+        return Some(s.clone());
+    }
+    let s = handle
+        .call(|reply| crate::server::core::Cmd::Metrics { reply })
+        .await
+        .ok()?;
+    *cached = Some((std::time::Instant::now(), s.clone()));
+    Some(s)
+}
+
 /// Serves `GET /metrics` on `listener` until `stop`.
 pub async fn serve(
     listener: TcpListener,
@@ -443,21 +469,32 @@ pub async fn serve(
     use http_body_util::Full;
     use hyper::body::Bytes;
     use hyper::{Method, Response, StatusCode};
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let cache: SnapshotCache = Arc::default();
     loop {
         let (stream, _) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
+                    // Out of file descriptors, typically: wait rather than spin.
                     tracing::warn!(error = %e, "metrics listener: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     continue;
                 }
             },
             () = stop.cancelled() => return,
         };
-        let (counters, source) = (counters.clone(), source.clone());
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(
+                "metrics listener: {MAX_CONNECTIONS} connections open; closing a new one"
+            );
+            continue;
+        };
+        let (counters, source, cache) = (counters.clone(), source.clone(), cache.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                let (counters, source) = (counters.clone(), source.clone());
+                let (counters, source, cache) = (counters.clone(), source.clone(), cache.clone());
                 async move {
                     if req.method() != Method::GET || req.uri().path() != "/metrics" {
                         let mut not_found = Response::new(Full::new(Bytes::from_static(
@@ -466,14 +503,7 @@ pub async fn serve(
                         *not_found.status_mut() = StatusCode::NOT_FOUND;
                         return Ok::<_, std::convert::Infallible>(not_found);
                     }
-                    let handle = source.borrow().clone();
-                    let snapshot = match handle {
-                        Some(h) => h
-                            .call(|reply| crate::server::core::Cmd::Metrics { reply })
-                            .await
-                            .ok(),
-                        None => None,
-                    };
+                    let snapshot = snapshot(&source, &cache).await;
                     let text = render(&counters, snapshot.as_ref());
                     let mut ok = Response::new(Full::new(Bytes::from(text)));
                     ok.headers_mut().insert(
@@ -490,8 +520,10 @@ pub async fn serve(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(io, service);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "metrics connection ended");
+            match tokio::time::timeout(CONNECTION_TIME, conn).await {
+                Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended"),
+                Err(_) => tracing::debug!("metrics connection closed after {CONNECTION_TIME:?}"),
+                Ok(Ok(())) => {}
             }
         });
     }

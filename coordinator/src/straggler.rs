@@ -28,6 +28,9 @@ pub const MIN_SAMPLES: usize = 10;
 pub const EVERY: u64 = 5;
 /// Evaluations in a row that flag or clear.
 pub const CONSECUTIVE: u32 = 3;
+/// Compute times outside these bounds (seconds) are not samples.
+pub const MIN_SECONDS: f64 = 1e-6;
+pub const MAX_SECONDS: f64 = 1e6;
 /// Flagged above this multiple of the median...
 pub const SLOWER: f64 = 1.10;
 /// ...and cleared below this one.
@@ -77,6 +80,21 @@ pub struct Detector {
 }
 
 impl Detector {
+    /// A detector for `world` ranks that knows `flagged` as flagged already (a coordinator
+    /// that took over a running job: its flags are saved with the job), so that they clear.
+    pub fn new(world: u32, flagged: impl IntoIterator<Item = u32>) -> Detector {
+        let mut d = Detector {
+            ranks: vec![RankWindow::default(); world as usize],
+            evaluated_at: 0,
+        };
+        for r in flagged {
+            if let Some(w) = d.ranks.get_mut(r as usize) {
+                w.flagged = true;
+            }
+        }
+        d
+    }
+
     /// Records rank `rank`'s compute seconds of `step`; reports of a step already recorded
     /// (heartbeats repeat the last report) and steps without a compute time are ignored.
     /// Returns the changes of an evaluation, when this report completed [`EVERY`] new steps
@@ -84,13 +102,16 @@ impl Detector {
     pub fn record(&mut self, rank: u32, step: u64, compute_seconds: f64) -> Vec<Change> {
         let r = rank as usize;
         if r >= self.ranks.len() {
+            // The caller bounds ranks by the job's world size; a default detector grows.
             if r > 1 << 20 {
                 return Vec::new();
             }
             self.ranks.resize(r + 1, RankWindow::default());
         }
         let w = &mut self.ranks[r];
-        if step <= w.last_step || !(compute_seconds.is_finite() && compute_seconds > 0.0) {
+        // Worker input: a step's compute time between a microsecond and ~11 days, so that
+        // every mean and ratio below stays finite.
+        if step <= w.last_step || !(MIN_SECONDS..=MAX_SECONDS).contains(&compute_seconds) {
             return Vec::new();
         }
         w.last_step = step;
@@ -102,7 +123,7 @@ impl Detector {
             w.sum -= old;
             w.sum_sq -= old * old;
         }
-        if rank == 0 && step >= self.evaluated_at + EVERY {
+        if rank == 0 && step >= self.evaluated_at.saturating_add(EVERY) {
             self.evaluated_at = step;
             return self.evaluate();
         }
@@ -317,6 +338,28 @@ mod tests {
                 d.record(rank, step, 0.1 + f64::from(rank % 7) * 1e-4);
             }
         }
+        assert!(d.flagged().is_empty());
+    }
+
+    #[test]
+    fn saved_flags_clear_and_wild_reports_are_not_samples() {
+        // A coordinator that took the job over knows rank 1 as flagged: it clears.
+        let mut d = Detector::new(2, [1]);
+        let mut changes = Vec::new();
+        for step in 1..=40 {
+            for rank in [1, 0] {
+                changes.extend(d.record(rank, step, 0.1));
+            }
+        }
+        assert_eq!(changes, [Change::Cleared { rank: 1 }]);
+        // Times a worker cannot mean are no samples; a step at the end of the range does not
+        // overflow the evaluation's schedule.
+        for wild in [f64::INFINITY, f64::NAN, -1.0, 0.0, 1e300] {
+            assert!(d.record(0, 1_000, wild).is_empty());
+        }
+        assert!((d.mean(0).unwrap() - 0.1).abs() < 1e-12);
+        d.record(0, u64::MAX, 0.1);
+        d.record(0, u64::MAX, 0.1);
         assert!(d.flagged().is_empty());
     }
 }

@@ -344,18 +344,20 @@ async fn print_events(
     // Reconnects go on for as long as a failover takes, from the last event printed.
     let mut deadline = tokio::time::Instant::now() + REWATCH_FOR;
     loop {
-        let attempt = async {
-            let mut client = connect(target).await?;
-            let s = client
+        let stream = match connect(target).await {
+            Ok(mut client) => client
                 .events(pb::EventsRequest {
                     job_id: job.to_owned(),
                     after_seq: after,
                     follow,
                 })
-                .await?;
-            Ok::<_, CliError>(s.into_inner())
+                .await
+                .map(tonic::Response::into_inner),
+            Err(e) if !follow || e.exit == Exit::Usage => return Err(e),
+            // No coordinator reachable (yet): try again below.
+            Err(e) => Err(tonic::Status::unavailable(e.message)),
         };
-        let lost = match attempt.await {
+        let lost = match stream {
             Ok(mut stream) => loop {
                 match stream.message().await {
                     Ok(Some(e)) => {
@@ -373,8 +375,9 @@ async fn print_events(
                     Err(s) => return Err(s.into()),
                 }
             },
-            Err(e) if !follow || e.exit == Exit::Usage => return Err(e),
-            Err(e) => e.message,
+            // A standby, or a coordinator going away: follow on from the next leader.
+            Err(s) if follow && s.code() == tonic::Code::Unavailable => s.message().to_owned(),
+            Err(s) => return Err(s.into()),
         };
         if tokio::time::Instant::now() >= deadline {
             return Err(CliError::failed(format!(

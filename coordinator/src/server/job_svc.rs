@@ -196,6 +196,19 @@ impl pb::job_service_server::JobService for JobSvc {
     ) -> Result<Response<Self::EventsStream>, Status> {
         let r = req.into_inner();
         let (id, follow) = (r.job_id, r.follow);
+        // Subscribed before the first read: a change between the two is then seen.
+        let rx = if follow {
+            Some(
+                self.core
+                    .call(|reply| Cmd::Watch {
+                        id: id.clone(),
+                        reply,
+                    })
+                    .await??,
+            )
+        } else {
+            None
+        };
         let (first, done) = self
             .core
             .call(|reply| Cmd::Events {
@@ -206,18 +219,11 @@ impl pb::job_service_server::JobService for JobSvc {
             .await??;
         let first: Vec<Result<pb::JobEvent, Status>> =
             first.iter().map(|e| Ok(crate::status::event(e))).collect();
-        if !follow || done {
+        let Some(rx) = rx.filter(|_| !done) else {
             return Ok(Response::new(Box::pin(futures::stream::iter(first))));
-        }
+        };
         // Following: on every change of the job's status, the events since the last one
         // sent, until the job has ended and its last events are out.
-        let rx = self
-            .core
-            .call(|reply| Cmd::Watch {
-                id: id.clone(),
-                reply,
-            })
-            .await??;
         let last = first
             .last()
             .and_then(|e| e.as_ref().ok())
@@ -235,8 +241,13 @@ impl pb::job_service_server::JobService for JobSvc {
                     return None;
                 }
                 if f.rx.changed().await.is_err() {
-                    // The coordinator stopped serving: the client follows on elsewhere.
-                    let gone = Status::unavailable("the coordinator stopped serving; follow again");
+                    // The job was removed (NOT_FOUND from the read below), or the coordinator
+                    // stopped serving: then the client follows on elsewhere.
+                    let (after, id) = (f.last, f.id.clone());
+                    let gone = match f.core.call(|reply| Cmd::Events { id, after, reply }).await {
+                        Ok(Err(e)) => Status::from(e),
+                        _ => Status::unavailable("the coordinator stopped serving; follow again"),
+                    };
                     return Some((vec![Err(gone)], f.stop()));
                 }
                 let (after, id) = (f.last, f.id.clone());

@@ -332,6 +332,15 @@ struct Term {
     source: tokio::sync::watch::Sender<Option<core::Handle>>,
 }
 
+/// Clears the metrics server's handle to the serving loop when dropped.
+struct Unpublish<'a>(&'a tokio::sync::watch::Sender<Option<core::Handle>>);
+
+impl Drop for Unpublish<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(None);
+    }
+}
+
 /// How [`serve`] ended without an error.
 enum Ended {
     /// Shutdown was asked for.
@@ -427,6 +436,10 @@ async fn serve(
     let stopping = tokio_util::sync::CancellationToken::new();
     let core = core::Core::new(core_cfg, persist, loaded.records, rendezvous.clone(), ids);
     let (handle, core_task) = core::spawn(core, stopping.clone());
+    // Whatever way this function returns from here, the loop stops and the metrics server
+    // lets go of its handle.
+    let _stop_loop = stopping.clone().drop_guard();
+    let _unpublish = Unpublish(&term.source);
     term.source.send_replace(Some(handle.clone()));
 
     let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel::<pb::Progress>(4096);

@@ -20,11 +20,23 @@ pub struct SlowSteps {
 }
 
 impl SlowSteps {
-    /// The knob for `rank` from the environment (None: unset, or another rank's).
-    pub fn from_env(rank: u32) -> anyhow::Result<Option<SlowSteps>> {
-        match std::env::var(VAR) {
-            Ok(v) => parse(&v, rank).with_context(|| format!("{VAR}={v:?}")),
-            Err(_) => Ok(None),
+    /// The knob for `rank` from the environment (None: unset, another rank's, or
+    /// malformed, which is logged and ignored: a test knob never stops a job).
+    pub fn from_env(rank: u32) -> Option<SlowSteps> {
+        let v = std::env::var(VAR).ok()?;
+        match parse(&v, rank).with_context(|| format!("{VAR}={v:?}")) {
+            Ok(Some(s)) => {
+                eprintln!(
+                    "trainer: warning: {VAR} is set: this rank is slowed on purpose ({}x on steps {}..{}); a test knob",
+                    s.factor, s.from, s.to
+                );
+                Some(s)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                eprintln!("trainer: warning: ignoring the test knob: {e:#}");
+                None
+            }
         }
     }
 

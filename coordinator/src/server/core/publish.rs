@@ -19,6 +19,10 @@ impl Core {
         for id in std::mem::take(&mut self.changed) {
             if let Some(job) = self.jobs.get(&id) {
                 self.cfg.metrics.observe(job);
+                if job.state != JobState::Running {
+                    // A generation's telemetry ends with it.
+                    self.telemetry.remove(&id);
+                }
             }
             if self.persist_job(&id) {
                 self.publish(&id);

@@ -120,8 +120,11 @@ impl Core {
         // Change detection costs the header, not the ranks: those count their own changes.
         let before = job.without_bulk(|j| j.clone());
         let rank_writes = job.ranks.writes();
+        let events = job.events.newest_seq();
         let (mut job, actions) = crate::job::next(job, event, now_ms());
-        let changed = job.ranks.writes() != rank_writes || job.without_bulk(|j| *j != before);
+        let changed = job.ranks.writes() != rank_writes
+            || job.events.newest_seq() != events
+            || job.without_bulk(|j| *j != before);
         if changed {
             job.updated_unix_ms = now_ms();
             if job.state != before.state {

@@ -7,6 +7,9 @@ use crate::straggler::{Change, Detector, WINDOW};
 
 use super::*;
 
+/// Flagged ranks a job's status lists (its header stays small).
+const MAX_SHOWN: usize = 32;
+
 /// One job generation's telemetry.
 #[derive(Debug, Default)]
 pub(super) struct Telemetry {
@@ -34,12 +37,24 @@ impl Telemetry {
 impl Core {
     /// Takes a valid report's per-step facts; flags and clears stragglers.
     pub(super) fn telemetry(&mut self, p: &ProgressReport) {
-        let t = self.telemetry.entry(p.job_id.clone()).or_default();
+        let Some(job) = self.jobs.get(&p.job_id) else {
+            return;
+        };
+        // The rank is the worker's word: only the job's own ranks count (this bounds what is
+        // kept per job by its world size), and only while it runs.
+        let world = job.ranks.len() as u32;
+        if p.rank >= world || job.state != JobState::Running {
+            return;
+        }
+        let fresh = || Telemetry {
+            generation: p.generation,
+            // Flags saved with the job (a coordinator that took it over) stay clearable.
+            detector: Detector::new(world, job.stragglers.iter().map(|s| s.rank)),
+            ranks: HashMap::new(),
+        };
+        let t = self.telemetry.entry(p.job_id.clone()).or_insert_with(fresh);
         if t.generation != p.generation {
-            *t = Telemetry {
-                generation: p.generation,
-                ..Telemetry::default()
-            };
+            *t = fresh();
         }
         t.ranks.insert(
             p.rank,
@@ -71,12 +86,15 @@ impl Core {
                     let pct = (slowdown - 1.0) * 100.0;
                     tracing::warn!(job = %id, generation = job.generation, rank, node = %node, slower_pct = format!("{pct:.0}"), "straggler");
                     job.stragglers.retain(|s| s.rank != rank);
-                    job.stragglers.push(Straggler {
-                        rank,
-                        node: node.clone(),
-                        slowdown,
-                        since_step: step,
-                    });
+                    // The status names the first few; the events and metrics name them all.
+                    if job.stragglers.len() < MAX_SHOWN {
+                        job.stragglers.push(Straggler {
+                            rank,
+                            node: node.clone(),
+                            slowdown,
+                            since_step: step,
+                        });
+                    }
                     let message = format!(
                         "rank {rank} on {node}: compute time per step {pct:.0}% above its peers' median over the last {WINDOW} steps"
                     );
