@@ -331,8 +331,8 @@ fn etcd_members_and_the_whole_etcd_cluster_restart_under_a_running_job() {
     // One member down: the cluster keeps its quorum and the coordinators work on.
     c.etcd.as_mut().unwrap().stop_member(0);
     let queued = c.submit("queued.yaml", "command: [\"true\"]\n");
-    let st = c.status(&queued);
-    assert_eq!(st["state"], "PENDING", "{st:#}");
+    // (Polled: losing a member may cost the leader its lease, and a call its answer.)
+    c.wait_state(&queued, &["PENDING"], Duration::from_secs(30));
     c.etcd.as_mut().unwrap().start_member(0);
     let during = c.wait_all_ranks_running(&job, Duration::from_secs(30));
     assert_eq!(rank_pids(&during), rank_pids(&before), "{during:#}");
@@ -364,8 +364,8 @@ fn etcd_members_and_the_whole_etcd_cluster_restart_under_a_running_job() {
     assert_eq!(rank_pids(&after), rank_pids(&before), "{after:#}");
     assert_eq!(after["generation"], before["generation"], "{after:#}");
     assert_eq!(after["restart_count"].as_u64().unwrap_or(0), 0, "{after:#}");
-    let st = c.status(&queued);
-    assert_eq!(st["state"], "PENDING", "{st:#}");
+    // (Polled: losing a member may cost the leader its lease, and a call its answer.)
+    c.wait_state(&queued, &["PENDING"], Duration::from_secs(30));
     c.finish_held_job(&job, 4);
     let st = c.wait_state(&queued, &["SUCCEEDED", "FAILED"], Duration::from_secs(60));
     assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
