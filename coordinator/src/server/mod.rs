@@ -313,13 +313,27 @@ pub async fn run(
         } else {
             tokio::spawn(async move { l.resign().await });
         }
-        match ended? {
-            Ended::Stopped => return Ok(()),
-            Ended::LostLeadership { epoch } => {
+        match ended {
+            Ok(Ended::Stopped) => return Ok(()),
+            Ok(Ended::LostLeadership { epoch }) => {
                 tracing::warn!(
                     epoch,
                     "rejoining the election as a standby after losing leadership"
                 );
+            }
+            Err(e) if shut.is_cancelled() => return Err(e),
+            // Leading failed (the state could not be read just after the election: etcd lost
+            // a member or its quorum in between): another coordinator, or this one a moment
+            // later, takes over rather than the process ending.
+            Err(e) => {
+                tracing::error!(
+                    error = %format!("{e:#}"),
+                    "could not lead; rejoining the election as a standby"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = shut.cancelled() => return Ok(()),
+                }
             }
         }
     }
