@@ -612,7 +612,9 @@ fn a_slow_rank_is_flagged_as_a_straggler_and_cleared_when_it_recovers() {
     );
     let since = s[0]["since_step"].as_u64().unwrap();
     assert!((20..=70).contains(&since), "flagged at step {since}");
-    assert!(s[0]["slowdown"].as_f64().unwrap() > 1.3, "{flagged:#}");
+    // Above the flagging threshold (how far above depends on how much of the 20-step window
+    // the slow steps filled when the flag was raised, and on the machine's load).
+    assert!(s[0]["slowdown"].as_f64().unwrap() > 1.1, "{flagged:#}");
     let scraped = metrics_text(&metrics);
     let want = format!("ringmaster_rank_straggler{{job=\"{job}\",rank=\"2\",node=\"w1\"}} 1");
     assert!(scraped.contains(&want), "{want} in:\n{scraped}");
