@@ -8,14 +8,17 @@
 //! Layout:
 //! - [`env`] — the worker environment (torchrun / DeepSpeed names).
 //! - [`lock`] — one agent per work dir (`<work-dir>/agent.lock`).
+//! - [`metrics`] — Prometheus metrics (`--metrics-listen`): workers, exits, captured output,
+//!   memory, the coordinator connection.
 //! - [`paths`] — the allowed roots a job may write under (`--allowed-root`).
 //! - [`supervisor`] — spawning, log capture, process-group signals.
 //! - [`logging`], [`shutdown_signal`] — from `ringmaster-common`, shared with the coordinator's
 //!   binaries; [`error_chain`] from `ringmaster-auth`.
-//! - this file — [`Config`] and [`run`], the connection loop.
+//! - this file — [`Config`] and [`run`] / [`run_with_metrics`], the connection loop.
 
 pub mod env;
 pub mod lock;
+pub mod metrics;
 pub mod paths;
 pub mod supervisor;
 
@@ -117,6 +120,7 @@ struct Agent {
     cfg: Config,
     incarnation: String,
     sup: Supervisor,
+    metrics: metrics::Metrics,
     /// Exits not yet delivered to the coordinator.
     undelivered: Vec<pb::WorkerExited>,
     fetches: HashMap<u64, LogFetch>,
@@ -156,8 +160,18 @@ fn default_advertise(join: &str) -> String {
 /// # Errors
 /// A refusal (wrong token, unknown node...), a bad address, an unusable work dir (or one another
 /// agent holds) or an unusable allowed root.
-pub async fn run(
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+    run_with_metrics(cfg, None, shutdown).await
+}
+
+/// As [`run`], and serves Prometheus metrics on `metrics_listener` (`--metrics-listen`; see
+/// [`metrics`]) from the moment the work dir is this agent's until the function returns.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_metrics(
     mut cfg: Config,
+    metrics_listener: Option<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let joins = ringmaster_auth::client::addresses(&cfg.join);
@@ -193,6 +207,20 @@ pub async fn run(
         ringmaster_auth::client::endpoint(a, &cfg.tls)
             .map_err(|e| AgentError::BadTls(e.to_string()))?;
     }
+    let metrics = metrics::Metrics::new();
+    // Stops the metrics server whatever way this function returns.
+    let metrics_stop = CancellationToken::new();
+    let _metrics_stop = metrics_stop.clone().drop_guard();
+    if let Some(listener) = metrics_listener {
+        if let Ok(at) = listener.local_addr() {
+            tracing::info!(%at, "Prometheus metrics at http://{at}/metrics");
+        }
+        tokio::spawn(ringmaster_common::metrics::serve(
+            listener,
+            metrics.render(),
+            metrics_stop,
+        ));
+    }
     let (exit_tx, mut exit_rx) = mpsc::channel::<pb::WorkerExited>(1024);
     let mut sup = Supervisor::new(
         cfg.work_dir.clone(),
@@ -204,13 +232,15 @@ pub async fn run(
     )
     .with_log_rotation(cfg.log_rotation)
     .with_allowed_roots(roots)
-    .with_worker_user(cfg.worker_user.clone());
+    .with_worker_user(cfg.worker_user.clone())
+    .with_metrics(metrics.clone());
     sup.set_tls(&cfg.tls);
     let incarnation = format!("{:016x}", rand::random::<u64>());
     let mut agent = Agent {
         cfg,
         incarnation,
         sup,
+        metrics,
         undelivered: Vec::new(),
         fetches: HashMap::new(),
         hb_seq: 0,
@@ -224,8 +254,11 @@ pub async fn run(
     let mut backoff = initial_backoff;
     let mut up: Option<Up> = None;
     let mut retry_at = Instant::now();
+    let mut joined_before = false;
     tokio::pin!(shutdown);
     let result = loop {
+        agent.metrics.set_connected(up.is_some());
+        agent.metrics.set_undelivered(agent.undelivered.len());
         match up.as_mut() {
             None => {
                 tokio::select! {
@@ -236,6 +269,10 @@ pub async fn run(
                             Ok(u) => {
                                 backoff = initial_backoff;
                                 up = Some(u);
+                                if joined_before {
+                                    agent.metrics.reconnected();
+                                }
+                                joined_before = true;
                             }
                             Err(ConnectError::Fatal(message)) => {
                                 break Err(AgentError::Refused { addr: agent.cfg.join.clone(), message });
@@ -503,6 +540,7 @@ impl Agent {
         tx: Option<&mpsc::Sender<pb::AgentMessage>>,
     ) {
         tracing::info!(job = %e.job_id, generation = e.generation, rank = e.rank, exit_code = ?e.exit_code, signal = ?e.signal, "worker exited");
+        self.metrics.worker_exited(e.exit_code, e.signal);
         self.sup.reap(&(e.job_id.clone(), e.generation, e.rank));
         let msg = pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::WorkerExited(e.clone())),

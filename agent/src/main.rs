@@ -60,6 +60,10 @@ struct Args {
     /// Grace between SIGTERM and SIGKILL for workers when the agent shuts down.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (plain HTTP, no credential: bind
+    /// an address only the monitoring system reaches). Off by default.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -162,6 +166,17 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("building the tokio runtime");
+    // Bound before anything starts, so that a taken port is an error at once.
+    let metrics_listener = match args.metrics_listen {
+        Some(at) => match rt.block_on(tokio::net::TcpListener::bind(at)) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("agent: --metrics-listen {at}: cannot listen: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
     let result = rt.block_on(async move {
         let shutdown = async {
             ringmaster_agent::shutdown_signal().await;
@@ -172,7 +187,7 @@ fn main() -> ExitCode {
                 std::process::exit(130);
             });
         };
-        ringmaster_agent::run(cfg, shutdown).await
+        ringmaster_agent::run_with_metrics(cfg, metrics_listener, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,10 +3,13 @@
 //!
 //! Layout:
 //! - [`logging`] — the tracing setup of every binary (text or JSON lines on stderr).
+//! - [`metrics`] — the daemons' Prometheus endpoint: `GET /metrics` on plain HTTP, the text
+//!   rendered by the caller.
 //! - [`names`] — the check on names that become one path component (nodes, jobs).
 //! - [`shutdown_signal`] — the binaries' shutdown request (SIGTERM or SIGINT).
 
 pub mod logging;
+pub mod metrics;
 pub mod names;
 
 /// Resolves on the first SIGTERM or SIGINT (the binaries' shutdown request).

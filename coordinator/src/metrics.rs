@@ -12,8 +12,9 @@
 //!   most [`MAX_RANK_SERIES`] ranks. A finished job has no series at all, so the label
 //!   cardinality is bounded by the running jobs.
 //!
-//! Served on plain HTTP (hyper), separate from the gRPC port, without credentials: bind it to an
-//! address only the monitoring system reaches.
+//! Served on plain HTTP by [`ringmaster_common::metrics::serve`] (shared with the agent),
+//! separate from the gRPC port, without credentials: bind it to an address only the monitoring
+//! system reaches.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -433,10 +434,6 @@ pub fn render(counters: &Registry, snapshot: Option<&Snapshot>) -> String {
 /// Where a scrape gets the gauges: the serving coordinator's loop, when it leads.
 pub type SnapshotSource = tokio::sync::watch::Receiver<Option<crate::server::core::Handle>>;
 
-/// Connections served at once; more are closed at accept.
-const MAX_CONNECTIONS: usize = 16;
-/// The longest a connection may take, request to response written.
-const CONNECTION_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long a snapshot is reused: a burst of scrapes costs the loop one.
 const SNAPSHOT_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -459,74 +456,23 @@ async fn snapshot(source: &SnapshotSource, cache: &SnapshotCache) -> Option<Snap
     Some(s)
 }
 
-/// Serves `GET /metrics` on `listener` until `stop`.
+/// Serves `GET /metrics` on `listener` until `stop` (the HTTP side, shared with the agent, is
+/// [`ringmaster_common::metrics::serve`]).
 pub async fn serve(
     listener: TcpListener,
     counters: Arc<Registry>,
     source: SnapshotSource,
     stop: CancellationToken,
 ) {
-    use http_body_util::Full;
-    use hyper::body::Bytes;
-    use hyper::{Method, Response, StatusCode};
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let cache: SnapshotCache = Arc::default();
-    loop {
-        let (stream, _) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors, typically: wait rather than spin.
-                    tracing::warn!(error = %e, "metrics listener: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(
-                "metrics listener: {MAX_CONNECTIONS} connections open; closing a new one"
-            );
-            continue;
-        };
+    let render: ringmaster_common::metrics::Render = Arc::new(move || {
         let (counters, source, cache) = (counters.clone(), source.clone(), cache.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                let (counters, source, cache) = (counters.clone(), source.clone(), cache.clone());
-                async move {
-                    if req.method() != Method::GET || req.uri().path() != "/metrics" {
-                        let mut not_found = Response::new(Full::new(Bytes::from_static(
-                            b"not found: the metrics are at GET /metrics\n",
-                        )));
-                        *not_found.status_mut() = StatusCode::NOT_FOUND;
-                        return Ok::<_, std::convert::Infallible>(not_found);
-                    }
-                    let snapshot = snapshot(&source, &cache).await;
-                    let text = render(&counters, snapshot.as_ref());
-                    let mut ok = Response::new(Full::new(Bytes::from(text)));
-                    ok.headers_mut().insert(
-                        http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static(
-                            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-                        ),
-                    );
-                    Ok(ok)
-                }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(io, service);
-            match tokio::time::timeout(CONNECTION_TIME, conn).await {
-                Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended"),
-                Err(_) => tracing::debug!("metrics connection closed after {CONNECTION_TIME:?}"),
-                Ok(Ok(())) => {}
-            }
-        });
-    }
+        Box::pin(async move {
+            let snapshot = snapshot(&source, &cache).await;
+            render(&counters, snapshot.as_ref())
+        })
+    });
+    ringmaster_common::metrics::serve(listener, render, stop).await;
 }
 
 #[cfg(test)]
@@ -593,7 +539,9 @@ mod tests {
         assert!(text.contains("ringmaster_leader 0"), "{text}");
     }
 
-    /// Every metric the example Grafana dashboard queries is one this coordinator serves.
+    /// Every metric the example Grafana dashboard queries is one this coordinator serves (the
+    /// agents' `ringmaster_agent_*` series are checked against the agent's encoder, in
+    /// agent/src/metrics.rs).
     #[test]
     fn the_dashboard_queries_metrics_that_exist() {
         let dashboard = include_str!("../../deploy/grafana/ringmaster.json");
@@ -642,6 +590,7 @@ mod tests {
                 &rest[..end]
             })
             .collect();
+        names.retain(|n| !n.starts_with("ringmaster_agent_"));
         names.sort_unstable();
         names.dedup();
         assert!(names.len() >= 10, "{names:?}");

@@ -314,6 +314,106 @@ fn a_failed_rank_restarts_the_whole_gang() {
     assert!(status.contains(" 404 "), "{status}");
 }
 
+/// The value of `series` (`name` or `name{labels}`) in a `/metrics` text.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn an_agent_serves_its_workers_in_its_own_metrics() {
+    let mut c = Cluster::start(Some("w0 slots=2\n"), "10s");
+    let metrics = format!("127.0.0.1:{}", ringmaster_tests::free_port());
+    c.start_agent("w0", 2, &["--metrics-listen", &metrics]);
+    c.wait_joined(&["w0"]);
+    let log = c.agents[0].log_text();
+    assert!(
+        log.contains(&format!("Prometheus metrics at http://{metrics}/metrics")),
+        "{log}"
+    );
+    let (status, body) = http_get(&metrics, "/metrics");
+    assert!(status.contains(" 200 "), "{status}");
+    assert_eq!(
+        sample(&body, "ringmaster_agent_connected"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "ringmaster_agent_workers{state=\"running\"}"),
+        Some(0.0),
+        "{body}"
+    );
+    // Two ranks print a line each, then wait for `out/finish`.
+    let out = out_dir(&c);
+    let job = c.submit(
+        "chatty.yaml",
+        &format!(
+            "command: [sh, -c, 'echo hello from rank $RANK; while [ ! -e {out}/finish ]; do sleep 0.1; done']\n"
+        ),
+    );
+    c.wait_all_ranks_running(&job, Duration::from_secs(30));
+    // Output reaches the log pumps a moment after the ranks run.
+    let body = wait_until(
+        Duration::from_secs(10),
+        "the agent's metrics to show two running workers and their output",
+        || {
+            let (_, body) = http_get(&metrics, "/metrics");
+            let running = sample(&body, "ringmaster_agent_workers{state=\"running\"}")?;
+            let captured = sample(&body, "ringmaster_agent_log_bytes_total")?;
+            (running == 2.0 && captured >= "hello from rank 0\n".len() as f64 * 2.0).then_some(body)
+        },
+    );
+    for series in [
+        "ringmaster_agent_resident_memory_bytes",
+        "ringmaster_agent_worker_resident_memory_bytes",
+    ] {
+        assert!(
+            sample(&body, series).unwrap_or(0.0) > 0.0,
+            "{series} in:\n{body}"
+        );
+    }
+    assert!(!body.contains(&job), "no per-job series:\n{body}");
+    std::fs::write(c.path("out/finish"), b"").unwrap();
+    let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(30));
+    assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
+    // The agent counted each exit before reporting it, so the job's end shows at once.
+    let (_, body) = http_get(&metrics, "/metrics");
+    for (series, want) in [
+        ("ringmaster_agent_workers{state=\"running\"}", 0.0),
+        ("ringmaster_agent_workers{state=\"exited\"}", 0.0),
+        (
+            "ringmaster_agent_worker_exits_total{outcome=\"success\"}",
+            2.0,
+        ),
+        ("ringmaster_agent_worker_resident_memory_bytes", 0.0),
+        ("ringmaster_agent_reconnects_total", 0.0),
+    ] {
+        assert_eq!(sample(&body, series), Some(want), "{series} in:\n{body}");
+    }
+    assert!(!body.contains("_total_total"), "{body}");
+    let (status, _) = http_get(&metrics, "/other");
+    assert!(status.contains(" 404 "), "{status}");
+    // The coordinator goes away and comes back: disconnected, then one reconnect.
+    let port: u16 = c.addr.rsplit(':').next().unwrap().parse().unwrap();
+    c.coordinator.as_ref().unwrap().signal(Signal::SIGKILL);
+    c.coordinator
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(5));
+    wait_until(Duration::from_secs(15), "the agent to notice", || {
+        let (_, body) = http_get(&metrics, "/metrics");
+        (sample(&body, "ringmaster_agent_connected")? == 0.0).then_some(())
+    });
+    c.start_coordinator(Some(port));
+    wait_until(Duration::from_secs(15), "the agent to rejoin", || {
+        let (_, body) = http_get(&metrics, "/metrics");
+        let connected = sample(&body, "ringmaster_agent_connected")?;
+        let reconnects = sample(&body, "ringmaster_agent_reconnects_total")?;
+        (connected == 1.0 && reconnects == 1.0).then_some(())
+    });
+}
+
 #[test]
 fn without_restarts_the_job_fails_with_its_root_cause() {
     let c = two_by_two("10s");

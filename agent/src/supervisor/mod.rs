@@ -58,6 +58,8 @@ pub struct Supervisor {
     log_rotation: logs::Rotation,
     /// Where a job's `workdir:` and `output_dir` may lie.
     roots: AllowedRoots,
+    /// Workers held and bytes captured, for `--metrics-listen`.
+    metrics: crate::metrics::Metrics,
 }
 
 pub use ringmaster_common::names::is_safe_component;
@@ -99,7 +101,14 @@ impl Supervisor {
             tls: Default::default(),
             worker_user: None,
             log_rotation: logs::Rotation::default(),
+            metrics: crate::metrics::Metrics::new(),
         }
+    }
+
+    /// Reports workers and captured output to these metrics (by default, metrics of its own).
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Supervisor {
+        self.metrics = metrics;
+        self
     }
 
     /// Workers verify the coordinator with this CA (and server name) too.
@@ -179,6 +188,7 @@ impl Supervisor {
     /// Forgets a worker whose exit was reported.
     pub fn reap(&mut self, key: &WorkerKey) {
         self.workers.remove(key);
+        self.metrics.worker_reaped(key);
     }
 
     /// Starts this node's ranks of `sw`. Returns what to tell the coordinator for each.
@@ -282,12 +292,10 @@ impl Supervisor {
             let pid = child.id().expect("a just-spawned child has a pid");
             tracing::info!(job = %sw.job_id, generation = sw.generation, rank = entry.rank, pid, log = %log_path.display(), "worker started");
             let running = Arc::new(AtomicBool::new(true));
-            let sink = Arc::new(logs::LogSink::new(
-                log,
-                sw.job_id.clone(),
-                sw.generation,
-                entry.rank,
-            ));
+            let sink = Arc::new(
+                logs::LogSink::new(log, sw.job_id.clone(), sw.generation, entry.rank)
+                    .counting(self.metrics.log_bytes()),
+            );
             let stdout = child.stdout.take().expect("stdout is piped");
             let stderr = child.stderr.take().expect("stderr is piped");
             let exits = self.exits.clone();
@@ -314,6 +322,8 @@ impl Supervisor {
                 };
                 let _ = exits.send(exited(&k, code, sig, sink.tail())).await;
             });
+            self.metrics
+                .worker_started(key.clone(), pid, running.clone());
             self.workers.insert(
                 key,
                 Worker {

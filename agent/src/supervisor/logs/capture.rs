@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 
 use super::rotate::RankLog;
@@ -23,6 +24,8 @@ const MAX_LINE_SHOWN: usize = 4096;
 pub struct LogSink {
     log: Mutex<RankLog>,
     tail: Mutex<VecDeque<String>>,
+    /// Bytes taken from the pipes (the agent's `log_bytes` metric, shared by every worker).
+    captured: Counter,
     pub job: String,
     pub generation: u64,
     pub rank: u32,
@@ -33,10 +36,18 @@ impl LogSink {
         LogSink {
             log: Mutex::new(log),
             tail: Mutex::new(VecDeque::with_capacity(TAIL_LINES)),
+            captured: Counter::default(),
             job,
             generation,
             rank,
         }
+    }
+
+    /// Counts the captured bytes on `counter` (the agent's `log_bytes` metric) rather than on
+    /// a counter of its own.
+    pub fn counting(mut self, counter: Counter) -> LogSink {
+        self.captured = counter;
+        self
     }
 
     /// The last lines, oldest first.
@@ -52,6 +63,7 @@ impl LogSink {
     /// Takes one line (or one piece of a cut line: `continued` when it goes on from the last
     /// piece of this pipe).
     fn line(&self, piece: &[u8], continued: bool) {
+        self.captured.inc_by(piece.len() as u64);
         self.log.lock().expect("rank log lock").write(piece);
         let complete = piece.last() == Some(&b'\n');
         // Decode no more than the shown characters can take (4 bytes each at most).
@@ -125,12 +137,14 @@ mod tests {
     #[tokio::test]
     async fn long_lines_are_cut_at_64_kib_and_the_file_keeps_every_byte() {
         let t = tempfile::tempdir().unwrap();
-        let s = sink(t.path(), Rotation::default());
+        let captured = Counter::default();
+        let s = sink(t.path(), Rotation::default()).counting(captured.clone());
         let mut input = vec![b'a'; MAX_LINE * 2 + 100];
         input.push(b'\n');
         input.extend_from_slice(b"short\nno newline at the end");
         pump(&input[..], &s).await;
         assert_eq!(std::fs::read(t.path().join("rank-0.log")).unwrap(), input);
+        assert_eq!(captured.get(), input.len() as u64);
         let tail = s.tail();
         // Three pieces of the long line (cut, cut, end), then the two short lines.
         assert_eq!(
