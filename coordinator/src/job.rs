@@ -169,6 +169,8 @@ pub struct Progress {
     pub total_steps: Option<u64>,
     pub loss: Option<f64>,
     pub tokens_per_second: Option<f64>,
+    #[serde(default)]
+    pub grad_norm: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

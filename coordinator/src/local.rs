@@ -112,6 +112,8 @@ pub async fn run(
     }
     let mut agents = Vec::new();
     let mut readers = Vec::new();
+    // Worker lines go through the watch, which shows them above its live view (or on stderr).
+    let (line_tx, mut line_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     for name in &names {
         let mut cmd = tokio::process::Command::new(&agent);
         cmd.arg("--join")
@@ -166,7 +168,11 @@ pub async fn run(
         match cmd.spawn() {
             Ok(mut child) => {
                 if let Some(err) = child.stderr.take() {
-                    readers.push(tokio::spawn(show_agent_output(name.clone(), err)));
+                    readers.push(tokio::spawn(show_agent_output(
+                        name.clone(),
+                        err,
+                        line_tx.clone(),
+                    )));
                 }
                 agents.push(child);
             }
@@ -196,7 +202,7 @@ pub async fn run(
     // An agent that exits while the job runs (a wrong `agent` binary, a work dir locked by
     // another agent) would leave the job pending for ever: it ends the run, naming the agent.
     let result = tokio::select! {
-        r = drive(&target, &sub, output) => r,
+        r = drive(&target, &sub, output, &mut line_rx, line_tx.clone()) => r,
         (name, status) = first_exit(&mut agents, &names) => Err(CliError::failed(format!(
             "the agent of {name} exited ({status}) while the job ran; its output is above"
         ))),
@@ -204,8 +210,12 @@ pub async fn run(
 
     stop_agents(agents).await;
     // The agents are gone: their pipes end once the last lines are shown.
+    drop(line_tx);
     for r in readers {
         let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+    }
+    while let Ok(line) = line_rx.try_recv() {
+        eprintln!("{line}");
     }
     stop_coordinator.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), coordinator).await;
@@ -216,7 +226,11 @@ pub async fn run(
 /// a worker's line as `[rank 2] text`, the agent's warnings and errors as
 /// `[node-1] WARN message key=value` (keys in name order), anything that is not a JSON record
 /// as it is.
-async fn show_agent_output(node: String, err: tokio::process::ChildStderr) {
+async fn show_agent_output(
+    node: String,
+    err: tokio::process::ChildStderr,
+    lines: tokio::sync::mpsc::UnboundedSender<String>,
+) {
     use tokio::io::AsyncBufReadExt;
     let mut reader = tokio::io::BufReader::new(err);
     let mut buf = Vec::new();
@@ -224,8 +238,11 @@ async fn show_agent_output(node: String, err: tokio::process::ChildStderr) {
     // would block once the pipe is full).
     while matches!(reader.read_until(b'\n', &mut buf).await, Ok(n) if n > 0) {
         let line = String::from_utf8_lossy(&buf);
-        if let Some(shown) = agent_line(&node, line.trim_end_matches(['\n', '\r'])) {
-            eprintln!("{shown}");
+        if let Some(shown) = agent_line(&node, line.trim_end_matches(['\n', '\r']))
+            && let Err(e) = lines.send(shown)
+        {
+            // The watch is over: straight to stderr.
+            eprintln!("{}", e.0);
         }
         buf.clear();
     }
@@ -317,6 +334,8 @@ async fn drive(
     target: &cli::Target,
     sub: &spec::Submission,
     output: Output,
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    say: tokio::sync::mpsc::UnboundedSender<String>,
 ) -> Result<Exit, CliError> {
     let mut client = cli::connect(target).await?;
     let job = cli::submit(&mut client, sub).await?;
@@ -325,12 +344,12 @@ async fn drive(
     }
     let mut watch_client = client.clone();
     let id = job.id.clone();
-    let watch = cli::watch_job(&mut watch_client, &id, output, None);
+    let watch = cli::watch_job(&mut watch_client, &id, output, None, Some(lines));
     tokio::pin!(watch);
     tokio::select! {
         r = &mut watch => r,
         _ = tokio::signal::ctrl_c() => {
-            eprintln!("interrupted: cancelling {id}");
+            let _ = say.send(format!("interrupted: cancelling {id}"));
             let _ = client
                 .cancel(ringmaster_proto::CancelRequest { job_id: id.clone(), grace_ms: 5_000 })
                 .await;

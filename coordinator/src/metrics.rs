@@ -214,6 +214,7 @@ pub struct JobSnapshot {
     pub total_steps: Option<u64>,
     pub loss: Option<f64>,
     pub tokens_per_second: Option<f64>,
+    pub grad_norm: Option<f64>,
     /// Each rank, when the job has at most [`MAX_RANK_SERIES`] (flagged stragglers always).
     pub ranks: Vec<RankSnapshot>,
 }
@@ -287,6 +288,7 @@ impl Snapshot {
                 total_steps: j.progress.total_steps,
                 loss: j.progress.loss,
                 tokens_per_second: j.progress.tokens_per_second,
+                grad_norm: j.progress.grad_norm,
                 ranks,
             });
         }
@@ -327,7 +329,7 @@ impl Snapshot {
         let float = || Family::<JobLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let int = || Family::<JobLabel, Gauge>::default();
         let (step, total, restarts, world, generation) = (int(), int(), int(), int(), int());
-        let (loss, tps) = (float(), float());
+        let (loss, tps, grad_norm) = (float(), float(), float());
         let rank_step: Family<RankLabels, Gauge> = Family::default();
         let rank_float =
             || Family::<RankLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
@@ -347,6 +349,9 @@ impl Snapshot {
             }
             if let Some(v) = j.tokens_per_second.filter(|v| v.is_finite()) {
                 tps.get_or_create(&l).set(v);
+            }
+            if let Some(v) = j.grad_norm.filter(|v| v.is_finite()) {
+                grad_norm.get_or_create(&l).set(v);
             }
             restarts.get_or_create(&l).set(i64::from(j.restarts));
             world.get_or_create(&l).set(i64::from(j.world_size));
@@ -375,6 +380,11 @@ impl Snapshot {
         r.register("job_step", "Training step of a running job (rank 0)", step);
         r.register("job_total_steps", "Steps a running job will take", total);
         r.register("job_loss", "Training loss at the last step (rank 0)", loss);
+        r.register(
+            "job_grad_norm",
+            "Gradient norm before clipping at the last step (rank 0)",
+            grad_norm,
+        );
         r.register(
             "job_tokens_per_second",
             "Tokens per second of the whole job (global batch)",
@@ -563,6 +573,7 @@ mod tests {
             total_steps: Some(10),
             loss: Some(1.5),
             tokens_per_second: Some(100.0),
+            grad_norm: Some(0.5),
         };
         j.ranks.report(0, 5, 1, 0);
         // One that failed, so that the labelled counters have a sample.
@@ -580,6 +591,10 @@ mod tests {
             |_, _| None,
         );
         let text = render(&registry, Some(&snapshot));
+        assert!(
+            text.contains("ringmaster_job_grad_norm{job=\"d-1\"} 0.5"),
+            "{text}"
+        );
         let mut names: Vec<&str> = dashboard
             .match_indices("ringmaster_")
             .map(|(i, _)| {

@@ -48,6 +48,9 @@ pub fn job_status(job: &Job) -> pb::JobStatus {
                 exit_code: r.exit_code,
                 signal: r.signal,
                 collective_seq: r.collective_seq,
+                // Filled from the rank's reports by the serving coordinator
+                // (`Core::job_status`); not part of the saved job.
+                ..Default::default()
             })
             .collect(),
         progress: Some(pb::JobProgress {
@@ -55,6 +58,7 @@ pub fn job_status(job: &Job) -> pb::JobStatus {
             total_steps: job.progress.total_steps,
             loss: job.progress.loss,
             tokens_per_second: job.progress.tokens_per_second,
+            grad_norm: job.progress.grad_norm,
         }),
         last_checkpoint: job.last_checkpoint.as_ref().map(|c| pb::CheckpointRef {
             step: c.step,
@@ -226,12 +230,17 @@ pub fn to_json(s: &pb::JobStatus) -> Value {
             "exit_code": r.exit_code,
             "signal": r.signal,
             "collective_seq": r.collective_seq,
+            "step_seconds": r.step_seconds,
+            "collective_wait_seconds": r.collective_wait_seconds,
+            "memory_bytes": r.memory_bytes,
+            "device": r.device,
         })).collect::<Vec<_>>(),
         "progress": {
             "step": p.step,
             "total_steps": p.total_steps,
             "loss": p.loss,
             "tokens_per_second": p.tokens_per_second,
+            "grad_norm": p.grad_norm,
         },
         "last_checkpoint": s.last_checkpoint.as_ref().map(|c| json!({"step": c.step, "path": c.path})),
         "resumed_from": s.resumed_from.as_ref().map(|c| json!({"step": c.step, "path": c.path})),
@@ -324,7 +333,13 @@ mod tests {
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }
-        for k in ["step", "total_steps", "loss", "tokens_per_second"] {
+        for k in [
+            "step",
+            "total_steps",
+            "loss",
+            "tokens_per_second",
+            "grad_norm",
+        ] {
             assert!(v["progress"].get(k).unwrap().is_null(), "{k}");
         }
         assert!(v["failure"].is_null());

@@ -57,6 +57,22 @@ impl Placement {
             Placement::Cuda { ordinal, .. } => Fabric::Nccl { device: *ordinal },
         }
     }
+
+    /// The short name the progress reports carry (`ringctl watch`'s DEVICE column): `cpu`,
+    /// `cpu (ndarray)`, `cuda:0`.
+    pub fn label(&self) -> String {
+        match self {
+            Placement::Cpu {
+                backend: CpuBackend::Flex,
+                ..
+            } => "cpu".into(),
+            Placement::Cpu {
+                backend: CpuBackend::NdArray,
+                ..
+            } => "cpu (ndarray)".into(),
+            Placement::Cuda { ordinal, .. } => format!("cuda:{ordinal}"),
+        }
+    }
 }
 
 impl std::fmt::Display for Placement {

@@ -31,6 +31,8 @@ pub struct StepReport {
     pub compute_seconds: f64,
     /// Seconds of the step spent waiting in collectives.
     pub collective_wait_seconds: f64,
+    /// The step's global gradient norm before clipping, when computed.
+    pub grad_norm: Option<f64>,
 }
 
 /// Sends [`StepReport`]s of one rank to the coordinator. The stream reconnects (every second)
@@ -52,12 +54,14 @@ pub struct ProgressReporter {
 struct Sticky {
     committed: Option<pb::CheckpointRef>,
     resume: Option<pb::ResumeReport>,
+    device: String,
 }
 
 impl Sticky {
     fn apply(&self, p: &mut pb::Progress) {
         p.committed_checkpoint = self.committed.clone();
         p.resume = self.resume.clone();
+        p.device.clone_from(&self.device);
     }
 }
 
@@ -241,6 +245,7 @@ impl ProgressReporter {
             collective_seq: r.collective_seq,
             compute_seconds: r.compute_seconds,
             collective_wait_seconds: r.collective_wait_seconds,
+            grad_norm: r.grad_norm.filter(|g| g.is_finite()),
             ..Default::default()
         };
         if let Ok(s) = self.sticky.lock() {
@@ -280,6 +285,14 @@ impl ProgressReporter {
             *l = Some(p.clone());
         }
         self.send(p);
+    }
+
+    /// Where this rank computes (`cpu`, `cuda:0`), carried by every report from now on.
+    pub fn set_device(&self, label: &str) {
+        let label = label.to_owned();
+        if let Ok(mut s) = self.sticky.lock() {
+            s.device = label;
+        }
     }
 
     /// Rank 0: every rank's shard of the checkpoint at `dir` is written and the commit marker is

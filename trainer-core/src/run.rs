@@ -111,6 +111,7 @@ pub fn train(recipe: &Recipe) -> Result<(), RunError> {
         p.start_heartbeat(seq, std::time::Duration::from_secs(1));
     }
     if let Some(p) = progress.as_ref() {
+        p.set_device(&placement.label());
         let comms = ring.iter().map(|r| r as &dyn Communicator);
         let groups = hybrid.iter().flat_map(|(n, c)| [n.as_ref(), c.as_ref()]);
         for c in comms.chain(groups) {

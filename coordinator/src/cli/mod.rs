@@ -10,6 +10,7 @@
 pub mod certs;
 pub mod estimate;
 mod render;
+pub mod view;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -166,6 +167,19 @@ pub enum Command {
         job: String,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
+    },
+    /// Every job that has not ended, refreshed every `--every`: a table redrawn in place on a
+    /// terminal, the table again when it changes otherwise, a JSON array per update with
+    /// `--output json`. Runs until Ctrl-C (or `--count` updates).
+    Top {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        /// Time between two updates.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        every: Duration,
+        /// Stop after this many updates (0: never).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
     },
     /// Print a rank's log, fetched from its node's agent.
     Logs {
@@ -537,7 +551,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
                 println!("submitted {} ({})", job.id, job.state);
             }
             if watch {
-                return watch_job(&mut client, &job.id, output, Some(&target()?)).await;
+                return watch_job(&mut client, &job.id, output, Some(&target()?), None).await;
             }
             Ok(Exit::Ok)
         }
@@ -595,8 +609,13 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
         Command::Watch { job, output } => {
             let target = target()?;
             let mut client = connect(&target).await?;
-            watch_job(&mut client, &job, output, Some(&target)).await
+            watch_job(&mut client, &job, output, Some(&target), None).await
         }
+        Command::Top {
+            output,
+            every,
+            count,
+        } => top(&target()?, output, every, count).await,
         Command::Logs {
             job,
             rank,
@@ -928,7 +947,233 @@ async fn wait_for(
     })?
 }
 
-/// Follows a job until it ends; exit 0 if it succeeded, 1 otherwise.
+/// `ringctl top`: the jobs that have not ended, every `every`, `count` times (0: until
+/// Ctrl-C). A coordinator that goes away is looked for again, as `watch` does.
+async fn top(
+    target: &Target,
+    output: Output,
+    every: Duration,
+    count: u64,
+) -> Result<Exit, CliError> {
+    if every < Duration::from_millis(100) {
+        return Err(CliError::usage("--every must be at least 100ms"));
+    }
+    let mode = view::mode(output);
+    let mut top = view::TopView::default();
+    let mut live: Option<view::Live> = None;
+    let mut printed: Option<Vec<[String; 10]>> = None;
+    let mut client: Option<Client> = None;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lost_since: Option<tokio::time::Instant> = None;
+    let mut done = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        let reply = match client.as_mut() {
+            Some(c) => c.list(pb::ListJobsRequest {}).await.map_err(CliError::from),
+            None => match connect(target).await {
+                Ok(mut c) => {
+                    let r = c.list(pb::ListJobsRequest {}).await.map_err(CliError::from);
+                    client = Some(c);
+                    r
+                }
+                Err(e) => Err(e),
+            },
+        };
+        let jobs = match reply {
+            Ok(r) => {
+                lost_since = None;
+                r.into_inner().jobs
+            }
+            Err(e) if e.exit == Exit::Usage => return Err(e),
+            Err(e) => {
+                client = None;
+                let since = *lost_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= REWATCH_FOR {
+                    if let Some(l) = live.take() {
+                        l.finish();
+                    }
+                    return Err(CliError::failed(format!(
+                        "top: lost the coordinator and found none within {}s: {}",
+                        REWATCH_FOR.as_secs(),
+                        e.message
+                    )));
+                }
+                continue;
+            }
+        };
+        top.update(jobs);
+        match mode {
+            view::Mode::Json => print_json(&serde_json::Value::Array(
+                top.jobs().iter().map(status::to_json).collect(),
+            )),
+            view::Mode::Plain => {
+                let rows = top.rows();
+                // The AGE column changes every second: a change is in the other columns.
+                let key: Vec<[String; 10]> = rows
+                    .iter()
+                    .map(|r| {
+                        let mut r = r.clone();
+                        r[9].clear();
+                        r
+                    })
+                    .collect();
+                if printed.as_ref() != Some(&key) {
+                    let mut all = vec![view::TopView::HEADER.map(String::from).to_vec()];
+                    all.extend(rows.into_iter().map(|r| r.to_vec()));
+                    print!("{}", render::table_aligned(&all, |_| false));
+                    println!();
+                    printed = Some(key);
+                }
+            }
+            view::Mode::Live => {
+                if live.is_none() {
+                    live = Some(view::Live::on_stdout(view::TopView::height()).map_err(|e| {
+                        CliError::failed(format!("top: the terminal cannot show the view: {e}"))
+                    })?);
+                }
+                if let Some(l) = live.as_mut() {
+                    l.draw(|f, area| top.draw(f, area))
+                        .map_err(|e| CliError::failed(format!("top: {e}")))?;
+                }
+            }
+        }
+        done += 1;
+        if count > 0 && done >= count {
+            break;
+        }
+    }
+    if let Some(l) = live {
+        l.finish();
+    }
+    Ok(Exit::Ok)
+}
+
+/// How `watch_job` shows the job: the live view, lines, or JSON objects.
+enum Display {
+    Live {
+        view: Box<view::JobView>,
+        live: Option<Box<view::Live>>,
+    },
+    Plain(render::WatchPrinter),
+    Json,
+}
+
+impl Display {
+    fn new(output: Output) -> Display {
+        match view::mode(output) {
+            view::Mode::Live => Display::Live {
+                view: Box::default(),
+                live: None,
+            },
+            view::Mode::Plain => Display::Plain(render::WatchPrinter::default()),
+            view::Mode::Json => Display::Json,
+        }
+    }
+
+    fn is_live(&self) -> bool {
+        matches!(self, Display::Live { .. })
+    }
+
+    fn update(&mut self, st: &pb::JobStatus) {
+        match self {
+            Display::Json => print_json(&status::to_json(st)),
+            Display::Plain(p) => p.update(st),
+            Display::Live { view, .. } => {
+                view.update(st.clone(), std::time::Instant::now());
+                self.redraw();
+            }
+        }
+    }
+
+    /// Redraws the live view (the terminal is set up at the first status, sized for the
+    /// job's ranks). A terminal that cannot show it turns the display into plain lines.
+    fn redraw(&mut self) {
+        let Display::Live { view, live } = self else {
+            return;
+        };
+        let Some(st) = view.status() else {
+            return;
+        };
+        if live.is_none() {
+            match view::Live::on_stdout(view::JobView::height(st.ranks.len())) {
+                Ok(l) => *live = Some(Box::new(l)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no live view on this terminal: printing lines");
+                    let st = st.clone();
+                    *self = Display::Plain(render::WatchPrinter::default());
+                    self.update(&st);
+                    return;
+                }
+            }
+        }
+        if let Some(l) = live
+            && l.draw(|f, area| view.draw(f, area)).is_err()
+        {
+            *live = None;
+            *self = Display::Plain(render::WatchPrinter::default());
+        }
+    }
+
+    /// A line of a worker's output (`ringctl local`): above the live view, else on stderr.
+    fn line(&mut self, line: &str) {
+        self.lines(&[line.to_owned()]);
+    }
+
+    /// Lines of workers' output (`ringctl local`): above the live view, else on stderr.
+    fn lines(&mut self, lines: &[String]) {
+        if let Display::Live { live: Some(l), .. } = self
+            && l.print_above(lines).is_ok()
+        {
+            // The terminal cleared the view to make room: draw it again at once.
+            self.redraw();
+            return;
+        }
+        for line in lines {
+            eprintln!("{line}");
+        }
+    }
+
+    /// Leaves the live view's last frame on the screen.
+    fn finish(mut self) {
+        self.redraw();
+        if let Display::Live { live: Some(l), .. } = self {
+            l.finish();
+        }
+    }
+}
+
+/// Worker lines shown above the live view in one redraw at most.
+const MAX_LINES_AT_ONCE: usize = 200;
+
+/// After the job ended, worker lines are still shown above the view until none came for
+/// this long...
+const LINES_QUIET: Duration = Duration::from_millis(300);
+/// ...or for this long at most.
+const LINES_LINGER_MAX: Duration = Duration::from_secs(2);
+
+/// The next line from `lines`, or never when there are none.
+async fn next_line(
+    lines: &mut Option<&mut tokio::sync::mpsc::UnboundedReceiver<String>>,
+) -> String {
+    match lines {
+        Some(rx) => match rx.recv().await {
+            Some(l) => l,
+            None => {
+                *lines = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Follows a job until it ends; exit 0 if it succeeded, 1 otherwise. On a terminal it shows
+/// the live view ([`view`]), else a line per change (`--output json`: a JSON object per
+/// update). `lines` (from `ringctl local`) are worker output lines, shown above the view.
 ///
 /// # Errors
 /// Unknown job (exit 2) or a lost connection (exit 1).
@@ -937,6 +1182,7 @@ pub async fn watch_job(
     job: &str,
     output: Output,
     reconnect: Option<&Target>,
+    mut lines: Option<&mut tokio::sync::mpsc::UnboundedReceiver<String>>,
 ) -> Result<Exit, CliError> {
     let mut stream = client
         .watch(pb::WatchRequest {
@@ -945,17 +1191,42 @@ pub async fn watch_job(
         .await?
         .into_inner();
     let mut last: Option<pb::JobStatus> = None;
-    let mut printer = render::WatchPrinter::default();
+    let mut display = Display::new(output);
+    let mut tick = tokio::time::interval(view::TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // `ringctl watch` on a terminal ends on Ctrl-C with its view left in place (`ringctl
+    // local` handles Ctrl-C itself: it cancels the job and watches on).
+    let interrupt = display.is_live() && reconnect.is_some();
     // Reconnects in a row that brought no status (a coordinator that keeps failing the watch).
     let mut fruitless = 0;
     loop {
-        let lost = match stream.next().await {
+        let next = tokio::select! {
+            next = stream.next() => next,
+            line = next_line(&mut lines) => {
+                // What else is waiting goes in the same redraw.
+                let mut batch = vec![line];
+                while let Some(rx) = lines.as_mut()
+                    && batch.len() < MAX_LINES_AT_ONCE
+                    && let Ok(l) = rx.try_recv()
+                {
+                    batch.push(l);
+                }
+                display.lines(&batch);
+                continue;
+            }
+            _ = tick.tick(), if display.is_live() => {
+                display.redraw();
+                continue;
+            }
+            _ = tokio::signal::ctrl_c(), if interrupt => {
+                display.finish();
+                return Err(CliError::failed("interrupted"));
+            }
+        };
+        let lost = match next {
             Some(Ok(st)) => {
                 fruitless = 0;
-                match output {
-                    Output::Json => print_json(&status::to_json(&st)),
-                    Output::Text => printer.update(&st),
-                }
+                display.update(&st);
                 last = Some(st);
                 continue;
             }
@@ -966,6 +1237,7 @@ pub async fn watch_job(
         // The coordinator went away (a restart, a failover to another coordinator): find the
         // one that leads now and watch on from there, for as long as a failover takes.
         let Some(target) = reconnect else {
+            display.finish();
             return Err(lost.into());
         };
         fruitless += 1;
@@ -978,16 +1250,37 @@ pub async fn watch_job(
                     | tonic::Code::Internal
             )
         {
+            display.finish();
             return Err(lost.into());
         }
         if output == Output::Text {
-            eprintln!(
+            display.line(&format!(
                 "watch: lost the coordinator ({}); reconnecting",
                 lost.message()
-            );
+            ));
         }
-        stream = rewatch(target, job).await?;
+        stream = match rewatch(target, job).await {
+            Ok(s) => s,
+            Err(e) => {
+                display.finish();
+                return Err(e);
+            }
+        };
     }
+    // Worker lines still on their way (a rank's last output can arrive after its exit was
+    // reported) go above the final frame: until they stop for a moment.
+    if lines.is_some() {
+        let deadline = tokio::time::Instant::now() + LINES_LINGER_MAX;
+        while let Ok(Ok(line)) = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + LINES_QUIET),
+            async { Ok::<_, ()>(next_line(&mut lines).await) },
+        )
+        .await
+        {
+            display.line(&line);
+        }
+    }
+    display.finish();
     let Some(last) = last else {
         return Err(CliError::failed("watch ended without a status"));
     };

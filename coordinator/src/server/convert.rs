@@ -262,6 +262,11 @@ pub fn progress(p: pb::Progress) -> Option<ProgressReport> {
         compute_seconds: p.compute_seconds,
         collective_wait_seconds: p.collective_wait_seconds,
         memory_bytes: p.memory_bytes,
+        grad_norm: p.grad_norm.filter(|g| g.is_finite() && *g >= 0.0),
+        device: crate::job::cap(
+            p.device.chars().filter(|c| !c.is_control()).collect(),
+            crate::server::core::types::MAX_DEVICE_BYTES,
+        ),
         committed_checkpoint: p.committed_checkpoint.map(checkpoint),
         resume: p.resume.map(|r| ResumeReport {
             from: r.from.map(checkpoint),

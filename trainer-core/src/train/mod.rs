@@ -284,6 +284,7 @@ pub fn train<B: TrainBackend>(
                 collective_seq: eng.collective_seq(),
                 compute_seconds: secs - out.comm_wait,
                 collective_wait_seconds: out.comm_wait,
+                grad_norm: Some(out.grad_norm),
             });
         }
         window.step(done, &out, tokens, lr, scaling.scale())?;

@@ -554,11 +554,7 @@ impl Core {
                 }
             },
             Cmd::Get { id, reply } => {
-                let r = self
-                    .jobs
-                    .get(&id)
-                    .map(status::job_status)
-                    .ok_or_else(|| unknown_job(&id));
+                let r = self.job_status(&id).ok_or_else(|| unknown_job(&id));
                 let _ = reply.send(r);
             }
             Cmd::List { reply } => {
@@ -592,8 +588,8 @@ impl Core {
             Cmd::Watch { id, reply } => {
                 let r = match self.jobs.get(&id) {
                     None => Err(unknown_job(&id)),
-                    Some(job) => {
-                        let st = status::job_status(job);
+                    Some(_) => {
+                        let st = self.job_status(&id).expect("the job exists");
                         Ok(self
                             .watchers
                             .entry(id)

@@ -46,8 +46,9 @@ impl Core {
     }
 
     pub(super) fn publish(&mut self, id: &str) {
-        if let Some(w) = self.watchers.get(id) {
-            let st = status::job_status(&self.jobs[id]);
+        if let Some(w) = self.watchers.get(id)
+            && let Some(st) = self.job_status(id)
+        {
             w.send_replace(st);
             if self.jobs[id].state.is_terminal() && w.receiver_count() == 0 {
                 self.watchers.remove(id);

@@ -116,6 +116,9 @@ impl Core {
             job.progress.total_steps = (p.total_steps > 0).then_some(p.total_steps);
             job.progress.loss = p.loss;
             job.progress.tokens_per_second = Some(p.tokens_per_second);
+            if p.grad_norm.is_some() {
+                job.progress.grad_norm = p.grad_norm;
+            }
         }
         job.updated_unix_ms = now_ms();
         let id = job.id.clone();

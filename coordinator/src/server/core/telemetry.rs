@@ -16,6 +16,8 @@ pub(super) struct Telemetry {
     generation: u64,
     detector: Detector,
     ranks: HashMap<u32, RankFacts>,
+    /// Where each rank computes, as it said (bounded by the report's conversion).
+    devices: HashMap<u32, String>,
 }
 
 /// A rank's last report.
@@ -51,6 +53,7 @@ impl Core {
             // Flags saved with the job (a coordinator that took it over) stay clearable.
             detector: Detector::new(world, job.stragglers.iter().map(|s| s.rank)),
             ranks: HashMap::new(),
+            devices: HashMap::new(),
         };
         let t = self.telemetry.entry(p.job_id.clone()).or_insert_with(fresh);
         if t.generation != p.generation {
@@ -63,6 +66,9 @@ impl Core {
                 memory_bytes: p.memory_bytes,
             },
         );
+        if !p.device.is_empty() && t.devices.get(&p.rank) != Some(&p.device) {
+            t.devices.insert(p.rank, p.device.clone());
+        }
         let changes = t.detector.record(p.rank, p.step, p.compute_seconds);
         if !changes.is_empty() {
             self.stragglers_changed(&p.job_id, changes);
@@ -109,6 +115,24 @@ impl Core {
             }
         }
         self.save(id);
+    }
+
+    /// Job `id`'s status with each rank's telemetry of the running generation (step time,
+    /// collective wait, memory, device): what `ringctl status` and `watch` show.
+    pub(super) fn job_status(&self, id: &str) -> Option<pb::JobStatus> {
+        let job = self.jobs.get(id)?;
+        let mut st = status::job_status(job);
+        if let Some(t) = self.telemetry_of(id, job.generation) {
+            for r in &mut st.ranks {
+                if let Some((mean, facts)) = t.rank(r.rank) {
+                    r.step_seconds = mean;
+                    r.collective_wait_seconds = Some(facts.collective_wait_seconds);
+                    r.memory_bytes = Some(facts.memory_bytes);
+                }
+                r.device = t.devices.get(&r.rank).cloned();
+            }
+        }
+        Some(st)
     }
 
     /// A job's telemetry of its current generation, if any.

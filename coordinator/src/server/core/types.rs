@@ -224,6 +224,9 @@ pub struct ResumeReport {
     pub skipped: Vec<String>,
 }
 
+/// The longest device name a report may carry (longer ones are cut).
+pub const MAX_DEVICE_BYTES: usize = 64;
+
 /// A trainer rank's progress report.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ProgressReport {
@@ -240,6 +243,10 @@ pub struct ProgressReport {
     pub collective_wait_seconds: f64,
     /// The rank's resident memory (or device memory on a GPU), bytes.
     pub memory_bytes: u64,
+    /// The step's gradient norm before clipping (finite), when the trainer computed it.
+    pub grad_norm: Option<f64>,
+    /// Where the rank computes (`cpu`, `cuda:0`), at most [`MAX_DEVICE_BYTES`].
+    pub device: String,
     /// Rank 0: the newest checkpoint the generation committed (re-sent with every report).
     pub committed_checkpoint: Option<CheckpointRef>,
     /// Rank 0: where the generation started from (re-sent with every report).
