@@ -514,6 +514,42 @@ impl LlamaConfig {
             .sum()
     }
 
+    /// Model FLOPs of training on one token (forward and backward) at sequence length
+    /// `seq_len`, the numerator of MFU (model FLOPs utilisation), counted as torchtitan does:
+    ///
+    /// - every parameter that multiplies an activation costs 2 FLOPs per token forward, 2 for
+    ///   the input gradient and, when it trains, 2 for its own gradient: `6 N` trained, `4 N`
+    ///   frozen. The embedding table is a lookup and is left out, unless it is tied to the LM
+    ///   head (then it counts once, as the head). Norm weights and biases are counted too (too
+    ///   few to matter).
+    /// - attention's two activation-by-activation products (`Q Kᵀ` and `P V`), `2 × 2 × heads ×
+    ///   head_dim × seq_len` per token and layer forward, twice that backward: `12 × layers ×
+    ///   heads × head_dim × seq_len`.
+    ///
+    /// Causal masking (half the scores are skipped) and recomputation are not counted, so the
+    /// figure is comparable across runs and implementations.
+    ///
+    /// `lora_adapter`: `None` trains every parameter; `Some(n)` trains `n` adapter parameters
+    /// on top of the frozen base (`4 N_base + 6 n`).
+    pub fn training_flops_per_token(&self, seq_len: usize, lora_adapter: Option<usize>) -> f64 {
+        let embedding = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * self.hidden_size
+        };
+        let dense = self.num_parameters().saturating_sub(embedding) as f64;
+        let params = match lora_adapter {
+            None => 6.0 * dense,
+            Some(adapter) => 4.0 * dense + 6.0 * adapter as f64,
+        };
+        let attention = 12.0
+            * self.num_hidden_layers as f64
+            * self.num_attention_heads as f64
+            * self.head_dim as f64
+            * seq_len as f64;
+        params + attention
+    }
+
     /// The `config.json` text transformers reads (both generations) for this architecture
     /// (`model_type`, `architectures` and the architecture's own keys), weights in `dtype`.
     pub fn to_json(&self, dtype: DType) -> String {
@@ -691,5 +727,49 @@ fn opt_str(o: &Map<String, Value>, k: &str) -> Result<Option<String>> {
             .as_str()
             .map(|s| Some(s.to_string()))
             .ok_or_else(|| cfg_err(k, &format!("`{v}` is not a string"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// vocab 10, hidden 8, 2 layers, 2 heads of 4, 1 kv head, intermediate 8 × 8 / 3 = 21.
+    /// A block: 2 norms of 8; q 8×8, k 4×8, v 4×8, o 8×8; gate, up, down 21×8 each.
+    fn tiny() -> LlamaConfig {
+        LlamaConfig::tiny(10, 8, 2, 2, 1)
+    }
+
+    #[test]
+    fn flops_per_token_match_a_hand_count() {
+        let c = tiny();
+        let block = 2 * 8 + (64 + 32 + 32 + 64) + 3 * (21 * 8);
+        let embedding = 10 * 8;
+        let head = 10 * 8;
+        assert_eq!(c.num_parameters(), embedding + 2 * block + 8 + head);
+        let dense = (2 * block + 8 + head) as f64;
+        let attention = 12.0 * 2.0 * 2.0 * 4.0 * 16.0;
+        assert_eq!(
+            c.training_flops_per_token(16, None),
+            6.0 * dense + attention
+        );
+        // LoRA: the base is frozen (forward and input gradient), the adapters train.
+        assert_eq!(
+            c.training_flops_per_token(16, Some(100)),
+            4.0 * dense + 600.0 + attention
+        );
+        // Tied: the table is the head, counted once; the FLOPs are the same.
+        let mut t = tiny();
+        t.tie_word_embeddings = true;
+        assert_eq!(t.num_parameters(), embedding + 2 * block + 8);
+        assert_eq!(
+            t.training_flops_per_token(16, None),
+            c.training_flops_per_token(16, None)
+        );
+        // Attention grows with the sequence, the parameter term does not.
+        assert_eq!(
+            c.training_flops_per_token(32, None) - c.training_flops_per_token(16, None),
+            attention
+        );
     }
 }
