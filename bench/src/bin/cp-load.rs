@@ -58,6 +58,50 @@ struct Args {
     /// The coordinator's state in a fresh etcd member (`etcd` on PATH) instead of redb.
     #[arg(long)]
     etcd: bool,
+    /// Each rank also streams this many step reports per second (`ReportProgress`, as a
+    /// trainer does; compute times with ±5% noise), from the job's start: what the straggler
+    /// detector and the per-rank telemetry handle.
+    #[arg(long, default_value_t = 0.0)]
+    progress_rate: f64,
+    /// Serve the coordinator's metrics (`--metrics-listen`) and scrape `/metrics` this often
+    /// during the heartbeat phase (e.g. `1s`; needs a coordinator that has the flag).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    scrape_every: Option<Duration>,
+}
+
+/// User and system CPU seconds process `pid` has used so far (/proc/PID/stat).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// One `GET /metrics` over HTTP/1.0; the body's length.
+fn scrape(addr: &str) -> anyhow::Result<usize> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let text = String::from_utf8_lossy(&out);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        bail!("no HTTP response");
+    };
+    if !head.starts_with("HTTP/1.") || !head.contains(" 200 ") {
+        bail!("scrape: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.len())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -84,6 +128,53 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
     v[i]
+}
+
+/// A simulated trainer rank: `rate` step reports per second on one `ReportProgress` stream,
+/// compute time 100 ms ±5% (seeded by the rank), wait 10 ms, until the stream breaks.
+async fn report_progress(
+    ch: AuthChannel,
+    job_id: String,
+    generation: u64,
+    rank: u32,
+    rate: f64,
+    sent: Arc<AtomicU64>,
+) {
+    let (tx, rx) = mpsc::channel(16);
+    let mut client = pb::rendezvous_service_client::RendezvousServiceClient::new(ch);
+    let call = tokio::spawn(async move { client.report_progress(ReceiverStream::new(rx)).await });
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    let mut noise = u64::from(rank).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for step in 1u64.. {
+        tick.tick().await;
+        // xorshift: a uniform number in [-1, 1).
+        noise ^= noise << 13;
+        noise ^= noise >> 7;
+        noise ^= noise << 17;
+        let u = (noise >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+        let p = pb::Progress {
+            scope: Some(pb::Scope {
+                job_id: job_id.clone(),
+                generation,
+            }),
+            rank,
+            step,
+            total_steps: 1_000_000,
+            loss: Some(2.0),
+            tokens_per_second: 1000.0,
+            memory_bytes: 1 << 30,
+            collective_seq: step,
+            compute_seconds: 0.1 * (1.0 + 0.05 * u),
+            collective_wait_seconds: 0.01,
+            ..Default::default()
+        };
+        if tx.send(p).await.is_err() {
+            break;
+        }
+        sent.fetch_add(1, Ordering::Relaxed);
+    }
+    drop(tx);
+    let _ = call.await;
 }
 
 /// A connection as the settings say, with the token (if any) on every call.
@@ -152,7 +243,18 @@ async fn main() -> anyhow::Result<()> {
     } else {
         (ClientTls::default(), ClientTls::default())
     };
-    let _coord = Coordinator(cmd.spawn().context("starting the coordinator")?);
+    let metrics_addr = if args.scrape_every.is_some() {
+        let p = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let a = format!("127.0.0.1:{p}");
+        cmd.args(["--metrics-listen", &a]);
+        Some(a)
+    } else {
+        None
+    };
+    let coord = Coordinator(cmd.spawn().context("starting the coordinator")?);
+    let coord_pid = coord.0.id();
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(&addr).is_err() {
         if Instant::now() > deadline {
@@ -219,6 +321,7 @@ async fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let (done_tx, mut done_rx) = mpsc::channel::<Duration>(args.agents);
     let last_ack = Arc::new(AtomicU64::new(0));
+    let progress_sent = Arc::new(AtomicU64::new(0));
     let mut first_join: Option<Instant> = None;
     for (i, ch) in channels.into_iter().enumerate() {
         let ready = ready.clone();
@@ -227,8 +330,11 @@ async fn main() -> anyhow::Result<()> {
         let rate = rate_per_agent.clone();
         let started = started.clone();
         let last_ack = last_ack.clone();
+        let progress_rate = args.progress_rate;
+        let progress_sent = progress_sent.clone();
         first_join.get_or_insert_with(Instant::now);
         tokio::spawn(async move {
+            let progress_ch = ch.clone();
             let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
             let (tx, rx) = mpsc::channel(64);
             tx.send(pb::AgentMessage {
@@ -281,6 +387,16 @@ async fn main() -> anyhow::Result<()> {
                                     let _ = tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::WorkerStarted(pb::WorkerStarted {
                                         job_id: sw.job_id.clone(), generation: sw.generation, rank: r.rank, pid: 1000 + r.rank,
                                     }))}).await;
+                                }
+                                if progress_rate > 0.0 {
+                                    tokio::spawn(report_progress(
+                                        progress_ch.clone(),
+                                        sw.job_id.clone(),
+                                        sw.generation,
+                                        i as u32,
+                                        progress_rate,
+                                        progress_sent.clone(),
+                                    ));
                                 }
                                 ready.wait().await;
                                 next_hb = tokio::time::Instant::now();
@@ -359,13 +475,42 @@ async fn main() -> anyhow::Result<()> {
         max
     );
 
-    // Heartbeat phase.
-    println!("offered hb/s | absorbed hb/s | probe p50 ms | p99 ms | max ms");
+    // Heartbeat phase (with the step reports, if any, and the scrapes, if asked).
+    let scrapes = Arc::new(AtomicU64::new(0));
+    let scraper = match (metrics_addr.clone(), args.scrape_every) {
+        (Some(a), Some(every)) => {
+            let scrapes = scrapes.clone();
+            Some(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let a = a.clone();
+                    match tokio::task::spawn_blocking(move || scrape(&a)).await {
+                        Ok(Ok(_)) => {
+                            scrapes.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Err(e)) => eprintln!("scrape failed: {e}"),
+                        Err(_) => return,
+                    }
+                }
+            }))
+        }
+        _ => None,
+    };
+    if let Some(a) = &metrics_addr {
+        println!("metrics: one scrape is {} bytes", scrape(a)?);
+    }
+    println!(
+        "offered hb/s | absorbed hb/s | reports/s | scrapes | coordinator cores | probe p50 ms | p99 ms | max ms"
+    );
     for offered in &args.rates {
         let per_agent_milli = offered * 1000 / args.agents as u64;
         rate_per_agent.store(per_agent_milli, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(500)).await; // settle
         let sent0 = hb_sent.load(Ordering::Relaxed);
+        let reports0 = progress_sent.load(Ordering::Relaxed);
+        let scrapes0 = scrapes.load(Ordering::Relaxed);
+        let cpu0 = cpu_seconds(coord_pid);
         let t = Instant::now();
         let mut lat = Vec::new();
         while t.elapsed() < Duration::from_secs(args.seconds) {
@@ -378,15 +523,23 @@ async fn main() -> anyhow::Result<()> {
             lat.push(s.elapsed().as_secs_f64() * 1e3);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let absorbed = (hb_sent.load(Ordering::Relaxed) - sent0) as f64 / t.elapsed().as_secs_f64();
+        let secs = t.elapsed().as_secs_f64();
+        let cores = (cpu_seconds(coord_pid) - cpu0) / secs;
+        let absorbed = (hb_sent.load(Ordering::Relaxed) - sent0) as f64 / secs;
+        let reports = (progress_sent.load(Ordering::Relaxed) - reports0) as f64 / secs;
+        let scraped = scrapes.load(Ordering::Relaxed) - scrapes0;
         let max = lat.iter().cloned().fold(0.0, f64::max);
         println!(
-            "{offered:>12} | {absorbed:>13.0} | {:>12.2} | {:>6.2} | {:>6.2}",
+            "{offered:>12} | {absorbed:>13.0} | {reports:>9.0} | {scraped:>7} | {cores:>17.3} | {:>12.2} | {:>6.2} | {:>6.2}",
             percentile(&mut lat, 0.5),
             percentile(&mut lat, 0.99),
             max
         );
     }
     rate_per_agent.store(0, Ordering::Relaxed);
+    if let Some(s) = scraper {
+        s.abort();
+    }
+    drop(coord);
     Ok(())
 }
