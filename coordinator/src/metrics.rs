@@ -70,6 +70,8 @@ pub struct Metrics {
     jobs_finished: Family<FinishedLabels, Counter>,
     checkpoints_committed: Counter,
     restart_seconds: Histogram,
+    checkpoint_save_seconds: Histogram,
+    checkpoint_commit_seconds: Histogram,
     /// The newest event counted, per job.
     seen: Arc<std::sync::Mutex<HashMap<String, u64>>>,
 }
@@ -91,6 +93,9 @@ impl Metrics {
             checkpoints_committed: Counter::default(),
             // 50 ms .. ~100 s.
             restart_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            // 10 ms .. ~22 min.
+            checkpoint_save_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 18)),
+            checkpoint_commit_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 18)),
             seen: Arc::default(),
         };
         let mut r = Registry::with_prefix("ringmaster");
@@ -124,7 +129,28 @@ impl Metrics {
             "From a generation's failure to the next generation running",
             m.restart_seconds.clone(),
         );
+        r.register(
+            "checkpoint_save_seconds",
+            "Rank 0's time to write its shard of a committed checkpoint",
+            m.checkpoint_save_seconds.clone(),
+        );
+        r.register(
+            "checkpoint_commit_seconds",
+            "Rank 0's time from its shard written to a checkpoint's commit marker (waiting for \
+             every shard, manifest, marker)",
+            m.checkpoint_commit_seconds.clone(),
+        );
         (m, r)
+    }
+
+    /// A newly committed checkpoint's durations, as rank 0 reported them (each when known).
+    pub fn checkpoint_durations(&self, save: Option<f64>, commit: Option<f64>) {
+        if let Some(s) = save {
+            self.checkpoint_save_seconds.observe(s);
+        }
+        if let Some(c) = commit {
+            self.checkpoint_commit_seconds.observe(c);
+        }
     }
 
     /// Marks the events `job` has now as counted (a job loaded from the store: its past is
@@ -215,6 +241,8 @@ pub struct JobSnapshot {
     pub loss: Option<f64>,
     pub tokens_per_second: Option<f64>,
     pub grad_norm: Option<f64>,
+    /// Model FLOPs utilisation (running jobs whose ranks all reported a peak).
+    pub mfu: Option<f64>,
     /// Each rank, when the job has at most [`MAX_RANK_SERIES`] (flagged stragglers always).
     pub ranks: Vec<RankSnapshot>,
 }
@@ -289,6 +317,8 @@ impl Snapshot {
                 loss: j.progress.loss,
                 tokens_per_second: j.progress.tokens_per_second,
                 grad_norm: j.progress.grad_norm,
+                // From the ranks' telemetry, which the core fills in after.
+                mfu: None,
                 ranks,
             });
         }
@@ -329,7 +359,7 @@ impl Snapshot {
         let float = || Family::<JobLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let int = || Family::<JobLabel, Gauge>::default();
         let (step, total, restarts, world, generation) = (int(), int(), int(), int(), int());
-        let (loss, tps, grad_norm) = (float(), float(), float());
+        let (loss, tps, grad_norm, mfu) = (float(), float(), float(), float());
         let rank_step: Family<RankLabels, Gauge> = Family::default();
         let rank_float =
             || Family::<RankLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
@@ -352,6 +382,9 @@ impl Snapshot {
             }
             if let Some(v) = j.grad_norm.filter(|v| v.is_finite()) {
                 grad_norm.get_or_create(&l).set(v);
+            }
+            if let Some(v) = j.mfu.filter(|v| v.is_finite()) {
+                mfu.get_or_create(&l).set(v);
             }
             restarts.get_or_create(&l).set(i64::from(j.restarts));
             world.get_or_create(&l).set(i64::from(j.world_size));
@@ -384,6 +417,12 @@ impl Snapshot {
             "job_grad_norm",
             "Gradient norm before clipping at the last step (rank 0)",
             grad_norm,
+        );
+        r.register(
+            "job_mfu_ratio",
+            "Model FLOPs utilisation (0..1): tokens/s x model FLOPs per token over the ranks' \
+             summed peak FLOP/s",
+            mfu,
         );
         r.register(
             "job_tokens_per_second",
@@ -547,6 +586,41 @@ mod tests {
         // A standby: counters, no gauges of jobs, leader 0.
         let text = render(&registry, None);
         assert!(text.contains("ringmaster_leader 0"), "{text}");
+    }
+
+    #[test]
+    fn mfu_gauge_and_checkpoint_histograms() {
+        let (m, registry) = Metrics::new();
+        m.checkpoint_durations(Some(1.5), Some(0.25));
+        m.checkpoint_durations(Some(0.5), None);
+        let snapshot = Snapshot {
+            jobs: vec![
+                JobSnapshot {
+                    id: "f-1".into(),
+                    mfu: Some(0.25),
+                    ..JobSnapshot::default()
+                },
+                JobSnapshot {
+                    id: "f-2".into(),
+                    ..JobSnapshot::default()
+                },
+            ],
+            ..Snapshot::default()
+        };
+        let text = render(&registry, Some(&snapshot));
+        for want in [
+            "ringmaster_job_mfu_ratio{job=\"f-1\"} 0.25",
+            "ringmaster_checkpoint_save_seconds_count 2",
+            "ringmaster_checkpoint_save_seconds_sum 2.0",
+            "ringmaster_checkpoint_commit_seconds_count 1",
+            "ringmaster_checkpoint_commit_seconds_sum 0.25",
+        ] {
+            assert!(text.contains(want), "{want:?} in:\n{text}");
+        }
+        assert!(
+            !text.contains("ringmaster_job_mfu_ratio{job=\"f-2\"}"),
+            "{text}"
+        );
     }
 
     /// Every metric the example Grafana dashboard queries is one this coordinator serves (the

@@ -59,10 +59,13 @@ pub fn job_status(job: &Job) -> pb::JobStatus {
             loss: job.progress.loss,
             tokens_per_second: job.progress.tokens_per_second,
             grad_norm: job.progress.grad_norm,
+            // From the ranks' reports, by the serving coordinator (`Core::job_status`).
+            mfu: None,
         }),
         last_checkpoint: job.last_checkpoint.as_ref().map(|c| pb::CheckpointRef {
             step: c.step,
             path: c.path.clone(),
+            ..Default::default()
         }),
         failure: job.failure.as_ref().map(failure),
         created_unix_ms: job.created_unix_ms,
@@ -75,6 +78,7 @@ pub fn job_status(job: &Job) -> pb::JobStatus {
         resumed_from: job.resumed_from.as_ref().map(|c| pb::CheckpointRef {
             step: c.step,
             path: c.path.clone(),
+            ..Default::default()
         }),
         checkpoint_warnings: job.checkpoint_warnings.clone(),
         failures_omitted: job.failures_omitted,
@@ -241,6 +245,7 @@ pub fn to_json(s: &pb::JobStatus) -> Value {
             "loss": p.loss,
             "tokens_per_second": p.tokens_per_second,
             "grad_norm": p.grad_norm,
+            "mfu": p.mfu,
         },
         "last_checkpoint": s.last_checkpoint.as_ref().map(|c| json!({"step": c.step, "path": c.path})),
         "resumed_from": s.resumed_from.as_ref().map(|c| json!({"step": c.step, "path": c.path})),
@@ -339,6 +344,7 @@ mod tests {
             "loss",
             "tokens_per_second",
             "grad_norm",
+            "mfu",
         ] {
             assert!(v["progress"].get(k).unwrap().is_null(), "{k}");
         }

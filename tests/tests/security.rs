@@ -140,6 +140,7 @@ async fn rendezvous_codes(ch: &AuthChannel, job: &str, generation: u64) -> Vec<(
         committed_checkpoint: Some(pb::CheckpointRef {
             step: 7,
             path: "/tmp/forged-checkpoint".into(),
+            ..Default::default()
         }),
         ..Default::default()
     };

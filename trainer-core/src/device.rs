@@ -44,6 +44,8 @@ pub enum Placement {
     Cuda {
         /// The device ordinal among the visible devices.
         ordinal: usize,
+        /// The device's name (`NVIDIA H100 80GB HBM3`): its peak FLOP/s for MFU.
+        name: String,
         /// The start-up line (`device: cuda:0 (NVIDIA H100 ...), LOCAL_RANK ...`).
         line: String,
     },
@@ -108,7 +110,9 @@ pub fn place(cfg: &ringmaster_config::TrainConfig, world: usize) -> Result<Place
             };
             Ok(Placement::Cpu { backend, line })
         }
-        Selected::Cuda { ordinal, .. } => {
+        Selected::Cuda {
+            ordinal, ref name, ..
+        } => {
             let mut kinds = vec![LibraryKind::Nvrtc];
             if world > 1 {
                 kinds.push(LibraryKind::Nccl);
@@ -117,6 +121,7 @@ pub fn place(cfg: &ringmaster_config::TrainConfig, world: usize) -> Result<Place
                 .map_err(|e| anyhow::anyhow!("device: cuda: {e}"))?;
             Ok(Placement::Cuda {
                 ordinal,
+                name: name.clone(),
                 line: selected.to_string(),
             })
         }

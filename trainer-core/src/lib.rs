@@ -15,6 +15,8 @@
 //! - [`dist`] — rank and world from the environment, the bootstrap store, and the communicators
 //!   the placement's [`dist::Fabric`] asks for (TCP ring or NCCL).
 //! - [`rendezvous`] — the coordinator's RendezvousService as a collectives bootstrap store.
+//! - [`flops`] — MFU's inputs: the model FLOPs of one trained token and this rank's peak FLOP/s
+//!   (GPU table, CPU measurement, `RINGMASTER_PEAK_FLOPS`).
 //! - [`progress`] — per-step reports and heartbeats to the coordinator; its ABORTED aborts the
 //!   communicators.
 //! - [`signals`] — SIGTERM and SIGUSR1 as flags that every rank agrees on at each step.
@@ -33,6 +35,7 @@ pub mod data_cli;
 pub mod device;
 pub mod dist;
 pub mod export;
+pub mod flops;
 pub mod progress;
 pub mod rendezvous;
 pub mod rows_cli;

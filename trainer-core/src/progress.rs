@@ -55,6 +55,8 @@ struct Sticky {
     committed: Option<pb::CheckpointRef>,
     resume: Option<pb::ResumeReport>,
     device: String,
+    flops_per_token: f64,
+    peak_flops: f64,
 }
 
 impl Sticky {
@@ -62,6 +64,8 @@ impl Sticky {
         p.committed_checkpoint = self.committed.clone();
         p.resume = self.resume.clone();
         p.device.clone_from(&self.device);
+        p.model_flops_per_token = self.flops_per_token;
+        p.peak_flops = self.peak_flops;
     }
 }
 
@@ -295,14 +299,35 @@ impl ProgressReporter {
         }
     }
 
+    /// MFU's inputs, carried by every report from now on: the model FLOPs of one trained token
+    /// and this rank's peak FLOP/s (`None`: not known, the job shows no MFU).
+    pub fn set_flops(&self, per_token: f64, peak: Option<f64>) {
+        if let Ok(mut s) = self.sticky.lock() {
+            s.flops_per_token = per_token;
+            s.peak_flops = peak.unwrap_or(0.0);
+        }
+    }
+
     /// Rank 0: every rank's shard of the checkpoint at `dir` is written and the commit marker is
-    /// down. The coordinator records it as the job's last checkpoint.
-    pub fn checkpoint_committed(&self, step: u64, dir: &std::path::Path) {
+    /// down, having taken `timings`. The coordinator records it as the job's last checkpoint.
+    pub fn checkpoint_committed(
+        &self,
+        step: u64,
+        dir: &std::path::Path,
+        timings: crate::train::checkpoint::SaveTimings,
+    ) {
         let path = std::path::absolute(dir)
             .unwrap_or_else(|_| dir.to_path_buf())
             .display()
             .to_string();
-        self.update(|s| s.committed = Some(pb::CheckpointRef { step, path }));
+        self.update(|s| {
+            s.committed = Some(pb::CheckpointRef {
+                step,
+                path,
+                save_seconds: timings.save.as_secs_f64(),
+                commit_seconds: timings.commit.as_secs_f64(),
+            })
+        });
     }
 
     /// Rank 0: where this generation started from, and the checkpoints it passed over.
@@ -313,6 +338,7 @@ impl ProgressReporter {
                 .unwrap_or_else(|_| dir.to_path_buf())
                 .display()
                 .to_string(),
+            ..Default::default()
         });
         self.update(|s| s.resume = Some(pb::ResumeReport { from, skipped }));
     }

@@ -60,6 +60,7 @@ pub fn train(recipe: &Recipe) -> Result<(), RunError> {
     let (_, world, _) = crate::dist::rank_world().map_err(usage)?;
     let placement =
         crate::device::place(&cfg, world).map_err(|e| usage(e.context(recipe.origin())))?;
+    let peak_override = crate::flops::peak_override().map_err(usage)?;
     let (mut setup, rank, world) = setup(recipe)?;
     let timeout = setup
         .cfg
@@ -112,6 +113,10 @@ pub fn train(recipe: &Recipe) -> Result<(), RunError> {
     }
     if let Some(p) = progress.as_ref() {
         p.set_device(&placement.label());
+        // MFU's inputs. Measured after the communicators connect, so that ranks sharing a CPU
+        // host measure at about the same time (each then sees its share of the cores).
+        let peak = crate::flops::peak(&placement, &setup.plan.precision, peak_override);
+        p.set_flops(crate::flops::per_token(&setup), peak);
         let comms = ring.iter().map(|r| r as &dyn Communicator);
         let groups = hybrid.iter().flat_map(|(n, c)| [n.as_ref(), c.as_ref()]);
         for c in comms.chain(groups) {

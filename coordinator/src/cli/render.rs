@@ -161,7 +161,7 @@ pub fn status_block(j: &pb::JobStatus) -> String {
     {
         let _ = writeln!(
             s,
-            "progress: step {}/{}   loss {}   {} tokens/s",
+            "progress: step {}/{}   loss {}   {} tokens/s{}",
             opt(p.step),
             opt(p.total_steps),
             p.loss
@@ -169,7 +169,10 @@ pub fn status_block(j: &pb::JobStatus) -> String {
                 .unwrap_or_else(|| "-".into()),
             p.tokens_per_second
                 .map(|t| format!("{t:.0}"))
-                .unwrap_or_else(|| "-".into())
+                .unwrap_or_else(|| "-".into()),
+            p.mfu
+                .map(|m| format!("   MFU {:.1}%", 100.0 * m))
+                .unwrap_or_default()
         );
     }
     for x in &j.stragglers {

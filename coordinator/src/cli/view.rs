@@ -186,6 +186,9 @@ impl JobView {
             p.tokens_per_second
                 .map_or_else(|| "-".into(), |t| format!("{t:.0}"))
         ));
+        if let Some(m) = p.mfu {
+            figs.push(format!("MFU {:.1}%", 100.0 * m));
+        }
         if let Some(c) = &st.last_checkpoint {
             figs.push(format!("checkpoint step {}", c.step));
         }
@@ -710,6 +713,7 @@ mod tests {
                 loss: Some(2.3456),
                 tokens_per_second: Some(4321.0),
                 grad_norm: Some(1.234),
+                mfu: Some(0.123),
             }),
             stragglers: vec![pb::Straggler {
                 rank: 2,
@@ -773,7 +777,7 @@ mod tests {
         assert!(lines[1].contains(" ███"), "{all}");
         assert!(lines[1].ends_with("░"), "{all}");
         assert!(
-            lines[2].contains("loss 2.3456   grad norm 1.234   tokens/s 4321"),
+            lines[2].contains("loss 2.3456   grad norm 1.234   tokens/s 4321   MFU 12.3%"),
             "{all}"
         );
         assert!(lines[3].starts_with("loss trend"), "{all}");

@@ -5,10 +5,11 @@
 use ringmaster_proto as pb;
 
 use super::core::types::{
-    AgentEvent, FetchLog, JoinAck, JoinRequest, LogChunk, LogQuery, NodeInfo, Outbound,
+    AgentEvent, CheckpointSeconds, FetchLog, JoinAck, JoinRequest, LogChunk, LogQuery, NodeInfo, Outbound,
     PortAllocated, ProgressReport, RankEntry, ResumeReport, SignalWorkers, StartFailed,
     StartWorkers, StopWorkers, ToAgent, WorkerExited, WorkerStarted,
 };
+use super::core::types::{MAX_FLOPS, MAX_SECONDS};
 use crate::job::CheckpointRef;
 
 impl From<NodeInfo> for pb::NodeStatus {
@@ -247,6 +248,18 @@ fn checkpoint(c: pb::CheckpointRef) -> CheckpointRef {
     }
 }
 
+/// A reported FLOPs figure: finite, positive and below [`MAX_FLOPS`]; anything else (0
+/// included: the trainer does not know it) is not reported.
+fn flops(v: f64) -> Option<f64> {
+    (v.is_finite() && v > 0.0 && v < MAX_FLOPS).then_some(v)
+}
+
+/// A reported duration in seconds: finite, positive and below
+/// [`MAX_SECONDS`]; 0 is "not reported".
+fn seconds(v: f64) -> Option<f64> {
+    (v.is_finite() && v > 0.0 && v < MAX_SECONDS).then_some(v)
+}
+
 /// A trainer's report; `None` without a scope (the handler checked it already).
 pub fn progress(p: pb::Progress) -> Option<ProgressReport> {
     let scope = p.scope?;
@@ -267,6 +280,15 @@ pub fn progress(p: pb::Progress) -> Option<ProgressReport> {
             p.device.chars().filter(|c| !c.is_control()).collect(),
             crate::server::core::types::MAX_DEVICE_BYTES,
         ),
+        model_flops_per_token: flops(p.model_flops_per_token),
+        peak_flops: flops(p.peak_flops),
+        checkpoint_seconds: p
+            .committed_checkpoint
+            .as_ref()
+            .map(|c| CheckpointSeconds {
+                save: seconds(c.save_seconds),
+                commit: seconds(c.commit_seconds),
+            }),
         committed_checkpoint: p.committed_checkpoint.map(checkpoint),
         resume: p.resume.map(|r| ResumeReport {
             from: r.from.map(checkpoint),
@@ -281,6 +303,46 @@ mod tests {
 
     use super::*;
     use crate::server::core::types::StartTemplate;
+
+    #[test]
+    fn flops_and_checkpoint_seconds_are_bounded() {
+        let report = |fpt: f64, peak: f64, save: f64, commit: f64| {
+            progress(pb::Progress {
+                scope: Some(pb::Scope::default()),
+                model_flops_per_token: fpt,
+                peak_flops: peak,
+                committed_checkpoint: Some(pb::CheckpointRef {
+                    step: 5,
+                    path: "/out/checkpoint-5".into(),
+                    save_seconds: save,
+                    commit_seconds: commit,
+                }),
+                ..Default::default()
+            })
+            .expect("the report has a scope")
+        };
+        let ok = report(1.2e7, 989e12, 1.5, 0.25);
+        assert_eq!(ok.model_flops_per_token, Some(1.2e7));
+        assert_eq!(ok.peak_flops, Some(989e12));
+        let s = ok.checkpoint_seconds.expect("a committed checkpoint");
+        assert_eq!((s.save, s.commit), (Some(1.5), Some(0.25)));
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 2e18] {
+            let r = report(bad, bad, bad, bad);
+            assert_eq!((r.model_flops_per_token, r.peak_flops), (None, None), "{bad}");
+            let s = r.checkpoint_seconds.expect("a committed checkpoint");
+            assert_eq!((s.save, s.commit), (None, None), "{bad}");
+        }
+        // A day-long save is kept; a million seconds is not.
+        let s = report(1.0, 1.0, 86_400.0, 1e6).checkpoint_seconds.unwrap();
+        assert_eq!((s.save, s.commit), (Some(86_400.0), None));
+        // No checkpoint, no timings.
+        let none = progress(pb::Progress {
+            scope: Some(pb::Scope::default()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(none.checkpoint_seconds, None);
+    }
 
     #[test]
     fn a_start_order_carries_every_field_and_only_its_ranks() {

@@ -1,4 +1,5 @@
-//! Process settings for running the model on the CPU backend.
+//! Process settings for running the model on the CPU backend, and the CPU's measured f32
+//! matrix-multiply rate ([`measure_f32_gemm_flops`], the peak MFU divides by).
 //!
 //! A training step allocates and frees the same large buffers every step (activations,
 //! gradients, logits of `tokens × vocab`). glibc's malloc serves any block over its mmap
@@ -68,8 +69,69 @@ pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// This thread pool's f32 matrix-multiply rate in FLOP/s: square `gemm` products (the kernel
+/// under burn-flex's matmul), split over the current rayon pool as the model's are, repeated
+/// for about `budget` after one warm-up; the best product's rate. The CPU's "peak" for MFU:
+/// what this process can reach on its cores now, not a datasheet figure (ranks sharing a host
+/// measure at about the same time and so each see their share).
+pub fn measure_f32_gemm_flops(budget: std::time::Duration) -> f64 {
+    const N: usize = 384;
+    let a = vec![1.0f32; N * N];
+    let b = vec![0.5f32; N * N];
+    let mut c = vec![0.0f32; N * N];
+    let threads = rayon::current_num_threads().max(1);
+    let mut product = || {
+        let start = std::time::Instant::now();
+        // SAFETY: a, b and c are N × N row-major buffers that outlive the call; c is written
+        // only here.
+        unsafe {
+            gemm::gemm(
+                N,
+                N,
+                N,
+                c.as_mut_ptr(),
+                1,
+                N as isize,
+                false,
+                a.as_ptr(),
+                1,
+                N as isize,
+                b.as_ptr(),
+                1,
+                N as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                if threads > 1 {
+                    gemm::Parallelism::Rayon(threads)
+                } else {
+                    gemm::Parallelism::None
+                },
+            );
+        }
+        start.elapsed()
+    };
+    product();
+    let flops = 2.0 * (N * N * N) as f64;
+    let started = std::time::Instant::now();
+    let mut best = f64::INFINITY;
+    while started.elapsed() < budget || best.is_infinite() {
+        best = best.min(product().as_secs_f64());
+    }
+    flops / best.max(1e-9)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn gemm_rate_is_measured() {
+        let f = super::measure_f32_gemm_flops(std::time::Duration::from_millis(10));
+        // Any CPU this runs on does between a GFLOP/s and a PFLOP/s of f32.
+        assert!((1e9..1e15).contains(&f), "{f}");
+    }
+
     #[test]
     fn large_blocks_are_reused_after_tuning() {
         // In-process: the test harness has threads already, but mallopt is thread-safe in

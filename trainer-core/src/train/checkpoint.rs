@@ -14,6 +14,7 @@
 //! loss scaler's state is in the manifest.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use ringmaster_model::hf::{RawTensor, read_safetensors, save_tensors, write_atomic};
@@ -142,6 +143,17 @@ pub fn discard(dir: &Path) {
     }
 }
 
+/// How long one checkpoint took on this rank (rank 0's are reported with the commit).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SaveTimings {
+    /// From the start of the save until this rank's shard was written, read back and hashed
+    /// (rank 0: the Hugging Face weights too).
+    pub save: Duration,
+    /// From this rank's shard written until the commit marker was down (rank 0: the wait for
+    /// every other shard, the manifest and the marker; other ranks: the wait at the barrier).
+    pub commit: Duration,
+}
+
 /// Takes the checkpoint of step `info.step` into `output_dir/checkpoint-STEP` on every rank:
 /// the Hugging Face weights (rank 0), every shard, the manifest and the commit marker; then
 /// rank 0 reports the commit and prunes to `save_total_limit` (never `protect`, the checkpoint
@@ -156,7 +168,8 @@ pub fn save_step<B: TrainBackend>(
     protect: Option<&Path>,
 ) -> Result<PathBuf> {
     let dir = setup.output_dir.join(format!("checkpoint-{}", info.step));
-    let saved = (|| -> Result<()> {
+    let start = Instant::now();
+    let saved = (|| -> Result<Instant> {
         begin(&dir)?;
         eng.gather_full(setup.weights().trainable())?;
         if rank == 0 {
@@ -165,20 +178,27 @@ pub fn save_step<B: TrainBackend>(
         eng.release_full(setup.weights().trainable());
         save(&dir, eng, setup.weights().trainable(), rank, info)
     })();
-    if let Err(e) = saved {
-        // A full disk, an unwritable directory or a lost peer: rank 0 removes the uncommitted
-        // directory so that a full disk is not left full for the next attempt.
-        if rank == 0 {
-            discard(&dir);
+    let written = match saved {
+        Ok(at) => at,
+        Err(e) => {
+            // A full disk, an unwritable directory or a lost peer: rank 0 removes the uncommitted
+            // directory so that a full disk is not left full for the next attempt.
+            if rank == 0 {
+                discard(&dir);
+            }
+            return Err(e.context(format!(
+                "saving the checkpoint of step {} (earlier checkpoints are untouched)",
+                info.step
+            )));
         }
-        return Err(e.context(format!(
-            "saving the checkpoint of step {} (earlier checkpoints are untouched)",
-            info.step
-        )));
-    }
+    };
+    let timings = SaveTimings {
+        save: written.saturating_duration_since(start),
+        commit: written.elapsed(),
+    };
     if rank == 0 {
         if let Some(p) = progress {
-            p.checkpoint_committed(info.step, &dir);
+            p.checkpoint_committed(info.step, &dir, timings);
         }
         if let Some(keep) = setup.cfg.save_total_limit {
             for d in prune(&setup.output_dir, keep as usize, protect)? {
@@ -190,14 +210,15 @@ pub fn save_step<B: TrainBackend>(
 }
 
 /// Writes this rank's shard and, on rank 0 after every shard is written, the manifest and the
-/// commit marker. Every rank calls it at the same step.
+/// commit marker. Every rank calls it at the same step. Returns when this rank's shard was
+/// written (the rest of the call is the commit).
 pub fn save<B: TrainBackend>(
     dir: &Path,
     eng: &mut Engine<'_, B>,
     trainable: &ParamStore,
     rank: usize,
     info: &SaveInfo<'_>,
-) -> Result<()> {
+) -> Result<Instant> {
     // Saving again into a directory (a resumed run reaching the same step): the old marker goes
     // before any shard changes, so the directory is never committed with mixed shards. Every
     // rank removes it before writing; rank 0 writes the new one only after the barrier.
@@ -246,12 +267,13 @@ pub fn save<B: TrainBackend>(
             (serde_json::to_string(&entry)? + "\n").as_bytes(),
         )?;
     }
+    let written = Instant::now();
     // The collective error stays in the chain: a peer that timed out here is a collective
     // timeout (the trainer's exit code), not a failed checkpoint.
     eng.barrier()
         .with_context(|| format!("checkpoint {}: waiting for every shard", dir.display()))?;
     if rank != 0 {
-        return Ok(());
+        return Ok(written);
     }
     let layout = eng.layout();
     let mut shards = Vec::with_capacity(layout.group);
@@ -312,7 +334,7 @@ pub fn save<B: TrainBackend>(
         (serde_json::to_string_pretty(&manifest)? + "\n").as_bytes(),
     )?;
     write_atomic(&dir.join(COMMITTED), format!("{}\n", info.step).as_bytes())?;
-    Ok(())
+    Ok(written)
 }
 
 /// Reads and checks a committed checkpoint's manifest. Every shard `file` entry must be a plain

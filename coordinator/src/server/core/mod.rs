@@ -572,7 +572,10 @@ impl Core {
                     self.telemetry_of(&job.id, job.generation)
                         .and_then(|t| t.rank(rank))
                 };
-                let snapshot = crate::metrics::Snapshot::of(self.jobs.values(), nodes, facts);
+                let mut snapshot = crate::metrics::Snapshot::of(self.jobs.values(), nodes, facts);
+                for j in &mut snapshot.jobs {
+                    j.mfu = self.job_mfu(&j.id);
+                }
                 let _ = reply.send(snapshot);
             }
             Cmd::Events { id, after, reply } => {

@@ -83,6 +83,10 @@ impl Core {
                 path: c.path.clone(),
             });
             crate::job::events::checkpoint_committed(job, now_ms());
+            // Once per newly committed checkpoint (the report is re-sent every step).
+            if let Some(s) = p.checkpoint_seconds {
+                self.cfg.metrics.checkpoint_durations(s.save, s.commit);
+            }
             persist = true;
         }
         if p.rank == 0

@@ -25,6 +25,10 @@ pub(super) struct Telemetry {
 pub struct RankFacts {
     pub collective_wait_seconds: f64,
     pub memory_bytes: u64,
+    /// The model FLOPs of one trained token, as the rank counted them.
+    pub model_flops_per_token: Option<f64>,
+    /// The rank's peak FLOP/s, as it reported it.
+    pub peak_flops: Option<f64>,
 }
 
 impl Telemetry {
@@ -34,6 +38,24 @@ impl Telemetry {
         let facts = *self.ranks.get(&rank)?;
         Some((self.detector.mean(rank), facts))
     }
+
+    /// The job's MFU at `tokens_per_second` (rank 0's, of the global batch) over `world`
+    /// ranks: `None` until every rank has reported its peak and rank 0 its FLOPs per token.
+    pub(crate) fn mfu(&self, world: u32, tokens_per_second: Option<f64>) -> Option<f64> {
+        let per_token = self.ranks.get(&0)?.model_flops_per_token?;
+        let peaks = (0..world)
+            .map(|r| self.ranks.get(&r).and_then(|f| f.peak_flops))
+            .collect::<Option<Vec<f64>>>()?;
+        mfu(tokens_per_second?, per_token, peaks.iter().sum())
+    }
+}
+
+/// Model FLOPs utilisation: the model FLOPs the job does per second (`tokens_per_second` ×
+/// `flops_per_token`) over what its devices could do (`peak_flops`, summed over the ranks).
+/// `None` when an input is missing, not finite, or the peak is 0.
+pub fn mfu(tokens_per_second: f64, flops_per_token: f64, peak_flops: f64) -> Option<f64> {
+    let v = tokens_per_second * flops_per_token / peak_flops;
+    (tokens_per_second >= 0.0 && peak_flops > 0.0 && v.is_finite()).then_some(v)
 }
 
 impl Core {
@@ -64,6 +86,8 @@ impl Core {
             RankFacts {
                 collective_wait_seconds: p.collective_wait_seconds,
                 memory_bytes: p.memory_bytes,
+                model_flops_per_token: p.model_flops_per_token,
+                peak_flops: p.peak_flops,
             },
         );
         if !p.device.is_empty() && t.devices.get(&p.rank) != Some(&p.device) {
@@ -132,7 +156,20 @@ impl Core {
                 r.device = t.devices.get(&r.rank).cloned();
             }
         }
+        if let Some(p) = st.progress.as_mut() {
+            p.mfu = self.job_mfu(id);
+        }
         Some(st)
+    }
+
+    /// Job `id`'s MFU while it runs and every rank of its generation reported its peak.
+    pub(super) fn job_mfu(&self, id: &str) -> Option<f64> {
+        let job = self.jobs.get(id)?;
+        if job.state != JobState::Running {
+            return None;
+        }
+        self.telemetry_of(id, job.generation)?
+            .mfu(job.ranks.len() as u32, job.progress.tokens_per_second)
     }
 
     /// A job's telemetry of its current generation, if any.
@@ -140,5 +177,40 @@ impl Core {
         self.telemetry
             .get(id)
             .filter(|t| t.generation == generation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mfu_is_model_flops_over_the_summed_peaks() {
+        // 1000 tokens/s × 6e9 FLOPs/token on 2 × 989e12: 0.3%.
+        let v = mfu(1000.0, 6e9, 2.0 * 989e12).unwrap();
+        assert!((v - 6e12 / 1.978e15).abs() < 1e-12, "{v}");
+        assert_eq!(mfu(0.0, 6e9, 1e12), Some(0.0));
+        assert_eq!(mfu(1000.0, 6e9, 0.0), None);
+        assert_eq!(mfu(f64::NAN, 6e9, 1e12), None);
+        assert_eq!(mfu(-1.0, 6e9, 1e12), None);
+    }
+
+    #[test]
+    fn mfu_waits_for_every_ranks_peak() {
+        let facts = |per_token, peak| RankFacts {
+            model_flops_per_token: per_token,
+            peak_flops: peak,
+            ..Default::default()
+        };
+        let mut t = Telemetry::default();
+        t.ranks.insert(0, facts(Some(1e9), Some(1e12)));
+        assert_eq!(t.mfu(2, Some(100.0)), None, "rank 1 has not reported");
+        t.ranks.insert(1, facts(Some(1e9), None));
+        assert_eq!(t.mfu(2, Some(100.0)), None, "rank 1 knows no peak");
+        t.ranks.insert(1, facts(Some(1e9), Some(3e12)));
+        assert_eq!(t.mfu(2, Some(100.0)), Some(100.0 * 1e9 / 4e12));
+        assert_eq!(t.mfu(2, None), None, "no tokens/s yet");
+        t.ranks.insert(0, facts(None, Some(1e12)));
+        assert_eq!(t.mfu(2, Some(100.0)), None, "no FLOPs per token");
     }
 }

@@ -227,6 +227,22 @@ pub struct ResumeReport {
 /// The longest device name a report may carry (longer ones are cut).
 pub const MAX_DEVICE_BYTES: usize = 64;
 
+/// The largest FLOPs per token or FLOP/s a report may carry (an exaFLOP): larger values, like
+/// negative or non-finite ones, are dropped as not reported.
+pub const MAX_FLOPS: f64 = 1e18;
+
+/// The longest checkpoint save or commit a report may carry, seconds (~11.6 days).
+pub const MAX_SECONDS: f64 = 1e6;
+
+/// How long a committed checkpoint took on rank 0.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct CheckpointSeconds {
+    /// Until its shard was written.
+    pub save: Option<f64>,
+    /// From its shard written until the commit marker was down.
+    pub commit: Option<f64>,
+}
+
 /// A trainer rank's progress report.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ProgressReport {
@@ -247,8 +263,15 @@ pub struct ProgressReport {
     pub grad_norm: Option<f64>,
     /// Where the rank computes (`cpu`, `cuda:0`), at most [`MAX_DEVICE_BYTES`].
     pub device: String,
+    /// The model FLOPs of one trained token, when the trainer counted them (MFU's numerator).
+    pub model_flops_per_token: Option<f64>,
+    /// This rank's peak FLOP/s, when known (MFU's denominator is the ranks' sum).
+    pub peak_flops: Option<f64>,
     /// Rank 0: the newest checkpoint the generation committed (re-sent with every report).
     pub committed_checkpoint: Option<CheckpointRef>,
+    /// Rank 0: seconds that checkpoint took to save (its shard written) and to commit (the
+    /// marker down after every shard), when reported (validated: finite, below [`MAX_SECONDS`]).
+    pub checkpoint_seconds: Option<CheckpointSeconds>,
     /// Rank 0: where the generation started from (re-sent with every report).
     pub resume: Option<ResumeReport>,
 }
