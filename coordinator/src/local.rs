@@ -201,6 +201,9 @@ pub async fn run(
     };
     // An agent that exits while the job runs (a wrong `agent` binary, a work dir locked by
     // another agent) would leave the job pending for ever: it ends the run, naming the agent.
+    // The in-process coordinator's and ringctl's own log records go where the worker lines
+    // go while the job is watched (above the live view).
+    cli::view::route_logs(Some(line_tx.clone()));
     let result = tokio::select! {
         r = drive(&target, &sub, output, &mut line_rx, line_tx.clone()) => r,
         (name, status) = first_exit(&mut agents, &names) => Err(CliError::failed(format!(
@@ -208,6 +211,7 @@ pub async fn run(
         ))),
     };
 
+    cli::view::route_logs(None);
     stop_agents(agents).await;
     // The agents are gone: their pipes end once the last lines are shown.
     drop(line_tx);

@@ -18,7 +18,12 @@ fn main() -> ExitCode {
         // SAFETY: single-threaded at this point; nothing else reads the environment yet.
         unsafe { std::env::set_var("RUST_LOG", filter) };
     }
-    ringmaster_common::logging::init(args.log_format);
+    // Records go through the live view's writer: `ringctl local` shows them above its view.
+    ringmaster_common::logging::init_with_writer(
+        args.log_format,
+        cli::view::LogWriter,
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -606,6 +606,66 @@ impl<B: Backend> Live<B> {
     }
 }
 
+/// Where ringctl's own log records go while a live view is on the terminal: into the view's
+/// line channel (shown above it), else to stderr as usual.
+static LOG_LINES: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<String>>> =
+    std::sync::Mutex::new(None);
+
+/// Sends ringctl's log records to `lines` from now on (`None`: to stderr again).
+pub fn route_logs(lines: Option<tokio::sync::mpsc::UnboundedSender<String>>) {
+    if let Ok(mut l) = LOG_LINES.lock() {
+        *l = lines;
+    }
+}
+
+/// The writer of ringctl's log records (`tracing_subscriber`'s `MakeWriter`): one record per
+/// writer, sent where [`route_logs`] says when it is dropped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogWriter;
+
+/// One record being written.
+pub struct LogRecord(Vec<u8>);
+
+impl std::io::Write for LogRecord {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LogRecord {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let sink = LOG_LINES.lock().ok().and_then(|l| l.clone());
+        let text = String::from_utf8_lossy(&self.0);
+        match sink {
+            Some(tx) => {
+                for line in text.lines() {
+                    if tx.send(line.to_owned()).is_err() {
+                        eprintln!("{line}");
+                    }
+                }
+            }
+            None => {
+                use std::io::Write;
+                let _ = std::io::stderr().write_all(&self.0);
+            }
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogRecord;
+    fn make_writer(&'a self) -> LogRecord {
+        LogRecord(Vec::new())
+    }
+}
+
 fn state_color(state: &str) -> Color {
     match state {
         "RUNNING" | "SUCCEEDED" => Color::Green,
@@ -868,6 +928,25 @@ mod tests {
         let lines = screen(live.backend());
         assert_eq!(lines[0], "[rank 1] hello", "{lines:#?}");
         assert!(lines[1].starts_with("j-7f3a"), "{lines:#?}");
+    }
+
+    #[test]
+    fn log_records_go_above_the_view_while_it_is_on() {
+        use std::io::Write;
+        use tracing_subscriber::fmt::MakeWriter;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        route_logs(Some(tx));
+        let mut w = LogWriter.make_writer();
+        w.write_all(b"WARN straggler rank=2\n").unwrap();
+        drop(w);
+        route_logs(None);
+        assert_eq!(rx.try_recv().unwrap(), "WARN straggler rank=2");
+        // Routed back to stderr: the channel gets nothing more.
+        drop(LogWriter.make_writer());
+        let mut w = LogWriter.make_writer();
+        w.write_all(b"to stderr\n").unwrap();
+        drop(w);
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]
