@@ -570,7 +570,9 @@ fn a_full_output_dir_fails_the_save_and_keeps_earlier_checkpoints() {
 /// per step from step 20 to 60) is flagged as a straggler while the job runs, within 50
 /// steps, naming its rank and node and how much slower it is: in the status, as an event and
 /// as a metric. The flag clears within 50 steps once it is back in line, and the job is not
-/// disturbed.
+/// disturbed. Meanwhile the operator's figures: the job's MFU (in (0, 1]) in the status, the
+/// text status and the metrics, and the checkpoint of step 100's save and commit durations in
+/// the checkpoint histograms.
 #[test]
 fn a_slow_rank_is_flagged_as_a_straggler_and_cleared_when_it_recovers() {
     let _serial = ringmaster_tests::timing_sensitive();
@@ -586,7 +588,7 @@ fn a_slow_rank_is_flagged_as_a_straggler_and_cleared_when_it_recovers() {
     c.start_agent("w0", 2, &[]);
     c.start_agent("w1", 2, &[]);
     c.wait_joined(&["w0", "w1"]);
-    let cfg = config_steps(&c, "s", 130, 1000, "");
+    let cfg = config_steps(&c, "s", 130, 100, "");
     let yaml = std::fs::read_to_string(&cfg).unwrap().replace(
         "per_device_train_batch_size: 16",
         "per_device_train_batch_size: 4",
@@ -624,6 +626,17 @@ fn a_slow_rank_is_flagged_as_a_straggler_and_cleared_when_it_recovers() {
     );
     let shown = text(&c.ringctl(&["status", &job]));
     assert!(shown.contains("straggler: rank 2 on w1 is"), "{shown}");
+    // Every rank reported its peak (a GEMM measured at start) and the FLOPs per token: the
+    // job's MFU while it runs.
+    let mfu = wait_until(Duration::from_secs(60), "the job's MFU", || {
+        c.status(&job)["progress"]["mfu"].as_f64()
+    });
+    assert!(mfu > 0.0 && mfu <= 1.0, "MFU {mfu}");
+    let shown = text(&c.ringctl(&["status", &job]));
+    assert!(shown.contains("   MFU "), "{shown}");
+    let scraped = metrics_text(&metrics);
+    let want = format!("ringmaster_job_mfu_ratio{{job=\"{job}\"}} ");
+    assert!(scraped.contains(&want), "{want} in:\n{scraped}");
     // Back in line after step 60: cleared within 50 steps, while the job still runs.
     let cleared = wait_until(Duration::from_secs(600), "rank 2 cleared", || {
         let st = c.status(&job);
@@ -633,6 +646,25 @@ fn a_slow_rank_is_flagged_as_a_straggler_and_cleared_when_it_recovers() {
     assert!(step <= 60 + 50, "cleared at step {step}: {cleared:#}");
     let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(600));
     assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
+    assert_eq!(step_of(&st, "last_checkpoint"), Some(100), "{st:#}");
+    // The checkpoint of step 100, observed once in each histogram with rank 0's durations.
+    let scraped = metrics_text(&metrics);
+    for h in ["save", "commit"] {
+        let count = scraped
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("ringmaster_checkpoint_{h}_seconds_count ")))
+            .and_then(|n| n.trim().parse::<u64>().ok());
+        assert!(
+            count.is_some_and(|n| n >= 1),
+            "checkpoint {h} seconds in:\n{scraped}"
+        );
+        let sum = scraped
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("ringmaster_checkpoint_{h}_seconds_sum ")))
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(sum > 0.0 && sum < 600.0, "checkpoint {h}: {sum} s");
+    }
     let out = c.ringctl(&["events", &job, "--output", "json"]);
     let kinds: Vec<(String, Option<u64>)> = String::from_utf8_lossy(&out.stdout)
         .lines()

@@ -347,4 +347,35 @@ mod tests {
         ]);
         assert_eq!(t, "A     BB  C\nlong  x   y\n");
     }
+
+    #[test]
+    fn the_progress_line_shows_mfu_when_known() {
+        let mut st = pb::JobStatus {
+            id: "j".into(),
+            progress: Some(pb::JobProgress {
+                step: Some(5),
+                total_steps: Some(10),
+                loss: Some(1.5),
+                tokens_per_second: Some(1234.0),
+                mfu: Some(0.1234),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let line = |st: &pb::JobStatus| {
+            status_block(st)
+                .lines()
+                .find(|l| l.starts_with("progress:"))
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            line(&st).as_deref(),
+            Some("progress: step 5/10   loss 1.5000   1234 tokens/s   MFU 12.3%")
+        );
+        st.progress.as_mut().unwrap().mfu = None;
+        assert_eq!(
+            line(&st).as_deref(),
+            Some("progress: step 5/10   loss 1.5000   1234 tokens/s")
+        );
+    }
 }
