@@ -5,8 +5,8 @@
 use ringmaster_proto as pb;
 
 use super::core::types::{
-    AgentEvent, CheckpointSeconds, FetchLog, JoinAck, JoinRequest, LogChunk, LogQuery, NodeInfo, Outbound,
-    PortAllocated, ProgressReport, RankEntry, ResumeReport, SignalWorkers, StartFailed,
+    AgentEvent, CheckpointSeconds, FetchLog, JoinAck, JoinRequest, LogChunk, LogQuery, NodeInfo,
+    Outbound, PortAllocated, ProgressReport, RankEntry, ResumeReport, SignalWorkers, StartFailed,
     StartWorkers, StopWorkers, ToAgent, WorkerExited, WorkerStarted,
 };
 use super::core::types::{MAX_FLOPS, MAX_SECONDS};
@@ -282,13 +282,10 @@ pub fn progress(p: pb::Progress) -> Option<ProgressReport> {
         ),
         model_flops_per_token: flops(p.model_flops_per_token),
         peak_flops: flops(p.peak_flops),
-        checkpoint_seconds: p
-            .committed_checkpoint
-            .as_ref()
-            .map(|c| CheckpointSeconds {
-                save: seconds(c.save_seconds),
-                commit: seconds(c.commit_seconds),
-            }),
+        checkpoint_seconds: p.committed_checkpoint.as_ref().map(|c| CheckpointSeconds {
+            save: seconds(c.save_seconds),
+            commit: seconds(c.commit_seconds),
+        }),
         committed_checkpoint: p.committed_checkpoint.map(checkpoint),
         resume: p.resume.map(|r| ResumeReport {
             from: r.from.map(checkpoint),
@@ -328,7 +325,11 @@ mod tests {
         assert_eq!((s.save, s.commit), (Some(1.5), Some(0.25)));
         for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 2e18] {
             let r = report(bad, bad, bad, bad);
-            assert_eq!((r.model_flops_per_token, r.peak_flops), (None, None), "{bad}");
+            assert_eq!(
+                (r.model_flops_per_token, r.peak_flops),
+                (None, None),
+                "{bad}"
+            );
             let s = r.checkpoint_seconds.expect("a committed checkpoint");
             assert_eq!((s.save, s.commit), (None, None), "{bad}");
         }
