@@ -61,6 +61,11 @@ struct RankLabels {
     node: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
 /// The process's counters and histograms; clones share them.
 #[derive(Clone)]
 pub struct Metrics {
@@ -72,6 +77,7 @@ pub struct Metrics {
     restart_seconds: Histogram,
     checkpoint_save_seconds: Histogram,
     checkpoint_commit_seconds: Histogram,
+    fault_detection_seconds: Family<KindLabel, Histogram>,
     /// The newest event counted, per job.
     seen: Arc<std::sync::Mutex<HashMap<String, u64>>>,
 }
@@ -96,6 +102,10 @@ impl Metrics {
             // 10 ms .. ~22 min.
             checkpoint_save_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 18)),
             checkpoint_commit_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 18)),
+            // 5 ms .. ~160 s.
+            fault_detection_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 16))
+            }),
             seen: Arc::default(),
         };
         let mut r = Registry::with_prefix("ringmaster");
@@ -140,7 +150,23 @@ impl Metrics {
              every shard, manifest, marker)",
             m.checkpoint_commit_seconds.clone(),
         );
+        r.register(
+            "fault_detection_seconds",
+            "From a fault to this coordinator acting on it: kind exit (a worker's process ended, \
+             by its agent's clock) or node_lost (from the node's last heartbeat)",
+            m.fault_detection_seconds.clone(),
+        );
         (m, r)
+    }
+
+    /// A fault of `kind` (`exit`, `node_lost`) acted on `late_ms` after it happened; values
+    /// beyond an hour (a clock far off) are not counted.
+    pub fn fault_detected(&self, kind: &'static str, late_ms: u64) {
+        if late_ms <= 3_600_000 {
+            self.fault_detection_seconds
+                .get_or_create(&KindLabel { kind })
+                .observe(late_ms as f64 / 1000.0);
+        }
     }
 
     /// A newly committed checkpoint's durations, as rank 0 reported them (each when known).
@@ -583,6 +609,16 @@ mod tests {
             !text.contains("job=\"m-1\""),
             "a finished job keeps series:\n{text}"
         );
+        m.fault_detected("exit", 250);
+        m.fault_detected("node_lost", 3_600_001);
+        let text = render(&registry, Some(&done));
+        assert!(
+            text.contains("ringmaster_fault_detection_seconds_count{kind=\"exit\"} 1")
+                && text.contains("ringmaster_fault_detection_seconds_sum{kind=\"exit\"} 0.25"),
+            "{text}"
+        );
+        // A clock more than an hour off is not a detection latency.
+        assert!(!text.contains("kind=\"node_lost\""), "{text}");
         // A standby: counters, no gauges of jobs, leader 0.
         let text = render(&registry, None);
         assert!(text.contains("ringmaster_leader 0"), "{text}");

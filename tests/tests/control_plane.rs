@@ -303,6 +303,8 @@ fn a_failed_rank_restarts_the_whole_gang() {
         "ringmaster_job_failures_total{reason=\"WorkerExited\"} 1",
         "ringmaster_job_restarts_total 1",
         "ringmaster_restart_seconds_count 1",
+        // The killed rank's exit, from its agent's clock to the coordinator acting on it.
+        "ringmaster_fault_detection_seconds_count{kind=\"exit\"} 1",
         "ringmaster_jobs_finished_total{state=\"SUCCEEDED\",reason=\"\"} 1",
         "ringmaster_jobs{state=\"SUCCEEDED\"} 1",
         "ringmaster_nodes{state=\"JOINED\"} 2",
@@ -551,6 +553,10 @@ fn a_killed_agent_ends_the_generation_and_is_named() {
     let (_, body) = http_get(&metrics, "/metrics");
     assert!(
         body.contains("ringmaster_job_failures_total{reason=\"NodeLost\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("ringmaster_fault_detection_seconds_count{kind=\"node_lost\"} 1"),
         "{body}"
     );
     // The surviving node's workers are stopped; the killed agent's died with it.

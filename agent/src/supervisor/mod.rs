@@ -69,6 +69,7 @@ fn exited(
     exit_code: Option<i32>,
     signal: Option<i32>,
     tail: Vec<String>,
+    exited_unix_ms: u64,
 ) -> pb::WorkerExited {
     pb::WorkerExited {
         job_id: key.0.clone(),
@@ -77,7 +78,15 @@ fn exited(
         exit_code,
         signal,
         log_tail: tail,
+        exited_unix_ms,
     }
+}
+
+/// Now, in ms since the Unix epoch.
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Supervisor {
@@ -309,6 +318,7 @@ impl Supervisor {
                     }
                 });
                 let status = child.wait().await;
+                let exited_at = now_unix_ms();
                 flag.store(false, Ordering::Release);
                 // Nothing of the worker outlives it: kill what is left of its group.
                 kill::signal_group(pid, Signal::SIGKILL);
@@ -320,7 +330,9 @@ impl Supervisor {
                         (None, None)
                     }
                 };
-                let _ = exits.send(exited(&k, code, sig, sink.tail())).await;
+                let _ = exits
+                    .send(exited(&k, code, sig, sink.tail(), exited_at))
+                    .await;
             });
             self.metrics
                 .worker_started(key.clone(), pid, running.clone());

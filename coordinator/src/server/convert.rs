@@ -60,6 +60,7 @@ impl From<pb::WorkerExited> for WorkerExited {
             exit_code: e.exit_code,
             signal: e.signal,
             log_tail: e.log_tail,
+            exited_unix_ms: e.exited_unix_ms,
         }
     }
 }
@@ -434,6 +435,7 @@ mod tests {
                 exit_code: Some(1),
                 signal: None,
                 log_tail: vec!["boom".into()],
+                exited_unix_ms: 1_800_000_000_000,
             }],
             ..Default::default()
         }
@@ -445,5 +447,6 @@ mod tests {
         assert_eq!(j.running[0].pid, 77);
         assert_eq!(j.exited_while_away[0].exit_code, Some(1));
         assert_eq!(j.exited_while_away[0].log_tail, ["boom"]);
+        assert_eq!(j.exited_while_away[0].exited_unix_ms, 1_800_000_000_000);
     }
 }

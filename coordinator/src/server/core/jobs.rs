@@ -13,6 +13,11 @@ impl Core {
         }
         let level_fail = e.exit_code != Some(0) || e.signal.is_some();
         if level_fail && !job.stopping && !job.state.is_terminal() {
+            // A fault this coordinator acts on: how long after the process ended it knew.
+            if e.exited_unix_ms > 0 {
+                let late_ms = now_ms().saturating_sub(e.exited_unix_ms);
+                self.cfg.metrics.fault_detected("exit", late_ms);
+            }
             tracing::warn!(job = %e.job_id, generation = e.generation, rank = e.rank, exit_code = ?e.exit_code, signal = ?e.signal, "worker failed");
         } else {
             tracing::info!(job = %e.job_id, generation = e.generation, rank = e.rank, exit_code = ?e.exit_code, signal = ?e.signal, "worker exited");

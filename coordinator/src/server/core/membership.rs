@@ -224,10 +224,10 @@ impl Core {
             if now.duration_since(n.last_seen) > timeout {
                 n.lost = true;
                 n.conn = None;
-                newly_lost.push(name.clone());
+                newly_lost.push((name.clone(), now.duration_since(n.last_seen)));
             }
         }
-        for name in newly_lost {
+        for (name, silent) in newly_lost {
             let since =
                 humantime::format_duration(Duration::from_millis(timeout.as_millis() as u64));
             let never = self.started.elapsed() <= timeout + Duration::from_millis(500);
@@ -249,6 +249,12 @@ impl Core {
                 })
                 .filter(|(_, r)| !r.is_empty())
                 .collect();
+            if !affected.is_empty() {
+                // From the node's last heartbeat to now: at least the heartbeat timeout.
+                self.cfg
+                    .metrics
+                    .fault_detected("node_lost", silent.as_millis() as u64);
+            }
             for (id, ranks) in affected {
                 let message = if never {
                     format!(

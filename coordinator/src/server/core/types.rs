@@ -70,6 +70,8 @@ pub struct WorkerExited {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub log_tail: Vec<String>,
+    /// When the agent saw it end (agent's clock, Unix ms; 0: unknown).
+    pub exited_unix_ms: u64,
 }
 
 /// A worker the agent could not start.
