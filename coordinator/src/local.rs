@@ -113,7 +113,9 @@ pub async fn run(
     let mut agents = Vec::new();
     let mut readers = Vec::new();
     // Worker lines go through the watch, which shows them above its live view (or on stderr).
-    let (line_tx, mut line_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    // Bounded: a terminal that does not keep up makes the readers, and so the agents' pipes,
+    // wait, as writing to stderr directly would.
+    let (line_tx, mut line_rx) = tokio::sync::mpsc::channel::<String>(cli::LINES_QUEUED);
     for name in &names {
         let mut cmd = tokio::process::Command::new(&agent);
         cmd.arg("--join")
@@ -205,19 +207,32 @@ pub async fn run(
     // go while the job is watched (above the live view).
     cli::view::route_logs(Some(line_tx.clone()));
     let result = tokio::select! {
-        r = drive(&target, &sub, output, &mut line_rx, line_tx.clone()) => r,
+        r = drive(&target, &sub, output, &mut line_rx, line_tx.clone(), log_format) => r,
         (name, status) = first_exit(&mut agents, &names) => Err(CliError::failed(format!(
             "the agent of {name} exited ({status}) while the job ran; its output is above"
         ))),
     };
 
-    cli::view::route_logs(None);
     stop_agents(agents).await;
     // The agents are gone: their pipes end once the last lines are shown.
     drop(line_tx);
-    for r in readers {
-        let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+    // The readers end with the agents' pipes; what they and the log records queued meanwhile
+    // is shown in order.
+    let drain = async {
+        for r in readers {
+            let _ = r.await;
+        }
+    };
+    let mut drain = std::pin::pin!(drain);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        tokio::select! {
+            _ = &mut drain => break,
+            Some(line) = line_rx.recv() => eprintln!("{line}"),
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
     }
+    cli::view::route_logs(None);
     while let Ok(line) = line_rx.try_recv() {
         eprintln!("{line}");
     }
@@ -233,7 +248,7 @@ pub async fn run(
 async fn show_agent_output(
     node: String,
     err: tokio::process::ChildStderr,
-    lines: tokio::sync::mpsc::UnboundedSender<String>,
+    lines: tokio::sync::mpsc::Sender<String>,
 ) {
     use tokio::io::AsyncBufReadExt;
     let mut reader = tokio::io::BufReader::new(err);
@@ -243,7 +258,7 @@ async fn show_agent_output(
     while matches!(reader.read_until(b'\n', &mut buf).await, Ok(n) if n > 0) {
         let line = String::from_utf8_lossy(&buf);
         if let Some(shown) = agent_line(&node, line.trim_end_matches(['\n', '\r']))
-            && let Err(e) = lines.send(shown)
+            && let Err(e) = lines.send(shown).await
         {
             // The watch is over: straight to stderr.
             eprintln!("{}", e.0);
@@ -338,8 +353,9 @@ async fn drive(
     target: &cli::Target,
     sub: &spec::Submission,
     output: Output,
-    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
-    say: tokio::sync::mpsc::UnboundedSender<String>,
+    lines: &mut tokio::sync::mpsc::Receiver<String>,
+    say: tokio::sync::mpsc::Sender<String>,
+    log_format: LogFormat,
 ) -> Result<Exit, CliError> {
     let mut client = cli::connect(target).await?;
     let job = cli::submit(&mut client, sub).await?;
@@ -348,12 +364,15 @@ async fn drive(
     }
     let mut watch_client = client.clone();
     let id = job.id.clone();
-    let watch = cli::watch_job(&mut watch_client, &id, output, None, Some(lines));
+    // With `--log-format json` the agents' records reach the terminal directly: no live view
+    // for them to run through.
+    let live = log_format == LogFormat::Text;
+    let watch = cli::watch_job(&mut watch_client, &id, output, None, Some(lines), live);
     tokio::pin!(watch);
     tokio::select! {
         r = &mut watch => r,
         _ = tokio::signal::ctrl_c() => {
-            let _ = say.send(format!("interrupted: cancelling {id}"));
+            let _ = say.try_send(format!("interrupted: cancelling {id}"));
             let _ = client
                 .cancel(ringmaster_proto::CancelRequest { job_id: id.clone(), grace_ms: 5_000 })
                 .await;

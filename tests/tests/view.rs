@@ -3,7 +3,7 @@
 //! piped print plain lines or JSON.
 
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -48,6 +48,12 @@ impl Pty {
         // SAFETY: both descriptors were just opened and are owned here alone.
         let (master, slave) =
             unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        // Not inherited by what the other tests start meanwhile (a process holding the slave
+        // would keep the reader below from seeing the end).
+        for fd in [&master, &slave] {
+            // SAFETY: F_SETFD on a descriptor owned here.
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
         let io = |fd: &OwnedFd| Stdio::from(fd.try_clone().expect("dup of the pty"));
         cmd.stdin(io(&slave))
             .stdout(io(&slave))
@@ -93,11 +99,12 @@ impl Pty {
                     let (row, col) = screen.screen().cursor_position();
                     let _ = write!(output, "\x1b[{};{}R", row + 1, col + 1);
                 }
-                let keep = tail.len().saturating_sub(3);
-                tail.drain(..keep);
-                if queries > 0 {
-                    tail.clear();
-                }
+                // What follows the last query answered; at most 3 bytes (a query's start).
+                let after = tail
+                    .windows(4)
+                    .rposition(|w| w == b"\x1b[6n")
+                    .map_or(0, |i| i + 4);
+                tail.drain(..after.max(tail.len().saturating_sub(3)));
             }
         });
         Pty {
@@ -146,7 +153,11 @@ impl Pty {
         let status = wait_until(timeout, "the command on the pty to exit", || {
             self.child.try_wait().unwrap()
         });
+        // The last output: the reader ends when nothing holds the terminal any more.
         if let Some(r) = self.reader.take() {
+            wait_until(timeout, "the pty's output to end", || {
+                r.is_finished().then_some(())
+            });
             let _ = r.join();
         }
         status.code()
@@ -299,4 +310,8 @@ fn local_shows_worker_lines_above_its_view() {
         }
     }
     assert!(!screen.contains("generation="), "{screen}");
+    // The view began before the ranks were placed (sized for none) and grew in place: one
+    // frame on the screen, not one per size.
+    let frames = lines.iter().filter(|l| l.contains("generation 0  restarts")).count();
+    assert_eq!(frames, 1, "{screen}");
 }

@@ -461,10 +461,14 @@ pub async fn connect(target: &Target) -> Result<Client, CliError> {
 }
 
 fn print_json(v: &serde_json::Value) {
-    println!(
-        "{}",
-        serde_json::to_string(v).expect("JSON value serializes")
-    );
+    let _ = emit_json(v);
+}
+
+/// Prints `v` as one line; false if stdout is gone (a closed pipe: `top ... | head -1`).
+fn emit_json(v: &serde_json::Value) -> bool {
+    use std::io::Write;
+    let text = serde_json::to_string(v).expect("JSON value serializes");
+    writeln!(std::io::stdout().lock(), "{text}").is_ok()
 }
 
 /// Runs one `ringctl` command.
@@ -551,7 +555,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
                 println!("submitted {} ({})", job.id, job.state);
             }
             if watch {
-                return watch_job(&mut client, &job.id, output, Some(&target()?), None).await;
+                return watch_job(&mut client, &job.id, output, Some(&target()?), None, true).await;
             }
             Ok(Exit::Ok)
         }
@@ -609,7 +613,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
         Command::Watch { job, output } => {
             let target = target()?;
             let mut client = connect(&target).await?;
-            watch_job(&mut client, &job, output, Some(&target), None).await
+            watch_job(&mut client, &job, output, Some(&target), None, true).await
         }
         Command::Top {
             output,
@@ -958,7 +962,7 @@ async fn top(
     if every < Duration::from_millis(100) {
         return Err(CliError::usage("--every must be at least 100ms"));
     }
-    let mode = view::mode(output);
+    let mut mode = view::mode(output);
     let mut top = view::TopView::default();
     let mut live: Option<view::Live> = None;
     let mut printed: Option<Vec<[String; 10]>> = None;
@@ -967,35 +971,37 @@ async fn top(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lost_since: Option<tokio::time::Instant> = None;
     let mut done = 0u64;
+    // One handler for the whole run: a Ctrl-C while a call is out counts too.
+    let mut sigint = Some(
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(|e| CliError::failed(format!("installing the Ctrl-C handler: {e}")))?,
+    );
+    let list = async |client: &mut Option<Client>| {
+        if client.is_none() {
+            *client = Some(connect(target).await?);
+        }
+        let c = client.as_mut().expect("connected above");
+        Ok::<_, CliError>(c.list(pb::ListJobsRequest {}).await?.into_inner().jobs)
+    };
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupted(&mut sigint) => break,
         }
-        let reply = match client.as_mut() {
-            Some(c) => c.list(pb::ListJobsRequest {}).await.map_err(CliError::from),
-            None => match connect(target).await {
-                Ok(mut c) => {
-                    let r = c.list(pb::ListJobsRequest {}).await.map_err(CliError::from);
-                    client = Some(c);
-                    r
-                }
-                Err(e) => Err(e),
-            },
+        let reply = tokio::select! {
+            r = list(&mut client) => r,
+            _ = interrupted(&mut sigint) => break,
         };
         let jobs = match reply {
-            Ok(r) => {
+            Ok(jobs) => {
                 lost_since = None;
-                r.into_inner().jobs
+                jobs
             }
             Err(e) if e.exit == Exit::Usage => return Err(e),
             Err(e) => {
                 client = None;
                 let since = *lost_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= REWATCH_FOR {
-                    if let Some(l) = live.take() {
-                        l.finish();
-                    }
                     return Err(CliError::failed(format!(
                         "top: lost the coordinator and found none within {}s: {}",
                         REWATCH_FOR.as_secs(),
@@ -1006,8 +1012,18 @@ async fn top(
             }
         };
         top.update(jobs);
-        match mode {
-            view::Mode::Json => print_json(&serde_json::Value::Array(
+        if mode == view::Mode::Live && live.is_none() {
+            match view::Live::on_stdout(view::TopView::height()) {
+                Ok(l) => live = Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no live view on this terminal: printing tables");
+                    mode = view::Mode::Plain;
+                }
+            }
+        }
+        // A closed stdout (`top | head`) ends the run.
+        let written = match mode {
+            view::Mode::Json => emit_json(&serde_json::Value::Array(
                 top.jobs().iter().map(status::to_json).collect(),
             )),
             view::Mode::Plain => {
@@ -1021,25 +1037,27 @@ async fn top(
                         r
                     })
                     .collect();
-                if printed.as_ref() != Some(&key) {
+                if printed.as_ref() == Some(&key) {
+                    true
+                } else {
+                    use std::io::Write;
                     let mut all = vec![view::TopView::HEADER.map(String::from).to_vec()];
                     all.extend(rows.into_iter().map(|r| r.to_vec()));
-                    print!("{}", render::table_aligned(&all, |_| false));
-                    println!();
                     printed = Some(key);
+                    writeln!(
+                        std::io::stdout().lock(),
+                        "{}",
+                        render::table_aligned(&all, |_| false)
+                    )
+                    .is_ok()
                 }
             }
-            view::Mode::Live => {
-                if live.is_none() {
-                    live = Some(view::Live::on_stdout(view::TopView::height()).map_err(|e| {
-                        CliError::failed(format!("top: the terminal cannot show the view: {e}"))
-                    })?);
-                }
-                if let Some(l) = live.as_mut() {
-                    l.draw(|f, area| top.draw(f, area))
-                        .map_err(|e| CliError::failed(format!("top: {e}")))?;
-                }
-            }
+            view::Mode::Live => live
+                .as_mut()
+                .is_some_and(|l| l.draw(|f, area| top.draw(f, area)).is_ok()),
+        };
+        if !written {
+            break;
         }
         done += 1;
         if count > 0 && done >= count {
@@ -1063,8 +1081,11 @@ enum Display {
 }
 
 impl Display {
-    fn new(output: Output) -> Display {
+    /// `allow_live`: false where something else writes to the terminal meanwhile (`ringctl
+    /// local --log-format json` lets its agents' records through).
+    fn new(output: Output, allow_live: bool) -> Display {
         match view::mode(output) {
+            view::Mode::Live if !allow_live => Display::Plain(render::WatchPrinter::default()),
             view::Mode::Live => Display::Live {
                 view: Box::default(),
                 live: None,
@@ -1098,16 +1119,21 @@ impl Display {
         let Some(st) = view.status() else {
             return;
         };
-        if live.is_none() {
-            match view::Live::on_stdout(view::JobView::height(st.ranks.len())) {
-                Ok(l) => *live = Some(Box::new(l)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no live view on this terminal: printing lines");
-                    let st = st.clone();
-                    *self = Display::Plain(render::WatchPrinter::default());
-                    self.update(&st);
-                    return;
-                }
+        let want = view::JobView::height(st.ranks.len());
+        let made = match live.take() {
+            None => view::Live::on_stdout(want),
+            // The ranks became known (or more of them): a taller view in the same place.
+            Some(l) if want > l.height() => (*l).regrow(want),
+            Some(l) => Ok(*l),
+        };
+        match made {
+            Ok(l) => *live = Some(Box::new(l)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no live view on this terminal: printing lines");
+                let st = st.clone();
+                *self = Display::Plain(render::WatchPrinter::default());
+                self.update(&st);
+                return;
             }
         }
         if let Some(l) = live
@@ -1146,6 +1172,31 @@ impl Display {
     }
 }
 
+/// Resolves on the next SIGINT of `sigint`; never without one.
+async fn interrupted(sigint: &mut Option<tokio::signal::unix::Signal>) {
+    match sigint {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Routes ringctl's log records back to stderr when dropped (if it routed them).
+struct RouteLogsBack(bool);
+
+impl Drop for RouteLogsBack {
+    fn drop(&mut self) {
+        if self.0 {
+            view::route_logs(None);
+        }
+    }
+}
+
+/// Lines queued for the live view at most; a producer waits (worker lines) or writes to
+/// stderr (log records) beyond.
+pub const LINES_QUEUED: usize = 1024;
+
 /// Worker lines shown above the live view in one redraw at most.
 const MAX_LINES_AT_ONCE: usize = 200;
 
@@ -1156,9 +1207,7 @@ const LINES_QUIET: Duration = Duration::from_millis(300);
 const LINES_LINGER_MAX: Duration = Duration::from_secs(2);
 
 /// The next line from `lines`, or never when there are none.
-async fn next_line(
-    lines: &mut Option<&mut tokio::sync::mpsc::UnboundedReceiver<String>>,
-) -> String {
+async fn next_line(lines: &mut Option<&mut tokio::sync::mpsc::Receiver<String>>) -> String {
     match lines {
         Some(rx) => match rx.recv().await {
             Some(l) => l,
@@ -1182,7 +1231,8 @@ pub async fn watch_job(
     job: &str,
     output: Output,
     reconnect: Option<&Target>,
-    mut lines: Option<&mut tokio::sync::mpsc::UnboundedReceiver<String>>,
+    lines: Option<&mut tokio::sync::mpsc::Receiver<String>>,
+    allow_live: bool,
 ) -> Result<Exit, CliError> {
     let mut stream = client
         .watch(pb::WatchRequest {
@@ -1191,12 +1241,33 @@ pub async fn watch_job(
         .await?
         .into_inner();
     let mut last: Option<pb::JobStatus> = None;
-    let mut display = Display::new(output);
+    let mut display = Display::new(output, allow_live);
+    // On a terminal, ringctl's own log records go above the view, not through it.
+    let (log_tx, mut own_lines) = tokio::sync::mpsc::channel(LINES_QUEUED);
+    let routed = lines.is_none() && display.is_live();
+    let mut lines = match lines {
+        Some(l) => Some(l),
+        None if routed => {
+            view::route_logs(Some(log_tx));
+            Some(&mut own_lines)
+        }
+        None => None,
+    };
+    let _unroute = RouteLogsBack(routed);
     let mut tick = tokio::time::interval(view::TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // `ringctl watch` on a terminal ends on Ctrl-C with its view left in place (`ringctl
     // local` handles Ctrl-C itself: it cancels the job and watches on).
     let interrupt = display.is_live() && reconnect.is_some();
+    // One handler for the whole watch: a Ctrl-C during a reconnect counts too.
+    let mut sigint = if interrupt {
+        Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .map_err(|e| CliError::failed(format!("installing the Ctrl-C handler: {e}")))?,
+        )
+    } else {
+        None
+    };
     // Reconnects in a row that brought no status (a coordinator that keeps failing the watch).
     let mut fruitless = 0;
     loop {
@@ -1218,7 +1289,7 @@ pub async fn watch_job(
                 display.redraw();
                 continue;
             }
-            _ = tokio::signal::ctrl_c(), if interrupt => {
+            _ = interrupted(&mut sigint) => {
                 display.finish();
                 return Err(CliError::failed("interrupted"));
             }
@@ -1259,7 +1330,11 @@ pub async fn watch_job(
                 lost.message()
             ));
         }
-        stream = match rewatch(target, job).await {
+        let again = tokio::select! {
+            r = rewatch(target, job) => r,
+            _ = interrupted(&mut sigint) => Err(CliError::failed("interrupted")),
+        };
+        stream = match again {
             Ok(s) => s,
             Err(e) => {
                 display.finish();

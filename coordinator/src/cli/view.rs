@@ -58,7 +58,11 @@ pub fn mode(output: Output) -> Mode {
         return Mode::Json;
     }
     let dumb = std::env::var("TERM").map_or(true, |t| t.is_empty() || t == "dumb");
-    if std::io::stdout().is_terminal() && !dumb {
+    // SAFETY: both calls only read the process's and the terminal's process groups.
+    let foreground = unsafe { libc::tcgetpgrp(libc::STDOUT_FILENO) == libc::getpgrp() };
+    // In the background (`ringctl watch j &`) the view's terminal query would stop the
+    // process (SIGTTOU): lines instead.
+    if std::io::stdout().is_terminal() && !dumb && foreground {
         Mode::Live
     } else {
         Mode::Plain
@@ -514,6 +518,9 @@ impl TopView {
 /// scrollback when the view ends.
 pub struct Live<B: Backend = CrosstermBackend<std::io::Stdout>> {
     terminal: Terminal<B>,
+    height: u16,
+    /// The cursor is below the view and shown (or the view was cleared to be replaced).
+    released: bool,
 }
 
 impl Live {
@@ -525,6 +532,75 @@ impl Live {
         let backend = CrosstermBackend::new(std::io::stdout());
         Live::new(backend, height)
     }
+}
+
+impl<B: Backend> Drop for Live<B> {
+    /// A view dropped on an error path still leaves the cursor below it, visible.
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Live {
+    /// The view, `height` rows high now (the job's ranks became known): cleared and drawn
+    /// again from the same row.
+    ///
+    /// # Errors
+    /// As [`Live::on_stdout`].
+    pub fn regrow(mut self, height: u16) -> std::io::Result<Live> {
+        self.clear_for_replacement()?;
+        drop(self);
+        Live::on_stdout(height)
+    }
+}
+
+/// `line` as text a terminal cell can hold: what a carriage return overwrote dropped (a
+/// progress bar's last state stays), escape sequences (colours, cursor moves) removed, tabs
+/// expanded to 8 columns, other control characters left out.
+fn plain_text(line: &str) -> String {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let line = line.rsplit('\r').next().unwrap_or(line);
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    let mut col = 0;
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => match chars.next() {
+                // CSI: parameters and intermediates, then a final byte in @..~.
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                // OSC: up to BEL or ESC \.
+                Some(']') => {
+                    while let Some(c) = chars.next() {
+                        if c == '\x07' {
+                            break;
+                        }
+                        if c == '\x1b' {
+                            chars.next_if_eq(&'\\');
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            },
+            '\t' => {
+                let n = 8 - col % 8;
+                out.extend(std::iter::repeat_n(' ', n));
+                col += n;
+            }
+            c if c.is_control() => {}
+            c => {
+                out.push(c);
+                col += 1;
+            }
+        }
+    }
+    out
 }
 
 /// A backend's error as an I/O error.
@@ -547,7 +623,16 @@ impl<B: Backend> Live<B> {
             },
         )
         .map_err(io_err)?;
-        Ok(Live { terminal })
+        Ok(Live {
+            terminal,
+            height,
+            released: false,
+        })
+    }
+
+    /// Rows the view has.
+    pub fn height(&self) -> u16 {
+        self.height
     }
 
     /// Redraws the view with `draw`.
@@ -570,15 +655,23 @@ impl<B: Backend> Live<B> {
     /// # Errors
     /// When the terminal cannot be written.
     pub fn print_above(&mut self, lines: &[String]) -> std::io::Result<()> {
+        // A terminal resized since the last frame: the view's geometry first.
+        self.terminal.autoresize().map_err(io_err)?;
         let width = self.terminal.size().map_err(io_err)?.width.max(1) as usize;
         let mut text: Vec<Line> = Vec::new();
         for line in lines {
-            let chars: Vec<char> = line.chars().filter(|c| !c.is_control()).collect();
+            let chars: Vec<char> = plain_text(line).chars().collect();
             if chars.is_empty() {
                 text.push(Line::default());
             }
-            for row in chars.chunks(width).take(MAX_WRAPPED_ROWS) {
-                text.push(Line::raw(row.iter().collect::<String>()));
+            let rows = chars.len().div_ceil(width);
+            for (i, row) in chars.chunks(width).take(MAX_WRAPPED_ROWS).enumerate() {
+                let mut row: String = row.iter().collect();
+                if i + 1 == MAX_WRAPPED_ROWS && rows > MAX_WRAPPED_ROWS {
+                    row.pop();
+                    row.push('…');
+                }
+                text.push(Line::raw(row));
             }
         }
         let height = text.len() as u16;
@@ -590,14 +683,34 @@ impl<B: Backend> Live<B> {
             .map_err(io_err)
     }
 
-    /// Leaves the last frame in place and puts the cursor on the line below it.
-    pub fn finish(mut self) {
+    /// Puts the cursor on the line below the view and shows it (once).
+    fn release(&mut self) {
+        if self.released {
+            return;
+        }
+        self.released = true;
         let area = self.terminal.get_frame().area();
         let _ = self.terminal.set_cursor_position((0, area.bottom()));
         let _ = self.terminal.show_cursor();
         let _ = Backend::flush(self.terminal.backend_mut());
+    }
+
+    /// Leaves the last frame in place and puts the cursor on the line below it.
+    pub fn finish(mut self) {
+        self.release();
         drop(self);
         println!();
+    }
+
+    /// Clears the view and leaves the cursor where it began (for a taller view there).
+    fn clear_for_replacement(&mut self) -> std::io::Result<()> {
+        let area = self.terminal.get_frame().area();
+        self.terminal.clear().map_err(io_err)?;
+        self.terminal
+            .set_cursor_position((0, area.y))
+            .map_err(io_err)?;
+        self.released = true;
+        Ok(())
     }
 
     /// The backend (tests read the screen from a `TestBackend`).
@@ -608,11 +721,11 @@ impl<B: Backend> Live<B> {
 
 /// Where ringctl's own log records go while a live view is on the terminal: into the view's
 /// line channel (shown above it), else to stderr as usual.
-static LOG_LINES: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<String>>> =
+static LOG_LINES: std::sync::Mutex<Option<tokio::sync::mpsc::Sender<String>>> =
     std::sync::Mutex::new(None);
 
 /// Sends ringctl's log records to `lines` from now on (`None`: to stderr again).
-pub fn route_logs(lines: Option<tokio::sync::mpsc::UnboundedSender<String>>) {
+pub fn route_logs(lines: Option<tokio::sync::mpsc::Sender<String>>) {
     if let Ok(mut l) = LOG_LINES.lock() {
         *l = lines;
     }
@@ -646,7 +759,9 @@ impl Drop for LogRecord {
         match sink {
             Some(tx) => {
                 for line in text.lines() {
-                    if tx.send(line.to_owned()).is_err() {
+                    // A full channel (the terminal is not keeping up) or a closed one: the
+                    // record is not lost, it goes to stderr.
+                    if tx.try_send(line.to_owned()).is_err() {
                         eprintln!("{line}");
                     }
                 }
@@ -934,7 +1049,7 @@ mod tests {
     fn log_records_go_above_the_view_while_it_is_on() {
         use std::io::Write;
         use tracing_subscriber::fmt::MakeWriter;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
         route_logs(Some(tx));
         let mut w = LogWriter.make_writer();
         w.write_all(b"WARN straggler rank=2\n").unwrap();
@@ -947,6 +1062,35 @@ mod tests {
         w.write_all(b"to stderr\n").unwrap();
         drop(w);
         assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn worker_lines_lose_escapes_and_carriage_returns_and_keep_their_columns() {
+        assert_eq!(
+            plain_text("\x1b[2m2026\x1b[0m \x1b[33mWARN\x1b[0m x"),
+            "2026 WARN x"
+        );
+        assert_eq!(plain_text("10%\r50%\r100% done\n"), "100% done");
+        assert_eq!(plain_text("a\tb\tc"), "a       b       c");
+        assert_eq!(
+            plain_text("\x1b]0;title\x07text\x1b]8;;x\x1b\\link"),
+            "textlink"
+        );
+        assert_eq!(plain_text("bell\x07"), "bell");
+    }
+
+    #[test]
+    fn a_long_line_wraps_and_is_cut_with_a_mark() {
+        let mut backend = TestBackend::new(10, 14);
+        backend
+            .set_cursor_position(ratatui::layout::Position::new(0, 0))
+            .unwrap();
+        let mut live = Live::new(backend, 3).unwrap();
+        live.print_above(&["x".repeat(200)]).unwrap();
+        let lines = screen(live.backend());
+        assert_eq!(lines[0], "xxxxxxxxxx");
+        assert_eq!(lines[7], "xxxxxxxxx…", "{lines:#?}");
+        assert_eq!(lines[8], "", "{lines:#?}");
     }
 
     #[test]

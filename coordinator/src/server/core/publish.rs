@@ -19,13 +19,19 @@ impl Core {
         for id in std::mem::take(&mut self.changed) {
             if let Some(job) = self.jobs.get(&id) {
                 self.cfg.metrics.observe(job);
-                if job.state != JobState::Running {
-                    // A generation's telemetry ends with it.
-                    self.telemetry.remove(&id);
-                }
             }
             if self.persist_job(&id) {
+                // Published with the ranks' last telemetry: the final frame of a watch shows
+                // where each rank stood.
                 self.publish(&id);
+            }
+            if self
+                .jobs
+                .get(&id)
+                .is_some_and(|j| j.state != JobState::Running)
+            {
+                // A generation's telemetry ends with it.
+                self.telemetry.remove(&id);
             }
         }
     }

@@ -120,9 +120,9 @@ impl Core {
             job.progress.total_steps = (p.total_steps > 0).then_some(p.total_steps);
             job.progress.loss = p.loss;
             job.progress.tokens_per_second = Some(p.tokens_per_second);
-            if p.grad_norm.is_some() {
-                job.progress.grad_norm = p.grad_norm;
-            }
+            // None when the step's norm was not finite (or not computed, or a resume report):
+            // never the last finite one.
+            job.progress.grad_norm = p.grad_norm;
         }
         job.updated_unix_ms = now_ms();
         let id = job.id.clone();
