@@ -312,6 +312,9 @@ fn local_shows_worker_lines_above_its_view() {
     assert!(!screen.contains("generation="), "{screen}");
     // The view began before the ranks were placed (sized for none) and grew in place: one
     // frame on the screen, not one per size.
-    let frames = lines.iter().filter(|l| l.contains("generation 0  restarts")).count();
+    let frames = lines
+        .iter()
+        .filter(|l| l.contains("generation 0  restarts"))
+        .count();
     assert_eq!(frames, 1, "{screen}");
 }
