@@ -297,6 +297,8 @@ fn a_failed_rank_restarts_the_whole_gang() {
     // The same story in Prometheus' counters; the finished job has no series of its own.
     let (status, body) = http_get(&metrics, "/metrics");
     assert!(status.contains(" 200 "), "{status}");
+    let samples = ringmaster_tests::parse_prometheus(&body).unwrap_or_else(|e| panic!("{e}"));
+    assert!(samples.len() > 20, "{body}");
     for want in [
         "ringmaster_leader 1",
         "ringmaster_jobs_submitted_total 1",
@@ -336,6 +338,7 @@ fn an_agent_serves_its_workers_in_its_own_metrics() {
     );
     let (status, body) = http_get(&metrics, "/metrics");
     assert!(status.contains(" 200 "), "{status}");
+    ringmaster_tests::parse_prometheus(&body).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         sample(&body, "ringmaster_agent_connected"),
         Some(1.0),
@@ -471,7 +474,7 @@ fn without_restarts_the_job_fails_with_its_root_cause() {
 #[test]
 fn cancel_kills_every_process_including_grandchildren() {
     let _serial = ringmaster_tests::timing_sensitive();
-    let c = two_by_two("10s");
+    let (c, metrics) = two_by_two_with_metrics("10s");
     let out = out_dir(&c);
     let job = c.submit(
         "cancel.yaml",
@@ -516,6 +519,62 @@ fn cancel_kills_every_process_including_grandchildren() {
         ["CancelRequested", "Cancelled"],
         "{ev:#?}"
     );
+    let (_, body) = http_get(&metrics, "/metrics");
+    ringmaster_tests::parse_prometheus(&body).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        body.contains("ringmaster_jobs_finished_total{state=\"CANCELLED\",reason=\"Cancelled\"} 1"),
+        "{body}"
+    );
+}
+
+#[test]
+fn a_training_config_the_trainer_refuses_fails_as_config_invalid() {
+    let (c, metrics) = two_by_two_with_metrics("10s");
+    // Valid for the coordinator (paths are the nodes' business), refused by every trainer
+    // before training: exit 2.
+    let cfg = c.quickstart_config("bad", "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let missing = c.path("no-such-model");
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("model_name_or_path:") {
+                format!("model_name_or_path: {}\n", missing.display())
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&cfg, text).unwrap();
+    let out = c.ringctl(&["submit", cfg.to_str().unwrap(), "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let st = wait_until(Duration::from_secs(60), "the first failure", || {
+        let st = c.status(&job);
+        st["failure"].is_object().then_some(st)
+    });
+    assert_eq!(st["failure"]["reason"], "ConfigInvalid", "{st:#}");
+    assert_eq!(st["failure"]["exit_code"], 2, "{st:#}");
+    let ev = events(&c, &job);
+    assert!(
+        ev.iter()
+            .any(|e| e["kind"] == "RankFailed" && e["reason"] == "ConfigInvalid"),
+        "{ev:#?}"
+    );
+    let (_, body) = http_get(&metrics, "/metrics");
+    ringmaster_tests::parse_prometheus(&body).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        body.contains("ringmaster_job_failures_total{reason=\"ConfigInvalid\"}"),
+        "{body}"
+    );
+    let _ = c.ringctl(&["cancel", &job, "--grace", "1s"]);
 }
 
 #[test]
