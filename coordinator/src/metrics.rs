@@ -253,6 +253,8 @@ pub struct Snapshot {
     pub jobs_by_state: Vec<(String, u64)>,
     pub nodes_by_state: Vec<(String, u64)>,
     pub jobs: Vec<JobSnapshot>,
+    /// The trainers' rendezvous store: generations open, keys, bytes.
+    pub rendezvous: crate::server::rendezvous::RendezvousSizes,
 }
 
 /// One job that has not finished.
@@ -283,6 +285,7 @@ pub struct RankSnapshot {
     pub compute_seconds: Option<f64>,
     pub collective_wait_seconds: Option<f64>,
     pub memory_bytes: Option<u64>,
+    pub peak_memory_bytes: Option<u64>,
     pub straggler: bool,
 }
 
@@ -329,6 +332,7 @@ impl Snapshot {
                         compute_seconds: f.and_then(|(c, _)| c),
                         collective_wait_seconds: f.map(|(_, x)| x.collective_wait_seconds),
                         memory_bytes: f.map(|(_, x)| x.memory_bytes),
+                        peak_memory_bytes: f.map(|(_, x)| x.peak_memory_bytes),
                         straggler: flagged(r.rank),
                     }
                 })
@@ -382,6 +386,27 @@ impl Snapshot {
                 .set(*n as i64);
         }
         r.register("nodes", "Nodes known, by state", nodes);
+        for (name, help, v) in [
+            (
+                "rendezvous_scopes",
+                "Generations whose rendezvous store is open",
+                self.rendezvous.scopes,
+            ),
+            (
+                "rendezvous_keys",
+                "Keys in the rendezvous stores of all generations",
+                self.rendezvous.keys,
+            ),
+            (
+                "rendezvous_bytes",
+                "Bytes of keys and values in the rendezvous stores",
+                self.rendezvous.bytes,
+            ),
+        ] {
+            let g: Gauge = Gauge::default();
+            g.set(v as i64);
+            r.register(name, help, g);
+        }
         let float = || Family::<JobLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let int = || Family::<JobLabel, Gauge>::default();
         let (step, total, restarts, world, generation) = (int(), int(), int(), int(), int());
@@ -391,6 +416,7 @@ impl Snapshot {
             || Family::<RankLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let (rank_compute, rank_wait) = (rank_float(), rank_float());
         let rank_memory: Family<RankLabels, Gauge> = Family::default();
+        let rank_peak_memory: Family<RankLabels, Gauge> = Family::default();
         let rank_straggler: Family<RankLabels, Gauge> = Family::default();
         for j in &self.jobs {
             let l = JobLabel { job: j.id.clone() };
@@ -432,6 +458,9 @@ impl Snapshot {
                 }
                 if let Some(v) = r.memory_bytes {
                     rank_memory.get_or_create(&l).set(v as i64);
+                }
+                if let Some(v) = r.peak_memory_bytes {
+                    rank_peak_memory.get_or_create(&l).set(v as i64);
                 }
                 rank_straggler.get_or_create(&l).set(i64::from(r.straggler));
             }
@@ -477,6 +506,11 @@ impl Snapshot {
             "rank_memory_bytes",
             "A rank's memory at its last report (resident, or device memory on a GPU)",
             rank_memory,
+        );
+        r.register(
+            "rank_peak_memory_bytes",
+            "The most memory a rank reported in its generation",
+            rank_peak_memory,
         );
         r.register(
             "rank_straggler",
@@ -641,10 +675,18 @@ mod tests {
                     ..JobSnapshot::default()
                 },
             ],
+            rendezvous: crate::server::rendezvous::RendezvousSizes {
+                scopes: 2,
+                keys: 9,
+                bytes: 4096,
+            },
             ..Snapshot::default()
         };
         let text = render(&registry, Some(&snapshot));
         for want in [
+            "ringmaster_rendezvous_scopes 2",
+            "ringmaster_rendezvous_keys 9",
+            "ringmaster_rendezvous_bytes 4096",
             "ringmaster_job_mfu_ratio{job=\"f-1\"} 0.25",
             "ringmaster_checkpoint_save_seconds_count 2",
             "ringmaster_checkpoint_save_seconds_sum 2.0",

@@ -237,6 +237,7 @@ pub fn to_json(s: &pb::JobStatus) -> Value {
             "step_seconds": r.step_seconds,
             "collective_wait_seconds": r.collective_wait_seconds,
             "memory_bytes": r.memory_bytes,
+            "peak_memory_bytes": r.peak_memory_bytes,
             "device": r.device,
         })).collect::<Vec<_>>(),
         "progress": {

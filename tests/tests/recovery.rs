@@ -624,6 +624,24 @@ fn a_slow_rank_is_flagged_as_a_straggler_and_cleared_when_it_recovers() {
         scraped.contains("ringmaster_rank_compute_seconds{"),
         "{scraped}"
     );
+    let body = scraped
+        .split_once("\r\n\r\n")
+        .map_or(&scraped[..], |(_, b)| b);
+    let samples = ringmaster_tests::parse_prometheus(body).unwrap_or_else(|e| panic!("{e}"));
+    let peaks = samples
+        .iter()
+        .filter(|(n, l, v)| n == "ringmaster_rank_peak_memory_bytes" && l["job"] == job && *v > 0.0)
+        .count();
+    assert_eq!(peaks, 4, "{scraped}");
+    // Each rank's telemetry in the status, as the live view shows it.
+    for r in flagged["ranks"].as_array().unwrap() {
+        assert!(r["step_seconds"].as_f64().is_some_and(|s| s > 0.0), "{r:#}");
+        assert!(
+            r["peak_memory_bytes"].as_u64() >= r["memory_bytes"].as_u64(),
+            "{r:#}"
+        );
+        assert_eq!(r["device"], "cpu", "{r:#}");
+    }
     let shown = text(&c.ringctl(&["status", &job]));
     assert!(shown.contains("straggler: rank 2 on w1 is"), "{shown}");
     // Every rank reported its peak (a GEMM measured at start) and the FLOPs per token: the

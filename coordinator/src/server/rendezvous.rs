@@ -98,6 +98,14 @@ struct Inner {
     aborted: HashMap<(String, u64), String>,
 }
 
+/// The rendezvous store's size (`ringmaster_rendezvous_*`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RendezvousSizes {
+    pub scopes: u64,
+    pub keys: u64,
+    pub bytes: u64,
+}
+
 /// Shared between the gRPC service and the coordinator's loop.
 #[derive(Clone, Default)]
 pub struct Rendezvous {
@@ -115,6 +123,23 @@ impl Rendezvous {
             limits,
             ..Rendezvous::default()
         }
+    }
+
+    /// What the store holds now: generations open, keys and bytes over all of them.
+    pub fn sizes(&self) -> RendezvousSizes {
+        let inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = RendezvousSizes {
+            scopes: inner.scopes.len() as u64,
+            ..RendezvousSizes::default()
+        };
+        for scope in inner.scopes.values() {
+            s.keys += scope.kv.len() as u64;
+            s.bytes += scope.bytes;
+        }
+        s
     }
 
     /// Opens the store of a generation (idempotent).

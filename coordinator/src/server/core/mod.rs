@@ -576,6 +576,7 @@ impl Core {
                 for j in &mut snapshot.jobs {
                     j.mfu = self.job_mfu(&j.id);
                 }
+                snapshot.rendezvous = self.rendezvous.sizes();
                 let _ = reply.send(snapshot);
             }
             Cmd::Events { id, after, reply } => {

@@ -25,6 +25,8 @@ pub(super) struct Telemetry {
 pub struct RankFacts {
     pub collective_wait_seconds: f64,
     pub memory_bytes: u64,
+    /// The most `memory_bytes` this generation reported.
+    pub peak_memory_bytes: u64,
     /// The model FLOPs of one trained token, as the rank counted them.
     pub model_flops_per_token: Option<f64>,
     /// The rank's peak FLOP/s, as it reported it.
@@ -81,11 +83,13 @@ impl Core {
         if t.generation != p.generation {
             *t = fresh();
         }
+        let peak = t.ranks.get(&p.rank).map_or(0, |f| f.peak_memory_bytes);
         t.ranks.insert(
             p.rank,
             RankFacts {
                 collective_wait_seconds: p.collective_wait_seconds,
                 memory_bytes: p.memory_bytes,
+                peak_memory_bytes: peak.max(p.memory_bytes),
                 model_flops_per_token: p.model_flops_per_token,
                 peak_flops: p.peak_flops,
             },
@@ -152,6 +156,7 @@ impl Core {
                     r.step_seconds = mean;
                     r.collective_wait_seconds = Some(facts.collective_wait_seconds);
                     r.memory_bytes = Some(facts.memory_bytes);
+                    r.peak_memory_bytes = Some(facts.peak_memory_bytes);
                 }
                 r.device = t.devices.get(&r.rank).cloned();
             }
