@@ -125,7 +125,15 @@ fn a_killed_rank_restarts_the_job_and_it_resumes_exactly() {
 #[test]
 fn a_stopped_rank_times_out_the_others_and_is_named_as_lagging() {
     let _serial = ringmaster_tests::timing_sensitive();
-    let mut c = Cluster::start(Some(HOSTFILE), "30s");
+    let metrics = format!("127.0.0.1:{}", ringmaster_tests::free_port());
+    let mut c = Cluster::start_with(
+        Some(HOSTFILE),
+        "30s",
+        ringmaster_tests::ClusterOpts {
+            coordinator_args: vec!["--metrics-listen".into(), metrics.clone()],
+            ..Default::default()
+        },
+    );
     c.start_agent("w0", 2, &[]);
     c.start_agent("w1", 2, &[]);
     c.wait_joined(&["w0", "w1"]);
@@ -168,6 +176,13 @@ fn a_stopped_rank_times_out_the_others_and_is_named_as_lagging() {
         failure["rank"], 2,
         "the root cause is a rank that timed out: {failure:#}"
     );
+    // The root cause's reason is the failure counted.
+    let scraped = metrics_text(&metrics);
+    let want = format!(
+        "ringmaster_job_failures_total{{reason={}}} 1",
+        failure["reason"]
+    );
+    assert!(scraped.contains(&want), "{want} in:\n{scraped}");
     let st = c.wait_state(&job, &["SUCCEEDED", "FAILED"], Duration::from_secs(600));
     assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
     assert_eq!(st["generation"], 1);
@@ -652,9 +667,25 @@ fn a_slow_rank_is_flagged_as_a_straggler_and_cleared_when_it_recovers() {
     assert!(mfu > 0.0 && mfu <= 1.0, "MFU {mfu}");
     let shown = text(&c.ringctl(&["status", &job]));
     assert!(shown.contains("   MFU "), "{shown}");
-    let scraped = metrics_text(&metrics);
+    let later = metrics_text(&metrics);
     let want = format!("ringmaster_job_mfu_ratio{{job=\"{job}\"}} ");
-    assert!(scraped.contains(&want), "{want} in:\n{scraped}");
+    assert!(later.contains(&want), "{want} in:\n{later}");
+    // The job's step moved between the two scrapes.
+    let step_in = |text: &str| {
+        let body = text.split_once("\r\n\r\n").map_or(text, |(_, b)| b);
+        ringmaster_tests::parse_prometheus(body)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_iter()
+            .find(|(n, l, _)| n == "ringmaster_job_step" && l["job"] == job)
+            .map(|(_, _, v)| v)
+    };
+    let before = step_in(&scraped).expect("the job's step in the first scrape");
+    // (A scrape reuses a snapshot for up to 1 s.)
+    wait_until(Duration::from_secs(60), "job_step to move", || {
+        step_in(&metrics_text(&metrics))
+            .filter(|s| *s > before)
+            .map(|_| ())
+    });
     // Back in line after step 60: cleared within 50 steps, while the job still runs.
     let cleared = wait_until(Duration::from_secs(600), "rank 2 cleared", || {
         let st = c.status(&job);
@@ -667,6 +698,8 @@ fn a_slow_rank_is_flagged_as_a_straggler_and_cleared_when_it_recovers() {
     assert_eq!(step_of(&st, "last_checkpoint"), Some(100), "{st:#}");
     // The checkpoint of step 100, observed once in each histogram with rank 0's durations.
     let scraped = metrics_text(&metrics);
+    // A finished job has no series of its own.
+    assert!(!scraped.contains(&format!("job=\"{job}\"")), "{scraped}");
     for h in ["save", "commit"] {
         let count = scraped
             .lines()
