@@ -196,15 +196,21 @@ mod tests {
     }
 
     /// Repeats the request until one is answered (the server notices a closed connection at
-    /// its next read, not at once).
+    /// its next read, not at once), for at most 10 s.
     async fn poll_until_served(addr: std::net::SocketAddr, line: &str) -> String {
-        loop {
-            if let Ok(out) = try_request(addr, line).await
-                && out.starts_with("HTTP/1.1 200 ")
-            {
-                return out;
+        let served = async {
+            loop {
+                if let Ok(out) = try_request(addr, line).await
+                    && out.starts_with("HTTP/1.1 200 ")
+                {
+                    return out;
+                }
+                // The poll interval of a condition with a deadline (below), not a wait.
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        };
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("a request served within 10 s once a connection slot was free")
     }
 }
