@@ -1063,6 +1063,10 @@ fn watch(
     let failed_key = format!("gen/{g}/failed");
     let mut said_done = false;
     loop {
+        // Of the workers found failed in one poll, the root cause is claimed: a rank whose
+        // collective failed or timed out (the trainer's exits 4 and 3) usually reacts to
+        // another's death, which it may have reached the poll beside.
+        let mut failed: Vec<(bool, String)> = Vec::new();
         for w in workers.iter_mut().filter(|w| w.exit.is_none()) {
             if let Some(status) = w.child.try_wait().map_err(|e| err(e.to_string()))? {
                 w.exit = Some(status);
@@ -1074,11 +1078,14 @@ fn watch(
                         w.local_rank,
                         describe_exit(status)
                     );
-                    client
-                        .compare_set(&failed_key, b"", why.as_bytes())
-                        .map_err(|e| lost(plan, &e))?;
+                    failed.push((matches!(status.code(), Some(3 | 4)), why));
                 }
             }
+        }
+        if let Some((_, why)) = failed.into_iter().min_by_key(|(reaction, _)| *reaction) {
+            client
+                .compare_set(&failed_key, b"", why.as_bytes())
+                .map_err(|e| lost(plan, &e))?;
         }
         // A stop is not a failure: no node restarts, and every node sees it (the restart
         // barrier watches the same key), whatever failed before.
