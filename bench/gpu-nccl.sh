@@ -70,7 +70,7 @@ for p in site.getsitepackages() + [site.getusersitepackages()]: print(p)' 2>/dev
     for d in "${dirs[@]}"; do
         [ -d "$d" ] || continue
         f="$(find -L "$d" -maxdepth 4 \( -name 'libnccl.so.2' -o -name 'libnccl.so' \) \
-            \( -type f -o -type l \) 2>/dev/null | sort | head -n 1)"
+            \( -type f -o -type l \) 2>/dev/null | sort | sed -n 1p)"
         if [ -n "$f" ]; then
             echo "$f"
             return 0
