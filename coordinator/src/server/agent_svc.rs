@@ -71,7 +71,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let (conn, _ack) = self
             .core
             .call(|reply| Cmd::AgentJoin {
-                join: join.into(),
+                join: Box::new(join.into()),
                 peer,
                 tx,
                 reply,

@@ -51,7 +51,11 @@ impl pb::job_service_server::JobService for JobSvc {
         let files = r.files.into_iter().collect();
         let job = self
             .core
-            .call(|reply| Cmd::Submit { spec, files, reply })
+            .call(|reply| Cmd::Submit {
+                spec: Box::new(spec),
+                files,
+                reply,
+            })
             .await??;
         Ok(Response::new(pb::SubmitResponse { job: Some(job) }))
     }

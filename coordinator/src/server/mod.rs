@@ -456,13 +456,14 @@ async fn serve(
     let _unpublish = Unpublish(&term.source);
     term.source.send_replace(Some(handle.clone()));
 
-    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel::<pb::Progress>(4096);
+    // Reports are converted and boxed once, by the stream that received them: from there on a
+    // report moves as a pointer.
+    let (progress_tx, mut progress_rx) =
+        tokio::sync::mpsc::channel::<Box<core::types::ProgressReport>>(4096);
     let h2 = handle.clone();
     let progress_task = tokio::spawn(async move {
         while let Some(p) = progress_rx.recv().await {
-            if let Some(p) = convert::progress(p) {
-                h2.send(core::Cmd::Progress(p)).await;
-            }
+            h2.send(core::Cmd::Progress(p)).await;
         }
     });
 

@@ -422,7 +422,7 @@ impl Rendezvous {
 /// The gRPC face of [`Rendezvous`]; progress reports go to the coordinator's loop.
 pub struct RendezvousSvc {
     pub store: Rendezvous,
-    pub progress: mpsc::Sender<pb::Progress>,
+    pub progress: mpsc::Sender<Box<crate::server::core::types::ProgressReport>>,
     pub creds: Arc<Credentials>,
     /// Set when this coordinator stops serving (shutdown, or a lost leadership): open waits
     /// and progress streams end with UNAVAILABLE at once, so that trainers reconnect to the
@@ -527,6 +527,9 @@ impl pb::rendezvous_service_server::RendezvousService for RendezvousSvc {
         let caller = ringmaster_auth::credentials::caller(&req)?;
         let mut s = req.into_inner();
         let mut scope = None;
+        // One wait for the whole stream, not one registered per report.
+        let stop = self.stopping.cancelled();
+        tokio::pin!(stop);
         loop {
             // Registered before the check, so that an abort between the two is not missed.
             let aborted = self.store.aborts.notified();
@@ -547,10 +550,12 @@ impl pb::rendezvous_service_server::RendezvousService for RendezvousSvc {
                     self.creds.require_worker(&caller, &k.0, k.1)?;
                     scope = Some(k);
                     // Progress is advisory: drop an update rather than stall a trainer.
-                    let _ = self.progress.try_send(p);
+                    if let Some(p) = crate::server::convert::progress(p) {
+                        let _ = self.progress.try_send(Box::new(p));
+                    }
                 }
                 () = aborted => {}
-                () = self.stopping.cancelled() => return Err(stopped()),
+                () = &mut stop => return Err(stopped()),
             }
         }
         Ok(Response::new(pb::ProgressAck {}))

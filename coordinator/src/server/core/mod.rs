@@ -64,10 +64,12 @@ pub type LogTx = mpsc::Sender<Result<LogChunk, CoreError>>;
 /// credit granted, and the most that wait in the coordinator for a slow reader.
 pub const LOG_WINDOW_CHUNKS: u32 = 16;
 
-/// Commands the gRPC handlers send to the loop.
+/// Commands the gRPC handlers send to the loop. Every heartbeat and step report is one, moved
+/// through a channel: the rare large payloads (a join, a job spec, a report) are boxed, so that
+/// a command stays the size of a heartbeat's (see `a_command_is_small`).
 pub enum Cmd {
     AgentJoin {
-        join: JoinRequest,
+        join: Box<JoinRequest>,
         peer: Option<SocketAddr>,
         tx: AgentTx,
         reply: oneshot::Sender<Result<(u64, JoinAck), CoreError>>,
@@ -82,7 +84,7 @@ pub enum Cmd {
         conn: u64,
     },
     Submit {
-        spec: JobSpec,
+        spec: Box<JobSpec>,
         files: BTreeMap<String, Vec<u8>>,
         reply: oneshot::Sender<Result<pb::JobStatus, CoreError>>,
     },
@@ -135,7 +137,7 @@ pub enum Cmd {
     LogDone {
         request_id: u64,
     },
-    Progress(ProgressReport),
+    Progress(Box<ProgressReport>),
 }
 
 /// Cheap, cloneable access to the loop.
@@ -509,7 +511,7 @@ impl Core {
                 tx,
                 reply,
             } => {
-                let r = self.agent_join(join, peer, tx);
+                let r = self.agent_join(*join, peer, tx);
                 let _ = reply.send(r);
             }
             Cmd::AgentMsg { node, conn, msg } => self.agent_msg(&node, conn, msg),
@@ -538,7 +540,7 @@ impl Core {
                     }
                 }
             }
-            Cmd::Submit { spec, files, reply } => match self.submit(spec, files) {
+            Cmd::Submit { spec, files, reply } => match self.submit(*spec, files) {
                 Ok(id) => {
                     // Answered once the commit holding the job (and the id counter) is on
                     // disk; the loop goes on meanwhile.
@@ -647,7 +649,7 @@ impl Core {
                     self.send_to(&node, ToAgent::CancelFetch { request_id });
                 }
             }
-            Cmd::Progress(p) => self.progress(p),
+            Cmd::Progress(p) => self.progress(*p),
         }
     }
 }

@@ -10,14 +10,15 @@ use super::*;
 /// Flagged ranks a job's status lists (its header stays small).
 const MAX_SHOWN: usize = 32;
 
-/// One job generation's telemetry.
+/// One job generation's telemetry. Indexed by rank (the job's world bounds it): a report
+/// costs no hashing beyond finding its job.
 #[derive(Debug, Default)]
 pub(super) struct Telemetry {
     generation: u64,
     detector: Detector,
-    ranks: HashMap<u32, RankFacts>,
+    ranks: Vec<Option<RankFacts>>,
     /// Where each rank computes, as it said (bounded by the report's conversion).
-    devices: HashMap<u32, String>,
+    devices: Vec<Option<String>>,
 }
 
 /// A rank's last report.
@@ -37,16 +38,34 @@ impl Telemetry {
     /// Rank `rank`'s facts: the mean compute seconds of its window, its last collective wait
     /// and memory.
     pub(crate) fn rank(&self, rank: u32) -> Option<(Option<f64>, RankFacts)> {
-        let facts = *self.ranks.get(&rank)?;
+        let facts = self.facts(rank)?;
         Some((self.detector.mean(rank), facts))
+    }
+
+    fn facts(&self, rank: u32) -> Option<RankFacts> {
+        *self.ranks.get(rank as usize)?
+    }
+
+    /// Where rank `rank` computes, once it said.
+    fn device(&self, rank: u32) -> Option<&String> {
+        self.devices.get(rank as usize)?.as_ref()
+    }
+
+    /// Records rank `rank`'s facts (the caller bounds `rank` by the job's world).
+    fn set(&mut self, rank: u32, facts: RankFacts) {
+        let r = rank as usize;
+        if r >= self.ranks.len() {
+            self.ranks.resize(r + 1, None);
+        }
+        self.ranks[r] = Some(facts);
     }
 
     /// The job's MFU at `tokens_per_second` (rank 0's, of the global batch) over `world`
     /// ranks: `None` until every rank has reported its peak and rank 0 its FLOPs per token.
     pub(crate) fn mfu(&self, world: u32, tokens_per_second: Option<f64>) -> Option<f64> {
-        let per_token = self.ranks.get(&0)?.model_flops_per_token?;
+        let per_token = self.facts(0)?.model_flops_per_token?;
         let peaks = (0..world)
-            .map(|r| self.ranks.get(&r).and_then(|f| f.peak_flops))
+            .map(|r| self.facts(r).and_then(|f| f.peak_flops))
             .collect::<Option<Vec<f64>>>()?;
         mfu(tokens_per_second?, per_token, peaks.iter().sum())
     }
@@ -61,30 +80,42 @@ pub fn mfu(tokens_per_second: f64, flops_per_token: f64, peak_flops: f64) -> Opt
 }
 
 impl Core {
-    /// Takes a valid report's per-step facts; flags and clears stragglers.
-    pub(super) fn telemetry(&mut self, p: &ProgressReport) {
-        let Some(job) = self.jobs.get(&p.job_id) else {
-            return;
-        };
+    /// Takes a valid report's per-step facts; flags and clears stragglers. `world`, `running`
+    /// and `flagged` (the ranks flagged now) are the report's job's: its caller has the job at
+    /// hand.
+    pub(super) fn telemetry(
+        &mut self,
+        p: &ProgressReport,
+        world: u32,
+        running: bool,
+        flagged: Vec<u32>,
+    ) {
         // The rank is the worker's word: only the job's own ranks count (this bounds what is
         // kept per job by its world size), and only while it runs.
-        let world = job.ranks.len() as u32;
-        if p.rank >= world || job.state != JobState::Running {
+        if p.rank >= world || !running {
             return;
         }
-        let fresh = || Telemetry {
+        let fresh = |flagged: Vec<u32>| Telemetry {
             generation: p.generation,
             // Flags saved with the job (a coordinator that took it over) stay clearable.
-            detector: Detector::new(world, job.stragglers.iter().map(|s| s.rank)),
-            ranks: HashMap::new(),
-            devices: HashMap::new(),
+            detector: Detector::new(world, flagged),
+            ranks: vec![None; world as usize],
+            devices: vec![None; world as usize],
         };
-        let t = self.telemetry.entry(p.job_id.clone()).or_insert_with(fresh);
-        if t.generation != p.generation {
-            *t = fresh();
-        }
-        let peak = t.ranks.get(&p.rank).map_or(0, |f| f.peak_memory_bytes);
-        t.ranks.insert(
+        // One lookup per report; the job's id is cloned only for its first.
+        let t = match self.telemetry.get_mut(&p.job_id) {
+            Some(t) if t.generation == p.generation => t,
+            Some(t) => {
+                *t = fresh(flagged);
+                t
+            }
+            None => self
+                .telemetry
+                .entry(p.job_id.clone())
+                .or_insert(fresh(flagged)),
+        };
+        let peak = t.facts(p.rank).map_or(0, |f| f.peak_memory_bytes);
+        t.set(
             p.rank,
             RankFacts {
                 collective_wait_seconds: p.collective_wait_seconds,
@@ -94,8 +125,11 @@ impl Core {
                 peak_flops: p.peak_flops,
             },
         );
-        if !p.device.is_empty() && t.devices.get(&p.rank) != Some(&p.device) {
-            t.devices.insert(p.rank, p.device.clone());
+        if !p.device.is_empty()
+            && t.device(p.rank) != Some(&p.device)
+            && let Some(d) = t.devices.get_mut(p.rank as usize)
+        {
+            *d = Some(p.device.clone());
         }
         let changes = t.detector.record(p.rank, p.step, p.compute_seconds);
         if !changes.is_empty() {
@@ -158,7 +192,7 @@ impl Core {
                     r.memory_bytes = Some(facts.memory_bytes);
                     r.peak_memory_bytes = Some(facts.peak_memory_bytes);
                 }
-                r.device = t.devices.get(&r.rank).cloned();
+                r.device = t.device(r.rank).cloned();
             }
         }
         if let Some(p) = st.progress.as_mut() {
@@ -208,14 +242,14 @@ mod tests {
             ..Default::default()
         };
         let mut t = Telemetry::default();
-        t.ranks.insert(0, facts(Some(1e9), Some(1e12)));
+        t.set(0, facts(Some(1e9), Some(1e12)));
         assert_eq!(t.mfu(2, Some(100.0)), None, "rank 1 has not reported");
-        t.ranks.insert(1, facts(Some(1e9), None));
+        t.set(1, facts(Some(1e9), None));
         assert_eq!(t.mfu(2, Some(100.0)), None, "rank 1 knows no peak");
-        t.ranks.insert(1, facts(Some(1e9), Some(3e12)));
+        t.set(1, facts(Some(1e9), Some(3e12)));
         assert_eq!(t.mfu(2, Some(100.0)), Some(100.0 * 1e9 / 4e12));
         assert_eq!(t.mfu(2, None), None, "no tokens/s yet");
-        t.ranks.insert(0, facts(None, Some(1e12)));
+        t.set(0, facts(None, Some(1e12)));
         assert_eq!(t.mfu(2, Some(100.0)), None, "no FLOPs per token");
     }
 }

@@ -49,7 +49,7 @@ fn spec(name: &str) -> JobSpec {
 
 async fn submit(h: &Handle, name: &str) -> Result<pb::JobStatus, CoreError> {
     h.call(|reply| Cmd::Submit {
-        spec: spec(name),
+        spec: Box::new(spec(name)),
         files: BTreeMap::new(),
         reply,
     })
@@ -292,4 +292,16 @@ async fn an_event_raised_by_an_action_is_applied_after_the_one_that_raised_it() 
     let why = &j.failure.as_ref().unwrap().message;
     assert!(why.contains("node w0 is not connected"), "{why}");
     assert!(c.raised.is_empty() && !c.applying);
+}
+
+/// Commands are moved through the loop's channel once per heartbeat and report: the large,
+/// rare payloads are boxed, and a command is no larger than a heartbeat's.
+#[test]
+fn a_command_is_small() {
+    let heartbeat = std::mem::size_of::<String>() + 8 + std::mem::size_of::<AgentEvent>();
+    assert!(
+        std::mem::size_of::<Cmd>() <= heartbeat + 8,
+        "Cmd is {} bytes, a heartbeat's fields {heartbeat}",
+        std::mem::size_of::<Cmd>()
+    );
 }
