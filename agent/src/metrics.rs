@@ -334,45 +334,39 @@ mod tests {
 
     use super::*;
 
-    /// The samples of a text in the Prometheus text format, after checking every line: `#
-    /// HELP` and `# TYPE` of a family before its samples, each sample `name{labels} value`
-    /// with a number for a value and a name of the family last typed.
+    /// The samples of a text in the Prometheus text format, keyed `name{k="v",...}`, after the
+    /// strict parse (every line valid, each family typed before its samples) and the agent's
+    /// own rules: every family is `ringmaster_agent_*`, a counter or a gauge, with help.
     fn parse(text: &str) -> BTreeMap<String, f64> {
-        let mut samples = BTreeMap::new();
-        let mut family: Option<(String, String)> = None;
-        for (i, line) in text.lines().enumerate() {
-            let at = format!("line {}: {line:?}", i + 1);
-            assert!(!line.contains("_total_total"), "{at}");
-            if let Some(rest) = line.strip_prefix("# HELP ") {
-                let (name, help) = rest.split_once(' ').expect(&at);
-                assert!(
-                    name.starts_with("ringmaster_agent_") && !help.is_empty(),
-                    "{at}"
-                );
-                continue;
+        let samples = ringmaster_common::metrics::parse_prometheus(text)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        for line in text.lines().filter(|l| l.starts_with('#')) {
+            assert!(!line.contains("_total_total"), "{line:?}");
+            let mut parts = line.splitn(4, ' ');
+            let (kind, name, rest) = (parts.nth(1), parts.next(), parts.next());
+            assert!(
+                name.is_some_and(|n| n.starts_with("ringmaster_agent_")),
+                "{line:?}"
+            );
+            match kind {
+                Some("HELP") => assert!(rest.is_some_and(|h| !h.is_empty()), "{line:?}"),
+                Some("TYPE") => assert!(matches!(rest, Some("counter" | "gauge")), "{line:?}"),
+                _ => panic!("{line:?}"),
             }
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let (name, kind) = rest.split_once(' ').expect(&at);
-                assert!(matches!(kind, "counter" | "gauge"), "{at}");
-                assert_eq!(kind == "counter", name.ends_with("_total"), "{at}");
-                family = Some((name.to_owned(), kind.to_owned()));
-                continue;
-            }
-            assert!(!line.starts_with('#'), "{at}");
-            let (series, value) = line.rsplit_once(' ').expect(&at);
-            let value: f64 = value.parse().expect(&at);
-            let name = series.split('{').next().unwrap();
-            let (typed, _) = family.as_ref().expect(&at);
-            assert_eq!(name, typed, "a sample of another family than typed: {at}");
-            if let Some(labels) = series.strip_prefix(name) {
-                assert!(
-                    labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
-                    "{at}"
-                );
-            }
-            assert!(samples.insert(series.to_owned(), value).is_none(), "{at}");
         }
         samples
+            .into_iter()
+            .map(|(name, labels, value)| {
+                let labels: Vec<String> =
+                    labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+                let series = if labels.is_empty() {
+                    name
+                } else {
+                    format!("{name}{{{}}}", labels.join(","))
+                };
+                (series, value)
+            })
+            .collect()
     }
 
     fn key(rank: u32) -> WorkerKey {
@@ -535,18 +529,7 @@ mod tests {
             agent_rss_bytes: Some(1),
             ..Sample::default()
         });
-        let mut names: Vec<&str> = dashboard
-            .match_indices("ringmaster_agent_")
-            .map(|(i, _)| {
-                let rest = &dashboard[i..];
-                let end = rest
-                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .unwrap_or(rest.len());
-                &rest[..end]
-            })
-            .collect();
-        names.sort_unstable();
-        names.dedup();
+        let names = ringmaster_common::metrics::metric_names_in(dashboard, "ringmaster_agent_");
         assert!(!names.is_empty(), "the dashboard has no agent panel");
         for name in names {
             assert!(

@@ -104,6 +104,129 @@ async fn answer<B>(req: &hyper::Request<B>, render: &Render) -> hyper::Response<
     ok
 }
 
+/// One sample of a Prometheus text exposition: metric name, labels, value.
+pub type PromSample = (String, std::collections::BTreeMap<String, String>, f64);
+
+/// Parses a Prometheus text exposition (format 0.0.4) strictly: every line is a `# HELP`, a
+/// `# TYPE` (counter, gauge, histogram, summary, untyped) or a sample `name{k="v",...} value`
+/// whose family was typed before it; names and label names are valid, label values use only
+/// the format's escapes, values parse (`+Inf`, `-Inf`, `NaN` included), no series repeats.
+/// What a scraping Prometheus would reject is an error naming the line.
+pub fn parse_prometheus(text: &str) -> Result<Vec<PromSample>, String> {
+    use std::collections::{BTreeMap, HashMap, HashSet};
+    let name_ok = |n: &str, colons: bool| {
+        let mut c = n.chars();
+        c.next()
+            .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || (colons && f == ':'))
+            && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || (colons && x == ':'))
+    };
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let at = |why: &str| format!("line {}: {why}: {line:?}", i + 1);
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let (kind, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            match kind {
+                "HELP" if name_ok(name, true) => {}
+                "TYPE" if name_ok(name, true) => {
+                    let t = parts.next().unwrap_or("");
+                    if !matches!(t, "counter" | "gauge" | "histogram" | "summary" | "untyped") {
+                        return Err(at("unknown type"));
+                    }
+                    if types.insert(name.to_owned(), t.to_owned()).is_some() {
+                        return Err(at("family typed twice"));
+                    }
+                }
+                "HELP" | "TYPE" => return Err(at("bad metric name")),
+                _ => {}
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').ok_or_else(|| at("no value"))?;
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().map_err(|_| at("bad value"))?,
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series, BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest
+                    .strip_suffix('}')
+                    .ok_or_else(|| at("unclosed labels"))?;
+                let mut labels = BTreeMap::new();
+                let mut chars = body.chars().peekable();
+                while chars.peek().is_some() {
+                    let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+                    if !name_ok(&key, false) || chars.next() != Some('"') {
+                        return Err(at("bad label"));
+                    }
+                    let mut val = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('"') => break,
+                            Some('\\') => match chars.next() {
+                                Some('\\') => val.push('\\'),
+                                Some('"') => val.push('"'),
+                                Some('n') => val.push('\n'),
+                                _ => return Err(at("bad escape in a label value")),
+                            },
+                            Some(c) => val.push(c),
+                            None => return Err(at("unterminated label value")),
+                        }
+                    }
+                    if labels.insert(key, val).is_some() {
+                        return Err(at("label repeated"));
+                    }
+                    match chars.next() {
+                        Some(',') | None => {}
+                        Some(_) => return Err(at("labels not separated by commas")),
+                    }
+                }
+                (name, labels)
+            }
+        };
+        if !name_ok(name, true) {
+            return Err(at("bad metric name"));
+        }
+        let family = ["_total", "_bucket", "_sum", "_count", "_created"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| types.contains_key(*f)))
+            .unwrap_or(name);
+        if !types.contains_key(family) {
+            return Err(at("sample of a family with no TYPE before it"));
+        }
+        if !seen.insert(format!("{name}{labels:?}")) {
+            return Err(at("series repeated"));
+        }
+        out.push((name.to_owned(), labels, value));
+    }
+    Ok(out)
+}
+
+/// The distinct metric names in `text` that start with `prefix` (a dashboard's queries, say),
+/// sorted: each a run of ASCII letters, digits and `_` from the prefix on.
+pub fn metric_names_in<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+    let mut names: Vec<&str> = text
+        .match_indices(prefix)
+        .map(|(i, _)| {
+            let rest = &text[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -212,5 +335,37 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), served)
             .await
             .expect("a request served within 10 s once a connection slot was free")
+    }
+
+    #[test]
+    fn a_valid_exposition_parses_and_bad_lines_are_named() {
+        let ok = "# HELP a_total A.\n# TYPE a counter\na_total{reason=\"x\\\"y\"} 3\n\
+                  # TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 0.5\nh_count 2\n\
+                  # TYPE g gauge\ng NaN\n";
+        let s = parse_prometheus(ok).unwrap();
+        assert_eq!(s.len(), 5);
+        assert_eq!(s[0].1["reason"], "x\"y");
+        assert_eq!(s[0].2, 3.0);
+        for bad in [
+            "x 1\n",
+            "# TYPE x gauge\nx{a=\"1\" 2\n",
+            "# TYPE x gauge\nx one\n",
+            "# TYPE x gauge\nx 1\nx 2\n",
+            "# TYPE x gauge\nx{1a=\"b\"} 1\n",
+            "# TYPE x thing\n",
+        ] {
+            assert!(parse_prometheus(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn metric_names_are_found_once_each() {
+        let text =
+            r#"{"expr": "rate(ringmaster_a_total[1m]) / ringmaster_b", "x": "ringmaster_a_total"}"#;
+        assert_eq!(
+            metric_names_in(text, "ringmaster_"),
+            ["ringmaster_a_total", "ringmaster_b"]
+        );
+        assert!(metric_names_in(text, "other_").is_empty());
     }
 }

@@ -747,19 +747,8 @@ mod tests {
             text.contains("ringmaster_job_grad_norm{job=\"d-1\"} 0.5"),
             "{text}"
         );
-        let mut names: Vec<&str> = dashboard
-            .match_indices("ringmaster_")
-            .map(|(i, _)| {
-                let rest = &dashboard[i..];
-                let end = rest
-                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .unwrap_or(rest.len());
-                &rest[..end]
-            })
-            .collect();
+        let mut names = ringmaster_common::metrics::metric_names_in(dashboard, "ringmaster_");
         names.retain(|n| !n.starts_with("ringmaster_agent_"));
-        names.sort_unstable();
-        names.dedup();
         assert!(names.len() >= 10, "{names:?}");
         for name in names {
             let family = name

@@ -227,6 +227,46 @@ impl Default for ClusterOpts {
     }
 }
 
+impl ClusterOpts {
+    /// The default options with the coordinator serving Prometheus metrics on a free loopback
+    /// port (`--metrics-listen`), and that address.
+    pub fn with_metrics() -> (ClusterOpts, String) {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let opts = ClusterOpts {
+            coordinator_args: vec!["--metrics-listen".into(), addr.clone()],
+            ..ClusterOpts::default()
+        };
+        (opts, addr)
+    }
+}
+
+/// `GET path` over HTTP/1.1 from the server at `addr` (a metrics server): the status line and
+/// the body.
+pub fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting to the metrics server");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// The `/metrics` text of the metrics server at `addr`, after checking it was served.
+pub fn metrics_text(addr: &str) -> String {
+    let (status, body) = http_get(addr, "/metrics");
+    assert!(status.contains(" 200 "), "GET /metrics: {status}");
+    body
+}
+
 /// Makes a CA, certificates for 127.0.0.1/localhost and tokens in `dir` with `ringctl certs init`.
 pub fn certs_init(dir: &Path) {
     let out = Command::new(bin("ringctl"))
@@ -757,133 +797,5 @@ impl Drop for TwoNodes {
     }
 }
 
-/// One sample of a Prometheus text exposition: metric name, labels, value.
-pub type PromSample = (String, std::collections::BTreeMap<String, String>, f64);
-
-/// Parses a Prometheus text exposition (format 0.0.4) strictly: every line is a `# HELP`, a
-/// `# TYPE` (counter, gauge, histogram, summary, untyped) or a sample `name{k="v",...} value`
-/// whose family was typed before it; names and label names are valid, label values use only
-/// the format's escapes, values parse (`+Inf`, `-Inf`, `NaN` included), no series repeats.
-/// What a scraping Prometheus would reject is an error naming the line.
-pub fn parse_prometheus(text: &str) -> Result<Vec<PromSample>, String> {
-    use std::collections::{BTreeMap, HashMap, HashSet};
-    let name_ok = |n: &str, colons: bool| {
-        let mut c = n.chars();
-        c.next()
-            .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || (colons && f == ':'))
-            && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || (colons && x == ':'))
-    };
-    let mut types: HashMap<String, String> = HashMap::new();
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let at = |why: &str| format!("line {}: {why}: {line:?}", i + 1);
-        if line.is_empty() {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# ") {
-            let mut parts = rest.splitn(3, ' ');
-            let (kind, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            match kind {
-                "HELP" if name_ok(name, true) => {}
-                "TYPE" if name_ok(name, true) => {
-                    let t = parts.next().unwrap_or("");
-                    if !matches!(t, "counter" | "gauge" | "histogram" | "summary" | "untyped") {
-                        return Err(at("unknown type"));
-                    }
-                    if types.insert(name.to_owned(), t.to_owned()).is_some() {
-                        return Err(at("family typed twice"));
-                    }
-                }
-                "HELP" | "TYPE" => return Err(at("bad metric name")),
-                _ => {}
-            }
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').ok_or_else(|| at("no value"))?;
-        let value: f64 = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            v => v.parse().map_err(|_| at("bad value"))?,
-        };
-        let (name, labels) = match series.split_once('{') {
-            None => (series, BTreeMap::new()),
-            Some((name, rest)) => {
-                let body = rest
-                    .strip_suffix('}')
-                    .ok_or_else(|| at("unclosed labels"))?;
-                let mut labels = BTreeMap::new();
-                let mut chars = body.chars().peekable();
-                while chars.peek().is_some() {
-                    let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-                    if !name_ok(&key, false) || chars.next() != Some('"') {
-                        return Err(at("bad label"));
-                    }
-                    let mut val = String::new();
-                    loop {
-                        match chars.next() {
-                            Some('"') => break,
-                            Some('\\') => match chars.next() {
-                                Some('\\') => val.push('\\'),
-                                Some('"') => val.push('"'),
-                                Some('n') => val.push('\n'),
-                                _ => return Err(at("bad escape in a label value")),
-                            },
-                            Some(c) => val.push(c),
-                            None => return Err(at("unterminated label value")),
-                        }
-                    }
-                    if labels.insert(key, val).is_some() {
-                        return Err(at("label repeated"));
-                    }
-                    match chars.next() {
-                        Some(',') | None => {}
-                        Some(_) => return Err(at("labels not separated by commas")),
-                    }
-                }
-                (name, labels)
-            }
-        };
-        if !name_ok(name, true) {
-            return Err(at("bad metric name"));
-        }
-        let family = ["_total", "_bucket", "_sum", "_count", "_created"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s).filter(|f| types.contains_key(*f)))
-            .unwrap_or(name);
-        if !types.contains_key(family) {
-            return Err(at("sample of a family with no TYPE before it"));
-        }
-        if !seen.insert(format!("{name}{labels:?}")) {
-            return Err(at("series repeated"));
-        }
-        out.push((name.to_owned(), labels, value));
-    }
-    Ok(out)
-}
-
-#[cfg(test)]
-mod prometheus_tests {
-    use super::parse_prometheus;
-
-    #[test]
-    fn a_valid_exposition_parses_and_bad_lines_are_named() {
-        let ok = "# HELP a_total A.\n# TYPE a counter\na_total{reason=\"x\\\"y\"} 3\n\
-                  # TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 0.5\nh_count 2\n\
-                  # TYPE g gauge\ng NaN\n";
-        let s = parse_prometheus(ok).unwrap();
-        assert_eq!(s.len(), 5);
-        assert_eq!(s[0].1["reason"], "x\"y");
-        assert_eq!(s[0].2, 3.0);
-        for bad in [
-            "x 1\n",
-            "# TYPE x gauge\nx{a=\"1\" 2\n",
-            "# TYPE x gauge\nx one\n",
-            "# TYPE x gauge\nx 1\nx 2\n",
-            "# TYPE x gauge\nx{1a=\"b\"} 1\n",
-            "# TYPE x thing\n",
-        ] {
-            assert!(parse_prometheus(bad).is_err(), "{bad:?}");
-        }
-    }
-}
+/// The strict Prometheus text parser, shared with the daemons' unit tests.
+pub use ringmaster_common::metrics::{PromSample, parse_prometheus};

@@ -4,55 +4,28 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use ringmaster_tests::{Cluster, alive, parse_env, rank_pids, read, wait_until};
+use ringmaster_tests::{Cluster, alive, http_get, parse_env, rank_pids, read, wait_until};
 
 const HOSTFILE: &str = "# two nodes\nw0 slots=2\nw1 slots=2\n";
 
 fn two_by_two(heartbeat: &str) -> Cluster {
-    two_by_two_with(heartbeat, Vec::new())
+    two_by_two_with(heartbeat, Default::default())
 }
 
 /// As [`two_by_two`], the coordinator serving Prometheus metrics; returns their address.
 fn two_by_two_with_metrics(heartbeat: &str) -> (Cluster, String) {
-    let addr = format!("127.0.0.1:{}", ringmaster_tests::free_port());
-    let c = two_by_two_with(heartbeat, vec!["--metrics-listen".into(), addr.clone()]);
-    (c, addr)
+    let (opts, addr) = ringmaster_tests::ClusterOpts::with_metrics();
+    (two_by_two_with(heartbeat, opts), addr)
 }
 
-fn two_by_two_with(heartbeat: &str, coordinator_args: Vec<String>) -> Cluster {
-    let mut c = Cluster::start_with(
-        Some(HOSTFILE),
-        heartbeat,
-        ringmaster_tests::ClusterOpts {
-            coordinator_args,
-            ..Default::default()
-        },
-    );
+fn two_by_two_with(heartbeat: &str, opts: ringmaster_tests::ClusterOpts) -> Cluster {
+    let mut c = Cluster::start_with(Some(HOSTFILE), heartbeat, opts);
     // Join in reverse hostfile order: ranks must still follow the hostfile.
     c.start_agent("w1", 2, &[]);
     c.wait_joined(&["w1"]);
     c.start_agent("w0", 2, &[]);
     c.wait_joined(&["w0", "w1"]);
     c
-}
-
-/// `GET path` from the metrics server at `addr`: (status line, body).
-fn http_get(addr: &str, path: &str) -> (String, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connecting to the metrics server");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (
-        head.lines().next().unwrap_or("").to_owned(),
-        body.to_owned(),
-    )
 }
 
 fn out_dir(c: &Cluster) -> String {

@@ -125,15 +125,8 @@ fn a_killed_rank_restarts_the_job_and_it_resumes_exactly() {
 #[test]
 fn a_stopped_rank_times_out_the_others_and_is_named_as_lagging() {
     let _serial = ringmaster_tests::timing_sensitive();
-    let metrics = format!("127.0.0.1:{}", ringmaster_tests::free_port());
-    let mut c = Cluster::start_with(
-        Some(HOSTFILE),
-        "30s",
-        ringmaster_tests::ClusterOpts {
-            coordinator_args: vec!["--metrics-listen".into(), metrics.clone()],
-            ..Default::default()
-        },
-    );
+    let (opts, metrics) = ringmaster_tests::ClusterOpts::with_metrics();
+    let mut c = Cluster::start_with(Some(HOSTFILE), "30s", opts);
     c.start_agent("w0", 2, &[]);
     c.start_agent("w1", 2, &[]);
     c.wait_joined(&["w0", "w1"]);
@@ -177,7 +170,7 @@ fn a_stopped_rank_times_out_the_others_and_is_named_as_lagging() {
         "the root cause is a rank that timed out: {failure:#}"
     );
     // The root cause's reason is the failure counted.
-    let scraped = metrics_text(&metrics);
+    let scraped = ringmaster_tests::metrics_text(&metrics);
     let want = format!(
         "ringmaster_job_failures_total{{reason={}}} 1",
         failure["reason"]
@@ -591,15 +584,8 @@ fn a_full_output_dir_fails_the_save_and_keeps_earlier_checkpoints() {
 #[test]
 fn a_slow_rank_is_flagged_as_a_straggler_and_cleared_when_it_recovers() {
     let _serial = ringmaster_tests::timing_sensitive();
-    let metrics = format!("127.0.0.1:{}", ringmaster_tests::free_port());
-    let mut c = Cluster::start_with(
-        Some(HOSTFILE),
-        "30s",
-        ringmaster_tests::ClusterOpts {
-            coordinator_args: vec!["--metrics-listen".into(), metrics.clone()],
-            ..Default::default()
-        },
-    );
+    let (opts, metrics) = ringmaster_tests::ClusterOpts::with_metrics();
+    let mut c = Cluster::start_with(Some(HOSTFILE), "30s", opts);
     c.start_agent("w0", 2, &[]);
     c.start_agent("w1", 2, &[]);
     c.wait_joined(&["w0", "w1"]);
@@ -632,17 +618,14 @@ fn a_slow_rank_is_flagged_as_a_straggler_and_cleared_when_it_recovers() {
     // Above the flagging threshold (how far above depends on how much of the 20-step window
     // the slow steps filled when the flag was raised, and on the machine's load).
     assert!(s[0]["slowdown"].as_f64().unwrap() > 1.1, "{flagged:#}");
-    let scraped = metrics_text(&metrics);
+    let scraped = ringmaster_tests::metrics_text(&metrics);
     let want = format!("ringmaster_rank_straggler{{job=\"{job}\",rank=\"2\",node=\"w1\"}} 1");
     assert!(scraped.contains(&want), "{want} in:\n{scraped}");
     assert!(
         scraped.contains("ringmaster_rank_compute_seconds{"),
         "{scraped}"
     );
-    let body = scraped
-        .split_once("\r\n\r\n")
-        .map_or(&scraped[..], |(_, b)| b);
-    let samples = ringmaster_tests::parse_prometheus(body).unwrap_or_else(|e| panic!("{e}"));
+    let samples = ringmaster_tests::parse_prometheus(&scraped).unwrap_or_else(|e| panic!("{e}"));
     let peaks = samples
         .iter()
         .filter(|(n, l, v)| n == "ringmaster_rank_peak_memory_bytes" && l["job"] == job && *v > 0.0)
@@ -667,13 +650,12 @@ fn a_slow_rank_is_flagged_as_a_straggler_and_cleared_when_it_recovers() {
     assert!(mfu > 0.0 && mfu <= 1.0, "MFU {mfu}");
     let shown = text(&c.ringctl(&["status", &job]));
     assert!(shown.contains("   MFU "), "{shown}");
-    let later = metrics_text(&metrics);
+    let later = ringmaster_tests::metrics_text(&metrics);
     let want = format!("ringmaster_job_mfu_ratio{{job=\"{job}\"}} ");
     assert!(later.contains(&want), "{want} in:\n{later}");
     // The job's step moved between the two scrapes.
     let step_in = |text: &str| {
-        let body = text.split_once("\r\n\r\n").map_or(text, |(_, b)| b);
-        ringmaster_tests::parse_prometheus(body)
+        ringmaster_tests::parse_prometheus(text)
             .unwrap_or_else(|e| panic!("{e}"))
             .into_iter()
             .find(|(n, l, _)| n == "ringmaster_job_step" && l["job"] == job)
@@ -682,7 +664,7 @@ fn a_slow_rank_is_flagged_as_a_straggler_and_cleared_when_it_recovers() {
     let before = step_in(&scraped).expect("the job's step in the first scrape");
     // (A scrape reuses a snapshot for up to 1 s.)
     wait_until(Duration::from_secs(60), "job_step to move", || {
-        step_in(&metrics_text(&metrics))
+        step_in(&ringmaster_tests::metrics_text(&metrics))
             .filter(|s| *s > before)
             .map(|_| ())
     });
@@ -697,7 +679,7 @@ fn a_slow_rank_is_flagged_as_a_straggler_and_cleared_when_it_recovers() {
     assert_eq!(st["state"], "SUCCEEDED", "{st:#}");
     assert_eq!(step_of(&st, "last_checkpoint"), Some(100), "{st:#}");
     // The checkpoint of step 100, observed once in each histogram with rank 0's durations.
-    let scraped = metrics_text(&metrics);
+    let scraped = ringmaster_tests::metrics_text(&metrics);
     // A finished job has no series of its own.
     assert!(!scraped.contains(&format!("job=\"{job}\"")), "{scraped}");
     for h in ["save", "commit"] {
@@ -732,19 +714,4 @@ fn a_slow_rank_is_flagged_as_a_straggler_and_cleared_when_it_recovers() {
             ("StragglerCleared".to_owned(), Some(2))
         ]
     );
-}
-
-/// The coordinator's `/metrics` text.
-fn metrics_text(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connecting to the metrics server");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
