@@ -1062,10 +1062,13 @@ fn watch(
 ) -> Result<GenEnd, LaunchError> {
     let failed_key = format!("gen/{g}/failed");
     let mut said_done = false;
+    // A rank whose collective failed or timed out (the trainer's exits 4 and 3) usually reacts
+    // to another's death, on this node or another. Such a failure alone is claimed only after
+    // two monitor intervals in which no node claimed a cause (the node of the rank that died
+    // finds it within one poll); any other failure is claimed at once.
+    let mut reaction: Option<(String, Instant)> = None;
     loop {
-        // Of the workers found failed in one poll, the root cause is claimed: a rank whose
-        // collective failed or timed out (the trainer's exits 4 and 3) usually reacts to
-        // another's death, which it may have reached the poll beside.
+        // Of the workers found failed in one poll, the root cause is claimed.
         let mut failed: Vec<(bool, String)> = Vec::new();
         for w in workers.iter_mut().filter(|w| w.exit.is_none()) {
             if let Some(status) = w.child.try_wait().map_err(|e| err(e.to_string()))? {
@@ -1082,7 +1085,20 @@ fn watch(
                 }
             }
         }
-        if let Some((_, why)) = failed.into_iter().min_by_key(|(reaction, _)| *reaction) {
+        let claim = match failed.into_iter().min_by_key(|(reacted, _)| *reacted) {
+            Some((false, why)) => Some(why),
+            Some((true, why)) => {
+                reaction.get_or_insert((why, Instant::now()));
+                None
+            }
+            None => None,
+        };
+        let claim = claim.or_else(|| {
+            reaction
+                .take_if(|(_, at)| at.elapsed() >= plan.monitor_interval * 2)
+                .map(|(why, _)| why)
+        });
+        if let Some(why) = claim {
             client
                 .compare_set(&failed_key, b"", why.as_bytes())
                 .map_err(|e| lost(plan, &e))?;
@@ -1108,7 +1124,8 @@ fn watch(
             stop(workers, grace);
             return Ok(GenEnd::Failed(why));
         }
-        if workers.iter().all(|w| w.exit.is_some()) {
+        // A failure not claimed yet is no success.
+        if reaction.is_none() && workers.iter().all(|w| w.exit.is_some()) {
             if !said_done {
                 client
                     .set(&format!("gen/{g}/done/{}", plan.node_rank), b"1")
