@@ -318,8 +318,9 @@ impl WatchPrinter {
                     .is_none_or(|t| t.elapsed() >= PROGRESS_EVERY))
         {
             self.last_progress = Some(std::time::Instant::now());
+            // MFU last, once known: readers of the fields before it are not disturbed.
             println!(
-                "{} step {}/{} loss {} tokens/s {}",
+                "{} step {}/{} loss {} tokens/s {}{}",
                 j.id,
                 opt(p.step),
                 opt(p.total_steps),
@@ -328,7 +329,10 @@ impl WatchPrinter {
                     .unwrap_or_else(|| "-".into()),
                 p.tokens_per_second
                     .map(|t| format!("{t:.0}"))
-                    .unwrap_or_else(|| "-".into())
+                    .unwrap_or_else(|| "-".into()),
+                p.mfu
+                    .map(|m| format!(" MFU {:.1}%", 100.0 * m))
+                    .unwrap_or_default()
             );
             self.last_step = p.step;
         }
