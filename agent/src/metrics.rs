@@ -340,20 +340,32 @@ mod tests {
     fn parse(text: &str) -> BTreeMap<String, f64> {
         let samples = ringmaster_common::metrics::parse_prometheus(text)
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let (mut helped, mut typed) = (BTreeSet::new(), BTreeSet::new());
         for line in text.lines().filter(|l| l.starts_with('#')) {
             assert!(!line.contains("_total_total"), "{line:?}");
             let mut parts = line.splitn(4, ' ');
             let (kind, name, rest) = (parts.nth(1), parts.next(), parts.next());
-            assert!(
-                name.is_some_and(|n| n.starts_with("ringmaster_agent_")),
-                "{line:?}"
-            );
+            let name = name
+                .filter(|n| n.starts_with("ringmaster_agent_"))
+                .unwrap_or_else(|| panic!("{line:?}"));
             match kind {
-                Some("HELP") => assert!(rest.is_some_and(|h| !h.is_empty()), "{line:?}"),
-                Some("TYPE") => assert!(matches!(rest, Some("counter" | "gauge")), "{line:?}"),
+                Some("HELP") => {
+                    assert!(rest.is_some_and(|h| !h.is_empty()), "{line:?}");
+                    helped.insert(name);
+                }
+                Some("TYPE") => {
+                    assert!(matches!(rest, Some("counter" | "gauge")), "{line:?}");
+                    assert_eq!(
+                        rest == Some("counter"),
+                        name.ends_with("_total"),
+                        "{line:?}"
+                    );
+                    typed.insert(name);
+                }
                 _ => panic!("{line:?}"),
             }
         }
+        assert_eq!(helped, typed, "every family has its help and its type");
         samples
             .into_iter()
             .map(|(name, labels, value)| {

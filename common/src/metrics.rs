@@ -111,7 +111,8 @@ pub type PromSample = (String, std::collections::BTreeMap<String, String>, f64);
 /// `# TYPE` (counter, gauge, histogram, summary, untyped) or a sample `name{k="v",...} value`
 /// whose family was typed before it; names and label names are valid, label values use only
 /// the format's escapes, values parse (`+Inf`, `-Inf`, `NaN` included), no series repeats.
-/// What a scraping Prometheus would reject is an error naming the line.
+/// What a scraping Prometheus would reject is an error naming the line; so is a sample with a
+/// timestamp (valid in the format, never written by the daemons).
 pub fn parse_prometheus(text: &str) -> Result<Vec<PromSample>, String> {
     use std::collections::{BTreeMap, HashMap, HashSet};
     let name_ok = |n: &str, colons: bool| {

@@ -127,15 +127,13 @@ impl Core {
         job.updated_unix_ms = now_ms();
         let world = job.ranks.len() as u32;
         let running = job.state == JobState::Running;
-        // Empty unless a rank is flagged (no allocation then).
-        let flagged: Vec<u32> = job.stragglers.iter().map(|s| s.rank).collect();
         // Progress is published, not persisted: it changes every step. Checkpoints are both.
         if persist {
             self.save(&p.job_id);
         } else if !self.progressed.contains(&p.job_id) {
             self.progressed.insert(p.job_id.clone());
         }
-        self.telemetry(&p, world, running, flagged);
+        self.telemetry(&p, world, running);
     }
 }
 

@@ -80,25 +80,25 @@ pub fn mfu(tokens_per_second: f64, flops_per_token: f64, peak_flops: f64) -> Opt
 }
 
 impl Core {
-    /// Takes a valid report's per-step facts; flags and clears stragglers. `world`, `running`
-    /// and `flagged` (the ranks flagged now) are the report's job's: its caller has the job at
-    /// hand.
-    pub(super) fn telemetry(
-        &mut self,
-        p: &ProgressReport,
-        world: u32,
-        running: bool,
-        flagged: Vec<u32>,
-    ) {
+    /// Takes a valid report's per-step facts; flags and clears stragglers. `world` and
+    /// `running` are the report's job's: its caller has the job at hand.
+    pub(super) fn telemetry(&mut self, p: &ProgressReport, world: u32, running: bool) {
         // The rank is the worker's word: only the job's own ranks count (this bounds what is
         // kept per job by its world size), and only while it runs.
         if p.rank >= world || !running {
             return;
         }
-        let fresh = |flagged: Vec<u32>| Telemetry {
+        // A generation's first report: flags saved with the job (a coordinator that took it
+        // over) stay clearable.
+        let jobs = &self.jobs;
+        let fresh = || Telemetry {
             generation: p.generation,
-            // Flags saved with the job (a coordinator that took it over) stay clearable.
-            detector: Detector::new(world, flagged),
+            detector: Detector::new(
+                world,
+                jobs.get(&p.job_id)
+                    .into_iter()
+                    .flat_map(|j| j.stragglers.iter().map(|s| s.rank)),
+            ),
             ranks: vec![None; world as usize],
             devices: vec![None; world as usize],
         };
@@ -106,13 +106,10 @@ impl Core {
         let t = match self.telemetry.get_mut(&p.job_id) {
             Some(t) if t.generation == p.generation => t,
             Some(t) => {
-                *t = fresh(flagged);
+                *t = fresh();
                 t
             }
-            None => self
-                .telemetry
-                .entry(p.job_id.clone())
-                .or_insert(fresh(flagged)),
+            None => self.telemetry.entry(p.job_id.clone()).or_insert_with(fresh),
         };
         let peak = t.facts(p.rank).map_or(0, |f| f.peak_memory_bytes);
         t.set(
