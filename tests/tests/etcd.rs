@@ -76,11 +76,12 @@ fn logged_since(procs: &[&ringmaster_tests::Proc], marks: &[usize], text: &str) 
         .any(|(p, &m)| p.log_text().get(m..).is_some_and(|l| l.contains(text)))
 }
 
-/// Two coordinators on one etcd with a 2-second lease (the first leads), two agents given both
-/// addresses, and a 2x2 job of sleep loops RUNNING. Returns the cluster (its `addr` is the
+/// Two coordinators on one etcd of `etcd_members` members with a 2-second lease (the first
+/// leads), two agents given both addresses, and a 2x2 job of sleep loops RUNNING. Returns the cluster (its `addr` is the
 /// list), the standby and its address, and the job and its status.
 fn two_coordinators_and_a_job(
     heartbeat: &str,
+    etcd_members: usize,
 ) -> (
     Cluster,
     ringmaster_tests::Proc,
@@ -93,6 +94,7 @@ fn two_coordinators_and_a_job(
         heartbeat,
         ClusterOpts {
             store: TestStore::Etcd,
+            etcd_members,
             coordinator_args: vec!["--leader-ttl".into(), "2s".into()],
             ..Default::default()
         },
@@ -120,7 +122,7 @@ fn the_standby_takes_over_when_the_leader_dies_and_the_job_goes_on() {
     }
     let _serial = ringmaster_tests::timing_sensitive();
     let ttl = Duration::from_secs(2);
-    let (mut c, standby, second, job, before) = two_coordinators_and_a_job("5s");
+    let (mut c, standby, second, job, before) = two_coordinators_and_a_job("5s", 1);
     let first = c.addr.split(',').next().unwrap().to_owned();
     // The standby refuses what it does not serve, naming the leader.
     let both = c.addr.clone();
@@ -203,7 +205,7 @@ fn a_leader_paused_past_its_lease_wakes_deposed_and_rejoins_as_a_standby() {
     }
     let _serial = ringmaster_tests::timing_sensitive();
     let ttl = Duration::from_secs(2);
-    let (mut c, mut standby, second, job, before) = two_coordinators_and_a_job("10s");
+    let (mut c, mut standby, second, job, before) = two_coordinators_and_a_job("10s", 1);
     let both = c.addr.clone();
     let first = both.split(',').next().unwrap().to_owned();
 
@@ -309,23 +311,7 @@ fn etcd_members_and_the_whole_etcd_cluster_restart_under_a_running_job() {
         return;
     }
     let _serial = ringmaster_tests::timing_sensitive();
-    let mut c = Cluster::start_with(
-        Some(HOSTFILE),
-        "10s",
-        ClusterOpts {
-            store: TestStore::Etcd,
-            etcd_members: 3,
-            coordinator_args: vec!["--leader-ttl".into(), "2s".into()],
-            ..Default::default()
-        },
-    );
-    let first = c.addr.clone();
-    let (standby, second) = c.start_another_coordinator("data-b");
-    c.addr = format!("{first},{second}");
-    c.start_agent("w0", 2, &[]);
-    c.start_agent("w1", 2, &[]);
-    c.wait_joined(&["w0", "w1"]);
-    let (job, _out) = c.submit_held_job("job.yaml");
+    let (mut c, standby, _, job, _) = two_coordinators_and_a_job("10s", 3);
     let before = c.wait_all_ranks_running(&job, Duration::from_secs(30));
 
     // One member down: the cluster keeps its quorum and the coordinators work on.
