@@ -194,6 +194,31 @@ async fn report_progress(
 }
 
 /// A connection as the settings say, with the token (if any) on every call.
+type Jobs = pb::job_service_client::JobServiceClient<AuthChannel>;
+
+/// Submits `spec`; the job's id.
+async fn submit(jobs: &mut Jobs, spec: &serde_json::Value) -> anyhow::Result<String> {
+    let job = jobs
+        .submit(pb::SubmitRequest {
+            spec_json: spec.to_string(),
+            files: Default::default(),
+        })
+        .await?
+        .into_inner()
+        .job
+        .context("job")?;
+    Ok(job.id)
+}
+
+async fn cancel(jobs: &mut Jobs, job_id: String) -> anyhow::Result<()> {
+    jobs.cancel(pb::CancelRequest {
+        job_id,
+        grace_ms: 1,
+    })
+    .await?;
+    Ok(())
+}
+
 async fn channel(addr: &str, tls: &ClientTls, token: Option<&str>) -> anyhow::Result<AuthChannel> {
     let ch = ringmaster_auth::client::connect(addr, tls, Duration::from_secs(10)).await?;
     Ok(tonic::service::interceptor::InterceptedService::new(
@@ -286,21 +311,9 @@ async fn main() -> anyhow::Result<()> {
         let spec =
             serde_json::json!({"name": format!("submit{i}"), "command": ["true"], "nodes": 1});
         let s = Instant::now();
-        let j = jobs
-            .submit(pb::SubmitRequest {
-                spec_json: spec.to_string(),
-                files: Default::default(),
-            })
-            .await?
-            .into_inner()
-            .job
-            .context("job")?;
+        let id = submit(&mut jobs, &spec).await?;
         sub.push(s.elapsed().as_secs_f64() * 1e3);
-        jobs.cancel(pb::CancelRequest {
-            job_id: j.id,
-            grace_ms: 1,
-        })
-        .await?;
+        cancel(&mut jobs, id).await?;
     }
     if !sub.is_empty() {
         println!(
@@ -314,36 +327,19 @@ async fn main() -> anyhow::Result<()> {
         Probe::Load | Probe::None => None,
         Probe::Small => {
             let spec = serde_json::json!({"name": "probe", "command": ["true"], "nodes": 1});
-            let j = jobs
-                .submit(pb::SubmitRequest {
-                    spec_json: spec.to_string(),
-                    files: Default::default(),
-                })
-                .await?
-                .into_inner()
-                .job
-                .context("job")?;
-            jobs.cancel(pb::CancelRequest {
-                job_id: j.id.clone(),
-                grace_ms: 1,
-            })
-            .await?;
-            Some(j.id)
+            let id = submit(&mut jobs, &spec).await?;
+            cancel(&mut jobs, id.clone()).await?;
+            Some(id)
         }
     };
-    let spec = serde_json::json!({"name": "load", "command": ["true"]});
-    let job = jobs
-        .submit(pb::SubmitRequest {
-            spec_json: spec.to_string(),
-            files: Default::default(),
-        })
-        .await?
-        .into_inner()
-        .job
-        .context("job")?;
+    let job_id = submit(
+        &mut jobs,
+        &serde_json::json!({"name": "load", "command": ["true"]}),
+    )
+    .await?;
     println!(
-        "coordinator {addr}; job {} waiting for {} nodes",
-        job.id, args.agents
+        "coordinator {addr}; job {job_id} waiting for {} nodes",
+        args.agents
     );
 
     // Connect every agent first (TCP + HTTP/2), so the measured window is the protocol.
@@ -491,7 +487,7 @@ async fn main() -> anyhow::Result<()> {
         let s = Instant::now();
         let st = probe
             .get(pb::GetJobRequest {
-                job_id: job.id.clone(),
+                job_id: job_id.clone(),
             })
             .await?
             .into_inner();
@@ -550,7 +546,7 @@ async fn main() -> anyhow::Result<()> {
         let cpu0 = cpu_seconds(coord_pid);
         let t = Instant::now();
         let mut lat = Vec::new();
-        let probed = small.clone().unwrap_or_else(|| job.id.clone());
+        let probed = small.clone().unwrap_or_else(|| job_id.clone());
         while args.probe == Probe::None && t.elapsed() < Duration::from_secs(args.seconds) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
