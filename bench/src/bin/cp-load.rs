@@ -547,8 +547,12 @@ async fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let mut lat = Vec::new();
         let probed = small.clone().unwrap_or_else(|| job_id.clone());
-        while args.probe == Probe::None && t.elapsed() < Duration::from_secs(args.seconds) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if args.probe == Probe::None {
+            // The measured window itself: heartbeats, reports and scrapes run meanwhile.
+            tokio::time::sleep_until(
+                tokio::time::Instant::from_std(t) + Duration::from_secs(args.seconds),
+            )
+            .await;
         }
         while t.elapsed() < Duration::from_secs(args.seconds) {
             let s = Instant::now();
