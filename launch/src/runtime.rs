@@ -44,6 +44,8 @@ use crate::plan::{LaunchError, LaunchPlan, Port, Program};
 pub const MAX_WORKERS_PER_NODE: usize = 4096;
 /// How long node 0 keeps the store after the end, for the others to read it.
 pub const EXIT_WAIT: Duration = Duration::from_secs(10);
+/// The longest monitor interval a node's entry may carry (`--monitor-interval` allows 3600 s).
+const MAX_MONITOR_MS: u64 = 3_600_000;
 
 /// What the launcher needs besides the plan.
 #[derive(Debug, Clone)]
@@ -75,6 +77,10 @@ struct NodeInfo {
     /// still differ.
     nonce: String,
     nproc: usize,
+    /// This launcher's monitor interval in milliseconds: a failure that only reacts to another
+    /// is deferred by twice the slowest node's interval (0 in entries of older launchers).
+    #[serde(default)]
+    monitor_ms: u64,
     /// What must be the same on every node, field by field.
     agree: Vec<(String, String)>,
 }
@@ -170,6 +176,9 @@ struct Layout {
     world: usize,
     /// First global rank of this node.
     base: usize,
+    /// The longest monitor interval of any node (this node's at least): how long the slowest
+    /// node may take to see one of its workers end.
+    slowest_monitor: Duration,
 }
 
 /// Serves the store (on node 0; in join order, on the machine MASTER_ADDR names), and
@@ -330,6 +339,7 @@ fn join(
                 .map_or(0, |d| d.as_nanos())
         ),
         nproc: plan.nproc,
+        monitor_ms: u64::try_from(plan.monitor_interval.as_millis()).unwrap_or(u64::MAX),
         agree: agreement(plan)?,
     };
     let mine = serde_json::to_vec(&me).expect("node info serializes");
@@ -422,9 +432,26 @@ fn join(
             n.host, n.nproc
         )));
     }
+    if let Some((k, n)) = nodes
+        .iter()
+        .enumerate()
+        .find(|(_, n)| n.monitor_ms > MAX_MONITOR_MS)
+    {
+        return Err(err(format!(
+            "node {k} ({}) says it polls its workers every {} ms; at most {MAX_MONITOR_MS} \
+             (--monitor-interval 3600) is allowed",
+            n.host, n.monitor_ms
+        )));
+    }
     let base = nodes[..plan.node_rank].iter().map(|n| n.nproc).sum();
     let world = nodes.iter().map(|n| n.nproc).sum();
-    Ok(Layout { world, base })
+    let slowest_ms = nodes.iter().map(|n| n.monitor_ms).max().unwrap_or(0);
+    let slowest_monitor = plan.monitor_interval.max(Duration::from_millis(slowest_ms));
+    Ok(Layout {
+        world,
+        base,
+        slowest_monitor,
+    })
 }
 
 /// Waits for `key` until `deadline` in one-second slices, so that a signal to the launcher is
@@ -488,7 +515,7 @@ fn generations(
                 return Err(e);
             }
         };
-        match watch(plan, client, &mut workers, g, rt.stop_grace) {
+        match watch(plan, client, &mut workers, g, layout, rt.stop_grace) {
             Ok(GenEnd::Succeeded) => {
                 return Ok(Outcome {
                     code: 0,
@@ -1058,14 +1085,16 @@ fn watch(
     client: &TcpStoreClient,
     workers: &mut [Worker],
     g: u64,
+    layout: &Layout,
     grace: Duration,
 ) -> Result<GenEnd, LaunchError> {
     let failed_key = format!("gen/{g}/failed");
     let mut said_done = false;
     // A rank whose collective failed or timed out (the trainer's exits 4 and 3) usually reacts
     // to another's death, on this node or another. Such a failure alone is claimed only after
-    // two monitor intervals in which no node claimed a cause (the node of the rank that died
-    // finds it within one poll); any other failure is claimed at once.
+    // two of the slowest node's monitor intervals in which no node claimed a cause (the node of
+    // the rank that died finds it within one of its own polls, whatever this node's interval);
+    // any other failure is claimed at once.
     let mut reaction: Option<(String, Instant)> = None;
     loop {
         // Of the workers found failed in one poll, the root cause is claimed.
@@ -1095,7 +1124,7 @@ fn watch(
         };
         let claim = claim.or_else(|| {
             reaction
-                .take_if(|(_, at)| at.elapsed() >= plan.monitor_interval * 2)
+                .take_if(|(_, at)| at.elapsed() >= layout.slowest_monitor * 2)
                 .map(|(why, _)| why)
         });
         if let Some(why) = claim {

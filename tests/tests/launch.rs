@@ -300,6 +300,51 @@ fn with_no_restart_left_both_launchers_fail_naming_the_rank() {
     }
 }
 
+/// A rank whose collective failed (the trainer's exit 4) only reacts to another's death: the
+/// rank that died is named even when its node polls its workers far less often than the
+/// reacting node does (each node's monitor interval is in the store; the reaction waits for
+/// twice the slowest).
+#[test]
+fn the_rank_that_died_is_named_over_a_faster_nodes_reaction() {
+    let _serial = timing_sensitive();
+    let nodes = TwoNodes::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = nodes.free_port(0);
+    // Rank 1 reacts at once; rank 0, the cause, ends half a second later, on a node that
+    // looks at its workers every 3 s.
+    let script = "if [ \"$RANK\" = 1 ]; then exit 4; fi; sleep 0.5; exit 7";
+    let mut procs: Vec<Proc> = (0..2)
+        .map(|node| {
+            let mut cmd = nodes.command(node, &bin("ringctl"));
+            cmd.args(["launch", "--nnodes=2", "--nproc-per-node=1"])
+                .arg(format!("--node-rank={node}"))
+                .arg(format!("--master-addr={}", nodes.addrs[0]))
+                .arg(format!("--master-port={port}"))
+                .arg(format!("--monitor-interval={}", ["3", "0.1"][node]));
+            if !nodes.isolated() {
+                cmd.arg(format!("--local-addr={}", nodes.addrs[node]));
+            }
+            cmd.args(["--", "sh", "-c", script])
+                .env_remove("RINGMASTER_COORDINATOR")
+                .env_remove("RINGMASTER_STORE_DIR");
+            Proc::spawn(
+                &format!("cause node {node}"),
+                cmd,
+                dir.path().join(format!("node{node}.log")),
+            )
+        })
+        .collect();
+    for p in &mut procs {
+        let (code, log) = wait_end(p);
+        assert_eq!(code, Some(1), "{}:\n{log}", p.name);
+        assert!(
+            log.contains("the job failed after 0 restart(s): rank 0 (node 0, local rank 0) exited with code 7"),
+            "{}:\n{log}",
+            p.name
+        );
+    }
+}
+
 #[test]
 fn a_signal_to_one_launcher_stops_both_nodes_without_a_restart() {
     let _serial = timing_sensitive();
