@@ -100,6 +100,13 @@ fn main() -> ExitCode {
         eprintln!("agent: --name '{name}': use 1-63 characters of A-Z a-z 0-9 . _ -");
         return ExitCode::from(2);
     }
+    if args.max_backoff < std::time::Duration::from_millis(100) {
+        eprintln!(
+            "agent: --max-backoff {:?} is too short: at least 100ms (reconnects would spin)",
+            args.max_backoff
+        );
+        return ExitCode::from(2);
+    }
     if args.slots == Some(0) {
         eprintln!("agent: --slots must be at least 1");
         return ExitCode::from(2);

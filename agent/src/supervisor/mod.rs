@@ -234,15 +234,11 @@ impl Supervisor {
                     return local.iter().map(|r| fail(r.rank, msg.clone())).collect();
                 }
             };
-        // Workers of another user start (and write) in their generation directory: it is theirs.
-        if let Some(u) = &self.worker_user
-            && let Err(e) = std::os::unix::fs::fchown(&gen_fd, Some(u.uid), Some(u.gid))
-        {
-            let msg = format!("giving {} to user {}: {e}", gen_dir.display(), u.name);
-            return local.iter().map(|r| fail(r.rank, msg.clone())).collect();
-        }
+        // The config is written before the directory is handed over, and through the open
+        // directory: a worker of another job running as the worker user cannot put a link
+        // where the agent (root) writes.
         let program = if sw.program.is_empty() {
-            match self.write_train_config(sw, &gen_dir) {
+            match self.write_train_config(sw, &gen_fd, &gen_dir) {
                 Ok(cfg) => vec![
                     self.trainer.display().to_string(),
                     cfg.display().to_string(),
@@ -252,6 +248,13 @@ impl Supervisor {
         } else {
             sw.program.clone()
         };
+        // Workers of another user start (and write) in their generation directory: it is theirs.
+        if let Some(u) = &self.worker_user
+            && let Err(e) = std::os::unix::fs::fchown(&gen_fd, Some(u.uid), Some(u.gid))
+        {
+            let msg = format!("giving {} to user {}: {e}", gen_dir.display(), u.name);
+            return local.iter().map(|r| fail(r.rank, msg.clone())).collect();
+        }
         let inherited_omp = std::env::var_os("OMP_NUM_THREADS").is_some();
         let gen_dir_text = gen_dir.display().to_string();
         let root = self.work_dir.display().to_string();
@@ -354,32 +357,42 @@ impl Supervisor {
         out
     }
 
-    /// Writes the training config and its files into the generation's directory, with the
-    /// config's references pointing at the written copies.
-    fn write_train_config(&self, sw: &pb::StartWorkers, gen_dir: &Path) -> Result<PathBuf, String> {
+    /// Writes the training config and its files into the generation's directory (`gen_fd`,
+    /// opened at `gen_dir`), with the config's references pointing at the written copies.
+    /// Every name is opened relative to the open directory without following links.
+    fn write_train_config(
+        &self,
+        sw: &pb::StartWorkers,
+        gen_fd: &std::fs::File,
+        gen_dir: &Path,
+    ) -> Result<PathBuf, String> {
         let mut cfg: serde_json::Value = serde_json::from_str(&sw.train_config)
             .map_err(|e| format!("training config from the coordinator is not JSON: {e}"))?;
         let files_dir = gen_dir.join("files");
         let mut written: BTreeMap<&str, PathBuf> = BTreeMap::new();
-        for (i, (name, bytes)) in sw.files.iter().enumerate() {
-            std::fs::create_dir_all(&files_dir)
+        if !sw.files.is_empty() {
+            let dir = logs::open::open_dir(gen_fd, "files", &files_dir, true)
                 .map_err(|e| format!("creating {}: {e}", files_dir.display()))?;
-            let base: String = Path::new(name)
-                .file_name()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default()
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
-            let path = files_dir.join(format!("{i}-{}", base.trim_start_matches('.')));
-            std::fs::write(&path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
-            written.insert(name.as_str(), path);
+            for (i, (name, bytes)) in sw.files.iter().enumerate() {
+                let base: String = Path::new(name)
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                let file_name = format!("{i}-{}", base.trim_start_matches('.'));
+                let path = files_dir.join(&file_name);
+                logs::open::write_whole(&dir, &file_name, &path, bytes)
+                    .map_err(|e| format!("writing {e}"))?;
+                written.insert(name.as_str(), path);
+            }
         }
         if let serde_json::Value::Object(map) = &mut cfg {
             for v in map.values_mut() {
@@ -392,7 +405,8 @@ impl Supervisor {
         }
         let path = gen_dir.join("train.yaml");
         let text = serde_json::to_string_pretty(&cfg).expect("JSON value serializes");
-        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        logs::open::write_whole(gen_fd, "train.yaml", &path, text.as_bytes())
+            .map_err(|e| format!("writing {e}"))?;
         Ok(path)
     }
 
@@ -536,7 +550,8 @@ mod tests {
             "../../etc/ds.json".into(),
             b"{\"zero_optimization\":{}}".to_vec(),
         );
-        let cfg = s.write_train_config(&sw, &gen_dir).unwrap();
+        let gen_fd = std::fs::File::open(&gen_dir).unwrap();
+        let cfg = s.write_train_config(&sw, &gen_fd, &gen_dir).unwrap();
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
         let ds = PathBuf::from(v["deepspeed"].as_str().unwrap());

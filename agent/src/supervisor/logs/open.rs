@@ -205,6 +205,22 @@ pub fn open_append(
     open_checked(dir, name, path, flags, Mode::from_bits_truncate(0o644))
 }
 
+/// Writes `bytes` as the whole content of `name` in `dir`: created if missing, else replaced
+/// in place. Opened without following a link and checked (a regular file with one name)
+/// before it is truncated, so a link, FIFO or hard link a worker put there is refused and
+/// left as it was.
+pub fn write_whole(dir: &File, name: &str, path: &Path, bytes: &[u8]) -> Result<(), LogFileError> {
+    use std::io::Write;
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT;
+    let (mut file, _) = open_checked(dir, name, path, flags, Mode::from_bits_truncate(0o644))?;
+    file.set_len(0)
+        .and_then(|()| file.write_all(bytes))
+        .map_err(|source| LogFileError::Io {
+            path: path.to_owned(),
+            source,
+        })
+}
+
 /// Opens `name` in `dir` for reading.
 pub fn open_read(dir: &File, name: &str, path: &Path) -> Result<(File, FileStat), LogFileError> {
     open_checked(dir, name, path, OFlag::O_RDONLY, Mode::empty())
@@ -287,5 +303,29 @@ mod tests {
         generation_dir(&work, "job-3", 4, true).unwrap();
         assert!(work.join("job-3/gen-4").is_dir());
         assert!(generation_dir(&work, "job-4", 0, false).is_err());
+    }
+
+    #[test]
+    fn a_whole_write_replaces_a_file_and_leaves_links_alone() {
+        let t = tempfile::tempdir().unwrap();
+        let secret = t.path().join("secret");
+        std::fs::write(&secret, "root's").unwrap();
+        let d = t.path().join("gen");
+        std::fs::create_dir(&d).unwrap();
+        std::os::unix::fs::symlink(&secret, d.join("train.yaml")).unwrap();
+        std::fs::hard_link(&secret, d.join("hard.yaml")).unwrap();
+        let df = dir(&d);
+        let e = write_whole(&df, "train.yaml", &d.join("train.yaml"), b"{}").unwrap_err();
+        assert!(matches!(e, LogFileError::Symlink { .. }), "{e}");
+        let e = write_whole(&df, "hard.yaml", &d.join("hard.yaml"), b"{}").unwrap_err();
+        assert!(matches!(e, LogFileError::HardLinked { .. }), "{e}");
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "root's");
+        // A new file is made, an old one replaced whole.
+        write_whole(&df, "new.yaml", &d.join("new.yaml"), b"a longer text").unwrap();
+        write_whole(&df, "new.yaml", &d.join("new.yaml"), b"short").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.join("new.yaml")).unwrap(),
+            "short"
+        );
     }
 }
