@@ -22,6 +22,10 @@ pub const RESERVED_ENV: &[&str] = &[
     "LOCAL_WORLD_SIZE",
     "NODE_RANK",
     "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
     "NNODES",
     "MASTER_ADDR",
     "MASTER_PORT",
@@ -31,6 +35,11 @@ pub const RESERVED_ENV: &[&str] = &[
     "TORCHELASTIC_RUN_ID",
     "RINGMASTER_RESTART_COUNT",
     "RINGMASTER_JOB_ID",
+    "RINGMASTER_JOB_NAME",
+    "RINGMASTER_NODE",
+    "RINGMASTER_NODE_ADDR",
+    "RINGMASTER_WORK_DIR",
+    "RINGMASTER_AGENT_ROOT",
     "RINGMASTER_GENERATION",
     "RINGMASTER_COORDINATOR",
     "RINGMASTER_RESUME_FROM",
@@ -624,6 +633,35 @@ mod tests {
 
     fn sub(text: &str) -> Result<Submission, SpecError> {
         submission_from_text(text, "job.yaml", Path::new("."))
+    }
+
+    /// Every variable the launch contract gives a worker is refused in `env:` (the agent
+    /// would drop the job's value without a word).
+    #[test]
+    fn every_contract_variable_is_reserved() {
+        let devices = vec!["0".to_owned()];
+        let names = ringmaster_launch::env::contract_env(&ringmaster_launch::env::Contract {
+            rank: 0,
+            local_rank: 0,
+            world_size: 1,
+            local_world_size: 1,
+            node_rank: 0,
+            nnodes: 1,
+            master_addr: "h",
+            master_port: 1,
+            visible_devices: Some(&devices),
+            restart_count: 0,
+            max_restarts: 0,
+            run_id: "r",
+            job_name: "j",
+            generation: 0,
+            role: "default",
+        });
+        for (k, _) in names {
+            assert!(RESERVED_ENV.contains(&k.as_str()), "{k} is not reserved");
+        }
+        let e = sub("command: [\"true\"]\nenv: {ROLE_NAME: x}\n").unwrap_err();
+        assert!(e.to_string().contains("may not set ROLE_NAME"), "{e}");
     }
 
     #[test]

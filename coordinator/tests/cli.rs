@@ -63,3 +63,49 @@ fn the_agent_and_the_coordinator_share_the_slot_limit() {
         ringmaster_hostfile::hostfile::MAX_SLOTS
     );
 }
+
+/// A TLS key that does not belong to the certificate is a usage error at start (exit 2, one
+/// line naming both files), not a failure once the server is being built.
+#[test]
+fn a_tls_key_of_another_certificate_exits_2_naming_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    for d in ["a", "b"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ringctl"))
+            .args(["certs", "init"])
+            .arg(dir.path().join(d))
+            .args(["--host", "localhost"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .arg("--tls-cert")
+        .arg(dir.path().join("a/coordinator.pem"))
+        .arg("--tls-key")
+        .arg(dir.path().join("b/coordinator-key.pem"))
+        .arg("--join-token-file")
+        .arg(dir.path().join("a/join-token"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the coordinator started with a mismatched TLS key");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("a/coordinator.pem") && err.contains("b/coordinator-key.pem"),
+        "{err}"
+    );
+}

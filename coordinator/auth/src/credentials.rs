@@ -554,14 +554,47 @@ impl Gate {
 
 impl tonic::service::Interceptor for Gate {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        let caller = self.creds.identify(req.metadata()).inspect_err(|e| {
-            tracing::warn!(service = ?self.service, peer = ?req.remote_addr(), "refused: {}", e.message());
-        })?;
-        self.creds.gate(self.service, &caller).inspect_err(|e| {
-            tracing::warn!(service = ?self.service, peer = ?req.remote_addr(), "refused: {}", e.message());
-        })?;
+        let caller = self
+            .creds
+            .identify(req.metadata())
+            .inspect_err(|e| refused(self.service, req.remote_addr(), e))?;
+        self.creds
+            .gate(self.service, &caller)
+            .inspect_err(|e| refused(self.service, req.remote_addr(), e))?;
         req.extensions_mut().insert(caller);
         Ok(req)
+    }
+}
+
+/// Refusals logged: at most one line per [`REFUSAL_LOG_EVERY`] (anyone who reaches the port
+/// can send refused calls as fast as the network allows); the next line counts the ones left
+/// out.
+static REFUSALS: std::sync::Mutex<Option<(std::time::Instant, u64)>> = std::sync::Mutex::new(None);
+const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn refused(service: Service, peer: Option<std::net::SocketAddr>, e: &Status) {
+    let now = std::time::Instant::now();
+    let mut last = REFUSALS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match &mut *last {
+        Some((at, left_out)) if now.duration_since(*at) < REFUSAL_LOG_EVERY => *left_out += 1,
+        _ => {
+            let left_out = last.map_or(0, |(_, n)| n);
+            *last = Some((now, 0));
+            drop(last);
+            if left_out > 0 {
+                tracing::warn!(
+                    ?service,
+                    ?peer,
+                    left_out,
+                    "refused: {} ({left_out} more refused calls were not logged)",
+                    e.message()
+                );
+            } else {
+                tracing::warn!(?service, ?peer, "refused: {}", e.message());
+            }
+        }
     }
 }
 

@@ -43,6 +43,21 @@ impl ServerTls {
                 .client_ca_root(Certificate::from_pem(ca))
                 .client_auth_optional(true);
         }
+        // Parsed now (rustls: the key read, and matched against the certificate), so that a
+        // bad file is a usage error at start, not a failure once the server is being built.
+        if let Err(e) = tonic::transport::Server::builder().tls_config(cfg.clone()) {
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
+            }
+            return Err(format!(
+                "--tls-cert {} with --tls-key {}: {why}",
+                self.cert.display(),
+                self.key.display()
+            ));
+        }
         Ok(cfg)
     }
 }

@@ -198,7 +198,15 @@ fn main() -> ExitCode {
         .transpose()
     {
         Ok(h) => h,
-        Err(e) => return usage(e.to_string()),
+        // A parse error names the line; the file is named here (it may be the implicit
+        // /job/hostfile).
+        Err(e @ ringmaster_hostfile::HostfileError::Io { .. }) => return usage(e.to_string()),
+        Err(e) => {
+            let p = hostfile_path
+                .as_deref()
+                .unwrap_or(std::path::Path::new("?"));
+            return usage(format!("{}: {e}", p.display()));
+        }
     };
     let join_token = match &args.join_token_file {
         None => None,

@@ -242,11 +242,32 @@ impl From<pb::LogsRequest> for LogQuery {
     }
 }
 
-fn checkpoint(c: pb::CheckpointRef) -> CheckpointRef {
-    CheckpointRef {
+/// Longest checkpoint path a report may carry; a longer one is left out of the report.
+pub const MAX_CHECKPOINT_PATH_BYTES: usize = 4096;
+
+/// A reported checkpoint; `None` when its path is over [`MAX_CHECKPOINT_PATH_BYTES`].
+fn checkpoint(c: pb::CheckpointRef) -> Option<CheckpointRef> {
+    (c.path.len() <= MAX_CHECKPOINT_PATH_BYTES).then_some(CheckpointRef {
         step: c.step,
         path: c.path,
-    }
+    })
+}
+
+/// A resume report, bounded: `None` when the checkpoint it names has an over-long path; at
+/// most [`crate::job::MAX_CHECKPOINT_WARNINGS`] skipped entries, each cut to
+/// [`crate::job::MAX_WARNING_BYTES`].
+fn resume(r: pb::ResumeReport) -> Option<ResumeReport> {
+    let from = match r.from {
+        Some(c) => Some(checkpoint(c)?),
+        None => None,
+    };
+    let skipped = r
+        .skipped
+        .into_iter()
+        .take(crate::job::MAX_CHECKPOINT_WARNINGS)
+        .map(|w| crate::job::cap(w, crate::job::MAX_WARNING_BYTES))
+        .collect();
+    Some(ResumeReport { from, skipped })
 }
 
 /// A reported FLOPs figure: finite, positive and below [`MAX_FLOPS`]; anything else (0
@@ -287,11 +308,8 @@ pub fn progress(p: pb::Progress) -> Option<ProgressReport> {
             save: seconds(c.save_seconds),
             commit: seconds(c.commit_seconds),
         }),
-        committed_checkpoint: p.committed_checkpoint.map(checkpoint),
-        resume: p.resume.map(|r| ResumeReport {
-            from: r.from.map(checkpoint),
-            skipped: r.skipped,
-        }),
+        committed_checkpoint: p.committed_checkpoint.and_then(checkpoint),
+        resume: p.resume.and_then(resume),
     })
 }
 
@@ -301,6 +319,49 @@ mod tests {
 
     use super::*;
     use crate::server::core::types::StartTemplate;
+
+    /// A worker's report is bounded before it is queued: an over-long checkpoint path drops
+    /// the checkpoint (or the resume), and a resume's skipped list is cut.
+    #[test]
+    fn checkpoint_paths_and_skipped_lists_are_bounded() {
+        let long = format!("/out/{}", "x".repeat(MAX_CHECKPOINT_PATH_BYTES));
+        let cp = |path: &str| pb::CheckpointRef {
+            step: 5,
+            path: path.into(),
+            ..Default::default()
+        };
+        let r = progress(pb::Progress {
+            scope: Some(pb::Scope::default()),
+            committed_checkpoint: Some(cp(&long)),
+            resume: Some(pb::ResumeReport {
+                from: Some(cp(&long)),
+                skipped: vec![],
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(r.committed_checkpoint.is_none() && r.resume.is_none());
+        let r = progress(pb::Progress {
+            scope: Some(pb::Scope::default()),
+            committed_checkpoint: Some(cp("/out/checkpoint-5")),
+            resume: Some(pb::ResumeReport {
+                from: Some(cp("/out/checkpoint-5")),
+                skipped: vec!["y".repeat(10_000); 1_000],
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(r.committed_checkpoint.unwrap().path, "/out/checkpoint-5");
+        let resume = r.resume.unwrap();
+        assert_eq!(resume.from.unwrap().path, "/out/checkpoint-5");
+        assert_eq!(resume.skipped.len(), crate::job::MAX_CHECKPOINT_WARNINGS);
+        assert!(
+            resume
+                .skipped
+                .iter()
+                .all(|w| w.len() <= crate::job::MAX_WARNING_BYTES)
+        );
+    }
 
     #[test]
     fn flops_and_checkpoint_seconds_are_bounded() {

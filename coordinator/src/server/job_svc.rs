@@ -12,6 +12,9 @@ use tonic::{Request, Response, Status};
 use crate::server::core::{Cmd, Handle, LOG_WINDOW_CHUNKS};
 use crate::spec::{JobSpec, MAX_SPEC_BYTES};
 
+/// Longest grace a cancel may give workers between SIGTERM and SIGKILL.
+pub const MAX_CANCEL_GRACE_MS: u64 = 24 * 3_600_000;
+
 pub struct JobSvc {
     pub core: Handle,
     pub creds: Arc<Credentials>,
@@ -108,6 +111,12 @@ impl pb::job_service_server::JobService for JobSvc {
         self.require_admin(&req)?;
         let r = req.into_inner();
         let grace_ms = if r.grace_ms == 0 { 5_000 } else { r.grace_ms };
+        if grace_ms > MAX_CANCEL_GRACE_MS {
+            return Err(Status::invalid_argument(format!(
+                "cancel grace_ms {grace_ms}: at most {MAX_CANCEL_GRACE_MS} (24 hours) between \
+                 SIGTERM and SIGKILL"
+            )));
+        }
         let st = self
             .core
             .call(|reply| Cmd::Cancel {

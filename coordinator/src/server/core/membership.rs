@@ -32,6 +32,7 @@ impl Core {
                 join.slots,
             )));
         }
+        check_join_fields(&join)?;
         if let Some(hf) = &self.cfg.hostfile
             && !hf.hosts.iter().any(|h| h.name == name)
         {
@@ -71,6 +72,9 @@ impl Core {
             }
             None => join.slots.max(1),
         };
+        if !self.nodes.contains_key(&name) {
+            self.make_room_for_a_node(&name)?;
+        }
         let conn_id = self.next_conn;
         self.next_conn += 1;
         let previous_incarnation = self.nodes.get(&name).map(|n| n.incarnation.clone());
@@ -394,8 +398,22 @@ impl Core {
                 );
             }
             Msg::PortAllocated(p) => {
-                if let Some((job, generation, node0)) = self.port_requests.remove(&p.request_id) {
-                    let event = if p.error.is_empty() && p.port != 0 {
+                // Only the node asked may answer (request ids are sequential: another agent
+                // could guess one).
+                let asked = self
+                    .port_requests
+                    .get(&p.request_id)
+                    .is_some_and(|(_, _, node0)| node0 == node);
+                if !asked {
+                    tracing::warn!(
+                        node,
+                        request = p.request_id,
+                        "port answer for a request this node was not asked: ignored"
+                    );
+                } else if let Some((job, generation, node0)) =
+                    self.port_requests.remove(&p.request_id)
+                {
+                    let event = if p.error.is_empty() && (1..=65_535).contains(&p.port) {
                         let addr = self
                             .nodes
                             .get(&node0)
@@ -407,9 +425,14 @@ impl Core {
                             port: p.port,
                         }
                     } else {
+                        let why = if p.error.is_empty() {
+                            format!("port {} is not a TCP port", p.port)
+                        } else {
+                            crate::job::cap(p.error, crate::job::MAX_WARNING_BYTES)
+                        };
                         Event::PortFailed {
                             generation,
-                            message: format!("agent on {node0}: {}", p.error),
+                            message: format!("agent on {node0}: {why}"),
                         }
                     };
                     self.apply(&job, event);
@@ -422,6 +445,15 @@ impl Core {
                 let eof = c.eof;
                 let id = c.request_id;
                 let failed = match self.log_requests.get(&id) {
+                    // Only the node the fetch went to may answer it.
+                    Some((asked, _)) if asked != node => {
+                        tracing::warn!(
+                            node,
+                            request = id,
+                            "log data for a fetch sent to another node: ignored"
+                        );
+                        return;
+                    }
                     Some((_, tx)) => {
                         let r = if c.error.is_empty() {
                             Ok(c)
@@ -443,5 +475,99 @@ impl Core {
                 tracing::warn!(node, "agent sent a second Join on one stream; ignored");
             }
         }
+    }
+}
+
+/// Most nodes a coordinator keeps (joined, lost or expected). At the limit a new name takes
+/// the place of the node lost longest ago that no unfinished job placed; with none, it is
+/// refused.
+pub const MAX_NODES: usize = 16_384;
+/// Longest `hostname` an agent may announce (a fully qualified name is at most 253).
+pub const MAX_HOSTNAME_BYTES: usize = 255;
+/// Longest `version` and `incarnation` an agent may announce.
+pub const MAX_AGENT_TAG_BYTES: usize = 128;
+
+/// A join's own fields, checked before any is kept or persisted: bounded text without control
+/// characters, and an advertised address that is an IP address or a host name (it becomes
+/// the workers' MASTER_ADDR).
+fn check_join_fields(join: &JoinRequest) -> Result<(), CoreError> {
+    let name = &join.name;
+    let text = |field: &str, v: &str, max: usize| {
+        if v.len() > max || v.chars().any(char::is_control) {
+            Err(CoreError::Invalid(format!(
+                "node '{name}': {field} must be at most {max} bytes without control characters \
+                 ({} bytes given)",
+                v.len()
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    text("hostname", &join.hostname, MAX_HOSTNAME_BYTES)?;
+    text("version", &join.version, MAX_AGENT_TAG_BYTES)?;
+    text("incarnation", &join.incarnation, MAX_AGENT_TAG_BYTES)?;
+    let addr = join.advertise_addr.as_str();
+    if !addr.is_empty() && addr.parse::<std::net::IpAddr>().is_err() && !is_host_name(addr) {
+        return Err(CoreError::Invalid(format!(
+            "node '{name}': advertise address '{}' is neither an IP address nor a host name",
+            crate::job::cap(addr.chars().filter(|c| !c.is_control()).collect(), 80)
+        )));
+    }
+    Ok(())
+}
+
+/// A DNS host name: at most 253 bytes of dot-separated labels of 1-63 letters, digits and
+/// hyphens, no label starting or ending with a hyphen.
+fn is_host_name(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+impl Core {
+    /// Before a node of a new name is added: at [`MAX_NODES`], forgets the node lost longest
+    /// ago that is not connected, not in the hostfile and not placed by an unfinished job.
+    fn make_room_for_a_node(&mut self, name: &str) -> Result<(), CoreError> {
+        if self.nodes.len() < MAX_NODES {
+            return Ok(());
+        }
+        let placed: BTreeSet<String> = self
+            .jobs
+            .values()
+            .filter(|j| !j.state.is_terminal() || !j.all_ranks_done())
+            .flat_map(|j| j.nodes())
+            .collect();
+        let in_hostfile = |n: &str| {
+            self.cfg
+                .hostfile
+                .as_ref()
+                .is_some_and(|hf| hf.hosts.iter().any(|h| h.name == n))
+        };
+        let oldest = self
+            .nodes
+            .iter()
+            .filter(|(n, node)| {
+                node.conn.is_none() && !placed.contains(*n) && !in_hostfile(n.as_str())
+            })
+            .min_by_key(|(_, node)| node.last_seen)
+            .map(|(n, _)| n.clone());
+        let Some(old) = oldest else {
+            return Err(CoreError::LimitReached(format!(
+                "node '{name}' cannot join: this coordinator keeps at most {MAX_NODES} nodes and \
+                 every one is connected or placed by an unfinished job"
+            )));
+        };
+        tracing::info!(node = %old, joining = %name, "forgetting a disconnected node: the node limit is reached");
+        self.nodes.remove(&old);
+        self.persist.delete(format!("nodes/{old}"));
+        self.dirty = true;
+        Ok(())
     }
 }

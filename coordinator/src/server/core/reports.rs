@@ -13,7 +13,8 @@ impl Core {
         };
         if job.spec.train.is_none() {
             return Err(CoreError::Invalid(format!(
-                "job {id} runs a command, not the trainer: only `train:` jobs can be asked to                  checkpoint"
+                "job {id} runs a command, not the trainer: only `train:` jobs can be asked to \
+                 checkpoint"
             )));
         }
         if job.state != JobState::Running || job.stopping {
@@ -43,7 +44,8 @@ impl Core {
         }
         if !unreachable.is_empty() {
             return Err(CoreError::Unavailable(format!(
-                "node(s) {} not connected: the request did not reach every rank (the ranks that                  got it wait for the others at the next step, so none checkpoints alone)",
+                "node(s) {} not connected: the request did not reach every rank (the ranks that \
+                 got it wait for the others at the next step, so none checkpoints alone)",
                 unreachable.join(", ")
             )));
         }

@@ -305,3 +305,128 @@ fn a_command_is_small() {
         std::mem::size_of::<Cmd>()
     );
 }
+
+fn join_req(name: &str) -> JoinRequest {
+    JoinRequest {
+        name: name.into(),
+        slots: 1,
+        advertise_addr: "10.0.0.1".into(),
+        version: "0.1.0".into(),
+        hostname: name.into(),
+        incarnation: "1".into(),
+        running: Vec::new(),
+        exited_while_away: Vec::new(),
+    }
+}
+
+/// What an agent says of itself is kept and persisted: bounded, and an advertised address
+/// (the workers' MASTER_ADDR) is an IP address or a host name.
+#[tokio::test]
+async fn a_joins_fields_are_checked_before_they_are_kept() {
+    let store = Flaky::new(0);
+    let mut c = core(&store, limits());
+    let (tx, _rx) = mpsc::channel(1024);
+    for addr in ["10.0.0.1", "fd00::1", "node-1.example.com", ""] {
+        let mut j = join_req("n1");
+        j.advertise_addr = addr.into();
+        c.agent_join(j, None, tx.clone())
+            .unwrap_or_else(|e| panic!("{addr}: {e:?}"));
+    }
+    let bad = |f: fn(&mut JoinRequest)| {
+        let mut j = join_req("n2");
+        f(&mut j);
+        j
+    };
+    let cases: [(JoinRequest, &str); 6] = [
+        (bad(|j| j.hostname = "h".repeat(300)), "hostname"),
+        (bad(|j| j.version = "v".repeat(200)), "version"),
+        (bad(|j| j.incarnation = "i\n".into()), "incarnation"),
+        (
+            bad(|j| j.advertise_addr = "10.0.0.1; rm -rf /".into()),
+            "advertise address",
+        ),
+        (
+            bad(|j| j.advertise_addr = "-host".into()),
+            "advertise address",
+        ),
+        (
+            bad(|j| j.advertise_addr = "a".repeat(300)),
+            "advertise address",
+        ),
+    ];
+    for (j, field) in cases {
+        match c.agent_join(j, None, tx.clone()) {
+            Err(CoreError::Invalid(m)) => assert!(m.contains(field), "{m}"),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    assert!(!c.nodes.contains_key("n2"));
+}
+
+/// Without a hostfile every new name adds a node: at the limit the one disconnected longest
+/// ago (and placed by no unfinished job) is forgotten, in memory and in the store; when every
+/// node is connected a new name is refused.
+#[tokio::test]
+async fn the_node_table_is_bounded() {
+    use super::membership::MAX_NODES;
+    let store = Flaky::new(0);
+    let mut c = core(&store, limits());
+    let (tx, _rx) = mpsc::channel(4);
+    for i in 0..MAX_NODES {
+        c.agent_join(join_req(&format!("n{i}")), None, tx.clone())
+            .unwrap();
+    }
+    // n0 and n1 disconnect, n0 first.
+    for n in ["n0", "n1"] {
+        let node = c.nodes.get_mut(n).unwrap();
+        node.conn = None;
+        node.lost = true;
+        node.last_seen = Instant::now();
+    }
+    c.nodes.get_mut("n0").unwrap().last_seen -= Duration::from_secs(60);
+    c.agent_join(join_req("new-1"), None, tx.clone()).unwrap();
+    assert!(!c.nodes.contains_key("n0") && c.nodes.contains_key("n1"));
+    assert_eq!(c.nodes.len(), MAX_NODES);
+    c.agent_join(join_req("new-2"), None, tx.clone()).unwrap();
+    assert!(!c.nodes.contains_key("n1"));
+    match c.agent_join(join_req("new-3"), None, tx.clone()) {
+        Err(CoreError::LimitReached(m)) => assert!(m.contains("at most 16384 nodes"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // A known name rejoins at the limit.
+    c.agent_join(join_req("n5"), None, tx.clone()).unwrap();
+    c.persist.flush().wait().await.unwrap();
+    assert!(
+        store.inner.get("nodes/n0").unwrap().is_none(),
+        "n0's record is deleted"
+    );
+    assert!(store.inner.get("nodes/n5").unwrap().is_some());
+}
+
+/// A port answer counts only from the node it was asked of, and only for a TCP port.
+#[tokio::test]
+async fn only_the_node_asked_answers_a_port_request() {
+    let store = Flaky::new(0);
+    let mut c = core(&store, limits());
+    let (tx, _rx) = mpsc::channel(64);
+    let (n1, _) = c.agent_join(join_req("n1"), None, tx.clone()).unwrap();
+    let (n2, _) = c.agent_join(join_req("n2"), None, tx.clone()).unwrap();
+    c.port_requests.insert(7, ("j-9".into(), 0, "n1".into()));
+    let answer = |port| {
+        AgentEvent::PortAllocated(super::types::PortAllocated {
+            request_id: 7,
+            port,
+            error: String::new(),
+        })
+    };
+    c.agent_msg("n2", n2, answer(29_501));
+    assert!(
+        c.port_requests.contains_key(&7),
+        "n2 may not answer n1's request"
+    );
+    c.agent_msg("n1", n1, answer(70_000));
+    assert!(
+        !c.port_requests.contains_key(&7),
+        "n1's answer is taken (as a failure)"
+    );
+}
