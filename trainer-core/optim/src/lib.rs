@@ -5,7 +5,8 @@
 //! Layout:
 //! - [`adamw`] — one `torch.optim.AdamW` step (decoupled weight decay, bias correction).
 //! - [`schedule`] — the learning-rate schedules of Hugging Face transformers' `get_scheduler`
-//!   (`linear`, `cosine`, `constant`, `constant_with_warmup`) and its warmup resolution.
+//!   (`linear`, `cosine`, `cosine_with_restarts`, `polynomial`, `constant`,
+//!   `constant_with_warmup`, `inverse_sqrt`, `cosine_with_min_lr`) and its warmup resolution.
 //! - [`scaler`] — DeepSpeed's dynamic fp16 loss scaler (hysteresis, window, floor).
 //! - [`clip`] — `torch.nn.utils.clip_grad_norm_`'s coefficient and the helpers around it.
 //! - [`plot`] — LLaMA-Factory's `training_loss.png` (raw and smoothed loss curve).
@@ -13,7 +14,7 @@
 //! ```
 //! use ringmaster_optim::{AdamWConfig, AdamWState, Scheduler, SchedulerKind, adamw_step};
 //!
-//! let sched = Scheduler { kind: SchedulerKind::Linear, base_lr: 1e-3, warmup_steps: 2, total_steps: 10 };
+//! let sched = Scheduler::new(SchedulerKind::Linear, 1e-3, 2, 10);
 //! let cfg = AdamWConfig { weight_decay: 0.01, ..Default::default() };
 //! let mut params = vec![1.0_f32, -2.0];
 //! let mut state = AdamWState::new(params.len());
@@ -35,4 +36,4 @@ pub use adamw::{AdamWConfig, AdamWState, adamw_step};
 pub use clip::{clip_coef, scale_in_place, sum_squares};
 pub use plot::write_loss_png;
 pub use scaler::{DynamicLossScaler, LossScalerConfig, has_overflow};
-pub use schedule::{Scheduler, SchedulerKind, resolve_warmup};
+pub use schedule::{ScheduleOptions, Scheduler, SchedulerKind, resolve_warmup};
