@@ -25,7 +25,7 @@ use clap::Parser;
 /// (`trainer recipe.yaml output_dir=out/run1`), or its keys as flags (`trainer --stage sft
 /// --model_name_or_path DIR --bf16 ...`, a bare `--flag` meaning true).
 #[derive(Parser, Debug)]
-#[command(name = "trainer", version)]
+#[command(name = "trainer", version, after_help = SUBCOMMANDS)]
 // Parsed only for `--help` and `--version`: the arguments themselves are read by
 // `Recipe::from_args`, which knows LLaMA-Factory's forms.
 #[allow(dead_code)]
@@ -41,6 +41,26 @@ struct Args {
     )]
     overrides: Vec<String>,
 }
+
+/// The subcommands, listed after `trainer --help` (each has its own `--help`).
+const SUBCOMMANDS: &str = "\
+Subcommands (each takes --help):
+  train RECIPE [OVERRIDES]   train (the default: `trainer RECIPE` is the same)
+  eval RECIPE [OVERRIDES]    exact match of the trained model in output_dir on eval_dataset
+  generate                   greedy decoding of one prompt (--model DIR [--adapter DIR] --prompt TEXT)
+  merge                      a LoRA adapter merged into its base (--base DIR --adapter DIR --out DIR)
+  export                     a Hugging Face directory from a sharded checkpoint (CHECKPOINT --out DIR)
+  collective                 one rank of a collective check or benchmark
+  rows                       the rows a step trains on (--step S --world N --out FILE -- RECIPE)
+  device-info                the device and CUDA libraries found, as JSON
+  data addition              the quickstart's addition data set
+  tokenizer train            a byte-level BPE tokenizer trained on a data file
+  init-model                 a randomly initialised Hugging Face model
+  logits                     a model's logits on token rows, as JSON
+
+Exit codes: 0 success; 2 a bad config, flag or input (nothing trained); 3 a collective timed out;
+4 another collective failure; 5 saving a checkpoint failed; 1 another failure; 143 stopped by
+SIGTERM after committing a checkpoint.";
 
 /// The training config from the arguments after `trainer [train|eval]`; `--help` and
 /// `--version` (alone) are clap's.

@@ -57,6 +57,9 @@ pub fn train(recipe: &Recipe) -> Result<(), RunError> {
     // The device first: on CUDA this may re-execute the process (library paths), so before the
     // data is read and before anything is printed.
     let cfg = recipe.load().map_err(usage)?;
+    if !train::setup::trains(&cfg) {
+        return evaluate_only(recipe);
+    }
     let (_, world, _) = crate::dist::rank_world().map_err(usage)?;
     let placement =
         crate::device::place(&cfg, world).map_err(|e| usage(e.context(recipe.origin())))?;
@@ -178,6 +181,54 @@ pub fn load_trained(setup: &mut Setup) -> anyhow::Result<()> {
             setup.base = m.params;
         }
     }
+    Ok(())
+}
+
+/// `do_train: false` (LLaMA-Factory's evaluation-only run): rank 0 scores the model of
+/// `model_name_or_path` on `eval_dataset` by exact match of greedy answers, on the CPU as
+/// `trainer eval` does, and writes `output_dir/eval_results.json`; nothing is trained or saved.
+/// Other ranks have nothing to do and exit 0.
+fn evaluate_only(recipe: &Recipe) -> Result<(), RunError> {
+    let (rank, _, _) = crate::dist::rank_world().map_err(usage)?;
+    if rank != 0 {
+        return Ok(());
+    }
+    let (setup, _, _) = setup(recipe)?;
+    for w in &setup.warnings {
+        eprintln!("trainer: warning: {w}");
+    }
+    if setup.cfg.do_eval == Some(true)
+        || setup
+            .cfg
+            .eval_strategy
+            .as_deref()
+            .is_some_and(|s| s != "no")
+    {
+        eprintln!(
+            "trainer: warning: do_train: false: eval_dataset is scored by exact match only; its \
+             loss is computed during training runs"
+        );
+    }
+    eprintln!(
+        "trainer: do_train: false: scoring {} on {} eval_dataset examples, nothing is trained",
+        setup.model_dir.display(),
+        setup.eval.len()
+    );
+    let r = train::eval::evaluate::<CpuBackend>(&setup, &Default::default()).map_err(failed)?;
+    println!(
+        "eval: exact match {}/{} = {:.1}%",
+        r.correct,
+        r.total,
+        100.0 * r.accuracy
+    );
+    std::fs::create_dir_all(&setup.output_dir)
+        .with_context(|| format!("creating {}", setup.output_dir.display()))
+        .map_err(failed)?;
+    let path = setup.output_dir.join("eval_results.json");
+    let text = serde_json::to_string_pretty(&r).map_err(failed)? + "\n";
+    std::fs::write(&path, text)
+        .with_context(|| format!("writing {}", path.display()))
+        .map_err(failed)?;
     Ok(())
 }
 

@@ -330,3 +330,69 @@ fn recipe_overrides_and_the_flags_form_train() {
         "{err}"
     );
 }
+
+/// `do_train: false` (LLaMA-Factory's evaluation-only run): nothing is trained or saved; the
+/// model of `model_name_or_path` is scored on `eval_dataset` and `eval_results.json` written.
+/// Without `eval_dataset` there is nothing to do: exit 2 naming `do_train`.
+#[test]
+fn do_train_false_scores_the_model_and_trains_nothing() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let run = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .current_dir(&root)
+        .arg("examples/quickstart.yaml")
+        .arg(format!("output_dir={}", model.display()))
+        .args(["max_steps=1", "eval_dataset=", "save_steps=0"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let out = dir.path().join("eval-only");
+    let run = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .current_dir(&root)
+        .arg("examples/quickstart.yaml")
+        .arg(format!("model_name_or_path={}", model.display()))
+        .arg(format!("output_dir={}", out.display()))
+        .args([
+            "do_train=false",
+            "train_from_scratch=false",
+            "max_samples=4",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert!(err.contains("nothing is trained"), "{err}");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("eval: exact match"), "{stdout}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval_results.json")).unwrap())
+            .unwrap();
+    assert_eq!(results["total"], 4);
+    assert!(!out.join("config.json").exists(), "a model was saved");
+    assert!(
+        !out.join("trainer_log.jsonl").exists(),
+        "something was trained"
+    );
+
+    let run = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .current_dir(&root)
+        .args([
+            "examples/quickstart.yaml",
+            "do_train=false",
+            "eval_dataset=",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("`do_train`") && err.contains("eval_dataset"),
+        "{err}"
+    );
+}

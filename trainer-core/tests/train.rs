@@ -469,3 +469,24 @@ fn save_only_model_checkpoints_resume_as_weights() {
     assert_eq!(resumed.losses.len(), 2);
     assert_eq!(resumed.losses[0], first.losses[2]);
 }
+
+/// `predict_with_generate: false` skips the exact-match scoring of `eval_dataset`; under
+/// `eval_strategy: steps` without `eval_steps` its loss is computed every `logging_steps`, as
+/// the HF Trainer falls back; `save_steps` defaults to HF's 500.
+#[test]
+fn predict_with_generate_false_and_the_eval_steps_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let mut s = setup(
+        dir.path(),
+        "predict_with_generate: false\neval_strategy: steps\n",
+    );
+    assert_eq!(train::setup::save_steps(&s.cfg), 500);
+    let summary =
+        train::train::<CpuAutodiff>(&mut s, &mut Parallel::single(), Default::default()).unwrap();
+    assert!(summary.eval.is_none());
+    assert!(!dir.path().join("out/eval_results.json").exists());
+    // logging_steps 2 (the fixture's), 6 steps: evaluations after steps 2, 4 and 6.
+    let steps: Vec<u64> = summary.eval_losses.iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, vec![2, 4, 6]);
+}

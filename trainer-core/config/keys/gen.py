@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Writes trainer-core/config/src/keys_table.rs from the key lists in this folder.
 
-- modeled.tsv: `key<TAB>Kind` for every field of TrainConfig (they take effect);
+- modeled.tsv: `key<TAB>Kind[<TAB>what the docs' table says]` for every field of TrainConfig
+  (read by the trainer; the third column, when there is one, replaces "takes effect" in the
+  docs' table: a default that differs from HF's, a key read only to be refused or reported);
 - catalogue.tsv: `key<TAB>class<TAB>python type<TAB>default<TAB>meaning`, every field of
   LLaMA-Factory's argument classes and transformers' Seq2SeqTrainingArguments (read from their
   sources; commits in docs/config-reference.md);
@@ -65,7 +67,8 @@ def kind_of(pytype):
     return kinds.pop() if len(kinds) == 1 else "Any"
 
 
-modeled = {k: kind for k, kind in rows("modeled.tsv")}
+modeled = {r[0]: r[1] for r in rows("modeled.tsv")}
+modeled_doc = {r[0]: r[2] for r in rows("modeled.tsv") if len(r) > 2}
 one_of = {r[0]: r[1].split(",") for r in rows("one_of.tsv")}
 default_only = {r[0]: r[1] for r in rows("default_only.tsv")}
 entries = {}
@@ -112,7 +115,7 @@ for key in sorted(entries):
     r = meta.get(key, [key, "Ringmaster", kind, "", ""])
     cls = r[1].split("<")[0]
     if effect == "Modeled":
-        what = "takes effect"
+        what = modeled_doc.get(key, "takes effect")
     elif effect == "NoEffect":
         what = "accepted, no effect"
     elif effect.startswith("DefaultOnly"):

@@ -204,7 +204,7 @@ pub const CATALOGUE: &[KeyInfo] = &[
     KeyInfo { key: "loraplus_lr_embedding", kind: Kind::Float, effect: Effect::NoEffect },
     KeyInfo { key: "loraplus_lr_ratio", kind: Kind::Float, effect: Effect::DefaultOnly("null") },
     KeyInfo { key: "low_cpu_mem_usage", kind: Kind::Bool, effect: Effect::NoEffect },
-    KeyInfo { key: "lr_scheduler_kwargs", kind: Kind::Any, effect: Effect::DefaultOnly("null") },
+    KeyInfo { key: "lr_scheduler_kwargs", kind: Kind::Any, effect: Effect::Modeled },
     KeyInfo { key: "lr_scheduler_type", kind: Kind::Str, effect: Effect::Modeled },
     KeyInfo { key: "mask_history", kind: Kind::Bool, effect: Effect::Modeled },
     KeyInfo { key: "masked_softmax_fusion", kind: Kind::Bool, effect: Effect::NoEffect },

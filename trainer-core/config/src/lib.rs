@@ -68,6 +68,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "lora_dropout",
     "lora_rank",
     "lora_target",
+    "lr_scheduler_kwargs",
     "lr_scheduler_type",
     "mask_history",
     "max_grad_norm",
@@ -112,7 +113,11 @@ pub const KNOWN_KEYS: &[&str] = &[
 pub struct TrainConfig {
     pub model_name_or_path: Option<String>,
     pub stage: Option<String>,
+    /// Absent or true: train. `false` (LLaMA-Factory's evaluation-only runs): nothing is
+    /// trained; the trainer scores `model_name_or_path` on `eval_dataset` by exact match of
+    /// greedy answers, which needs `eval_dataset`.
     pub do_train: Option<bool>,
+    /// Compute the held-out loss once after the last step (an `eval_strategy` implies it).
     pub do_eval: Option<bool>,
     pub dataset: Option<StringOrList>,
     pub dataset_dir: Option<String>,
@@ -123,10 +128,18 @@ pub struct TrainConfig {
     pub lora_dropout: Option<f64>,
     pub lora_target: Option<StringOrList>,
     pub output_dir: Option<String>,
+    /// Accepted; no effect: a first generation starts at step 0 whatever `output_dir` holds
+    /// (LLaMA-Factory without it resumes from `output_dir`'s last checkpoint; here
+    /// `resume_from_checkpoint: true` does that).
     pub overwrite_output_dir: Option<bool>,
     pub per_device_train_batch_size: Option<u32>,
     pub gradient_accumulation_steps: Option<u32>,
+    /// One of [`LR_SCHEDULERS`] (default `linear`).
     pub lr_scheduler_type: Option<String>,
+    /// The schedule's own arguments, as transformers' `get_scheduler` takes them: a mapping (or
+    /// its JSON text) of numbers, e.g. `{min_lr_rate: 0.1}` for `cosine_with_min_lr`
+    /// ([`TrainConfig::scheduler_kwargs`], [`check_scheduler_kwargs`]).
+    pub lr_scheduler_kwargs: Option<serde_json::Value>,
     pub warmup_ratio: Option<f64>,
     pub warmup_steps: Option<u64>,
     pub learning_rate: Option<f64>,
@@ -172,7 +185,9 @@ pub struct TrainConfig {
     /// `eval_dataset`) is computed (every `eval_steps`, or at each epoch's end; and once after
     /// the last step).
     pub eval_strategy: Option<String>,
-    /// Evaluate by greedy generation and exact match against the reference answers.
+    /// Absent or true: `eval_dataset` is also scored at the end by greedy generation and exact
+    /// match against the reference answers; `false` skips that (the held-out loss, with an
+    /// eval strategy or `do_eval`, is still computed).
     pub predict_with_generate: Option<bool>,
     /// Longest generated answer in evaluation and `trainer generate`.
     pub max_new_tokens: Option<u32>,
@@ -535,14 +550,46 @@ impl TrainConfig {
             ));
         }
         if let Some(s) = &self.lr_scheduler_type
-            && !["linear", "cosine", "constant", "constant_with_warmup"].contains(&s.as_str())
+            && !LR_SCHEDULERS.iter().any(|(name, _)| name == s)
         {
+            let names: Vec<&str> = LR_SCHEDULERS.iter().map(|(n, _)| *n).collect();
             return Err(field(
                 "lr_scheduler_type",
-                format!(
-                    "expected one of linear, cosine, constant, constant_with_warmup, got '{s}'"
-                ),
+                format!("expected one of {}, got '{s}'", names.join(", ")),
             ));
+        }
+        let kwargs = self.scheduler_kwargs()?;
+        // With the type given here its kwargs are checked now; a type that comes from a
+        // DeepSpeed `scheduler` block is checked by the trainer once the plan is read.
+        if let Some(kind) = &self.lr_scheduler_type {
+            check_scheduler_kwargs(kind, &kwargs).map_err(|m| field("lr_scheduler_kwargs", m))?;
+        }
+        if self.do_train == Some(false) {
+            let why = if self
+                .eval_dataset
+                .as_ref()
+                .is_none_or(|d| d.items().is_empty())
+            {
+                Some("it needs eval_dataset")
+            } else if self.predict_with_generate == Some(false) {
+                Some("predict_with_generate: false leaves nothing to do")
+            } else if self.train_from_scratch == Some(true) {
+                Some("train_from_scratch: true would score random weights")
+            } else if self.val_size.is_some_and(|v| v > 1e-6) {
+                Some("val_size holds rows out of a training set that is not read")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(field(
+                    "do_train",
+                    format!(
+                        "false means no training: the trainer then only scores \
+                         model_name_or_path on eval_dataset by exact match of greedy answers, \
+                         and {why}; remove do_train (or set it to true) to train"
+                    ),
+                ));
+            }
         }
         if self.bf16 == Some(true) && self.fp16 == Some(true) {
             return Err(field("bf16", "bf16 and fp16 cannot both be true".into()));
@@ -647,6 +694,54 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// `lr_scheduler_kwargs` as (name, number) pairs: a mapping, or its JSON text (as
+    /// transformers' argument parser takes it on a command line); absent or null: none.
+    ///
+    /// # Errors
+    /// Anything but a mapping of numbers, naming the field.
+    pub fn scheduler_kwargs(&self) -> Result<Vec<(String, f64)>, ConfigError> {
+        let bad = |m: String| ConfigError::Field {
+            field: "lr_scheduler_kwargs".into(),
+            message: m,
+        };
+        let parsed;
+        let map = match &self.lr_scheduler_kwargs {
+            None | Some(serde_json::Value::Null) => return Ok(Vec::new()),
+            Some(serde_json::Value::Object(m)) => m,
+            Some(serde_json::Value::String(text)) if text.trim().is_empty() => {
+                return Ok(Vec::new());
+            }
+            Some(serde_json::Value::String(text)) => {
+                parsed = serde_json::from_str::<serde_json::Value>(text)
+                    .map_err(|e| bad(format!("not a JSON object: {e}")))?;
+                match &parsed {
+                    serde_json::Value::Object(m) => m,
+                    other => {
+                        return Err(bad(format!(
+                            "expected a mapping, got {}",
+                            reader::show(other)
+                        )));
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                    "expected a mapping such as {{min_lr_rate: 0.1}}, got {}",
+                    reader::show(other)
+                )));
+            }
+        };
+        map.iter()
+            .map(|(k, v)| match v.as_f64() {
+                Some(x) if x.is_finite() => Ok((k.clone(), x)),
+                _ => Err(bad(format!(
+                    "`{k}`: expected a number, got {}",
+                    reader::show(v)
+                ))),
+            })
+            .collect()
+    }
+
     /// The `device` key, `auto` when absent.
     pub fn device_request(&self) -> DeviceRequest {
         self.device.unwrap_or_default()
@@ -662,6 +757,63 @@ impl TrainConfig {
             .chain(self.accelerate_config.iter())
             .cloned()
             .collect()
+    }
+}
+
+/// The `lr_scheduler_type` values Ringmaster runs (transformers' names and formulas), each with
+/// the `lr_scheduler_kwargs` keys transformers' `get_scheduler` passes to it; `None`: it passes
+/// none (`constant`, `constant_with_warmup`, `inverse_sqrt`), so any are ignored. Its other
+/// types (`reduce_lr_on_plateau`, `cosine_warmup_with_min_lr`, `warmup_stable_decay`) are
+/// refused.
+pub const LR_SCHEDULERS: &[(&str, Option<&[&str]>)] = &[
+    ("linear", Some(&[])),
+    ("cosine", Some(&["num_cycles"])),
+    ("cosine_with_restarts", Some(&["num_cycles"])),
+    ("polynomial", Some(&["lr_end", "power"])),
+    ("constant", None),
+    ("constant_with_warmup", None),
+    ("inverse_sqrt", None),
+    (
+        "cosine_with_min_lr",
+        Some(&["num_cycles", "min_lr", "min_lr_rate"]),
+    ),
+];
+
+/// Checks `lr_scheduler_kwargs` against the schedule `kind` as transformers' `get_scheduler`
+/// would: a key the schedule function does not take is an error (transformers raises a
+/// `TypeError`); for the schedules it passes no kwargs to, `Ok(Some(warning))` says they are
+/// ignored.
+///
+/// # Errors
+/// The message names the key and the ones `kind` takes.
+pub fn check_scheduler_kwargs(
+    kind: &str,
+    kwargs: &[(String, f64)],
+) -> Result<Option<String>, String> {
+    let Some((_, takes)) = LR_SCHEDULERS.iter().find(|(n, _)| *n == kind) else {
+        return Err(format!("unknown lr_scheduler_type '{kind}'"));
+    };
+    if kwargs.is_empty() {
+        return Ok(None);
+    }
+    let names: Vec<&str> = kwargs.iter().map(|(k, _)| k.as_str()).collect();
+    match takes {
+        None => Ok(Some(format!(
+            "lr_scheduler_kwargs: {} ignored: transformers passes no kwargs to the {kind} \
+             schedule",
+            names.join(", ")
+        ))),
+        Some(takes) => match names.iter().find(|n| !takes.contains(n)) {
+            None => Ok(None),
+            Some(bad) => Err(format!(
+                "`{bad}` is not an argument of the {kind} schedule ({})",
+                if takes.is_empty() {
+                    "it takes none".to_string()
+                } else {
+                    format!("it takes {}", takes.join(", "))
+                }
+            )),
+        },
     }
 }
 
@@ -733,6 +885,12 @@ mod tests {
             ("stage: dpo", "stage"),
             ("finetuning_type: qlora", "finetuning_type"),
             ("lr_scheduler_type: step", "lr_scheduler_type"),
+            (
+                "lr_scheduler_type: reduce_lr_on_plateau",
+                "lr_scheduler_type",
+            ),
+            ("lr_scheduler_kwargs: 3", "lr_scheduler_kwargs"),
+            ("do_train: false", "do_train"),
             ("bf16: true\nfp16: true", "bf16"),
             ("warmup_ratio: 2", "warmup_ratio"),
             ("device: gpu", "device"),
@@ -852,5 +1010,81 @@ mod tests {
     fn a_misspelt_key_is_still_an_error_naming_it() {
         let err = TrainConfig::from_yaml("learning_rat: 1.0e-4\nflash_attn: auto\n").unwrap_err();
         assert_eq!(err, ConfigError::UnknownKeys(vec!["learning_rat".into()]));
+    }
+
+    #[test]
+    fn a_bad_scheduler_names_the_key_and_every_allowed_value() {
+        let err = TrainConfig::from_yaml("lr_scheduler_type: warmup_stable_decay\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`lr_scheduler_type`"), "{err}");
+        assert!(err.contains("'warmup_stable_decay'"), "{err}");
+        for (name, _) in LR_SCHEDULERS {
+            assert!(err.contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn scheduler_kwargs_are_read_and_checked_against_the_schedule() {
+        // A mapping, or its JSON text as a command line gives it.
+        for text in [
+            "lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr_rate: 0.1}\n",
+            "lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: '{\"min_lr_rate\": 0.1}'\n",
+        ] {
+            let cfg = TrainConfig::from_yaml(text).unwrap();
+            assert_eq!(
+                cfg.scheduler_kwargs().unwrap(),
+                vec![("min_lr_rate".to_string(), 0.1)]
+            );
+        }
+        // A key the schedule function does not take: transformers raises, so do we.
+        for (text, says) in [
+            (
+                "lr_scheduler_type: linear\nlr_scheduler_kwargs: {num_cycles: 2}",
+                "takes none",
+            ),
+            (
+                "lr_scheduler_type: polynomial\nlr_scheduler_kwargs: {min_lr: 1}",
+                "lr_end, power",
+            ),
+            ("lr_scheduler_kwargs: {power: fast}", "expected a number"),
+        ] {
+            let err = TrainConfig::from_yaml(text).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Field { field, .. } if field == "lr_scheduler_kwargs"),
+                "{text}: {err}"
+            );
+            assert!(err.to_string().contains(says), "{text}: {err}");
+        }
+        // Schedules transformers passes no kwargs to ignore them, with a warning.
+        let warn = check_scheduler_kwargs("inverse_sqrt", &[("timescale".into(), 5.0)]).unwrap();
+        assert!(warn.unwrap().contains("timescale"));
+        assert_eq!(check_scheduler_kwargs("cosine", &[]), Ok(None));
+    }
+
+    #[test]
+    fn do_train_false_evaluates_only_and_needs_something_to_evaluate() {
+        let ok = TrainConfig::from_yaml("do_train: false\neval_dataset: e\n").unwrap();
+        assert_eq!(ok.do_train, Some(false));
+        for (extra, says) in [
+            ("", "needs eval_dataset"),
+            (
+                "eval_dataset: e\npredict_with_generate: false\n",
+                "predict_with_generate",
+            ),
+            (
+                "eval_dataset: e\ntrain_from_scratch: true\n",
+                "train_from_scratch",
+            ),
+            ("eval_dataset: e\nval_size: 0.1\n", "val_size"),
+        ] {
+            let text = format!("do_train: false\n{extra}");
+            let err = TrainConfig::from_yaml(&text).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Field { field, .. } if field == "do_train"),
+                "{text}: {err}"
+            );
+            assert!(err.to_string().contains(says), "{text}: {err}");
+        }
     }
 }

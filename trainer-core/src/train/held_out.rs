@@ -11,10 +11,20 @@
 //! token counts).
 
 use anyhow::{Context, Result};
+use ringmaster_config::TrainConfig;
 use ringmaster_data::batch::{Batch, collate};
 
 use super::engine::{Engine, StepInput, TrainBackend};
 use super::setup::{Setup, evaluates_loss};
+
+/// Steps between evaluations under `eval_strategy: steps`: `eval_steps`, or — unset or 0 —
+/// the run's logging interval, as the HF Trainer falls back to `logging_steps` (so 10 when
+/// neither is set: Ringmaster's `logging_steps` default).
+pub fn eval_steps(cfg: &TrainConfig) -> u64 {
+    cfg.eval_steps
+        .filter(|&e| e > 0)
+        .unwrap_or_else(|| super::setup::logging_steps(cfg))
+}
 
 /// When the held-out loss is computed, and its points so far.
 #[derive(Debug, Clone)]
@@ -34,16 +44,7 @@ impl HeldOut {
     pub fn new(setup: &Setup, steps_per_epoch: u64, total: u64) -> HeldOut {
         let on = !setup.held_out.is_empty() && evaluates_loss(&setup.cfg);
         let strategy = setup.cfg.eval_strategy.as_deref().unwrap_or("no");
-        // HF: `eval_steps` unset (or 0) falls back to `logging_steps`.
-        let every = (on && strategy == "steps").then(|| {
-            setup
-                .cfg
-                .eval_steps
-                .filter(|&e| e > 0)
-                .or(setup.cfg.logging_steps)
-                .unwrap_or(500)
-                .max(1)
-        });
+        let every = (on && strategy == "steps").then(|| eval_steps(&setup.cfg));
         HeldOut {
             every,
             per_epoch: on && strategy == "epoch",
@@ -115,5 +116,22 @@ impl HeldOut {
         let eval_loss = if tokens > 0.0 { sum / tokens } else { f64::NAN };
         self.points.push((done, eval_loss));
         Ok(eval_loss)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eval_steps_fall_back_to_the_logging_interval() {
+        let cfg = |text: &str| TrainConfig::from_yaml(text).unwrap();
+        assert_eq!(eval_steps(&cfg("eval_steps: 7\nlogging_steps: 3\n")), 7);
+        // Unset or 0: logging_steps, as the HF Trainer does.
+        assert_eq!(eval_steps(&cfg("logging_steps: 3\n")), 3);
+        assert_eq!(eval_steps(&cfg("eval_steps: 0\nlogging_steps: 4\n")), 4);
+        // Neither: the logging default, 10.
+        assert_eq!(eval_steps(&cfg("stage: sft\n")), 10);
+        assert_eq!(eval_steps(&cfg("logging_steps: 0\n")), 1);
     }
 }

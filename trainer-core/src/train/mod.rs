@@ -80,7 +80,8 @@ pub struct Summary {
     pub skipped_steps: u64,
     /// Tokens per second over the whole run.
     pub tokens_per_s: f64,
-    /// Exact-match evaluation at the end, when `eval_dataset` is set.
+    /// Exact-match evaluation at the end, when `eval_dataset` is set (and `predict_with_generate`
+    /// is not false).
     pub eval: Option<eval::EvalResult>,
     /// (step, eval_loss) of every held-out evaluation (`val_size` or `eval_dataset`) of this run.
     pub eval_losses: Vec<(u64, f64)>,
@@ -186,9 +187,10 @@ pub fn train<B: TrainBackend>(
         base_lr: setup.learning_rate,
         warmup_steps: resolve_warmup(setup.cfg.warmup_steps, setup.cfg.warmup_ratio, total),
         total_steps: total,
+        options: setup.schedule_options,
     };
     let mut scaling = Scaling::of(&plan);
-    let save_steps = setup.cfg.save_steps.unwrap_or(0);
+    let save_steps = self::setup::save_steps(&setup.cfg);
     let is_lora = setup.lora.is_some();
     let stage = trainable_stage(&plan, is_lora);
     let (node, cross) = par.hybrid.take().unzip();

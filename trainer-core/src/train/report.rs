@@ -83,7 +83,7 @@ impl Window {
         };
         Ok(Window {
             file,
-            logging_steps: setup.cfg.logging_steps.unwrap_or(10).max(1),
+            logging_steps: super::setup::logging_steps(&setup.cfg),
             steps_per_epoch: spe.max(1),
             total,
             fp16: matches!(
@@ -164,7 +164,8 @@ impl Window {
 
 /// The end of a run: every rank writes `memory-rank{rank}.json`; the full weights are gathered;
 /// rank 0 saves the model, the loss plots (`plot_loss`: training loss, and the held-out loss
-/// when there is one) and the evaluation (`eval_dataset`).
+/// when there is one) and the exact-match evaluation (`eval_dataset`, unless
+/// `predict_with_generate: false`).
 pub fn finish<B: TrainBackend>(
     setup: &mut Setup,
     eng: &mut Engine<'_, B>,
@@ -238,7 +239,7 @@ where
                 .with_context(|| format!("writing {}", png.display()))?;
         }
     }
-    if setup.eval.is_empty() {
+    if setup.eval.is_empty() || !super::setup::scores_by_generation(&setup.cfg) {
         return Ok(None);
     }
     let r = eval::evaluate::<B::InnerBackend>(setup, eng.device())?;

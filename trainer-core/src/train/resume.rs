@@ -103,7 +103,27 @@ pub fn resume<B: TrainBackend>(
         let names: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
         return Err(anyhow!("no usable checkpoint among {}", names.join(", ")));
     }
+    // A first generation starts at step 0 whatever output_dir holds (overwrite_output_dir has
+    // no effect); LLaMA-Factory, without overwrite_output_dir, would resume: say so.
+    if rank == 0
+        && let Some((step, dir)) = checkpoint::committed(&setup.output_dir).into_iter().next()
+    {
+        eprintln!("trainer: warning: {}", fresh_start_warning(step, &dir));
+    }
     Ok(out)
+}
+
+/// The start-up warning of a run that starts at step 0 beside committed checkpoints of an
+/// earlier run (`newest`, of `step`).
+fn fresh_start_warning(step: u64, newest: &Path) -> String {
+    format!(
+        "starting at step 0, although output_dir holds committed checkpoints (newest: {}, step \
+         {step}); LLaMA-Factory would resume from it unless overwrite_output_dir: true. Set \
+         resume_from_checkpoint: true to resume, or use an empty output_dir: a restarted \
+         generation of this run resumes from the newest committed checkpoint there, which may \
+         be one of these",
+        newest.display()
+    )
 }
 
 /// Refuses a coordinator-given resume point outside `output_dir`: the next generation would
@@ -178,5 +198,23 @@ fn resume_candidates(setup: &Setup) -> Result<(Vec<PathBuf>, bool)> {
             Ok((found, false))
         }
         Some(p) => Ok((vec![p.into()], true)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_start_beside_old_checkpoints_says_how_to_resume() {
+        let w = fresh_start_warning(40, Path::new("/o/checkpoint-40"));
+        for says in [
+            "step 0",
+            "/o/checkpoint-40",
+            "overwrite_output_dir",
+            "resume_from_checkpoint: true",
+        ] {
+            assert!(w.contains(says), "{w}");
+        }
     }
 }

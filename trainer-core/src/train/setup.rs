@@ -16,7 +16,7 @@ use ringmaster_data::template::Template;
 use ringmaster_data::tokenizer::Tokenizer;
 use ringmaster_model::hf::{self, CONFIG_FILE};
 use ringmaster_model::{LlamaConfig, LoraConfig, ParamStore};
-use ringmaster_optim::schedule::SchedulerKind;
+use ringmaster_optim::schedule::{ScheduleOptions, SchedulerKind};
 
 use super::data_cache;
 
@@ -26,6 +26,33 @@ pub const DEFAULT_CUTOFF_LEN: usize = 2048;
 pub const DEFAULT_LR: f64 = 5e-5;
 /// Default `max_new_tokens` for evaluation and generation.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 32;
+/// Default `logging_steps` (LLaMA-Factory's recipes use 10; HF's 500 would log too rarely for
+/// short runs).
+pub const DEFAULT_LOGGING_STEPS: u64 = 10;
+/// Default `save_steps`: HF's 500 (its `save_strategy: steps`, the only one accepted). 0 turns
+/// periodic checkpoints off.
+pub const DEFAULT_SAVE_STEPS: u64 = 500;
+
+/// Steps between log lines: `logging_steps`, else [`DEFAULT_LOGGING_STEPS`] (at least 1).
+pub fn logging_steps(cfg: &TrainConfig) -> u64 {
+    cfg.logging_steps.unwrap_or(DEFAULT_LOGGING_STEPS).max(1)
+}
+
+/// Steps between checkpoints: `save_steps`, else [`DEFAULT_SAVE_STEPS`]; 0: none.
+pub fn save_steps(cfg: &TrainConfig) -> u64 {
+    cfg.save_steps.unwrap_or(DEFAULT_SAVE_STEPS)
+}
+
+/// True unless the config says `do_train: false` (then the trainer only scores `eval_dataset`).
+pub fn trains(cfg: &TrainConfig) -> bool {
+    cfg.do_train != Some(false)
+}
+
+/// True when `eval_dataset` is scored by exact match at the end: unless `predict_with_generate:
+/// false`.
+pub fn scores_by_generation(cfg: &TrainConfig) -> bool {
+    cfg.predict_with_generate != Some(false)
+}
 
 /// A held-out example for generation-based evaluation.
 #[derive(Debug, Clone)]
@@ -68,6 +95,8 @@ pub struct Setup {
     pub model_dir: PathBuf,
     /// Learning-rate schedule kind.
     pub scheduler: SchedulerKind,
+    /// Its `lr_scheduler_kwargs`.
+    pub schedule_options: ScheduleOptions,
     /// Peak learning rate.
     pub learning_rate: f64,
     /// AdamW weight decay.
@@ -157,8 +186,13 @@ pub fn resolve(
         .iter()
         .map(ringmaster_config::Warning::no_effect)
         .collect();
-    if cfg.trust_remote_code.is_some() {
-        inert.push(ringmaster_config::Warning::no_effect("trust_remote_code"));
+    for (key, set) in [
+        ("trust_remote_code", cfg.trust_remote_code.is_some()),
+        ("overwrite_output_dir", cfg.overwrite_output_dir.is_some()),
+    ] {
+        if set {
+            inert.push(ringmaster_config::Warning::no_effect(key));
+        }
     }
     if items(&cfg.report_to)
         .iter()
@@ -252,11 +286,16 @@ pub fn resolve(
     pcfg.train_on_prompt = cfg.train_on_prompt.unwrap_or(false);
     pcfg.mask_history = cfg.mask_history.unwrap_or(false);
     let dataset_dir = PathBuf::from(cfg.dataset_dir.clone().unwrap_or_else(|| "data".into()));
-    let specs: Vec<DatasetSpec> = items(&cfg.dataset)
-        .iter()
-        .map(|d| resolve_dataset(d, &dataset_dir, stage))
-        .collect::<Result<_>>()?;
-    if specs.is_empty() {
+    // `do_train: false` reads no training set (LLaMA-Factory's evaluation-only runs need none).
+    let specs: Vec<DatasetSpec> = if trains(&cfg) {
+        items(&cfg.dataset)
+            .iter()
+            .map(|d| resolve_dataset(d, &dataset_dir, stage))
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    if specs.is_empty() && trains(&cfg) {
         bail!("training config field `dataset` is required");
     }
     // LLaMA-Factory's order: each dataset's num_samples then max_samples, then the merge.
@@ -291,12 +330,16 @@ pub fn resolve(
             &pcfg,
         )
     });
-    let processed = data_cache::read_or_build(
-        cache.as_deref(),
-        cfg.overwrite_cache.unwrap_or(false),
-        || load_and_preprocess(&specs, &selection, &template, &tokenizer, &pcfg, workers),
-    )?;
-    let samples = processed.samples;
+    let samples = if specs.is_empty() {
+        Vec::new()
+    } else {
+        data_cache::read_or_build(
+            cache.as_deref(),
+            cfg.overwrite_cache.unwrap_or(false),
+            || load_and_preprocess(&specs, &selection, &template, &tokenizer, &pcfg, workers),
+        )?
+        .samples
+    };
     // Evaluation sets are selected and merged as the training sets are (LLaMA-Factory loads
     // both through `_get_merged_dataset`).
     let mut eval_sets = Vec::new();
@@ -346,6 +389,17 @@ pub fn resolve(
         .lr
         .or(cfg.learning_rate)
         .unwrap_or(DEFAULT_LR);
+    // The schedule's kwargs, checked against the schedule the plan resolved (a DeepSpeed
+    // `scheduler` block may name it) and, for the numbers, against the learning rate.
+    let kwargs_error = |e: String| anyhow!("training config field `lr_scheduler_kwargs`: {e}");
+    let kwargs = cfg.scheduler_kwargs().map_err(|e| anyhow!("{e}"))?;
+    if let Some(w) = ringmaster_config::check_scheduler_kwargs(scheduler.name(), &kwargs)
+        .map_err(kwargs_error)?
+    {
+        warnings.push(w);
+    }
+    let schedule_options =
+        ScheduleOptions::from_kwargs(scheduler, &kwargs, learning_rate).map_err(kwargs_error)?;
     let weight_decay = plan
         .optimizer
         .weight_decay
@@ -364,7 +418,7 @@ pub fn resolve(
     let (samples, mut held_out) = split_held_out(samples, cfg.val_size, seed)?;
     // eval_dataset's loss (LLaMA-Factory preprocesses the evaluation set as the training set and
     // the HF Trainer computes its loss); val_size and eval_dataset never come together.
-    if !eval_rows.is_empty() && evaluates_loss(&cfg) {
+    if !eval_rows.is_empty() && evaluates_loss(&cfg) && trains(&cfg) {
         if stage == Stage::Sft {
             let records: Vec<Record> = eval_rows.iter().map(|(_, r)| r.clone()).collect();
             held_out = preprocess_parallel(&records, &template, &tokenizer, &pcfg, workers)
@@ -377,6 +431,14 @@ pub fn resolve(
                     .into(),
             );
         }
+    }
+    if !eval_rows.is_empty() && !scores_by_generation(&cfg) && held_out.is_empty() && trains(&cfg) {
+        warnings.push(
+            "eval_dataset is not used: predict_with_generate: false skips its exact-match \
+             scoring, and without eval_strategy (steps or epoch) or do_eval: true its loss is \
+             not computed"
+                .into(),
+        );
     }
     if !held_out.is_empty() && !evaluates_loss(&cfg) {
         warnings.push(format!(
@@ -400,6 +462,7 @@ pub fn resolve(
         output_dir,
         model_dir,
         scheduler,
+        schedule_options,
         learning_rate,
         weight_decay,
         betas,
