@@ -46,6 +46,34 @@ pub enum Program {
     },
     /// Any command (`--no-python`, or after `--`).
     Exec(Vec<String>),
+    /// The trainer with a training config given as flags, LLaMA-Factory's other form
+    /// (`llamafactory-cli train --stage sft --model_name_or_path DIR ...`): the trainer reads
+    /// the same `--key [value]` flags.
+    TrainerFlags(Vec<String>),
+}
+
+impl Program {
+    /// Whether the workers are the trainer (a recipe, or a training config as flags).
+    pub fn is_trainer(&self) -> bool {
+        matches!(self, Program::Recipe { .. } | Program::TrainerFlags(_))
+    }
+}
+
+/// Which launcher's worker environment a plan reproduces, beyond the contract every worker
+/// gets (the variables each tool adds or leaves out, spec §1.6, §2.4, §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerEnv {
+    /// torchrun's elastic agent (torchrun, `python -m torch.distributed.launch`, and the
+    /// torchrun that `accelerate launch` and LLaMA-Factory start): `OMP_NUM_THREADS=1` when the
+    /// node runs more than one worker and the launcher's environment lacks it, and
+    /// `TORCH_NCCL_ASYNC_ERROR_HANDLING=1` unless set.
+    Torchrun,
+    /// DeepSpeed's `launch.py`: neither of those.
+    DeepSpeed,
+    /// One process and no distributed launcher (accelerate's simple launcher, LLaMA-Factory
+    /// training in-process): none of torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE,
+    /// MASTER_ADDR, TORCHELASTIC_*, ...), so the program runs as a plain single process.
+    Single,
 }
 
 /// MASTER_PORT: a number, or a free port node 0 picks (single-node runs only).
@@ -99,8 +127,12 @@ pub struct LaunchPlan {
     pub local_addr: Option<String>,
     pub logs: LogPolicy,
     pub program: Program,
-    /// DeepSpeed's `--local_rank=N` argument, inserted before the program's own arguments.
-    pub local_rank_arg: bool,
+    /// The local rank as an argument, `FLAG=N` inserted before the program's own arguments:
+    /// `--local_rank` (DeepSpeed) or `--local-rank` (`python -m torch.distributed.launch`
+    /// without `--use-env`); `None`: only `LOCAL_RANK` in the environment.
+    pub local_rank_arg: Option<&'static str>,
+    /// Whose worker environment this is (what is added besides the contract).
+    pub worker_env: WorkerEnv,
     /// Variables the dialect adds for every worker (ACCELERATE_*, FSDP_*, ...).
     pub extra_env: Vec<(String, String)>,
     /// Things the user should know about how their command line was read (printed once).
@@ -139,7 +171,8 @@ impl LaunchPlan {
             local_addr: None,
             logs: LogPolicy::default(),
             program,
-            local_rank_arg: false,
+            local_rank_arg: None,
+            worker_env: WorkerEnv::Torchrun,
             extra_env: Vec::new(),
             notices: Vec::new(),
             node_slots: None,

@@ -25,8 +25,10 @@
 //!    Before generation `g + 1` starts, every node says it has stopped generation `g`'s workers
 //!    (`gen/<g+1>/ready/<node>`) and waits for the others.
 //! 6. **Exit.** The exit code is the job's on every node: 0 when it succeeded, 1 when it failed
-//!    (after the last restart), with one line naming the rank that failed first. Node 0 keeps
-//!    the store until every node has read the end (or [`EXIT_WAIT`]).
+//!    (after the last restart), with one line naming the rank that failed first; in DeepSpeed's
+//!    dialect that rank's own exit code, as DeepSpeed's launcher exits with it
+//!    ([`Outcome::exit_code`]). Node 0 keeps the store until every node has read the end (or
+//!    [`EXIT_WAIT`]).
 
 use std::io::{BufReader, Read, Write};
 use std::path::PathBuf;
@@ -38,7 +40,7 @@ use ringmaster_collectives::{TcpStoreClient, TcpStoreOptions, TcpStoreServer};
 use serde::{Deserialize, Serialize};
 
 use crate::env::{Contract, contract_env, omp_default};
-use crate::plan::{LaunchError, LaunchPlan, Port, Program};
+use crate::plan::{Dialect, LaunchError, LaunchPlan, Port, Program, WorkerEnv};
 
 /// Most workers a node may run (a node's entry in the store is checked against it).
 pub const MAX_WORKERS_PER_NODE: usize = 4096;
@@ -67,6 +69,44 @@ pub struct Outcome {
     pub failure: Option<String>,
     /// Restarts taken.
     pub restarts: u64,
+    /// How the rank that failed first (the job's cause, the same on every node) ended, as
+    /// Python's `returncode`: its exit code, or `-N` when signal N killed it. `None` when the
+    /// job did not end by a rank's failure (a signal to a launcher, a worker that could not
+    /// start).
+    pub rank_returncode: Option<i32>,
+}
+
+impl Outcome {
+    /// The launcher's exit code in `dialect`: 0 on success; on failure DeepSpeed's launcher
+    /// exits with the failing rank's code (`launch.py`'s `sys.exit(returncode)`, so signal N
+    /// gives 256 - N), torchrun and accelerate with 1, as does a job stopped by a signal.
+    pub fn exit_code(&self, dialect: Dialect) -> i32 {
+        if self.code == 0 {
+            return 0;
+        }
+        match (dialect, self.rank_returncode) {
+            (Dialect::DeepSpeed, Some(rc)) if rc & 0xff != 0 => rc & 0xff,
+            _ => self.code,
+        }
+    }
+}
+
+/// The value of `gen/<g>/failed`: the failing rank's returncode (empty when there is none), a
+/// newline, and the line that names it.
+fn cause_value(returncode: Option<i32>, why: &str) -> Vec<u8> {
+    let rc = returncode.map_or_else(String::new, |c| c.to_string());
+    format!("{rc}\n{why}").into_bytes()
+}
+
+/// The returncode and the line from a `gen/<g>/failed` value.
+fn parse_cause(value: &[u8]) -> (Option<i32>, String) {
+    let text = String::from_utf8_lossy(value);
+    match text.split_once('\n') {
+        Some((rc, why)) if rc.is_empty() || rc.parse::<i32>().is_ok() => {
+            (rc.parse().ok(), why.to_owned())
+        }
+        _ => (None, text.into_owned()),
+    }
 }
 
 /// What a node says about itself when it joins.
@@ -294,6 +334,7 @@ fn describe(p: &Program) -> String {
         Program::Script { script, args, .. } => format!("{script} {}", args.join(" ")),
         Program::Module { module, args, .. } => format!("-m {module} {}", args.join(" ")),
         Program::Exec(argv) => argv.join(" "),
+        Program::TrainerFlags(flags) => format!("trainer {}", flags.join(" ")),
     }
 }
 
@@ -484,7 +525,8 @@ fn wait_key(
 /// How one generation ended.
 enum GenEnd {
     Succeeded,
-    Failed(String),
+    /// The line naming the rank that failed first, and its returncode.
+    Failed(String, Option<i32>),
     /// The launcher was told to stop (SIGINT/SIGTERM): no restart.
     Stopped(String),
 }
@@ -505,13 +547,15 @@ fn generations(
                 code: 1,
                 failure: Some(why),
                 restarts: g - 1,
+                rank_returncode: None,
             });
         }
         let mut workers = match spawn(plan, rt, layout, port, g) {
             Ok(w) => w,
             Err(e) => {
                 // The other nodes' workers must not wait for ranks that never started.
-                let _ = client.compare_set(&format!("gen/{g}/failed"), b"", e.0.as_bytes());
+                let _ =
+                    client.compare_set(&format!("gen/{g}/failed"), b"", &cause_value(None, &e.0));
                 return Err(e);
             }
         };
@@ -521,9 +565,10 @@ fn generations(
                     code: 0,
                     failure: None,
                     restarts: g,
+                    rank_returncode: None,
                 });
             }
-            Ok(GenEnd::Failed(why)) if g < u64::from(plan.max_restarts) => {
+            Ok(GenEnd::Failed(why, _)) if g < u64::from(plan.max_restarts) => {
                 eprintln!(
                     "ringctl launch: node {}: {why}; restarting every node's workers (restart {} \
                      of {})",
@@ -533,11 +578,20 @@ fn generations(
                 );
                 g += 1;
             }
-            Ok(GenEnd::Failed(why)) | Ok(GenEnd::Stopped(why)) => {
+            Ok(GenEnd::Failed(why, rc)) => {
                 return Ok(Outcome {
                     code: 1,
                     failure: Some(why),
                     restarts: g,
+                    rank_returncode: rc,
+                });
+            }
+            Ok(GenEnd::Stopped(why)) => {
+                return Ok(Outcome {
+                    code: 1,
+                    failure: Some(why),
+                    restarts: g,
+                    rank_returncode: None,
                 });
             }
             Err(e) => {
@@ -678,10 +732,13 @@ pub struct Placement {
 /// What the launcher adds to its own environment for this node's worker `local_rank` in
 /// `generation`: the contract of [`crate::env`], the store flags that make trainers and torch
 /// processes clients of the launchers' store, the dialect's own variables (ACCELERATE_*, ...),
-/// which win, and two defaults where neither the launcher's environment (`inherited` says
-/// whether it has a variable) nor the dialect sets them: OMP_NUM_THREADS=1, and on several
-/// nodes GLOO_SOCKET_IFNAME = the interface of this node's address. Without that, gloo (torch's
-/// CPU backend) binds the address the host name resolves to, which is loopback on many machines
+/// which win, and defaults where neither the launcher's environment (`inherited` says whether
+/// it has a variable) nor the dialect sets them. The defaults are the launcher's the plan
+/// reproduces ([`WorkerEnv`]): under torchrun's rules OMP_NUM_THREADS=1 when the node runs
+/// several workers, and TORCH_NCCL_ASYNC_ERROR_HANDLING=1; under DeepSpeed's neither; a single
+/// plain process gets none of torchrun's variables at all. On several nodes,
+/// GLOO_SOCKET_IFNAME = the interface of this node's address: without it, gloo (torch's CPU
+/// backend) binds the address the host name resolves to, which is loopback on many machines
 /// (Debian's /etc/hosts maps it to 127.0.1.1): the ranks of other nodes cannot connect, the
 /// most common multi-node failure of torch's own launchers.
 pub fn worker_env(
@@ -722,10 +779,32 @@ pub fn worker_env(
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned())),
     );
-    env.extend(omp_default(
-        inherited("OMP_NUM_THREADS"),
-        sets("OMP_NUM_THREADS"),
-    ));
+    match plan.worker_env {
+        WorkerEnv::Torchrun => {
+            // torchrun (run.py): OMP_NUM_THREADS=1 if unset and nproc-per-node > 1; its agent
+            // (local_elastic_agent.py): TORCH_NCCL_ASYNC_ERROR_HANDLING, default 1.
+            if plan.nproc > 1 {
+                env.extend(omp_default(
+                    inherited("OMP_NUM_THREADS"),
+                    sets("OMP_NUM_THREADS"),
+                ));
+            }
+            if !sets("TORCH_NCCL_ASYNC_ERROR_HANDLING") {
+                env.push(("TORCH_NCCL_ASYNC_ERROR_HANDLING".to_owned(), "1".to_owned()));
+            }
+        }
+        WorkerEnv::DeepSpeed => {}
+        WorkerEnv::Single => {
+            // No distributed launcher: only Ringmaster's own names (the job, the generation,
+            // the node) and the devices stay; not the store flags either.
+            env.retain(|(k, _)| {
+                k == "CUDA_VISIBLE_DEVICES"
+                    || (k.starts_with("RINGMASTER_")
+                        && k != "RINGMASTER_STORE_SERVED"
+                        && k != "RINGMASTER_RDZV_TIMEOUT")
+            });
+        }
+    }
     let loopback = at
         .node_addr
         .parse::<std::net::IpAddr>()
@@ -755,17 +834,22 @@ pub fn interface_of(addr: &str) -> Option<String> {
 }
 
 /// The command line of this node's worker `local_rank`: the trainer and the training config,
-/// or the program, with DeepSpeed's `--local_rank=N` where the dialect passes it.
+/// or the program, with `--local_rank=N` (DeepSpeed) or `--local-rank=N`
+/// (torch.distributed.launch) after the script where the dialect passes it.
 pub fn worker_argv(plan: &LaunchPlan, trainer: &std::path::Path, local_rank: usize) -> Vec<String> {
     let lr = plan
         .local_rank_arg
-        .then(|| format!("--local_rank={local_rank}"));
+        .map(|flag| format!("{flag}={local_rank}"));
     let mut out: Vec<String> = Vec::new();
     match &plan.program {
         Program::Recipe { file, overrides } => {
             out.push(trainer.display().to_string());
             out.push(file.clone());
             out.extend(overrides.iter().cloned());
+        }
+        Program::TrainerFlags(flags) => {
+            out.push(trainer.display().to_string());
+            out.extend(flags.iter().cloned());
         }
         Program::Script {
             python,
@@ -1095,10 +1179,10 @@ fn watch(
     // two of the slowest node's monitor intervals in which no node claimed a cause (the node of
     // the rank that died finds it within one of its own polls, whatever this node's interval);
     // any other failure is claimed at once.
-    let mut reaction: Option<(String, Instant)> = None;
+    let mut reaction: Option<(String, Option<i32>, Instant)> = None;
     loop {
         // Of the workers found failed in one poll, the root cause is claimed.
-        let mut failed: Vec<(bool, String)> = Vec::new();
+        let mut failed: Vec<(bool, String, Option<i32>)> = Vec::new();
         for w in workers.iter_mut().filter(|w| w.exit.is_none()) {
             if let Some(status) = w.child.try_wait().map_err(|e| err(e.to_string()))? {
                 w.exit = Some(status);
@@ -1110,26 +1194,30 @@ fn watch(
                         w.local_rank,
                         describe_exit(status)
                     );
-                    failed.push((matches!(status.code(), Some(3 | 4)), why));
+                    failed.push((
+                        matches!(status.code(), Some(3 | 4)),
+                        why,
+                        Some(returncode(status)),
+                    ));
                 }
             }
         }
-        let claim = match failed.into_iter().min_by_key(|(reacted, _)| *reacted) {
-            Some((false, why)) => Some(why),
-            Some((true, why)) => {
-                reaction.get_or_insert((why, Instant::now()));
+        let claim = match failed.into_iter().min_by_key(|(reacted, ..)| *reacted) {
+            Some((false, why, rc)) => Some((why, rc)),
+            Some((true, why, rc)) => {
+                reaction.get_or_insert((why, rc, Instant::now()));
                 None
             }
             None => None,
         };
         let claim = claim.or_else(|| {
             reaction
-                .take_if(|(_, at)| at.elapsed() >= layout.slowest_monitor * 2)
-                .map(|(why, _)| why)
+                .take_if(|(.., at)| at.elapsed() >= layout.slowest_monitor * 2)
+                .map(|(why, rc, _)| (why, rc))
         });
-        if let Some(why) = claim {
+        if let Some((why, rc)) = claim {
             client
-                .compare_set(&failed_key, b"", why.as_bytes())
+                .compare_set(&failed_key, b"", &cause_value(rc, &why))
                 .map_err(|e| lost(plan, &e))?;
         }
         // A stop is not a failure: no node restarts, and every node sees it (the restart
@@ -1146,12 +1234,12 @@ fn watch(
             .check(&[failed_key.as_str()])
             .map_err(|e| lost(plan, &e))?
         {
-            let why = client
+            let (rc, why) = client
                 .get(&failed_key, plan.monitor_interval)
-                .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .map(|v| parse_cause(&v))
                 .map_err(|e| lost(plan, &e))?;
             stop(workers, grace);
-            return Ok(GenEnd::Failed(why));
+            return Ok(GenEnd::Failed(why, rc));
         }
         // A failure not claimed yet is no success.
         if reaction.is_none() && workers.iter().all(|w| w.exit.is_some()) {
@@ -1185,6 +1273,16 @@ fn wait_slice(
         Ok(()) => Ok(true),
         Err(e) if e.to_string().contains("not set within") => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+/// Python's `returncode` of an exited worker: its exit code, or `-N` for signal N.
+fn returncode(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => c,
+        (None, Some(s)) => -s,
+        _ => 1,
     }
 }
 
@@ -1235,6 +1333,44 @@ fn join_pumps(workers: &mut [Worker]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_exit_code_is_deepspeeds_rank_code_or_1() {
+        let failed = |rc| Outcome {
+            code: 1,
+            failure: Some("x".into()),
+            restarts: 0,
+            rank_returncode: rc,
+        };
+        // launch.py's sys.exit(returncode): a code as it is, signal N as 256 - N.
+        assert_eq!(failed(Some(7)).exit_code(Dialect::DeepSpeed), 7);
+        assert_eq!(failed(Some(-9)).exit_code(Dialect::DeepSpeed), 247);
+        assert_eq!(failed(None).exit_code(Dialect::DeepSpeed), 1);
+        for d in [
+            Dialect::Torchrun,
+            Dialect::Accelerate,
+            Dialect::LlamaFactory,
+        ] {
+            assert_eq!(failed(Some(7)).exit_code(d), 1);
+        }
+        let ok = Outcome {
+            code: 0,
+            failure: None,
+            restarts: 0,
+            rank_returncode: None,
+        };
+        assert_eq!(ok.exit_code(Dialect::DeepSpeed), 0);
+        // The cause's value in the store carries the returncode with the line.
+        assert_eq!(
+            parse_cause(&cause_value(Some(-9), "rank 1 was killed")),
+            (Some(-9), "rank 1 was killed".to_owned())
+        );
+        assert_eq!(
+            parse_cause(&cause_value(None, "a: b\nc")),
+            (None, "a: b\nc".to_owned())
+        );
+        assert_eq!(parse_cause(b"plain"), (None, "plain".to_owned()));
+    }
 
     #[test]
     fn timestamps_are_utc_civil_time() {

@@ -206,7 +206,7 @@ fn rows() -> Vec<Row> {
                 assert_eq!(p.visible_devices, None);
                 assert_eq!(script(p), ("python3", "train.py", vec!["--lr", "1"]));
                 assert_eq!(master(p), ("127.0.0.1", Port::Fixed(29500)));
-                assert!(!p.local_rank_arg);
+                assert_eq!(p.local_rank_arg, None);
                 assert_eq!(p.role, "default");
                 assert_eq!(p.monitor_interval, Duration::from_millis(100));
             }),
@@ -630,7 +630,7 @@ fn rows() -> Vec<Row> {
             "",
             "--use-env --nproc-per-node 2 train.py",
             Plan(|p| {
-                assert!(!p.local_rank_arg);
+                assert_eq!(p.local_rank_arg, None);
                 assert!(noticed(p, "--use-env"));
             }),
         ),
@@ -786,7 +786,7 @@ fn rows() -> Vec<Row> {
                 assert_eq!(env(p, "LOCAL_SIZE"), Some("4"));
                 assert_eq!(env(p, "CROSS_RANK"), Some("0"));
                 assert_eq!(env(p, "CROSS_SIZE"), Some("1"));
-                assert!(p.local_rank_arg);
+                assert_eq!(p.local_rank_arg, Some("--local_rank"));
                 assert_eq!(
                     script(p),
                     ("python3", "train.py", vec!["--deepspeed", "ds.json"])
@@ -966,7 +966,7 @@ fn rows() -> Vec<Row> {
             "",
             "deepspeed --no_local_rank --module pkg.train --x",
             Plan(|p| {
-                assert!(!p.local_rank_arg);
+                assert_eq!(p.local_rank_arg, None);
                 assert!(
                     matches!(&p.program, Program::Module { module, args, .. } if module == "pkg.train" && *args == s(&["--x"]))
                 );
@@ -977,7 +977,7 @@ fn rows() -> Vec<Row> {
             "",
             "deepspeed --no_python ./run.sh",
             Plan(|p| {
-                assert!(p.local_rank_arg);
+                assert_eq!(p.local_rank_arg, Some("--local_rank"));
                 assert_eq!(p.program, Program::Exec(s(&["./run.sh"])));
             }),
         ),
@@ -1050,7 +1050,7 @@ fn rows() -> Vec<Row> {
             "",
             "deepspeed recipe.yaml lr=1",
             Plan(|p| {
-                assert!(!p.local_rank_arg);
+                assert_eq!(p.local_rank_arg, None);
                 assert!(
                     matches!(&p.program, Program::Recipe { file, .. } if file == "recipe.yaml")
                 );
@@ -1073,7 +1073,7 @@ fn rows() -> Vec<Row> {
                 assert_eq!(env(p, "ACCELERATE_DYNAMO_MODE"), Some("default"));
                 assert_eq!(env(p, "ACCELERATE_DYNAMO_USE_FULLGRAPH"), Some("False"));
                 assert_eq!(env(p, "OMP_NUM_THREADS"), Some("1"));
-                assert!(!p.local_rank_arg);
+                assert_eq!(p.local_rank_arg, None);
             }),
         ),
         row(
@@ -1152,7 +1152,7 @@ fn rows() -> Vec<Row> {
             "accelerate launch --use_deepspeed --zero_stage 2 --num_processes 2 train.py",
             Plan(|p| {
                 assert_eq!(p.nproc, 2);
-                assert!(!p.local_rank_arg);
+                assert_eq!(p.local_rank_arg, None);
                 assert_eq!(env(p, "ACCELERATE_USE_DEEPSPEED"), Some("true"));
                 assert_eq!(env(p, "ACCELERATE_DEEPSPEED_ZERO_STAGE"), Some("2"));
                 assert_eq!(env(p, "ACCELERATE_CONFIG_DS_FIELDS"), Some(""));
@@ -1211,7 +1211,7 @@ fn rows() -> Vec<Row> {
             Plan(|p| {
                 assert_eq!((p.nnodes, p.node_rank, p.nproc), (2, 1, 4));
                 assert_eq!(master(p), ("h0", Port::Fixed(29500)));
-                assert!(!p.local_rank_arg);
+                assert_eq!(p.local_rank_arg, None);
                 assert_eq!(env(p, "ACCELERATE_DEEPSPEED_ZERO_STAGE"), Some("3"));
                 assert_eq!(
                     env(p, "ACCELERATE_CONFIG_DS_FIELDS"),
@@ -1228,7 +1228,7 @@ fn rows() -> Vec<Row> {
                 assert_eq!(p.dialect, Dialect::Accelerate);
                 assert_eq!((p.nnodes, p.node_rank, world(p), base(p)), (2, 1, 8, 4));
                 assert_eq!(devs(p), ["0", "1", "2", "3"]);
-                assert!(p.local_rank_arg);
+                assert_eq!(p.local_rank_arg, Some("--local_rank"));
                 assert_eq!(master(p), ("n0", Port::Fixed(29600)));
                 assert_eq!(env(p, "ACCELERATE_USE_DEEPSPEED"), Some("true"));
             }),
@@ -1349,7 +1349,341 @@ fn rows() -> Vec<Row> {
                 assert_eq!(p.logs.redirects, vec![0, 0]);
             }),
         ),
+        // ---- `--` after a named launcher only ends its options (argparse); without a leading
+        // word `-- CMD` runs CMD as a command (row 29).
+        row(
+            "79",
+            "",
+            "torchrun --nproc-per-node 2 -- train.py --lr 1",
+            Plan(|p| {
+                assert_eq!(script(p), ("python3", "train.py", vec!["--lr", "1"]));
+            }),
+        ),
+        row(
+            "79b",
+            "",
+            "torchrun -m -- pkg.mod --x",
+            Plan(|p| {
+                assert!(matches!(&p.program, Program::Module { module, args, .. }
+                        if module == "pkg.mod" && args == &s(&["--x"])));
+            }),
+        ),
+        row(
+            "79c",
+            "",
+            "deepspeed --num_gpus 2 -- train.py --deepspeed ds.json",
+            Plan(|p| {
+                assert_eq!(script(p).1, "train.py");
+                assert_eq!(p.local_rank_arg, Some("--local_rank"));
+            }),
+        ),
+        row(
+            "79d",
+            "",
+            "accelerate launch --multi_gpu --num_processes 2 -- train.py --x",
+            Plan(|p| {
+                assert_eq!(script(p), ("python3", "train.py", vec!["--x"]));
+            }),
+        ),
+        row(
+            "79e",
+            "",
+            "--nproc-per-node 2 -- train.py --x",
+            Plan(|p| {
+                assert_eq!(p.program, Program::Exec(s(&["train.py", "--x"])));
+            }),
+        ),
+        // ---- python -m torch.distributed.launch: `--local-rank=N` after the script unless
+        // --use-env; python -m torch.distributed.run is torchrun.
+        row(
+            "80",
+            "",
+            "python -m torch.distributed.launch --nproc_per_node 2 train.py --lr 1",
+            Plan(|p| {
+                use ringmaster_launch::runtime::worker_argv;
+                assert_eq!((p.dialect, p.nproc), (Dialect::Torchrun, 2));
+                assert_eq!(p.local_rank_arg, Some("--local-rank"));
+                assert_eq!(
+                    worker_argv(p, Path::new("/bin/trainer"), 1),
+                    s(&["python3", "-u", "train.py", "--local-rank=1", "--lr", "1"])
+                );
+            }),
+        ),
+        row(
+            "80b",
+            "",
+            "python3 -m torch.distributed.launch --use-env --nproc_per_node 2 train.py",
+            Plan(|p| {
+                assert_eq!(p.local_rank_arg, None);
+                assert!(!noticed(p, "--use-env"));
+            }),
+        ),
+        row(
+            "80c",
+            "",
+            "python -m torch.distributed.launch --no-python ./run.sh",
+            Err("When using the '--no-python' flag, you must also set the '--use-env' flag."),
+        ),
+        row(
+            "80d",
+            "",
+            "/usr/bin/python3.12 -m torch.distributed.run --nproc-per-node 2 -- train.py",
+            Plan(|p| {
+                assert_eq!(p.local_rank_arg, None);
+                assert_eq!(script(p).1, "train.py");
+            }),
+        ),
+        // ---- accelerate on one machine without a port: a free one (accelerate turns to
+        // --standalone when 29500 is taken); several machines keep 29500.
+        row(
+            "81",
+            "",
+            "accelerate launch --multi_gpu --num_processes 2 train.py",
+            Plan(|p| {
+                assert_eq!(master(p), ("127.0.0.1", Port::Ephemeral));
+            }),
+        ),
+        row(
+            "81b",
+            "",
+            "accelerate launch --multi_gpu --num_processes 4 --num_machines 2 --machine_rank 0 --main_process_ip h0 train.py",
+            Plan(|p| {
+                assert_eq!(master(p), ("h0", Port::Fixed(29500)));
+            }),
+        ),
+        // ---- llamafactory-cli train with the training config as flags.
+        row(
+            "82",
+            "NPROC_PER_NODE=2",
+            "lmf train --stage sft --model_name_or_path m --bf16 --learning_rate 1e-4",
+            Plan(|p| {
+                use ringmaster_launch::runtime::worker_argv;
+                assert_eq!((p.dialect, p.nproc), (Dialect::LlamaFactory, 2));
+                let flags = s(&[
+                    "--stage",
+                    "sft",
+                    "--model_name_or_path",
+                    "m",
+                    "--bf16",
+                    "--learning_rate",
+                    "1e-4",
+                ]);
+                assert_eq!(p.program, Program::TrainerFlags(flags.clone()));
+                let mut argv = s(&["/bin/trainer"]);
+                argv.extend(flags);
+                assert_eq!(worker_argv(p, Path::new("/bin/trainer"), 0), argv);
+            }),
+        ),
+        row(
+            "82b",
+            "",
+            "llamafactory-cli train foo",
+            Err("or the training config as flags"),
+        ),
+        // ---- NNODES & co. read by a named tool that would ignore them: one notice each.
+        row(
+            "83",
+            "NNODES=2 NODE_RANK=1 MASTER_ADDR=h0 MASTER_PORT=29600",
+            "torchrun train.py",
+            Plan(|p| {
+                assert_eq!((p.nnodes, p.node_rank), (2, 1));
+                for v in [
+                    "NNODES=2",
+                    "NODE_RANK=1",
+                    "MASTER_ADDR=h0",
+                    "MASTER_PORT=29600",
+                ] {
+                    let name = v.split('=').next().unwrap();
+                    let line = format!(
+                        "{v} is taken from the environment: torchrun itself does not read \
+                         {name} (it reads PET_{name})"
+                    );
+                    assert!(noticed(p, &line), "{line}: {:?}", p.notices);
+                }
+            }),
+        ),
+        row(
+            "83b",
+            "NNODES=2 NODE_RANK=1 MASTER_ADDR=h0 MASTER_PORT=29600",
+            "train.py",
+            Plan(|p| {
+                // ringctl's own form documents them: no notice.
+                assert_eq!((p.nnodes, p.node_rank), (2, 1));
+                assert!(!noticed(p, "taken from the environment"), "{:?}", p.notices);
+            }),
+        ),
+        row(
+            "83c",
+            "NPROC_PER_NODE=2 MASTER_PORT=29600",
+            "deepspeed train.py",
+            Plan(|p| {
+                assert_eq!(p.nproc, 2);
+                assert!(noticed(
+                    p,
+                    "NPROC_PER_NODE=2 is taken from the environment: the DeepSpeed launcher \
+                     itself does not read NPROC_PER_NODE"
+                ));
+                assert!(noticed(
+                    p,
+                    "MASTER_PORT=29600 is taken from the environment"
+                ));
+            }),
+        ),
+        row(
+            "83d",
+            "NNODES=2 NODE_RANK=1 MASTER_ADDR=h0 MASTER_PORT=29600",
+            "accelerate launch --multi_gpu --num_processes 4 train.py",
+            Plan(|p| {
+                assert_eq!((p.nnodes, p.node_rank, p.nproc), (2, 1, 2));
+                assert!(noticed(
+                    p,
+                    "NNODES=2 is taken from the environment: accelerate launch itself does not \
+                     read NNODES"
+                ));
+            }),
+        ),
     ]
+}
+
+/// What each launcher adds to its workers' environment besides the contract: torchrun sets
+/// OMP_NUM_THREADS=1 for several workers per node when its environment lacks it, and
+/// TORCH_NCCL_ASYNC_ERROR_HANDLING=1 unless set (so do accelerate's and LLaMA-Factory's
+/// torchrun paths); DeepSpeed's launch.py neither; accelerate sets OMP_NUM_THREADS to
+/// `--num_cpu_threads_per_process` (default: the inherited value, else 1); a single plain
+/// process (accelerate's simple launcher, LLaMA-Factory in-process) gets none of torchrun's
+/// variables.
+#[test]
+fn each_launcher_adds_the_variables_it_adds() {
+    use ringmaster_launch::runtime::{Placement, worker_env};
+    const NONE: &str = "-";
+    // (environment, command, OMP_NUM_THREADS, TORCH_NCCL_ASYNC_ERROR_HANDLING, RANK) as the
+    // workers get them from the launcher ("-": not set by it).
+    let cases: &[(&str, &str, &str, &str, &str)] = &[
+        ("", "torchrun train.py", NONE, "1", "0"),
+        ("", "torchrun --nproc-per-node 2 train.py", "1", "1", "0"),
+        (
+            "OMP_NUM_THREADS=8",
+            "torchrun --nproc-per-node 2 train.py",
+            NONE,
+            "1",
+            "0",
+        ),
+        (
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING=0",
+            "--nproc-per-node 2 train.py",
+            "1",
+            NONE,
+            "0",
+        ),
+        (
+            "",
+            "python -m torch.distributed.launch --nproc_per_node 2 x.py",
+            "1",
+            "1",
+            "0",
+        ),
+        ("", "deepspeed --num_gpus 2 train.py", NONE, NONE, "0"),
+        ("", "deepspeed train.py", NONE, NONE, "0"),
+        (
+            "",
+            "accelerate launch --multi_gpu --num_processes 2 train.py",
+            "1",
+            "1",
+            "0",
+        ),
+        (
+            "OMP_NUM_THREADS=8",
+            "accelerate launch --multi_gpu --num_processes 2 train.py",
+            "8",
+            "1",
+            "0",
+        ),
+        (
+            "",
+            "accelerate launch --num_cpu_threads_per_process 4 --multi_gpu --num_processes 2 x.py",
+            "4",
+            "1",
+            "0",
+        ),
+        (
+            "",
+            "accelerate launch --num_processes 1 train.py",
+            "1",
+            NONE,
+            NONE,
+        ),
+        (
+            "",
+            "accelerate launch --cpu --num_processes 1 train.py",
+            "1",
+            NONE,
+            NONE,
+        ),
+        ("NPROC_PER_NODE=2", "recipe.yaml", "1", "1", "0"),
+        (
+            "CUDA_VISIBLE_DEVICES=0",
+            "lmf train recipe.yaml",
+            NONE,
+            NONE,
+            NONE,
+        ),
+    ];
+    for (vars, cmd, omp, nccl, rank) in cases {
+        let args: Vec<String> = cmd.split_whitespace().map(str::to_string).collect();
+        let vars: HashMap<String, String> = vars
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = |k: &str| vars.get(k).cloned();
+        let plan = parse(&args, &lookup, &probe(4)).unwrap_or_else(|e| panic!("{cmd}: {}", e.0));
+        let at = Placement {
+            world: world(&plan),
+            base: 0,
+            port: 29500,
+            node_addr: "127.0.0.1".into(),
+            hostname: "n0".into(),
+            interface: None,
+        };
+        let env = worker_env(&plan, &at, 0, 0, &|k| vars.contains_key(k));
+        let get = |k: &str| {
+            env.iter()
+                .rev()
+                .find(|(n, _)| n == k)
+                .map_or(NONE, |(_, v)| v.as_str())
+        };
+        assert_eq!(get("OMP_NUM_THREADS"), *omp, "{cmd}: OMP_NUM_THREADS");
+        assert_eq!(
+            get("TORCH_NCCL_ASYNC_ERROR_HANDLING"),
+            *nccl,
+            "{cmd}: TORCH_NCCL_ASYNC_ERROR_HANDLING"
+        );
+        assert_eq!(get("RANK"), *rank, "{cmd}: RANK");
+        if *rank == NONE {
+            // accelerate's simple launcher and LLaMA-Factory in-process set none of these.
+            for k in [
+                "LOCAL_RANK",
+                "WORLD_SIZE",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "TORCHELASTIC_USE_AGENT_STORE",
+                "RINGMASTER_STORE_SERVED",
+            ] {
+                assert_eq!(get(k), NONE, "{cmd}: {k}");
+            }
+            assert_ne!(get("RINGMASTER_JOB_ID"), NONE, "{cmd}");
+        }
+    }
+    // accelerate's simple launcher with several processes sets MASTER_ADDR/MASTER_PORT (only).
+    let args: Vec<String> = "accelerate launch --cpu --num_processes 2 train.py"
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let plan = parse(&args, &|_| None, &probe(4)).unwrap();
+    assert_eq!(env(&plan, "MASTER_ADDR"), Some("127.0.0.1"));
+    assert_eq!(env(&plan, "MASTER_PORT"), Some("29500"));
+    // The launcher's own store takes a free port, away from the process's MASTER_PORT.
+    assert_eq!(plan.master_port, Port::Ephemeral);
 }
 
 #[test]
@@ -1433,7 +1767,9 @@ fn every_plan_is_consistent() {
 /// and accelerate flags, accelerate's flags and its config file): every form gives the same
 /// rank layout, the same worker command line and the same contract environment for each
 /// worker. Only DeepSpeed pins `CUDA_VISIBLE_DEVICES` (its hostfile's slots), as its launcher
-/// does; that is checked on its own.
+/// does, and sets neither `OMP_NUM_THREADS` nor `TORCH_NCCL_ASYNC_ERROR_HANDLING`, which
+/// torchrun (under accelerate and LLaMA-Factory too) sets to 1 for two workers per node; those
+/// are checked on their own.
 #[test]
 fn the_four_flag_families_give_the_same_layout_and_environment() {
     use ringmaster_launch::runtime::{Placement, worker_argv, worker_env};
@@ -1499,7 +1835,7 @@ fn the_four_flag_families_give_the_same_layout_and_environment() {
             "",
         ),
     ];
-    const CONTRACT: [&str; 18] = [
+    const CONTRACT: [&str; 17] = [
         "RANK",
         "LOCAL_RANK",
         "WORLD_SIZE",
@@ -1517,7 +1853,6 @@ fn the_four_flag_families_give_the_same_layout_and_environment() {
         "RINGMASTER_STORE_SERVED",
         "RINGMASTER_NODE_ADDR",
         "GLOO_SOCKET_IFNAME",
-        "OMP_NUM_THREADS",
     ];
     type Worker = (Vec<String>, Vec<(String, String)>);
     let mut first: Option<(&str, Vec<Worker>)> = None;
@@ -1553,8 +1888,14 @@ fn the_four_flag_families_give_the_same_layout_and_environment() {
                         (k.to_string(), v.clone())
                     })
                     .collect();
-                if *name == "DeepSpeed" {
+                let torchrun_sets = if *name == "DeepSpeed" {
                     assert_eq!(get("CUDA_VISIBLE_DEVICES").map(String::as_str), Some("0,1"));
+                    None
+                } else {
+                    Some("1")
+                };
+                for k in ["OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING"] {
+                    assert_eq!(get(k).map(String::as_str), torchrun_sets, "{name}: {k}");
                 }
                 (worker_argv(&plan, Path::new("/bin/trainer"), lr), contract)
             })

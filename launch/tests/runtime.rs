@@ -123,6 +123,8 @@ fn a_failure_on_one_node_restarts_every_node_within_the_budget() {
     }
 }
 
+/// Both nodes fail naming rank 3, and both carry its exit code: DeepSpeed's dialect exits with
+/// it on every node, the others with 1.
 #[test]
 fn without_restarts_both_nodes_fail_naming_the_rank() {
     let port = free_port();
@@ -136,6 +138,9 @@ fn without_restarts_both_nodes_fail_naming_the_rank() {
             why.contains("rank 3 (node 1, local rank 1) exited with code 7"),
             "{why}"
         );
+        assert_eq!(o.rank_returncode, Some(7), "{o:?}");
+        assert_eq!(o.exit_code(Dialect::DeepSpeed), 7);
+        assert_eq!(o.exit_code(Dialect::Torchrun), 1);
     }
 }
 

@@ -9,7 +9,9 @@
 //! - node 1 pointed at a wrong port fails with one line naming the address, within the
 //!   rendezvous timeout; node 1 with a different recipe is refused on both nodes;
 //! - the trainer started by hand per rank with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
-//!   alone (rank 0 serves the store) trains to `ringctl local`'s losses.
+//!   alone (rank 0 serves the store) trains to `ringctl local`'s losses;
+//! - (one machine, seconds) `ringctl launch -- CMD` runs CMD as a command through the real CLI,
+//!   and a DeepSpeed launch exits with its failing rank's exit code.
 //!
 //! The layout and environment each of the four flag families gives are table tests in
 //! launch/tests/frontends.rs; the runtime's finer cases (a second node 0, the store cleared
@@ -609,5 +611,67 @@ fn a_torch_program_meets_through_the_launchers_store_and_restarts() {
             rank / 2
         );
         assert!(text.contains(&want), "no `{want}` in:\n{text}");
+    }
+}
+
+/// Through the real CLI on one machine, in seconds: a `--` right after `launch` (which clap
+/// would take as its own) still means "run this command", with or without flags before it; and
+/// the DeepSpeed dialect exits with the failing rank's exit code, as DeepSpeed's launcher does.
+#[test]
+fn a_leading_dashdash_runs_a_command_and_deepspeed_exits_with_the_ranks_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let hostfile = dir.join("hostfile");
+    std::fs::write(&hostfile, "localhost slots=1\n").unwrap();
+    let port = ringmaster_tests::free_port().to_string();
+    let hostfile = hostfile.display().to_string();
+    let cases: [(&str, Vec<&str>, i32); 3] = [
+        (
+            "leading --",
+            vec!["--", "sh", "-c", "echo launched-$WORLD_SIZE"],
+            0,
+        ),
+        (
+            "flags then --",
+            vec![
+                "--nnodes",
+                "1",
+                "--",
+                "sh",
+                "-c",
+                "echo launched-$WORLD_SIZE",
+            ],
+            0,
+        ),
+        (
+            "deepspeed, rank exits 5",
+            vec![
+                "deepspeed",
+                "-H",
+                &hostfile,
+                "--master_port",
+                &port,
+                "--no_local_rank",
+                "--no_python",
+                "sh",
+                "-c",
+                "exit 5",
+            ],
+            5,
+        ),
+    ];
+    for (i, (what, args, want)) in cases.iter().enumerate() {
+        let mut cmd = Command::new(bin("ringctl"));
+        cmd.arg("launch")
+            .args(args)
+            .env_remove("RINGMASTER_COORDINATOR")
+            .env_remove("RINGMASTER_STORE_DIR");
+        let mut p = Proc::spawn(what, cmd, dir.join(format!("case{i}.log")));
+        let code = p.wait_exit(Duration::from_secs(60));
+        let log = p.log_text();
+        assert_eq!(code, Some(*want), "{what}:\n{log}");
+        if *want == 0 {
+            assert!(log.contains("launched-1"), "{what}:\n{log}");
+        }
     }
 }

@@ -257,9 +257,11 @@ pub enum Command {
     /// `ringctl launch --nnodes 2 --node-rank 0 --master-addr H --nproc-per-node 8 recipe.yaml`,
     /// `NNODES=2 NODE_RANK=1 MASTER_ADDR=H MASTER_PORT=29500 ringctl launch recipe.yaml`,
     /// `ringctl launch deepspeed --include localhost:1 train.py`, `ringctl launch accelerate
-    /// launch --config_file cfg.yaml train.py`, `ringctl launch ... -- CMD ...`.
+    /// launch --config_file cfg.yaml train.py`, `ringctl launch ... -- CMD ...` (CMD run as a
+    /// command; after a named launcher, `torchrun ... -- train.py`, `--` only ends its options).
     Launch {
-        /// The launcher's flags (any of the four dialects), then the program.
+        /// The launcher's flags (any of the four dialects), then the program. A leading `--`,
+        /// which clap would take as its own, is given back from the raw command line.
         #[arg(
             value_name = "[LAUNCHER FLAGS] (RECIPE [OVERRIDES] | SCRIPT [ARGS] | -- CMD ...)",
             num_args = 0..,
@@ -809,10 +811,15 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
 /// `ringctl launch`: the plan from the command line and the environment (a bad one exits 2),
 /// then this node's launcher; the exit code is the job's.
 async fn launch(args: Vec<String>) -> Result<Exit, CliError> {
+    let raw: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let args = restore_leading_dashdash(&raw, args);
     let probe = ringmaster_launch::probe::detect();
     let env = |k: &str| std::env::var(k).ok();
     let plan = ringmaster_launch::frontends::parse(&args, &env, &probe)
         .map_err(|e| CliError::usage(format!("launch: {e}")))?;
+    let dialect = plan.dialect;
     let rt = ringmaster_launch::runtime::Runtime {
         trainer: sibling("trainer"),
         // torchrun's variable for the same grace; 3 s by default here (torchrun: 30 s), so
@@ -831,13 +838,44 @@ async fn launch(args: Vec<String>) -> Result<Exit, CliError> {
         .await
         .map_err(|e| CliError::failed(format!("launch: {e}")))?
         .map_err(|e| CliError::failed(format!("launch: {e}")))?;
+    let code = outcome.exit_code(dialect);
     match outcome.failure {
         None => Ok(Exit::Ok),
-        Some(why) => Err(CliError::failed(format!(
-            "launch: the job failed after {} restart(s): {why}",
-            outcome.restarts
-        ))),
+        Some(why) => {
+            let message = format!(
+                "launch: the job failed after {} restart(s): {why}",
+                outcome.restarts
+            );
+            if code != Exit::Failed as i32 {
+                // DeepSpeed's launcher exits with the failing rank's code; `Exit` has no
+                // variant for it, so this command ends here, as `main` would, with that code.
+                eprintln!("ringctl: {message}");
+                std::process::exit(code);
+            }
+            Err(CliError::failed(message))
+        }
     }
+}
+
+/// clap takes a `--` before the first launcher word as its own end of options and drops it, so
+/// `ringctl launch -- CMD` would reach the launcher as `CMD` (a script). When the raw command
+/// line ends with `launch [ringctl's options] -- ARGS` and clap gave `ARGS`, the `--` is put
+/// back; any later `--` is already among `args` (clap keeps them once the words started).
+fn restore_leading_dashdash(raw: &[String], args: Vec<String>) -> Vec<String> {
+    let n = args.len();
+    if raw.len() >= n + 2 {
+        let at = raw.len() - n;
+        if raw[at..] == args[..]
+            && raw[at - 1] == "--"
+            && raw[1..at - 1].iter().any(|w| w == "launch")
+        {
+            let mut out = Vec::with_capacity(n + 1);
+            out.push("--".to_owned());
+            out.extend(args);
+            return out;
+        }
+    }
+    args
 }
 
 /// A binary next to ringctl, else the bare name (found on PATH).

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::argv::{self, Opt, Parsed, Seen};
 use super::{Ctx, How, Layout, Src, Val, check_layout, read_small, torchrun};
-use crate::plan::{Dialect, LaunchError, LaunchPlan, Port, Program};
+use crate::plan::{Dialect, LaunchError, LaunchPlan, Port, Program, WorkerEnv};
 
 /// accelerate's options (each long one in its underscore and dash spelling; no abbreviations).
 pub(crate) const OPTS: &[Opt] = &[
@@ -716,7 +716,7 @@ fn nproc_from_env(a: &mut Args, ctx: &Ctx) -> Result<bool, LaunchError> {
 
 /// `accelerate launch [options] script args...`.
 pub(crate) fn plan(args: &[String], ctx: &Ctx) -> Result<LaunchPlan, LaunchError> {
-    let p = argv::parse(args, OPTS, false, "accelerate", &others())?;
+    let p = argv::parse(args, OPTS, false, "accelerate", &others(), ctx.named)?;
     let mut a = typed_args(&p)?;
     let mut notices = Vec::new();
 
@@ -986,6 +986,26 @@ pub(crate) fn plan(args: &[String], ctx: &Ctx) -> Result<LaunchPlan, LaunchError
     } else {
         simple_path(&a, program, &mut notices)?
     };
+    // NNODES & co. where they stood in for accelerate's values (the machine's rank and the
+    // main process's address count on several machines only).
+    let keys: &[&str] = if machines > 1 {
+        &[
+            "num_processes",
+            "num_machines",
+            "machine_rank",
+            "main_process_ip",
+            "main_process_port",
+        ]
+    } else {
+        &["num_processes", "main_process_port"]
+    };
+    let used: Vec<Option<Val>> = keys.iter().map(|k| a.val(k)).collect();
+    ctx.note_layout_env(
+        "accelerate launch",
+        None,
+        used.iter().map(Option::as_ref),
+        &mut notices,
+    );
     plan.notices.splice(0..0, notices);
     Ok(plan)
 }
@@ -1004,8 +1024,13 @@ fn torchrun_path(
     let nm_val = a
         .val("num_machines")
         .unwrap_or_else(|| Val::default("--num_machines", "1"));
+    // accelerate's 29500 when no port is given, unless that port is taken on a single machine:
+    // then torchrun's `--standalone` (a free port). A launcher's store holds the port for the
+    // whole run, so on one machine a free port is always taken: a second single-machine
+    // `accelerate launch` on the same machine does not collide with the first.
     let port = match a.val("main_process_port") {
         Some(v) => v.port()?,
+        None if nm <= 1 => Port::Ephemeral,
         None => Port::Fixed(29500),
     };
     let (nproc, nnodes, node_rank) = if nm > 1 {
@@ -1541,10 +1566,12 @@ fn simple_path(
              mpirun)"
         ));
     }
+    // One plain process (prepare_simple_launcher_cmd_env): none of torchrun's variables, so
+    // accelerate's state stays non-distributed. The launcher's own store (it meets no other
+    // node) takes a free port, away from the MASTER_PORT the process may be given.
     let mut plan = LaunchPlan::new(Dialect::Accelerate, 1, program);
-    if let Some(v) = a.val("main_process_port") {
-        plan.master_port = v.port()?;
-    }
+    plan.worker_env = WorkerEnv::Single;
+    plan.master_port = Port::Ephemeral;
     if let Some(ids) = a.str("gpu_ids").filter(|g| g != "all") {
         plan.visible_devices = Some(ids.split(',').map(|s| s.trim().to_string()).collect());
     }
@@ -1553,6 +1580,22 @@ fn simple_path(
     env.put("ACCELERATE_USE_CPU", if cpu { "True" } else { "False" });
     if a.is("debug") {
         env.put("ACCELERATE_DEBUG_MODE", "true");
+    }
+    if np > 1 {
+        // What accelerate sets for num_processes > 1 (one machine here).
+        let port = match a.val("main_process_port") {
+            Some(v) => {
+                v.port()?;
+                v.v
+            }
+            None => "29500".into(),
+        };
+        env.put(
+            "MASTER_ADDR",
+            a.str("main_process_ip")
+                .unwrap_or_else(|| "127.0.0.1".into()),
+        );
+        env.put("MASTER_PORT", port);
     }
     if cpu {
         env.put("KMP_AFFINITY", "granularity=fine,compact,1,0");

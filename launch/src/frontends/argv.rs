@@ -1,6 +1,8 @@
 //! An argparse-like reader of a launcher's options: options first, the first positional is the
-//! program and everything after it belongs to the program (argparse's `REMAINDER`), `--` ends the
-//! options and starts a command. Long options take `--opt value` and `--opt=value`; short ones
+//! program and everything after it belongs to the program (argparse's `REMAINDER`). `--` ends the
+//! options: in ringctl's own form it starts a command (`-- CMD ...` runs CMD as it is); when the
+//! launcher was named (`torchrun ...`, `deepspeed ...`, `accelerate launch ...`) it only ends
+//! the options, as in argparse, and the next word is the program as any first positional is. Long options take `--opt value` and `--opt=value`; short ones
 //! `-r value`, `-rvalue` and `-r=value`. Every long option is known in its underscore and its dash
 //! spelling. With `abbrev` (torchrun, DeepSpeed: argparse's default) an unambiguous prefix of a
 //! long option is accepted too.
@@ -88,7 +90,7 @@ pub(crate) struct Parsed {
     pub program: Option<String>,
     /// Everything after it, untouched.
     pub args: Vec<String>,
-    /// The program came after `--` (ringctl's "run this command" form).
+    /// The program came after `--` in ringctl's own form (run it as a command).
     pub dashdash: bool,
 }
 
@@ -192,20 +194,23 @@ fn resolve<'t>(token: &str, table: &'t [Opt], abbrev: bool) -> Result<Option<Hit
 }
 
 /// Reads `args` against `table`. `dialect` names the launcher in messages; `others` are the other
-/// launchers' tables, to say where an unknown option belongs.
+/// launchers' tables, to say where an unknown option belongs. `named`: the launcher was named by
+/// a leading word, so `--` only ends the options (argparse's meaning); otherwise `-- CMD` is
+/// ringctl's "run CMD as a command".
 pub(crate) fn parse(
     args: &[String],
     table: &[Opt],
     abbrev: bool,
     dialect: &str,
     others: &[(&str, &[Opt])],
+    named: bool,
 ) -> Result<Parsed, LaunchError> {
     let mut out = Parsed::default();
     let mut i = 0;
     while i < args.len() {
         let token = &args[i];
         if token == "--" {
-            out.dashdash = true;
+            out.dashdash = !named;
             if let Some(cmd) = args.get(i + 1) {
                 out.program = Some(cmd.clone());
                 out.args = args[i + 2..].to_vec();
@@ -326,7 +331,7 @@ mod tests {
 
     /// `args` parsed as a torchrun command line against `T` (abbreviations allowed).
     fn parse_t(args: &[&str]) -> Result<Parsed, LaunchError> {
-        parse(&s(args), T, true, "torchrun", &[])
+        parse(&s(args), T, true, "torchrun", &[], false)
     }
 
     /// The value of the last occurrence of `key`.
@@ -365,7 +370,15 @@ mod tests {
         assert!(parse_t(&["--nproc", "2", "x"]).is_ok());
         let e = parse_t(&["--master", "a", "x"]).unwrap_err();
         assert!(e.0.contains("ambiguous option: --master"), "{e}");
-        let e = parse(&s(&["--nproc", "2", "x"]), T, false, "accelerate", &[]).unwrap_err();
+        let e = parse(
+            &s(&["--nproc", "2", "x"]),
+            T,
+            false,
+            "accelerate",
+            &[],
+            false,
+        )
+        .unwrap_err();
         assert!(e.0.contains("unrecognized arguments: --nproc"), "{e}");
     }
 
@@ -374,6 +387,19 @@ mod tests {
         let p = parse_t(&["-m", "--", "./run.sh", "--x"]).unwrap();
         assert!(p.dashdash);
         assert_eq!(p.program.as_deref(), Some("./run.sh"));
+        assert_eq!(p.args, s(&["--x"]));
+        // A named launcher: `--` only ends the options (argparse), `-m` still applies.
+        let p = parse(
+            &s(&["-m", "--", "pkg.mod", "--x"]),
+            T,
+            true,
+            "torchrun",
+            &[],
+            true,
+        )
+        .unwrap();
+        assert!(!p.dashdash && p.given("module"));
+        assert_eq!(p.program.as_deref(), Some("pkg.mod"));
         assert_eq!(p.args, s(&["--x"]));
         let e = parse_t(&["--nnodes", "--module"]).unwrap_err();
         assert!(
@@ -389,6 +415,7 @@ mod tests {
             true,
             "torchrun",
             &[("DeepSpeed", other)],
+            false,
         )
         .unwrap_err();
         assert!(e.0.contains("--num_gpus is a DeepSpeed option"), "{e}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::argv::{self, Opt, Parsed};
 use super::{Ctx, How, Layout, Src, Val, check_layout, read_small};
-use crate::plan::{Dialect, LaunchError, LaunchPlan};
+use crate::plan::{Dialect, LaunchError, LaunchPlan, WorkerEnv};
 
 /// runner.py's options (underscore spelling, and the dash spelling as a convenience), plus
 /// `--max_restarts` (ringctl's gang restarts) and `--monitor_interval` (accepted, no effect).
@@ -242,7 +242,7 @@ fn get(p: &Parsed, key: &str) -> Option<Val> {
 
 /// `deepspeed [options] script args...`, reading hostfiles from the filesystem.
 pub(crate) fn plan(args: &[String], ctx: &Ctx) -> Result<LaunchPlan, LaunchError> {
-    let p = argv::parse(args, OPTS, true, "DeepSpeed", &others())?;
+    let p = argv::parse(args, OPTS, true, "DeepSpeed", &others(), ctx.named)?;
     plan_parsed(&p, ctx, Dialect::DeepSpeed)
 }
 
@@ -573,13 +573,29 @@ pub(crate) fn plan_parsed(
     } else {
         master_given = false;
     }
-    if let Some(v) = get(p, "master_port").or_else(|| ctx.env.val("MASTER_PORT")) {
+    let port_val = get(p, "master_port").or_else(|| ctx.env.val("MASTER_PORT"));
+    if let Some(v) = &port_val {
         plan.master_port = v.port()?;
     }
+    // The values taken from LLaMA-Factory's variables, where they were used.
+    let master_used = have_hostfile || multi_env;
+    ctx.note_layout_env(
+        "the DeepSpeed launcher",
+        None,
+        [
+            num_gpus.as_ref().map(|(_, v)| v),
+            env_nodes.as_ref().filter(|_| multi_env),
+            rank_val.as_ref().filter(|_| no_ssh || multi_env),
+            addr_val.as_ref().filter(|_| master_used),
+            port_val.as_ref(),
+        ],
+        &mut notices,
+    );
 
-    plan.local_rank_arg = !p.given("no_local_rank");
-    if plan.local_rank_arg && matches!(plan.program, crate::plan::Program::Recipe { .. }) {
-        plan.local_rank_arg = false;
+    plan.local_rank_arg = (!p.given("no_local_rank")).then_some("--local_rank");
+    plan.worker_env = WorkerEnv::DeepSpeed;
+    if plan.local_rank_arg.is_some() && plan.program.is_trainer() {
+        plan.local_rank_arg = None;
         notices.push(
             "a recipe reads LOCAL_RANK from the environment: no --local_rank argument is added"
                 .to_string(),

@@ -1,27 +1,35 @@
-//! LLaMA-Factory's `llamafactory-cli train RECIPE.yaml [key=value ...]` (spec §4): the layout
-//! comes from NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT (and RDZV_ID,
-//! MAX_RESTARTS, MIN_NNODES/MAX_NNODES), the program is the recipe with its overrides.
+//! LLaMA-Factory's `llamafactory-cli train RECIPE.yaml [key=value ...]` and its flag form
+//! `llamafactory-cli train --stage sft --model_name_or_path DIR ...` (spec §4; `read_args`
+//! takes the arguments as flags when the first is no config file): the layout comes from
+//! NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT (and RDZV_ID, MAX_RESTARTS,
+//! MIN_NNODES/MAX_NNODES), the program is the trainer with the recipe and its overrides, or with
+//! the flags.
 
 use super::{Ctx, Layout, Val, check_layout};
-use crate::plan::{Dialect, LaunchError, LaunchPlan, Port, Program};
+use crate::plan::{Dialect, LaunchError, LaunchPlan, Port, Program, WorkerEnv};
 
-/// `args`: the recipe and its overrides (what follows `llamafactory-cli train`).
+/// `args`: what follows `llamafactory-cli train`: the recipe and its overrides, or flags.
 pub(crate) fn plan(args: &[String], ctx: &Ctx) -> Result<LaunchPlan, LaunchError> {
-    let Some(file) = args.first() else {
+    let Some(first) = args.first() else {
         return Err(LaunchError::new(
             "llamafactory-cli train needs a recipe: ringctl launch lmf train RECIPE.yaml \
-             [key=value ...]",
+             [key=value ...] (or lmf train --key value ...)",
         ));
     };
-    if !super::is_config_file(file) {
+    let program = if super::is_config_file(first) {
+        Program::Recipe {
+            file: first.clone(),
+            overrides: args[1..].to_vec(),
+        }
+    } else if first.starts_with("--") && first.len() > 2 {
+        // The training config as flags, given to the trainer as they are.
+        Program::TrainerFlags(args.to_vec())
+    } else {
         return Err(LaunchError(format!(
-            "llamafactory-cli train {file}: ringctl launch needs the recipe file \
-             (.yaml, .yml or .json) first, then its overrides (key=value ...)"
+            "llamafactory-cli train {first}: ringctl launch needs the recipe file \
+             (.yaml, .yml or .json) first, then its overrides (key=value ...), or the training \
+             config as flags (--stage sft --model_name_or_path DIR ...)"
         )));
-    }
-    let program = Program::Recipe {
-        file: file.clone(),
-        overrides: args[1..].to_vec(),
     };
     let env = &ctx.env;
     for var in ["USE_RAY", "USE_KT"] {
@@ -51,6 +59,8 @@ pub(crate) fn plan(args: &[String], ctx: &Ctx) -> Result<LaunchPlan, LaunchError
     if !forced && devices <= 1 && !asked {
         let mut plan = LaunchPlan::new(Dialect::LlamaFactory, 1, program);
         plan.master_port = Port::Ephemeral;
+        // Training in LLaMA-Factory's own process: no torchrun, none of its variables.
+        plan.worker_env = WorkerEnv::Single;
         plan.notices.push(format!(
             "one worker: LLaMA-Factory trains in one process when it sees {devices} device{} \
              and FORCE_TORCHRUN is unset",

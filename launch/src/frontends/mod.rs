@@ -2,15 +2,22 @@
 //! (docs/design/launch-spec.md §1–§5).
 //!
 //! [`parse`] takes what follows `ringctl launch`. An optional leading word picks the dialect, so
-//! a team can paste its command: `torchrun`, `deepspeed`, `accelerate launch`,
-//! `llamafactory-cli train` / `lmf train`. Without one, a first word that is a training config
-//! (`.yaml`, `.yml`, `.json`) with no options before it is LLaMA-Factory's form (its
-//! NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT variables); otherwise the options decide: any
-//! DeepSpeed-only option makes it DeepSpeed, any accelerate-only one accelerate, else torchrun;
-//! options of two dialects are refused.
+//! a team can paste its command: `torchrun` (or `python -m torch.distributed.run`), `python -m
+//! torch.distributed.launch`, `deepspeed`, `accelerate launch`, `llamafactory-cli train` /
+//! `lmf train`. Without one, a first word that is a training config (`.yaml`, `.yml`, `.json`)
+//! with no options before it is LLaMA-Factory's form (its NNODES/NODE_RANK/MASTER_ADDR/
+//! MASTER_PORT variables); otherwise the options decide: any DeepSpeed-only option makes it
+//! DeepSpeed, any accelerate-only one accelerate, else torchrun; options of two dialects are
+//! refused.
+//!
+//! `--`: without a leading word, `-- CMD ARGS` runs CMD as a command (ringctl's own form). With
+//! one, `--` only ends the options, as in the named tool's argparse: `torchrun -- train.py`
+//! runs `python -u train.py`, and `-m -- pkg.mod` a module.
 //!
 //! In every dialect NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT and NPROC_PER_NODE are honoured
 //! below the dialect's own flags (torchrun's `PET_*` and accelerate's config file come first).
+//! When the tool was named and a value comes from one of them, a notice says so (the tool
+//! itself would not read it).
 //! Planning reads files (a DeepSpeed hostfile, an accelerate config, each at most 1 MiB) and
 //! nothing else: the machine comes from the [`Probe`], the environment from `env`.
 
@@ -35,6 +42,7 @@ pub fn parse(
     let ctx = Ctx {
         env: Env(env),
         probe,
+        named: false,
     };
     let mut plan = dispatch(args, &ctx)?;
     // Per-local-rank log settings for every dialect (none redirected unless asked).
@@ -47,18 +55,39 @@ pub fn parse(
 fn dispatch(args: &[String], ctx: &Ctx) -> Result<LaunchPlan, LaunchError> {
     let first = args.first().map(String::as_str);
     let second = args.get(1).map(String::as_str);
+    // The tool named by a leading word: `--` then has its argparse meaning.
+    let named = Ctx {
+        env: Env(ctx.env.0),
+        probe: ctx.probe,
+        named: true,
+    };
+    if let [py, m, module, rest @ ..] = args
+        && m == "-m"
+        && is_python(py)
+    {
+        match module.as_str() {
+            "torch.distributed.run" => {
+                return torchrun::plan(rest, &named, torchrun::Form::Torchrun);
+            }
+            "torch.distributed.launch" => {
+                return torchrun::plan(rest, &named, torchrun::Form::Launch);
+            }
+            _ => {}
+        }
+    }
     match (first, second) {
-        (Some("torchrun"), _) => torchrun::plan(&args[1..], ctx),
-        (Some("deepspeed"), _) => deepspeed::plan(&args[1..], ctx),
-        (Some("accelerate"), Some("launch")) => accelerate::plan(&args[2..], ctx),
-        (Some("accelerate-launch"), _) => accelerate::plan(&args[1..], ctx),
+        (Some("torchrun"), _) => torchrun::plan(&args[1..], &named, torchrun::Form::Torchrun),
+        (Some("deepspeed"), _) => deepspeed::plan(&args[1..], &named),
+        (Some("accelerate"), Some("launch")) => accelerate::plan(&args[2..], &named),
+        (Some("accelerate-launch"), _) => accelerate::plan(&args[1..], &named),
         (Some("accelerate"), other) => Err(LaunchError(format!(
             "'accelerate {}' cannot be launched: ringctl launch takes 'accelerate launch ...'",
             other.unwrap_or("")
         ))),
-        (Some("llamafactory-cli" | "lmf"), Some("train")) => llamafactory::plan(&args[2..], ctx),
+        (Some("llamafactory-cli" | "lmf"), Some("train")) => llamafactory::plan(&args[2..], &named),
         (Some(cli @ ("llamafactory-cli" | "lmf")), other) => Err(LaunchError(format!(
-            "'{cli} {}' cannot be launched: ringctl launch runs '{cli} train RECIPE.yaml [key=value ...]' only",
+            "'{cli} {}' cannot be launched: ringctl launch runs '{cli} train RECIPE.yaml \
+             [key=value ...]' (or '{cli} train --key value ...') only",
             other.unwrap_or("")
         ))),
         (None, _) => Err(LaunchError::new(
@@ -109,9 +138,29 @@ fn detect(args: &[String], ctx: &Ctx) -> Result<LaunchPlan, LaunchError> {
     match possible.first() {
         Some(1) => deepspeed::plan(args, ctx),
         Some(2) => accelerate::plan(args, ctx),
-        _ => torchrun::plan(args, ctx),
+        _ => torchrun::plan(args, ctx, torchrun::Form::Torchrun),
     }
 }
+
+/// `python`, `python3`, `python3.12`, `/usr/bin/python3`: an interpreter before `-m`.
+fn is_python(word: &str) -> bool {
+    Path::new(word)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| {
+            n.strip_prefix("python")
+                .is_some_and(|v| v.chars().all(|c| c.is_ascii_digit() || c == '.'))
+        })
+}
+
+/// LLaMA-Factory's layout variables, which `ringctl launch` honours in every dialect.
+const LF_LAYOUT: [&str; 5] = [
+    "NNODES",
+    "NODE_RANK",
+    "NPROC_PER_NODE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+];
 
 /// A training config, run by the trainer as a recipe: `.yaml`, `.yml` or `.json`.
 pub(crate) fn is_config_file(word: &str) -> bool {
@@ -124,9 +173,42 @@ pub(crate) fn is_config_file(word: &str) -> bool {
 pub(crate) struct Ctx<'a> {
     pub env: Env<'a>,
     pub probe: &'a Probe,
+    /// The tool was named by a leading word (`torchrun ...`): `--` only ends its options, and
+    /// values taken from LLaMA-Factory's variables are pointed out.
+    pub named: bool,
 }
 
 impl Ctx<'_> {
+    /// When the tool was named, one notice per value that came from NNODES, NODE_RANK,
+    /// NPROC_PER_NODE, MASTER_ADDR or MASTER_PORT, which `tool` itself does not read
+    /// (`reads`: what it reads instead, e.g. `PET_`-prefixed names).
+    pub(crate) fn note_layout_env<'v>(
+        &self,
+        tool: &str,
+        reads: Option<&str>,
+        vals: impl IntoIterator<Item = Option<&'v Val>>,
+        notices: &mut Vec<String>,
+    ) {
+        if !self.named {
+            return;
+        }
+        for v in vals.into_iter().flatten() {
+            let Src::Env(name) = &v.src else { continue };
+            if !LF_LAYOUT.contains(&name.as_str()) {
+                continue;
+            }
+            let instead = reads.map_or_else(String::new, |r| format!(" (it reads {r}{name})"));
+            let line = format!(
+                "{} is taken from the environment: {tool} itself does not read {name}{instead}; \
+                 ringctl launch honours it below the command line",
+                v.show()
+            );
+            if !notices.contains(&line) {
+                notices.push(line);
+            }
+        }
+    }
+
     /// CUDA devices a worker would see: the probe's count, bounded by the entries of
     /// `CUDA_VISIBLE_DEVICES` when it is set (an empty value hides every device).
     pub(crate) fn gpu_count(&self) -> usize {

@@ -10,7 +10,8 @@ use super::{Ctx, How, Layout, Val, check_layout, random_run_id, unbracket};
 use crate::plan::{Dialect, LaunchError, LaunchPlan, LogPolicy, Port};
 
 /// torchrun's options (every long one also in its dash spelling), plus `--use-env` from
-/// `python -m torch.distributed.launch` (accepted, no effect).
+/// `python -m torch.distributed.launch` (there: no `--local-rank` argument; elsewhere accepted,
+/// no effect).
 pub(crate) const OPTS: &[Opt] = &[
     Opt::value("nnodes"),
     Opt::value("nproc_per_node"),
@@ -81,9 +82,23 @@ fn others() -> [(&'static str, &'static [Opt]); 2] {
     ]
 }
 
+/// Which of torch's launchers the command line is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Form {
+    /// `torchrun` (`python -m torch.distributed.run`): workers read LOCAL_RANK.
+    Torchrun,
+    /// The deprecated `python -m torch.distributed.launch`: torchrun's options plus
+    /// `--use-env`; without it every worker also gets `--local-rank=N` after the script.
+    Launch,
+}
+
 /// `torchrun [options] (script | -m module | --no-python cmd | -- cmd) args...`.
-pub(crate) fn plan(args: &[String], ctx: &Ctx) -> Result<LaunchPlan, LaunchError> {
-    let p = argv::parse(args, OPTS, true, "torchrun", &others())?;
+pub(crate) fn plan(args: &[String], ctx: &Ctx, form: Form) -> Result<LaunchPlan, LaunchError> {
+    let name = match form {
+        Form::Torchrun => "torchrun",
+        Form::Launch => "torch.distributed.launch",
+    };
+    let p = argv::parse(args, OPTS, true, name, &others(), ctx.named)?;
     let mut notices = Vec::new();
 
     let module = switch(&p, ctx, "module")?;
@@ -291,13 +306,45 @@ pub(crate) fn plan(args: &[String], ctx: &Ctx) -> Result<LaunchPlan, LaunchError
             ));
         }
     }
-    if p.given("use_env") {
-        notices.push(
+    match form {
+        Form::Launch if !p.given("use_env") => {
+            if no_python && !run_path {
+                return Err(LaunchError::new(
+                    "When using the '--no-python' flag, you must also set the '--use-env' flag.",
+                ));
+            }
+            if plan.program.is_trainer() {
+                notices.push(
+                    "a recipe reads LOCAL_RANK from the environment: no --local-rank argument \
+                     is added"
+                        .to_string(),
+                );
+            } else {
+                plan.local_rank_arg = Some("--local-rank");
+            }
+        }
+        Form::Launch => {}
+        Form::Torchrun if p.given("use_env") => notices.push(
             "--use-env (torch.distributed.launch) is the only behaviour here: workers read \
              LOCAL_RANK from the environment; no --local-rank argument is added"
                 .to_string(),
-        );
+        ),
+        Form::Torchrun => {}
     }
+    // MASTER_ADDR/MASTER_PORT count only where they set the master (static, no endpoint).
+    let master_used = !standalone && backend.v == "static" && endpoint.is_none();
+    ctx.note_layout_env(
+        name,
+        Some("PET_"),
+        [
+            Some(&nproc_val),
+            Some(&nnodes_val),
+            rank_val.as_ref().filter(|_| !standalone),
+            addr_val.as_ref().filter(|_| master_used),
+            port_val.as_ref().filter(|_| master_used),
+        ],
+        &mut notices,
+    );
 
     plan.notices = notices;
     check_layout(
