@@ -272,6 +272,10 @@ pub struct Job {
     /// the header.
     #[serde(default, skip_serializing_if = "EventLog::is_empty")]
     pub events: EventLog,
+    /// While RESTARTING because an operator drained a node under the job (a move, not a
+    /// failure: no restart used): why. Cleared when the next generation starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving: Option<String>,
     /// What of this job the store holds already (see [`record`]).
     #[serde(skip)]
     pub saved: record::Saved,
@@ -310,6 +314,7 @@ impl Job {
             conditions: Vec::new(),
             recovery_ms: 0,
             recovering_since_ms: None,
+            moving: None,
             first_running_ms: None,
             unschedulable: false,
             stragglers: Vec::new(),
@@ -425,6 +430,14 @@ pub enum Event {
         reason: Reason,
     },
     Cancel {
+        grace_ms: u64,
+    },
+    /// An operator drains `node` (`ringctl drain`): a generation placed on it stops
+    /// (SIGTERM, then SIGKILL after `grace_ms`: trainers checkpoint on SIGTERM) and the job is
+    /// placed again without the node. Not a failure: no restart is used and the backoff is
+    /// not touched.
+    Drain {
+        node: String,
         grace_ms: u64,
     },
     /// The loop's timer: a restart backoff may have run out.
@@ -682,6 +695,38 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
                 finish_teardown(job, now_ms);
             }
         }
+        Event::Drain { node, grace_ms } => {
+            let placed = job.placement.iter().any(|s| s.name == node);
+            if !placed
+                || job.stopping
+                || !matches!(job.state, JobState::Starting | JobState::Running)
+            {
+                return;
+            }
+            job.moving = Some(format!(
+                "node {node} is drained: generation {} stops and the job is placed again \
+                 without it (not a failure; no restart used)",
+                job.generation
+            ));
+            job.state = JobState::Restarting;
+            job.running_since_ms = None;
+            job.restart_not_before_ms = None;
+            job.pending_reason = Some(format!(
+                "moving off drained node {node}: stopping generation {}",
+                job.generation
+            ));
+            if !job.all_ranks_done() {
+                job.stopping = true;
+                actions.push(Action::StopWorkers {
+                    generation: job.generation,
+                    nodes: job.nodes(),
+                    grace_ms,
+                });
+            }
+            actions.push(Action::CloseGeneration {
+                generation: job.generation,
+            });
+        }
         Event::Cancel { grace_ms } => match job.state {
             JobState::Pending => {
                 job.state = JobState::Cancelled;
@@ -781,6 +826,7 @@ fn backoff_reason(job: &Job, now_ms: u64) -> String {
 
 fn start_generation(job: &mut Job, sel: Vec<Selected>, actions: &mut Vec<Action>) {
     job.stragglers.clear();
+    job.moving = None;
     let table: Vec<RankSlot> = ringmaster_hostfile::rank_table(&sel);
     job.ranks.replace(
         table
@@ -1006,6 +1052,62 @@ mod tests {
         }
         assert_eq!(j.state, JobState::Running);
         j
+    }
+
+    /// A drain moves a running generation without a failure: the workers stop with the
+    /// drain's grace, no restart is used, and the next placement starts generation 1.
+    #[test]
+    fn a_drain_moves_the_job_without_using_a_restart() {
+        let j = running(0);
+        let (j, a) = next(
+            j,
+            Event::Drain {
+                node: "w9".into(),
+                grace_ms: 30_000,
+            },
+        );
+        assert!(a.is_empty(), "a node the job is not on: {a:?}");
+        let (mut j, a) = next(
+            j,
+            Event::Drain {
+                node: "w1".into(),
+                grace_ms: 30_000,
+            },
+        );
+        assert_eq!(j.state, JobState::Restarting);
+        assert_eq!(
+            a,
+            vec![
+                Action::StopWorkers {
+                    generation: 0,
+                    nodes: vec!["w0".into(), "w1".into()],
+                    grace_ms: 30_000
+                },
+                Action::CloseGeneration { generation: 0 }
+            ]
+        );
+        assert!(j.failure.is_none() && j.restart_count == 0);
+        let e = j.events.iter().last().unwrap();
+        assert_eq!(
+            (e.kind, e.reason),
+            (EventKind::Restarting, Some(Reason::Drained))
+        );
+        let c = j
+            .conditions
+            .iter()
+            .find(|c| c.kind == ConditionType::Restarting)
+            .unwrap();
+        assert_eq!(c.reason, "Drained");
+        for r in 0..4 {
+            (j, _) = next(j, exited(0, r, 143));
+        }
+        assert!(!j.stopping && j.restart_not_before_ms.is_none());
+        let (j, a) = next(j, Event::Placement(Ok(two_by_two())));
+        assert_eq!((j.generation, j.state), (1, JobState::Starting));
+        assert!(j.moving.is_none());
+        assert_eq!(a.len(), 1);
+        // A job with no restarts left can still be moved.
+        assert_eq!(j.spec.max_restarts, 0);
     }
 
     #[test]

@@ -212,7 +212,8 @@ impl Metrics {
                         .get_or_create(&ReasonLabel { reason })
                         .inc();
                 }
-                EventKind::Restarting => {
+                // A move off a drained node is not a restart.
+                EventKind::Restarting if reason != "Drained" => {
                     self.job_restarts.inc();
                 }
                 EventKind::CheckpointCommitted => {
@@ -220,10 +221,17 @@ impl Metrics {
                 }
                 EventKind::Running if e.generation > 0 => {
                     // The failure this generation recovers from: the newest before it.
-                    let failed =
-                        job.events.iter().rev().filter(|f| f.seq < e.seq).find(|f| {
+                    // A generation that follows a drain recovers from no failure.
+                    let failed = job
+                        .events
+                        .iter()
+                        .rev()
+                        .filter(|f| f.seq < e.seq)
+                        .find(|f| {
                             matches!(f.kind, EventKind::RankFailed | EventKind::NodeLost)
-                        });
+                                || f.reason == Some(crate::job::Reason::Drained)
+                        })
+                        .filter(|f| f.reason != Some(crate::job::Reason::Drained));
                     if let Some(f) = failed {
                         let ms = e.unix_ms.saturating_sub(f.unix_ms);
                         self.restart_seconds.observe(ms as f64 / 1000.0);

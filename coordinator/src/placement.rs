@@ -13,6 +13,8 @@ use crate::spec::JobSpec;
 pub struct NodeView {
     pub slots: u32,
     pub alive: bool,
+    /// An operator took the node out of placement (`ringctl cordon`/`drain`).
+    pub cordoned: bool,
 }
 
 /// Slots held by running jobs: node → slot → job id.
@@ -44,10 +46,33 @@ pub fn place(
     nodes: &BTreeMap<String, NodeView>,
     busy: &Busy,
 ) -> Result<Vec<Selected>, String> {
+    let cordoned = |name: &str| nodes.get(name).is_some_and(|n| n.cordoned);
     let selected = match hostfile {
         Some(hf) => {
-            let sel = ringmaster_hostfile::select(&hf.hosts, &request(spec))
-                .map_err(|e| e.to_string())?;
+            // The hostfile without its cordoned hosts; a job that can only run on one of them
+            // waits, naming it.
+            let open: Vec<Host> = hf
+                .hosts
+                .iter()
+                .filter(|h| !cordoned(&h.name))
+                .cloned()
+                .collect();
+            let sel = match ringmaster_hostfile::select(&open, &request(spec)) {
+                Ok(sel) => sel,
+                Err(e) if open.len() == hf.hosts.len() => return Err(e.to_string()),
+                Err(e) => {
+                    let held: Vec<&str> = hf
+                        .hosts
+                        .iter()
+                        .filter(|h| cordoned(&h.name))
+                        .map(|h| h.name.as_str())
+                        .collect();
+                    return Err(format!(
+                        "waiting for nodes: cordoned {} (ringctl uncordon): {e}",
+                        summarize(&held)
+                    ));
+                }
+            };
             let missing: Vec<&str> = sel
                 .iter()
                 .filter(|s| !nodes.get(&s.name).is_some_and(|n| n.alive))
@@ -66,7 +91,7 @@ pub fn place(
         None => {
             let mut hosts: Vec<Host> = nodes
                 .iter()
-                .filter(|(_, n)| n.alive)
+                .filter(|(_, n)| n.alive && !n.cordoned)
                 .map(|(name, n)| Host {
                     name: name.clone(),
                     slots: n.slots,
@@ -75,7 +100,16 @@ pub fn place(
             hosts.sort_by(|a, b| ringmaster_hostfile::natural_cmp(&a.name, &b.name));
             let want = spec.nodes.unwrap_or(1) as usize;
             if hosts.is_empty() || hosts.len() < want {
-                return Err(format!("waiting for nodes: {}/{want} joined", hosts.len()));
+                let held = nodes.values().filter(|n| n.alive && n.cordoned).count();
+                let also = if held > 0 {
+                    format!(" and not cordoned ({held} cordoned)")
+                } else {
+                    String::new()
+                };
+                return Err(format!(
+                    "waiting for nodes: {}/{want} joined{also}",
+                    hosts.len()
+                ));
             }
             ringmaster_hostfile::select(&hosts, &request(spec))
                 .map_err(|e| format!("waiting for nodes: {e}"))?
@@ -129,6 +163,7 @@ mod tests {
                     NodeView {
                         slots: 2,
                         alive: true,
+                        cordoned: false,
                     },
                 )
             })
@@ -230,6 +265,44 @@ mod tests {
                 &busy
             )
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn cordoned_nodes_take_no_new_placement() {
+        let mut nodes = joined(&["worker-0", "worker-1", "worker-2"]);
+        nodes.get_mut("worker-1").unwrap().cordoned = true;
+        let three: Hostfile = ringmaster_hostfile::parse_hostfile(
+            "worker-0 slots=2\nworker-1 slots=2\nworker-2 slots=2\n",
+        )
+        .unwrap();
+        let two = JobSpec {
+            nodes: Some(2),
+            ..cmd()
+        };
+        for hf in [Some(&three), None] {
+            let sel = place(&two, hf, &nodes, &Busy::new()).unwrap();
+            let names: Vec<&str> = sel.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(names, ["worker-0", "worker-2"], "{hf:?}");
+        }
+        // A job that needs the cordoned node waits, naming it.
+        let on_1 = JobSpec {
+            include: Some("worker-1".into()),
+            ..cmd()
+        };
+        let err = place(&on_1, Some(&three), &nodes, &Busy::new()).unwrap_err();
+        assert!(
+            err.starts_with("waiting for nodes: cordoned worker-1"),
+            "{err}"
+        );
+        let all = JobSpec {
+            nodes: Some(3),
+            ..cmd()
+        };
+        let err = place(&all, None, &nodes, &Busy::new()).unwrap_err();
+        assert_eq!(
+            err,
+            "waiting for nodes: 2/3 joined and not cordoned (1 cordoned)"
         );
     }
 }

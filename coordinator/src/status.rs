@@ -291,6 +291,7 @@ pub fn node_json(n: &pb::NodeStatus) -> Value {
         "version": n.version,
         "last_heartbeat_ms_ago": n.last_heartbeat_ms_ago,
         "running_workers": n.running_workers,
+        "cordoned": n.cordoned,
     })
 }
 

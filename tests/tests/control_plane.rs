@@ -858,3 +858,75 @@ fn agent_shutdown_stops_its_workers_and_json_logs_carry_job_and_generation() {
     assert!(about_job >= 4, "{log}");
     assert!(log.contains(&format!("[{job} rank 1] up")), "{log}");
 }
+
+/// `ringctl drain` moves a running job off a node (it is placed again on the other, using no
+/// restart); the cordon keeps new jobs off the node until `ringctl uncordon`.
+#[test]
+fn a_drained_node_moves_its_job_and_takes_no_new_one_until_uncordoned() {
+    let _serial = ringmaster_tests::timing_sensitive();
+    let c = two_by_two("3s");
+    let out = out_dir(&c);
+    let job = c.submit(
+        "one-node.yaml",
+        &format!(
+            "nodes: 1\ncommand: [sh, -c, 'echo $RINGMASTER_NODE > {out}/g-$RINGMASTER_GENERATION; \
+             exec sleep 1000']\n"
+        ),
+    );
+    let st = c.wait_state(&job, &["RUNNING"], Duration::from_secs(30));
+    assert_eq!(st["ranks"][0]["node"], "w0", "{st:#}");
+    let d = c.ringctl(&["drain", "w0", "--grace", "2s"]);
+    let said = String::from_utf8_lossy(&d.stdout);
+    assert_eq!(d.status.code(), Some(0), "{d:?}");
+    assert!(
+        said.contains(&format!("w0 cordoned; moving {job}")),
+        "{said}"
+    );
+    let st = wait_until(Duration::from_secs(30), "the job running on w1", || {
+        let st = c.status(&job);
+        (st["state"] == "RUNNING" && st["generation"] == 1).then_some(st)
+    });
+    assert_eq!(st["ranks"][0]["node"], "w1", "{st:#}");
+    assert_eq!(st["restart_count"], 0, "a move uses no restart: {st:#}");
+    assert_eq!(read(&c.path("out/g-1")).unwrap().trim(), "w1");
+    let ev = events(&c, &job);
+    let moved = ev
+        .iter()
+        .find(|e| e["kind"] == "Restarting")
+        .expect("a Restarting event");
+    assert_eq!(moved["reason"], "Drained", "{ev:#?}");
+    // The cordon holds: a job that can only run on w0 waits, naming it.
+    let w0 = |nodes: serde_json::Value| {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == "w0")
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(w0(c.nodes())["cordoned"], true);
+    let pinned = c.submit("pinned.yaml", "include: w0\ncommand: [sleep, '1000']\n");
+    let st = wait_until(Duration::from_secs(10), "the pinned job to wait", || {
+        let st = c.status(&pinned);
+        st["pending_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("cordoned w0"))
+            .then_some(st)
+    });
+    assert_eq!(st["state"], "PENDING", "{st:#}");
+    let u = c.ringctl(&["uncordon", "w0"]);
+    assert_eq!(u.status.code(), Some(0), "{u:?}");
+    c.wait_state(&pinned, &["RUNNING"], Duration::from_secs(30));
+    assert_eq!(w0(c.nodes())["cordoned"], false);
+    // An unknown node is named (exit 2, as an unknown job is).
+    let e = c.ringctl(&["cordon", "w9"]);
+    assert_eq!(e.status.code(), Some(2), "{e:?}");
+    assert!(
+        String::from_utf8_lossy(&e.stderr).contains("no node 'w9'"),
+        "{e:?}"
+    );
+    for j in [&job, &pinned] {
+        c.ringctl(&["cancel", j]);
+    }
+}

@@ -228,6 +228,30 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Take a node out of placement: no new generation is placed on it; what runs there goes
+    /// on (Slurm's drain, `kubectl cordon`). Kept across coordinator restarts.
+    Cordon {
+        node: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Put a cordoned node back into placement.
+    Uncordon {
+        node: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Cordon a node and move every job running on it now (`kubectl drain`): each stops
+    /// (SIGTERM, then SIGKILL after --grace; trainers checkpoint on SIGTERM) and is placed again
+    /// on other nodes, resuming from its newest checkpoint. A move uses no restart.
+    Drain {
+        node: String,
+        /// Between SIGTERM and SIGKILL for the moved jobs' processes.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        grace: Duration,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Run FILE on a whole cluster started on this machine, then tear it down. Overrides of
     /// the training config follow FILE as for `submit`.
     Local {
@@ -803,7 +827,64 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             }
             Ok(Exit::Ok)
         }
+        Command::Cordon { node, output } => cordon(&target()?, node, true, output).await,
+        Command::Uncordon { node, output } => cordon(&target()?, node, false, output).await,
+        Command::Drain {
+            node,
+            grace,
+            output,
+        } => {
+            let mut client = connect(&target()?).await?;
+            let r = client
+                .drain(pb::DrainRequest {
+                    node: node.clone(),
+                    grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX).max(1),
+                })
+                .await?
+                .into_inner();
+            match output {
+                Output::Json => print_json(&serde_json::json!({
+                    "node": r.node.as_ref().map(status::node_json),
+                    "moved_jobs": r.moved_jobs,
+                })),
+                Output::Text if r.moved_jobs.is_empty() => {
+                    println!("{node} cordoned; no job was running there")
+                }
+                Output::Text => println!(
+                    "{node} cordoned; moving {} (stopping with {} grace, then placed on other \
+                     nodes: `ringctl status JOB`)",
+                    r.moved_jobs.join(", "),
+                    humantime::format_duration(grace)
+                ),
+            }
+            Ok(Exit::Ok)
+        }
     }
+}
+
+/// `ringctl cordon` and `uncordon`.
+async fn cordon(
+    target: &Target,
+    node: String,
+    cordon: bool,
+    output: Output,
+) -> Result<Exit, CliError> {
+    let mut client = connect(target).await?;
+    let n = client
+        .cordon(pb::CordonRequest { node, cordon })
+        .await?
+        .into_inner();
+    match output {
+        Output::Json => print_json(&status::node_json(&n)),
+        Output::Text if cordon && n.running_workers > 0 => println!(
+            "{} cordoned: no new placement ({} workers still run there; `ringctl drain {}` \
+             moves their jobs)",
+            n.name, n.running_workers, n.name
+        ),
+        Output::Text if cordon => println!("{} cordoned: no new placement", n.name),
+        Output::Text => println!("{} uncordoned", n.name),
+    }
+    Ok(Exit::Ok)
 }
 
 /// Removes ringctl's own `FLAG VALUE` or `FLAG=VALUE` from the arguments after FILE (the

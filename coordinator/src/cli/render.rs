@@ -76,9 +76,15 @@ pub fn nodes_table(nodes: &[pb::NodeStatus]) -> String {
             .to_vec(),
     ];
     for n in nodes {
+        // A cordoned node still running workers is being drained of them.
+        let state = match (n.cordoned, n.running_workers) {
+            (false, _) => n.state.clone(),
+            (true, 0) => format!("{},CORDONED", n.state),
+            (true, _) => format!("{},DRAINING", n.state),
+        };
         rows.push(vec![
             n.name.clone(),
-            n.state.clone(),
+            state,
             n.slots.to_string(),
             if n.advertise_addr.is_empty() {
                 "-".into()

@@ -41,6 +41,9 @@ pub enum Reason {
     BackoffLimitExceeded,
     /// No placement fits the job now.
     Unschedulable,
+    /// An operator drained a node under the job (`ringctl drain`): it moves, which is not a
+    /// failure and uses no restart.
+    Drained,
     /// A record written before reasons existed, or with a reason this build does not know.
     #[default]
     #[serde(other)]
@@ -62,6 +65,7 @@ impl Reason {
             Reason::Cancelled => "Cancelled",
             Reason::BackoffLimitExceeded => "BackoffLimitExceeded",
             Reason::Unschedulable => "Unschedulable",
+            Reason::Drained => "Drained",
             Reason::Unknown => "Unknown",
         }
     }
@@ -251,6 +255,18 @@ pub fn update(job: &mut Job, now: u64) {
             }
         }
         JobState::Restarting => {
+            // A move off a drained node is not a failure: its reason, and no restart count.
+            let (failed_reason, msg) = match &job.moving {
+                Some(why) => (Reason::Drained.as_str(), why.clone()),
+                None => (
+                    failed_reason,
+                    format!(
+                        "restart {} of {}: {failed_message}",
+                        job.restart_count, job.spec.max_restarts
+                    ),
+                ),
+            };
+            let failed_message = job.moving.clone().unwrap_or(failed_message);
             set(
                 job,
                 ConditionType::Running,
@@ -258,10 +274,6 @@ pub fn update(job: &mut Job, now: u64) {
                 failed_reason,
                 failed_message.clone(),
                 now,
-            );
-            let msg = format!(
-                "restart {} of {}: {failed_message}",
-                job.restart_count, job.spec.max_restarts
             );
             set(
                 job,

@@ -324,6 +324,17 @@ pub fn record(before: &Before, job: &mut Job, cancel: bool, now_ms: u64) {
                 format!("all {world} ranks running"),
             );
         }
+        JobState::Restarting if job.moving.is_some() => {
+            let message = job.moving.clone().unwrap_or_default();
+            add(
+                job,
+                EventKind::Restarting,
+                Some(Reason::Drained),
+                None,
+                None,
+                message,
+            );
+        }
         JobState::Restarting => {
             let message = format!(
                 "restart {} of {}{}",

@@ -23,6 +23,7 @@ impl From<NodeInfo> for pb::NodeStatus {
             last_heartbeat_ms_ago: n.last_heartbeat_ms_ago,
             running_workers: n.running_workers,
             hostname: n.hostname,
+            cordoned: n.cordoned,
         }
     }
 }

@@ -14,6 +14,8 @@ use crate::spec::{JobSpec, MAX_SPEC_BYTES};
 
 /// Longest grace a cancel may give workers between SIGTERM and SIGKILL.
 pub const MAX_CANCEL_GRACE_MS: u64 = 24 * 3_600_000;
+/// A drain's grace when none is given: time for trainers to write a checkpoint on SIGTERM.
+pub const DEFAULT_DRAIN_GRACE_MS: u64 = 30_000;
 
 pub struct JobSvc {
     pub core: Handle,
@@ -148,6 +150,54 @@ impl pb::job_service_server::JobService for JobSvc {
         let nodes = self.core.call(|reply| Cmd::Nodes { reply }).await?;
         Ok(Response::new(pb::NodesResponse {
             nodes: nodes.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn cordon(
+        &self,
+        req: Request<pb::CordonRequest>,
+    ) -> Result<Response<pb::NodeStatus>, Status> {
+        self.require_admin(&req)?;
+        let r = req.into_inner();
+        let node = self
+            .core
+            .call(|reply| Cmd::Cordon {
+                node: r.node,
+                cordon: r.cordon,
+                reply,
+            })
+            .await??;
+        Ok(Response::new(node.into()))
+    }
+
+    async fn drain(
+        &self,
+        req: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        self.require_admin(&req)?;
+        let r = req.into_inner();
+        let grace_ms = if r.grace_ms == 0 {
+            DEFAULT_DRAIN_GRACE_MS
+        } else {
+            r.grace_ms
+        };
+        if grace_ms > MAX_CANCEL_GRACE_MS {
+            return Err(Status::invalid_argument(format!(
+                "drain grace_ms {grace_ms}: at most {MAX_CANCEL_GRACE_MS} (24 hours) between \
+                 SIGTERM and SIGKILL"
+            )));
+        }
+        let (node, moved) = self
+            .core
+            .call(|reply| Cmd::Drain {
+                node: r.node,
+                grace_ms,
+                reply,
+            })
+            .await??;
+        Ok(Response::new(pb::DrainResponse {
+            node: Some(node.into()),
+            moved_jobs: moved,
         }))
     }
 

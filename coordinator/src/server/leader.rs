@@ -299,6 +299,20 @@ impl pb::job_service_server::JobService for StandbyJobs {
         Err(not_the_leader(&self.leader).await)
     }
 
+    async fn cordon(
+        &self,
+        _: Request<pb::CordonRequest>,
+    ) -> Result<Response<pb::NodeStatus>, Status> {
+        Err(not_the_leader(&self.leader).await)
+    }
+
+    async fn drain(
+        &self,
+        _: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        Err(not_the_leader(&self.leader).await)
+    }
+
     async fn nodes(
         &self,
         _: Request<pb::NodesRequest>,

@@ -83,7 +83,7 @@ fn open_state(
         let store = ringmaster_store::open_url_with(&config.store_url, dir, &config.etcd)?;
         Persister::start_fenced(
             store,
-            &["jobs/", "jobparts/", "nodes/", "meta/"],
+            &["jobs/", "jobparts/", "nodes/", core::CORDONS, "meta/"],
             crate::persist::RetryPolicy::default(),
             fence.clone(),
         )

@@ -312,6 +312,7 @@ impl Core {
                         .then(|| now.duration_since(n.last_seen).as_millis() as u64),
                     running_workers: n.running_workers,
                     hostname: n.hostname.clone(),
+                    cordoned: n.cordoned,
                 })
             })
             .collect()
@@ -554,7 +555,10 @@ impl Core {
             .nodes
             .iter()
             .filter(|(n, node)| {
-                node.conn.is_none() && !placed.contains(*n) && !in_hostfile(n.as_str())
+                node.conn.is_none()
+                    && !node.cordoned
+                    && !placed.contains(*n)
+                    && !in_hostfile(n.as_str())
             })
             .min_by_key(|(_, node)| node.last_seen)
             .map(|(n, _)| n.clone());
@@ -569,5 +573,69 @@ impl Core {
         self.persist.delete(format!("nodes/{old}"));
         self.dirty = true;
         Ok(())
+    }
+}
+
+impl Core {
+    /// `ringctl cordon`/`uncordon`: no new generation is placed on the node while it is
+    /// cordoned (running ones go on). Persisted, so it survives a restart or a failover.
+    pub(super) fn cordon(&mut self, name: &str, cordon: bool) -> Result<NodeInfo, CoreError> {
+        let Some(node) = self.nodes.get_mut(name) else {
+            return Err(CoreError::NotFound(format!(
+                "no node '{name}' is known to this coordinator (ringctl nodes lists them)"
+            )));
+        };
+        if node.cordoned != cordon {
+            node.cordoned = cordon;
+            let key = format!("{CORDONS}{name}");
+            if cordon {
+                self.persist.put(key, b"{}".to_vec());
+            } else {
+                self.persist.delete(key);
+            }
+            tracing::info!(node = %name, cordon, "node {}", if cordon { "cordoned" } else { "uncordoned" });
+            // Jobs waiting for this node may fit now.
+            self.dirty = true;
+        }
+        self.node_info(name)
+    }
+
+    /// `ringctl drain`: cordons the node, then moves every generation placed on it that has
+    /// workers: each stops (SIGTERM, `grace_ms`, SIGKILL) and is placed again without the node,
+    /// using no restart. Returns the node and the jobs moved.
+    pub(super) fn drain(
+        &mut self,
+        name: &str,
+        grace_ms: u64,
+    ) -> Result<(NodeInfo, Vec<String>), CoreError> {
+        self.cordon(name, true)?;
+        let moving: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|j| {
+                matches!(j.state, JobState::Starting | JobState::Running)
+                    && !j.stopping
+                    && j.placement.iter().any(|s| s.name == name)
+            })
+            .map(|j| j.id.clone())
+            .collect();
+        for id in &moving {
+            tracing::info!(job = %id, node = %name, "draining: moving the job off the node");
+            self.apply(
+                id,
+                Event::Drain {
+                    node: name.to_owned(),
+                    grace_ms,
+                },
+            );
+        }
+        Ok((self.node_info(name)?, moving))
+    }
+
+    fn node_info(&self, name: &str) -> Result<NodeInfo, CoreError> {
+        self.node_statuses()
+            .into_iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| CoreError::NotFound(format!("no node '{name}'")))
     }
 }

@@ -121,6 +121,18 @@ pub enum Cmd {
     Nodes {
         reply: oneshot::Sender<Vec<NodeInfo>>,
     },
+    /// Takes a node out of placement (`cordon`), or puts it back.
+    Cordon {
+        node: String,
+        cordon: bool,
+        reply: oneshot::Sender<Result<NodeInfo, CoreError>>,
+    },
+    /// Cordons a node and moves every running generation placed on it: the jobs moved.
+    Drain {
+        node: String,
+        grace_ms: u64,
+        reply: oneshot::Sender<Result<(NodeInfo, Vec<String>), CoreError>>,
+    },
     /// Starts a log fetch; replies with its request id. `tx` must hold
     /// [`LOG_WINDOW_CHUNKS`] + 2 items (the window, the final chunk and a disconnect error).
     Logs {
@@ -216,6 +228,9 @@ struct Node {
     joined: bool,
     lost: bool,
     running_workers: u32,
+    /// Taken out of placement by an operator (`ringctl cordon`/`drain`); persisted as
+    /// `cordons/<name>`, kept across rejoins and restarts.
+    cordoned: bool,
 }
 
 impl Node {
@@ -233,6 +248,7 @@ impl Node {
             joined: false,
             lost: false,
             running_workers: 0,
+            cordoned: false,
         }
     }
 
@@ -240,6 +256,9 @@ impl Node {
         self.conn.is_some() && !self.lost
     }
 }
+
+/// Where a cordon is persisted: `cordons/<node>` (present while the node is cordoned).
+pub const CORDONS: &str = "cordons/";
 
 /// A node record as persisted.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -399,6 +418,10 @@ impl Core {
             core.cfg.metrics.seen(&job);
             core.jobs.insert(job.id.clone(), job);
         }
+        let cordons: Vec<String> = loaded
+            .iter()
+            .filter_map(|(key, _)| key.strip_prefix(CORDONS).map(str::to_owned))
+            .collect();
         for (key, value) in loaded {
             if let Some(name) = key.strip_prefix("nodes/")
                 && let Ok(rec) = serde_json::from_slice::<NodeRecord>(&value)
@@ -414,6 +437,11 @@ impl Core {
                     n.hostname = rec.hostname;
                     n.version = rec.version;
                 }
+            }
+        }
+        for name in cordons {
+            if let Some(n) = core.nodes.get_mut(&name) {
+                n.cordoned = true;
             }
         }
         core
@@ -627,6 +655,22 @@ impl Core {
             }
             Cmd::Nodes { reply } => {
                 let _ = reply.send(self.node_statuses());
+            }
+            Cmd::Cordon {
+                node,
+                cordon,
+                reply,
+            } => {
+                let r = self.writable().and_then(|()| self.cordon(&node, cordon));
+                let _ = reply.send(r);
+            }
+            Cmd::Drain {
+                node,
+                grace_ms,
+                reply,
+            } => {
+                let r = self.writable().and_then(|()| self.drain(&node, grace_ms));
+                let _ = reply.send(r);
             }
             Cmd::Logs { req, tx, reply } => {
                 let r = self.start_log_fetch(req, tx);

@@ -64,6 +64,7 @@ impl Core {
                         NodeView {
                             slots: n.slots,
                             alive: n.alive(),
+                            cordoned: n.cordoned,
                         },
                     )
                 })

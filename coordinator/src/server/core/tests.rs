@@ -17,16 +17,21 @@ fn limits() -> JobLimits {
 
 /// A loop over a shared in-memory store that fails as `store` says.
 fn core(store: &Arc<Flaky>, job_limits: JobLimits) -> Core {
+    core_loading(store, job_limits, &["jobs/", "jobparts/", "meta/"])
+}
+
+/// As [`core`], loading what the store holds under `prefixes`.
+fn core_with_prefixes(store: &Arc<Flaky>, prefixes: &[&str]) -> Core {
+    core_loading(store, limits(), prefixes)
+}
+
+fn core_loading(store: &Arc<Flaky>, job_limits: JobLimits, prefixes: &[&str]) -> Core {
     let retry = RetryPolicy {
         attempts: 2,
         first_delay: Duration::from_millis(1),
     };
-    let (persist, loaded) = Persister::start_with(
-        Box::new(FlakyStore(store.clone())),
-        &["jobs/", "jobparts/", "meta/"],
-        retry,
-    )
-    .unwrap();
+    let (persist, loaded) =
+        Persister::start_with(Box::new(FlakyStore(store.clone())), prefixes, retry).unwrap();
     let ids = JobIds::load(None, stored_next_job(&loaded.records)).unwrap();
     let cfg = CoreConfig {
         metrics: crate::metrics::Metrics::new().0,
@@ -429,4 +434,32 @@ async fn only_the_node_asked_answers_a_port_request() {
         !c.port_requests.contains_key(&7),
         "n1's answer is taken (as a failure)"
     );
+}
+
+/// A cordon is kept in the store (`cordons/<node>`) and read back at start; uncordon deletes
+/// it. An unknown node is refused by name.
+#[tokio::test]
+async fn a_cordon_outlives_the_coordinator() {
+    let store = Flaky::new(0);
+    let mut c = core(&store, limits());
+    let (tx, _rx) = mpsc::channel(64);
+    c.agent_join(join_req("n1"), None, tx.clone()).unwrap();
+    let n = c.cordon("n1", true).unwrap();
+    assert!(n.cordoned);
+    match c.cordon("n9", true) {
+        Err(CoreError::NotFound(m)) => assert!(m.contains("no node 'n9'"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let (n, moved) = c.drain("n1", 1_000).unwrap();
+    assert!(n.cordoned && moved.is_empty());
+    c.persist.flush().wait().await.unwrap();
+    assert!(store.inner.get("cordons/n1").unwrap().is_some());
+    drop(c);
+    let mut c = core_with_prefixes(&store, &["jobs/", "jobparts/", "nodes/", CORDONS, "meta/"]);
+    assert!(c.nodes["n1"].cordoned, "read back at start");
+    c.agent_join(join_req("n1"), None, tx.clone()).unwrap();
+    assert!(c.nodes["n1"].cordoned, "kept across a rejoin");
+    c.cordon("n1", false).unwrap();
+    c.persist.flush().wait().await.unwrap();
+    assert!(store.inner.get("cordons/n1").unwrap().is_none());
 }

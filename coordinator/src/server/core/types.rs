@@ -23,6 +23,8 @@ pub struct NodeInfo {
     pub last_heartbeat_ms_ago: Option<u64>,
     pub running_workers: u32,
     pub hostname: String,
+    /// Taken out of placement by an operator.
+    pub cordoned: bool,
 }
 
 /// An agent's first message on its stream (the join token was checked by the handler).
