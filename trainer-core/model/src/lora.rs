@@ -43,7 +43,11 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
-    /// Resolves `lora_target` (`all`, or a comma-separated list / list of module names).
+    /// Resolves the LoRA settings as LLaMA-Factory's `FinetuningArguments.__post_init__` and
+    /// `model/adapter.py` do: `lora_alpha` absent or 0 is `2 × lora_rank` (`lora_alpha or
+    /// lora_rank * 2`); `lora_target` (a comma-separated list, or a list) is expanded to every
+    /// linear of the blocks only when it is exactly `all`: inside a longer list `all` is a
+    /// module name that matches no module (PEFT adapts the others).
     pub fn new(rank: usize, alpha: Option<f64>, dropout: f64, target: &[String]) -> Result<Self> {
         if rank == 0 {
             return Err(ModelError::Invalid("lora_rank must be positive".into()));
@@ -53,15 +57,21 @@ impl LoraConfig {
                 "lora_dropout {dropout} is not in [0, 1)"
             )));
         }
-        let mut targets = Vec::new();
-        for t in target
+        let names: Vec<&str> = target
             .iter()
             .flat_map(|s| s.split(','))
             .map(str::trim)
             .filter(|s| !s.is_empty())
-        {
+            .collect();
+        let mut targets = Vec::new();
+        let expand = names == ["all"];
+        if expand {
+            targets.extend(ALL_TARGETS.iter().map(|s| s.to_string()));
+        }
+        for &t in names.iter().filter(|_| !expand) {
             if t == "all" {
-                targets.extend(ALL_TARGETS.iter().map(|s| s.to_string()));
+                // PEFT finds no module named `all`.
+                continue;
             } else if ALL_TARGETS.contains(&t) {
                 targets.push(t.to_string());
             } else {
@@ -74,11 +84,14 @@ impl LoraConfig {
         targets.sort_by_key(|t| ALL_TARGETS.iter().position(|a| a == t));
         targets.dedup();
         if targets.is_empty() {
-            return Err(ModelError::Invalid("lora_target names no module".into()));
+            return Err(ModelError::Invalid(format!(
+                "lora_target names no module ({}; `all` counts only as the sole item)",
+                names.join(",")
+            )));
         }
         Ok(LoraConfig {
             rank,
-            alpha: alpha.unwrap_or(2.0 * rank as f64),
+            alpha: alpha.filter(|&a| a != 0.0).unwrap_or(2.0 * rank as f64),
             dropout,
             targets,
         })
@@ -306,4 +319,44 @@ pub fn merge(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn targets(t: &[&str]) -> Result<Vec<String>> {
+        let t: Vec<String> = t.iter().map(|s| s.to_string()).collect();
+        LoraConfig::new(8, None, 0.0, &t).map(|c| c.targets)
+    }
+
+    /// LLaMA-Factory's `FinetuningArguments.__post_init__`: `lora_alpha = lora_alpha or
+    /// lora_rank * 2`, so absent and 0 both give 2 × rank.
+    #[test]
+    fn alpha_absent_or_zero_is_twice_the_rank() {
+        let all = ["all".to_string()];
+        for alpha in [None, Some(0.0)] {
+            let c = LoraConfig::new(8, alpha, 0.0, &all).unwrap();
+            assert_eq!(c.alpha, 16.0);
+            assert_eq!(c.scale(), 2.0);
+        }
+        assert_eq!(LoraConfig::new(8, Some(4.0), 0.0, &all).unwrap().alpha, 4.0);
+    }
+
+    /// LLaMA-Factory's `model/adapter.py`: `if len(lora_target) == 1 and lora_target[0] ==
+    /// "all"` expands to every linear module; otherwise the names go to PEFT as they are, where
+    /// `all` matches no module.
+    #[test]
+    fn all_expands_only_as_the_sole_target() {
+        assert_eq!(targets(&["all"]).unwrap(), ALL_TARGETS.map(String::from));
+        assert_eq!(targets(&[" all "]).unwrap(), ALL_TARGETS.map(String::from));
+        assert_eq!(targets(&["q_proj,all"]).unwrap(), ["q_proj"]);
+        assert_eq!(
+            targets(&["all", "v_proj", "q_proj"]).unwrap(),
+            ["q_proj", "v_proj"]
+        );
+        let err = targets(&["all,all"]).unwrap_err().to_string();
+        assert!(err.contains("names no module"), "{err}");
+        assert!(targets(&["lm_head"]).is_err());
+    }
 }
