@@ -278,7 +278,7 @@ pub async fn run_with_metrics(
                                 break Err(AgentError::Refused { addr: agent.cfg.join.clone(), message });
                             }
                             Err(ConnectError::Retry(why)) => {
-                                tracing::warn!(coordinator = %agent.cfg.join, retry_in_ms = backoff.as_millis() as u64, "coordinator unreachable: {why}");
+                                tracing::warn!(coordinator = %agent.cfg.join, retry_in_ms = backoff.as_millis() as u64, "not joined: {why}");
                                 if why.contains("standby") {
                                     // A standby answered: an election is under way and a
                                     // leader serves within its lease's TTL. Knock every 1-2 s
@@ -462,6 +462,13 @@ impl Agent {
                 | Code::PermissionDenied
                 | Code::FailedPrecondition
                 | Code::InvalidArgument => ConnectError::Fatal(s.message().to_owned()),
+                // The name is held by a session that may be ending (this agent's previous
+                // process): retried until the coordinator's heartbeat timeout frees it.
+                Code::AlreadyExists => ConnectError::Retry(format!(
+                    "refused for now: {} (retrying: the other session ends after the \
+                     coordinator's heartbeat timeout if that agent is gone)",
+                    s.message()
+                )),
                 _ => ConnectError::Retry(format!("{:?}: {}", s.code(), s.message())),
             };
             (e, ringmaster_auth::client::leader_hint(&s))

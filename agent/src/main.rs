@@ -81,6 +81,20 @@ fn read_token(path: &std::path::Path) -> Result<String, String> {
         .map_err(|e| format!("--join-token-file {e}"))
 }
 
+/// A regular file someone may execute (the trainer for `train:` jobs); a bare name is looked
+/// up on PATH, as starting it would.
+fn is_executable_file(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if p.components().count() > 1 || p.is_absolute() {
+        return executable(p);
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| executable(&d.join(p))))
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     logging::init(args.log_format);
@@ -134,6 +148,22 @@ fn main() -> ExitCode {
             "agent: {from} {slots} is above the limit of {} slots per agent",
             ringmaster_agent::MAX_SLOTS
         );
+        return ExitCode::from(2);
+    }
+    if let Some(t) = &args.trainer
+        && !is_executable_file(t)
+    {
+        eprintln!(
+            "agent: --trainer {}: not an executable file (nor a program on PATH)",
+            t.display()
+        );
+        return ExitCode::from(2);
+    }
+    if let Some(w) = &args.work_dir
+        && w.exists()
+        && !w.is_dir()
+    {
+        eprintln!("agent: --work-dir {}: not a directory", w.display());
         return ExitCode::from(2);
     }
     let trainer = args.trainer.unwrap_or_else(|| {

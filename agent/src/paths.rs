@@ -49,6 +49,18 @@ impl AllowedRoots {
                     ),
                 });
             }
+            if paths::is_system_dir(&c) {
+                return Err(RootError {
+                    path: r.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        format!(
+                            "{} is a system directory (or the root): jobs may never write there",
+                            c.display()
+                        ),
+                    ),
+                });
+            }
             if !roots.contains(&c) {
                 roots.push(c);
             }
@@ -166,6 +178,15 @@ mod tests {
             .job_dirs(missing.to_str().unwrap(), "", &gen_dir)
             .unwrap_err();
         assert!(e.contains("not an existing directory"), "{e}");
+    }
+
+    #[test]
+    fn a_system_directory_is_no_root() {
+        let dir = tempfile::tempdir().unwrap();
+        for sys in ["/etc", "/usr", "/"] {
+            let e = AllowedRoots::new(dir.path(), &[PathBuf::from(sys)]).unwrap_err();
+            assert!(e.to_string().contains("system directory"), "{e}");
+        }
     }
 
     #[test]

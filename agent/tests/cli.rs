@@ -17,6 +17,9 @@ fn usage_errors_exit_2() {
             "--join-token-file",
             "/nonexistent/token",
         ],
+        vec!["--join", "127.0.0.1:1", "--trainer", "/nonexistent/trainer"],
+        vec!["--join", "127.0.0.1:1", "--work-dir", "Cargo.toml"],
+        vec!["--join", "127.0.0.1:1", "--max-backoff", "0s"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_agent"))
             .args(&args)

@@ -617,7 +617,7 @@ pub(crate) mod testing {
                 }
                 return Err(StoreError::Io {
                     path: "/data/state.redb".into(),
-                    source: std::io::Error::other("No space left on device"),
+                    error: std::io::Error::other("No space left on device"),
                 });
             }
             self.0.inner.commit(ops)

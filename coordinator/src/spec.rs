@@ -457,11 +457,58 @@ pub struct Submission {
     pub files: BTreeMap<String, Vec<u8>>,
 }
 
+/// Parses YAML (or JSON) text; a leading UTF-8 byte-order mark is skipped, and a number that
+/// is not finite (`.nan`, `.inf`), which JSON cannot hold and would read as null, is refused
+/// naming its key.
 fn parse_yaml(text: &str, origin: &str) -> Result<serde_json::Value, SpecError> {
-    serde_yaml::from_str::<serde_json::Value>(text).map_err(|e| SpecError::Syntax {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let syntax = |e: serde_yaml::Error| SpecError::Syntax {
         origin: origin.to_owned(),
         message: e.to_string(),
-    })
+    };
+    let yaml: serde_yaml::Value = serde_yaml::from_str(text).map_err(syntax)?;
+    if let Some(at) = non_finite(&yaml, "") {
+        return Err(SpecError::invalid(
+            origin,
+            format!("{at}: not a finite number (.nan and .inf are not accepted)"),
+        ));
+    }
+    serde_yaml::from_value(yaml).map_err(syntax)
+}
+
+/// The key path of the first number in `v` that is NaN or infinite.
+fn non_finite(v: &serde_yaml::Value, at: &str) -> Option<String> {
+    use serde_yaml::Value;
+    match v {
+        Value::Number(n) => n.as_f64().filter(|f| !f.is_finite()).map(|_| {
+            if at.is_empty() {
+                "the value".to_owned()
+            } else {
+                at.to_owned()
+            }
+        }),
+        Value::Sequence(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| non_finite(x, &format!("{at}[{i}]"))),
+        Value::Mapping(m) => m.iter().find_map(|(k, x)| {
+            let key = match k {
+                Value::String(s) => s.clone(),
+                other => serde_yaml::to_string(other)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+            };
+            let path = if at.is_empty() {
+                key
+            } else {
+                format!("{at}.{key}")
+            };
+            non_finite(x, &path)
+        }),
+        Value::Tagged(t) => non_finite(&t.value, at),
+        _ => None,
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, SpecError> {
@@ -633,6 +680,20 @@ mod tests {
 
     fn sub(text: &str) -> Result<Submission, SpecError> {
         submission_from_text(text, "job.yaml", Path::new("."))
+    }
+
+    /// A byte-order mark is skipped; `.nan`/`.inf` are refused by key, not read as null.
+    #[test]
+    fn a_bom_is_skipped_and_non_finite_numbers_are_refused() {
+        let s = sub("\u{feff}command: [\"true\"]\n").unwrap();
+        assert_eq!(s.spec.command.unwrap()[0], "true");
+        let e = sub("learning_rate: .inf\noutput_dir: /tmp/o\n").unwrap_err();
+        assert!(
+            e.to_string().contains("learning_rate: not a finite number"),
+            "{e}"
+        );
+        let e = sub("command: [\"true\"]\nrestart_backoff: {initial: .nan}\n").unwrap_err();
+        assert!(e.to_string().contains("restart_backoff.initial"), "{e}");
     }
 
     /// Every variable the launch contract gives a worker is refused in `env:` (the agent

@@ -19,6 +19,38 @@ fn unknown_flags_and_bad_values_exit_2() {
             env!("CARGO_BIN_EXE_coordinator"),
             vec!["--listen", "nowhere"],
         ),
+        (
+            env!("CARGO_BIN_EXE_coordinator"),
+            vec!["--listen", "127.0.0.1:99999"],
+        ),
+        (
+            env!("CARGO_BIN_EXE_coordinator"),
+            vec!["--listen", "10.1.2.3.4:29500"],
+        ),
+        (
+            env!("CARGO_BIN_EXE_coordinator"),
+            vec!["--store", "foo://bar"],
+        ),
+        (
+            env!("CARGO_BIN_EXE_coordinator"),
+            vec!["--data-dir", "Cargo.toml"],
+        ),
+        (
+            env!("CARGO_BIN_EXE_coordinator"),
+            vec!["--heartbeat-timeout", "2days"],
+        ),
+        (
+            env!("CARGO_BIN_EXE_ringctl"),
+            vec!["--coordinator", "127.0.0.1:99999", "jobs"],
+        ),
+        (
+            env!("CARGO_BIN_EXE_ringctl"),
+            vec!["--coordinator", "127.0.0.1:1,", "jobs"],
+        ),
+        (
+            env!("CARGO_BIN_EXE_ringctl"),
+            vec!["submit", "x.yaml", "--nodes", "2"],
+        ),
     ] {
         let out = Command::new(bin).args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{bin} {args:?}: {out:?}");

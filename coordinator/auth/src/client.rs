@@ -232,13 +232,18 @@ pub fn explain(e: &(dyn std::error::Error + 'static), tls: &ClientTls) -> String
     s
 }
 
-/// An error and its sources on one line, `outer: inner: innermost`.
+/// An error and its sources on one line, `outer: inner: innermost`. A source whose text the
+/// line already ends with (an error that prints its source, or two layers saying the same,
+/// as hyper's `tcp connect error`) is not repeated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s

@@ -264,13 +264,48 @@ fn main() -> ExitCode {
                 return usage(why);
             }
         }
-        Err(_) if !has_credentials && !args.insecure => {
-            return usage(format!(
-                "--listen {listen}: without credentials the coordinator listens only on a \
-                 loopback IP address (e.g. 127.0.0.1:29500); give --join-token-file or --insecure"
-            ));
+        // HOST:PORT with a host name (tokio resolves it when binding).
+        Err(_) => {
+            let Some((host, port)) = listen
+                .rsplit_once(':')
+                .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            else {
+                return usage(format!(
+                    "--listen {listen}: expected IP:PORT or HOST:PORT with a port of 0-65535 \
+                     (e.g. 127.0.0.1:29500)"
+                ));
+            };
+            if !has_credentials && !args.insecure && host != "localhost" {
+                return usage(format!(
+                    "--listen {listen}: without credentials the coordinator listens only on a \
+                     loopback address (127.0.0.1:{port}, [::1]:{port} or localhost:{port}), and \
+                     '{host}' is not one; give --join-token-file or --insecure"
+                ));
+            }
         }
-        Err(_) => {}
+    }
+    if let Ok(meta) = std::fs::metadata(&args.data_dir)
+        && !meta.is_dir()
+    {
+        return usage(format!(
+            "--data-dir {}: not a directory",
+            args.data_dir.display()
+        ));
+    }
+    let store_kind = args.store.trim();
+    if !ringmaster_store::is_remote(store_kind)
+        && !matches!(store_kind, "" | "embedded" | "redb" | "memory")
+    {
+        return usage(format!(
+            "--store {}: unknown store; expected embedded, redb, memory or etcd://HOST:PORT",
+            args.store
+        ));
+    }
+    if args.heartbeat_timeout > Duration::from_secs(3600) {
+        return usage(format!(
+            "--heartbeat-timeout {} is above the 1h maximum",
+            humantime::format_duration(args.heartbeat_timeout)
+        ));
     }
     if args.heartbeat_timeout < Duration::from_millis(200) {
         return usage(format!(

@@ -349,8 +349,21 @@ impl Target {
             .map(ringmaster_auth::credentials::read_token_file)
             .transpose()
             .map_err(|e| CliError::usage(format!("--token-file {e}")))?;
+        let addr = coordinator_addr(args.coordinator.as_deref());
+        for one in addr.split(',') {
+            let ok = one
+                .trim()
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(CliError::usage(format!(
+                    "--coordinator {addr}: '{one}' is not HOST:PORT with a port of 1-65535 \
+                     (several coordinators: a:29500,b:29500)"
+                )));
+            }
+        }
         Ok(Target {
-            addr: coordinator_addr(args.coordinator.as_deref()),
+            addr,
             tls: ClientTls {
                 ca: args.tls_ca.clone(),
                 domain: args.tls_domain.clone(),
@@ -556,6 +569,17 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             }
             if let Some(v) = take_flag(&mut args, "--output")? {
                 output = parse_output(&v)?;
+            }
+            // `ringctl local`'s cluster flags, given to submit: the job spec says where to run.
+            if let Some(flag) = args.iter().find_map(|a| {
+                ["--nodes", "--slots"]
+                    .into_iter()
+                    .find(|f| a == f || a.starts_with(&format!("{f}=")))
+            }) {
+                return Err(CliError::usage(format!(
+                    "ringctl submit has no {flag}: a job spec's `nodes:` (and `gpus_per_node:`, \
+                     `include:`) says where it runs; {flag} belongs to `ringctl local`"
+                )));
             }
             let sub = submission(&args)?;
             crate::local::run(sub, nodes, slots, work_dir, output, log_format).await

@@ -49,7 +49,7 @@ fn u32_at(buf: &[u8], offset: usize) -> u64 {
 pub(crate) fn check_header(path: &Path) -> Result<(), StoreError> {
     let io = |source| StoreError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let mut file = File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();

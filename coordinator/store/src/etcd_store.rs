@@ -236,7 +236,7 @@ fn transient(e: &etcd_client::Error) -> bool {
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, StoreError> {
     std::fs::read(path).map_err(|source| StoreError::Io {
         path: path.to_path_buf(),
-        source: std::io::Error::new(source.kind(), format!("{what}: {source}")),
+        error: std::io::Error::new(source.kind(), format!("{what}: {source}")),
     })
 }
 

@@ -179,11 +179,12 @@ pub enum StoreError {
         current: Option<Version>,
     },
     /// Opening, creating, reading or writing a file failed.
-    #[error("state store I/O error at {}: {source}", path.display())]
+    /// (The I/O error is part of the message, not a `source()`: a chain printed with `{:#}`
+    /// would show it twice.)
+    #[error("state store I/O error at {}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The database file is locked by another open store.
     #[error(

@@ -70,13 +70,18 @@ impl RedbStore {
     pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
         fs::create_dir_all(dir).map_err(|source| StoreError::Io {
             path: dir.to_path_buf(),
-            source,
+            error: source,
         })?;
         let path = dir.join(DB_FILE_NAME);
         match fs::symlink_metadata(&path) {
             Ok(_) => check_header(&path)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_new(dir, &path)?,
-            Err(source) => return Err(StoreError::Io { path, source }),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path,
+                    error: source,
+                });
+            }
         }
         let db = guard(&path, "opening", || {
             Database::open(&path).map_err(|e| open_error(e, &path, dir))
@@ -113,7 +118,7 @@ impl RedbStore {
             .expect("some suffix is free");
         fs::rename(&path, &target).map_err(|source| StoreError::Io {
             path: path.clone(),
-            source,
+            error: source,
         })?;
         sync_dir(dir)?;
         Ok(Some(target))
@@ -167,7 +172,7 @@ impl RedbStore {
         match e.into() {
             redb::Error::Io(source) => StoreError::Io {
                 path: self.path.clone(),
-                source,
+                error: source,
             },
             redb::Error::Corrupted(msg) => StoreError::Corrupt {
                 path: self.path.clone(),
@@ -327,7 +332,7 @@ fn open_error(e: DatabaseError, path: &Path, dir: &Path) -> StoreError {
         }
         DatabaseError::Storage(StorageError::Io(source)) => StoreError::Io {
             path: path.to_path_buf(),
-            source,
+            error: source,
         },
         DatabaseError::Storage(StorageError::Corrupted(msg)) => StoreError::Corrupt {
             path: path.to_path_buf(),
@@ -347,7 +352,7 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .and_then(|d| d.sync_all())
         .map_err(|source| StoreError::Io {
             path: dir.to_path_buf(),
-            source,
+            error: source,
         })
 }
 
@@ -359,7 +364,10 @@ fn create_new(dir: &Path, path: &Path) -> Result<(), StoreError> {
     let _ = fs::remove_file(&tmp);
     let io = |p: &Path| {
         let p = p.to_path_buf();
-        move |source| StoreError::Io { path: p, source }
+        move |source| StoreError::Io {
+            path: p,
+            error: source,
+        }
     };
     {
         let db = guard(&tmp, "creating", || {
