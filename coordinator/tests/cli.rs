@@ -51,6 +51,11 @@ fn unknown_flags_and_bad_values_exit_2() {
             env!("CARGO_BIN_EXE_ringctl"),
             vec!["submit", "x.yaml", "--nodes", "2"],
         ),
+        // Refused before any worker starts.
+        (
+            env!("CARGO_BIN_EXE_ringctl"),
+            vec!["launch", "../examples/quickstart.yaml", "learning_rate=abc"],
+        ),
     ] {
         let out = Command::new(bin).args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{bin} {args:?}: {out:?}");

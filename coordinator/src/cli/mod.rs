@@ -911,8 +911,6 @@ async fn cordon(
     Ok(Exit::Ok)
 }
 
-/// Removes ringctl's own `FLAG VALUE` or `FLAG=VALUE` from the arguments after FILE (the
-/// training config has no key of that name) and returns the value.
 /// `ringctl launch`: the plan from the command line and the environment (a bad one exits 2),
 /// then this node's launcher; the exit code is the job's.
 async fn launch(args: Vec<String>) -> Result<Exit, CliError> {
@@ -925,6 +923,9 @@ async fn launch(args: Vec<String>) -> Result<Exit, CliError> {
     let plan = ringmaster_launch::frontends::parse(&args, &env, &probe)
         .map_err(|e| CliError::usage(format!("launch: {e}")))?;
     let dialect = plan.dialect;
+    // A training config the trainer would refuse is refused here, before any worker starts
+    // on any node (as `submit` does).
+    check_training_config(&plan.program)?;
     let rt = ringmaster_launch::runtime::Runtime {
         trainer: sibling("trainer"),
         // torchrun's variable for the same grace; 3 s by default here (torchrun: 30 s), so
@@ -962,6 +963,37 @@ async fn launch(args: Vec<String>) -> Result<Exit, CliError> {
     }
 }
 
+/// The training config a launch would give the trainer, read as the trainer reads it (the
+/// recipe, then the command line's overrides); a usage error naming what is wrong.
+fn check_training_config(program: &ringmaster_launch::plan::Program) -> Result<(), CliError> {
+    use ringmaster_launch::plan::Program;
+    let (file, words) = match program {
+        Program::Recipe { file, overrides } => {
+            let mut words = vec![file.clone()];
+            words.extend(overrides.iter().cloned());
+            (Some(file.as_str()), words)
+        }
+        Program::TrainerFlags(flags) => (None, flags.clone()),
+        _ => return Ok(()),
+    };
+    let origin = file.unwrap_or("the command line");
+    let bad = |e: String| CliError::usage(format!("launch: {origin}: {e}"));
+    let command_line =
+        ringmaster_config::CommandLine::parse(&words).map_err(|e| bad(e.to_string()))?;
+    let mut value = match file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f).map_err(|e| bad(e.to_string()))?;
+            ringmaster_config::parse_document(&text).map_err(|e| bad(e.to_string()))?
+        }
+        None => serde_json::Value::Object(Default::default()),
+    };
+    if let serde_json::Value::Object(map) = &mut value {
+        command_line.apply(map);
+    }
+    ringmaster_config::TrainConfig::from_value(&value).map_err(|e| bad(e.to_string()))?;
+    Ok(())
+}
+
 /// clap takes a `--` before the first launcher word as its own end of options and drops it, so
 /// `ringctl launch -- CMD` would reach the launcher as `CMD` (a script). When the raw command
 /// line ends with `launch [ringctl's options] -- ARGS` and clap gave `ARGS`, the `--` is put
@@ -992,6 +1024,8 @@ pub(crate) fn sibling(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// Removes ringctl's own `FLAG VALUE` or `FLAG=VALUE` from the arguments after FILE (the
+/// training config has no key of that name) and returns the value.
 fn take_flag(args: &mut Vec<String>, flag: &str) -> Result<Option<String>, CliError> {
     let Some(i) = args
         .iter()
