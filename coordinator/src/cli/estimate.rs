@@ -9,6 +9,15 @@ use ringmaster_config::estimate::{self, Estimate, EstimateInput, ModelDims, PRES
 
 use super::{CliError, Exit, Output};
 
+/// The largest `--nodes`.
+pub const MAX_NODES: u64 = 1 << 16;
+/// The largest `--gpus-per-node`.
+pub const MAX_GPUS_PER_NODE: u64 = 1 << 10;
+/// The largest `--micro-batch`.
+pub const MAX_MICRO_BATCH: u64 = 1 << 20;
+/// The largest `--seq`.
+pub const MAX_SEQ: u64 = 1 << 24;
+
 /// Flags of `ringctl estimate`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EstimateArgs {
@@ -16,11 +25,11 @@ pub struct EstimateArgs {
     /// llama3-70b, llama2-7b, qwen2.5-7b, tiny-3.4m, small-124m.
     #[arg(long, value_name = "CONFIG.json|PRESET")]
     pub model: String,
-    /// Nodes.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Nodes (1 to 65536).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=MAX_NODES))]
     pub nodes: u64,
-    /// GPUs per node.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    /// GPUs per node (1 to 1024).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=MAX_GPUS_PER_NODE))]
     pub gpus_per_node: u64,
     /// Memory of one GPU: 80GiB, 24GB, 40G (K/M/G/T and KiB.. are powers of 1024, KB.. of 1000).
     #[arg(long, value_name = "SIZE", default_value = "80GiB", value_parser = parse_size)]
@@ -28,11 +37,11 @@ pub struct EstimateArgs {
     /// Host memory of one node; not checked when absent.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub cpu_memory: Option<u64>,
-    /// Micro-batch per GPU for the activation term (with --seq).
-    #[arg(long, value_name = "B", requires = "seq", value_parser = clap::value_parser!(u64).range(1..))]
+    /// Micro-batch per GPU for the activation term (with --seq; 1 to 1048576).
+    #[arg(long, value_name = "B", requires = "seq", value_parser = clap::value_parser!(u64).range(1..=MAX_MICRO_BATCH))]
     pub micro_batch: Option<u64>,
-    /// Sequence length for the activation term (with --micro-batch).
-    #[arg(long, value_name = "L", requires = "micro_batch", value_parser = clap::value_parser!(u64).range(1..))]
+    /// Sequence length for the activation term (with --micro-batch; 1 to 16777216).
+    #[arg(long, value_name = "L", requires = "micro_batch", value_parser = clap::value_parser!(u64).range(1..=MAX_SEQ))]
     pub seq: Option<u64>,
     /// ZeRO-3 rows as DeepSpeed's zero_init=False (every process loads the whole model on the
     /// host first).
@@ -121,6 +130,10 @@ pub fn run(args: &EstimateArgs) -> Result<Exit, CliError> {
 }
 
 fn gib(bytes: u64) -> String {
+    if bytes == u64::MAX {
+        // The estimator saturates rather than overflow.
+        return "> 16 EiB".to_owned();
+    }
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
@@ -399,16 +412,53 @@ mod tests {
         }
         let err = load_model("/nonexistent/config.json").unwrap_err();
         assert_eq!(err.exit, Exit::Usage);
+        // A config.json with a 2^40 dimension: refused naming the field, not an overflow.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("huge.json");
+        std::fs::write(
+            &cfg,
+            r#"{"hidden_size": 1099511627776, "intermediate_size": 2048, "num_hidden_layers": 2,
+                "num_attention_heads": 1, "vocab_size": 1099511627776}"#,
+        )
+        .unwrap();
+        let err = load_model(cfg.to_str().unwrap()).unwrap_err();
+        assert_eq!(err.exit, Exit::Usage);
+        assert!(
+            err.message.contains("huge.json") && err.message.contains("`hidden_size`"),
+            "{}",
+            err.message
+        );
+        // The largest flags accepted give figures (saturated where past u64), no overflow.
+        let a = args(&[
+            "--model",
+            "llama3-70b",
+            "--nodes",
+            "65536",
+            "--gpus-per-node",
+            "1024",
+            "--micro-batch",
+            "1048576",
+            "--seq",
+            "16777216",
+            "--cpu-memory",
+            "1TiB",
+        ]);
+        let est = estimate::estimate(&input_of(&a).unwrap());
+        assert_eq!(est.recommended, None);
+        assert!(render(&est).contains("> 16 EiB"), "{}", render(&est));
         // Flags: clap refuses them with its usage error (exit 2).
         for bad in [
-            vec!["estimate", "--model", "tiny-3.4m", "--micro-batch", "2"],
-            vec!["estimate", "--model", "tiny-3.4m", "--nodes", "0"],
-            vec!["estimate", "--model", "tiny-3.4m", "--gpu-memory", "lots"],
-            vec!["estimate"],
+            "estimate --model tiny-3.4m --micro-batch 2",
+            "estimate --model tiny-3.4m --nodes 0",
+            "estimate --model tiny-3.4m --nodes 100000",
+            "estimate --model tiny-3.4m --gpus-per-node 100000",
+            "estimate --model tiny-3.4m --micro-batch 100000000 --seq 8",
+            "estimate --model tiny-3.4m --micro-batch 1 --seq 100000000",
+            "estimate --model tiny-3.4m --gpu-memory lots",
+            "estimate",
         ] {
-            let mut argv = vec!["ringctl"];
-            argv.extend(bad.iter());
-            let e = super::super::Args::try_parse_from(&argv).unwrap_err();
+            let argv = std::iter::once("ringctl").chain(bad.split(' '));
+            let e = super::super::Args::try_parse_from(argv).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{bad:?}");
         }
     }

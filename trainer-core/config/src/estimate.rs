@@ -33,6 +33,10 @@
 //! layer's activations; ZeRO-3 / HYBRID_SHARD in Ringmaster run unit by unit and recompute in
 //! backward (DESIGN.md), so they keep each layer's 16-bit input (2·B·L·h) plus one layer's
 //! activations and the logits.
+//!
+//! Products saturate at `u64::MAX` instead of overflowing, so that absurd inputs read "does not
+//! fit"; [`ModelDims::from_hf_config`] also bounds each size by [`MAX_MODEL_DIM`] and the
+//! total by [`MAX_TOTAL_PARAMS`].
 
 use serde::Serialize;
 use serde_json::Value;
@@ -45,6 +49,13 @@ pub const ADDITIONAL_BUFFER_FACTOR: f64 = 1.5;
 
 /// How model-config files are named in messages.
 pub const MODEL_FILE: &str = "model config";
+
+/// The largest size a model config may give for one dimension (hidden, intermediate, vocabulary,
+/// layers, heads, head_dim): 2^24, far above any released model.
+pub const MAX_MODEL_DIM: u64 = 1 << 24;
+
+/// The most parameters a model config may describe: 2^50 (about 10^15).
+pub const MAX_TOTAL_PARAMS: u64 = 1 << 50;
 
 /// Bytes needed, as DeepSpeed's estimators return them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -64,16 +75,19 @@ pub fn zero2_model_states_mem_needs(
     cpu_offload: bool,
     additional_buffer_factor: f64,
 ) -> MemNeeds {
-    let total_gpus = num_nodes * num_gpus_per_node;
+    let total_gpus = num_nodes.saturating_mul(num_gpus_per_node);
     let p = total_params as f64;
     let (gpu, cpu) = if cpu_offload {
-        let gpu = 2 * total_params;
-        let cpu = (total_params * (4 * total_gpus).max(16)) as f64 * additional_buffer_factor;
+        let gpu = total_params.saturating_mul(2);
+        let cpu = total_params.saturating_mul(total_gpus.saturating_mul(4).max(16)) as f64
+            * additional_buffer_factor;
         (gpu, cpu)
     } else {
-        let gpu = 2 * total_params + (18.0 * p / total_gpus as f64) as u64;
-        let cpu = (total_params * 4 * num_gpus_per_node) as f64 * additional_buffer_factor;
-        (gpu, cpu)
+        let gpu = total_params
+            .saturating_mul(2)
+            .saturating_add((18.0 * p / total_gpus as f64) as u64);
+        let cpu = host_copies(total_params, num_gpus_per_node, additional_buffer_factor);
+        (gpu, cpu as f64)
     };
     MemNeeds {
         cpu: cpu as u64,
@@ -94,35 +108,40 @@ pub fn zero3_model_states_mem_needs(
     zero_init: bool,
     additional_buffer_factor: f64,
 ) -> MemNeeds {
-    let total_gpus = (num_nodes * num_gpus_per_node) as f64;
+    let total_gpus = num_nodes.saturating_mul(num_gpus_per_node) as f64;
     let gpus_factor = 1.0 / num_nodes as f64;
-    let largest_layer_memory = 4 * largest_layer_params;
+    let largest_layer_memory = largest_layer_params.saturating_mul(4);
     let p = total_params as f64;
-    let g4 = (4 * num_gpus_per_node) as f64;
+    let g4 = num_gpus_per_node.saturating_mul(4) as f64;
     let (gpu, cpu) = if cpu_offload {
         if cpu_offload_params {
             let cpu = if zero_init {
-                (total_params * 18) as f64 * gpus_factor * additional_buffer_factor
+                total_params.saturating_mul(18) as f64 * gpus_factor * additional_buffer_factor
             } else {
                 p * g4.max(18.0 * gpus_factor) * additional_buffer_factor
             };
             (largest_layer_memory, cpu)
         } else {
-            let gpu = largest_layer_memory + (2.0 * p / total_gpus) as u64;
+            let gpu = largest_layer_memory.saturating_add((2.0 * p / total_gpus) as u64);
             let cpu = if zero_init {
-                (total_params * 16) as f64 * gpus_factor * additional_buffer_factor
+                total_params.saturating_mul(16) as f64 * gpus_factor * additional_buffer_factor
             } else {
                 p * g4.max(16.0 * gpus_factor) * additional_buffer_factor
             };
             (gpu, cpu)
         }
     } else {
-        let gpu = largest_layer_memory + (18.0 * p / total_gpus) as u64;
+        let gpu = largest_layer_memory.saturating_add((18.0 * p / total_gpus) as u64);
         let cpu = if zero_init {
-            (largest_layer_params * 4 * num_gpus_per_node) as f64 * additional_buffer_factor
+            host_copies(
+                largest_layer_params,
+                num_gpus_per_node,
+                additional_buffer_factor,
+            )
         } else {
-            (total_params * 4 * num_gpus_per_node) as f64 * additional_buffer_factor
+            host_copies(total_params, num_gpus_per_node, additional_buffer_factor)
         };
+        let cpu = cpu as f64;
         (gpu, cpu)
     };
     MemNeeds {
@@ -138,8 +157,8 @@ pub fn ddp_model_states_mem_needs(
     additional_buffer_factor: f64,
 ) -> MemNeeds {
     MemNeeds {
-        gpu: 16 * total_params,
-        cpu: ((total_params * 4 * num_gpus_per_node) as f64 * additional_buffer_factor) as u64,
+        gpu: total_params.saturating_mul(16),
+        cpu: host_copies(total_params, num_gpus_per_node, additional_buffer_factor),
     }
 }
 
@@ -150,11 +169,20 @@ pub fn zero1_model_states_mem_needs(
     num_nodes: u64,
     additional_buffer_factor: f64,
 ) -> MemNeeds {
-    let total_gpus = (num_nodes * num_gpus_per_node) as f64;
+    let total_gpus = num_nodes.saturating_mul(num_gpus_per_node) as f64;
     MemNeeds {
-        gpu: 4 * total_params + (12.0 * total_params as f64 / total_gpus) as u64,
-        cpu: ((total_params * 4 * num_gpus_per_node) as f64 * additional_buffer_factor) as u64,
+        gpu: total_params
+            .saturating_mul(4)
+            .saturating_add((12.0 * total_params as f64 / total_gpus) as u64),
+        cpu: host_copies(total_params, num_gpus_per_node, additional_buffer_factor),
     }
+}
+
+/// `params`·4·G·f: an fp32 copy per process of a node, as DeepSpeed computes it (the integer
+/// product, then the float factor, truncated).
+fn host_copies(params: u64, num_gpus_per_node: u64, additional_buffer_factor: f64) -> u64 {
+    (params.saturating_mul(4).saturating_mul(num_gpus_per_node) as f64 * additional_buffer_factor)
+        as u64
 }
 
 /// The shape of a Llama-family model, as a Hugging Face `config.json` gives it.
@@ -266,6 +294,10 @@ impl ModelDims {
             match v.get(field) {
                 None | Some(Value::Null) => Ok(None),
                 Some(x) => match x.as_u64() {
+                    Some(n) if n > MAX_MODEL_DIM => Err(err(
+                        field,
+                        format!("{n} is over the limit of {MAX_MODEL_DIM}"),
+                    )),
                     Some(n) if n > 0 => Ok(Some(n)),
                     _ => Err(err(field, format!("expected a positive integer, got {x}"))),
                 },
@@ -297,7 +329,7 @@ impl ModelDims {
                 format!("{heads} attention heads are not a multiple of {kv} key/value heads"),
             ));
         }
-        Ok(ModelDims {
+        let dims = ModelDims {
             name: name.into(),
             hidden_size: hidden,
             intermediate_size: need("intermediate_size")?,
@@ -318,40 +350,63 @@ impl ModelDims {
             o_bias: !matches!(model_type, "qwen2" | "mistral") && flag("attention_bias"),
             mlp_bias: matches!(model_type, "llama" | "") && flag("mlp_bias"),
             qk_norm: model_type == "qwen3",
-        })
+        };
+        let total = dims.total_params();
+        if total > MAX_TOTAL_PARAMS {
+            return Err(err(
+                "num_hidden_layers",
+                format!(
+                    "hidden_size {hidden}, intermediate_size {}, num_hidden_layers {} and \
+                     vocab_size {} make {total} parameters, over the limit of {MAX_TOTAL_PARAMS}",
+                    dims.intermediate_size, dims.num_hidden_layers, dims.vocab_size
+                ),
+            ));
+        }
+        Ok(dims)
     }
 
     /// The input embedding (vocab × hidden).
     pub fn embedding_params(&self) -> u64 {
-        self.vocab_size * self.hidden_size
+        self.vocab_size.saturating_mul(self.hidden_size)
+    }
+
+    /// A linear layer between `hidden` and `width` features, plus `bias` bias elements.
+    fn linear(&self, width: u64, bias: u64) -> u64 {
+        self.hidden_size.saturating_mul(width).saturating_add(bias)
     }
 
     fn q_params(&self) -> u64 {
-        let out = self.num_attention_heads * self.head_dim;
-        self.hidden_size * out + if self.qkv_bias { out } else { 0 }
+        let out = self.num_attention_heads.saturating_mul(self.head_dim);
+        self.linear(out, if self.qkv_bias { out } else { 0 })
     }
 
     fn kv_params(&self) -> u64 {
-        let out = self.num_key_value_heads * self.head_dim;
-        self.hidden_size * out + if self.qkv_bias { out } else { 0 }
+        let out = self.num_key_value_heads.saturating_mul(self.head_dim);
+        self.linear(out, if self.qkv_bias { out } else { 0 })
     }
 
     fn o_params(&self) -> u64 {
-        self.num_attention_heads * self.head_dim * self.hidden_size
-            + if self.o_bias { self.hidden_size } else { 0 }
+        let width = self.num_attention_heads.saturating_mul(self.head_dim);
+        self.linear(width, if self.o_bias { self.hidden_size } else { 0 })
     }
 
     fn mlp_linear_params(&self, out: u64) -> u64 {
-        self.hidden_size * self.intermediate_size + if self.mlp_bias { out } else { 0 }
+        self.linear(self.intermediate_size, if self.mlp_bias { out } else { 0 })
     }
 
     /// One transformer block: attention, SwiGLU MLP, two RMSNorms.
     pub fn block_params(&self) -> u64 {
-        let attn = self.q_params() + 2 * self.kv_params() + self.o_params();
-        let mlp = 2 * self.mlp_linear_params(self.intermediate_size)
-            + self.mlp_linear_params(self.hidden_size);
-        let norms = 2 * self.hidden_size + if self.qk_norm { 2 * self.head_dim } else { 0 };
-        attn + mlp + norms
+        let attn = self
+            .q_params()
+            .saturating_add(self.kv_params().saturating_mul(2))
+            .saturating_add(self.o_params());
+        let mlp = self
+            .mlp_linear_params(self.intermediate_size)
+            .saturating_mul(2)
+            .saturating_add(self.mlp_linear_params(self.hidden_size));
+        let qk_norm = if self.qk_norm { self.head_dim } else { 0 };
+        let norms = self.hidden_size.saturating_add(qk_norm).saturating_mul(2);
+        attn.saturating_add(mlp).saturating_add(norms)
     }
 
     /// The output projection, counted once more when not tied to the embedding.
@@ -359,16 +414,16 @@ impl ModelDims {
         if self.tie_word_embeddings {
             0
         } else {
-            self.vocab_size * self.hidden_size
+            self.embedding_params()
         }
     }
 
     /// All parameters, tied weights counted once.
     pub fn total_params(&self) -> u64 {
         self.embedding_params()
-            + self.num_hidden_layers * self.block_params()
-            + self.hidden_size
-            + self.head_params()
+            .saturating_add(self.num_hidden_layers.saturating_mul(self.block_params()))
+            .saturating_add(self.hidden_size)
+            .saturating_add(self.head_params())
     }
 
     /// DeepSpeed's `largest_layer_params` (`model_to_params`): the most parameters one module
@@ -392,7 +447,7 @@ impl ModelDims {
     pub fn largest_unit_params(&self) -> u64 {
         self.embedding_params()
             .max(self.block_params())
-            .max(self.head_params() + self.hidden_size)
+            .max(self.head_params().saturating_add(self.hidden_size))
     }
 }
 
@@ -407,19 +462,26 @@ pub enum ActivationMode {
 
 /// Korthikanti et al. eq. 1: one layer's 16-bit activations, B·L·h·(34 + 5·a·L/h) bytes.
 pub fn layer_activation_bytes(m: &ModelDims, micro_batch: u64, seq: u64) -> u64 {
-    micro_batch * seq * (34 * m.hidden_size + 5 * m.num_attention_heads * seq)
+    let attention = m.num_attention_heads.saturating_mul(5).saturating_mul(seq);
+    let per_token = m.hidden_size.saturating_mul(34).saturating_add(attention);
+    micro_batch.saturating_mul(seq).saturating_mul(per_token)
 }
 
 /// Activation bytes per GPU for micro-batch B and sequence L (see the module docs).
 pub fn activation_bytes(m: &ModelDims, micro_batch: u64, seq: u64, mode: ActivationMode) -> u64 {
     let layer = layer_activation_bytes(m, micro_batch, seq);
-    let logits = 4 * micro_batch * seq * m.vocab_size;
-    match mode {
-        ActivationMode::Full => m.num_hidden_layers * layer + logits,
-        ActivationMode::UnitRecompute => {
-            m.num_hidden_layers * 2 * micro_batch * seq * m.hidden_size + layer + logits
-        }
-    }
+    let tokens = micro_batch.saturating_mul(seq);
+    let logits = tokens.saturating_mul(m.vocab_size).saturating_mul(4);
+    let kept = match mode {
+        ActivationMode::Full => m.num_hidden_layers.saturating_mul(layer),
+        ActivationMode::UnitRecompute => m
+            .num_hidden_layers
+            .saturating_mul(2)
+            .saturating_mul(tokens)
+            .saturating_mul(m.hidden_size)
+            .saturating_add(layer),
+    };
+    kept.saturating_add(logits)
 }
 
 /// What `ringctl estimate` is asked.
@@ -565,7 +627,7 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
             let act = input
                 .activations
                 .map_or(0, |(b, l)| activation_bytes(&input.model, b, l, mode));
-            let gpu_total = states.gpu + act;
+            let gpu_total = states.gpu.saturating_add(act);
             EstimateRow {
                 plan: plan.zero_label(),
                 fsdp: plan.fsdp_equivalent(),
@@ -787,6 +849,56 @@ mod tests {
             z3(p, l, 2, 2, true, true, false),
             (1_683_027_072, 98_304_000)
         );
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_or_saturate_instead_of_overflowing() {
+        // A config.json with a 2^40 dimension: refused, naming the field.
+        let dims = |hidden: u64, vocab: u64, layers: u64| {
+            format!(
+                r#"{{"hidden_size": {hidden}, "intermediate_size": 16, "num_hidden_layers": {layers},
+                    "num_attention_heads": 1, "vocab_size": {vocab}}}"#
+            )
+        };
+        for (text, field) in [
+            (dims(1 << 40, 8, 1), "hidden_size"),
+            (dims(8, 1 << 40, 1), "vocab_size"),
+            (dims(8, 8, u64::MAX), "num_hidden_layers"),
+            // Every size within bounds, the total over MAX_TOTAL_PARAMS.
+            (dims(1 << 24, 1 << 24, 1), "num_hidden_layers"),
+        ] {
+            match ModelDims::from_hf_config("x", &text) {
+                Err(e @ ConfigError::Invalid { .. }) => {
+                    let ConfigError::Invalid { field: f, .. } = &e else {
+                        unreachable!()
+                    };
+                    assert_eq!(f, field, "{text}: {e}");
+                    assert!(e.to_string().contains("limit"), "{e}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        // Cluster and activation sizes far beyond any real one: figures saturate at u64::MAX
+        // (nothing fits), no arithmetic overflow.
+        let model = ModelDims::preset("llama3-8b").unwrap();
+        let mut input = EstimateInput::new(model.clone(), 100_000, 100_000);
+        input.gpu_memory = Some(80 * GIB);
+        input.cpu_memory = Some(512 * GIB);
+        let est = estimate(&input);
+        assert!(est.recommended.is_some());
+        let z2_offload = &est.rows[3];
+        assert_eq!(z2_offload.cpu_per_node_bytes, u64::MAX);
+        assert_eq!(z2_offload.fits_cpu, Some(false));
+        input.activations = Some((100_000_000, 100_000_000));
+        let est = estimate(&input);
+        assert!(est.rows.iter().all(|r| r.gpu_total_bytes == u64::MAX));
+        assert_eq!(est.recommended, None);
+        let mut huge = model;
+        huge.hidden_size = 1 << 40;
+        huge.vocab_size = 1 << 40;
+        assert_eq!(huge.total_params(), u64::MAX);
+        let est = estimate(&EstimateInput::new(huge, 1, 8));
+        assert!(est.rows.iter().all(|r| r.gpu_model_states_bytes >= 1 << 62));
     }
 
     #[test]
