@@ -12,9 +12,11 @@
 //! - `jobparts/<id>/ranks/<k>@<w>`: ranks `k*RANK_CHUNK ..` of the current generation;
 //! - `jobparts/<id>/events@<w>`: the event history ([`super::events`]), when it has events.
 //!
-//! The header names the parts it needs, and is committed after them (the persister orders a
-//! burst: parts written, headers, parts deleted), so a header never names a part that is not
-//! there, even when a burst is split over several commits. Parts that change (placement, rank
+//! The header names the parts it needs, and is committed after them, so a header never names
+//! a part that is not there: [`Job::record_writes`] yields a write as parts put, header, parts
+//! deleted (the loop sends these one by one and the persister may cut a batch between any two
+//! of them), and the persister orders each batch the same way when it splits it over several
+//! commits. Parts that change (placement, rank
 //! chunks) are never rewritten in place: each write puts them under a new key carrying the
 //! header's write number `w`, and deletes the old key after the header. So a header always
 //! reads the parts it was written with: a crash between the commits of a split burst (etcd
@@ -173,8 +175,8 @@ impl Job {
             }
         };
         // This write's number: the parts it replaces go under new keys, the old keys are
-        // deleted after the header (the persister's order), so that the previous header and
-        // its parts stay whole until this header lands.
+        // deleted after the header (ordered at the end), so that the previous header and its
+        // parts stay whole until this header lands.
         self.saved.writes += 1;
         let w = self.saved.writes;
         if self.saved.placement_stale || self.saved.placement.is_none() {
@@ -246,8 +248,14 @@ impl Job {
             })
             .expect("job header serializes")
         });
-        out.push((header_key(&id), Some(header)));
-        out
+        // Puts of parts, the header, then deletes: the persister may cut a batch anywhere in
+        // this sequence (the loop sends it one write at a time while the writer drains), and
+        // every prefix of it must leave a header whose parts are all in the store.
+        let (mut puts, deletes): (Vec<Write>, Vec<Write>) =
+            out.into_iter().partition(|(_, v)| v.is_some());
+        puts.push((header_key(&id), Some(header)));
+        puts.extend(deletes);
+        puts
     }
 
     /// Every key this job has in the store (to remove it), header first.
@@ -554,16 +562,22 @@ mod tests {
         .0;
         let writes = j.record_writes();
         let keys: Vec<&str> = writes.iter().map(|(k, _)| k.as_str()).collect();
-        // The chunk under a new key, its old key deleted (after the header: the persister's
-        // order), the header.
+        // The chunk under a new key, the header, then its old key deleted: every prefix of
+        // the sequence (the persister may cut a batch anywhere) leaves a whole record.
         assert_eq!(
             keys,
             [
                 "jobparts/big-1/ranks/1@2",
+                "jobs/big-1",
                 "jobparts/big-1/ranks/1@1",
-                "jobs/big-1"
             ]
         );
+        for cut in 0..=writes.len() {
+            let mut partial = store.clone();
+            apply(&mut partial, writes[..cut].to_vec());
+            let d = decode(partial);
+            assert!(d.unreadable.is_empty(), "cut after {cut}: {d:?}");
+        }
         let bytes: usize = writes
             .iter()
             .map(|(_, v)| v.as_ref().map_or(0, Vec::len))
@@ -815,8 +829,8 @@ mod tests {
             keys,
             [
                 "jobparts/big-1/ranks/0@1",
+                "jobs/big-1",
                 "jobparts/big-1/ranks/0",
-                "jobs/big-1"
             ]
         );
         apply(&mut old, writes);
