@@ -715,17 +715,7 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
                 "moving off drained node {node}: stopping generation {}",
                 job.generation
             ));
-            if !job.all_ranks_done() {
-                job.stopping = true;
-                actions.push(Action::StopWorkers {
-                    generation: job.generation,
-                    nodes: job.nodes(),
-                    grace_ms,
-                });
-            }
-            actions.push(Action::CloseGeneration {
-                generation: job.generation,
-            });
+            stop_generation(job, grace_ms, actions);
         }
         Event::Cancel { grace_ms } => match job.state {
             JobState::Pending => {
@@ -735,17 +725,7 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
             JobState::Starting | JobState::Running | JobState::Restarting => {
                 job.state = JobState::Cancelled;
                 job.pending_reason = None;
-                if !job.all_ranks_done() {
-                    job.stopping = true;
-                    actions.push(Action::StopWorkers {
-                        generation: job.generation,
-                        nodes: job.nodes(),
-                        grace_ms,
-                    });
-                }
-                actions.push(Action::CloseGeneration {
-                    generation: job.generation,
-                });
+                stop_generation(job, grace_ms, actions);
             }
             _ => {}
         },
@@ -753,6 +733,22 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
     if job.state == JobState::Cancelled {
         job.restart_not_before_ms = None;
     }
+}
+
+/// Stops the generation's workers that may still run (SIGTERM, SIGKILL after `grace_ms`) and
+/// closes the generation: a cancel or a drain, neither a failure.
+fn stop_generation(job: &mut Job, grace_ms: u64, actions: &mut Vec<Action>) {
+    if !job.all_ranks_done() {
+        job.stopping = true;
+        actions.push(Action::StopWorkers {
+            generation: job.generation,
+            nodes: job.nodes(),
+            grace_ms,
+        });
+    }
+    actions.push(Action::CloseGeneration {
+        generation: job.generation,
+    });
 }
 
 /// The newest [`LOG_TAIL_LINES`] lines, within `budget` bytes: older lines that do not fit are

@@ -17,6 +17,19 @@ pub const MAX_CANCEL_GRACE_MS: u64 = 24 * 3_600_000;
 /// A drain's grace when none is given: time for trainers to write a checkpoint on SIGTERM.
 pub const DEFAULT_DRAIN_GRACE_MS: u64 = 30_000;
 
+/// A request's grace between SIGTERM and SIGKILL: `default` for 0, at most
+/// [`MAX_CANCEL_GRACE_MS`].
+fn grace(what: &str, ms: u64, default: u64) -> Result<u64, Status> {
+    let ms = if ms == 0 { default } else { ms };
+    if ms > MAX_CANCEL_GRACE_MS {
+        return Err(Status::invalid_argument(format!(
+            "{what} grace_ms {ms}: at most {MAX_CANCEL_GRACE_MS} (24 hours) between SIGTERM \
+             and SIGKILL"
+        )));
+    }
+    Ok(ms)
+}
+
 pub struct JobSvc {
     pub core: Handle,
     pub creds: Arc<Credentials>,
@@ -112,13 +125,7 @@ impl pb::job_service_server::JobService for JobSvc {
     ) -> Result<Response<pb::JobStatus>, Status> {
         self.require_admin(&req)?;
         let r = req.into_inner();
-        let grace_ms = if r.grace_ms == 0 { 5_000 } else { r.grace_ms };
-        if grace_ms > MAX_CANCEL_GRACE_MS {
-            return Err(Status::invalid_argument(format!(
-                "cancel grace_ms {grace_ms}: at most {MAX_CANCEL_GRACE_MS} (24 hours) between \
-                 SIGTERM and SIGKILL"
-            )));
-        }
+        let grace_ms = grace("cancel", r.grace_ms, 5_000)?;
         let st = self
             .core
             .call(|reply| Cmd::Cancel {
@@ -176,17 +183,7 @@ impl pb::job_service_server::JobService for JobSvc {
     ) -> Result<Response<pb::DrainResponse>, Status> {
         self.require_admin(&req)?;
         let r = req.into_inner();
-        let grace_ms = if r.grace_ms == 0 {
-            DEFAULT_DRAIN_GRACE_MS
-        } else {
-            r.grace_ms
-        };
-        if grace_ms > MAX_CANCEL_GRACE_MS {
-            return Err(Status::invalid_argument(format!(
-                "drain grace_ms {grace_ms}: at most {MAX_CANCEL_GRACE_MS} (24 hours) between \
-                 SIGTERM and SIGKILL"
-            )));
-        }
+        let grace_ms = grace("drain", r.grace_ms, DEFAULT_DRAIN_GRACE_MS)?;
         let (node, moved) = self
             .core
             .call(|reply| Cmd::Drain {
