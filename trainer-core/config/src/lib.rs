@@ -77,6 +77,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "max_steps",
     "mix_strategy",
     "model_name_or_path",
+    "neat_packing",
     "num_train_epochs",
     "output_dir",
     "overwrite_cache",
@@ -86,6 +87,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "per_device_train_batch_size",
     "plot_loss",
     "predict_with_generate",
+    "preprocessing_batch_size",
     "preprocessing_num_workers",
     "preserve_thinking",
     "quantization_bit",
@@ -158,7 +160,13 @@ pub struct TrainConfig {
     pub fp16: Option<bool>,
     pub seed: Option<u64>,
     pub cutoff_len: Option<u32>,
+    /// Absent: on for `stage: pt`, off for sft (LLaMA-Factory's `get_train_args`). Set to true
+    /// (or with `neat_packing`), `cutoff_len` is decremented by one as LLaMA-Factory's
+    /// `DataArguments.__post_init__` does.
     pub packing: Option<bool>,
+    /// Packing without attention between the packed rows (sft only); implies `packing`.
+    /// Ringmaster's sft packing always keeps rows apart, so this is `packing: true`.
+    pub neat_packing: Option<bool>,
     pub deepspeed: Option<String>,
     pub fsdp_config: Option<String>,
     /// An accelerate config file (what `accelerate launch --config_file` takes):
@@ -171,6 +179,9 @@ pub struct TrainConfig {
     #[serde(default, deserialize_with = "bool_or_string")]
     pub resume_from_checkpoint: Option<String>,
     pub preprocessing_num_workers: Option<u32>,
+    /// Rows per preprocessing batch (LLaMA-Factory's default 1000): packing (sft's knapsack,
+    /// pt's concatenation) works within each batch of each `preprocessing_num_workers` shard.
+    pub preprocessing_batch_size: Option<u32>,
     pub report_to: Option<StringOrList>,
     pub ddp_timeout: Option<u64>,
     /// Initialise the model's weights instead of reading them (LLaMA-Factory's
@@ -591,6 +602,7 @@ impl TrainConfig {
                 ));
             }
         }
+        self.validate_as_llama_factory()?;
         if self.bf16 == Some(true) && self.fp16 == Some(true) {
             return Err(field("bf16", "bf16 and fp16 cannot both be true".into()));
         }
@@ -689,6 +701,66 @@ impl TrainConfig {
                 "cannot be given with eval_dataset (as in LLaMA-Factory): the evaluation rows \
                  come from one or the other"
                     .to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The checks of LLaMA-Factory's `get_train_args` (hparams/parser.py) on the keys Ringmaster
+    /// models, with its messages: sft-only switches under another stage, and evaluation asked
+    /// for without evaluation rows. An `eval_strategy` other than `no` counts as `do_eval`, as
+    /// the HF `TrainingArguments.__post_init__` sets it before LLaMA-Factory checks.
+    fn validate_as_llama_factory(&self) -> Result<(), ConfigError> {
+        let field = |f: &str, m: &str| ConfigError::Field {
+            field: f.into(),
+            message: format!("{m} (LLaMA-Factory refuses it too)"),
+        };
+        if self.stage.as_deref().is_some_and(|s| s != "sft") {
+            if self.predict_with_generate == Some(true) {
+                return Err(field(
+                    "predict_with_generate",
+                    "`predict_with_generate` cannot be set as True except SFT",
+                ));
+            }
+            if self.neat_packing == Some(true) {
+                return Err(field(
+                    "neat_packing",
+                    "`neat_packing` cannot be set as True except SFT",
+                ));
+            }
+            for (key, set) in [
+                ("train_on_prompt", self.train_on_prompt),
+                ("mask_history", self.mask_history),
+            ] {
+                if set == Some(true) {
+                    return Err(field(
+                        key,
+                        "`train_on_prompt` or `mask_history` cannot be set as True except SFT",
+                    ));
+                }
+            }
+        }
+        let evaluates = self.do_eval == Some(true)
+            || self.predict_with_generate == Some(true)
+            || self.eval_strategy.as_deref().is_some_and(|s| s != "no");
+        let no_eval_rows = self
+            .eval_dataset
+            .as_ref()
+            .is_none_or(|d| d.items().is_empty())
+            && self.val_size.is_none_or(|v| v < 1e-6);
+        if evaluates && no_eval_rows {
+            let key = if self.do_eval == Some(true) {
+                "do_eval"
+            } else if self.predict_with_generate == Some(true) {
+                "predict_with_generate"
+            } else {
+                "eval_strategy"
+            };
+            return Err(field(
+                key,
+                "Please make sure eval_dataset be provided or val_size >1e-6: evaluation is asked \
+                 for (do_eval, predict_with_generate or an eval_strategy) but there are no \
+                 evaluation rows",
             ));
         }
         Ok(())
@@ -1060,6 +1132,70 @@ mod tests {
         let warn = check_scheduler_kwargs("inverse_sqrt", &[("timescale".into(), 5.0)]).unwrap();
         assert!(warn.unwrap().contains("timescale"));
         assert_eq!(check_scheduler_kwargs("cosine", &[]), Ok(None));
+    }
+
+    /// LLaMA-Factory's `get_train_args` checks (hparams/parser.py): sft-only switches under
+    /// `stage: pt`, and `do_eval` / `predict_with_generate` (and an eval strategy, which the HF
+    /// `TrainingArguments` turns into `do_eval`) without `eval_dataset` or `val_size > 1e-6`.
+    #[test]
+    fn llama_factory_argument_checks() {
+        for (text, key, says) in [
+            (
+                "stage: pt\npredict_with_generate: true\neval_dataset: e\n",
+                "predict_with_generate",
+                "`predict_with_generate` cannot be set as True except SFT",
+            ),
+            (
+                "stage: pt\nneat_packing: true\n",
+                "neat_packing",
+                "`neat_packing` cannot be set as True except SFT",
+            ),
+            (
+                "stage: pt\ntrain_on_prompt: true\n",
+                "train_on_prompt",
+                "`train_on_prompt` or `mask_history` cannot be set as True except SFT",
+            ),
+            (
+                "stage: pt\nmask_history: true\n",
+                "mask_history",
+                "except SFT",
+            ),
+            ("do_eval: true\n", "do_eval", "eval_dataset be provided"),
+            (
+                "predict_with_generate: true\nval_size: 0.0000001\n",
+                "predict_with_generate",
+                "val_size >1e-6",
+            ),
+            (
+                "eval_strategy: steps\n",
+                "eval_strategy",
+                "no evaluation rows",
+            ),
+            (
+                "eval_strategy: epoch\neval_dataset: ''\n",
+                "eval_strategy",
+                "1e-6",
+            ),
+        ] {
+            let err = TrainConfig::from_yaml(text).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Field { field, .. } if field == key),
+                "{text}: {err}"
+            );
+            assert!(err.to_string().contains(says), "{text}: {err}");
+        }
+        for ok in [
+            "stage: pt\npredict_with_generate: false\ntrain_on_prompt: false\nneat_packing: false\n",
+            "stage: sft\nneat_packing: true\ntrain_on_prompt: true\n",
+            "do_eval: true\nval_size: 0.1\n",
+            "eval_strategy: steps\neval_dataset: e\n",
+            "predict_with_generate: true\neval_dataset: e\n",
+            "eval_strategy: 'no'\ndo_eval: false\n",
+            // Absent predict_with_generate is false in LLaMA-Factory: no check.
+            "stage: pt\neval_dataset: e\n",
+        ] {
+            assert!(TrainConfig::from_yaml(ok).is_ok(), "{ok}");
+        }
     }
 
     #[test]
