@@ -263,6 +263,8 @@ fn recipe_overrides_and_the_flags_form_train() {
             "max_steps=2",
             "logging_steps=1",
             "eval_dataset=",
+            // LLaMA-Factory refuses predict_with_generate without evaluation rows.
+            "predict_with_generate=false",
             "save_steps=0",
         ])
         .args(["--report_to", "none", "--dataloader_num_workers", "2"])
@@ -343,7 +345,12 @@ fn do_train_false_scores_the_model_and_trains_nothing() {
         .current_dir(&root)
         .arg("examples/quickstart.yaml")
         .arg(format!("output_dir={}", model.display()))
-        .args(["max_steps=1", "eval_dataset=", "save_steps=0"])
+        .args([
+            "max_steps=1",
+            "eval_dataset=",
+            "predict_with_generate=false",
+            "save_steps=0",
+        ])
         .output()
         .unwrap();
     assert!(

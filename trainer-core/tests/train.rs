@@ -321,13 +321,88 @@ fn pretraining_on_plain_text_with_packing() {
     std::fs::write(&path, text).unwrap();
     let cfg = ringmaster_trainer::load_config(&path).unwrap();
     let mut s = train::resolve(cfg, &path, 1, 1).unwrap();
-    // Packed: rows hold several texts, each its own segment.
+    // Packed as LLaMA-Factory packs pt: the texts concatenated and cut into blocks of
+    // cutoff_len - 1 (31; `packing: true` decrements cutoff_len), each one sequence.
     assert!(s.samples.len() < 200, "{} rows", s.samples.len());
+    assert!(
+        s.samples
+            .iter()
+            .all(|r| r.len() == 31 && r.segments == [31])
+    );
     let summary =
         train::train::<CpuAutodiff>(&mut s, &mut Parallel::single(), Default::default()).unwrap();
     let first: f64 = summary.losses[..4].iter().sum::<f64>() / 4.0;
     let last: f64 = summary.losses[16..].iter().sum::<f64>() / 4.0;
     assert!(last < first * 0.8, "loss went from {first} to {last}");
+}
+
+/// LLaMA-Factory's `get_train_args` resolves an absent `packing` to `stage == "pt"` after
+/// `DataArguments.__post_init__` (which decrements `cutoff_len` only for a given `packing:
+/// true`): a pt recipe without `packing` packs blocks of the full `cutoff_len`; `packing:
+/// false` truncates each text. `neat_packing: true` packs sft rows (blocks of `cutoff_len`,
+/// rows truncated at `cutoff_len - 1`, each its own segment).
+#[test]
+fn packing_defaults_follow_llama_factory() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let corpus = dir.path().join("data/corpus.txt");
+    let lines: Vec<String> = (0..50)
+        .map(|i| format!("What is {i} + {i}? It is {}.", 2 * i))
+        .collect();
+    std::fs::write(&corpus, lines.join("\n") + "\n").unwrap();
+    let pt = |extra: &str| {
+        let path = config(dir.path(), extra);
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("stage: sft", "stage: pt")
+            .replace(
+                "dataset: addition_train",
+                &format!("dataset: {}", corpus.display()),
+            )
+            .replace("eval_dataset: addition_eval\n", "");
+        std::fs::write(&path, text).unwrap();
+        let cfg = ringmaster_trainer::load_config(&path).unwrap();
+        train::resolve(cfg, &path, 1, 1).unwrap()
+    };
+    let s = pt("");
+    assert!(
+        s.samples
+            .iter()
+            .all(|r| r.len() == 32 && r.segments == [32])
+    );
+    let s = pt("packing: false\n");
+    assert_eq!(s.samples.len(), 50);
+    let s = setup(dir.path(), "neat_packing: true\n");
+    assert!(s.samples.iter().all(|r| r.len() == 32));
+    assert!(s.samples.iter().all(|r| r.num_real_tokens() <= 31));
+    assert!(s.samples.iter().any(|r| r.segments.len() > 1));
+}
+
+/// LLaMA-Factory's `get_template_and_fix_tokenizer` without `template`: the `empty` template
+/// when the tokenizer has no chat template; with one it parses the Jinja template, which
+/// Ringmaster refuses, naming `template`.
+#[test]
+fn an_absent_template_is_empty_or_refused_when_the_tokenizer_has_a_chat_template() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let path = config(dir.path(), "");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("template: empty\n", "");
+    std::fs::write(&path, text).unwrap();
+    let cfg = ringmaster_trainer::load_config(&path).unwrap();
+    let s = train::resolve(cfg.clone(), &path, 1, 1).unwrap();
+    assert_eq!(s.template.name, "empty");
+    let tc = dir.path().join("model/tokenizer_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
+    v["chat_template"] = "{% for m in messages %}{{ m.content }}{% endfor %}".into();
+    std::fs::write(&tc, v.to_string()).unwrap();
+    let err = format!("{:#}", train::resolve(cfg, &path, 1, 1).unwrap_err());
+    assert!(
+        err.contains("`template` is required") && err.contains("chat template"),
+        "{err}"
+    );
 }
 
 /// `val_size` holds rows out; `eval_strategy: steps` computes their loss every `eval_steps`

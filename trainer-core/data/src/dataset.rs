@@ -282,18 +282,27 @@ impl ShareGptColumns {
     }
 }
 
-/// Column name of a plain-text dataset in JSON form.
+/// Column names of a plain-text dataset in JSON form. `stage: pt` on an alpaca
+/// `dataset_info.json` entry reads it this way too, as LLaMA-Factory's pre-training processor
+/// reads the first user message (`_prompt[0]`): the first prompt of `history` when the row
+/// has one, else `text` and `query` joined by a newline (each only when not empty).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TextColumns {
-    /// The text column (default `text`).
+    /// The text column (default `text`; alpaca's `prompt`).
     pub text: String,
+    /// Alpaca's `query` column, if read.
+    pub query: Option<String>,
+    /// Alpaca's `history` column, if read.
+    pub history: Option<String>,
 }
 
 impl Default for TextColumns {
     fn default() -> Self {
         TextColumns {
             text: "text".into(),
+            query: None,
+            history: None,
         }
     }
 }
@@ -524,7 +533,7 @@ fn load_located(path: &Path, format: &DatasetFormat) -> Result<Vec<(Location, Re
                         DatasetFormat::ShareGpt(c) => {
                             Record::Conversation(parse_sharegpt(&ctx, obj, c)?)
                         }
-                        DatasetFormat::Text(c) => Record::Text(ctx.required_str(obj, &c.text)?),
+                        DatasetFormat::Text(c) => Record::Text(parse_text(&ctx, obj, c)?),
                     },
                 ));
             }
@@ -743,6 +752,34 @@ fn parse_alpaca(
         turns,
         tools,
     })
+}
+
+/// A text row: see [`TextColumns`].
+fn parse_text(ctx: &Ctx<'_>, obj: &Map<String, Value>, c: &TextColumns) -> Result<String> {
+    if let Some(col) = &c.history
+        && let Some(Value::Array(pairs)) = obj.get(col)
+        && let Some(first) = pairs.first()
+    {
+        return match first {
+            Value::Array(p) => match p.as_slice() {
+                [Value::String(u), Value::String(_)] => Ok(u.clone()),
+                _ => Err(ctx.field_err(
+                    format!("{col}[0]"),
+                    "expected a [user, assistant] pair of strings",
+                )),
+            },
+            _ => Err(ctx.field_err(
+                format!("{col}[0]"),
+                "expected a [user, assistant] pair of strings",
+            )),
+        };
+    }
+    let text = ctx.required_str(obj, &c.text)?;
+    let query = match &c.query {
+        Some(q) => ctx.optional_str(obj, q)?.unwrap_or_default(),
+        None => String::new(),
+    };
+    Ok(alpaca_query(&text, &query))
 }
 
 fn parse_sharegpt(

@@ -9,8 +9,10 @@
 //!   prefers these to `file_name` when present; we cannot download or run them, so each is an
 //!   error naming the dataset (even next to a `file_name`, which LLaMA-Factory would not read).
 //! - `formatting`: `alpaca` (default), `sharegpt` or `openai` (sharegpt with `role`/`content`,
-//!   `user`/`assistant` as defaults). For `stage: pt` an alpaca entry is read as text from its
-//!   `prompt` column, as LLaMA-Factory's pre-training processor reads the first user message.
+//!   `user`/`assistant` as defaults). For `stage: pt` every entry is read as LLaMA-Factory's
+//!   pre-training processor reads it, the first user message of each row: alpaca's first
+//!   `history` prompt, else its `prompt` and `query` joined by a newline; sharegpt's first
+//!   message after the system one.
 //! - `ranking: true` (preference data for rm/dpo): refused, naming the dataset and the file.
 //! - `split`: local files form the single split `train`, so any other split is refused (it
 //!   fails in LLaMA-Factory too); `subset` and `folder` only apply to hub and script sources and
@@ -245,10 +247,18 @@ fn from_entry(
         };
     let format = match (formatting, stage) {
         ("alpaca", Stage::Pt) => {
+            // LLaMA-Factory's pt reads the first user message: history's first prompt, else
+            // prompt and query joined by a newline (AlpacaDatasetConverter, then
+            // PretrainDatasetProcessor's `_prompt[0]["content"]`).
+            let defaults = AlpacaColumns::llama_factory();
             let mut text = TextColumns {
-                text: "instruction".into(),
+                text: defaults.prompt,
+                query: Some(defaults.query),
+                history: defaults.history,
             };
             required(columns, "columns", "prompt", &mut text.text)?;
+            column(columns, "columns", "query", &mut text.query)?;
+            column(columns, "columns", "history", &mut text.history)?;
             DatasetFormat::Text(text)
         }
         ("alpaca", Stage::Sft) => {
@@ -583,5 +593,59 @@ mod tests {
             .load()
             .unwrap();
         assert_eq!(recs, vec![Record::Text("hello".into())]);
+    }
+
+    /// LLaMA-Factory's pt text is `_prompt[0]["content"]` (PretrainDatasetProcessor) of what
+    /// AlpacaDatasetConverter builds: history's first prompt when the row has history, else
+    /// `"\n".join` of the non-empty prompt and query.
+    #[test]
+    fn pt_reads_an_alpaca_entry_as_its_first_user_message() {
+        let rows = [
+            r#"{"instruction": "i1", "input": "x", "output": "o"}"#,
+            r#"{"instruction": "i2", "input": "", "output": "o"}"#,
+            r#"{"instruction": "", "input": "only input", "output": "o"}"#,
+            r#"{"instruction": "i4", "output": "o", "history": [["h1", "a1"], ["h2", "a2"]]}"#,
+            r#"{"instruction": "i5", "output": "o", "history": []}"#,
+        ]
+        .join("\n");
+        let dir = dir_with(
+            r#"{"plain": {"file_name": "a.jsonl"},
+                "hist": {"file_name": "a.jsonl", "columns": {"prompt": "instruction",
+                         "query": "input", "response": "output", "history": "history"}}}"#,
+            &[("a.jsonl", &rows)],
+        );
+        let texts = |name: &str| -> Vec<Record> {
+            resolve_dataset(name, dir.path(), Stage::Pt)
+                .unwrap()
+                .load()
+                .unwrap()
+        };
+        let t = |s: &str| Record::Text(s.into());
+        // Default columns: instruction, input (history is off by default, as in LLaMA-Factory).
+        assert_eq!(
+            texts("plain"),
+            [t("i1\nx"), t("i2"), t("only input"), t("i4"), t("i5")]
+        );
+        assert_eq!(
+            texts("hist"),
+            [t("i1\nx"), t("i2"), t("only input"), t("h1"), t("i5")]
+        );
+    }
+
+    /// LLaMA-Factory's pt on a sharegpt entry reads the first message after the system one
+    /// (SharegptDatasetConverter's `_prompt[0]`); the rows load as conversations and the
+    /// preprocessing takes that message.
+    #[test]
+    fn pt_accepts_a_sharegpt_entry() {
+        let dir = dir_with(
+            r#"{"s": {"file_name": "s.jsonl", "formatting": "sharegpt"}}"#,
+            &[(
+                "s.jsonl",
+                r#"{"conversations": [{"from": "human", "value": "u1"}, {"from": "gpt", "value": "a1"}, {"from": "human", "value": "u2"}, {"from": "gpt", "value": "a2"}]}"#,
+            )],
+        );
+        let spec = resolve_dataset("s", dir.path(), Stage::Pt).unwrap();
+        let recs = spec.load().unwrap();
+        assert_eq!(conv(&recs[0]).turns[0].user, "u1");
     }
 }

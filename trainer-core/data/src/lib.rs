@@ -13,8 +13,9 @@
 //! 3. [`template::Template::by_name`] (`llama3`, `qwen`, `qwen3`, `qwen3_nothink`, `mistral`,
 //!    `alpaca`, `default`, `empty`) renders
 //!    each conversation into token ids with labels masked to [`IGNORE_INDEX`] on prompts;
-//! 4. [`preprocess::preprocess`] applies the stage, `cutoff_len`, drops (and counts) samples
-//!    left without a trainable label, and optionally packs them ([`packing::pack`]);
+//! 4. [`preprocess::preprocess`] applies the stage and `cutoff_len`, counts the rows left
+//!    without a trainable label (kept, as LLaMA-Factory keeps them), and optionally packs
+//!    them as LLaMA-Factory does ([`packing::pack`] for sft, concatenation for pt);
 //! 5. [`sampler::Sampler`] gives a seeded, epoch-aware order whose global batches depend only
 //!    on the seed and the global batch size, and splits each global batch over ranks and
 //!    gradient-accumulation micro-steps; [`batch::collate`] pads a micro-batch.
@@ -37,7 +38,7 @@
 //! let corpus: Vec<&str> = records.iter().flat_map(|r| r.texts()).collect();
 //! let tokenizer = train_bpe(corpus.into_iter(), &BpeTrainingOptions::for_template(&template, 300))?;
 //! let data = preprocess(&records, &template, &tokenizer, &PreprocessConfig::new(Stage::Sft, 128))?;
-//! assert_eq!(data.stats.dropped_no_target, 0);
+//! assert_eq!(data.stats.no_target, 0);
 //!
 //! // 2 ranks × 2 accumulation steps × 4 per device = global batch 16.
 //! let sampler = Sampler::new(SamplerConfig::new(data.samples.len(), 16, 42))?;
@@ -70,8 +71,8 @@
 //! - [`template`]: chat templates and the SFT/PT encoders (masking, `cutoff_len`).
 //! - [`tools`]: tool lists rendered into the system block (the qwen tool format).
 //! - [`batch`]: [`batch::Sample`], [`batch::Batch`] and [`batch::collate`].
-//! - [`packing`]: packing samples into fixed-length blocks with segment and position ids.
-//! - [`preprocess`]: records → samples for a stage, with statistics of what was dropped.
+//! - [`packing`]: packing sft rows into fixed-length blocks with segment and position ids.
+//! - [`preprocess`]: records → samples for a stage (pt packing included), with statistics.
 //! - [`sampler`]: the deterministic, world-size independent distributed sampler and its
 //!   resumable position.
 //! - [`synthetic`]: the addition task generator and the exact-match helper.

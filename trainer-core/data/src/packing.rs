@@ -1,30 +1,40 @@
-//! Packing: several samples per fixed-length block, without attention across them.
+//! Packing sft rows: several rows per fixed-length block, without attention across them.
 //!
-//! Samples are placed greedily (LLaMA-Factory's `greedy_knapsack`): each new block starts
-//! with the longest remaining sample, then repeatedly takes the longest remaining sample that
-//! still fits; ties go to the earlier sample, so the result is deterministic. Each block is
-//! padded to exactly `block_len` and records its segments, so that
-//! [`Sample::segment_ids`] keeps samples from attending to each other and
-//! [`Sample::position_ids`] restarts at 0 in each. The first label of every segment is set to
+//! LLaMA-Factory's `PackedSupervisedDatasetProcessor` with its `greedy_knapsack`: each new
+//! block starts with the longest remaining row, then repeatedly takes the longest remaining
+//! row that still fits its room; among rows of equal length the one that came *last* is taken
+//! first (`length2indexes[length].pop()`). The room is `cutoff_len` as LLaMA-Factory's
+//! processors see it (the recipe's less one) and every block is padded to one more, the
+//! recipe's `cutoff_len`. Each block records its segments, so that [`Sample::segment_ids`]
+//! keeps rows from attending to each other and [`Sample::position_ids`] restarts at 0 in each
+//! (LLaMA-Factory's `neat_packing`; its plain `packing` restarts the positions too but lets
+//! rows attend to the earlier rows of their block). The first label of every segment is set to
 //! [`IGNORE_INDEX`]: with labels shifted by one it could only be predicted from the *previous*
-//! sample's last token. Every other label is the sample's own.
+//! row's last token (LLaMA-Factory keeps it; it is a prompt token, already ignored, unless
+//! `train_on_prompt`). Every other label is the row's own.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use crate::IGNORE_INDEX;
 use crate::batch::Sample;
 use crate::error::{DataError, Result};
 
-/// Packs unpacked samples (one segment each, at most `block_len` tokens) into blocks of
-/// exactly `block_len` tokens.
-pub fn pack(samples: Vec<Sample>, block_len: usize, pad_id: u32) -> Result<Vec<Sample>> {
-    if block_len == 0 {
+/// Packs unpacked samples (one segment each, at most `room` tokens) into blocks holding at
+/// most `room` tokens of rows, each padded with `pad_id` to exactly `block_len` (`room <=
+/// block_len`).
+pub fn pack(
+    samples: Vec<Sample>,
+    room: usize,
+    block_len: usize,
+    pad_id: u32,
+) -> Result<Vec<Sample>> {
+    if room == 0 || room > block_len {
         return Err(DataError::config(
             "cutoff_len",
-            "must be at least 1 to pack",
+            format!("packing needs 1 <= room ({room}) <= block length ({block_len})"),
         ));
     }
-    let mut by_len: BTreeMap<usize, VecDeque<usize>> = BTreeMap::new();
+    let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for (i, s) in samples.iter().enumerate() {
         if s.segments.len() != 1 || s.segments[0] != s.len() {
             return Err(DataError::config(
@@ -32,30 +42,30 @@ pub fn pack(samples: Vec<Sample>, block_len: usize, pad_id: u32) -> Result<Vec<S
                 format!("sample {i} is already packed or padded"),
             ));
         }
-        if s.len() > block_len {
+        if s.len() > room {
             return Err(DataError::config(
                 "packing",
                 format!(
-                    "sample {i} has {} tokens, more than cutoff_len {block_len}",
+                    "sample {i} has {} tokens, more than the {room} a packed row holds",
                     s.len()
                 ),
             ));
         }
         if !s.is_empty() {
-            by_len.entry(s.len()).or_default().push_back(i);
+            by_len.entry(s.len()).or_default().push(i);
         }
     }
     let mut blocks = Vec::new();
     while !by_len.is_empty() {
-        let mut room = block_len;
+        let mut left = room;
         let mut members = Vec::new();
-        while let Some((&len, _)) = by_len.range(..=room).next_back() {
-            let queue = by_len.get_mut(&len).expect("key just found");
-            members.push(queue.pop_front().expect("queues are never left empty"));
-            if queue.is_empty() {
+        while let Some((&len, _)) = by_len.range(..=left).next_back() {
+            let stack = by_len.get_mut(&len).expect("key just found");
+            members.push(stack.pop().expect("stacks are never left empty"));
+            if stack.is_empty() {
                 by_len.remove(&len);
             }
-            room -= len;
+            left -= len;
         }
         blocks.push(build_block(&samples, &members, block_len, pad_id));
     }
@@ -100,7 +110,7 @@ mod tests {
             .enumerate()
             .map(|(k, &n)| sample(100 * (k as u32 + 1), n))
             .collect();
-        let blocks = pack(samples.clone(), 8, 0).unwrap();
+        let blocks = pack(samples.clone(), 8, 8, 0).unwrap();
         // 8 | 6+2 | 5+3 | 4+1  (longest first, then the longest that fits)
         let segs: Vec<Vec<usize>> = blocks.iter().map(|b| b.segments.clone()).collect();
         assert_eq!(segs, vec![vec![8], vec![6, 2], vec![5, 3], vec![4, 1]]);
@@ -136,7 +146,7 @@ mod tests {
 
     #[test]
     fn segment_and_position_ids_of_a_block() {
-        let blocks = pack(vec![sample(1, 3), sample(10, 2)], 6, 7).unwrap();
+        let blocks = pack(vec![sample(1, 3), sample(10, 2)], 6, 6, 7).unwrap();
         assert_eq!(blocks.len(), 1);
         let b = &blocks[0];
         assert_eq!(b.input_ids, vec![1, 2, 3, 10, 11, 7]);
@@ -146,28 +156,64 @@ mod tests {
     }
 
     #[test]
-    fn deterministic_and_ties_by_index() {
+    fn deterministic() {
         let samples: Vec<Sample> = (0..50)
             .map(|k| sample(k * 10, 1 + (k as usize * 7) % 9))
             .collect();
-        let a = pack(samples.clone(), 16, 0).unwrap();
-        let b = pack(samples, 16, 0).unwrap();
+        let a = pack(samples.clone(), 16, 16, 0).unwrap();
+        let b = pack(samples, 16, 16, 0).unwrap();
         assert_eq!(a, b);
-        let two = pack(vec![sample(1, 2), sample(5, 2), sample(9, 2)], 4, 0).unwrap();
-        assert_eq!(two[0].input_ids, vec![1, 2, 5, 6]);
-        assert_eq!(two[1].input_ids, vec![9, 10, 0, 0]);
+    }
+
+    /// LLaMA-Factory's `greedy_knapsack` (data/processor/processor_utils.py) and
+    /// `PackedSupervisedDatasetProcessor.preprocess_dataset`, by hand for lengths
+    /// [3, 5, 3, 2, 5, 1] and `cutoff_len: 8` (room 7 after `DataArguments.__post_init__`'s
+    /// decrement): knapsacks [5, 2], [5, 1], [3, 3]; `length2indexes[length].pop()` takes the
+    /// last row of a length first, so the blocks hold rows (4, 3), (1, 5), (2, 0), each padded
+    /// to 8 (`cutoff_len + 1` of the decremented value).
+    #[test]
+    fn follows_llama_factory_knapsacks_ties_and_padding() {
+        let lens = [3usize, 5, 3, 2, 5, 1];
+        let samples: Vec<Sample> = lens
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| sample(100 * (k as u32 + 1), n))
+            .collect();
+        let blocks = pack(samples.clone(), 7, 8, 0).unwrap();
+        let rows: Vec<Vec<usize>> = blocks
+            .iter()
+            .map(|b| {
+                let mut start = 0;
+                b.segments
+                    .iter()
+                    .map(|&n| {
+                        let ids = &b.input_ids[start..start + n];
+                        start += n;
+                        samples.iter().position(|s| s.input_ids == ids).unwrap()
+                    })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(rows, vec![vec![4, 3], vec![1, 5], vec![2, 0]]);
+        assert!(blocks.iter().all(|b| b.len() == 8));
+        // Room 7 of 8: every block has at least one pad.
+        assert!(blocks.iter().all(|b| b.num_real_tokens() <= 7));
+        let two = pack(vec![sample(1, 2), sample(5, 2), sample(9, 2)], 4, 4, 0).unwrap();
+        assert_eq!(two[0].input_ids, vec![9, 10, 5, 6]);
+        assert_eq!(two[1].input_ids, vec![1, 2, 0, 0]);
     }
 
     #[test]
     fn rejects_oversized_or_packed_input() {
-        let err = pack(vec![sample(0, 9)], 8, 0).unwrap_err().to_string();
+        let err = pack(vec![sample(0, 8)], 7, 8, 0).unwrap_err().to_string();
         assert!(
-            err.contains("sample 0 has 9 tokens") && err.contains("cutoff_len 8"),
+            err.contains("sample 0 has 8 tokens") && err.contains("the 7 a packed row holds"),
             "{err}"
         );
-        let packed = pack(vec![sample(0, 2), sample(5, 2)], 4, 0).unwrap();
-        assert!(pack(packed, 4, 0).is_err());
-        assert!(pack(vec![], 4, 0).unwrap().is_empty());
-        assert!(pack(vec![sample(0, 2)], 0, 0).is_err());
+        let packed = pack(vec![sample(0, 2), sample(5, 2)], 4, 4, 0).unwrap();
+        assert!(pack(packed, 4, 4, 0).is_err());
+        assert!(pack(vec![], 4, 4, 0).unwrap().is_empty());
+        assert!(pack(vec![sample(0, 2)], 0, 0, 0).is_err());
+        assert!(pack(vec![sample(0, 2)], 5, 4, 0).is_err());
     }
 }

@@ -1,19 +1,35 @@
-//! Records → training samples for a stage.
+//! Records → training samples for a stage, as LLaMA-Factory's dataset processors build them
+//! (`data/processor/*.py`), `cutoff_len` being LLaMA-Factory's `data_args.cutoff_len`: the
+//! recipe's, less one when packing was asked for ([`PreprocessConfig::llama_factory`]).
 //!
 //! - `stage: sft`: each conversation through [`Template::encode_supervised`] (responses only,
-//!   `cutoff_len` as LLaMA-Factory). A sample left with no target (e.g. `cutoff_len` cut every
-//!   response token, or an empty answer with the `empty` template) is dropped and counted in
-//!   [`PreprocessStats::dropped_no_target`], never kept silently.
-//! - `stage: pt`: each text + eos ([`Template::encode_pretrain`]), labels = ids. Without
-//!   packing a text longer than `cutoff_len` is truncated (as LLaMA-Factory does); with packing
-//!   it is split into `cutoff_len` pieces so that no text is lost.
-//! - `packing: true`: samples are then packed into `cutoff_len` blocks ([`crate::packing`]).
+//!   `cutoff_len` as LLaMA-Factory). A row left with no target (`cutoff_len` cut every
+//!   response token, or an empty answer with the `empty` template) is kept, as LLaMA-Factory
+//!   keeps it: it adds no loss, and is counted in [`PreprocessStats::no_target`].
+//! - `stage: pt`: each record's text (a conversation's first user message, LLaMA-Factory's
+//!   `_prompt[0]`). Without packing: bos (when the tokenizer's `add_bos_token` is true), the
+//!   text and eos, cut to `cutoff_len`. With packing (`PretrainDatasetProcessor`): the texts + eos of
+//!   each preprocessing batch are concatenated and cut into blocks of exactly `cutoff_len`
+//!   tokens, the batch's tail that fills no block being dropped; bos is written over each
+//!   block's first id when `add_bos_token`; a block is one sequence (attention across the
+//!   texts, positions 0..cutoff_len). Labels are the ids, except that ids equal to the pad id
+//!   ([`Template::pad_id`]) carry none, as the HF `DataCollatorForLanguageModeling` that
+//!   LLaMA-Factory's pt uses masks them (with pad = eos, eos is not trained).
+//! - `packing: true` in sft (`PackedSupervisedDatasetProcessor`): within each preprocessing
+//!   batch the rows are packed by [`crate::packing::pack`] into `cutoff_len` of room, padded
+//!   to `cutoff_len + 1` (the recipe's `cutoff_len`).
+//!
+//! Preprocessing batches ([`preprocessing_batches`]) are those of the HF datasets `map` that
+//! LLaMA-Factory runs: `preprocessing_num_workers` contiguous shards of the rows, each cut into
+//! batches of `preprocessing_batch_size` rows. Packing never crosses a batch.
 
 use std::fmt;
+use std::ops::Range;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::IGNORE_INDEX;
 use crate::batch::Sample;
 use crate::dataset::{DatasetFormat, DatasetSpec, Record};
 use crate::error::{DataError, Result};
@@ -21,6 +37,9 @@ use crate::mix::{DatasetRows, MixConfig, select_and_merge};
 use crate::packing::pack;
 use crate::template::{Encoded, SupervisedOptions, Template};
 use crate::tokenizer::Tokenizer;
+
+/// LLaMA-Factory's default `preprocessing_batch_size`.
+pub const DEFAULT_PREPROCESSING_BATCH_SIZE: usize = 1000;
 
 /// Training stage (LLaMA-Factory's `stage`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,18 +84,25 @@ impl fmt::Display for Stage {
 pub struct PreprocessConfig {
     /// `stage`.
     pub stage: Stage,
-    /// `cutoff_len`: maximum tokens per sample, and the block length when packing.
+    /// LLaMA-Factory's `data_args.cutoff_len` as its processors read it: the maximum tokens of
+    /// an unpacked row, the room of a packed sft row (padded to one more), the block length of
+    /// packed pt. [`PreprocessConfig::llama_factory`] derives it from the recipe.
     pub cutoff_len: usize,
     /// `train_on_prompt` (sft).
     pub train_on_prompt: bool,
     /// `mask_history` (sft).
     pub mask_history: bool,
-    /// `packing`.
+    /// `packing` (resolved: LLaMA-Factory's default is on for pt).
     pub packing: bool,
+    /// `preprocessing_batch_size` (0: a whole shard).
+    pub batch_size: usize,
+    /// `preprocessing_num_workers` (HF datasets' `num_proc`: the shards; at least 1).
+    pub num_proc: usize,
 }
 
 impl PreprocessConfig {
-    /// A config for `stage` and `cutoff_len`, without packing or prompt training.
+    /// A config for `stage` and `cutoff_len` (taken as is), without packing or prompt
+    /// training, with LLaMA-Factory's batch size and one shard.
     pub fn new(stage: Stage, cutoff_len: usize) -> Self {
         PreprocessConfig {
             stage,
@@ -84,7 +110,27 @@ impl PreprocessConfig {
             train_on_prompt: false,
             mask_history: false,
             packing: false,
+            batch_size: DEFAULT_PREPROCESSING_BATCH_SIZE,
+            num_proc: 1,
         }
+    }
+
+    /// A config from a recipe's `stage`, `cutoff_len`, `packing` and `neat_packing`, by
+    /// LLaMA-Factory's rules: `neat_packing` implies packing, and packing given as true (or
+    /// implied) decrements `cutoff_len` (`DataArguments.__post_init__`); an absent `packing`
+    /// is then resolved to `stage == pt` (`get_train_args`), after that decrement, so a pt
+    /// recipe that leaves `packing` out packs blocks of the full `cutoff_len` and one that
+    /// writes `packing: true` blocks of `cutoff_len - 1`.
+    pub fn llama_factory(
+        stage: Stage,
+        cutoff_len: usize,
+        packing: Option<bool>,
+        neat_packing: bool,
+    ) -> Self {
+        let asked = neat_packing || packing == Some(true);
+        let mut cfg = PreprocessConfig::new(stage, cutoff_len.saturating_sub(usize::from(asked)));
+        cfg.packing = asked || (packing.is_none() && stage == Stage::Pt);
+        cfg
     }
 
     fn validate(&self) -> Result<()> {
@@ -92,7 +138,8 @@ impl PreprocessConfig {
             return Err(DataError::config(
                 "cutoff_len",
                 format!(
-                    "{} leaves no room for a target token (at least 2)",
+                    "{} leaves no room for a target token (at least 2; packing takes one \
+                     from the recipe's value)",
                     self.cutoff_len
                 ),
             ));
@@ -107,17 +154,45 @@ impl PreprocessConfig {
     }
 }
 
+/// The record ranges that LLaMA-Factory preprocesses together, in order: HF datasets'
+/// `Dataset.map(batched=True, batch_size, num_proc)` splits the `n` rows into `num_proc`
+/// contiguous shards (`Dataset.shard(contiguous=True)`: `n / num_proc` rows each, the first
+/// `n % num_proc` one more; `num_proc` above `n` is lowered to `n`), and each shard into
+/// batches of `batch_size` rows from its start (0: the whole shard).
+pub fn preprocessing_batches(n: usize, num_proc: usize, batch_size: usize) -> Vec<Range<usize>> {
+    let shards = num_proc.clamp(1, n.max(1));
+    let (div, rem) = (n / shards, n % shards);
+    let mut out = Vec::new();
+    for index in 0..shards {
+        let start = div * index + index.min(rem);
+        let end = start + div + usize::from(index < rem);
+        let step = if batch_size == 0 {
+            end - start
+        } else {
+            batch_size
+        };
+        let mut b = start;
+        while b < end {
+            out.push(b..(b + step).min(end));
+            b += step.max(1);
+        }
+    }
+    out
+}
+
 /// What preprocessing did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PreprocessStats {
     /// Records read.
     pub records: usize,
-    /// Samples kept before packing (pt with packing: pieces of texts).
+    /// Rows before packing (one per record).
     pub samples: usize,
-    /// Samples dropped because no label was left to train on.
-    pub dropped_no_target: usize,
-    /// Records shortened by `cutoff_len` (pt with packing: texts split into pieces).
+    /// Rows before packing that have no label to train on (kept, as LLaMA-Factory keeps them).
+    pub no_target: usize,
+    /// Records shortened by `cutoff_len` (never with pt packing, which cuts no text).
     pub truncated: usize,
+    /// Tokens dropped by pt packing: each preprocessing batch's tail shorter than a block.
+    pub dropped_tokens: usize,
     /// Rows of the result (packed blocks when packing, else `samples`).
     pub rows: usize,
     /// Non-padding tokens of the result.
@@ -137,7 +212,7 @@ pub struct ProcessedDataset {
 
 /// Turns records into samples (see the module docs). For sft the template is checked against
 /// the tokenizer first, so a missing special token fails before any work; pt only needs the
-/// eos it appends.
+/// eos it appends (and bos when the tokenizer adds it).
 pub fn preprocess(
     records: &[Record],
     template: &Template,
@@ -147,9 +222,10 @@ pub fn preprocess(
     preprocess_parallel(records, template, tokenizer, cfg, 1)
 }
 
-/// [`preprocess`] with the records encoded by `workers` threads
-/// (`preprocessing_num_workers`), each taking a contiguous share of them. The result is the
-/// same as with one worker, sample for sample; so is the first error, when records fail.
+/// [`preprocess`] with the records encoded by `workers` threads, each taking a contiguous
+/// share of them. The result is the same whatever `workers`, sample for sample; so is the
+/// first error, when records fail. (What LLaMA-Factory's `preprocessing_num_workers` changes,
+/// the batches that packing works within, is [`PreprocessConfig::num_proc`].)
 pub fn preprocess_parallel(
     records: &[Record],
     template: &Template,
@@ -160,31 +236,79 @@ pub fn preprocess_parallel(
     cfg.validate()?;
     match cfg.stage {
         Stage::Sft => template.check_tokenizer(tokenizer)?,
-        // pt writes no chat markup: only the eos it appends must exist.
+        // pt writes no chat markup: only the eos it appends (and bos, if added) must exist.
         Stage::Pt => {
             template.pt_eos_id(tokenizer)?;
+            template.pt_bos_id(tokenizer)?;
         }
     }
     let mut stats = PreprocessStats {
         records: records.len(),
         ..PreprocessStats::default()
     };
-    let mut samples = Vec::with_capacity(records.len());
-    for (truncated, pieces) in encode_all(records, template, tokenizer, cfg, workers)? {
-        stats.truncated += usize::from(truncated);
-        for e in pieces {
-            if e.num_targets() == 0 {
-                stats.dropped_no_target += 1;
+    let encoded = encode_all(records, template, tokenizer, cfg, workers)?;
+    let pad_label = template.pad_id(tokenizer);
+    let samples = match (cfg.stage, cfg.packing) {
+        (Stage::Pt, true) => {
+            stats.samples = encoded.len();
+            let bos = template.pt_bos_id(tokenizer)?;
+            let mut blocks = Vec::new();
+            for batch in preprocessing_batches(encoded.len(), cfg.num_proc, cfg.batch_size) {
+                let ids: Vec<u32> = encoded[batch]
+                    .iter()
+                    .flat_map(|e| e.input_ids.iter().copied())
+                    .collect();
+                let whole = ids.len() / cfg.cutoff_len * cfg.cutoff_len;
+                stats.dropped_tokens += ids.len() - whole;
+                for chunk in ids[..whole].chunks(cfg.cutoff_len) {
+                    let mut block = chunk.to_vec();
+                    if let Some(b) = bos {
+                        block[0] = b;
+                    }
+                    let labels = pt_labels(&block, pad_label);
+                    blocks.push(Sample::single(block, labels));
+                }
+            }
+            if blocks.is_empty() && !encoded.is_empty() {
+                return Err(DataError::config(
+                    "cutoff_len",
+                    format!(
+                        "stage pt packs each preprocessing batch's texts into blocks of {} \
+                         tokens, and no batch has that many: no training row is left \
+                         (LLaMA-Factory: \"Cannot find sufficient samples, consider increasing \
+                         dataset size.\")",
+                        cfg.cutoff_len
+                    ),
+                ));
+            }
+            blocks
+        }
+        (_, packing) => {
+            stats.truncated = encoded.iter().filter(|e| e.truncated).count();
+            let rows: Vec<Sample> = encoded
+                .into_iter()
+                .map(|e| Sample::single(e.input_ids, e.labels))
+                .collect();
+            stats.samples = rows.len();
+            stats.no_target = rows.iter().filter(|s| s.num_targets() == 0).count();
+            if packing {
+                let batches = preprocessing_batches(rows.len(), cfg.num_proc, cfg.batch_size);
+                let mut rows = rows.into_iter();
+                let mut blocks = Vec::new();
+                for batch in batches {
+                    let part: Vec<Sample> = rows.by_ref().take(batch.len()).collect();
+                    blocks.extend(pack(
+                        part,
+                        cfg.cutoff_len,
+                        cfg.cutoff_len + 1,
+                        tokenizer.pad_id_or_eos(),
+                    )?);
+                }
+                blocks
             } else {
-                samples.push(Sample::single(e.input_ids, e.labels));
+                rows
             }
         }
-    }
-    stats.samples = samples.len();
-    let samples = if cfg.packing {
-        pack(samples, cfg.cutoff_len, tokenizer.pad_id_or_eos())?
-    } else {
-        samples
     };
     stats.rows = samples.len();
     stats.tokens = samples.iter().map(Sample::num_real_tokens).sum();
@@ -192,24 +316,35 @@ pub fn preprocess_parallel(
     Ok(ProcessedDataset { samples, stats })
 }
 
-/// One record's encoding: whether `cutoff_len` shortened it, and its samples before the
-/// no-target check (one for sft; pt with packing may split a text in several).
-type EncodedRecord = (bool, Vec<Encoded>);
+/// pt labels: the ids, except [`IGNORE_INDEX`] where an id is the pad id (the HF
+/// `DataCollatorForLanguageModeling(mlm=False)` sets `labels[labels == pad_token_id] = -100`).
+fn pt_labels(ids: &[u32], pad: Option<u32>) -> Vec<i64> {
+    ids.iter()
+        .map(|&x| {
+            if Some(x) == pad {
+                IGNORE_INDEX
+            } else {
+                i64::from(x)
+            }
+        })
+        .collect()
+}
 
-/// Every record's [`EncodedRecord`], in order.
+/// Every record's encoding, in order: sft rows, pt rows (truncated to `cutoff_len`) or, for pt
+/// packing, the texts + eos to concatenate (labels left empty).
 fn encode_all(
     records: &[Record],
     template: &Template,
     tokenizer: &Tokenizer,
     cfg: &PreprocessConfig,
     workers: usize,
-) -> Result<Vec<EncodedRecord>> {
+) -> Result<Vec<Encoded>> {
     let workers = workers.clamp(1, records.len().max(1));
     if workers == 1 {
         return encode_range(records, 0, template, tokenizer, cfg);
     }
     let chunk = records.len().div_ceil(workers);
-    let parts: Vec<Result<Vec<EncodedRecord>>> = std::thread::scope(|scope| {
+    let parts: Vec<Result<Vec<Encoded>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = records
             .chunks(chunk)
             .enumerate()
@@ -236,37 +371,20 @@ fn encode_range(
     template: &Template,
     tokenizer: &Tokenizer,
     cfg: &PreprocessConfig,
-) -> Result<Vec<EncodedRecord>> {
+) -> Result<Vec<Encoded>> {
     let sft = SupervisedOptions {
         cutoff_len: cfg.cutoff_len,
         train_on_prompt: cfg.train_on_prompt,
         mask_history: cfg.mask_history,
     };
+    let pad_label = template.pad_id(tokenizer);
     let mut out = Vec::with_capacity(records.len());
     for (k, r) in records.iter().enumerate() {
         let i = base + k;
-        out.push(match (cfg.stage, r) {
+        let text = match (cfg.stage, r) {
             (Stage::Sft, Record::Conversation(c)) => {
-                let e = template.encode_supervised(tokenizer, c, &sft)?;
-                (e.truncated, vec![e])
-            }
-            (Stage::Pt, Record::Text(t)) => {
-                let ids = template.encode_pretrain(tokenizer, t)?;
-                let long = ids.len() > cfg.cutoff_len;
-                let pieces: Vec<&[u32]> = if cfg.packing {
-                    ids.chunks(cfg.cutoff_len).collect()
-                } else {
-                    vec![&ids[..ids.len().min(cfg.cutoff_len)]]
-                };
-                let pieces = pieces
-                    .into_iter()
-                    .map(|p| Encoded {
-                        input_ids: p.to_vec(),
-                        labels: p.iter().map(|&x| i64::from(x)).collect(),
-                        truncated: long,
-                    })
-                    .collect();
-                (long, pieces)
+                out.push(template.encode_supervised(tokenizer, c, &sft)?);
+                continue;
             }
             (Stage::Sft, Record::Text(_)) => {
                 return Err(DataError::config(
@@ -277,14 +395,34 @@ fn encode_range(
                     ),
                 ));
             }
-            (Stage::Pt, Record::Conversation(_)) => {
-                return Err(DataError::config(
-                    "stage",
-                    format!(
-                        "stage pt trains on plain text (format `text`) but record {i} is a \
-                         conversation"
-                    ),
-                ));
+            (Stage::Pt, Record::Text(t)) => t.as_str(),
+            // LLaMA-Factory's pt reads `_prompt[0]`: the first user message.
+            (Stage::Pt, Record::Conversation(c)) => match c.turns.first() {
+                Some(t) => t.user.as_str(),
+                None => {
+                    return Err(DataError::config(
+                        "stage",
+                        format!(
+                            "stage pt reads a conversation's first message, but record {i} has none"
+                        ),
+                    ));
+                }
+            },
+        };
+        out.push(if cfg.packing {
+            Encoded {
+                input_ids: template.encode_pretrain_for_packing(tokenizer, text)?,
+                labels: Vec::new(),
+                truncated: false,
+            }
+        } else {
+            let mut ids = template.encode_pretrain(tokenizer, text)?;
+            let truncated = ids.len() > cfg.cutoff_len;
+            ids.truncate(cfg.cutoff_len);
+            Encoded {
+                labels: pt_labels(&ids, pad_label),
+                input_ids: ids,
+                truncated,
             }
         });
     }
@@ -319,13 +457,12 @@ pub fn load_and_preprocess(
     selection.mix.validate(specs.len())?;
     let mut sets = Vec::with_capacity(specs.len());
     for spec in specs {
-        let is_text = matches!(spec.format, DatasetFormat::Text(_));
-        if is_text != (cfg.stage == Stage::Pt) {
+        // pt reads any format (a conversation's first user message, as LLaMA-Factory).
+        if matches!(spec.format, DatasetFormat::Text(_)) && cfg.stage == Stage::Sft {
             return Err(DataError::File {
                 path: spec.path.clone(),
                 problem: format!(
-                    "format `{}` does not suit stage {} (pt reads `text`, sft reads `alpaca` or \
-                     `sharegpt`)",
+                    "format `{}` does not suit stage {} (sft reads `alpaca` or `sharegpt`)",
                     spec.format, cfg.stage
                 ),
             });
@@ -336,7 +473,9 @@ pub fn load_and_preprocess(
         });
     }
     let rows = select_and_merge(sets, selection.max_samples, &selection.mix)?;
-    if !template.renders_tools()
+    // pt reads no tools (LLaMA-Factory's pt ignores `_tools`).
+    if cfg.stage == Stage::Sft
+        && !template.renders_tools()
         && let Some((origin, _)) = rows
             .iter()
             .find(|(_, r)| matches!(r, Record::Conversation(c) if c.tools.is_some()))
@@ -383,7 +522,7 @@ mod tests {
         let d = preprocess(&convs(), &t, &tok, &PreprocessConfig::new(Stage::Sft, 1024)).unwrap();
         assert_eq!(d.samples.len(), 3);
         assert_eq!(d.stats.records, 3);
-        assert_eq!(d.stats.dropped_no_target, 0);
+        assert_eq!(d.stats.no_target, 0);
         assert_eq!(d.stats.truncated, 0);
         for s in &d.samples {
             assert_eq!(s.labels[0], IGNORE_INDEX);
@@ -397,7 +536,7 @@ mod tests {
     }
 
     #[test]
-    fn cutoff_that_leaves_no_target_drops_and_counts() {
+    fn cutoff_that_leaves_no_target_keeps_and_counts() {
         let t = Template::qwen();
         let tok = tokenizer_for(&t);
         // The default qwen system prompt alone is longer than 12 tokens, so with cutoff 12 the
@@ -422,7 +561,8 @@ mod tests {
         assert_eq!(d.samples.len(), 1);
         assert_eq!(d.samples[0].len(), 64);
         assert!(d.samples[0].num_targets() > 0);
-        // The empty template with an empty answer has nothing to learn: dropped, counted.
+        // The empty template with an empty answer has nothing to learn: kept (LLaMA-Factory's
+        // SupervisedDatasetProcessor keeps every encoded row), counted.
         let e = Template::empty();
         let tok = tokenizer_for(&e);
         let recs = vec![
@@ -430,8 +570,10 @@ mod tests {
             Record::Conversation(Conversation::single("question", "answer")),
         ];
         let d = preprocess(&recs, &e, &tok, &PreprocessConfig::new(Stage::Sft, 64)).unwrap();
-        assert_eq!(d.stats.dropped_no_target, 1);
-        assert_eq!(d.samples.len(), 1);
+        assert_eq!(d.stats.no_target, 1);
+        assert_eq!(d.samples.len(), 2);
+        assert_eq!(d.samples[0].num_targets(), 0);
+        assert!(d.samples[0].labels.iter().all(|&l| l == IGNORE_INDEX));
         // A multi-turn conversation cut after the first prompt: the kept part has no target.
         let recs = vec![Record::Conversation(Conversation::single(
             "a b c d e f g h",
@@ -439,15 +581,22 @@ mod tests {
         ))];
         let d = preprocess(&recs, &e, &tok, &PreprocessConfig::new(Stage::Sft, 2)).unwrap();
         assert_eq!(d.stats.records, 1);
-        assert_eq!(d.stats.dropped_no_target, 1);
-        assert!(d.samples.is_empty());
+        assert_eq!(d.stats.no_target, 1);
+        assert_eq!(d.samples.len(), 1);
+        assert_eq!(d.samples[0].len(), 2);
         assert_eq!(d.stats.truncated, 1);
     }
 
+    /// LLaMA-Factory's `PretrainDatasetProcessor` without packing: `tokenizer(text + eos,
+    /// truncation=True, max_length=cutoff_len)`; labels from `DataCollatorForLanguageModeling`:
+    /// the ids, -100 where an id is the pad id (here pad = eos, as `fix_special_tokens` sets it
+    /// for a tokenizer without pad).
     #[test]
-    fn pt_truncates_or_splits() {
+    fn pt_without_packing_truncates_each_text() {
         let t = Template::alpaca();
         let tok = tokenizer_for(&t);
+        let eos = tok.eos_id().unwrap();
+        assert_eq!(tok.pad_id(), None);
         let long = "the quick brown fox jumps over the lazy dog ".repeat(10);
         let recs = vec![
             Record::Text("hello world".into()),
@@ -456,20 +605,145 @@ mod tests {
         let d = preprocess(&recs, &t, &tok, &PreprocessConfig::new(Stage::Pt, 16)).unwrap();
         assert_eq!(d.samples.len(), 2);
         assert_eq!(d.stats.truncated, 1);
+        let hello = tok.encode("hello world").unwrap();
         let s0 = &d.samples[0];
-        assert_eq!(*s0.input_ids.last().unwrap(), tok.eos_id().unwrap());
-        let ids: Vec<i64> = s0.input_ids.iter().map(|&i| i64::from(i)).collect();
-        assert_eq!(s0.labels, ids);
-        assert_eq!(d.samples[1].len(), 16);
-        // Packing: the long text is split, nothing is lost, blocks are cutoff_len long.
-        let mut cfg = PreprocessConfig::new(Stage::Pt, 16);
+        assert_eq!(s0.input_ids, [hello.clone(), vec![eos]].concat());
+        let mut labels: Vec<i64> = hello.iter().map(|&i| i64::from(i)).collect();
+        labels.push(IGNORE_INDEX);
+        assert_eq!(s0.labels, labels);
+        assert_eq!(d.samples[1].input_ids, tok.encode(&long).unwrap()[..16]);
+    }
+
+    /// LLaMA-Factory's `PretrainDatasetProcessor.preprocess_dataset` with packing, by hand: per
+    /// preprocessing batch the texts + eos are concatenated, cut into `cutoff_len` blocks and
+    /// the tail dropped; with `add_bos_token` every block's first id becomes bos. Batches are
+    /// those of `Dataset.map(batched=True, batch_size=preprocessing_batch_size)`.
+    #[test]
+    fn pt_packing_concatenates_each_batch_and_drops_its_tail() {
+        let t = Template::alpaca();
+        let mut tok = tokenizer_for(&t);
+        let eos = tok.eos_id().unwrap();
+        let texts = ["hello world", "the quick brown fox", "a", "lazy dog jumps"];
+        let recs: Vec<Record> = texts.iter().map(|x| Record::Text(x.to_string())).collect();
+        let ids: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|x| [tok.encode(x).unwrap(), vec![eos]].concat())
+            .collect();
+        let mut cfg = PreprocessConfig::new(Stage::Pt, 3);
         cfg.packing = true;
-        let p = preprocess(&recs, &t, &tok, &cfg).unwrap();
-        let total =
-            tok.encode("hello world").unwrap().len() + 1 + tok.encode(&long).unwrap().len() + 1;
-        assert_eq!(p.stats.tokens + p.stats.dropped_no_target, total);
-        assert!(p.samples.iter().all(|s| s.len() == 16));
-        assert_eq!(p.stats.rows, p.samples.len());
+        cfg.batch_size = 2;
+        let d = preprocess(&recs, &t, &tok, &cfg).unwrap();
+        let mut expected = Vec::new();
+        let mut dropped = 0;
+        for batch in [&ids[0..2], &ids[2..4]] {
+            let all: Vec<u32> = batch.concat();
+            let whole = all.len() / 3 * 3;
+            dropped += all.len() - whole;
+            expected.extend(all[..whole].chunks(3).map(<[u32]>::to_vec));
+        }
+        let got: Vec<Vec<u32>> = d.samples.iter().map(|s| s.input_ids.clone()).collect();
+        assert_eq!(got, expected);
+        assert_eq!(d.stats.dropped_tokens, dropped);
+        assert_eq!(d.stats.records, 4);
+        for s in &d.samples {
+            // One sequence: attention across the texts, positions 0..cutoff_len.
+            assert_eq!(s.segments, vec![3]);
+            for (&id, &l) in s.input_ids.iter().zip(&s.labels) {
+                assert_eq!(
+                    l,
+                    if id == eos {
+                        IGNORE_INDEX
+                    } else {
+                        i64::from(id)
+                    }
+                );
+            }
+        }
+        // One batch of 1000 (LLaMA-Factory's default): one concatenation.
+        let one = preprocess(
+            &recs,
+            &t,
+            &tok,
+            &PreprocessConfig {
+                batch_size: 1000,
+                ..cfg
+            },
+        )
+        .unwrap();
+        let all: Vec<u32> = ids.concat();
+        assert_eq!(one.samples.len(), all.len() / 3);
+        assert_eq!(one.stats.dropped_tokens, all.len() % 3);
+        // add_bos_token: bos written over each block's first id.
+        tok.set_add_bos_token(true);
+        let bos = tok.bos_id().unwrap();
+        let b = preprocess(&recs, &t, &tok, &cfg).unwrap();
+        assert_eq!(b.samples.len(), expected.len());
+        for (s, e) in b.samples.iter().zip(&expected) {
+            assert_eq!(s.input_ids[0], bos);
+            assert_eq!(s.input_ids[1..], e[1..]);
+        }
+        // Too little text for one block: LLaMA-Factory's "Cannot find sufficient samples".
+        let err = preprocess(
+            &recs[2..3],
+            &t,
+            &tok,
+            &PreprocessConfig {
+                cutoff_len: 64,
+                ..cfg
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("Cannot find sufficient samples"), "{err}");
+    }
+
+    /// `DataArguments.__post_init__` (neat_packing implies packing; packing decrements
+    /// cutoff_len) then `get_train_args` (`packing = packing if not None else stage == "pt"`).
+    #[test]
+    fn llama_factory_packing_defaults_and_cutoff() {
+        let c = |stage, packing, neat| {
+            let p = PreprocessConfig::llama_factory(stage, 100, packing, neat);
+            (p.packing, p.cutoff_len)
+        };
+        assert_eq!(c(Stage::Pt, None, false), (true, 100));
+        assert_eq!(c(Stage::Pt, Some(true), false), (true, 99));
+        assert_eq!(c(Stage::Pt, Some(false), false), (false, 100));
+        assert_eq!(c(Stage::Sft, None, false), (false, 100));
+        assert_eq!(c(Stage::Sft, Some(true), false), (true, 99));
+        assert_eq!(c(Stage::Sft, Some(false), true), (true, 99));
+        assert_eq!(c(Stage::Sft, None, true), (true, 99));
+    }
+
+    /// HF datasets' `Dataset.shard(num_shards, index, contiguous=True)` and `map`'s batches.
+    #[test]
+    fn preprocessing_batches_are_hf_shards_then_batches() {
+        let b = |n, p, s| preprocessing_batches(n, p, s);
+        assert_eq!(b(10, 1, 1000), vec![0..10]);
+        assert_eq!(b(10, 3, 1000), vec![0..4, 4..7, 7..10]);
+        assert_eq!(b(10, 3, 2), vec![0..2, 2..4, 4..6, 6..7, 7..9, 9..10]);
+        assert_eq!(b(2500, 1, 1000), vec![0..1000, 1000..2000, 2000..2500]);
+        assert_eq!(b(3, 8, 1000), vec![0..1, 1..2, 2..3]);
+        assert_eq!(b(5, 2, 0), vec![0..3, 3..5]);
+        assert!(b(0, 4, 1000).is_empty());
+    }
+
+    /// LLaMA-Factory's pt reads `_prompt[0]["content"]`: a conversation's first user message.
+    #[test]
+    fn pt_on_conversations_reads_the_first_user_message() {
+        let t = Template::alpaca();
+        let tok = tokenizer_for(&t);
+        let d = preprocess(&convs(), &t, &tok, &PreprocessConfig::new(Stage::Pt, 64)).unwrap();
+        let eos = tok.eos_id().unwrap();
+        for (s, first) in d.samples.iter().zip([
+            "What is 1 + 2?",
+            "hello",
+            "a long question about the quick brown fox and the lazy dog",
+        ]) {
+            assert_eq!(
+                s.input_ids,
+                [tok.encode(first).unwrap(), vec![eos]].concat()
+            );
+        }
     }
 
     #[test]
@@ -495,14 +769,16 @@ mod tests {
         assert!(err.contains("template `llama3`"), "{err}");
     }
 
+    /// `packing: true` in sft: rows truncated at `cutoff_len - 1` (LLaMA-Factory's decrement),
+    /// packed within each preprocessing batch, padded to the recipe's `cutoff_len`.
     #[test]
     fn packing_sft_keeps_targets() {
         let t = Template::llama3();
         let tok = tokenizer_for(&t);
         let plain =
-            preprocess(&convs(), &t, &tok, &PreprocessConfig::new(Stage::Sft, 128)).unwrap();
-        let mut cfg = PreprocessConfig::new(Stage::Sft, 128);
-        cfg.packing = true;
+            preprocess(&convs(), &t, &tok, &PreprocessConfig::new(Stage::Sft, 127)).unwrap();
+        let cfg = PreprocessConfig::llama_factory(Stage::Sft, 128, Some(true), false);
+        assert_eq!(cfg.cutoff_len, 127);
         let packed = preprocess(&convs(), &t, &tok, &cfg).unwrap();
         assert!(packed.samples.len() < plain.samples.len());
         assert_eq!(packed.stats.target_tokens, plain.stats.target_tokens);
@@ -512,6 +788,37 @@ mod tests {
             packed.samples[0].input_ids.last(),
             Some(&tok.pad_id_or_eos())
         );
+        // Truncation at 127, not 128 (LLaMA-Factory's infer_seqlen sees the decremented value).
+        let long = vec![Record::Conversation(Conversation::single(
+            "x ".repeat(300),
+            "y ".repeat(300),
+        ))];
+        let p = preprocess(&long, &t, &tok, &cfg).unwrap();
+        assert_eq!(p.samples[0].num_real_tokens(), 127);
+        assert_eq!(p.samples[0].len(), 128);
+    }
+
+    /// LLaMA-Factory packs within each `Dataset.map` batch (`PackedSupervisedDatasetProcessor`
+    /// sees one batch at a time): no block mixes rows of two batches.
+    #[test]
+    fn packing_sft_stays_within_preprocessing_batches() {
+        let t = Template::qwen();
+        let tok = tokenizer_for(&t);
+        let recs: Vec<Record> = (0..9)
+            .map(|i| Record::Conversation(Conversation::single(format!("q{i}"), format!("a{i}"))))
+            .collect();
+        let mut cfg = PreprocessConfig::llama_factory(Stage::Sft, 512, Some(true), false);
+        cfg.batch_size = 4;
+        cfg.num_proc = 2;
+        let d = preprocess_parallel(&recs, &t, &tok, &cfg, 3).unwrap();
+        // Shards 0..5 and 5..9, batches 0..4, 4..5, 5..9, 9..9: each fits one block.
+        let rows = preprocess(&recs, &t, &tok, &PreprocessConfig::new(Stage::Sft, 511)).unwrap();
+        let mut expected = Vec::new();
+        for r in [0..4, 4..5, 5..9] {
+            expected.extend(pack(rows.samples[r].to_vec(), 511, 512, tok.pad_id_or_eos()).unwrap());
+        }
+        assert_eq!(d.samples, expected);
+        assert_eq!(d.samples.len(), 3);
     }
 
     #[test]
@@ -527,10 +834,6 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("record 0 is plain text"), "{err}");
-        let err = preprocess(&convs(), &t, &tok, &PreprocessConfig::new(Stage::Pt, 8))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("record 0 is a conversation"), "{err}");
         let err = preprocess(&convs(), &t, &tok, &PreprocessConfig::new(Stage::Sft, 1))
             .unwrap_err()
             .to_string();

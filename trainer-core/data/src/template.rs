@@ -36,8 +36,9 @@
 //! not fit is cut by `infer_seqlen` ([`infer_seqlen`]), which shares the room between source
 //! and target in proportion to their lengths (the *tail* of each part is cut).
 //!
-//! PT ([`Template::encode_pretrain`]): `text` + eos, labels = ids (llama3 appends
-//! `<|end_of_text|>`, others the template's eos).
+//! PT ([`Template::encode_pretrain`]): bos (when the tokenizer's `add_bos_token` is true) +
+//! `text` + eos (llama3 appends `<|end_of_text|>`, others the template's eos); packed texts
+//! ([`Template::encode_pretrain_for_packing`]) have no bos of their own.
 
 use std::fmt;
 
@@ -794,12 +795,38 @@ impl Template {
         Ok(out)
     }
 
-    /// Encodes a `stage: pt` text: its ids followed by the pt eos; no truncation (the caller
-    /// truncates or splits at `cutoff_len`).
+    /// Encodes a `stage: pt` text as an unpacked row, as LLaMA-Factory's
+    /// `PretrainDatasetProcessor` does without packing: bos when the tokenizer's
+    /// `add_bos_token` is true, the text, the pt eos; no truncation (the caller keeps the first
+    /// `cutoff_len` ids).
     pub fn encode_pretrain(&self, tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.pt_bos_id(tok)?.into_iter().collect();
+        ids.extend(self.encode_pretrain_for_packing(tok, text)?);
+        Ok(ids)
+    }
+
+    /// Encodes a `stage: pt` text for packing: the text and the pt eos, no bos
+    /// (LLaMA-Factory writes bos over the first id of every packed block instead).
+    pub fn encode_pretrain_for_packing(&self, tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
         let mut ids = tok.encode(text)?;
         ids.push(self.pt_eos_id(tok)?);
         Ok(ids)
+    }
+
+    /// The bos that `stage: pt` writes: the tokenizer's bos when its `add_bos_token` is true
+    /// (an error when it has none), else none.
+    pub fn pt_bos_id(&self, tok: &Tokenizer) -> Result<Option<u32>> {
+        if tok.add_bos_token() {
+            self.bos_id(tok).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// LLaMA-Factory's pad id once `fix_special_tokens` has run: the tokenizer's pad, else the
+    /// template's eos (it sets `pad_token = eos_token` after replacing eos).
+    pub fn pad_id(&self, tok: &Tokenizer) -> Option<u32> {
+        tok.pad_id().or_else(|| self.eos_id(tok).ok())
     }
 
     /// The prompt ids for generating the answer to `query` after `history`: what precedes the
@@ -1383,5 +1410,27 @@ mod tests {
         let tok = tokenizer_for(&t);
         let ids = t.encode_pretrain(&tok, "x").unwrap();
         assert_eq!(*ids.last().unwrap(), tok.eos_id().unwrap());
+        assert_eq!(t.pt_bos_id(&tok).unwrap(), None);
+    }
+
+    /// LLaMA-Factory's `PretrainDatasetProcessor.preprocess_dataset` without packing:
+    /// `bos_token + text + eos_token` when `tokenizer.add_bos_token`; with packing the texts
+    /// carry no bos (it is written over each block's first id instead).
+    #[test]
+    fn pretrain_starts_with_bos_when_the_tokenizer_adds_it() {
+        let t = Template::alpaca();
+        let mut tok = tokenizer_for(&t);
+        tok.set_add_bos_token(true);
+        let bos = tok.bos_id().unwrap();
+        let eos = tok.eos_id().unwrap();
+        let text = tok.encode("hello world").unwrap();
+        let ids = t.encode_pretrain(&tok, "hello world").unwrap();
+        assert_eq!(ids, [vec![bos], text.clone(), vec![eos]].concat());
+        let packed = t.encode_pretrain_for_packing(&tok, "hello world").unwrap();
+        assert_eq!(packed, [text, vec![eos]].concat());
+        // No bos to write: an error naming it.
+        tok.set_bos(None).unwrap();
+        let err = t.encode_pretrain(&tok, "x").unwrap_err().to_string();
+        assert!(err.contains("bos"), "{err}");
     }
 }

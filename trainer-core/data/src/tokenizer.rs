@@ -32,6 +32,8 @@ use crate::template::Template;
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// File name of the transformers tokenizer settings (bos/eos/pad names live here).
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+/// File name of a chat template that transformers reads beside `tokenizer_config.json`.
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 
 /// Names tried, in order, for bos when nothing says which token it is.
 pub const BOS_CANDIDATES: &[&str] = &["<|begin_of_text|>", "<s>", "<|startoftext|>", "<bos>"];
@@ -74,6 +76,13 @@ pub struct Tokenizer {
     bos: Option<u32>,
     eos: Option<u32>,
     pad: Option<u32>,
+    /// `tokenizer_config.json`'s `add_bos_token` (false when absent): LLaMA-Factory's `stage:
+    /// pt` then starts every text (or every packed block) with bos.
+    add_bos_token: bool,
+    /// Whether the tokenizer comes with a chat template (`tokenizer_config.json`'s
+    /// `chat_template` string, or a `chat_template.jinja` file beside it), which
+    /// LLaMA-Factory parses when a recipe names no `template`.
+    chat_template: bool,
     /// Memo of [`Tokenizer::atomic_token_id`]; `inner` never changes after construction, so
     /// clones may share it.
     atomic_cache: Arc<RwLock<HashMap<String, Option<u32>>>>,
@@ -98,6 +107,8 @@ impl Tokenizer {
             bos: None,
             eos: None,
             pad: None,
+            add_bos_token: false,
+            chat_template: false,
             atomic_cache: Arc::default(),
         };
         t.bos = t.first_special(BOS_CANDIDATES);
@@ -126,7 +137,8 @@ impl Tokenizer {
 
     /// Loads `dir/tokenizer.json` and, when present, takes bos/eos/pad from
     /// `dir/tokenizer_config.json` (`bos_token`, `eos_token`, `pad_token`: a string, an
-    /// `{"content": ...}` object, or null for none).
+    /// `{"content": ...}` object, or null for none), with `add_bos_token` and whether a chat
+    /// template comes with it (there, or as `dir/chat_template.jinja`).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let mut t = Self::from_file(dir.join(TOKENIZER_FILE))?;
@@ -134,11 +146,14 @@ impl Tokenizer {
         if cfg_path.exists() {
             t.apply_tokenizer_config(&cfg_path)?;
         }
+        t.chat_template |= dir.join(CHAT_TEMPLATE_FILE).is_file();
         Ok(t)
     }
 
     /// Sets bos/eos/pad from a `tokenizer_config.json`. Keys that are absent leave the role as
-    /// it is; a null value clears it.
+    /// it is; a null value clears it. Also reads `add_bos_token` (a boolean; anything else is
+    /// false) and whether `chat_template` holds a template (a string, as transformers'
+    /// `tokenizer.chat_template` must be for LLaMA-Factory to parse it).
     pub fn apply_tokenizer_config(&mut self, path: &Path) -> Result<()> {
         let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
         let v: Value = serde_json::from_str(&text).map_err(|cause| DataError::Json {
@@ -152,6 +167,8 @@ impl Tokenizer {
                 problem: "expected a JSON object".into(),
             });
         };
+        self.add_bos_token = map.get("add_bos_token") == Some(&Value::Bool(true));
+        self.chat_template = matches!(map.get("chat_template"), Some(Value::String(_)));
         for (key, role) in [("bos_token", 0), ("eos_token", 1), ("pad_token", 2)] {
             let Some(val) = map.get(key) else { continue };
             let name = match val {
@@ -225,7 +242,7 @@ impl Tokenizer {
             "bos_token": name(self.bos),
             "eos_token": name(self.eos),
             "pad_token": name(self.pad),
-            "add_bos_token": false,
+            "add_bos_token": self.add_bos_token,
             "add_eos_token": false,
             "clean_up_tokenization_spaces": false,
         });
@@ -348,6 +365,21 @@ impl Tokenizer {
     /// The pad id, if the tokenizer has one.
     pub fn pad_id(&self) -> Option<u32> {
         self.pad
+    }
+
+    /// `tokenizer_config.json`'s `add_bos_token` (transformers' `tokenizer.add_bos_token`).
+    pub fn add_bos_token(&self) -> bool {
+        self.add_bos_token
+    }
+
+    /// Sets `add_bos_token`.
+    pub fn set_add_bos_token(&mut self, on: bool) {
+        self.add_bos_token = on;
+    }
+
+    /// Whether the tokenizer has a chat template (see [`Tokenizer::from_dir`]).
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template
     }
 
     /// The pad id, else the eos id (what LLaMA-Factory does when a tokenizer has no pad), else
@@ -520,6 +552,8 @@ fn finish_trained(tk: TrainableTokenizer, opts: &BpeTrainingOptions) -> Result<T
         bos: None,
         eos: None,
         pad: None,
+        add_bos_token: false,
+        chat_template: false,
         atomic_cache: Arc::default(),
     };
     t.set_bos(opts.bos_token.clone().map(TokenRef::Name))?;

@@ -7,8 +7,10 @@
 //! and bytes (every file of a directory dataset), formats and `num_samples`, the row selection
 //! (`max_samples`, `mix_strategy`, `interleave_probs`, `seed`), the tokenizer files' bytes, the
 //! template, the preprocessing options, and the trainer binary itself (its size and mtime: a
-//! rebuilt trainer may tokenize differently). `preprocessing_num_workers` is left out: the
-//! samples do not depend on it. `overwrite_cache` makes the caller skip reading. A
+//! rebuilt trainer may tokenize differently). The preprocessing options include
+//! `preprocessing_batch_size` and `preprocessing_num_workers` (packing works within their
+//! batches, as LLaMA-Factory's does); the format version in [`MAGIC`] changes whenever what the
+//! samples mean does. `overwrite_cache` makes the caller skip reading. A
 //! file that is missing, truncated or of another format is ignored; writing is best effort
 //! (temporary name, then rename, so concurrent ranks never see a partial file).
 
@@ -20,7 +22,10 @@ use ringmaster_data::dataset::DatasetSpec;
 use ringmaster_data::preprocess::{PreprocessConfig, PreprocessStats, ProcessedDataset, Selection};
 use sha2::{Digest, Sha256};
 
-const MAGIC: &[u8; 8] = b"RMDATA01";
+/// The file format and the preprocessing semantics it holds: 02 is LLaMA-Factory's packing
+/// (pt concatenation, sft knapsack per preprocessing batch at `cutoff_len - 1`) and rows
+/// without target kept.
+const MAGIC: &[u8; 8] = b"RMDATA02";
 
 /// The cache file for these inputs, or `None` when one of them cannot be read (no caching).
 pub fn path_for(
@@ -103,8 +108,9 @@ pub fn read(path: &Path) -> Option<ProcessedDataset> {
     let stats = PreprocessStats {
         records: stat()?,
         samples: stat()?,
-        dropped_no_target: stat()?,
+        no_target: stat()?,
         truncated: stat()?,
+        dropped_tokens: stat()?,
         rows: stat()?,
         tokens: stat()?,
         target_tokens: stat()?,
@@ -146,8 +152,9 @@ pub fn write(path: &Path, data: &ProcessedDataset) {
     for v in [
         s.records,
         s.samples,
-        s.dropped_no_target,
+        s.no_target,
         s.truncated,
+        s.dropped_tokens,
         s.rows,
         s.tokens,
         s.target_tokens,
@@ -228,7 +235,8 @@ mod tests {
             stats: PreprocessStats {
                 records: 3,
                 samples: 3,
-                dropped_no_target: 1,
+                no_target: 1,
+                dropped_tokens: 3,
                 truncated: 2,
                 rows: 3,
                 tokens: 15,
@@ -276,6 +284,20 @@ mod tests {
                 "default"
             )
         );
+        // Packing and the preprocessing batches it works within change the rows.
+        for other in [
+            PreprocessConfig {
+                packing: true,
+                ..cfg
+            },
+            PreprocessConfig {
+                batch_size: 7,
+                ..cfg
+            },
+            PreprocessConfig { num_proc: 2, ..cfg },
+        ] {
+            assert_ne!(k, key(&other, "default"));
+        }
         std::fs::write(
             d.join("a.jsonl"),
             "{\"instruction\": \"x\", \"output\": \"z\"}\n",

@@ -10,7 +10,8 @@ use ringmaster_data::batch::Sample;
 use ringmaster_data::dataset::{DatasetSpec, Record};
 use ringmaster_data::mix::{DatasetRows, MixConfig, select_and_merge};
 use ringmaster_data::preprocess::{
-    PreprocessConfig, Selection, Stage, load_and_preprocess, preprocess_parallel,
+    DEFAULT_PREPROCESSING_BATCH_SIZE, PreprocessConfig, Selection, Stage, load_and_preprocess,
+    preprocess_parallel,
 };
 use ringmaster_data::template::Template;
 use ringmaster_data::tokenizer::Tokenizer;
@@ -209,6 +210,22 @@ pub fn resolve(
             plan.label()
         ));
     }
+    // The tokenizer and the template first: their errors come before the weights are read.
+    let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    if tokenizer.vocab_size() > model.vocab_size {
+        bail!(
+            "{}: tokenizer has {} tokens but config.json's vocab_size is {}",
+            model_dir.display(),
+            tokenizer.vocab_size(),
+            model.vocab_size
+        );
+    }
+    let mut template_name = match &cfg.template {
+        Some(t) => t.clone(),
+        None => default_template(&model, &tokenizer)?.to_string(),
+    };
+    let mut template = Template::by_name(&template_name)
+        .map_err(|e| anyhow!("training config field `template`: {e}"))?;
     let seed = cfg.seed.unwrap_or(42);
     let from_scratch = cfg.train_from_scratch.unwrap_or(false);
     // fsdp_cpu_ram_efficient_loading: only rank 0 reads the weights; the others hold zeros
@@ -240,18 +257,6 @@ pub fn resolve(
             Some((lc, store))
         }
     };
-    let tokenizer = Tokenizer::from_dir(&model_dir)?;
-    if tokenizer.vocab_size() > model.vocab_size {
-        bail!(
-            "{}: tokenizer has {} tokens but config.json's vocab_size is {}",
-            model_dir.display(),
-            tokenizer.vocab_size(),
-            model.vocab_size
-        );
-    }
-    let mut template_name = cfg.template.clone().unwrap_or_else(|| "default".into());
-    let mut template = Template::by_name(&template_name)
-        .map_err(|e| anyhow!("training config field `template`: {e}"))?;
     // LLaMA-Factory's template options; they change the tokenized rows, so the cache key (which
     // takes the template's name) names them too.
     template.enable_thinking = cfg.enable_thinking.unwrap_or(true);
@@ -281,10 +286,15 @@ pub fn resolve(
         .cutoff_len
         .map(|c| c as usize)
         .unwrap_or(DEFAULT_CUTOFF_LEN);
-    let mut pcfg = PreprocessConfig::new(stage, cutoff);
-    pcfg.packing = cfg.packing.unwrap_or(false);
+    // LLaMA-Factory's packing default (on for pt) and its cutoff_len decrement when packing is
+    // asked for; sft packing always keeps the packed rows apart (`neat_packing`).
+    let mut pcfg =
+        PreprocessConfig::llama_factory(stage, cutoff, cfg.packing, cfg.neat_packing == Some(true));
     pcfg.train_on_prompt = cfg.train_on_prompt.unwrap_or(false);
     pcfg.mask_history = cfg.mask_history.unwrap_or(false);
+    pcfg.batch_size = cfg
+        .preprocessing_batch_size
+        .map_or(DEFAULT_PREPROCESSING_BATCH_SIZE, |b| b as usize);
     let dataset_dir = PathBuf::from(cfg.dataset_dir.clone().unwrap_or_else(|| "data".into()));
     // `do_train: false` reads no training set (LLaMA-Factory's evaluation-only runs need none).
     let specs: Vec<DatasetSpec> = if trains(&cfg) {
@@ -317,6 +327,8 @@ pub fn resolve(
         .validate(specs.len())
         .map_err(|e| anyhow!("training config: {e}"))?;
     let workers = cfg.preprocessing_num_workers.unwrap_or(1).max(1) as usize;
+    // LLaMA-Factory's `num_proc`: the shards whose batches packing stays within.
+    pcfg.num_proc = workers;
     // The tokenized set is cached in output_dir: a restarted generation, and every rank after
     // the first, reads it instead of tokenizing again (see data_cache). `overwrite_cache`
     // ignores a cached set and writes a fresh one.
@@ -333,12 +345,20 @@ pub fn resolve(
     let samples = if specs.is_empty() {
         Vec::new()
     } else {
-        data_cache::read_or_build(
+        let data = data_cache::read_or_build(
             cache.as_deref(),
             cfg.overwrite_cache.unwrap_or(false),
             || load_and_preprocess(&specs, &selection, &template, &tokenizer, &pcfg, workers),
-        )?
-        .samples
+        )?;
+        if data.stats.no_target > 0 {
+            warnings.push(format!(
+                "{} of {} training rows have no target token (cutoff_len {} cut every answer \
+                 token, or the answer is empty); they are kept, as LLaMA-Factory keeps them, \
+                 and add no loss",
+                data.stats.no_target, data.stats.samples, pcfg.cutoff_len
+            ));
+        }
+        data.samples
     };
     // Evaluation sets are selected and merged as the training sets are (LLaMA-Factory loads
     // both through `_get_merged_dataset`).
@@ -471,6 +491,41 @@ pub fn resolve(
     })
 }
 
+/// The template of a recipe without `template`, as LLaMA-Factory's
+/// `get_template_and_fix_tokenizer` picks it: `empty` when the tokenizer has no chat template.
+/// When it has one LLaMA-Factory parses that Jinja template, which Ringmaster cannot: an error
+/// naming `template`, with the template of this build that suits the model when there is one.
+///
+/// # Errors
+/// A tokenizer with a chat template.
+pub fn default_template(model: &LlamaConfig, tokenizer: &Tokenizer) -> Result<&'static str> {
+    if !tokenizer.has_chat_template() {
+        return Ok("empty");
+    }
+    use ringmaster_model::config::Arch;
+    let suggestion = match model.arch {
+        Arch::Qwen2 => Some("qwen"),
+        Arch::Qwen3 => Some("qwen3 (qwen3_nothink for a model without thinking)"),
+        Arch::Mistral => Some("mistral"),
+        Arch::Llama if tokenizer.atomic_token_id("<|eot_id|>").is_some() => Some("llama3"),
+        Arch::Llama => None,
+    };
+    bail!(
+        "training config field `template` is required: the tokenizer has a chat template, which \
+         LLaMA-Factory parses when `template` is absent and Ringmaster cannot; {}",
+        match suggestion {
+            Some(t) => format!(
+                "for this {} model write `template: {t}`",
+                model.arch.model_type()
+            ),
+            None => format!(
+                "name one of {} (`empty` for none)",
+                ringmaster_data::template::TEMPLATE_NAMES.join(", ")
+            ),
+        }
+    )
+}
+
 /// True when the run computes the held-out loss at all: `eval_strategy` steps or epoch, or
 /// `do_eval` (once, at the end).
 pub fn evaluates_loss(cfg: &TrainConfig) -> bool {
@@ -526,4 +581,55 @@ pub fn split_held_out(
         }
     }
     Ok((train, held_out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringmaster_data::tokenizer::{BpeTrainingOptions, train_bpe};
+    use ringmaster_model::Arch;
+
+    fn tokenizer(template: &str, chat_template: bool) -> Tokenizer {
+        let t = Template::by_name(template).unwrap();
+        let mut tok = train_bpe(
+            ["hello world", "the quick brown fox"].into_iter(),
+            &BpeTrainingOptions::for_template(&t, 300),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        tok.save_dir(dir.path()).unwrap();
+        if chat_template {
+            std::fs::write(dir.path().join("chat_template.jinja"), "{{ messages }}").unwrap();
+        }
+        tok = Tokenizer::from_dir(dir.path()).unwrap();
+        tok
+    }
+
+    /// LLaMA-Factory's `get_template_and_fix_tokenizer` with `template: None`: `empty` without
+    /// a chat template; with one (here `chat_template.jinja`, which transformers reads as
+    /// `tokenizer.chat_template`) it would parse it: refused, suggesting the template of the
+    /// model family.
+    #[test]
+    fn default_template_is_empty_or_a_suggestion() {
+        let model = |arch| LlamaConfig::tiny_arch(arch, 300, 8, 1, 1, 1);
+        assert_eq!(
+            default_template(&model(Arch::Qwen2), &tokenizer("qwen", false)).unwrap(),
+            "empty"
+        );
+        for (arch, tok, says) in [
+            (Arch::Qwen2, "qwen", "write `template: qwen`"),
+            (Arch::Qwen3, "qwen3", "write `template: qwen3 "),
+            (Arch::Mistral, "mistral", "write `template: mistral`"),
+            (Arch::Llama, "llama3", "write `template: llama3`"),
+            (Arch::Llama, "alpaca", "name one of"),
+        ] {
+            let err = default_template(&model(arch), &tokenizer(tok, true))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("training config field `template`") && err.contains(says),
+                "{arch:?} {tok}: {err}"
+            );
+        }
+    }
 }
