@@ -2,7 +2,8 @@
 //! `model_name_or_path` and `output_dir` overridden on the command line, trains on 2 nodes × 2
 //! ranks (`ringctl local`), its loss falls, and it writes the model (or the adapter) and the
 //! loss plot. The models are tiny random Qwen3 / Qwen2 models made here (`trainer init-model`)
-//! with a tokenizer trained on the recipes' data (`trainer tokenizer train`).
+//! with a tokenizer trained on the recipes' data (`trainer tokenizer train`). A pre-training
+//! recipe's rows (`trainer rows`) are LLaMA-Factory's packed pt blocks.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -242,4 +243,130 @@ fn step_one_loss_is_the_starting_models_on_its_rows(
         ((logged - fp32) / fp32).abs() < 2e-3,
         "{recipe}: step 1 logged {logged}, starting model on its rows {fp32}"
     );
+}
+
+/// `trainer rows --step 1` of `recipe` with `overrides`: every row of the step, in sample order.
+fn step_rows(work: &Path, recipe: &Path, overrides: &[&str]) -> Vec<serde_json::Value> {
+    let out = work.join("rows.json");
+    run(
+        Command::new(bin("trainer"))
+            .args(["rows", "--step", "1", "--out"])
+            .arg(&out)
+            .arg("--")
+            .arg(recipe)
+            .args(overrides),
+        "trainer rows",
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let mut rows = v["rows"].as_array().unwrap().clone();
+    rows.sort_by_key(|r| r["index"].as_u64().unwrap());
+    rows
+}
+
+fn ids(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}
+
+/// A pre-training recipe as LLaMA-Factory's examples write one (`stage: pt`, an alpaca
+/// `dataset_info.json` entry with `columns: {prompt: text}` like c4_demo, no `packing`, no
+/// `template`, a tokenizer with `add_bos_token: true`) trains on LLaMA-Factory's rows:
+/// `get_train_args` turns packing on for pt, `get_template_and_fix_tokenizer` picks `empty`,
+/// and `PretrainDatasetProcessor` concatenates the texts + eos of the preprocessing batch, cuts
+/// blocks of exactly `cutoff_len` (the tail dropped), writes bos over each block's first id,
+/// and `DataCollatorForLanguageModeling` labels every id but the pad (= eos here). The
+/// expectation is built from the same recipe with `packing: false` (bos + text + eos per row).
+#[test]
+fn a_pretraining_recipe_packs_as_llamafactory() {
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let data = work.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("dataset_info.json"),
+        r#"{"c4_demo": {"file_name": "c4_demo.jsonl", "columns": {"prompt": "text"}}}"#,
+    )
+    .unwrap();
+    let texts: String = (0..24)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"row {i} says {} and {}\"}}\n",
+                i * 7,
+                "ab".repeat(i % 5)
+            )
+        })
+        .collect();
+    std::fs::write(data.join("c4_demo.jsonl"), texts).unwrap();
+    run(
+        Command::new(bin("trainer"))
+            .args(["tokenizer", "train"])
+            .arg(data.join("c4_demo.jsonl"))
+            .args([
+                "--format",
+                "text",
+                "--template",
+                "empty",
+                "--vocab-size",
+                "300",
+            ])
+            .arg("--out")
+            .arg(work.join("tok")),
+        "trainer tokenizer train",
+    );
+    let tc = work.join("tok/tokenizer_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
+    cfg["add_bos_token"] = true.into();
+    std::fs::write(&tc, cfg.to_string()).unwrap();
+    let model = model(
+        work,
+        "llama",
+        r#"{"model_type": "llama", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "max_position_embeddings": 64}"#,
+    );
+    let recipe = work.join("pt.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "model_name_or_path: {}\nstage: pt\ndo_train: true\nfinetuning_type: full\n\
+             dataset: c4_demo\ndataset_dir: {}\ncutoff_len: 16\noutput_dir: {}\n\
+             per_device_train_batch_size: 64\nmax_steps: 1\ndisable_shuffling: true\n",
+            model.display(),
+            data.display(),
+            work.join("out").display()
+        ),
+    )
+    .unwrap();
+    let single = step_rows(work, &recipe, &["packing=false", "cutoff_len=1024"]);
+    assert_eq!(single.len(), 24);
+    let bos = ids(&single[0]["input_ids"])[0];
+    let eos = *ids(&single[0]["input_ids"]).last().unwrap();
+    let mut stream = Vec::new();
+    for r in &single {
+        let row = ids(&r["input_ids"]);
+        assert_eq!(
+            (row[0], *row.last().unwrap()),
+            (bos, eos),
+            "bos + text + eos"
+        );
+        stream.extend_from_slice(&row[1..]);
+    }
+    let blocks = step_rows(work, &recipe, &[]);
+    assert_eq!(blocks.len(), stream.len() / 16, "the tail is dropped");
+    for (k, r) in blocks.iter().enumerate() {
+        let mut expected = stream[k * 16..(k + 1) * 16].to_vec();
+        expected[0] = bos;
+        assert_eq!(ids(&r["input_ids"]), expected, "block {k}");
+        assert_eq!(r["segments"], serde_json::json!([16]), "one sequence");
+        let labels: Vec<i64> = expected
+            .iter()
+            .map(|&t| if t == eos { -100 } else { t })
+            .collect();
+        assert_eq!(ids(&r["labels"]), labels, "block {k}");
+    }
 }
