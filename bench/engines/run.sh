@@ -3,7 +3,8 @@
 # embeddings, the shapes of bench/train-step), side by side with PyTorch DDP and FSDP (gloo,
 # CPU; bench/python/torch_dist_bench.py), and the peak RSS per rank of every plan with 4 ranks
 # on the 124.7M config. Our side runs the real `trainer` binary: one process per rank,
-# bootstrapped through a directory store, `stage: pt` with packing so every row is full.
+# bootstrapped through a directory store, `stage: pt`, packed as LLaMA-Factory packs pt (texts
+# joined and cut into full cutoff_len rows).
 # One thread per rank (RAYON_NUM_THREADS / torch.set_num_threads). Run on an idle machine.
 #
 #   cargo build --release -p ringmaster-trainer
@@ -79,7 +80,6 @@ finetuning_type: full
 dataset: $W/corpus.jsonl
 template: default
 cutoff_len: $5
-packing: true
 output_dir: $dir/out
 per_device_train_batch_size: $4
 gradient_accumulation_steps: 1

@@ -30,7 +30,6 @@ finetuning_type: full
 dataset: $W/corpus.jsonl
 template: default
 cutoff_len: 64
-packing: true
 output_dir: $W/out
 per_device_train_batch_size: 1
 learning_rate: 1.0e-4

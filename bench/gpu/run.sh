@@ -271,7 +271,6 @@ finetuning_type: full
 dataset: $W/corpus.jsonl
 template: default
 cutoff_len: $SEQ
-packing: true
 output_dir: $W/ours/out
 per_device_train_batch_size: $BATCH
 gradient_accumulation_steps: 1
