@@ -123,6 +123,14 @@ impl Arch {
     }
 }
 
+/// The largest size [`LlamaConfig::validate`] accepts for one dimension (vocabulary, hidden,
+/// intermediate, layers, heads, head_dim): 2^24, far above any released model.
+pub const MAX_DIM: u64 = 1 << 24;
+
+/// The most parameters [`LlamaConfig::validate`] accepts: 2^40 (about 1.1 × 10^12, 4 TiB in
+/// fp32), above the largest dense open models.
+pub const MAX_PARAMETERS: u64 = 1 << 40;
+
 /// The architecture of a supported decoder-only causal LM ([`Arch`]). Named for the family's
 /// first member; every architecture uses it.
 #[derive(Debug, Clone, PartialEq)]
@@ -445,7 +453,9 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
-    /// Checks sizes that every part of the model relies on.
+    /// Checks sizes that every part of the model relies on, and that the model is one a host
+    /// could hold: every size at most [`MAX_DIM`], at most [`MAX_PARAMETERS`] parameters (so
+    /// that nothing is allocated for an absurd config).
     pub fn validate(&self) -> Result<()> {
         for (name, v) in [
             ("vocab_size", self.vocab_size),
@@ -453,11 +463,33 @@ impl LlamaConfig {
             ("intermediate_size", self.intermediate_size),
             ("num_hidden_layers", self.num_hidden_layers),
             ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
             ("head_dim", self.head_dim),
         ] {
             if v == 0 {
                 return Err(cfg_err(name, "must be positive"));
             }
+            if v as u64 > MAX_DIM {
+                return Err(cfg_err(
+                    name,
+                    &format!("{v} is over the limit of {MAX_DIM}"),
+                ));
+            }
+        }
+        let n = self.parameter_count();
+        if n > u128::from(MAX_PARAMETERS) {
+            return Err(cfg_err(
+                "num_hidden_layers",
+                &format!(
+                    "vocab_size {}, hidden_size {}, intermediate_size {} and num_hidden_layers {} \
+                     make {n} parameters ({:.0} GiB in fp32), over the limit of {MAX_PARAMETERS}",
+                    self.vocab_size,
+                    self.hidden_size,
+                    self.intermediate_size,
+                    self.num_hidden_layers,
+                    n as f64 * 4.0 / f64::from(1u32 << 30),
+                ),
+            ));
         }
         if !self
             .num_attention_heads
@@ -504,6 +536,28 @@ impl LlamaConfig {
             return Err(cfg_err("rope_theta", "must be positive"));
         }
         Ok(())
+    }
+
+    /// Parameters of the model, computed from the sizes without overflow whatever they are
+    /// (equal to [`num_parameters`](Self::num_parameters) for a valid config).
+    pub fn parameter_count(&self) -> u128 {
+        let [v, h, i, l, heads, kv_heads, d] = [
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        ]
+        .map(|x| x as u128);
+        let (q, kv) = (heads * d, kv_heads * d);
+        let qkv_bias = if self.qkv_bias { q + 2 * kv } else { 0 };
+        let o_bias = if self.o_bias { h } else { 0 };
+        let qk_norm = if self.qk_norm { 2 * d } else { 0 };
+        let block = 2 * h + qk_norm + h * (q + 2 * kv) + q * h + qkv_bias + o_bias + 3 * h * i;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + l * block + h + head
     }
 
     /// Parameters of the model.
@@ -738,6 +792,50 @@ mod tests {
     /// A block: 2 norms of 8; q 8×8, k 4×8, v 4×8, o 8×8; gate, up, down 21×8 each.
     fn tiny() -> LlamaConfig {
         LlamaConfig::tiny(10, 8, 2, 2, 1)
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_naming_the_field() {
+        let text = |hidden: u64, vocab: u64, layers: u64| {
+            format!(
+                r#"{{"hidden_size": {hidden}, "intermediate_size": 16, "num_hidden_layers": {layers},
+                    "num_attention_heads": 2, "vocab_size": {vocab}}}"#
+            )
+        };
+        for (t, field) in [
+            (text(1 << 40, 8, 1), "hidden_size"),
+            (text(8, 1 << 40, 1), "vocab_size"),
+            (text(8, 8, 1 << 40), "num_hidden_layers"),
+            // Each size within MAX_DIM, the parameters over MAX_PARAMETERS.
+            (text(1 << 20, 1 << 20, 1), "num_hidden_layers"),
+        ] {
+            match LlamaConfig::from_json_str(&t) {
+                Err(ModelError::Config {
+                    field: f, problem, ..
+                }) => {
+                    assert_eq!(f, field, "{t}");
+                    assert!(problem.contains("limit"), "{problem}");
+                }
+                other => panic!("{t}: {other:?}"),
+            }
+        }
+        // A large but plausible model passes (nothing is allocated to validate it).
+        let big = LlamaConfig::from_json_str(&text(16384, 256_000, 120)).unwrap();
+        assert_eq!(big.parameter_count(), big.num_parameters() as u128);
+    }
+
+    #[test]
+    fn parameter_count_equals_the_specs() {
+        for arch in Arch::ALL {
+            let mut c = LlamaConfig::tiny_arch(arch, 10, 8, 2, 2, 1);
+            assert_eq!(c.parameter_count(), c.num_parameters() as u128, "{arch:?}");
+            c.tie_word_embeddings = true;
+            assert_eq!(c.parameter_count(), c.num_parameters() as u128, "{arch:?}");
+        }
+        let mut c = tiny();
+        c.qkv_bias = true;
+        c.o_bias = true;
+        assert_eq!(c.parameter_count(), c.num_parameters() as u128);
     }
 
     #[test]

@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// Reading or writing a file.
-    #[error("{path}: {source}")]
+    /// The cause is part of the message and not a `source()` as well, so that an error chain
+    /// (`{:#}`) says it once.
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A bad field of a model config.
     #[error("{}field `{field}`: {problem}", file.as_ref().map(|f| format!("{}: ", f.display())).unwrap_or_default())]
@@ -38,10 +40,10 @@ pub enum ModelError {
 
 impl ModelError {
     /// Wraps an I/O error with its path.
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
+    pub fn io(path: &Path, cause: std::io::Error) -> Self {
         ModelError::Io {
             path: path.to_path_buf(),
-            source,
+            cause,
         }
     }
 
@@ -68,3 +70,19 @@ impl ModelError {
 
 /// Result with [`ModelError`].
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_chain_names_the_cause_once() {
+        let e = ModelError::io(
+            Path::new("nowhere/config.json"),
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        // anyhow's `{:#}` prints each error of the source chain: the cause is in the message.
+        assert_eq!(e.to_string(), "nowhere/config.json: entity not found");
+        assert!(std::error::Error::source(&e).is_none());
+    }
+}

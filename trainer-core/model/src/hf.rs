@@ -196,7 +196,7 @@ pub fn load_dir(dir: &Path) -> Result<HfModel> {
 
 /// Loads tensors named by `specs` from the weight files of `dir`.
 pub fn load_weights(dir: &Path, specs: Vec<ParamSpec>, tied: bool) -> Result<(ParamStore, DType)> {
-    let mut store = ParamStore::zeros(specs);
+    let mut store = ParamStore::try_zeros(specs)?;
     let mut seen = vec![false; store.len()];
     let mut dtype = None;
     for file in weight_files(dir)? {

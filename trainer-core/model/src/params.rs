@@ -155,11 +155,41 @@ impl ParamStore {
         ParamStore { specs, data, index }
     }
 
+    /// [`zeros`](Self::zeros), or an error naming the tensor and the total when the allocator
+    /// refuses a buffer (instead of aborting the process). Each buffer is asked for first and
+    /// given back, then allocated zeroed (untouched pages, as `zeros`).
+    pub fn try_zeros(specs: Vec<ParamSpec>) -> Result<Self> {
+        let total: u128 = specs.iter().map(|s| s.numel() as u128).sum();
+        for s in &specs {
+            let mut probe: Vec<f32> = Vec::new();
+            probe.try_reserve_exact(s.numel()).map_err(|_| {
+                ModelError::Invalid(format!(
+                    "not enough memory for tensor `{}` ({} elements) of {total} parameters \
+                     ({:.1} GiB in fp32)",
+                    s.name,
+                    s.numel(),
+                    total as f64 * 4.0 / f64::from(1u32 << 30)
+                ))
+            })?;
+        }
+        Ok(Self::zeros(specs))
+    }
+
     /// The model's parameters initialised as transformers does: normal(0, initializer_range)
     /// for embeddings and linear weights, zeros for biases, ones for norms; deterministic in
     /// `seed`.
     pub fn init_llama(cfg: &LlamaConfig, seed: u64) -> Self {
-        let mut store = Self::zeros(param_specs(cfg));
+        Self::zeros(param_specs(cfg)).init_values(cfg, seed)
+    }
+
+    /// [`init_llama`](Self::init_llama), with [`try_zeros`](Self::try_zeros)'s error when the
+    /// memory is not there.
+    pub fn try_init_llama(cfg: &LlamaConfig, seed: u64) -> Result<Self> {
+        Ok(Self::try_zeros(param_specs(cfg))?.init_values(cfg, seed))
+    }
+
+    fn init_values(mut self, cfg: &LlamaConfig, seed: u64) -> Self {
+        let store = &mut self;
         let std = cfg.initializer_range as f32;
         for (i, spec) in store.specs.iter().enumerate() {
             let buf = &mut store.data[i];
@@ -176,7 +206,7 @@ impl ParamStore {
                 }
             }
         }
-        store
+        self
     }
 
     /// Specs, in order.
@@ -309,5 +339,37 @@ impl Rng {
     /// The state, for checkpoints.
     pub fn state(&self) -> u64 {
         self.state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_the_allocator_refuses_is_an_error_naming_the_tensor() {
+        let spec = |name: &str, shape: Vec<usize>| ParamSpec {
+            name: name.into(),
+            shape,
+            kind: ParamKind::Embedding,
+            unit: 0,
+        };
+        let err = ParamStore::try_zeros(vec![
+            spec("small", vec![4]),
+            spec("model.embed_tokens.weight", vec![1 << 31, 1 << 31]),
+        ])
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("`model.embed_tokens.weight`") && msg.contains("not enough memory"),
+            "{msg}"
+        );
+        let ok = ParamStore::try_zeros(vec![spec("small", vec![2, 3])]).unwrap();
+        assert_eq!(ok.numel(), 6);
+        let cfg = LlamaConfig::tiny(10, 8, 2, 2, 1);
+        assert_eq!(
+            ParamStore::try_init_llama(&cfg, 3).unwrap(),
+            ParamStore::init_llama(&cfg, 3)
+        );
     }
 }
