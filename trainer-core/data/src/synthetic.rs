@@ -95,6 +95,9 @@ fn operand(rng: &mut DetRng, cfg: &AdditionConfig) -> u64 {
     }
 }
 
+/// The most records (train and eval together) [`generate_addition`] writes.
+pub const MAX_RECORDS: usize = 100_000_000;
+
 /// Generates the two splits (see the module docs).
 pub fn generate_addition(cfg: &AdditionConfig) -> Result<AdditionSplit> {
     if cfg.min_digits == 0 || cfg.min_digits > cfg.max_digits || cfg.max_digits > 18 {
@@ -106,7 +109,19 @@ pub fn generate_addition(cfg: &AdditionConfig) -> Result<AdditionSplit> {
             ),
         ));
     }
-    let wanted = cfg.train_size + cfg.eval_size;
+    if cfg.train_size == 0 {
+        return Err(DataError::config(
+            "train_size",
+            "must be at least 1 (an empty training file trains nothing)",
+        ));
+    }
+    let wanted = cfg.train_size.saturating_add(cfg.eval_size);
+    if wanted > MAX_RECORDS {
+        return Err(DataError::config(
+            "train_size",
+            format!("train_size + eval_size is {wanted}, over the limit of {MAX_RECORDS} records"),
+        ));
+    }
     let per_operand = operand_count(cfg.min_digits, cfg.max_digits);
     let space = u128::from(per_operand) * u128::from(per_operand);
     if wanted as u128 > space {
@@ -345,6 +360,17 @@ mod tests {
             })
             .is_err()
         );
+        // No training records, or a count that would overflow: refused, not an empty file.
+        for (train_size, eval_size) in [(0, 10), (usize::MAX, usize::MAX)] {
+            let e = generate_addition(&AdditionConfig {
+                train_size,
+                eval_size,
+                max_digits: 18,
+                ..cfg
+            })
+            .unwrap_err();
+            assert!(e.to_string().contains("`train_size`"), "{e}");
+        }
     }
 
     #[test]
