@@ -56,7 +56,7 @@ pub enum Dtype {
 
 /// Flags of `trainer collective`.
 #[derive(Parser, Debug)]
-#[command(name = "trainer collective")]
+#[command(name = "trainer collective", bin_name = "trainer collective")]
 pub struct Args {
     #[arg(long, value_enum, default_value = "all-reduce")]
     pub op: CollectiveOp,

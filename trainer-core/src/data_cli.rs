@@ -13,7 +13,7 @@ use ringmaster_data::tokenizer::{BpeTrainingOptions, train_bpe};
 
 /// `trainer tokenizer ...`
 #[derive(Parser, Debug)]
-#[command(name = "trainer tokenizer")]
+#[command(name = "trainer tokenizer", bin_name = "trainer tokenizer")]
 pub struct TokenizerArgs {
     #[command(subcommand)]
     pub command: TokenizerCommand,
@@ -46,7 +46,7 @@ pub enum TokenizerCommand {
 
 /// `trainer data ...`
 #[derive(Parser, Debug)]
-#[command(name = "trainer data")]
+#[command(name = "trainer data", bin_name = "trainer data")]
 pub struct DataArgs {
     #[command(subcommand)]
     pub command: DataCommand,
@@ -64,10 +64,12 @@ pub enum DataCommand {
         min_digits: u32,
         #[arg(long, default_value_t = 3)]
         max_digits: u32,
-        #[arg(long, default_value_t = 20_000)]
-        train_size: usize,
-        #[arg(long, default_value_t = 200)]
-        eval_size: usize,
+        /// Training records (1 to 10,000,000).
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+        train_size: u32,
+        /// Held-out records (0 to 10,000,000).
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+        eval_size: u32,
     },
 }
 
@@ -136,8 +138,8 @@ pub fn data(args: DataArgs) -> anyhow::Result<()> {
                 seed,
                 min_digits,
                 max_digits,
-                train_size,
-                eval_size,
+                train_size: train_size as usize,
+                eval_size: eval_size as usize,
             })?;
             let (train, eval) = split
                 .write_jsonl(&out)

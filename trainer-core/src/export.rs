@@ -26,13 +26,17 @@ use crate::train::checkpoint::{Manifest, read_manifest};
 
 /// Flags of `trainer export`.
 #[derive(Parser, Debug)]
-#[command(name = "trainer export")]
+#[command(name = "trainer export", bin_name = "trainer export")]
 pub struct ExportArgs {
     /// A committed checkpoint directory (`output_dir/checkpoint-<step>`).
     pub checkpoint: PathBuf,
-    /// Output directory (created; files in it are replaced).
+    /// Output directory (created): not the checkpoint itself; one that already holds a model
+    /// (the run's output_dir, say) only with --overwrite.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace the model files an existing --out holds.
+    #[arg(long)]
+    pub overwrite: bool,
     /// A LoRA checkpoint: write the base model with the adapters merged in (default: the PEFT
     /// adapter files).
     #[arg(long)]
@@ -203,6 +207,58 @@ pub fn write_streamed(dir: &Path, m: &Manifest, out_file: &Path, dtype: DType) -
     }
 }
 
+/// Whether `dir` holds a model or adapter: a `config.json`, `adapter_config.json` or any
+/// `*.safetensors` (or its index); the file found, if any.
+fn model_file_in(dir: &Path) -> Option<String> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n == hf::CONFIG_FILE
+                || n == "adapter_config.json"
+                || n.ends_with(".safetensors")
+                || n.ends_with(".safetensors.index.json")
+        })
+        .min()
+}
+
+/// Whether `a` and `b` name the same existing directory.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Checks an output directory before anything is written: not a file, not one of the `inputs`
+/// (flag, directory) it is made from, and holding no model unless `overwrite`.
+///
+/// # Errors
+/// Each names `--out`, the path and what is wrong (the caller exits 2).
+pub fn check_out_dir(out: &Path, inputs: &[(&str, &Path)], overwrite: bool) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        bail!("--out {}: not a directory", out.display());
+    }
+    for (flag, input) in inputs {
+        if same_dir(out, input) {
+            bail!(
+                "--out {} is the {flag} directory itself: writing there would replace what is \
+                 being read; choose another directory",
+                out.display()
+            );
+        }
+    }
+    if !overwrite && let Some(file) = model_file_in(out) {
+        bail!(
+            "--out {} already holds a model ({file}); give --overwrite to replace it, or choose \
+             another directory",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// Files of a checkpoint directory that are training state or weights, not carried over.
 fn is_state_or_weights(name: &str) -> bool {
     name.starts_with("rank-")
@@ -222,6 +278,24 @@ pub fn export(args: ExportArgs) -> Result<(), RunError> {
         Some(d) => DType::parse(d).ok_or_else(|| usage(anyhow!("--dtype: unknown dtype `{d}`")))?,
     };
     let m = read_manifest(&args.checkpoint).map_err(usage)?;
+    let mut inputs = vec![("checkpoint", args.checkpoint.as_path())];
+    // --merge-lora reads the base model that adapter_config.json names: not to be written over.
+    let base = if m.trainable == "lora" && args.merge_lora {
+        let cfg_path = args.checkpoint.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("reading {}", cfg_path.display()))
+            .map_err(usage)?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", cfg_path.display()))
+            .map_err(usage)?;
+        v["base_model_name_or_path"].as_str().map(PathBuf::from)
+    } else {
+        None
+    };
+    if let Some(b) = &base {
+        inputs.push(("base model", b));
+    }
+    check_out_dir(&args.out, &inputs, args.overwrite).map_err(usage)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))
         .map_err(failed)?;
@@ -314,4 +388,48 @@ pub fn export(args: ExportArgs) -> Result<(), RunError> {
         args.out.join(file).display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_output_directory_is_checked_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        std::fs::create_dir(&base).unwrap();
+        std::fs::write(base.join("model.safetensors"), "x").unwrap();
+        let msg = |out: &Path, overwrite| {
+            format!(
+                "{:#}",
+                check_out_dir(out, &[("--base", &base)], overwrite).unwrap_err()
+            )
+        };
+        // The input itself, also by another spelling and with --overwrite.
+        let again = dir.path().join("base/../base");
+        for overwrite in [false, true] {
+            let e = msg(&again, overwrite);
+            assert!(e.contains("is the --base directory itself"), "{e}");
+        }
+        // A directory holding a model: only with --overwrite.
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("config.json"), "{}").unwrap();
+        let e = msg(&other, false);
+        assert!(
+            e.contains("already holds a model (config.json)") && e.contains("--overwrite"),
+            "{e}"
+        );
+        check_out_dir(&other, &[("--base", &base)], true).unwrap();
+        // A file is not a directory; a new or model-free directory is fine.
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        assert!(msg(&file, true).contains("not a directory"));
+        check_out_dir(&dir.path().join("new"), &[("--base", &base)], false).unwrap();
+        let tok = dir.path().join("tok");
+        std::fs::create_dir(&tok).unwrap();
+        std::fs::write(tok.join("tokenizer.json"), "{}").unwrap();
+        check_out_dir(&tok, &[("--base", &base)], false).unwrap();
+    }
 }

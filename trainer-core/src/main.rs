@@ -81,7 +81,7 @@ fn recipe(argv: &[String]) -> Result<ringmaster_trainer::Recipe, ExitCode> {
 
 /// `trainer device-info`: the device selection, the CUDA libraries and headers found, as JSON.
 #[derive(Parser, Debug)]
-#[command(name = "trainer device-info")]
+#[command(name = "trainer device-info", bin_name = "trainer device-info")]
 struct DeviceInfoArgs {
     /// The `device:` value to evaluate.
     #[arg(long, default_value = "auto", value_parser = parse_request)]

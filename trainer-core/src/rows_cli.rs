@@ -23,7 +23,7 @@ use crate::train;
 
 /// `trainer rows`: which rows a step trains on.
 #[derive(Parser, Debug)]
-#[command(name = "trainer rows")]
+#[command(name = "trainer rows", bin_name = "trainer rows")]
 pub struct RowsArgs {
     /// The optimizer step, counted from 1 as the log counts it.
     #[arg(long, default_value_t = 1)]
@@ -57,6 +57,7 @@ pub fn rows(args: RowsArgs) -> Result<(), RunError> {
     }
     let recipe = Recipe::from_args(&args.recipe).map_err(usage)?;
     let cfg = recipe.load().map_err(usage)?;
+    train::check_duration(&cfg).map_err(|e| usage(e.context(recipe.origin())))?;
     let setup = train::resolve(
         cfg,
         &recipe.anchor(),

@@ -60,6 +60,7 @@ pub fn train(recipe: &Recipe) -> Result<(), RunError> {
     if !train::setup::trains(&cfg) {
         return evaluate_only(recipe);
     }
+    train::check_duration(&cfg).map_err(|e| usage(e.context(recipe.origin())))?;
     let (_, world, _) = crate::dist::rank_world().map_err(usage)?;
     let placement =
         crate::device::place(&cfg, world).map_err(|e| usage(e.context(recipe.origin())))?;
@@ -258,7 +259,7 @@ pub fn eval(recipe: &Recipe) -> Result<(), RunError> {
 
 /// `trainer generate`: greedy decoding of one prompt.
 #[derive(Parser, Debug)]
-#[command(name = "trainer generate")]
+#[command(name = "trainer generate", bin_name = "trainer generate")]
 pub struct GenerateArgs {
     /// Hugging Face model directory (config.json, weights, tokenizer.json).
     #[arg(long)]
@@ -269,11 +270,21 @@ pub struct GenerateArgs {
     /// Chat template the prompt is wrapped in (`empty`: the raw text).
     #[arg(long, default_value = "default")]
     pub template: String,
-    /// The user message.
-    #[arg(long)]
+    /// The user message (not empty).
+    #[arg(long, value_parser = non_empty)]
     pub prompt: String,
-    #[arg(long, default_value_t = 64)]
-    pub max_new_tokens: usize,
+    /// At most this many tokens are generated (1 or more).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_new_tokens: u32,
+}
+
+/// A flag value that must not be empty (nor only whitespace).
+fn non_empty(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(s.to_owned())
+    }
 }
 
 /// Runs `trainer generate`.
@@ -290,9 +301,14 @@ pub fn generate(args: GenerateArgs) -> Result<(), RunError> {
     let device = Default::default();
     let model = model_on::<CpuBackend>(&m, args.adapter.as_deref(), &device)?;
     let stops = template.stop_token_ids(&tok);
-    let out =
-        ringmaster_model::generate::greedy(&model, &[prompt], args.max_new_tokens, &stops, &device)
-            .map_err(failed)?;
+    let out = ringmaster_model::generate::greedy(
+        &model,
+        &[prompt],
+        args.max_new_tokens as usize,
+        &stops,
+        &device,
+    )
+    .map_err(failed)?;
     let text = template.decode_response(&tok, &out[0]).map_err(failed)?;
     println!("{text}");
     Ok(())
@@ -301,7 +317,7 @@ pub fn generate(args: GenerateArgs) -> Result<(), RunError> {
 /// `trainer merge`: a PEFT adapter merged into its base model, written as a Hugging Face
 /// directory.
 #[derive(Parser, Debug)]
-#[command(name = "trainer merge")]
+#[command(name = "trainer merge", bin_name = "trainer merge")]
 pub struct MergeArgs {
     /// The base model directory.
     #[arg(long)]
@@ -309,16 +325,26 @@ pub struct MergeArgs {
     /// The adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     pub adapter: PathBuf,
-    /// Output directory.
+    /// Output directory: not --base or --adapter; one that already holds a model only with
+    /// --overwrite.
     #[arg(long)]
     pub out: PathBuf,
     /// Dtype of the written weights: float32, bfloat16 or float16 (default: the base's).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Replace the model files an existing --out holds.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Runs `trainer merge`.
 pub fn merge(args: MergeArgs) -> Result<(), RunError> {
+    crate::export::check_out_dir(
+        &args.out,
+        &[("--base", &args.base), ("--adapter", &args.adapter)],
+        args.overwrite,
+    )
+    .map_err(usage)?;
     let mut m = hf::load_dir(&args.base).map_err(usage)?;
     let (lc, adapters) = lora::load_adapter(&args.adapter, &m.config).map_err(usage)?;
     let dtype = match &args.dtype {
@@ -351,7 +377,7 @@ pub fn merge(args: MergeArgs) -> Result<(), RunError> {
 /// `trainer logits`: the logits of token rows, as JSON (for checking against transformers:
 /// bench/python/check_hf_logits.py).
 #[derive(Parser, Debug)]
-#[command(name = "trainer logits")]
+#[command(name = "trainer logits", bin_name = "trainer logits")]
 pub struct LogitsArgs {
     /// Hugging Face model directory.
     #[arg(long)]
@@ -444,7 +470,7 @@ pub fn logits(args: LogitsArgs) -> Result<(), RunError> {
 /// `trainer init-model`: a randomly initialised model (transformers' init) written as a
 /// Hugging Face directory.
 #[derive(Parser, Debug)]
-#[command(name = "trainer init-model")]
+#[command(name = "trainer init-model", bin_name = "trainer init-model")]
 pub struct InitArgs {
     /// A config.json to take the architecture from.
     #[arg(long)]
@@ -478,7 +504,8 @@ pub fn init_model(args: InitArgs) -> Result<(), RunError> {
     let cfg = ringmaster_model::LlamaConfig::from_file(&args.config).map_err(usage)?;
     let dtype = ringmaster_model::DType::parse(&args.dtype)
         .ok_or_else(|| usage(anyhow!("--dtype: unknown `{}`", args.dtype)))?;
-    let params = ringmaster_model::ParamStore::init_llama(&cfg, args.seed);
+    let params = ringmaster_model::ParamStore::try_init_llama(&cfg, args.seed)
+        .map_err(|e| usage(anyhow!("{}: {e}", args.config.display())))?;
     let mut opts = hf::SaveOptions {
         dtype,
         ..hf::SaveOptions::default()

@@ -342,6 +342,18 @@ pub fn save<B: TrainBackend>(
 /// manifest is data anyone who can write the output dir controls, and resume and export read
 /// whatever it names.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("checkpoint {}: no such directory", dir.display())
+        }
+        Err(e) => bail!("checkpoint {}: {e}", dir.display()),
+        Ok(m) if !m.is_dir() => bail!(
+            "checkpoint {}: not a directory (a checkpoint is an output_dir/checkpoint-<step> \
+             directory)",
+            dir.display()
+        ),
+        Ok(_) => {}
+    }
     if !dir.join(COMMITTED).is_file() {
         bail!(
             "checkpoint {} is not committed (no {COMMITTED} marker: a rank never finished \
@@ -533,4 +545,29 @@ pub fn load<B: TrainBackend>(
         }
     }
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_path_or_a_file_is_not_called_uncommitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = dir.path().join("nowhere");
+        let e = format!("{:#}", read_manifest(&none).unwrap_err());
+        assert_eq!(
+            e,
+            format!("checkpoint {}: no such directory", none.display())
+        );
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let e = format!("{:#}", read_manifest(&file).unwrap_err());
+        assert!(
+            e.contains("not a directory") && !e.contains("COMMITTED"),
+            "{e}"
+        );
+        let e = format!("{:#}", read_manifest(dir.path()).unwrap_err());
+        assert!(e.contains("is not committed (no COMMITTED marker"), "{e}");
+    }
 }

@@ -141,7 +141,32 @@ pub struct Terminated {
     pub step: u64,
 }
 
-/// Total optimizer steps: `max_steps` when positive, else `ceil(epochs × steps_per_epoch)`.
+/// The run's length must be something: `max_steps` above 0, or else `num_train_epochs` a
+/// finite number above 0 (default 3). Zero or negative epochs without `max_steps` would train
+/// nothing (the HF Trainer runs no step), infinite ones forever: refused, instead of one step.
+///
+/// # Errors
+/// Names `num_train_epochs` and `max_steps` and their values.
+pub fn check_duration(cfg: &ringmaster_config::TrainConfig) -> Result<()> {
+    if cfg.max_steps.is_some_and(|m| m > 0) {
+        return Ok(());
+    }
+    let epochs = cfg.num_train_epochs.unwrap_or(3.0);
+    if epochs.is_finite() && epochs > 0.0 {
+        return Ok(());
+    }
+    let max_steps = match cfg.max_steps {
+        Some(m) => m.to_string(),
+        None => "unset".into(),
+    };
+    Err(anyhow::anyhow!(
+        "`num_train_epochs` {epochs} with `max_steps` {max_steps}: num_train_epochs must be a \
+         finite number above 0 unless max_steps is above 0 (this run would train nothing)"
+    ))
+}
+
+/// Total optimizer steps: `max_steps` when positive, else `ceil(epochs × steps_per_epoch)`
+/// (at least 1; [`check_duration`] refuses epochs that are not above 0).
 pub fn total_steps(setup: &Setup, steps_per_epoch: u64) -> u64 {
     match setup.cfg.max_steps {
         Some(m) if m > 0 => m as u64,
@@ -365,4 +390,40 @@ pub fn save_model(setup: &Setup, dir: &Path) -> Result<()> {
     }
     setup.tokenizer.save_dir(dir)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use ringmaster_config::TrainConfig;
+
+    use super::check_duration;
+
+    #[test]
+    fn a_run_that_would_train_nothing_is_refused() {
+        for refused in [
+            "num_train_epochs: 0\n",
+            "num_train_epochs: -1\n",
+            "num_train_epochs: -1\nmax_steps: -1\n",
+            "num_train_epochs: 0\nmax_steps: 0\n",
+        ] {
+            let cfg = TrainConfig::from_yaml(refused).unwrap();
+            let e = check_duration(&cfg).unwrap_err().to_string();
+            assert!(
+                e.contains("`num_train_epochs`") && e.contains("`max_steps`"),
+                "{refused}: {e}"
+            );
+        }
+        let mut cfg = TrainConfig::from_yaml("num_train_epochs: 1\n").unwrap();
+        cfg.num_train_epochs = Some(f64::INFINITY);
+        assert!(check_duration(&cfg).is_err());
+        for ok in [
+            "{}\n",
+            "num_train_epochs: 0.5\n",
+            "num_train_epochs: 0\nmax_steps: 10\n",
+            "num_train_epochs: -1\nmax_steps: 1\n",
+        ] {
+            let cfg = TrainConfig::from_yaml(ok).unwrap();
+            assert!(check_duration(&cfg).is_ok(), "{ok}");
+        }
+    }
 }
