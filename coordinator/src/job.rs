@@ -272,6 +272,11 @@ pub struct Job {
     /// the header.
     #[serde(default, skip_serializing_if = "EventLog::is_empty")]
     pub events: EventLog,
+    /// Whether agents were told to start the current generation's workers (its record was
+    /// durable). Until then ending the generation needs no stop: nothing runs. Records from
+    /// before the field read as true (a stop is then sent, as before).
+    #[serde(default = "sent")]
+    pub workers_sent: bool,
     /// While RESTARTING because an operator drained a node under the job (a move, not a
     /// failure: no restart used): why. Cleared when the next generation starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -314,6 +319,7 @@ impl Job {
             conditions: Vec::new(),
             recovery_ms: 0,
             recovering_since_ms: None,
+            workers_sent: false,
             moving: None,
             first_running_ms: None,
             unschedulable: false,
@@ -557,6 +563,7 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
             if stale(generation) {
                 return;
             }
+            job.workers_sent = true;
             let stopping = job.stopping;
             if let Some(mut r) = job.ranks.get_mut(rank)
                 && matches!(r.state, RankState::Starting | RankState::Unknown)
@@ -581,6 +588,7 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
             if stale(generation) {
                 return;
             }
+            job.workers_sent = true;
             let node = match job.ranks.get_mut(rank) {
                 Some(mut r) => {
                     r.state = RankState::Failed;
@@ -615,6 +623,7 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
             if stale(generation) {
                 return;
             }
+            job.workers_sent = true;
             let stopping = job.stopping;
             let ok = exit_code == Some(0) && signal.is_none();
             let node = match job.ranks.get_mut(rank) {
@@ -697,11 +706,17 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
         }
         Event::Drain { node, grace_ms } => {
             let placed = job.placement.iter().any(|s| s.name == node);
-            if !placed
-                || job.stopping
-                || !matches!(job.state, JobState::Starting | JobState::Running)
-            {
+            // A generation still starting is left to start (drain again to move it): moving
+            // it would race its workers' start.
+            if !placed || job.stopping || job.state != JobState::Running {
                 return;
+            }
+            // A move ends no streak of failures, and starts none.
+            let ran_steadily = job
+                .running_since_ms
+                .is_some_and(|t| now_ms.saturating_sub(t) >= BACKOFF_RESET_AFTER_MS);
+            if ran_steadily {
+                job.restart_streak = 0;
             }
             job.moving = Some(format!(
                 "node {node} is drained: generation {} stops and the job is placed again \
@@ -735,9 +750,26 @@ fn transition(job: &mut Job, event: Event, now_ms: u64, actions: &mut Vec<Action
     }
 }
 
+/// A generation ended before its workers were asked to start: its ranks are stopped where
+/// they stand (no agent has anything to stop, nor would it answer).
+fn nothing_started(job: &mut Job) {
+    if !job.workers_sent {
+        job.ranks.for_each_mut(|r| {
+            if !r.state.is_done() {
+                r.state = RankState::Stopped;
+            }
+        });
+    }
+}
+
+fn sent() -> bool {
+    true
+}
+
 /// Stops the generation's workers that may still run (SIGTERM, SIGKILL after `grace_ms`) and
 /// closes the generation: a cancel or a drain, neither a failure.
 fn stop_generation(job: &mut Job, grace_ms: u64, actions: &mut Vec<Action>) {
+    nothing_started(job);
     if !job.all_ranks_done() {
         job.stopping = true;
         actions.push(Action::StopWorkers {
@@ -823,6 +855,7 @@ fn backoff_reason(job: &Job, now_ms: u64) -> String {
 fn start_generation(job: &mut Job, sel: Vec<Selected>, actions: &mut Vec<Action>) {
     job.stragglers.clear();
     job.moving = None;
+    job.workers_sent = false;
     let table: Vec<RankSlot> = ringmaster_hostfile::rank_table(&sel);
     job.ranks.replace(
         table
@@ -919,6 +952,8 @@ fn fail_generation(job: &mut Job, mut failure: Failure, actions: &mut Vec<Action
         ));
     }
     failure.message = cap(failure.message, MAX_FAILURE_MESSAGE_BYTES);
+    // A failure during a move is a failure: its reason, not the drain's.
+    job.moving = None;
     job.failure = Some(failure.clone());
     job.failures.push(failure);
     if job.failures.len() > FAILURES_KEPT_FIRST + FAILURES_KEPT_LAST {
@@ -934,6 +969,7 @@ fn fail_generation(job: &mut Job, mut failure: Failure, actions: &mut Vec<Action
         job.restart_streak.saturating_add(1)
     };
     job.running_since_ms = None;
+    nothing_started(job);
     let alive = !job.all_ranks_done();
     if alive {
         job.stopping = true;
@@ -1048,6 +1084,48 @@ mod tests {
         }
         assert_eq!(j.state, JobState::Running);
         j
+    }
+
+    /// A generation that ends before its workers were asked to start (the port or the
+    /// durable commit still pending) leaves nothing to stop: its ranks are stopped at once,
+    /// so that a cancel ends and a restart goes on instead of waiting for agents that have
+    /// nothing to answer about. A drain leaves a starting generation alone.
+    #[test]
+    fn a_generation_ended_before_its_start_holds_nothing() {
+        let starting = || next(job(1), Event::Placement(Ok(two_by_two()))).0;
+        let (j, a) = next(
+            starting(),
+            Event::Drain {
+                node: "w0".into(),
+                grace_ms: 1_000,
+            },
+        );
+        assert!(a.is_empty() && j.state == JobState::Starting, "{a:?}");
+        let (j, a) = next(starting(), Event::Cancel { grace_ms: 1_000 });
+        assert_eq!(j.state, JobState::Cancelled);
+        assert_eq!(a, vec![Action::CloseGeneration { generation: 0 }]);
+        assert!(j.all_ranks_done() && !j.stopping);
+        let (j, a) = next(
+            starting(),
+            Event::PortFailed {
+                generation: 0,
+                message: "no port".into(),
+            },
+        );
+        assert_eq!(j.state, JobState::Restarting);
+        assert_eq!(a, vec![Action::CloseGeneration { generation: 0 }]);
+        assert!(j.all_ranks_done() && !j.stopping);
+        // Once a worker started, a cancel stops the workers.
+        let (j, _) = next(
+            starting(),
+            Event::WorkerStarted {
+                generation: 0,
+                rank: 0,
+                pid: 7,
+            },
+        );
+        let (_, a) = next(j, Event::Cancel { grace_ms: 1_000 });
+        assert!(matches!(a[0], Action::StopWorkers { .. }), "{a:?}");
     }
 
     /// A drain moves a running generation without a failure: the workers stop with the

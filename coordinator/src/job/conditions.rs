@@ -178,7 +178,8 @@ pub fn update(job: &mut Job, now: u64) {
     }
     // Recovery: from a failure that restarts until the next generation runs (or the end).
     match job.state {
-        JobState::Restarting if job.recovering_since_ms.is_none() => {
+        // A move off a drained node is not recovery from a failure.
+        JobState::Restarting if job.recovering_since_ms.is_none() && job.moving.is_none() => {
             job.recovering_since_ms = Some(now);
         }
         JobState::Running => {

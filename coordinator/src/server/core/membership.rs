@@ -517,9 +517,11 @@ fn check_join_fields(join: &JoinRequest) -> Result<(), CoreError> {
     Ok(())
 }
 
-/// A DNS host name: at most 253 bytes of dot-separated labels of 1-63 letters, digits and
-/// hyphens, no label starting or ending with a hyphen.
+/// A host name: at most 253 bytes of dot-separated labels of 1-63 letters, digits, hyphens
+/// and underscores (container runtimes name hosts so), no label starting or ending with a
+/// hyphen; one trailing dot (a fully qualified name) is allowed.
 fn is_host_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
     s.len() <= 253
         && s.split('.').all(|label| {
             !label.is_empty()
@@ -613,7 +615,7 @@ impl Core {
             .jobs
             .values()
             .filter(|j| {
-                matches!(j.state, JobState::Starting | JobState::Running)
+                j.state == JobState::Running
                     && !j.stopping
                     && j.placement.iter().any(|s| s.name == name)
             })

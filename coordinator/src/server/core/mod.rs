@@ -404,6 +404,8 @@ impl Core {
                 job.saved.placement_changed(job.generation);
             }
             if job.state.has_workers() {
+                // Agents may run them: ending the generation takes a stop.
+                job.workers_sent = true;
                 job.ranks.for_each_mut(|r| {
                     if !r.state.is_done() {
                         r.state = RankState::Unknown;

@@ -195,6 +195,12 @@ impl Core {
                         unreachable.push(node);
                     }
                 }
+                // A drain waits for an unreachable node to be declared lost (the heartbeat
+                // timeout): its workers may still run, and the moved job must not start a
+                // second generation beside them.
+                if self.jobs[id].moving.is_some() {
+                    unreachable.clear();
+                }
                 for node in unreachable {
                     let ranks: Vec<u32> = self.jobs[id]
                         .ranks
@@ -219,9 +225,12 @@ impl Core {
                 // A generation ended by a failure: its trainers abort their collectives at once
                 // (their progress streams end with ABORTED) instead of waiting out a timeout
                 // for a peer that is gone. A cancel lets them checkpoint, a success is done.
+                // A move off a drained node is no failure: its trainers checkpoint on SIGTERM
+                // (which takes their collectives), as a cancel's do.
                 if let Some(j) = self.jobs.get(id)
                     && matches!(j.state, JobState::Restarting | JobState::Failed)
                     && j.generation == generation
+                    && j.moving.is_none()
                 {
                     let reason = j
                         .failure
@@ -286,6 +295,8 @@ impl Core {
         if let Some(j) = self.jobs.get_mut(id) {
             // The new generation reports where it resumed from.
             j.resumed_from = None;
+            // From here agents may run this generation's workers: ending it takes a stop.
+            j.workers_sent = true;
         }
         let job = &self.jobs[id];
         self.rendezvous.open(id, generation);
