@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use ringmaster_config::yaml::{NON_FINITE, YamlError};
 use ringmaster_config::{CommandLine, TrainConfig};
 use serde::{Deserialize, Serialize};
 
@@ -462,53 +463,13 @@ pub struct Submission {
 /// naming its key.
 fn parse_yaml(text: &str, origin: &str) -> Result<serde_json::Value, SpecError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let syntax = |e: serde_yaml::Error| SpecError::Syntax {
-        origin: origin.to_owned(),
-        message: e.to_string(),
-    };
-    let yaml: serde_yaml::Value = serde_yaml::from_str(text).map_err(syntax)?;
-    if let Some(at) = non_finite(&yaml, "") {
-        return Err(SpecError::invalid(
-            origin,
-            format!("{at}: not a finite number (.nan and .inf are not accepted)"),
-        ));
-    }
-    serde_yaml::from_value(yaml).map_err(syntax)
-}
-
-/// The key path of the first number in `v` that is NaN or infinite.
-fn non_finite(v: &serde_yaml::Value, at: &str) -> Option<String> {
-    use serde_yaml::Value;
-    match v {
-        Value::Number(n) => n.as_f64().filter(|f| !f.is_finite()).map(|_| {
-            if at.is_empty() {
-                "the value".to_owned()
-            } else {
-                at.to_owned()
-            }
-        }),
-        Value::Sequence(items) => items
-            .iter()
-            .enumerate()
-            .find_map(|(i, x)| non_finite(x, &format!("{at}[{i}]"))),
-        Value::Mapping(m) => m.iter().find_map(|(k, x)| {
-            let key = match k {
-                Value::String(s) => s.clone(),
-                other => serde_yaml::to_string(other)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_owned(),
-            };
-            let path = if at.is_empty() {
-                key
-            } else {
-                format!("{at}.{key}")
-            };
-            non_finite(x, &path)
-        }),
-        Value::Tagged(t) => non_finite(&t.value, at),
-        _ => None,
-    }
+    ringmaster_config::yaml::to_json(text).map_err(|e| match e {
+        YamlError::Syntax(message) => SpecError::Syntax {
+            origin: origin.to_owned(),
+            message,
+        },
+        YamlError::NonFinite(at) => SpecError::invalid(origin, format!("{at}: {NON_FINITE}")),
+    })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, SpecError> {

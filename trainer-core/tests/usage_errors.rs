@@ -235,3 +235,28 @@ fn a_run_of_no_epochs_and_no_max_steps_is_refused() {
     }
     assert!(!out.exists());
 }
+
+#[test]
+fn nan_infinities_and_absurd_batches_are_refused_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = std::fs::read_to_string(repo_root().join("examples/quickstart.yaml")).unwrap();
+    let nan = dir.path().join("nan.yaml");
+    std::fs::write(&nan, recipe.replace("cutoff_len: 64", "cutoff_len: .nan")).unwrap();
+    refused(
+        &trainer(&[s(&nan)]),
+        &["nan.yaml", "`cutoff_len`", "not a finite number"],
+    );
+    for (arg, key) in [
+        ("learning_rate=.inf", "`learning_rate`"),
+        (
+            "per_device_train_batch_size=.inf",
+            "`per_device_train_batch_size`",
+        ),
+        (
+            "per_device_train_batch_size=4000000000",
+            "`per_device_train_batch_size`",
+        ),
+    ] {
+        refused(&trainer(&["examples/quickstart.yaml", arg]), &[key]);
+    }
+}

@@ -307,9 +307,16 @@ impl AccelerateConfig {
     /// # Errors
     /// Syntax errors, bad values (naming the field) and unknown keys (all listed).
     pub fn from_yaml(text: &str) -> Result<AccelerateConfig, ConfigError> {
-        let value: Value = serde_yaml::from_str(text).map_err(|e| ConfigError::FileSyntax {
-            file: FILE.into(),
-            message: e.to_string(),
+        let value: Value = crate::yaml::to_json(text).map_err(|e| match e {
+            crate::yaml::YamlError::Syntax(message) => ConfigError::FileSyntax {
+                file: FILE.into(),
+                message,
+            },
+            crate::yaml::YamlError::NonFinite(field) => ConfigError::Invalid {
+                file: FILE.into(),
+                field,
+                message: crate::yaml::NON_FINITE.into(),
+            },
         })?;
         AccelerateConfig::from_value(&value)
     }
@@ -767,9 +774,16 @@ impl FsdpConfig {
     /// accelerate config whose `distributed_type` is not FSDP, and
     /// `fsdp_cpu_ram_efficient_loading` without `fsdp_sync_module_states`.
     pub fn from_yaml(text: &str) -> Result<FsdpConfig, ConfigError> {
-        let value: Value = serde_yaml::from_str(text).map_err(|e| ConfigError::FileSyntax {
-            file: FSDP_FILE.into(),
-            message: e.to_string(),
+        let value: Value = crate::yaml::to_json(text).map_err(|e| match e {
+            crate::yaml::YamlError::Syntax(message) => ConfigError::FileSyntax {
+                file: FSDP_FILE.into(),
+                message,
+            },
+            crate::yaml::YamlError::NonFinite(field) => ConfigError::Invalid {
+                file: FSDP_FILE.into(),
+                field,
+                message: crate::yaml::NON_FINITE.into(),
+            },
         })?;
         FsdpConfig::from_value(&value)
     }

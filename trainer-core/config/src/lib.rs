@@ -26,6 +26,7 @@ pub mod paths;
 pub mod plan;
 mod reader;
 pub mod units;
+pub mod yaml;
 
 pub use accelerate::{AccelerateConfig, FsdpConfig, ShardingStrategy};
 pub use deepspeed::DeepSpeedConfig;
@@ -470,12 +471,23 @@ pub fn warning_lines(warnings: &[Warning]) -> Vec<String> {
     lines
 }
 
+/// The largest `per_device_train_batch_size` and `gradient_accumulation_steps` (2^20): rows a
+/// step holds at once or accumulates, far beyond any real setting.
+pub const MAX_BATCH: u32 = 1 << 20;
+
 /// A recipe's text (YAML; JSON is YAML too) as a value, before validation.
 ///
 /// # Errors
-/// [`ConfigError::Syntax`].
+/// [`ConfigError::Syntax`]; a NaN or infinite number (`.nan`, `.inf`, which a JSON value
+/// would hold as null: the key unset) as [`ConfigError::Field`] naming its key path.
 pub fn parse_document(text: &str) -> Result<serde_json::Value, ConfigError> {
-    serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))
+    yaml::to_json(text).map_err(|e| match e {
+        yaml::YamlError::Syntax(m) => ConfigError::Syntax(m),
+        yaml::YamlError::NonFinite(at) => ConfigError::Field {
+            field: at,
+            message: yaml::NON_FINITE.into(),
+        },
+    })
 }
 
 impl TrainConfig {
@@ -634,6 +646,11 @@ impl TrainConfig {
         ] {
             if v == Some(0) {
                 return Err(field(name, "must be at least 1".into()));
+            }
+            if let Some(n) = v
+                && n > MAX_BATCH
+            {
+                return Err(field(name, format!("{n} is over the limit of {MAX_BATCH}")));
             }
         }
         if let Some(lr) = self.learning_rate
@@ -968,6 +985,25 @@ mod tests {
             ("device: gpu", "device"),
             ("device: CUDA", "device"),
             ("device: 0", "device"),
+            (
+                "per_device_train_batch_size: 4000000000",
+                "per_device_train_batch_size",
+            ),
+            (
+                "gradient_accumulation_steps: 2000000",
+                "gradient_accumulation_steps",
+            ),
+            // NaN and infinities are refused by key, not read as null (the key unset).
+            ("learning_rate: .inf", "learning_rate"),
+            ("cutoff_len: .nan", "cutoff_len"),
+            (
+                "per_device_train_batch_size: .inf",
+                "per_device_train_batch_size",
+            ),
+            (
+                "lr_scheduler_kwargs: {min_lr_rate: -.inf}",
+                "lr_scheduler_kwargs.min_lr_rate",
+            ),
         ];
         for (text, field) in cases {
             match TrainConfig::from_yaml(text) {

@@ -159,6 +159,16 @@ fn scalar(key: &str, text: &str, arg: &str) -> Result<Value, ConfigError> {
     if text.is_empty() {
         return Ok(Value::Null);
     }
+    // `.inf` / `.nan` would read as null (the key unset): a number key refuses them, a string
+    // key takes the text.
+    if let Ok(v) = serde_yaml::from_str::<serde_yaml::Value>(text)
+        && crate::yaml::non_finite(&v, "").is_some()
+    {
+        return match keys::kind_of(key) {
+            Some(Kind::Str | Kind::List) => Ok(Value::String(text.to_owned())),
+            _ => Err(bad(arg, format!("`{key}`: {}", crate::yaml::NON_FINITE))),
+        };
+    }
     match serde_yaml::from_str::<Value>(text) {
         // A mapping or a list written on the command line is kept as text: the keys that
         // take lists (`dataset`, `lora_target`) split `a,b` themselves.
@@ -292,5 +302,34 @@ mod tests {
         }
         let e = CommandLine::parse(&args(&["r.yaml", "learning_rat=1"])).unwrap_err();
         assert!(e.to_string().contains("unknown key `learning_rat`"), "{e}");
+    }
+
+    #[test]
+    fn nan_and_infinities_are_refused_for_number_keys() {
+        for a in [
+            "learning_rate=.inf",
+            "cutoff_len=.nan",
+            "per_device_train_batch_size=.Inf",
+            "num_train_epochs=-.inf",
+        ] {
+            let e = CommandLine::parse(&args(&["r.yaml", a])).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::Invalid { field, .. } if field == a),
+                "{a}: {e:?}"
+            );
+            let key = a.split('=').next().unwrap();
+            assert!(
+                e.to_string()
+                    .contains(&format!("`{key}`: not a finite number")),
+                "{e}"
+            );
+        }
+        let e = CommandLine::parse(&args(&["--learning_rate", ".nan"])).unwrap_err();
+        assert!(e.to_string().contains("not a finite number"), "{e}");
+        // A string key takes the text.
+        let cl = CommandLine::parse(&args(&["r.yaml", "run_name=.inf"])).unwrap();
+        let mut map = Map::new();
+        cl.apply(&mut map);
+        assert_eq!(map["run_name"], json!(".inf"));
     }
 }
