@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ringmaster_config::yaml::{NON_FINITE, YamlError};
+use ringmaster_config::yaml;
 use ringmaster_config::{CommandLine, TrainConfig};
 use serde::{Deserialize, Serialize};
 
@@ -463,13 +463,19 @@ pub struct Submission {
 /// naming its key.
 fn parse_yaml(text: &str, origin: &str) -> Result<serde_json::Value, SpecError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    ringmaster_config::yaml::to_json(text).map_err(|e| match e {
-        YamlError::Syntax(message) => SpecError::Syntax {
-            origin: origin.to_owned(),
-            message,
-        },
-        YamlError::NonFinite(at) => SpecError::invalid(origin, format!("{at}: {NON_FINITE}")),
-    })
+    let syntax = |e: serde_yaml::Error| SpecError::Syntax {
+        origin: origin.to_owned(),
+        message: e.to_string(),
+    };
+    // Through serde_yaml's own value first: a key given twice is an error here.
+    let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(syntax)?;
+    if let Some(at) = yaml::non_finite(&doc, "") {
+        return Err(SpecError::invalid(
+            origin,
+            format!("{at}: {}", yaml::NON_FINITE),
+        ));
+    }
+    serde_yaml::from_value(doc).map_err(syntax)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, SpecError> {
