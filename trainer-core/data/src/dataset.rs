@@ -414,7 +414,7 @@ impl DatasetSpec {
         match &self.name {
             Some(name) => DataError::InDataset {
                 name: name.clone(),
-                source: Box::new(e),
+                cause: Box::new(e),
             },
             None => e,
         }

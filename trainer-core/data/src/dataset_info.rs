@@ -63,19 +63,45 @@ const REMOTE_SOURCES: &[(&str, &str)] = &[
 /// and the key), or an item that is neither a name nor a file.
 pub fn resolve_dataset(item: &str, dataset_dir: &Path, stage: Stage) -> Result<DatasetSpec> {
     let info_path = dataset_dir.join(DATASET_INFO);
-    if info_path.is_file() {
+    // Why the item is not a dataset of dataset_info.json, for the message if it is no file
+    // either.
+    let mut not_named = format!("not a dataset of {}", info_path.display());
+    if dataset_dir.is_file() {
+        return Err(DataError::File {
+            path: dataset_dir.to_path_buf(),
+            problem: "`dataset_dir` is a file, not a directory".into(),
+        });
+    } else if !dataset_dir.exists() {
+        not_named = format!("dataset_dir {} does not exist", dataset_dir.display());
+    } else if info_path.exists() && !info_path.is_file() {
+        return Err(DataError::File {
+            path: info_path,
+            problem: "not a file".into(),
+        });
+    } else if !info_path.exists() {
+        not_named = format!("{} has no {DATASET_INFO}", dataset_dir.display());
+    } else {
         let text = std::fs::read_to_string(&info_path).map_err(|e| DataError::io(&info_path, e))?;
         let info: Value = serde_json::from_str(&text).map_err(|cause| DataError::Json {
             path: info_path.clone(),
             location: crate::error::Location::File,
             cause,
         })?;
+        if !info.is_object() {
+            return Err(DataError::File {
+                path: info_path,
+                problem: format!(
+                    "must be a JSON object of dataset names to their entries, found {}",
+                    json_type(&info)
+                ),
+            });
+        }
         if let Some(entry) = info.get(item) {
             return from_entry(item, entry, dataset_dir, &info_path, stage).map_err(|e| match e {
                 DataError::InDataset { .. } => e,
                 e => DataError::InDataset {
                     name: item.to_string(),
-                    source: Box::new(e),
+                    cause: Box::new(e),
                 },
             });
         }
@@ -86,10 +112,7 @@ pub fn resolve_dataset(item: &str, dataset_dir: &Path, stage: Stage) -> Result<D
         .ok_or_else(|| {
             DataError::config(
                 "dataset",
-                format!(
-                    "`{item}` is neither a dataset of {} nor a file",
-                    info_path.display()
-                ),
+                format!("`{item}` is not a file, and {not_named}"),
             )
         })?;
     let format = match stage {
@@ -544,7 +567,56 @@ mod tests {
         let err = resolve_dataset("nope", dir.path(), Stage::Sft)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("`nope` is neither a dataset of"), "{err}");
+        assert!(
+            err.contains("`nope` is not a file, and not a dataset of"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bad_dataset_dir_or_dataset_info_says_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = |dataset_dir: &Path| {
+            resolve_dataset("addition_train", dataset_dir, Stage::Sft)
+                .unwrap_err()
+                .to_string()
+        };
+        let missing = dir.path().join("missing");
+        let e = err(&missing);
+        assert!(
+            e.contains(&format!("dataset_dir {} does not exist", missing.display())),
+            "{e}"
+        );
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        assert!(
+            err(&file).contains("is a file, not a directory"),
+            "{}",
+            err(&file)
+        );
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        assert!(
+            err(&empty).contains("has no dataset_info.json"),
+            "{}",
+            err(&empty)
+        );
+        let as_dir = dir.path().join("as_dir");
+        std::fs::create_dir_all(as_dir.join(DATASET_INFO)).unwrap();
+        let e = err(&as_dir);
+        assert!(e.ends_with("dataset_info.json: not a file"), "{e}");
+        let list = dir.path().join("list");
+        std::fs::create_dir(&list).unwrap();
+        std::fs::write(list.join(DATASET_INFO), "[1, 2]").unwrap();
+        let e = err(&list);
+        assert!(
+            e.contains("must be a JSON object of dataset names") && e.contains("found an array"),
+            "{e}"
+        );
+        // A file named directly still works whatever dataset_dir is.
+        let data = dir.path().join("d.jsonl");
+        std::fs::write(&data, "{}\n").unwrap();
+        resolve_dataset(data.to_str().unwrap(), &missing, Stage::Sft).unwrap();
     }
 
     #[test]

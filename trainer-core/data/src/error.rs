@@ -104,13 +104,15 @@ pub enum DataError {
         /// The vocabulary size (largest id + 1).
         vocab_size: usize,
     },
-    /// An error in a dataset named in `dataset_info.json` (also when its entry is wrong).
-    #[error("dataset `{name}`: {source}")]
+    /// An error in a dataset named in `dataset_info.json` (also when its entry is wrong). The
+    /// cause is part of the message, not also a `source()`, so that an error chain (`{:#}`)
+    /// says it once.
+    #[error("dataset `{name}`: {cause}")]
     InDataset {
         /// The dataset's name.
         name: String,
         /// What went wrong.
-        source: Box<DataError>,
+        cause: Box<DataError>,
     },
     /// A name (template, stage, dataset format) is not one we know.
     #[error("unknown {kind} `{name}`; known: {known}")]
@@ -193,6 +195,24 @@ mod tests {
             e.to_string(),
             "a.json: record 0 (0-based): field `conversations[1].from`: x"
         );
+    }
+
+    #[test]
+    fn a_dataset_error_chain_says_each_part_once() {
+        let e = DataError::InDataset {
+            name: "addition_train".into(),
+            cause: Box::new(DataError::Field {
+                path: "train.jsonl".into(),
+                location: Location::Line(3),
+                field: "output".into(),
+                problem: "missing".into(),
+            }),
+        };
+        assert_eq!(
+            e.to_string(),
+            "dataset `addition_train`: train.jsonl: line 3: field `output`: missing"
+        );
+        assert!(std::error::Error::source(&e).is_none());
     }
 
     #[test]
