@@ -311,6 +311,9 @@ pub enum Command {
         /// float32 (default), bfloat16 or float16.
         #[arg(long)]
         dtype: Option<String>,
+        /// Write over a model already in --out (never over the checkpoint itself).
+        #[arg(long)]
+        overwrite: bool,
     },
 }
 
@@ -528,6 +531,7 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             out,
             merge_lora,
             dtype,
+            overwrite,
         } => {
             let trainer = sibling("trainer");
             let mut cmd = std::process::Command::new(&trainer);
@@ -537,6 +541,9 @@ pub async fn run(args: Args) -> Result<Exit, CliError> {
             }
             if let Some(d) = dtype {
                 cmd.arg("--dtype").arg(d);
+            }
+            if overwrite {
+                cmd.arg("--overwrite");
             }
             let status = cmd
                 .status()
