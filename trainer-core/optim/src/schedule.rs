@@ -155,6 +155,12 @@ impl ScheduleOptions {
                     (Some(_), Some(_)) => {
                         return Err("give one of min_lr or min_lr_rate, not both".into());
                     }
+                    (Some(_), None) if base_lr <= 0.0 || base_lr.is_nan() => {
+                        return Err(format!(
+                            "min_lr needs a learning_rate above 0 (it is {base_lr}): the \
+                             schedule is min_lr / learning_rate; give min_lr_rate instead"
+                        ));
+                    }
                     (Some(min_lr), None) => Some(min_lr / base_lr),
                     (None, Some(rate)) => Some(rate),
                     (None, None) => {
@@ -613,6 +619,11 @@ mod tests {
                 .unwrap_err();
             assert!(err.contains("min_lr"), "{err}");
         }
+        // min_lr over a zero learning rate has no ratio.
+        let kw = vec![("min_lr".to_string(), 1e-5)];
+        let err =
+            ScheduleOptions::from_kwargs(SchedulerKind::CosineWithMinLr, &kw, 0.0).unwrap_err();
+        assert!(err.contains("learning_rate above 0"), "{err}");
     }
 
     #[test]
