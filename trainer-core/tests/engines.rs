@@ -926,7 +926,8 @@ fn sigterm_checkpoints_every_rank_then_exits_and_resume_continues() {
     let dir = dir.path();
     fixture(dir);
     let cfg = write_config(dir, "run", 2, 2, None, "");
-    with_steps(&cfg, "max_steps: 100000\n");
+    // No periodic checkpoint (save_steps defaults to 500): only the SIGTERM one is counted.
+    with_steps(&cfg, "max_steps: 100000\nsave_steps: 0\n");
     let store = dir.join("store-1");
     let mut procs = Procs(Vec::new());
     for rank in 0..2 {

@@ -18,13 +18,18 @@ use super::engine::{Engine, StepInput, TrainBackend};
 use super::setup::{Setup, evaluates_loss};
 
 /// Steps between evaluations under `eval_strategy: steps`: `eval_steps`, or — unset or 0 —
-/// the run's logging interval, as the HF Trainer falls back to `logging_steps` (so 10 when
-/// neither is set: Ringmaster's `logging_steps` default).
+/// `logging_steps` as given, as the HF Trainer falls back; with neither, the HF Trainer's
+/// effective 500 (its `logging_steps` default), not Ringmaster's logging default of 10: an
+/// evaluation pass every 10 steps would dominate a run.
 pub fn eval_steps(cfg: &TrainConfig) -> u64 {
     cfg.eval_steps
         .filter(|&e| e > 0)
-        .unwrap_or_else(|| super::setup::logging_steps(cfg))
+        .or(cfg.logging_steps.map(|l| l.max(1)))
+        .unwrap_or(HF_LOGGING_STEPS)
 }
+
+/// The HF Trainer's `logging_steps` default.
+const HF_LOGGING_STEPS: u64 = 500;
 
 /// When the held-out loss is computed, and its points so far.
 #[derive(Debug, Clone)]
@@ -130,8 +135,8 @@ mod tests {
         // Unset or 0: logging_steps, as the HF Trainer does.
         assert_eq!(eval_steps(&cfg("logging_steps: 3\n")), 3);
         assert_eq!(eval_steps(&cfg("eval_steps: 0\nlogging_steps: 4\n")), 4);
-        // Neither: the logging default, 10.
-        assert_eq!(eval_steps(&cfg("stage: sft\n")), 10);
+        // Neither: the HF Trainer's effective 500.
+        assert_eq!(eval_steps(&cfg("stage: sft\n")), 500);
         assert_eq!(eval_steps(&cfg("logging_steps: 0\n")), 1);
     }
 }
