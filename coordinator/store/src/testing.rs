@@ -88,10 +88,12 @@ impl EtcdServer {
 
     /// As [`EtcdServer::start`], serving clients over TLS when `tls` is given.
     pub fn start_with(tls: Option<EtcdTls>) -> Result<EtcdServer, String> {
-        let mut server = EtcdServer::new("test", tls)?;
-        server.initial_cluster = format!("test=http://127.0.0.1:{}", server.peer_port);
-        server.spawn()?;
-        Ok(server)
+        on_free_ports(|| {
+            let mut server = EtcdServer::new("test", tls.clone())?;
+            server.initial_cluster = format!("test=http://127.0.0.1:{}", server.peer_port);
+            server.spawn()?;
+            Ok(server)
+        })
     }
 
     /// A member not started yet, on free ports, with a fresh data directory.
@@ -244,6 +246,10 @@ impl EtcdServer {
 impl EtcdCluster {
     /// Start `n` members on loopback as one new cluster and wait until each serves.
     pub fn start(n: usize) -> Result<EtcdCluster, String> {
+        on_free_ports(|| EtcdCluster::start_once(n))
+    }
+
+    fn start_once(n: usize) -> Result<EtcdCluster, String> {
         let mut members = (0..n)
             .map(|i| EtcdServer::new(&format!("m{i}"), None))
             .collect::<Result<Vec<_>, _>>()?;
@@ -300,6 +306,18 @@ impl EtcdCluster {
     /// Start member `i` again on its ports and data, and wait until it serves.
     pub fn start_member(&mut self, i: usize) {
         self.members[i].restart();
+    }
+}
+
+/// Runs `start` again (on new free ports: a port found free can be taken by another test
+/// before etcd binds it) while etcd says an address is in use; at most 5 times.
+fn on_free_ports<T>(mut start: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+    let mut tries = 0;
+    loop {
+        match start() {
+            Err(e) if e.contains("address already in use") && tries < 4 => tries += 1,
+            r => return r,
+        }
     }
 }
 
