@@ -115,7 +115,7 @@ fn a_tls_key_of_another_certificate_exits_2_naming_the_files() {
             .unwrap();
         assert!(out.status.success(), "{out:?}");
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+    let child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
         .arg("--tls-cert")
         .arg(dir.path().join("a/coordinator.pem"))
         .arg("--tls-key")
@@ -127,19 +127,21 @@ fn a_tls_key_of_another_certificate_exits_2_naming_the_files() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the coordinator started with a mismatched TLS key");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    // Waited for with a deadline: a coordinator that started anyway is killed and named.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(out) = rx.recv_timeout(std::time::Duration::from_secs(20)) else {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        panic!("the coordinator started with a mismatched TLS key");
     };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let out = out.unwrap();
+    let (status, err) = (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(
         err.contains("a/coordinator.pem") && err.contains("b/coordinator-key.pem"),
